@@ -1,0 +1,473 @@
+//! The session log: the truth of a session.
+//!
+//! # Ordering
+//! A [`SessionLog`] is append-only and totally ordered: every envelope gets a sequence
+//! number, starting at 1, with no gaps, and every reader sees the same sequence. Every
+//! decision a peer takes is a pure function of this sequence.
+//!
+//! # Idempotence
+//! [`SessionLog::append`] is idempotent by envelope id: appending an envelope whose id is
+//! already on the log changes nothing and returns the existing sequence number with
+//! `duplicate: true`. Since ids are derived from (session, peer, step), a peer that
+//! re-does a step after a crash cannot produce a duplicate, and when several peers race
+//! to append the same decision (a stop, an absence notice), the first one wins.
+//!
+//! # Delivery
+//! [`SessionLog::tail`] yields every entry from a sequence number on, then waits for new
+//! ones: at-least-once from the reader's point of view only in the sense that a reader
+//! that restarts reads again from where it chooses; within one stream, each entry once,
+//! in order. A slow reader never blocks writers (entries are shared, not copied per
+//! reader).
+//!
+//! # Acknowledgement and durability
+//! When `append` returns `Ok`, the envelope is acknowledged: it is on the log and every
+//! later read sees it. A durable backend (SQLite, JetStream) has it in storage by then,
+//! so a process killed with SIGKILL right after loses nothing that was acknowledged.
+//! If the appending peer dies before `append` returns, the envelope may or may not be on
+//! the log; the peer that re-does the step produces the same id, so either way it ends
+//! up there exactly once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use tokio::sync::watch;
+
+use crate::envelope::{Envelope, EnvelopeId, Kind, SessionId};
+use crate::error::Error;
+
+crate::error_kind! {
+    /// What went wrong with a session log.
+    pub enum LogErrorKind {
+        /// The session does not exist.
+        NotFound => "session not found",
+        /// The envelope belongs to another session or is otherwise not acceptable.
+        Rejected => "envelope rejected",
+        /// The storage failed (disk, database, server).
+        Storage => "storage failure",
+        /// The stored log is damaged (truncated, unparseable).
+        Corrupt => "corrupt log",
+        /// The backend cannot be reached right now; retrying may help.
+        Unavailable => "backend unavailable",
+    }
+}
+
+pub type LogError = Error<LogErrorKind>;
+
+/// One envelope at its place in the log. Cloning is cheap: the envelope is shared.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub seq: u64,
+    pub env: Arc<Envelope>,
+}
+
+/// The result of an append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    /// The envelope's id was already on the log; nothing was added.
+    pub duplicate: bool,
+}
+
+/// A live stream of entries.
+pub type EntryStream = BoxStream<'static, Result<Entry, LogError>>;
+
+/// Append-only, totally ordered, readable from any sequence number, with a live tail.
+#[async_trait]
+pub trait SessionLog: Send + Sync + 'static {
+    fn session(&self) -> &SessionId;
+
+    /// Append an envelope; idempotent by envelope id (see the module docs).
+    async fn append(&self, env: Envelope) -> Result<Appended, LogError>;
+
+    /// Up to `max` entries with `seq >= from`, in order.
+    async fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>, LogError>;
+
+    /// The sequence number of the last entry, 0 when empty.
+    async fn last_seq(&self) -> Result<u64, LogError>;
+
+    /// Every entry with `seq >= from`, then new ones as they are appended.
+    async fn tail(&self, from: u64) -> Result<EntryStream, LogError>;
+
+    /// The sequence number of the envelope with this id, if it is on the log.
+    async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError>;
+
+    /// Every entry, in order.
+    async fn read_all(&self) -> Result<Vec<Entry>, LogError> {
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let batch = self.read(from, 4096).await?;
+            if batch.is_empty() {
+                return Ok(out);
+            }
+            from = batch.last().map_or(from, |e| e.seq + 1);
+            out.extend(batch);
+        }
+    }
+}
+
+/// What a store knows of one session without reading all of it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    pub envelopes: u64,
+    pub first_ms: u64,
+    pub last_ms: u64,
+    /// The team's name, from the session's task envelope.
+    pub team: Option<String>,
+    /// The recorded stop reason, when the session is closed.
+    pub stop: Option<String>,
+}
+
+impl SessionInfo {
+    /// Fold one entry into the summary (used by stores that compute it from the log).
+    pub fn observe(&mut self, env: &Envelope) {
+        self.envelopes += 1;
+        if self.first_ms == 0 {
+            self.first_ms = env.time_ms;
+        }
+        self.last_ms = self.last_ms.max(env.time_ms);
+        match env.kind {
+            Kind::Task if self.team.is_none() => {
+                self.team = env
+                    .body
+                    .json
+                    .as_ref()
+                    .and_then(|j| j.get("team_name"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+            }
+            Kind::Stop if self.stop.is_none() => {
+                self.stop = env
+                    .body
+                    .json
+                    .as_ref()
+                    .and_then(|j| j.get("reason"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn empty(id: SessionId) -> Self {
+        SessionInfo { id, envelopes: 0, first_ms: 0, last_ms: 0, team: None, stop: None }
+    }
+}
+
+/// A place that holds many session logs.
+#[async_trait]
+pub trait LogStore: Send + Sync + 'static {
+    /// Open a session's log, creating it when `create` is true.
+    async fn open(&self, session: &SessionId, create: bool) -> Result<Arc<dyn SessionLog>, LogError>;
+    /// Every session, newest first.
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, LogError>;
+}
+
+// ---------------------------------------------------------------------------------------
+// In-process implementation.
+
+#[derive(Default)]
+struct MemInner {
+    entries: Vec<Entry>,
+    ids: HashMap<EnvelopeId, u64>,
+}
+
+/// An in-process session log: a shared vector of entries and a watch channel that wakes
+/// tailing readers. Also the write-through cache of durable logs (SQLite).
+pub struct MemLog {
+    session: SessionId,
+    inner: RwLock<MemInner>,
+    last: watch::Sender<u64>,
+    /// Called under the write lock for each new (non-duplicate) entry, before it is
+    /// visible: a durable backend writes it to storage there.
+    sink: Option<Box<dyn Fn(&Entry) -> Result<(), LogError> + Send + Sync>>,
+}
+
+impl MemLog {
+    pub fn new(session: SessionId) -> Self {
+        MemLog { session, inner: RwLock::new(MemInner::default()), last: watch::channel(0).0, sink: None }
+    }
+
+    /// A log that calls `sink` for every new entry before acknowledging it, and starts
+    /// with `existing` entries (already durable).
+    pub fn with_sink(
+        session: SessionId,
+        existing: Vec<Envelope>,
+        sink: Box<dyn Fn(&Entry) -> Result<(), LogError> + Send + Sync>,
+    ) -> Self {
+        let mut inner = MemInner::default();
+        for env in existing {
+            let seq = inner.entries.len() as u64 + 1;
+            inner.ids.insert(env.id.clone(), seq);
+            inner.entries.push(Entry { seq, env: Arc::new(env) });
+        }
+        let n = inner.entries.len() as u64;
+        MemLog { session, inner: RwLock::new(inner), last: watch::channel(n).0, sink: Some(sink) }
+    }
+
+    /// Append synchronously (the in-process log never waits).
+    pub fn append_now(&self, env: Envelope) -> Result<Appended, LogError> {
+        if env.session != self.session {
+            return Err(LogError::new(
+                LogErrorKind::Rejected,
+                format!("envelope of session {} appended to session {}", env.session, self.session),
+            ));
+        }
+        let mut inner = self.inner.write().expect("log lock");
+        if let Some(&seq) = inner.ids.get(&env.id) {
+            return Ok(Appended { seq, duplicate: true });
+        }
+        let seq = inner.entries.len() as u64 + 1;
+        let entry = Entry { seq, env: Arc::new(env) };
+        if let Some(sink) = &self.sink {
+            sink(&entry)?;
+        }
+        inner.ids.insert(entry.env.id.clone(), seq);
+        inner.entries.push(entry);
+        drop(inner);
+        self.last.send_replace(seq);
+        Ok(Appended { seq, duplicate: false })
+    }
+
+    pub fn read_now(&self, from: u64, max: usize) -> Vec<Entry> {
+        let inner = self.inner.read().expect("log lock");
+        let start = (from.max(1) - 1) as usize;
+        if start >= inner.entries.len() {
+            return Vec::new();
+        }
+        let end = inner.entries.len().min(start.saturating_add(max));
+        inner.entries[start..end].to_vec()
+    }
+
+    pub fn len(&self) -> u64 {
+        *self.last.borrow()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A live tail from `from`, reading in batches so that a reader that lags behind
+    /// takes one lock per batch, not per entry.
+    pub fn tail_now(self: &Arc<Self>, from: u64) -> EntryStream {
+        struct TailState {
+            log: Arc<MemLog>,
+            next: u64,
+            buf: std::collections::VecDeque<Entry>,
+            rx: watch::Receiver<u64>,
+        }
+        let st = TailState { log: self.clone(), next: from.max(1), buf: Default::default(), rx: self.last.subscribe() };
+        Box::pin(futures::stream::unfold(st, |mut st| async move {
+            loop {
+                if let Some(e) = st.buf.pop_front() {
+                    return Some((Ok(e), st));
+                }
+                let batch = st.log.read_now(st.next, 1024);
+                if let Some(last) = batch.last() {
+                    st.next = last.seq + 1;
+                    st.buf.extend(batch);
+                    continue;
+                }
+                // Nothing new: wait until the last sequence number moves past what we read.
+                let next = st.next;
+                if st.rx.wait_for(|&last| last >= next).await.is_err() {
+                    return None;
+                }
+            }
+        }))
+    }
+}
+
+/// The in-process log behind an `Arc`, so that tails can share it.
+#[derive(Clone)]
+pub struct SharedMemLog(pub Arc<MemLog>);
+
+#[async_trait]
+impl SessionLog for SharedMemLog {
+    fn session(&self) -> &SessionId {
+        &self.0.session
+    }
+    async fn append(&self, env: Envelope) -> Result<Appended, LogError> {
+        self.0.append_now(env)
+    }
+    async fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>, LogError> {
+        Ok(self.0.read_now(from, max))
+    }
+    async fn last_seq(&self) -> Result<u64, LogError> {
+        Ok(self.0.len())
+    }
+    async fn tail(&self, from: u64) -> Result<EntryStream, LogError> {
+        Ok(self.0.tail_now(from))
+    }
+    async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError> {
+        Ok(self.0.inner.read().expect("log lock").ids.get(id).copied())
+    }
+}
+
+/// Sessions kept in memory only (tests, benchmarks, `--no-persist`).
+#[derive(Default, Clone)]
+pub struct MemStore {
+    logs: Arc<Mutex<HashMap<SessionId, SharedMemLog>>>,
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl LogStore for MemStore {
+    async fn open(&self, session: &SessionId, create: bool) -> Result<Arc<dyn SessionLog>, LogError> {
+        let mut logs = self.logs.lock().expect("store lock");
+        if let Some(l) = logs.get(session) {
+            return Ok(Arc::new(l.clone()));
+        }
+        if !create {
+            return Err(LogError::new(LogErrorKind::NotFound, format!("no session {session}")));
+        }
+        let l = SharedMemLog(Arc::new(MemLog::new(session.clone())));
+        logs.insert(session.clone(), l.clone());
+        Ok(Arc::new(l))
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, LogError> {
+        let logs: Vec<SharedMemLog> = self.logs.lock().expect("store lock").values().cloned().collect();
+        let mut out = Vec::new();
+        for l in logs {
+            let mut info = SessionInfo::empty(l.0.session.clone());
+            for e in l.0.read_now(1, usize::MAX) {
+                info.observe(&e.env);
+            }
+            out.push(info);
+        }
+        out.sort_by(|a, b| b.first_ms.cmp(&a.first_ms).then(b.id.cmp(&a.id)));
+        Ok(out)
+    }
+}
+
+/// JSONL export and import: one envelope per line, in log order.
+pub mod jsonl {
+    use super::*;
+    use crate::envelope::EnvelopeError;
+
+    /// Write every entry of `log` as one JSON line.
+    pub async fn export(log: &dyn SessionLog, out: &mut dyn std::io::Write) -> Result<u64, LogError> {
+        let mut n = 0;
+        for e in log.read_all().await? {
+            writeln!(out, "{}", e.env.to_json())
+                .map_err(|err| LogError::new(LogErrorKind::Storage, format!("writing export: {err}")))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A line of an import file that could not be read.
+    #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+    #[error("{file}:{line}: {error}")]
+    pub struct ImportError {
+        pub file: String,
+        pub line: usize,
+        pub error: String,
+    }
+
+    /// Parse a JSONL file into envelopes, checking every line before anything is used:
+    /// all envelopes belong to one session and no id repeats.
+    pub fn parse(file: &str, text: &str) -> Result<Vec<Envelope>, ImportError> {
+        let mut out: Vec<Envelope> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let lineno = i + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let env = Envelope::from_json(line.as_bytes()).map_err(|e: EnvelopeError| ImportError {
+                file: file.into(),
+                line: lineno,
+                error: e.to_string(),
+            })?;
+            if let Some(first) = out.first() {
+                if first.session != env.session {
+                    return Err(ImportError {
+                        file: file.into(),
+                        line: lineno,
+                        error: format!(
+                            "field `session`: envelope of session {} in a file of session {}",
+                            env.session, first.session
+                        ),
+                    });
+                }
+            }
+            if !seen.insert(env.id.clone()) {
+                return Err(ImportError {
+                    file: file.into(),
+                    line: lineno,
+                    error: format!("field `id`: envelope {} appears twice", env.id),
+                });
+            }
+            out.push(env);
+        }
+        if out.is_empty() {
+            return Err(ImportError { file: file.into(), line: 0, error: "no envelopes in file".into() });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Body, Recipient};
+    use futures::StreamExt;
+
+    fn env(s: &SessionId, step: &str) -> Envelope {
+        Envelope::new(s, &"p".into(), step, Kind::Message, Recipient::All, Body::text(step))
+    }
+
+    #[tokio::test]
+    async fn append_is_ordered_and_idempotent() {
+        let s = SessionId::from("s");
+        let log = SharedMemLog(Arc::new(MemLog::new(s.clone())));
+        assert_eq!(log.append(env(&s, "a")).await.unwrap(), Appended { seq: 1, duplicate: false });
+        assert_eq!(log.append(env(&s, "b")).await.unwrap(), Appended { seq: 2, duplicate: false });
+        assert_eq!(log.append(env(&s, "a")).await.unwrap(), Appended { seq: 1, duplicate: true });
+        assert_eq!(log.last_seq().await.unwrap(), 2);
+        let all = log.read(1, 10).await.unwrap();
+        assert_eq!(all.iter().map(|e| &*e.env.step).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(log.read(2, 10).await.unwrap().len(), 1);
+        assert!(log.read(3, 10).await.unwrap().is_empty());
+        let other = env(&"t".into(), "x");
+        assert_eq!(log.append(other).await.unwrap_err().kind(), LogErrorKind::Rejected);
+    }
+
+    #[tokio::test]
+    async fn tail_replays_then_follows() {
+        let s = SessionId::from("s");
+        let log = SharedMemLog(Arc::new(MemLog::new(s.clone())));
+        log.append(env(&s, "a")).await.unwrap();
+        let mut t = log.tail(1).await.unwrap();
+        assert_eq!(&*t.next().await.unwrap().unwrap().env.step, "a");
+        let l2 = log.clone();
+        let s2 = s.clone();
+        tokio::spawn(async move {
+            l2.append(env(&s2, "b")).await.unwrap();
+        });
+        let e = t.next().await.unwrap().unwrap();
+        assert_eq!((e.seq, &*e.env.step), (2, "b"));
+    }
+
+    #[test]
+    fn jsonl_import_names_the_line() {
+        let s = SessionId::from("s");
+        let good = env(&s, "a").to_json();
+        let text = format!("{good}\n{{\"v\":1}}\n");
+        let err = jsonl::parse("x.jsonl", &text).unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.to_string().starts_with("x.jsonl:2:"), "{err}");
+        let dup = format!("{good}\n{good}\n");
+        assert!(jsonl::parse("x.jsonl", &dup).unwrap_err().error.contains("twice"));
+    }
+}

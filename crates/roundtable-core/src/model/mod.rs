@@ -1,0 +1,324 @@
+//! Model access: the [`ChatModel`] trait (messages in, streamed text and usage out), the
+//! offline providers (`scripted`, `simulated`), and layers that wrap any model (retry,
+//! timeout, concurrency limit). HTTP providers live in `roundtable-models`.
+//!
+//! Provider wire types never leave the provider: what goes in is a [`ChatRequest`], what
+//! comes out is a [`ChatResponse`], and the peer stores the text and [`Usage`] in the
+//! envelope the call produced.
+
+pub mod layers;
+pub mod scripted;
+pub mod simulated;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::envelope::PeerId;
+
+/// Who said a message, from the point of view of the peer that calls the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+/// One message of a model's context. Content is shared with the envelope it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatMessage {
+    pub role: Role,
+    /// The peer that said it (`None` for the task and for instructions).
+    pub name: Option<PeerId>,
+    pub content: Arc<str>,
+    /// Estimated tokens of this message (see [`estimate_tokens`]).
+    pub tokens: u32,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, name: Option<PeerId>, content: Arc<str>) -> Self {
+        let tokens = estimate_tokens(&content) + 4;
+        ChatMessage { role, name, content, tokens }
+    }
+}
+
+/// A peer's visible history: messages plus running token sums, so that any window's
+/// token count is O(1). Shared between a peer and its in-flight model call (`Arc`).
+#[derive(Clone, Debug, Default)]
+pub struct Transcript {
+    messages: Vec<ChatMessage>,
+    /// `prefix[i]` = tokens of messages[..i].
+    prefix: Vec<u64>,
+}
+
+impl Transcript {
+    pub fn push(&mut self, m: ChatMessage) {
+        if self.prefix.is_empty() {
+            self.prefix.push(0);
+        }
+        let last = *self.prefix.last().expect("prefix");
+        self.prefix.push(last + u64::from(m.tokens));
+        self.messages.push(m);
+    }
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+    pub fn messages(&self) -> &[ChatMessage] {
+        &self.messages
+    }
+    /// Estimated tokens of `messages[range]`.
+    pub fn tokens(&self, range: std::ops::Range<usize>) -> u64 {
+        if self.prefix.is_empty() || range.is_empty() {
+            return 0;
+        }
+        self.prefix[range.end] - self.prefix[range.start]
+    }
+}
+
+/// Called with each piece of text as it streams in.
+pub type TokenSink = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A model call.
+#[derive(Clone)]
+pub struct ChatRequest {
+    /// The calling peer and the protocol step this call is for (for scripted replies,
+    /// seeding, tracing).
+    pub peer: PeerId,
+    pub step: Arc<str>,
+    /// How many calls this peer made before this one in the session (from the log).
+    pub ordinal: u32,
+    pub system: Option<Arc<str>>,
+    /// Messages before the window (a summary of older rounds).
+    pub prelude: Vec<ChatMessage>,
+    /// The peer's visible history, shared; only `window` of it is sent.
+    pub history: Arc<Transcript>,
+    pub window: std::ops::Range<usize>,
+    /// A final user message: what the protocol asks of the peer now.
+    pub instruction: Option<Arc<str>>,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<u32>,
+    /// Ask for a JSON object as the answer.
+    pub json: bool,
+    pub on_token: Option<TokenSink>,
+}
+
+impl fmt::Debug for ChatRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatRequest")
+            .field("peer", &self.peer)
+            .field("step", &self.step)
+            .field("messages", &self.message_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatRequest {
+    /// A request with only an instruction (for tests and one-off calls).
+    pub fn simple(peer: &str, instruction: &str) -> Self {
+        ChatRequest {
+            peer: PeerId::from(peer),
+            step: Arc::from("call"),
+            ordinal: 0,
+            system: None,
+            prelude: Vec::new(),
+            history: Arc::new(Transcript::default()),
+            window: 0..0,
+            instruction: Some(Arc::from(instruction)),
+            temperature: None,
+            max_tokens: None,
+            json: false,
+            on_token: None,
+        }
+    }
+
+    /// The conversation, without the system prompt: prelude, window, instruction.
+    pub fn messages(&self) -> impl Iterator<Item = ChatMessage> + '_ {
+        self.prelude
+            .iter()
+            .cloned()
+            .chain(self.history.messages()[self.window.clone()].iter().cloned())
+            .chain(self.instruction.iter().map(|i| ChatMessage::new(Role::User, None, i.clone())))
+    }
+
+    pub fn message_count(&self) -> usize {
+        self.prelude.len() + self.window.len() + usize::from(self.instruction.is_some())
+    }
+
+    /// The last message of the conversation.
+    pub fn last_message(&self) -> Option<ChatMessage> {
+        if let Some(i) = &self.instruction {
+            return Some(ChatMessage::new(Role::User, None, i.clone()));
+        }
+        if !self.window.is_empty() {
+            return self.history.messages().get(self.window.end - 1).cloned();
+        }
+        self.prelude.last().cloned()
+    }
+
+    /// Estimated prompt tokens, in O(prelude) time.
+    pub fn estimated_prompt_tokens(&self) -> u64 {
+        let sys = self.system.as_deref().map_or(0, |s| u64::from(estimate_tokens(s)));
+        let pre: u64 = self.prelude.iter().map(|m| u64::from(m.tokens)).sum();
+        let ins = self.instruction.as_deref().map_or(0, |s| u64::from(estimate_tokens(s) + 4));
+        sys + pre + self.history.tokens(self.window.clone()) + ins
+    }
+
+    pub(crate) fn emit(&self, text: &str) {
+        if let Some(sink) = &self.on_token {
+            sink(text);
+        }
+    }
+}
+
+/// A model's answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatResponse {
+    pub text: String,
+    /// The model that answered, as the provider names it.
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub finish_reason: Option<String>,
+}
+
+crate::error_kind! {
+    /// What went wrong with a model call.
+    pub enum ModelErrorKind {
+        /// Credentials missing or refused (401/403). Not retried.
+        Auth => "authentication failed",
+        /// The request itself is wrong (400/404/422). Not retried.
+        BadRequest => "request rejected",
+        /// 429: too many requests. Retried after Retry-After.
+        RateLimited => "rate limited",
+        /// 5xx from the provider. Retried.
+        Server => "provider error",
+        /// No answer within the per-call timeout. Retried.
+        Timeout => "timed out",
+        /// The endpoint could not be reached. Retried.
+        Transport => "endpoint unreachable",
+        /// The stream ended before the answer was complete. Retried.
+        Truncated => "stream cut off",
+        /// The answer was empty. Retried.
+        Empty => "empty answer",
+        /// The answer could not be parsed. Retried.
+        Malformed => "unparseable answer",
+        /// The configuration is wrong (a missing API-key variable). Not retried.
+        Config => "configuration error",
+        /// The budget does not allow another call. Not retried.
+        Budget => "budget exhausted",
+    }
+}
+
+impl ModelErrorKind {
+    /// Whether a retry may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ModelErrorKind::RateLimited
+                | ModelErrorKind::Server
+                | ModelErrorKind::Timeout
+                | ModelErrorKind::Transport
+                | ModelErrorKind::Truncated
+                | ModelErrorKind::Empty
+                | ModelErrorKind::Malformed
+        )
+    }
+}
+
+/// A failed model call. Messages never contain credentials.
+#[derive(Clone, Debug)]
+pub struct ModelError {
+    pub kind: ModelErrorKind,
+    pub message: String,
+    /// HTTP status, when there was one.
+    pub status: Option<u16>,
+    /// The provider's Retry-After, when it sent one.
+    pub retry_after: Option<Duration>,
+    /// Attempts made (set by the retry layer).
+    pub attempts: u32,
+}
+
+impl ModelError {
+    pub fn new(kind: ModelErrorKind, message: impl Into<String>) -> Self {
+        ModelError { kind, message: message.into(), status: None, retry_after: None, attempts: 1 }
+    }
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+    pub fn with_retry_after(mut self, d: Option<Duration>) -> Self {
+        self.retry_after = d;
+        self
+    }
+    pub fn kind(&self) -> ModelErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for ModelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.kind)?;
+        if let Some(s) = self.status {
+            write!(f, " (HTTP {s})")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if self.attempts > 1 {
+            write!(f, " (after {} attempts)", self.attempts)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ModelError {}
+
+/// A chat model: messages in, streamed text and usage out.
+///
+/// Implementations stream text through `req.on_token` as it arrives and return the
+/// whole answer with its usage. They do not retry, time out or limit concurrency: the
+/// layers in [`layers`] do that around any model.
+#[async_trait]
+pub trait ChatModel: Send + Sync + 'static {
+    /// The model's name as configured (for usage records and price lookup).
+    fn name(&self) -> &str;
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError>;
+}
+
+#[async_trait]
+impl<M: ChatModel + ?Sized> ChatModel for Arc<M> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        (**self).chat(req).await
+    }
+}
+
+/// Turns texts into vectors (for emergent consensus by answer similarity).
+#[async_trait]
+pub trait Embedder: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+/// A cheap token estimate (≈ 4 characters a token) for offline models and budgets.
+pub fn estimate_tokens(text: &str) -> u32 {
+    (text.len() as u32).div_ceil(4).max(1)
+}
+
+/// Price per million tokens, for turning usage into money.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Price {
+    pub prompt_per_mtok: f64,
+    pub completion_per_mtok: f64,
+}
+
+impl Price {
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.prompt_per_mtok + completion as f64 * self.completion_per_mtok) / 1e6
+    }
+}
