@@ -227,8 +227,10 @@ impl MemLog {
         }
         inner.ids.insert(entry.env.id.clone(), seq);
         inner.entries.push(entry);
-        drop(inner);
+        // Under the lock: published in append order, so the value never goes backwards
+        // and a tail waiting for `seq` cannot miss it.
         self.last.send_replace(seq);
+        drop(inner);
         Ok(Appended { seq, duplicate: false })
     }
 
