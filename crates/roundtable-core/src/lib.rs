@@ -5,6 +5,9 @@
 //! - [`bus`], [`blackboard`], [`workqueue`]: the transport and shared state, as traits
 //!   with in-process implementations ([`mem`]).
 //! - [`model`]: the `ChatModel` trait, offline models and layers.
+//! - [`team`]: team files, validated into plans before anything runs.
+//! - [`protocol`], [`session`], [`termination`]: decisions as pure functions of the log.
+//! - [`peer`], [`runner`]: peers as tasks, each with its own view of the log.
 //!
 //! This crate knows nothing of NATS, SQLite, HTTP or the terminal: backends and
 //! providers implement its traits in crates of their own.
@@ -16,6 +19,12 @@ pub mod error;
 pub mod log;
 pub mod mem;
 pub mod model;
+pub mod peer;
+pub mod protocol;
+pub mod runner;
+pub mod session;
+pub mod team;
+pub mod termination;
 pub mod workqueue;
 
 pub use envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId, Usage};

@@ -1,0 +1,150 @@
+//! Round robin: peers take turns in a ring; each builds on or challenges what came
+//! before. After the configured rounds an optional summarizer writes the final answer.
+//!
+//! Turn `t` belongs to `order[t % n]` and is recorded with step `turn/{t}`; a failure
+//! envelope for that step also consumes the turn, so one failing peer cannot stall the
+//! ring. The turn of a peer noticed absent is skipped.
+
+use std::sync::Arc;
+
+use super::{Action, Duty, Facts, Finish, Reducer};
+use crate::envelope::{EnvelopeId, Kind, PeerId, Recipient};
+use crate::log::Entry;
+use crate::team::RoundRobinSpec;
+use crate::termination::Signals;
+
+pub struct RoundRobin {
+    spec: RoundRobinSpec,
+    /// The next turn to be taken.
+    turn: u64,
+    /// The last contribution: (text, id).
+    last: Option<(Arc<str>, EnvelopeId)>,
+    final_answer: Option<(Arc<str>, EnvelopeId)>,
+    /// The summarizer's final step failed or it is absent: finish without it.
+    final_skipped: bool,
+}
+
+const FINAL_STEP: &str = "final";
+
+impl RoundRobin {
+    pub fn new(spec: RoundRobinSpec) -> Self {
+        RoundRobin { spec, turn: 0, last: None, final_answer: None, final_skipped: false }
+    }
+
+    fn n(&self) -> u64 {
+        self.spec.order.len() as u64
+    }
+
+    fn total_turns(&self) -> u64 {
+        u64::from(self.spec.rounds) * self.n()
+    }
+
+    fn holder(&self, turn: u64) -> &PeerId {
+        &self.spec.order[(turn % self.n()) as usize]
+    }
+
+    /// Skip turns of absent peers (all of them absent: the ring runs out).
+    fn skip_absent(&mut self, facts: &Facts<'_>) {
+        while self.turn < self.total_turns() && facts.absent.contains(self.holder(self.turn)) {
+            self.turn += 1;
+        }
+    }
+
+    fn rounds_done(&self) -> bool {
+        self.turn >= self.total_turns()
+    }
+}
+
+impl Reducer for RoundRobin {
+    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+        let env = &entry.env;
+        if !self.rounds_done() && env.step.as_ref() == format!("turn/{}", self.turn) && &env.from == self.holder(self.turn) {
+            if env.kind == Kind::Message {
+                self.last = Some((env.body.text.clone(), env.id.clone()));
+            }
+            self.turn += 1;
+        } else if env.step.as_ref() == FINAL_STEP && Some(&env.from) == self.spec.summarizer.as_ref() {
+            if env.kind == Kind::Message {
+                self.final_answer = Some((env.body.text.clone(), env.id.clone()));
+            } else {
+                self.final_skipped = true;
+            }
+        }
+        self.skip_absent(facts);
+    }
+
+    fn duties(&self, me: &PeerId, facts: &Facts<'_>) -> Vec<Duty> {
+        if !self.rounds_done() {
+            if self.holder(self.turn) != me {
+                return Vec::new();
+            }
+            let round = (self.turn / self.n()) as u32;
+            let instruction = self.spec.instruction.as_ref().map(|i| {
+                Arc::from(
+                    i.replace("{round}", &(round + 1).to_string())
+                        .replace("{rounds}", &self.spec.rounds.to_string())
+                        .replace("{peer}", me.as_str()),
+                )
+            });
+            return vec![Duty {
+                step: Arc::from(format!("turn/{}", self.turn)),
+                kind: Kind::Message,
+                to: Recipient::All,
+                round,
+                parents: self.last.iter().map(|(_, id)| id.clone()).collect(),
+                action: Action::Speak { instruction, json: false },
+                collective: false,
+            }];
+        }
+        match &self.spec.summarizer {
+            Some(s) if s == me && self.final_answer.is_none() && !self.final_skipped && !facts.absent.contains(me) => {
+                let instruction = self.spec.summary_instruction.clone().unwrap_or_else(|| {
+                    "The discussion is over. Summarize the trade-offs raised and give the team's recommendation.".into()
+                });
+                vec![Duty {
+                    step: Arc::from(FINAL_STEP),
+                    kind: Kind::Message,
+                    to: Recipient::All,
+                    round: self.spec.rounds,
+                    parents: self.last.iter().map(|(_, id)| id.clone()).collect(),
+                    action: Action::Speak { instruction: Some(Arc::from(instruction)), json: false },
+                    collective: false,
+                }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn finished(&self, facts: &Facts<'_>) -> Option<Finish> {
+        if !self.rounds_done() {
+            return None;
+        }
+        let rounds = self.spec.rounds;
+        match (&self.spec.summarizer, &self.final_answer) {
+            (Some(s), Some((text, id))) => Some(Finish {
+                reason: format!("completed: {rounds} rounds, then {s}'s summary"),
+                answer: Some(text.clone()),
+                decided_by: vec![id.clone()],
+            }),
+            (Some(s), None) if self.final_skipped || facts.absent.contains(s) => Some(Finish {
+                reason: format!("completed: {rounds} rounds; the summarizer {s} could not answer"),
+                answer: self.last.as_ref().map(|(t, _)| t.clone()),
+                decided_by: self.last.iter().map(|(_, id)| id.clone()).collect(),
+            }),
+            (Some(_), None) => None,
+            (None, _) => Some(Finish {
+                reason: format!("completed: {rounds} rounds"),
+                answer: self.last.as_ref().map(|(t, _)| t.clone()),
+                decided_by: self.last.iter().map(|(_, id)| id.clone()).collect(),
+            }),
+        }
+    }
+
+    fn signals(&self) -> Signals {
+        Signals { round: (self.turn / self.n().max(1)) as u32, ..Default::default() }
+    }
+
+    fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {
+        self.final_answer.clone().or_else(|| self.last.clone())
+    }
+}

@@ -1,0 +1,82 @@
+//! Starting a session's peers and waiting for the session to close.
+//!
+//! The runner decides nothing: it posts the task (when starting a new session), spawns
+//! one task per peer, and waits until every peer has seen the stop envelope. Whether a
+//! session goes on, and how it ends, is decided by the peers from the log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::bus::Presence;
+use crate::envelope::{PeerId, SessionId};
+use crate::log::{LogError, LogErrorKind, SessionLog};
+use crate::model::ChatModel;
+use crate::peer::{EventSink, PeerConfig, run_peer};
+use crate::session::{SessionSummary, task_envelope};
+use crate::team::TeamPlan;
+
+/// Post the opening task of a new session.
+pub async fn open_session(log: &dyn SessionLog, plan: &TeamPlan, topic: &str) -> Result<(), LogError> {
+    log.append(task_envelope(log.session(), plan, topic)).await?;
+    Ok(())
+}
+
+/// Run the given peers of a session (all of them, or the ones of this process) until
+/// the session stops, and summarize the log.
+pub async fn run_peers(
+    log: Arc<dyn SessionLog>,
+    plan: &TeamPlan,
+    models: HashMap<PeerId, Arc<dyn ChatModel>>,
+    presence: Option<Arc<dyn Presence>>,
+    events: Option<EventSink>,
+) -> Result<SessionSummary, LogError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in &plan.peers {
+        let Some(model) = models.get(&p.id) else { continue };
+        let cfg = PeerConfig {
+            me: p.id.clone(),
+            log: log.clone(),
+            model: model.clone(),
+            presence: presence.clone(),
+            events: events.clone(),
+        };
+        tasks.spawn(async move { (cfg.me.clone(), run_peer(cfg).await) });
+    }
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(_))) => {}
+            Ok((peer, Err(e))) => {
+                tracing::error!(%peer, error = %e, "peer stopped with an error");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(LogError::new(LogErrorKind::Storage, format!("a peer task panicked: {e}")));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    summarize(log.as_ref()).await
+}
+
+/// Summarize a session from its log.
+pub async fn summarize(log: &dyn SessionLog) -> Result<SessionSummary, LogError> {
+    let entries = log.read_all().await?;
+    SessionSummary::from_entries(log.session(), &entries).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))
+}
+
+/// Convenience for tests and embedding: a new in-memory session, run to the end.
+pub async fn run_in_memory(
+    plan: &TeamPlan,
+    topic: &str,
+    models: HashMap<PeerId, Arc<dyn ChatModel>>,
+) -> Result<(Arc<dyn SessionLog>, SessionSummary), LogError> {
+    let session = crate::session::new_session_id();
+    let log: Arc<dyn SessionLog> =
+        Arc::new(crate::log::SharedMemLog(Arc::new(crate::log::MemLog::new(SessionId::clone(&session)))));
+    open_session(log.as_ref(), plan, topic).await?;
+    let summary = run_peers(log.clone(), plan, models, None, None).await?;
+    Ok((log, summary))
+}

@@ -1,0 +1,307 @@
+//! The state every peer folds from the log, and the decisions read from it.
+//!
+//! [`SessionState`] holds what all protocols share — the task, the [`Tally`], absent
+//! peers, the stop — and drives the protocol's reducer. [`SessionState::duties`] is the
+//! single place where a peer learns what to do next, in this order: nothing once the
+//! session is stopped; record a stop when the protocol has finished or a termination
+//! condition holds; otherwise the protocol's duties.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
+use crate::log::Entry;
+use crate::protocol::{Action, Duty, Facts, Reducer, reducer_for};
+use crate::team::TeamPlan;
+use crate::termination::Tally;
+
+/// The step of the session's opening task envelope.
+pub const TASK_STEP: &str = "task";
+/// The step of the stop envelope (collective: one per session).
+pub const STOP_STEP: &str = "stop";
+/// The peer id used for the task envelope.
+pub const USER: &str = "user";
+
+/// What one peer knows of a session, folded from the log.
+pub struct SessionState {
+    pub plan: Arc<TeamPlan>,
+    pub session: SessionId,
+    pub task: Option<Arc<Envelope>>,
+    pub tally: Tally,
+    pub absent: BTreeSet<PeerId>,
+    /// Absence notices per peer so far (to derive the next notice's step).
+    absences: std::collections::BTreeMap<PeerId, u32>,
+    pub stop: Option<Entry>,
+    pub last_seq: u64,
+    pub lamport: u64,
+    protocol: Box<dyn Reducer>,
+    mention: Option<Arc<str>>,
+}
+
+impl SessionState {
+    pub fn new(plan: Arc<TeamPlan>, session: SessionId) -> Self {
+        let protocol = reducer_for(&plan);
+        let mention = plan.termination.mention().map(Arc::from);
+        SessionState {
+            plan,
+            session,
+            task: None,
+            tally: Tally::default(),
+            absent: BTreeSet::new(),
+            absences: Default::default(),
+            stop: None,
+            last_seq: 0,
+            lamport: 0,
+            protocol,
+            mention,
+        }
+    }
+
+    fn facts(&self) -> Facts<'_> {
+        Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() }
+    }
+
+    /// Fold one entry in. Entries after the stop are recorded in the tally only.
+    pub fn apply(&mut self, entry: &Entry) {
+        let env = &entry.env;
+        self.last_seq = self.last_seq.max(entry.seq);
+        self.lamport = self.lamport.max(env.lamport);
+        self.tally.observe(entry.seq, env, self.mention.as_deref());
+        if self.stop.is_some() {
+            return;
+        }
+        match env.kind {
+            Kind::Task if self.task.is_none() => self.task = Some(env.clone()),
+            Kind::Stop => {
+                self.stop = Some(entry.clone());
+                return;
+            }
+            Kind::Absent => {
+                if let Some(p) = absent_peer(env) {
+                    *self.absences.entry(p.clone()).or_default() += 1;
+                    self.absent.insert(p);
+                }
+            }
+            Kind::Join => {
+                self.absent.remove(&env.from);
+            }
+            _ => {}
+        }
+        let facts = Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
+        self.protocol.apply(entry, &facts);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Milliseconds since the task was posted.
+    pub fn elapsed_ms(&self, now_ms: u64) -> u64 {
+        self.task.as_ref().map_or(0, |t| now_ms.saturating_sub(t.time_ms))
+    }
+
+    /// Why the session should stop now, with the answer and what decided it.
+    pub fn stop_decision(&self, now_ms: u64) -> Option<(String, Option<Arc<str>>, Vec<EnvelopeId>)> {
+        if self.stop.is_some() || self.task.is_none() {
+            return None;
+        }
+        let facts = self.facts();
+        if let Some(f) = self.protocol.finished(&facts) {
+            return Some((f.reason, f.answer, f.decided_by));
+        }
+        let signals = self.protocol.signals();
+        if let Some(reason) = self.plan.termination.check(&self.tally, &signals, self.elapsed_ms(now_ms)) {
+            let best = self.protocol.best_answer();
+            return Some((reason, best.as_ref().map(|b| b.0.clone()), best.into_iter().map(|b| b.1).collect()));
+        }
+        let everyone_absent = self.plan.peers.iter().all(|p| self.absent.contains(&p.id));
+        if everyone_absent {
+            let best = self.protocol.best_answer();
+            return Some(("absent: every peer is absent".into(), best.as_ref().map(|b| b.0.clone()), Vec::new()));
+        }
+        None
+    }
+
+    /// What `me` must do now.
+    pub fn duties(&self, me: &PeerId, now_ms: u64) -> Vec<Duty> {
+        if self.stop.is_some() || self.task.is_none() {
+            return Vec::new();
+        }
+        if let Some((reason, answer, decided_by)) = self.stop_decision(now_ms) {
+            return vec![self.stop_duty(reason, answer, decided_by)];
+        }
+        if self.absent.contains(me) {
+            let n = self.absences.get(me).copied().unwrap_or(0);
+            return vec![Duty {
+                step: Arc::from(format!("join/{me}/{n}")),
+                kind: Kind::Join,
+                to: Recipient::All,
+                round: self.round(),
+                parents: Vec::new(),
+                action: Action::Post { body: Body::text(format!("{me} is back")) },
+                collective: false,
+            }];
+        }
+        self.protocol.duties(me, &self.facts())
+    }
+
+    /// The duty of recording the stop, for any peer.
+    pub fn stop_duty(&self, reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Duty {
+        let json = serde_json::json!({
+            "reason": reason,
+            "answer": answer.as_deref(),
+            "decided_by": decided_by.iter().map(EnvelopeId::as_str).collect::<Vec<_>>(),
+            "round": self.round(),
+            "messages": self.tally.messages,
+            "tokens": self.tally.tokens(),
+            "cost_usd": self.tally.cost_usd,
+        });
+        Duty {
+            step: Arc::from(STOP_STEP),
+            kind: Kind::Stop,
+            to: Recipient::All,
+            round: self.round(),
+            parents: decided_by,
+            action: Action::Post { body: Body::text(answer.as_deref().unwrap_or("")).with_json(json) },
+            collective: true,
+        }
+    }
+
+    /// The duty of recording that `peer` is absent.
+    pub fn absent_duty(&self, peer: &PeerId) -> Duty {
+        let n = self.absences.get(peer).copied().unwrap_or(0);
+        Duty {
+            step: Arc::from(format!("absent/{peer}/{n}")),
+            kind: Kind::Absent,
+            to: Recipient::All,
+            round: self.round(),
+            parents: Vec::new(),
+            action: Action::Post {
+                body: Body::text(format!("{peer} stopped answering; its turns are skipped"))
+                    .with_json(serde_json::json!({ "peer": peer.as_str() })),
+            },
+            collective: true,
+        }
+    }
+
+    pub fn round(&self) -> u32 {
+        self.protocol.signals().round
+    }
+
+    /// How many model calls (or failed attempts at one) `me` has recorded: the ordinal
+    /// of its next call, which scripted replies are chosen by.
+    pub fn ordinal(&self, me: &PeerId) -> u32 {
+        self.tally.per_peer.get(me).map_or(0, |p| (p.messages_from_calls + p.failures) as u32)
+    }
+
+    pub fn best_answer(&self) -> Option<Arc<str>> {
+        self.protocol.best_answer().map(|b| b.0)
+    }
+}
+
+fn absent_peer(env: &Envelope) -> Option<PeerId> {
+    env.body.json.as_ref()?.get("peer")?.as_str().map(PeerId::from)
+}
+
+/// The opening envelope of a session: the topic, and the plan (so the session can be
+/// resumed from its log alone).
+pub fn task_envelope(session: &SessionId, plan: &TeamPlan, topic: &str) -> Envelope {
+    let json = serde_json::json!({ "team_name": plan.name, "plan": plan });
+    Envelope::new(session, &PeerId::from(USER), TASK_STEP, Kind::Task, Recipient::All, Body::text(topic).with_json(json))
+}
+
+/// The plan stored in a task envelope.
+pub fn plan_of(task: &Envelope) -> Result<TeamPlan, String> {
+    let plan = task.body.json.as_ref().and_then(|j| j.get("plan")).ok_or("the task envelope holds no plan")?;
+    serde_json::from_value(plan.clone()).map_err(|e| format!("the plan in the task envelope is unreadable: {e}"))
+}
+
+/// A new session id: time-sortable and unique.
+pub fn new_session_id() -> SessionId {
+    let now = crate::envelope::now_ms();
+    let secs = now / 1000;
+    let (y, mo, d, h, mi, s) = civil(secs);
+    let r: u32 = rand::random();
+    SessionId::from(format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}-{:06x}", r & 0xff_ffff))
+}
+
+/// UTC calendar fields of a Unix time (days-from-civil inverse, Howard Hinnant's).
+pub fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d, (rem / 3600) as u32, ((rem % 3600) / 60) as u32, (rem % 60) as u32)
+}
+
+/// What a session came to: computed from its log, for `--json` and listings.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionSummary {
+    pub session: SessionId,
+    pub team: String,
+    pub protocol: String,
+    pub topic: String,
+    pub stopped: bool,
+    pub stop_reason: Option<String>,
+    pub final_answer: Option<String>,
+    pub envelopes: u64,
+    pub messages: u64,
+    pub rounds: u32,
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub tokens: u64,
+    pub cost_usd: f64,
+    pub failures: u64,
+    pub duration_ms: u64,
+    pub per_peer: std::collections::BTreeMap<PeerId, crate::termination::PeerTally>,
+}
+
+impl SessionSummary {
+    /// Fold a whole log. Fails only when the log has no readable task envelope.
+    pub fn from_entries(session: &SessionId, entries: &[Entry]) -> Result<Self, String> {
+        let task = entries.iter().find(|e| e.env.kind == Kind::Task).ok_or("the log has no task envelope")?;
+        let plan = Arc::new(plan_of(&task.env)?);
+        let mut st = SessionState::new(plan.clone(), session.clone());
+        for e in entries {
+            st.apply(e);
+        }
+        let stop_json = st.stop.as_ref().and_then(|s| s.env.body.json.clone());
+        let first = entries.first().map_or(0, |e| e.env.time_ms);
+        let last = entries.last().map_or(0, |e| e.env.time_ms);
+        Ok(SessionSummary {
+            session: session.clone(),
+            team: plan.name.clone(),
+            protocol: plan.protocol.kind().into(),
+            topic: task.env.body.text.to_string(),
+            stopped: st.stop.is_some(),
+            stop_reason: stop_json.as_ref().and_then(|j| j.get("reason")?.as_str().map(str::to_owned)),
+            final_answer: match &st.stop {
+                Some(s) => stop_json.as_ref().and_then(|j| j.get("answer")?.as_str().map(str::to_owned)).or_else(|| {
+                    (!s.env.body.text.is_empty()).then(|| s.env.body.text.to_string())
+                }),
+                None => st.best_answer().map(|a| a.to_string()),
+            },
+            envelopes: entries.len() as u64,
+            messages: st.tally.messages,
+            rounds: st.round(),
+            calls: st.tally.calls,
+            prompt_tokens: st.tally.prompt_tokens,
+            completion_tokens: st.tally.completion_tokens,
+            tokens: st.tally.tokens(),
+            cost_usd: st.tally.cost_usd,
+            failures: st.tally.failures,
+            duration_ms: last.saturating_sub(first),
+            per_peer: st.tally.per_peer.clone(),
+        })
+    }
+}

@@ -1,0 +1,881 @@
+//! Team files: a raw TOML file becomes a validated [`TeamPlan`] before anything runs.
+//!
+//! Every error names the file, the line and column, the key, and where there is a fixed
+//! set of valid values, the choices. All errors are reported at once. The plan is
+//! serializable: it is stored in the session's task envelope, so a session resumes from
+//! its log alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::envelope::PeerId;
+use crate::model::Price;
+use crate::termination::{Budget, PeerBudget, Termination};
+
+/// One problem in a team file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TeamError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    /// Dotted key path, e.g. `peers[2].model`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for TeamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+        } else {
+            write!(f, "{}:{}:{}: `{}`: {}", self.file, self.line, self.col, self.key, self.message)
+        }
+    }
+}
+
+/// All the problems found in a team file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TeamErrors(pub Vec<TeamError>);
+
+impl fmt::Display for TeamErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for TeamErrors {}
+
+/// What plan validation may look at outside the file: environment variables (API-key
+/// variables must be set; their values are never read into the plan) and files that
+/// the team file names (scripted replies).
+pub trait PlanEnv {
+    fn var_is_set(&self, name: &str) -> bool;
+    /// Read a file named in the team file, relative to the team file's directory.
+    fn read(&self, path: &str) -> Result<String, String>;
+}
+
+// ----------------------------------------------------------------------------------
+// The validated plan.
+
+/// A validated team: what a session runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TeamPlan {
+    pub name: String,
+    pub topic: Option<String>,
+    pub models: BTreeMap<String, ModelSpec>,
+    pub peers: Vec<PeerSpec>,
+    pub protocol: ProtocolSpec,
+    pub termination: Termination,
+    pub budget: Budget,
+    pub context: ContextPolicy,
+    pub presence: PresenceSpec,
+}
+
+impl TeamPlan {
+    pub fn peer(&self, id: &PeerId) -> Option<&PeerSpec> {
+        self.peers.iter().find(|p| &p.id == id)
+    }
+    pub fn peer_ids(&self) -> Vec<PeerId> {
+        self.peers.iter().map(|p| p.id.clone()).collect()
+    }
+    pub fn model_of(&self, peer: &PeerId) -> Option<&ModelSpec> {
+        self.peer(peer).and_then(|p| self.models.get(&p.model))
+    }
+}
+
+/// A model and the layers around it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub provider: ProviderSpec,
+    pub timeout_ms: u64,
+    pub max_retries: u32,
+    pub max_concurrency: usize,
+    pub price: Price,
+    pub max_tokens: Option<u32>,
+}
+
+/// Which provider, and its settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "provider", rename_all = "snake_case")]
+pub enum ProviderSpec {
+    Openai {
+        model: String,
+        base_url: String,
+        /// Name of the environment variable holding the key (never the key).
+        api_key_env: Option<String>,
+        headers: BTreeMap<String, String>,
+        query: BTreeMap<String, String>,
+    },
+    Anthropic {
+        model: String,
+        base_url: String,
+        api_key_env: Option<String>,
+    },
+    Scripted {
+        replies: Vec<String>,
+        per_peer: BTreeMap<String, Vec<String>>,
+    },
+    Simulated {
+        p_correct: f64,
+        susceptibility: f64,
+        seed: u64,
+    },
+}
+
+impl ProviderSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderSpec::Openai { .. } => "openai",
+            ProviderSpec::Anthropic { .. } => "anthropic",
+            ProviderSpec::Scripted { .. } => "scripted",
+            ProviderSpec::Simulated { .. } => "simulated",
+        }
+    }
+    /// The model name for usage records.
+    pub fn model_name(&self, key: &str) -> String {
+        match self {
+            ProviderSpec::Openai { model, .. } | ProviderSpec::Anthropic { model, .. } => model.clone(),
+            ProviderSpec::Scripted { .. } => format!("scripted:{key}"),
+            ProviderSpec::Simulated { .. } => format!("simulated:{key}"),
+        }
+    }
+}
+
+/// A peer of the team.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerSpec {
+    pub id: PeerId,
+    pub persona: String,
+    pub model: String,
+    pub group: Option<String>,
+    pub temperature: Option<f32>,
+    /// An assigned stance (for debates), appended to the persona.
+    pub stance: Option<String>,
+}
+
+impl PeerSpec {
+    /// The system prompt: persona, then stance.
+    pub fn system_prompt(&self) -> String {
+        match &self.stance {
+            Some(s) => format!("{}\n\nYour assigned stance: {s}", self.persona),
+            None => self.persona.clone(),
+        }
+    }
+}
+
+/// The collaboration protocol and its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProtocolSpec {
+    RoundRobin(RoundRobinSpec),
+}
+
+impl ProtocolSpec {
+    pub const KINDS: &'static [&'static str] = &["round_robin"];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolSpec::RoundRobin(_) => "round_robin",
+        }
+    }
+}
+
+/// Peers take turns in a ring for a number of rounds; an optional summarizer writes
+/// the final answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRobinSpec {
+    pub rounds: u32,
+    pub order: Vec<PeerId>,
+    pub summarizer: Option<PeerId>,
+    pub instruction: Option<String>,
+    pub summary_instruction: Option<String>,
+}
+
+/// What a peer's model sees of the history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "snake_case")]
+pub enum ContextPolicy {
+    /// Everything visible to the peer.
+    Full,
+    /// The task and the last `k` visible messages.
+    LastK { k: usize },
+}
+
+impl ContextPolicy {
+    pub const KINDS: &'static [&'static str] = &["full", "last_k"];
+}
+
+/// Heartbeats and absence detection.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PresenceSpec {
+    pub heartbeat_ms: u64,
+    pub absent_after_ms: u64,
+}
+
+impl Default for PresenceSpec {
+    fn default() -> Self {
+        PresenceSpec { heartbeat_ms: 1000, absent_after_ms: 10_000 }
+    }
+}
+
+// ----------------------------------------------------------------------------------
+// The raw file.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTeam {
+    name: Option<String>,
+    topic: Option<String>,
+    #[serde(default)]
+    models: BTreeMap<String, Spanned<RawModel>>,
+    #[serde(default)]
+    peers: Vec<Spanned<RawPeer>>,
+    protocol: Option<Spanned<RawProtocol>>,
+    termination: Option<RawTermination>,
+    budget: Option<RawBudget>,
+    context: Option<Spanned<RawContext>>,
+    presence: Option<RawPresence>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum ProviderKind {
+    Openai,
+    Anthropic,
+    Scripted,
+    Simulated,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    provider: ProviderKind,
+    model: Option<String>,
+    base_url: Option<String>,
+    api_key_env: Option<Spanned<String>>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    query: BTreeMap<String, String>,
+    timeout_secs: Option<f64>,
+    max_retries: Option<u32>,
+    max_concurrency: Option<usize>,
+    max_tokens: Option<u32>,
+    price: Option<Price>,
+    // scripted
+    replies: Option<Vec<String>>,
+    #[serde(default)]
+    per_peer: BTreeMap<String, Vec<String>>,
+    replies_file: Option<Spanned<String>>,
+    // simulated
+    p_correct: Option<f64>,
+    susceptibility: Option<f64>,
+    seed: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    id: Spanned<String>,
+    persona: Option<String>,
+    model: Spanned<String>,
+    group: Option<String>,
+    temperature: Option<Spanned<f32>>,
+    stance: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProtocol {
+    kind: Spanned<String>,
+    rounds: Option<u32>,
+    order: Option<Vec<Spanned<String>>>,
+    summarizer: Option<Spanned<String>>,
+    instruction: Option<String>,
+    summary_instruction: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTermination {
+    max_rounds: Option<u32>,
+    max_messages: Option<u64>,
+    token_budget: Option<u64>,
+    cost_budget: Option<f64>,
+    max_calls: Option<u64>,
+    timeout_secs: Option<f64>,
+    text_mention: Option<String>,
+    judge_verdict: Option<bool>,
+    confidence: Option<f64>,
+    convergence: Option<f64>,
+    consensus_reached: Option<bool>,
+    no_progress: Option<u32>,
+    any: Option<Vec<RawTermination>>,
+    all: Option<Vec<RawTermination>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    max_tokens: Option<u64>,
+    max_cost_usd: Option<f64>,
+    max_calls: Option<u64>,
+    max_wall_secs: Option<f64>,
+    per_peer: Option<RawPeerBudget>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPeerBudget {
+    max_tokens: Option<u64>,
+    max_cost_usd: Option<f64>,
+    max_calls: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContext {
+    policy: Spanned<String>,
+    k: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPresence {
+    heartbeat_secs: Option<f64>,
+    absent_after_secs: Option<f64>,
+}
+
+impl RawTermination {
+    fn into_termination(self) -> Termination {
+        let mut cs = Vec::new();
+        if let Some(n) = self.max_rounds {
+            cs.push(Termination::MaxRounds(n));
+        }
+        if let Some(n) = self.max_messages {
+            cs.push(Termination::MaxMessages(n));
+        }
+        if let Some(n) = self.token_budget {
+            cs.push(Termination::TokenBudget(n));
+        }
+        if let Some(c) = self.cost_budget {
+            cs.push(Termination::CostBudget(c));
+        }
+        if let Some(n) = self.max_calls {
+            cs.push(Termination::MaxCalls(n));
+        }
+        if let Some(s) = self.timeout_secs {
+            cs.push(Termination::TimeoutMs((s * 1000.0) as u64));
+        }
+        if let Some(m) = self.text_mention {
+            cs.push(Termination::TextMention(Arc::from(m)));
+        }
+        if self.judge_verdict == Some(true) {
+            cs.push(Termination::JudgeVerdict);
+        }
+        if let Some(c) = self.confidence {
+            cs.push(Termination::Confidence(c));
+        }
+        if let Some(c) = self.convergence {
+            cs.push(Termination::Convergence(c));
+        }
+        if self.consensus_reached == Some(true) {
+            cs.push(Termination::ConsensusReached);
+        }
+        if let Some(k) = self.no_progress {
+            cs.push(Termination::NoProgress(k));
+        }
+        if let Some(any) = self.any {
+            cs.push(Termination::Any(any.into_iter().map(RawTermination::into_termination).collect()));
+        }
+        if let Some(all) = self.all {
+            cs.push(Termination::All(all.into_iter().map(RawTermination::into_termination).collect()));
+        }
+        Termination::Any(cs)
+    }
+}
+
+// ----------------------------------------------------------------------------------
+// Validation.
+
+struct Ctx<'a> {
+    file: &'a str,
+    src: &'a str,
+    errors: Vec<TeamError>,
+}
+
+impl Ctx<'_> {
+    fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
+        let (line, col) = line_col(self.src, offset);
+        self.errors.push(TeamError { file: self.file.into(), line, col, key: key.into(), message: message.into() });
+    }
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, col)
+}
+
+/// The dotted key path at a byte offset: the innermost table header above it, and the
+/// key on its line (e.g. `models.fast.provider`, `peers[1].model`).
+pub fn key_path_at(src: &str, offset: usize) -> String {
+    let offset = offset.min(src.len());
+    let mut table = String::new();
+    let mut arrays: BTreeMap<String, usize> = BTreeMap::new();
+    let line_start = src[..offset].rfind('\n').map_or(0, |i| i + 1);
+    for line in src[..line_start].lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = arrays.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
+            table = format!("{name}[{n}]");
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            let name = name.trim();
+            // A sub-table of an array element, e.g. [peers.budget] after [[peers]].
+            let parent = arrays.keys().filter(|a| name.starts_with(&format!("{a}."))).max_by_key(|a| a.len()).cloned();
+            table = match parent {
+                Some(a) => format!("{a}[{}]{}", arrays[&a], &name[a.len()..]),
+                None => name.to_string(),
+            };
+        }
+    }
+    let line = src[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.starts_with('['));
+    match (table.is_empty(), key) {
+        (_, Some(k)) if !k.is_empty() && !table.is_empty() => format!("{table}.{k}"),
+        (_, Some(k)) if !k.is_empty() => k.to_string(),
+        _ => table,
+    }
+}
+
+fn choices<I: IntoIterator<Item = S>, S: fmt::Display>(it: I) -> String {
+    let v: Vec<String> = it.into_iter().map(|s| format!("`{s}`")).collect();
+    if v.is_empty() { "(none defined)".into() } else { v.join(", ") }
+}
+
+/// Parse and validate a team file. `file` is the name used in error messages.
+pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, TeamErrors> {
+    let raw: RawTeam = match toml::from_str(src) {
+        Ok(r) => r,
+        Err(e) => {
+            let offset = e.span().map_or(0, |s| s.start);
+            let (line, col) = line_col(src, offset);
+            let key = key_path_at(src, offset);
+            let message = e.message().trim().replace('\n', " ");
+            return Err(TeamErrors(vec![TeamError { file: file.into(), line, col, key, message }]));
+        }
+    };
+    let mut cx = Ctx { file, src, errors: Vec::new() };
+
+    // Models.
+    let mut models = BTreeMap::new();
+    for (key, m) in raw.models {
+        let span = m.span();
+        let m = m.into_inner();
+        if let Some(spec) = validate_model(&mut cx, &key, span.start, m, env) {
+            models.insert(key, spec);
+        }
+    }
+
+    // Peers.
+    let mut peers = Vec::new();
+    let mut ids = BTreeSet::new();
+    if raw.peers.is_empty() {
+        cx.err_at(src.len(), "peers", "a team needs at least one [[peers]] entry");
+    }
+    for (i, p) in raw.peers.into_iter().enumerate() {
+        let p = p.into_inner();
+        let id = p.id.get_ref().trim().to_string();
+        let id_ok = !id.is_empty()
+            && id.len() <= 64
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && id != "user"
+            && id != "*";
+        if !id_ok {
+            cx.err_at(
+                p.id.span().start,
+                format!("peers[{i}].id"),
+                format!("peer id {id:?} must be 1-64 letters, digits, '-' or '_' (and not `user`)"),
+            );
+        } else if !ids.insert(id.clone()) {
+            cx.err_at(p.id.span().start, format!("peers[{i}].id"), format!("peer id `{id}` is used twice"));
+        }
+        let model = p.model.get_ref().clone();
+        if !models.contains_key(&model) && !cx.errors.iter().any(|e| e.key.starts_with(&format!("models.{model}"))) {
+            let defined = choices(models.keys());
+            cx.err_at(p.model.span().start, format!("peers[{i}].model"), format!("unknown model `{model}`; defined models: {defined}"));
+        }
+        if let Some(t) = &p.temperature {
+            if !(0.0..=2.0).contains(t.get_ref()) {
+                cx.err_at(t.span().start, format!("peers[{i}].temperature"), "temperature must be between 0.0 and 2.0");
+            }
+        }
+        peers.push(PeerSpec {
+            id: PeerId::from(id),
+            persona: p.persona.unwrap_or_else(|| "You are a thoughtful member of a team.".into()),
+            model,
+            group: p.group,
+            temperature: p.temperature.map(Spanned::into_inner),
+            stance: p.stance,
+        });
+    }
+
+    let peer_ref = |cx: &mut Ctx<'_>, s: &Spanned<String>, key: String| -> Option<PeerId> {
+        if ids.contains(s.get_ref()) {
+            Some(PeerId::from(s.get_ref().as_str()))
+        } else {
+            cx.err_at(s.span().start, key, format!("unknown peer `{}`; peers: {}", s.get_ref(), choices(&ids)));
+            None
+        }
+    };
+
+    // Protocol.
+    let protocol = match raw.protocol {
+        None => {
+            cx.err_at(src.len(), "protocol", format!("missing [protocol] table; kind is one of {}", choices(ProtocolSpec::KINDS)));
+            None
+        }
+        Some(p) => {
+            let p = p.into_inner();
+            match p.kind.get_ref().as_str() {
+                "round_robin" => {
+                    let summarizer = p.summarizer.as_ref().and_then(|s| peer_ref(&mut cx, s, "protocol.summarizer".into()));
+                    let order: Vec<PeerId> = match &p.order {
+                        Some(o) => o.iter().filter_map(|s| peer_ref(&mut cx, s, "protocol.order".into())).collect(),
+                        None => peers.iter().map(|p| p.id.clone()).filter(|id| Some(id) != summarizer.as_ref()).collect(),
+                    };
+                    let rounds = p.rounds.unwrap_or(3);
+                    if rounds == 0 {
+                        let off = p.kind.span().start;
+                        cx.err_at(off, "protocol.rounds", "rounds must be at least 1");
+                    }
+                    if order.is_empty() && cx.errors.is_empty() {
+                        cx.err_at(p.kind.span().start, "protocol.order", "round robin needs at least one speaker");
+                    }
+                    Some(ProtocolSpec::RoundRobin(RoundRobinSpec {
+                        rounds,
+                        order,
+                        summarizer,
+                        instruction: p.instruction,
+                        summary_instruction: p.summary_instruction,
+                    }))
+                }
+                other => {
+                    cx.err_at(p.kind.span().start, "protocol.kind", format!("unknown protocol `{other}`; valid: {}", choices(ProtocolSpec::KINDS)));
+                    None
+                }
+            }
+        }
+    };
+
+    let context = match raw.context {
+        None => ContextPolicy::Full,
+        Some(c) => {
+            let c = c.into_inner();
+            match c.policy.get_ref().as_str() {
+                "full" => ContextPolicy::Full,
+                "last_k" => ContextPolicy::LastK { k: c.k.unwrap_or(6).max(1) },
+                other => {
+                    cx.err_at(c.policy.span().start, "context.policy", format!("unknown context policy `{other}`; valid: {}", choices(ContextPolicy::KINDS)));
+                    ContextPolicy::Full
+                }
+            }
+        }
+    };
+
+    let budget = raw.budget.map_or_else(Budget::default, |b| {
+        let pp = b.per_peer.unwrap_or_default();
+        Budget {
+            max_tokens: b.max_tokens,
+            max_cost_usd: b.max_cost_usd,
+            max_calls: b.max_calls,
+            max_wall_ms: b.max_wall_secs.map(|s| (s * 1000.0) as u64),
+            per_peer: PeerBudget { max_tokens: pp.max_tokens, max_cost_usd: pp.max_cost_usd, max_calls: pp.max_calls },
+        }
+    });
+    let presence = raw.presence.map_or_else(PresenceSpec::default, |p| {
+        let d = PresenceSpec::default();
+        PresenceSpec {
+            heartbeat_ms: p.heartbeat_secs.map_or(d.heartbeat_ms, |s| (s * 1000.0).max(10.0) as u64),
+            absent_after_ms: p.absent_after_secs.map_or(d.absent_after_ms, |s| (s * 1000.0).max(50.0) as u64),
+        }
+    });
+
+    if !cx.errors.is_empty() {
+        cx.errors.sort_by_key(|e| (e.line, e.col));
+        return Err(TeamErrors(cx.errors));
+    }
+    Ok(TeamPlan {
+        name: raw.name.unwrap_or_else(|| file.rsplit('/').next().unwrap_or(file).trim_end_matches(".toml").to_string()),
+        topic: raw.topic,
+        models,
+        peers,
+        protocol: protocol.expect("no errors means a protocol"),
+        termination: raw.termination.map_or_else(Termination::default, RawTermination::into_termination),
+        budget,
+        context,
+        presence,
+    })
+}
+
+fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn PlanEnv) -> Option<ModelSpec> {
+    let path = format!("models.{key}");
+    let before = cx.errors.len();
+    let need = |cx: &mut Ctx<'_>, v: &Option<String>, field: &str, what: &str| {
+        if v.as_deref().is_none_or(str::is_empty) {
+            cx.err_at(at, format!("{path}.{field}"), format!("provider `{what}` needs `{field}`"));
+        }
+    };
+    let check_key = |cx: &mut Ctx<'_>, k: &Option<Spanned<String>>| {
+        if let Some(k) = k {
+            if !env.var_is_set(k.get_ref()) {
+                cx.err_at(
+                    k.span().start,
+                    format!("{path}.api_key_env"),
+                    format!("environment variable `{}` is not set; export it with your API key (the key itself never goes in the team file)", k.get_ref()),
+                );
+            }
+        }
+    };
+    let provider = match m.provider {
+        ProviderKind::Openai => {
+            need(cx, &m.model, "model", "openai");
+            check_key(cx, &m.api_key_env);
+            ProviderSpec::Openai {
+                model: m.model.clone().unwrap_or_default(),
+                base_url: m.base_url.clone().unwrap_or_else(|| "https://api.openai.com/v1".into()),
+                api_key_env: m.api_key_env.map(Spanned::into_inner),
+                headers: m.headers,
+                query: m.query,
+            }
+        }
+        ProviderKind::Anthropic => {
+            need(cx, &m.model, "model", "anthropic");
+            check_key(cx, &m.api_key_env);
+            ProviderSpec::Anthropic {
+                model: m.model.clone().unwrap_or_default(),
+                base_url: m.base_url.clone().unwrap_or_else(|| "https://api.anthropic.com".into()),
+                api_key_env: m.api_key_env.map(Spanned::into_inner),
+            }
+        }
+        ProviderKind::Scripted => {
+            let mut replies = m.replies.unwrap_or_default();
+            let mut per_peer = m.per_peer;
+            if let Some(f) = &m.replies_file {
+                match env.read(f.get_ref()) {
+                    Ok(text) => match parse_replies_file(f.get_ref(), &text) {
+                        Ok((r, p)) => {
+                            replies.extend(r);
+                            for (k, v) in p {
+                                per_peer.entry(k).or_default().extend(v);
+                            }
+                        }
+                        Err(e) => cx.err_at(f.span().start, format!("{path}.replies_file"), e),
+                    },
+                    Err(e) => cx.err_at(f.span().start, format!("{path}.replies_file"), format!("cannot read {:?}: {e}", f.get_ref())),
+                }
+            }
+            if replies.is_empty() && per_peer.is_empty() && cx.errors.len() == before {
+                cx.err_at(at, format!("{path}.replies"), "a scripted model needs `replies`, `per_peer` or `replies_file`");
+            }
+            ProviderSpec::Scripted { replies, per_peer }
+        }
+        ProviderKind::Simulated => {
+            let p = m.p_correct.unwrap_or(0.7);
+            let s = m.susceptibility.unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&p) {
+                cx.err_at(at, format!("{path}.p_correct"), "p_correct must be between 0 and 1");
+            }
+            if !(0.0..=1.0).contains(&s) {
+                cx.err_at(at, format!("{path}.susceptibility"), "susceptibility must be between 0 and 1");
+            }
+            ProviderSpec::Simulated { p_correct: p, susceptibility: s, seed: m.seed.unwrap_or(0) }
+        }
+    };
+    if cx.errors.len() > before {
+        return None;
+    }
+    Some(ModelSpec {
+        provider,
+        timeout_ms: m.timeout_secs.map_or(120_000, |s| (s * 1000.0) as u64),
+        max_retries: m.max_retries.unwrap_or(3),
+        max_concurrency: m.max_concurrency.unwrap_or(8).max(1),
+        price: m.price.unwrap_or_default(),
+        max_tokens: m.max_tokens,
+    })
+}
+
+/// A replies file: TOML with `replies = [...]` and `[per_peer]`, or plain text with
+/// replies separated by lines holding only `---`.
+fn parse_replies_file(name: &str, text: &str) -> Result<(Vec<String>, BTreeMap<String, Vec<String>>), String> {
+    if name.ends_with(".toml") {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct F {
+            #[serde(default)]
+            replies: Vec<String>,
+            #[serde(default)]
+            per_peer: BTreeMap<String, Vec<String>>,
+        }
+        let f: F = toml::from_str(text).map_err(|e| {
+            let (l, c) = line_col(text, e.span().map_or(0, |s| s.start));
+            format!("{name}:{l}:{c}: {}", e.message().trim())
+        })?;
+        Ok((f.replies, f.per_peer))
+    } else {
+        let replies: Vec<String> = text
+            .split("\n---\n")
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        Ok((replies, BTreeMap::new()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Env(Vec<&'static str>);
+    impl PlanEnv for Env {
+        fn var_is_set(&self, name: &str) -> bool {
+            self.0.contains(&name)
+        }
+        fn read(&self, path: &str) -> Result<String, String> {
+            Err(format!("no such file {path}"))
+        }
+    }
+
+    const GOOD: &str = r#"
+name = "trio"
+topic = "Design GET /orders"
+
+[models.script]
+provider = "scripted"
+replies = ["a", "b"]
+
+[models.gpt]
+provider = "openai"
+model = "gpt-4o-mini"
+api_key_env = "OPENAI_API_KEY"
+
+[[peers]]
+id = "frontend"
+model = "script"
+
+[[peers]]
+id = "backend"
+model = "gpt"
+temperature = 0.3
+
+[protocol]
+kind = "round_robin"
+rounds = 2
+
+[termination]
+max_messages = 10
+any = [{ text_mention = "AGREED" }]
+
+[budget]
+max_calls = 20
+"#;
+
+    #[test]
+    fn good_file_becomes_a_plan() {
+        let plan = parse_team("t.toml", GOOD, &Env(vec!["OPENAI_API_KEY"])).unwrap();
+        assert_eq!(plan.name, "trio");
+        assert_eq!(plan.peers.len(), 2);
+        let ProtocolSpec::RoundRobin(rr) = &plan.protocol;
+        assert_eq!(rr.order, vec![PeerId::from("frontend"), PeerId::from("backend")]);
+        assert_eq!(
+            plan.termination,
+            Termination::Any(vec![
+                Termination::MaxMessages(10),
+                Termination::Any(vec![Termination::Any(vec![Termination::TextMention("AGREED".into())])])
+            ])
+        );
+        assert_eq!(plan.budget.max_calls, Some(20));
+        // The plan round-trips through JSON (it is stored in the task envelope).
+        let j = serde_json::to_string(&plan).unwrap();
+        assert_eq!(serde_json::from_str::<TeamPlan>(&j).unwrap(), plan);
+    }
+
+    #[test]
+    fn missing_key_variable_is_named() {
+        let e = parse_team("t.toml", GOOD, &Env(vec![])).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        let e = &e.0[0];
+        assert_eq!((e.line, e.key.as_str()), (12, "models.gpt.api_key_env"));
+        assert!(e.message.contains("OPENAI_API_KEY"), "{}", e.message);
+    }
+
+    #[test]
+    fn unknown_model_lists_the_defined_ones() {
+        let src = GOOD.replace("model = \"script\"", "model = \"scirpt\"");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
+        let e = &e.0[0];
+        assert_eq!(e.key, "peers[0].model");
+        assert_eq!(e.line, 16);
+        assert!(e.message.contains("`gpt`, `script`"), "{}", e.message);
+        assert!(e.to_string().starts_with("t.toml:16:9: `peers[0].model`"), "{e}");
+    }
+
+    #[test]
+    fn serde_errors_name_line_key_and_choices() {
+        let src = GOOD.replace("provider = \"scripted\"", "provider = \"scriptd\"");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
+        let e = &e.0[0];
+        assert_eq!((e.line, e.key.as_str()), (6, "models.script.provider"));
+        assert!(e.message.contains("openai") && e.message.contains("simulated"), "{}", e.message);
+
+        let src = GOOD.replace("temperature = 0.3", "temprature = 0.3");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
+        let e = &e.0[0];
+        assert_eq!((e.line, e.key.as_str()), (21, "peers[1].temprature"));
+        assert!(e.message.contains("temperature"), "{}", e.message);
+
+        let e = parse_team("t.toml", "name = \"x\"\n[[peers]\n", &Env(vec![])).unwrap_err();
+        assert_eq!(e.0[0].line, 2);
+    }
+
+    #[test]
+    fn unknown_protocol_and_peer_references() {
+        let src = GOOD.replace("kind = \"round_robin\"", "kind = \"round_robbin\"\nsummarizer = \"cfo\"");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
+        assert!(e.0.iter().any(|e| e.key == "protocol.kind" && e.message.contains("`round_robin`")), "{e}");
+        let src = GOOD.replace("rounds = 2", "rounds = 2\nsummarizer = \"cfo\"");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
+        assert_eq!(e.0[0].key, "protocol.summarizer");
+        assert!(e.0[0].message.contains("`backend`, `frontend`"), "{}", e.0[0].message);
+    }
+
+    #[test]
+    fn duplicate_peer_ids_and_bad_values() {
+        let src = GOOD.replace("id = \"backend\"", "id = \"frontend\"").replace("temperature = 0.3", "temperature = 7.0");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["peers[1].id", "peers[1].temperature"]);
+    }
+
+    #[test]
+    fn key_paths() {
+        let src = "[a]\nx = 1\n[[p]]\ny = 2\n[[p]]\nz = 3\n";
+        assert_eq!(key_path_at(src, src.find("x").unwrap()), "a.x");
+        assert_eq!(key_path_at(src, src.find("y").unwrap()), "p[0].y");
+        assert_eq!(key_path_at(src, src.find("z").unwrap()), "p[1].z");
+    }
+}
