@@ -1,0 +1,291 @@
+//! The embedded backend: session logs persisted in SQLite, in WAL mode, in one database
+//! file (`.roundtable/roundtable.db` under the working directory by default).
+//!
+//! # Durability
+//! An envelope is written to the database inside `append`, before `append` returns:
+//! once acknowledged, it survives the process being killed (SIGKILL) at any instant.
+//! The database runs with `journal_mode=WAL` and `synchronous=NORMAL`, which is durable
+//! against process crashes; against power loss the last transactions may be lost (use
+//! [`Durability::Full`] to sync every commit).
+//!
+//! # Reading
+//! An open session's log is cached in memory ([`MemLog`] with a write-through sink), so
+//! peers share one copy of the history and tailing never touches the disk. Other
+//! processes (e.g. `roundtable sessions` while a session runs) read the database
+//! directly; WAL lets them read while the writer writes.
+//!
+//! # One writer per session
+//! The in-process backend runs a session's peers in one process. Two processes
+//! appending to the same session would each have their own cache; teams that span
+//! processes use the NATS backend.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use roundtable_core::blackboard::{BoardError, Blackboard};
+use roundtable_core::bus::{Backend, BusError, MemParts, Presence};
+use roundtable_core::log::{Entry, LogError, LogErrorKind, LogStore, MemLog, SessionInfo, SessionLog, SharedMemLog};
+use roundtable_core::workqueue::{QueueConfig, QueueError, WorkQueue};
+use roundtable_core::{Envelope, SessionId};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+/// How hard the database syncs to disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Survives process crashes (the default).
+    #[default]
+    Normal,
+    /// Also survives power loss; slower appends.
+    Full,
+}
+
+fn storage(context: &str, path: &Path, e: rusqlite::Error) -> LogError {
+    let kind = match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) =>
+        {
+            LogErrorKind::Corrupt
+        }
+        _ => LogErrorKind::Storage,
+    };
+    LogError::new(kind, format!("{context} ({}): {e}", path.display()))
+}
+
+/// Session logs in one SQLite database.
+#[derive(Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+    open: Arc<Mutex<HashMap<SessionId, SharedMemLog>>>,
+}
+
+impl SqliteStore {
+    /// The default database under a working directory: `DIR/.roundtable/roundtable.db`.
+    pub fn default_path(dir: &Path) -> PathBuf {
+        dir.join(".roundtable").join("roundtable.db")
+    }
+
+    /// Open (creating the file and its directory when `create`) a database.
+    pub fn open(path: &Path, create: bool, durability: Durability) -> Result<Self, LogError> {
+        if !create && !path.exists() {
+            return Err(LogError::new(
+                LogErrorKind::NotFound,
+                format!("no session database at {} (run a session first)", path.display()),
+            ));
+        }
+        if create {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    LogError::new(LogErrorKind::Storage, format!("creating {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let flags = if create {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| storage("opening the database", path, e))?;
+        let sync = match durability {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        };
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| storage("configuring", path, e))?;
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous={sync};
+             CREATE TABLE IF NOT EXISTS envelopes (
+                 session TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 id TEXT NOT NULL,
+                 kind TEXT NOT NULL,
+                 time_ms INTEGER NOT NULL,
+                 json TEXT NOT NULL,
+                 PRIMARY KEY (session, seq),
+                 UNIQUE (session, id)
+             ) WITHOUT ROWID;"
+        ))
+        .map_err(|e| storage("preparing the database", path, e))?;
+        Ok(SqliteStore { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)), open: Default::default() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn load(&self, session: &SessionId) -> Result<Vec<Envelope>, LogError> {
+        let conn = self.conn.lock().expect("db lock");
+        let mut stmt = conn
+            .prepare_cached("SELECT seq, json FROM envelopes WHERE session = ?1 ORDER BY seq")
+            .map_err(|e| storage("reading", &self.path, e))?;
+        let rows = stmt
+            .query_map(params![session.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| storage("reading", &self.path, e))?;
+        let mut out = Vec::new();
+        for (i, row) in rows.enumerate() {
+            let (seq, json) = row.map_err(|e| storage("reading", &self.path, e))?;
+            if seq != i as i64 + 1 {
+                return Err(LogError::new(
+                    LogErrorKind::Corrupt,
+                    format!("session {session} in {}: sequence {} is missing", self.path.display(), i + 1),
+                ));
+            }
+            let env = Envelope::from_json(json.as_bytes()).map_err(|e| {
+                LogError::new(
+                    LogErrorKind::Corrupt,
+                    format!("session {session} in {}: envelope {seq}: {e}", self.path.display()),
+                )
+            })?;
+            out.push(env);
+        }
+        Ok(out)
+    }
+
+    fn exists(&self, session: &SessionId) -> Result<bool, LogError> {
+        let conn = self.conn.lock().expect("db lock");
+        conn.query_row("SELECT 1 FROM envelopes WHERE session = ?1 LIMIT 1", params![session.as_str()], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| storage("reading", &self.path, e))
+    }
+
+    /// Write many envelopes of a new session in one transaction (JSONL import): all or
+    /// nothing.
+    pub fn import(&self, envs: &[Envelope]) -> Result<SessionId, LogError> {
+        let session = envs
+            .first()
+            .map(|e| e.session.clone())
+            .ok_or_else(|| LogError::new(LogErrorKind::Rejected, "nothing to import"))?;
+        if self.exists(&session)? {
+            return Err(LogError::new(
+                LogErrorKind::Rejected,
+                format!("session {session} already exists in {}", self.path.display()),
+            ));
+        }
+        let mut conn = self.conn.lock().expect("db lock");
+        let tx = conn.transaction().map_err(|e| storage("importing", &self.path, e))?;
+        for (i, env) in envs.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO envelopes (session, seq, id, kind, time_ms, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![session.as_str(), i as i64 + 1, env.id.as_str(), env.kind.as_str(), env.time_ms as i64, env.to_json()],
+            )
+            .map_err(|e| storage("importing", &self.path, e))?;
+        }
+        tx.commit().map_err(|e| storage("importing", &self.path, e))?;
+        Ok(session)
+    }
+}
+
+#[async_trait]
+impl LogStore for SqliteStore {
+    async fn open(&self, session: &SessionId, create: bool) -> Result<Arc<dyn SessionLog>, LogError> {
+        if let Some(l) = self.open.lock().expect("open lock").get(session) {
+            return Ok(Arc::new(l.clone()));
+        }
+        let existing = self.load(session)?;
+        if existing.is_empty() && !create {
+            return Err(LogError::new(
+                LogErrorKind::NotFound,
+                format!("no session {session} in {} (see `roundtable sessions`)", self.path.display()),
+            ));
+        }
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        let sink = Box::new(move |e: &Entry| -> Result<(), LogError> {
+            let conn = conn.lock().expect("db lock");
+            let mut stmt = conn
+                .prepare_cached(
+                    "INSERT INTO envelopes (session, seq, id, kind, time_ms, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(|err| storage("appending", &path, err))?;
+            stmt.execute(params![
+                e.env.session.as_str(),
+                e.seq as i64,
+                e.env.id.as_str(),
+                e.env.kind.as_str(),
+                e.env.time_ms as i64,
+                e.env.to_json()
+            ])
+            .map_err(|err| storage("appending", &path, err))?;
+            Ok(())
+        });
+        let log = SharedMemLog(Arc::new(MemLog::with_sink(session.clone(), existing, sink)));
+        let mut open = self.open.lock().expect("open lock");
+        let log = open.entry(session.clone()).or_insert(log).clone();
+        Ok(Arc::new(log))
+    }
+
+    async fn sessions(&self) -> Result<Vec<SessionInfo>, LogError> {
+        let conn = self.conn.lock().expect("db lock");
+        let mut stmt = conn
+            .prepare(
+                "SELECT e.session, COUNT(*), MIN(e.time_ms), MAX(e.time_ms),
+                        (SELECT json FROM envelopes t WHERE t.session = e.session AND t.kind = 'task' ORDER BY seq LIMIT 1),
+                        (SELECT json FROM envelopes s WHERE s.session = e.session AND s.kind = 'stop' ORDER BY seq LIMIT 1)
+                 FROM envelopes e GROUP BY e.session ORDER BY MIN(e.time_ms) DESC, e.session DESC",
+            )
+            .map_err(|e| storage("listing sessions", &self.path, e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })
+            .map_err(|e| storage("listing sessions", &self.path, e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, n, first, last, task, stop) = row.map_err(|e| storage("listing sessions", &self.path, e))?;
+            let mut info = SessionInfo::empty(SessionId::from(id));
+            // Fold the task and stop envelopes for the team and the stop reason.
+            for json in [task, stop].into_iter().flatten() {
+                if let Ok(env) = Envelope::from_json(json.as_bytes()) {
+                    info.observe(&env);
+                }
+            }
+            info.envelopes = n as u64;
+            info.first_ms = first as u64;
+            info.last_ms = last as u64;
+            out.push(info);
+        }
+        Ok(out)
+    }
+}
+
+/// The embedded backend: logs in SQLite, blackboard, queue and presence in memory.
+#[derive(Clone)]
+pub struct SqliteBackend {
+    pub store: SqliteStore,
+    pub parts: MemParts,
+}
+
+impl SqliteBackend {
+    pub fn new(store: SqliteStore) -> Self {
+        SqliteBackend { store, parts: MemParts::default() }
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+    fn logs(&self) -> Arc<dyn LogStore> {
+        Arc::new(self.store.clone())
+    }
+    async fn blackboard(&self, session: &SessionId) -> Result<Arc<dyn Blackboard>, BoardError> {
+        Ok(self.parts.blackboard(session))
+    }
+    async fn work_queue(&self, session: &SessionId, config: QueueConfig) -> Result<Arc<dyn WorkQueue>, QueueError> {
+        Ok(self.parts.work_queue(session, config))
+    }
+    async fn presence(&self, session: &SessionId) -> Result<Arc<dyn Presence>, BusError> {
+        Ok(self.parts.presence(session))
+    }
+}
