@@ -1,0 +1,99 @@
+//! Turning a plan's model specs into layered `ChatModel`s.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use roundtable_core::PeerId;
+use roundtable_core::model::layers::{LayerConfig, RetryPolicy, standard_stack};
+use roundtable_core::model::scripted::Scripted;
+use roundtable_core::model::simulated::Simulated;
+use roundtable_core::model::{ChatModel, ModelError, ModelErrorKind};
+use roundtable_core::team::{ModelSpec, PlanEnv, ProviderSpec, TeamPlan};
+use roundtable_models::{AnthropicChat, AnthropicConfig, OpenAiChat, OpenAiConfig, Secret};
+
+/// Plan validation's view of the process: real environment variables, files relative to
+/// the team file's directory.
+pub(crate) struct ProcessEnv {
+    pub(crate) base: std::path::PathBuf,
+}
+
+impl PlanEnv for ProcessEnv {
+    fn var_is_set(&self, name: &str) -> bool {
+        std::env::var_os(name).is_some_and(|v| !v.is_empty())
+    }
+    fn read(&self, path: &str) -> Result<String, String> {
+        std::fs::read_to_string(self.base.join(path)).map_err(|e| e.to_string())
+    }
+}
+
+fn key_from_env(var: &Option<String>) -> Result<Option<Secret>, ModelError> {
+    match var {
+        None => Ok(None),
+        Some(name) => match std::env::var(name) {
+            Ok(v) if !v.is_empty() => Ok(Some(Secret::new(v))),
+            _ => Err(ModelError::new(
+                ModelErrorKind::Config,
+                format!("environment variable `{name}` is not set; export it with your API key"),
+            )),
+        },
+    }
+}
+
+/// The provider for one model spec, without layers.
+pub(crate) fn provider(key: &str, spec: &ModelSpec) -> Result<Arc<dyn ChatModel>, ModelError> {
+    Ok(match &spec.provider {
+        ProviderSpec::Openai { model, base_url, api_key_env, headers, query } => {
+            let mut cfg = OpenAiConfig::new(base_url.clone(), model.clone());
+            cfg.api_key = key_from_env(api_key_env)?;
+            cfg.headers = headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            cfg.query = query.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            Arc::new(OpenAiChat::new(cfg)?)
+        }
+        ProviderSpec::Anthropic { model, base_url, api_key_env } => {
+            let mut cfg = AnthropicConfig::new(model.clone(), key_from_env(api_key_env)?);
+            cfg.base_url = base_url.clone();
+            Arc::new(AnthropicChat::new(cfg)?)
+        }
+        ProviderSpec::Scripted { replies, per_peer } => Arc::new(Scripted::new(
+            format!("scripted:{key}"),
+            replies.clone(),
+            per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect(),
+        )),
+        ProviderSpec::Simulated { p_correct, susceptibility, seed } => {
+            Arc::new(Simulated::new(format!("simulated:{key}"), *p_correct, *susceptibility, *seed))
+        }
+    })
+}
+
+/// One layered model per model spec (so its concurrency limit is shared by the peers
+/// that use it), handed to each peer.
+pub(crate) fn models_for(plan: &TeamPlan, only: Option<&PeerId>) -> Result<HashMap<PeerId, Arc<dyn ChatModel>>, ModelError> {
+    let mut built: HashMap<&str, Arc<dyn ChatModel>> = HashMap::new();
+    let mut out = HashMap::new();
+    for p in &plan.peers {
+        if only.is_some_and(|o| o != &p.id) {
+            continue;
+        }
+        let spec = &plan.models[&p.model];
+        let model = match built.get(p.model.as_str()) {
+            Some(m) => m.clone(),
+            None => {
+                let raw = provider(&p.model, spec)?;
+                let layered = standard_stack(
+                    raw,
+                    LayerConfig {
+                        retry: RetryPolicy { max_retries: spec.max_retries, ..RetryPolicy::default() },
+                        timeout: Duration::from_millis(spec.timeout_ms),
+                        max_concurrency: spec.max_concurrency,
+                    },
+                    None,
+                );
+                built.insert(&p.model, layered.clone());
+                layered
+            }
+        };
+        out.insert(p.id.clone(), model);
+    }
+    Ok(out)
+}

@@ -1,0 +1,364 @@
+//! `roundtable`: the command line over the Roundtable libraries. This crate is the CLI
+//! plus glue; every decision lives in `roundtable-core`.
+
+mod factory;
+mod render;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use roundtable_core::log::{LogError, LogErrorKind, LogStore, SessionLog, jsonl};
+use roundtable_core::peer::EventSink;
+use roundtable_core::runner::{open_session, run_peers, summarize};
+use roundtable_core::session::{SessionSummary, new_session_id, plan_of};
+use roundtable_core::team::{TeamPlan, parse_team};
+use roundtable_core::{Kind, SessionId};
+use roundtable_sqlite::{Durability, SqliteStore};
+
+const AFTER_HELP: &str = "\
+Examples:
+  roundtable run examples/product-debate.toml            watch a debate, offline
+  roundtable run examples/api-design.toml --json         run, then print a JSON summary
+  roundtable validate my-team.toml                        check a team file, run nothing
+  roundtable sessions                                     list recorded sessions
+  roundtable log SESSION                                  show a session's transcript
+  roundtable export SESSION > s.jsonl                     save a session as JSON lines
+  roundtable import s.jsonl                               load a saved session
+  roundtable resume SESSION                               finish a session that was cut off
+
+Sessions are recorded in .roundtable/roundtable.db under the working directory
+(or --data-dir). Exit codes: 0 done, 1 runtime failure, 2 bad input.";
+
+/// Peer-to-peer multi-agent sessions: equal peers that debate, vote and decide
+/// through a shared, append-only session log, with no coordinator.
+#[derive(Parser)]
+#[command(name = "roundtable", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// Where sessions are recorded (default: ./.roundtable).
+    #[arg(long, global = true, env = "ROUNDTABLE_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a team file as a new session, showing the transcript live.
+    ///
+    /// Every envelope is recorded before it is shown; if the run is cut off,
+    /// `roundtable resume SESSION` finishes it without calling a model again for steps
+    /// already on the log.
+    Run {
+        /// The team file (TOML): models, peers, protocol, termination, budget.
+        team: PathBuf,
+        /// The task or topic (overrides the team file's `topic`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Print only a JSON summary on stdout when the session ends.
+        #[arg(long)]
+        json: bool,
+        /// Keep the session in memory only (nothing written under the data dir).
+        #[arg(long)]
+        no_persist: bool,
+        /// Sync every write to disk (survives power loss, not only crashes).
+        #[arg(long)]
+        fsync: bool,
+    },
+    /// Check a team file and print the plan it becomes; runs nothing.
+    Validate {
+        team: PathBuf,
+        /// Print the validated plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recorded sessions, newest first.
+    Sessions {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a session's transcript.
+    Log {
+        session: String,
+        /// Print the summary as JSON instead of the transcript.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a session's envelopes as JSON lines (to stdout, or --output).
+    Export {
+        session: String,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Load a session from a JSON-lines export (all or nothing).
+    Import { file: PathBuf },
+    /// Continue a session that was cut off, from its log.
+    Resume {
+        session: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure, with the exit code it maps to.
+enum Failure {
+    /// Bad input: a team file, a flag, an unknown session, a damaged file. Exit 2.
+    Input(String),
+    /// Something went wrong while running. Exit 1.
+    Runtime(String),
+}
+
+impl From<LogError> for Failure {
+    fn from(e: LogError) -> Self {
+        match e.kind() {
+            LogErrorKind::NotFound | LogErrorKind::Corrupt | LogErrorKind::Rejected => Failure::Input(e.to_string()),
+            _ => Failure::Runtime(e.to_string()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ROUNDTABLE_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(Failure::Input(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn data_dir(cli_dir: &Option<PathBuf>) -> PathBuf {
+    cli_dir.clone().unwrap_or_else(|| PathBuf::from(".roundtable"))
+}
+
+fn db_path(dir: &Path) -> PathBuf {
+    dir.join("roundtable.db")
+}
+
+fn open_store(dir: &Path, create: bool, durability: Durability) -> Result<SqliteStore, Failure> {
+    SqliteStore::open(&db_path(dir), create, durability).map_err(Failure::from)
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
+    let dir = data_dir(&cli.data_dir);
+    match cli.command {
+        Command::Validate { team, json } => {
+            let plan = load_plan(&team)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan).expect("plan serializes"));
+            } else {
+                describe_plan(&team, &plan);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { team, topic, json, no_persist, fsync } => {
+            let plan = load_plan(&team)?;
+            let topic = topic.or_else(|| plan.topic.clone()).ok_or_else(|| {
+                Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
+            })?;
+            let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
+            let session = new_session_id();
+            let log: Arc<dyn SessionLog> = if no_persist {
+                let store = roundtable_core::log::MemStore::new();
+                store.open(&session, true).await?
+            } else {
+                let store = open_store(&dir, true, if fsync { Durability::Full } else { Durability::Normal })?;
+                store.open(&session, true).await?
+            };
+            open_session(log.as_ref(), &plan, &topic).await?;
+            let summary = drive(log, &plan, models, json).await?;
+            finish(&summary, json)
+        }
+        Command::Resume { session, json } => {
+            let store = open_store(&dir, false, Durability::Normal)?;
+            let log = store.open(&SessionId::from(session.as_str()), false).await?;
+            let entries = log.read(1, 1).await?;
+            let task = entries
+                .first()
+                .filter(|e| e.env.kind == Kind::Task)
+                .ok_or_else(|| Failure::Input(format!("session {session} has no task envelope")))?;
+            let plan = plan_of(&task.env).map_err(|e| Failure::Input(format!("session {session}: {e}")))?;
+            let current = summarize(log.as_ref()).await?;
+            if current.stopped {
+                if !json {
+                    println!("Session {session} is already closed.");
+                }
+                return finish(&current, json);
+            }
+            let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
+            if !json {
+                println!("Resuming {session} from envelope {} …", current.envelopes);
+            }
+            let summary = drive(log, &plan, models, json).await?;
+            finish(&summary, json)
+        }
+        Command::Sessions { json } => {
+            let store = match open_store(&dir, false, Durability::Normal) {
+                Ok(s) => s,
+                Err(Failure::Input(_)) if !db_path(&dir).exists() => {
+                    if json {
+                        println!("[]");
+                    } else {
+                        println!("No sessions yet in {}. Start one with `roundtable run TEAM.toml`.", dir.display());
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => return Err(e),
+            };
+            let list = store.sessions().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list).expect("serializes"));
+            } else if list.is_empty() {
+                println!("No sessions yet.");
+            } else {
+                println!("{:<24} {:<22} {:>9}  {:<20} STATUS", "SESSION", "TEAM", "ENVELOPES", "STARTED (UTC)");
+                for s in list {
+                    let (y, mo, d, h, mi, sec) = roundtable_core::session::civil(s.first_ms / 1000);
+                    println!(
+                        "{:<24} {:<22} {:>9}  {y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02}  {}",
+                        s.id,
+                        s.team.as_deref().unwrap_or("?"),
+                        s.envelopes,
+                        s.stop.as_deref().map_or_else(|| "open (resume it)".to_string(), |r| format!("stopped: {r}"))
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log { session, json } => {
+            let store = open_store(&dir, false, Durability::Normal)?;
+            let log = store.open(&SessionId::from(session.as_str()), false).await?;
+            let entries = log.read_all().await?;
+            if json {
+                let s = SessionSummary::from_entries(log.session(), &entries).map_err(Failure::Input)?;
+                println!("{}", serde_json::to_string_pretty(&s).expect("serializes"));
+            } else {
+                let st = render::Style::for_stdout();
+                for e in &entries {
+                    println!("{}", render::format_entry(e, st));
+                }
+                if let Ok(s) = SessionSummary::from_entries(log.session(), &entries) {
+                    render::print_summary(&s);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { session, output } => {
+            let store = open_store(&dir, false, Durability::Normal)?;
+            let log = store.open(&SessionId::from(session.as_str()), false).await?;
+            match output {
+                Some(path) => {
+                    // Write to a temporary file and rename, so a failed export leaves nothing.
+                    let tmp = path.with_extension("jsonl.partial");
+                    let mut f = std::fs::File::create(&tmp)
+                        .map_err(|e| Failure::Input(format!("{}: {e}", tmp.display())))?;
+                    let n = jsonl::export(log.as_ref(), &mut f).await?;
+                    std::fs::rename(&tmp, &path).map_err(|e| Failure::Runtime(format!("{}: {e}", path.display())))?;
+                    eprintln!("Wrote {n} envelopes to {}", path.display());
+                }
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    jsonl::export(log.as_ref(), &mut out).await?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import { file } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+            let envs = jsonl::parse(&file.display().to_string(), &text).map_err(|e| Failure::Input(e.to_string()))?;
+            if !envs.iter().any(|e| e.kind == Kind::Task) {
+                return Err(Failure::Input(format!("{}: no task envelope; not a session export", file.display())));
+            }
+            let store = open_store(&dir, true, Durability::Normal)?;
+            let session = store.import(&envs)?;
+            println!("Imported session {session} ({} envelopes).", envs.len());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_plan(team: &Path) -> Result<TeamPlan, Failure> {
+    let src = std::fs::read_to_string(team).map_err(|e| Failure::Input(format!("{}: {e}", team.display())))?;
+    let base = team.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse_team(&team.display().to_string(), &src, &factory::ProcessEnv { base }).map_err(|e| Failure::Input(e.to_string()))
+}
+
+fn describe_plan(team: &Path, plan: &TeamPlan) {
+    println!("{}: ok", team.display());
+    println!("  team      {}", plan.name);
+    println!("  protocol  {}", plan.protocol.kind());
+    for p in &plan.peers {
+        let m = &plan.models[&p.model];
+        println!("  peer      {:<14} model {} ({})", p.id, p.model, m.provider.kind());
+    }
+    if let Some(t) = &plan.topic {
+        println!("  topic     {t}");
+    }
+}
+
+/// Run every peer of the plan on this log, rendering as it goes.
+async fn drive(
+    log: Arc<dyn SessionLog>,
+    plan: &TeamPlan,
+    models: std::collections::HashMap<roundtable_core::PeerId, Arc<dyn roundtable_core::model::ChatModel>>,
+    json: bool,
+) -> Result<SessionSummary, Failure> {
+    if json {
+        return run_peers(log, plan, models, None, None).await.map_err(Failure::from);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let events: EventSink = Arc::new(move |ev| {
+        let _ = tx.send(ev);
+    });
+    let mut tail = log.tail(1).await?;
+    let show = tokio::spawn(async move {
+        let mut live = render::Live::new();
+        loop {
+            tokio::select! {
+                Some(ev) = rx.recv() => live.event(ev),
+                next = tail.next() => match next {
+                    Some(Ok(e)) => {
+                        live.entry(&e);
+                        if e.env.kind == Kind::Stop {
+                            break;
+                        }
+                    }
+                    _ => break,
+                },
+            }
+        }
+        live.finish();
+    });
+    let result = run_peers(log, plan, models, None, Some(events)).await;
+    let _ = show.await;
+    result.map_err(Failure::from)
+}
+
+fn finish(summary: &SessionSummary, json: bool) -> Result<ExitCode, Failure> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(summary).expect("summary serializes"));
+    } else {
+        render::print_summary(summary);
+    }
+    Ok(ExitCode::SUCCESS)
+}
