@@ -34,6 +34,9 @@ pub struct SessionState {
     /// Absence notices per peer so far (to derive the next notice's step).
     absences: std::collections::BTreeMap<PeerId, u32>,
     pub stop: Option<Entry>,
+    /// Model failures since the last successful model call, and the latest one.
+    pub failure_streak: u32,
+    last_failure: Option<String>,
     pub last_seq: u64,
     pub lamport: u64,
     protocol: Box<dyn Reducer>,
@@ -52,6 +55,8 @@ impl SessionState {
             absent: BTreeSet::new(),
             absences: Default::default(),
             stop: None,
+            failure_streak: 0,
+            last_failure: None,
             last_seq: 0,
             lamport: 0,
             protocol,
@@ -87,6 +92,11 @@ impl SessionState {
             Kind::Join => {
                 self.absent.remove(&env.from);
             }
+            Kind::Failure => {
+                self.failure_streak += 1;
+                self.last_failure = Some(format!("{}: {}", env.from, env.body.text));
+            }
+            _ if env.usage.is_some() => self.failure_streak = 0,
             _ => {}
         }
         let facts = Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
@@ -115,6 +125,18 @@ impl SessionState {
         if let Some(reason) = self.plan.termination.check(&self.tally, &signals, self.elapsed_ms(now_ms)) {
             let best = self.protocol.best_answer();
             return Some((reason, best.as_ref().map(|b| b.0.clone()), best.into_iter().map(|b| b.1).collect()));
+        }
+        // Every peer failed once in a row (at least 3 failures): the models are down or
+        // misconfigured, and going on would only record more failures.
+        let streak_limit = (self.plan.peers.len() as u32).max(3);
+        if self.failure_streak >= streak_limit {
+            let best = self.protocol.best_answer();
+            let last = self.last_failure.as_deref().unwrap_or("");
+            return Some((
+                format!("failures: {} model calls failed in a row; last: {last}", self.failure_streak),
+                best.as_ref().map(|b| b.0.clone()),
+                Vec::new(),
+            ));
         }
         let everyone_absent = self.plan.peers.iter().all(|p| self.absent.contains(&p.id));
         if everyone_absent {

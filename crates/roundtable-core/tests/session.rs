@@ -248,3 +248,23 @@ async fn a_crashed_session_resumes_without_calling_models_again_for_logged_steps
     assert_eq!(summary.final_answer.as_deref(), Some("facilitator speaks (1)"));
     assert!(after.iter().any(|e| e.env.step.as_ref() == "turn/3" && e.env.body.text.as_ref() == "pm speaks (2)"));
 }
+
+#[tokio::test]
+async fn when_every_model_fails_the_session_stops_early_with_the_last_error() {
+    let plan = plan("");
+    let log = new_log();
+    open_session(log.as_ref(), &plan, "topic").await.unwrap();
+    let ms: HashMap<PeerId, Arc<dyn ChatModel>> = plan
+        .peers
+        .iter()
+        .map(|p| {
+            let m: Arc<dyn ChatModel> = Arc::new(Scripted::new("down", vec!["!error auth invalid key".into()], HashMap::new()));
+            (p.id.clone(), m)
+        })
+        .collect();
+    let s = run_peers(log.clone(), &plan, ms, None, None).await.unwrap();
+    let reason = s.stop_reason.unwrap();
+    assert!(reason.starts_with("failures: 4 model calls failed in a row"), "{reason}");
+    assert!(reason.contains("authentication failed"), "{reason}");
+    assert_eq!(s.failures, 4, "stopped after one failure per peer, not one per turn");
+}
