@@ -354,11 +354,19 @@ async fn drive(
     result.map_err(Failure::from)
 }
 
+/// Print the outcome. A session that ended because its models kept failing is a
+/// runtime failure (exit 1), though it is recorded and closed like any other.
 fn finish(summary: &SessionSummary, json: bool) -> Result<ExitCode, Failure> {
     if json {
         println!("{}", serde_json::to_string_pretty(summary).expect("summary serializes"));
     } else {
         render::print_summary(summary);
     }
-    Ok(ExitCode::SUCCESS)
+    match summary.stop_reason.as_deref() {
+        Some(r) if r.starts_with("failures:") => {
+            eprintln!("error: the session stopped because its model calls failed: {r}");
+            Ok(ExitCode::from(1))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
