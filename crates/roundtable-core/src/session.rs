@@ -119,6 +119,11 @@ impl SessionState {
         }
         let facts = self.facts();
         if let Some(f) = self.protocol.finished(&facts) {
+            if self.tally.messages == 0 && self.tally.failures > 0 {
+                // The protocol ran its course, but on failures only: say so.
+                let last = self.last_failure.as_deref().unwrap_or("");
+                return Some((format!("failures: no peer produced an answer; last: {last}"), None, Vec::new()));
+            }
             return Some((f.reason, f.answer, f.decided_by));
         }
         let signals = self.protocol.signals();

@@ -1,0 +1,379 @@
+//! The `roundtable` binary, end to end: the README's flows, bad input, provider faults,
+//! and a session killed with SIGKILL then resumed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_roundtable"));
+    c.env_remove("ROUNDTABLE_DIR").env("NO_COLOR", "1");
+    c
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn run(args: &[&str], data: &Path) -> Output {
+    bin().args(args).arg("--data-dir").arg(data).output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(o), stderr(o)))
+}
+
+#[test]
+fn the_product_debate_runs_offline_and_can_be_listed_shown_exported_imported_and_resumed() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let team = examples().join("product-debate.toml");
+    let o = run(&["run", team.to_str().unwrap(), "--json"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    let id = s["session"].as_str().unwrap().to_string();
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 3 rounds"), "{s}");
+    assert!(s["final_answer"].as_str().unwrap().contains("Recommendation: a staged plan"));
+    assert_eq!((s["messages"].as_u64(), s["calls"].as_u64()), (Some(10), Some(10)));
+    assert!(s["tokens"].as_u64().unwrap() > 0);
+
+    let o = run(&["sessions", "--json"], d);
+    assert!(o.status.success());
+    let list = json(&o);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["team"], "product-debate");
+    let o = run(&["sessions"], d);
+    assert!(stdout(&o).contains(&id) && stdout(&o).contains("stopped: completed"), "{}", stdout(&o));
+
+    let o = run(&["log", &id], d);
+    assert!(o.status.success());
+    let t = stdout(&o);
+    for needle in ["Task", "pm → all", "eng → all", "cfo → all", "facilitator → all", "Stopped: completed", "Final answer"] {
+        assert!(t.contains(needle), "transcript lacks {needle:?}:\n{t}");
+    }
+    assert!(t.find("pm → all").unwrap() < t.find("eng → all").unwrap());
+
+    let export = d.join("s.jsonl");
+    let o = run(&["export", &id, "-o", export.to_str().unwrap()], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(lines.lines().count(), 12, "task, 10 messages, stop");
+
+    let other = tempfile::tempdir().unwrap();
+    let o = run(&["import", export.to_str().unwrap()], other.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["export", &id], other.path());
+    assert_eq!(stdout(&o), lines, "export of the import is byte-identical");
+    let o = run(&["import", export.to_str().unwrap()], other.path());
+    assert_eq!(o.status.code(), Some(2), "importing twice is refused");
+    assert!(stderr(&o).contains("already exists"));
+
+    let o = run(&["resume", &id, "--json"], d);
+    assert!(o.status.success());
+    assert_eq!(json(&o)["envelopes"], 12, "resuming a closed session changes nothing");
+}
+
+#[test]
+fn the_api_design_trio_runs_and_the_backend_writes_the_final_design() {
+    let data = tempfile::tempdir().unwrap();
+    let team = examples().join("api-design.toml");
+    let o = run(&["run", team.to_str().unwrap(), "--json", "--topic", "Design GET /v1/me/orders"], data.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert_eq!(s["topic"], "Design GET /v1/me/orders");
+    assert!(s["final_answer"].as_str().unwrap().starts_with("Final design: GET /v1/me/orders"), "{s}");
+    assert_eq!(s["per_peer"]["backend"]["messages"], 3);
+}
+
+#[test]
+fn the_live_transcript_is_readable_when_piped() {
+    let data = tempfile::tempdir().unwrap();
+    let team = examples().join("product-debate.toml");
+    let o = run(&["run", team.to_str().unwrap()], data.path());
+    assert!(o.status.success());
+    let t = stdout(&o);
+    assert!(t.contains("[round 1] pm → all") && t.contains("Final answer") && t.contains("roundtable log "), "{t}");
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const TEAM_HEAD: &str = "name = \"t\"\ntopic = \"x\"\n[models.s]\nprovider = \"scripted\"\nreplies = [\"hi\"]\n";
+
+#[test]
+fn bad_team_files_exit_2_with_file_line_key_and_choices_and_start_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        ("malformed.toml", format!("{TEAM_HEAD}[[peers]\nid = \"a\""), vec!["malformed.toml:6:"]),
+        (
+            "unknown-model.toml",
+            format!("{TEAM_HEAD}[[peers]]\nid = \"a\"\nmodel = \"gpt\"\n[protocol]\nkind = \"round_robin\"\n"),
+            vec!["unknown-model.toml:8:", "`peers[0].model`", "unknown model `gpt`", "`s`"],
+        ),
+        (
+            "unknown-protocol.toml",
+            format!("{TEAM_HEAD}[[peers]]\nid = \"a\"\nmodel = \"s\"\n[protocol]\nkind = \"chaos\"\n"),
+            vec!["unknown-protocol.toml:10:", "`protocol.kind`", "`round_robin`"],
+        ),
+        (
+            "missing-key.toml",
+            "name = \"t\"\ntopic = \"x\"\n[models.g]\nprovider = \"openai\"\nmodel = \"gpt-4o\"\napi_key_env = \"RT_TEST_SURELY_UNSET_KEY\"\n[[peers]]\nid = \"a\"\nmodel = \"g\"\n[protocol]\nkind = \"round_robin\"\n".into(),
+            vec!["missing-key.toml:6:", "`models.g.api_key_env`", "RT_TEST_SURELY_UNSET_KEY"],
+        ),
+        (
+            "bad-provider.toml",
+            "[models.s]\nprovider = \"gemini\"\n".into(),
+            vec!["bad-provider.toml:2:", "`models.s.provider`", "openai", "anthropic", "scripted", "simulated"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let f = write(dir.path(), name, &text);
+        for cmd in ["validate", "run"] {
+            let o = run(&[cmd, f.to_str().unwrap()], &data);
+            assert_eq!(o.status.code(), Some(2), "{cmd} {name}: {}", stderr(&o));
+            let err = stderr(&o);
+            for n in &needles {
+                assert!(err.contains(n), "{cmd} {name}: {n:?} not in:\n{err}");
+            }
+            assert!(!err.contains("panicked"), "{err}");
+        }
+    }
+    assert!(!data.exists(), "nothing was written");
+}
+
+#[test]
+fn unknown_sessions_and_bad_imports_exit_2_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for args in [["log", "nope"], ["resume", "nope"], ["export", "nope"]] {
+        let o = run(&args, d);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&o).contains("session"), "{}", stderr(&o));
+    }
+    // Make a real database, then try imports that must not change it.
+    let team = examples().join("api-design.toml");
+    assert!(run(&["run", team.to_str().unwrap(), "--json"], d).status.success());
+    let garbage = write(d, "g.jsonl", "{\"v\":1,\"id\":\"x\"}\n");
+    let o = run(&["import", garbage.to_str().unwrap()], d);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("g.jsonl:1:"), "{}", stderr(&o));
+    let wrong_version = write(d, "v.jsonl", "{\"v\":7}\n");
+    let o = run(&["import", wrong_version.to_str().unwrap()], d);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("version 7"), "{}", stderr(&o));
+    let list = json(&run(&["sessions", "--json"], d));
+    assert_eq!(list.as_array().unwrap().len(), 1, "nothing imported");
+    // A damaged database is bad input too.
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(bad.path().join("roundtable.db"), vec![b'x'; 4096]).unwrap();
+    let o = run(&["sessions"], bad.path());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("roundtable.db"), "{}", stderr(&o));
+}
+
+#[test]
+fn help_teaches_the_commands() {
+    let o = bin().arg("--help").output().unwrap();
+    let h = stdout(&o);
+    for cmd in ["run", "validate", "sessions", "log", "export", "import", "resume", "Exit codes"] {
+        assert!(h.contains(cmd), "--help lacks {cmd}");
+    }
+    let o = bin().args(["run", "--help"]).output().unwrap();
+    assert!(stdout(&o).contains("--topic") && stdout(&o).contains("--json"));
+    let o = bin().args(["frobnicate"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+// ------------------------------------------------------------------------------------
+// Against a local OpenAI-compatible server.
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
+}
+
+fn openai_team(dir: &Path, base: &str, rounds: u32) -> PathBuf {
+    write(
+        dir,
+        "team.toml",
+        &format!(
+            "name = \"live\"\ntopic = \"Pick a name\"\n[models.g]\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\nbase_url = \"{base}/v1\"\napi_key_env = \"RT_TEST_KEY\"\nmax_retries = 1\ntimeout_secs = 30\n[[peers]]\nid = \"a\"\nmodel = \"g\"\n[[peers]]\nid = \"b\"\nmodel = \"g\"\n[protocol]\nkind = \"round_robin\"\nrounds = {rounds}\n"
+        ),
+    )
+}
+
+fn sse(body: String) -> ResponseTemplate {
+    ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(body)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+#[test]
+fn a_real_provider_session_records_usage_and_never_logs_the_key() {
+    let rt = rt();
+    let server = rt.block_on(MockServer::start());
+    rt.block_on(Mock::given(method("POST")).and(path("/v1/chat/completions")).respond_with(sse(fixture("openai_stream.sse"))).mount(&server));
+    let dir = tempfile::tempdir().unwrap();
+    let team = openai_team(dir.path(), &server.uri(), 2);
+    let o = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RT_TEST_KEY", "sk-live-SECRET-123")
+        .env("ROUNDTABLE_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert_eq!(s["calls"], 4);
+    assert!(s["prompt_tokens"].as_u64().unwrap() > 0);
+    let reqs = rt.block_on(server.received_requests()).unwrap();
+    assert_eq!(reqs.len(), 4);
+    assert_eq!(reqs[0].headers.get("authorization").unwrap(), "Bearer sk-live-SECRET-123");
+    // The second call carries the first answer as context, attributed to its peer.
+    let body: serde_json::Value = serde_json::from_slice(&reqs[1].body).unwrap();
+    let msgs = body["messages"].as_array().unwrap();
+    assert_eq!(msgs.last().unwrap()["name"], "a", "{body}");
+    // The key is nowhere: not in debug logs, not in the session log.
+    let export = bin().args(["export", s["session"].as_str().unwrap(), "--data-dir"]).arg(dir.path().join("data")).output().unwrap();
+    for text in [stdout(&o), stderr(&o), stdout(&export)] {
+        assert!(!text.contains("SECRET"), "the key leaked");
+    }
+}
+
+#[test]
+fn provider_errors_become_recorded_failures_and_a_clear_exit() {
+    let rt = rt();
+    let server = rt.block_on(MockServer::start());
+    rt.block_on(
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(401).set_body_string(fixture("openai_401.json")))
+            .mount(&server),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let team = openai_team(dir.path(), &server.uri(), 3);
+    let data = dir.path().join("data");
+    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(&data).env("RT_TEST_KEY", "sk-test-DO-NOT-LEAK-0123456789").output().unwrap();
+    let s = json(&o);
+    assert_eq!(o.status.code(), Some(1), "{s}\n{}", stderr(&o));
+    assert!(s["stop_reason"].as_str().unwrap().contains("authentication failed (HTTP 401)"), "{s}");
+    assert_eq!(s["failures"], 3, "one per peer in a row (minimum 3), then stop");
+    assert_eq!(rt.block_on(server.received_requests()).unwrap().len(), 3, "401 is not retried");
+    assert!(!stdout(&o).contains("DO-NOT-LEAK") && !stderr(&o).contains("DO-NOT-LEAK"));
+
+    // Unreachable endpoint: a port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let team = openai_team(dir.path(), &format!("http://127.0.0.1:{port}"), 1);
+    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(&data).env("RT_TEST_KEY", "k").output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(json(&o)["stop_reason"].as_str().unwrap().contains("endpoint unreachable"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_429_with_retry_after_is_retried_and_the_session_completes() {
+    let rt = rt();
+    let server = rt.block_on(MockServer::start());
+    rt.block_on(async {
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1").set_body_string("{\"error\":{\"message\":\"slow down\"}}"))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST")).respond_with(sse(fixture("openai_stream.sse"))).mount(&server).await;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let team = openai_team(dir.path(), &server.uri(), 1);
+    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(dir.path().join("d")).env("RT_TEST_KEY", "k").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert_eq!((s["failures"].as_u64(), s["messages"].as_u64()), (Some(0), Some(2)));
+    assert_eq!(rt.block_on(server.received_requests()).unwrap().len(), 3, "one 429, then two answers");
+}
+
+#[test]
+fn a_stream_cut_midway_is_retried_then_recorded_as_a_failure() {
+    let rt = rt();
+    let server = rt.block_on(MockServer::start());
+    rt.block_on(Mock::given(method("POST")).respond_with(sse(fixture("openai_stream_cut.sse"))).mount(&server));
+    let dir = tempfile::tempdir().unwrap();
+    let team = openai_team(dir.path(), &server.uri(), 1);
+    let data = dir.path().join("d");
+    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(&data).env("RT_TEST_KEY", "k").output().unwrap();
+    let s = json(&o);
+    assert_eq!(s["failures"], 2, "{s}");
+    // max_retries = 1: two attempts per call, two calls.
+    assert_eq!(rt.block_on(server.received_requests()).unwrap().len(), 4);
+    let log = bin().args(["log", s["session"].as_str().unwrap(), "--data-dir"]).arg(&data).output().unwrap();
+    assert!(stdout(&log).contains("failure a: model call failed: stream cut off"), "{}", stdout(&log));
+}
+
+fn count_messages(db: &Path) -> (usize, usize) {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return (0, 0) };
+    let q = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap_or(0) as usize;
+    (q("SELECT COUNT(*) FROM envelopes WHERE kind = 'message'"), q("SELECT COUNT(DISTINCT id) FROM envelopes"))
+}
+
+#[test]
+fn sigkill_mid_session_then_resume_loses_nothing_and_repeats_no_logged_step() {
+    let rt = rt();
+    let server = rt.block_on(MockServer::start());
+    rt.block_on(
+        Mock::given(method("POST"))
+            .respond_with(sse(fixture("openai_stream.sse")).set_delay(Duration::from_millis(150)))
+            .mount(&server),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let team = openai_team(dir.path(), &server.uri(), 5); // 10 turns
+    let data = dir.path().join("d");
+    let db = data.join("roundtable.db");
+    let mut child = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(&data)
+        .env("RT_TEST_KEY", "k")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until some turns are on the log, then kill -9.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while count_messages(&db).0 < 3 {
+        assert!(std::time::Instant::now() < deadline, "the session never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let (done_before, _) = count_messages(&db);
+    assert!(done_before < 10, "killed mid-session");
+    let list = json(&run(&["sessions", "--json"], &data));
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert!(list[0]["stop"].is_null(), "the killed session is open");
+    let prefix = stdout(&run(&["export", &id], &data));
+    let calls_before = rt.block_on(server.received_requests()).unwrap().len();
+
+    let o = bin().args(["resume", &id, "--json", "--data-dir"]).arg(&data).env("RT_TEST_KEY", "k").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert_eq!(s["messages"], 10);
+    let calls_after = rt.block_on(server.received_requests()).unwrap().len();
+    assert_eq!(calls_after - calls_before, 10 - done_before, "only the missing turns were called");
+    let full = stdout(&run(&["export", &id], &data));
+    assert!(full.starts_with(&prefix), "every acknowledged envelope is intact, in place");
+    let (messages, distinct) = count_messages(&db);
+    assert_eq!(messages, 10);
+    assert_eq!(distinct, full.lines().count(), "no duplicates");
+}
