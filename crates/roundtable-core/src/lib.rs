@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod runner;
 pub mod session;
 pub mod team;
+pub mod telemetry;
 pub mod termination;
 pub mod workqueue;
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
+use tracing::Instrument;
 
 use crate::bus::Presence;
 use crate::envelope::{Body, Envelope, Kind, PeerId, Recipient, Usage, now_ms};
@@ -161,12 +162,16 @@ pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
                         if let Some(ev) = &cfg.events {
                             ev(PeerEvent::Thinking { peer: cfg.me.clone(), step: duty.step.clone(), round: duty.round });
                         }
+                        let turn = turn_span(&cfg, &st, &duty).await;
+                        let chat = chat_span(&turn, &cfg, &spec, model_spec.as_ref(), &req);
                         let t0 = Instant::now();
-                        let result = cfg.model.chat(&req).await;
+                        let result = cfg.model.chat(&req).instrument(chat.clone()).await;
                         drop(req);
                         let latency_ms = t0.elapsed().as_millis() as u64;
+                        record_chat(&chat, &result, latency_ms);
+                        drop(chat);
                         let model_name = cfg.model.name().to_string();
-                        let env = match result {
+                        let mut env = match result {
                             Ok(resp) => {
                                 let cost = price.cost(resp.prompt_tokens, resp.completion_tokens);
                                 let usage = Usage {
@@ -190,7 +195,8 @@ pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
                             }
                             Err(e) => model_failure(&st, &cfg.me, &duty, &model_name, &e, latency_ms),
                         };
-                        cfg.log.append(env).await?.seq
+                        env.trace = crate::telemetry::traceparent(&turn);
+                        cfg.log.append(env).instrument(turn).await?.seq
                     }
                 }
             }
@@ -256,6 +262,83 @@ fn failure_envelope(
     env.usage = usage;
     env.lamport = st.lamport + 1;
     env
+}
+
+/// The span of one turn (GenAI `invoke_agent`): a child of the session's span named in
+/// the task envelope, linked to the spans of the envelopes the turn answers, so one trace
+/// spans peers in different processes.
+async fn turn_span(cfg: &PeerConfig, st: &SessionState, duty: &Duty) -> tracing::Span {
+    let span = tracing::info_span!(
+        "turn",
+        otel.name = %format!("invoke_agent {}", cfg.me),
+        gen_ai.operation.name = "invoke_agent",
+        gen_ai.agent.name = %cfg.me,
+        gen_ai.conversation.id = %st.session,
+        roundtable.step = %duty.step,
+        roundtable.round = duty.round,
+    );
+    if crate::telemetry::enabled() && !span.is_disabled() {
+        crate::telemetry::set_parent(&span, st.task.as_ref().and_then(|t| t.trace.as_deref()));
+        for parent in &duty.parents {
+            if let Ok(Some(seq)) = cfg.log.seq_of(parent).await {
+                for e in cfg.log.read(seq, 1).await.unwrap_or_default() {
+                    crate::telemetry::add_link(&span, e.env.trace.as_deref());
+                }
+            }
+        }
+    }
+    span
+}
+
+/// The span of one model call (GenAI `chat`), inside its turn.
+fn chat_span(
+    turn: &tracing::Span,
+    cfg: &PeerConfig,
+    spec: &crate::team::PeerSpec,
+    model: Option<&crate::team::ModelSpec>,
+    req: &ChatRequest,
+) -> tracing::Span {
+    let name = cfg.model.name();
+    tracing::info_span!(
+        parent: turn,
+        "chat",
+        otel.name = %format!("chat {name}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = model.map_or("unknown", |m| m.provider.kind()),
+        gen_ai.request.model = %name,
+        gen_ai.request.temperature = spec.temperature.map(f64::from),
+        gen_ai.request.max_tokens = req.max_tokens,
+        gen_ai.agent.name = %cfg.me,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        roundtable.latency_ms = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
+fn record_chat(span: &tracing::Span, result: &Result<crate::model::ChatResponse, ModelError>, latency_ms: u64) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("roundtable.latency_ms", latency_ms);
+    match result {
+        Ok(r) => {
+            span.record("gen_ai.response.model", r.model.as_str());
+            span.record("gen_ai.usage.input_tokens", r.prompt_tokens);
+            span.record("gen_ai.usage.output_tokens", r.completion_tokens);
+            if let Some(f) = &r.finish_reason {
+                span.record("gen_ai.response.finish_reasons", f.as_str());
+            }
+        }
+        Err(e) => {
+            span.record("error.type", e.kind.to_string().as_str());
+            span.record("otel.status_code", "ERROR");
+        }
+    }
 }
 
 /// A JSON object in a model's answer: the whole text, or the first `{…}` block in it

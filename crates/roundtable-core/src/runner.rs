@@ -17,7 +17,11 @@ use crate::team::TeamPlan;
 
 /// Post the opening task of a new session.
 pub async fn open_session(log: &dyn SessionLog, plan: &TeamPlan, topic: &str) -> Result<(), LogError> {
-    log.append(task_envelope(log.session(), plan, topic)).await?;
+    let mut task = task_envelope(log.session(), plan, topic);
+    // The current span (the session's, when tracing is on) becomes the parent of every
+    // peer's turn spans, in whatever process the peers run.
+    task.trace = crate::telemetry::traceparent(&tracing::Span::current());
+    log.append(task).await?;
     Ok(())
 }
 
