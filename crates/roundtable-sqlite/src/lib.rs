@@ -31,6 +31,9 @@ use roundtable_core::workqueue::{QueueConfig, QueueError, WorkQueue};
 use roundtable_core::{Envelope, SessionId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+mod reader;
+pub use reader::SqliteReader;
+
 /// How hard the database syncs to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
