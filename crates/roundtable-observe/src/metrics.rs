@@ -1,0 +1,447 @@
+//! Prometheus metrics, derived from session logs.
+//!
+//! Almost everything worth counting is on the log already: envelopes by kind, messages,
+//! model calls, tokens, cost and latency (the usage stored in each envelope), failures,
+//! absences, stops, and work-queue redeliveries. [`Metrics`] folds entries in (each
+//! once: it remembers how far it has read each session), so a `roundtable run` process
+//! counts its own session from the log's tail and a `roundtable ui` process counts every
+//! session of the store on each scrape. Retries are the exception — a retried call
+//! leaves one envelope — and are counted in-process through the retry layer's
+//! observer ([`Metrics::retry_observer`]).
+//!
+//! Rendered in the Prometheus text format (version 0.0.4) at `GET /metrics`.
+//!
+//! A redelivery is counted for a `work` envelope whose JSON has `"redelivered": true` or
+//! a `deliveries`/`delivery` count above 1 (how work-queue protocols record a task
+//! handed out again after its lease expired).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use roundtable_core::log::{Entry, LogError, LogStore, SessionLog};
+use roundtable_core::model::layers::RetryObserver;
+use roundtable_core::{Kind, SessionId};
+
+/// Latency histogram bounds, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+#[derive(Clone, Debug, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Default)]
+struct Inner {
+    /// Per session: the last sequence folded, the team, whether it stopped.
+    sessions: HashMap<SessionId, (u64, String, bool)>,
+    counters: BTreeMap<(&'static str, Labels), f64>,
+    histograms: BTreeMap<Labels, Histogram>,
+}
+
+impl Inner {
+    fn add(&mut self, name: &'static str, labels: Labels, v: f64) {
+        *self.counters.entry((name, labels)).or_default() += v;
+    }
+}
+
+/// Counters and histograms folded from session logs.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+const HELP: &[(&str, &str, &str)] = &[
+    (
+        "roundtable_envelopes_total",
+        "counter",
+        "Envelopes appended to session logs, by kind.",
+    ),
+    (
+        "roundtable_messages_total",
+        "counter",
+        "Contributions by peers (messages, proposals, votes, verdicts, ...).",
+    ),
+    (
+        "roundtable_model_calls_total",
+        "counter",
+        "Model calls recorded on the log (a retried call counts once).",
+    ),
+    (
+        "roundtable_tokens_total",
+        "counter",
+        "Model tokens, by direction (input = prompt, output = completion).",
+    ),
+    (
+        "roundtable_cost_usd_total",
+        "counter",
+        "Model cost in US dollars, from the configured prices.",
+    ),
+    (
+        "roundtable_model_failures_total",
+        "counter",
+        "Model calls that failed after retries, by error kind.",
+    ),
+    (
+        "roundtable_model_retries_total",
+        "counter",
+        "Model call attempts that failed and were retried (this process).",
+    ),
+    (
+        "roundtable_redeliveries_total",
+        "counter",
+        "Work items handed out again after a lease expired.",
+    ),
+    (
+        "roundtable_absences_total",
+        "counter",
+        "Peers noticed absent.",
+    ),
+    (
+        "roundtable_stops_total",
+        "counter",
+        "Sessions stopped, by the kind of stop reason.",
+    ),
+];
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels_text(labels: &[(&'static str, String)], extra: Option<(&str, String)>) -> String {
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    if let Some((k, v)) = extra {
+        parts.push(format!("{k}=\"{v}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Metrics::default())
+    }
+
+    /// Fold one entry of `session` in (entries at or below the last folded sequence are
+    /// ignored, so feeding a tail from 1 twice counts nothing twice).
+    pub fn observe(&self, session: &SessionId, entry: &Entry) {
+        let mut m = self.inner.lock().expect("metrics lock");
+        let (last, team, _) = m
+            .sessions
+            .entry(session.clone())
+            .or_insert((0, String::new(), false))
+            .clone();
+        if entry.seq <= last {
+            return;
+        }
+        let env = &entry.env;
+        let team = if env.kind == Kind::Task {
+            env.body
+                .json
+                .as_ref()
+                .and_then(|j| j.get("team_name")?.as_str().map(str::to_owned))
+                .unwrap_or(team)
+        } else {
+            team
+        };
+        let peer = env.from.to_string();
+        m.add(
+            "roundtable_envelopes_total",
+            vec![("team", team.clone()), ("kind", env.kind.to_string())],
+            1.0,
+        );
+        let contribution = !matches!(
+            env.kind,
+            Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure
+        );
+        if contribution {
+            m.add(
+                "roundtable_messages_total",
+                vec![("team", team.clone()), ("peer", peer.clone())],
+                1.0,
+            );
+        }
+        if let Some(u) = &env.usage {
+            let model = u.model.to_string();
+            let base = vec![
+                ("team", team.clone()),
+                ("peer", peer.clone()),
+                ("model", model),
+            ];
+            m.add(
+                "roundtable_model_calls_total",
+                base.clone(),
+                f64::from(u.calls),
+            );
+            let mut input = base.clone();
+            input.push(("type", "input".into()));
+            m.add("roundtable_tokens_total", input, u.prompt_tokens as f64);
+            let mut output = base.clone();
+            output.push(("type", "output".into()));
+            m.add(
+                "roundtable_tokens_total",
+                output,
+                u.completion_tokens as f64,
+            );
+            m.add("roundtable_cost_usd_total", base.clone(), u.cost_usd);
+            m.histograms
+                .entry(base)
+                .or_default()
+                .observe(u.latency_ms as f64 / 1000.0);
+        }
+        let json = env.body.json.as_ref();
+        match env.kind {
+            Kind::Failure => {
+                let error = json
+                    .and_then(|j| j.get("error")?.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "other".into());
+                m.add(
+                    "roundtable_model_failures_total",
+                    vec![("team", team.clone()), ("peer", peer), ("error", error)],
+                    1.0,
+                );
+            }
+            Kind::Absent => m.add(
+                "roundtable_absences_total",
+                vec![("team", team.clone())],
+                1.0,
+            ),
+            Kind::Work => {
+                let redelivered = json.is_some_and(|j| {
+                    j.get("redelivered").and_then(serde_json::Value::as_bool) == Some(true)
+                        || ["deliveries", "delivery"].iter().any(|k| {
+                            j.get(*k)
+                                .and_then(serde_json::Value::as_u64)
+                                .is_some_and(|n| n > 1)
+                        })
+                });
+                if redelivered {
+                    m.add(
+                        "roundtable_redeliveries_total",
+                        vec![("team", team.clone())],
+                        1.0,
+                    );
+                }
+            }
+            Kind::Stop => {
+                let reason = json
+                    .and_then(|j| j.get("reason")?.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let kind = reason.split(':').next().unwrap_or("").trim().to_string();
+                m.add(
+                    "roundtable_stops_total",
+                    vec![("team", team.clone()), ("reason", kind)],
+                    1.0,
+                );
+            }
+            _ => {}
+        }
+        let stopped = env.kind == Kind::Stop;
+        let s = m.sessions.get_mut(session).expect("inserted above");
+        *s = (entry.seq, team, s.2 || stopped);
+    }
+
+    /// An observer for the retry layer: counts each retried attempt.
+    pub fn retry_observer(self: &Arc<Self>) -> RetryObserver {
+        let me = self.clone();
+        Arc::new(move |req, err, _wait| {
+            let mut m = me.inner.lock().expect("metrics lock");
+            m.add(
+                "roundtable_model_retries_total",
+                vec![
+                    ("peer", req.peer.to_string()),
+                    ("error", err.kind.to_string()),
+                ],
+                1.0,
+            );
+        })
+    }
+
+    /// Fold everything new in every session of `store`.
+    pub async fn refresh(&self, store: &dyn LogStore) -> Result<(), LogError> {
+        for info in store.sessions().await? {
+            let from = self
+                .inner
+                .lock()
+                .expect("metrics lock")
+                .sessions
+                .get(&info.id)
+                .map_or(0, |s| s.0)
+                + 1;
+            if from > info.envelopes {
+                continue;
+            }
+            let log = store.open(&info.id, false).await?;
+            let mut next = from;
+            loop {
+                let batch = log.read(next, 4096).await?;
+                let Some(last) = batch.last() else { break };
+                next = last.seq + 1;
+                for e in &batch {
+                    self.observe(&info.id, e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fold a session's log as it grows, until its stop (run as a task beside a session).
+    pub async fn follow(self: Arc<Self>, log: Arc<dyn SessionLog>) -> Result<(), LogError> {
+        let mut tail = log.tail(1).await?;
+        while let Some(e) = tail.next().await {
+            let e = e?;
+            self.observe(log.session(), &e);
+        }
+        Ok(())
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let m = self.inner.lock().expect("metrics lock");
+        let mut o = String::new();
+        for (name, kind, help) in HELP {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} {kind}");
+            for ((n, labels), v) in &m.counters {
+                if n == name {
+                    let _ = writeln!(o, "{name}{} {}", labels_text(labels, None), number(*v));
+                }
+            }
+        }
+        let name = "roundtable_model_latency_seconds";
+        let _ = writeln!(
+            o,
+            "# HELP {name} Model call latency, as recorded in each envelope's usage."
+        );
+        let _ = writeln!(o, "# TYPE {name} histogram");
+        for (labels, h) in &m.histograms {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "{name}_bucket{} {}",
+                    labels_text(labels, Some(("le", number(*b)))),
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(
+                o,
+                "{name}_bucket{} {}",
+                labels_text(labels, Some(("le", "+Inf".into()))),
+                h.count
+            );
+            let _ = writeln!(
+                o,
+                "{name}_sum{} {}",
+                labels_text(labels, None),
+                number(h.sum)
+            );
+            let _ = writeln!(o, "{name}_count{} {}", labels_text(labels, None), h.count);
+        }
+        let _ = writeln!(
+            o,
+            "# HELP roundtable_sessions Sessions seen, open or stopped."
+        );
+        let _ = writeln!(o, "# TYPE roundtable_sessions gauge");
+        let mut gauge: BTreeMap<(String, &str), u64> = BTreeMap::new();
+        for (_, team, stopped) in m.sessions.values() {
+            *gauge
+                .entry((team.clone(), if *stopped { "stopped" } else { "open" }))
+                .or_default() += 1;
+        }
+        for ((team, state), n) in gauge {
+            let _ = writeln!(
+                o,
+                "roundtable_sessions{{team=\"{}\",state=\"{state}\"}} {n}",
+                escape(&team)
+            );
+        }
+        o
+    }
+}
+
+/// Where a metrics endpoint gets its numbers.
+#[derive(Clone)]
+pub enum Source {
+    /// Folded as it happens (a session run by this process).
+    Live(Arc<Metrics>),
+    /// Refreshed from a store on every scrape (the web view).
+    Store(Arc<Metrics>, Arc<dyn LogStore>),
+}
+
+/// A router serving `GET /metrics`.
+pub fn router(source: Source) -> axum::Router {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::response::IntoResponse;
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let source = source.clone();
+            async move {
+                let m = match &source {
+                    Source::Live(m) => m.clone(),
+                    Source::Store(m, store) => {
+                        if let Err(e) = m.refresh(store.as_ref()).await {
+                            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                                .into_response();
+                        }
+                        m.clone()
+                    }
+                };
+                (
+                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                    m.render(),
+                )
+                    .into_response()
+            }
+        }),
+    )
+}
+
+/// Serve `GET /metrics` on `addr` in the background. Returns the bound address (useful
+/// with port 0).
+pub async fn serve(addr: SocketAddr, source: Source) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(source)).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    Ok(bound)
+}

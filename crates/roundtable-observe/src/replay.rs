@@ -1,0 +1,770 @@
+//! Replay: re-execute a session from its recorded model outputs, with no model calls,
+//! and check that every protocol decision comes out the same.
+//!
+//! # How
+//! The session's peers run for real (`run_peer`, the same code as a live session) on a
+//! fresh in-memory log that starts with the recorded task envelope. Each peer's model is
+//! a [`ReplayModel`] that answers a call for `(peer, step)` with what the log recorded
+//! for that step: the text and usage, or the recorded error. Everything else — whose turn
+//! it is, what each peer is asked, votes, tallies, the stop — is decided again by the
+//! reducers.
+//!
+//! # Inputs that are not model outputs
+//! Two kinds of decision depend on the outside world and are recorded rather than
+//! re-derived: the clock (a `timeout` or wall-time budget stop) and liveness (an
+//! `absent` notice). Replay removes the clock conditions from the plan and feeds the
+//! recorded envelopes in at the same place in the log.
+//!
+//! # Order
+//! The log's order is part of the truth: a reducer may legitimately decide differently
+//! when two independent envelopes (two simultaneous debaters' answers, a late message
+//! and a close-of-round decision) land the other way round. So replay reproduces the
+//! recorded order: an envelope the original log has is appended only once every
+//! envelope before it in the original is on the replay log. Envelopes the original does
+//! not have are held back and reported.
+//!
+//! # What must match
+//! Envelopes are matched by `(peer, step)` (by step alone for collective decisions,
+//! which any peer may record), and must agree on kind, recipient, round, text, JSON,
+//! causal parents (as a set) and usage (model, tokens, cost, calls). The stop must agree
+//! on its reason, answer and the envelopes it was decided by. Incidental differences are
+//! ignored: timestamps, latency, Lamport clocks, trace context, which peer won the race
+//! to record a collective decision, the running totals in the stop's JSON (computed
+//! from whatever the recording peer had folded), and envelopes that landed after the
+//! stop in the original (a straggler the replay's peers did not get to before they saw
+//! the stop).
+//!
+//! The first divergence is reported with what was expected and what came out, which
+//! exposes non-determinism (a reducer reading the clock, a random draw, a hash map's
+//! order) or a behaviour change between the recording build and this one.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use roundtable_core::log::{
+    Appended, Entry, EntryStream, LogError, LogErrorKind, MemLog, SessionLog, SharedMemLog,
+};
+use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind};
+use roundtable_core::peer::{PeerConfig, run_peer};
+use roundtable_core::session::plan_of;
+use roundtable_core::team::TeamPlan;
+use roundtable_core::termination::Termination;
+use roundtable_core::{Envelope, EnvelopeId, Kind, PeerId, SessionId};
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// How an envelope is matched between the original and the replay.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    /// The producing peer, or `*` for a collective decision.
+    pub peer: String,
+    pub step: String,
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.peer, self.step)
+    }
+}
+
+/// The matching key of an envelope of `session`.
+pub fn key_of(session: &SessionId, env: &Envelope) -> Key {
+    let collective = env.id == EnvelopeId::derive(session, &PeerId::from("*"), &env.step);
+    Key {
+        peer: if collective {
+            "*".into()
+        } else {
+            env.from.to_string()
+        },
+        step: env.step.to_string(),
+    }
+}
+
+/// The first place where the replay differs from the recording.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Divergence {
+    /// The envelope's place in the original log (for an envelope the original does not
+    /// have: the place it would have taken).
+    pub seq: u64,
+    /// `peer@step` of the envelope.
+    pub key: String,
+    /// What differs: `missing`, `unexpected`, or a field (`text`, `kind`, `parents`, `stop
+    /// reason`, …).
+    pub field: String,
+    pub expected: String,
+    pub got: String,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.field.as_str() {
+            "missing" => write!(
+                f,
+                "#{} {}: the replay never produced it (expected {})",
+                self.seq, self.key, self.expected
+            ),
+            "unexpected" => write!(
+                f,
+                "#{} {}: the replay produced an envelope the recording does not have: {}",
+                self.seq, self.key, self.got
+            ),
+            field => write!(
+                f,
+                "#{} {}: {field} differs\n  recorded: {}\n  replayed: {}",
+                self.seq, self.key, self.expected, self.got
+            ),
+        }
+    }
+}
+
+/// What a replay found.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplayReport {
+    pub session: String,
+    /// Envelopes on the recorded log.
+    pub recorded: usize,
+    /// Envelopes on the replay log.
+    pub replayed: usize,
+    /// Recorded envelopes the replay reproduced identically.
+    pub matched: usize,
+    /// Model calls answered from the recording.
+    pub model_calls: usize,
+    /// Recorded envelopes fed in as inputs (absence notices, clock stops), by sequence.
+    pub inputs: Vec<u64>,
+    /// Recorded envelopes after the stop that the replay did not reproduce (harmless).
+    pub stragglers: Vec<u64>,
+    /// Model calls the recording had no answer for (the replay's peers wanted to go on
+    /// where the recording ended).
+    pub unrecorded_calls: Vec<String>,
+    pub stop_reason: Option<String>,
+    pub divergence: Option<Divergence>,
+}
+
+impl ReplayReport {
+    pub fn ok(&self) -> bool {
+        self.divergence.is_none()
+    }
+}
+
+/// Why a replay could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("the log has no task envelope")]
+    NoTask,
+    #[error("{0}")]
+    Plan(String),
+    #[error("replay log: {0}")]
+    Log(#[from] LogError),
+}
+
+/// Replay settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplayOptions {
+    /// How long the replay may sit with nothing happening before it is judged stalled
+    /// (every recorded step is replayed long before this in practice).
+    pub idle: Duration,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            idle: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What the recording says a model call returned.
+#[derive(Clone, Debug)]
+enum Recorded {
+    Answer(ChatResponse),
+    Failed(ModelError),
+}
+
+const MODEL_ERROR_KINDS: [ModelErrorKind; 11] = [
+    ModelErrorKind::Auth,
+    ModelErrorKind::BadRequest,
+    ModelErrorKind::RateLimited,
+    ModelErrorKind::Server,
+    ModelErrorKind::Timeout,
+    ModelErrorKind::Transport,
+    ModelErrorKind::Truncated,
+    ModelErrorKind::Empty,
+    ModelErrorKind::Malformed,
+    ModelErrorKind::Config,
+    ModelErrorKind::Budget,
+];
+
+fn recorded_output(env: &Envelope) -> Option<Recorded> {
+    let usage = env.usage.as_ref()?;
+    if env.kind == Kind::Failure {
+        let j = env.body.json.as_ref()?;
+        let kind_text = j.get("error")?.as_str()?;
+        let kind = MODEL_ERROR_KINDS
+            .iter()
+            .copied()
+            .find(|k| k.to_string() == kind_text)?;
+        let mut e = ModelError::new(
+            kind,
+            j.get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or_default(),
+        );
+        e.status = j
+            .get("status")
+            .and_then(serde_json::Value::as_u64)
+            .map(|s| s as u16);
+        e.attempts = j
+            .get("attempts")
+            .and_then(serde_json::Value::as_u64)
+            .map_or(1, |a| a as u32);
+        Some(Recorded::Failed(e))
+    } else {
+        Some(Recorded::Answer(ChatResponse {
+            text: env.body.text.to_string(),
+            model: usage.model.to_string(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            finish_reason: None,
+        }))
+    }
+}
+
+/// A model that answers from a session's recording. A call the recording has no answer
+/// for never returns (the replay notes it; a live model would have been needed).
+pub struct ReplayModel {
+    name: String,
+    answers: Arc<HashMap<(PeerId, String), Recorded>>,
+    asked: Arc<Mutex<ReplayCalls>>,
+}
+
+#[derive(Default)]
+struct ReplayCalls {
+    answered: usize,
+    unrecorded: Vec<String>,
+    /// Peers waiting in a call the recording has no answer for.
+    parked: BTreeSet<PeerId>,
+}
+
+#[async_trait]
+impl ChatModel for ReplayModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        match self.answers.get(&(req.peer.clone(), req.step.to_string())) {
+            Some(rec) => {
+                self.asked.lock().expect("replay calls").answered += 1;
+                match rec {
+                    Recorded::Answer(r) => Ok(r.clone()),
+                    Recorded::Failed(e) => Err(e.clone()),
+                }
+            }
+            None => {
+                {
+                    let mut asked = self.asked.lock().expect("replay calls");
+                    asked.unrecorded.push(format!("{}@{}", req.peer, req.step));
+                    asked.parked.insert(req.peer.clone());
+                }
+                futures::future::pending().await
+            }
+        }
+    }
+}
+
+/// Holds each append until the original's order allows it (see the module docs).
+struct Gate {
+    session: SessionId,
+    log: SharedMemLog,
+    /// Original sequence of each key.
+    original: HashMap<Key, u64>,
+    /// Original envelopes fed in as inputs, by original sequence.
+    inputs: HashMap<u64, Envelope>,
+    last_original: u64,
+    /// The original stop's sequence, if it stopped.
+    original_stop: Option<u64>,
+    state: Mutex<GateState>,
+    /// The smallest original sequence not yet on the replay log.
+    next_missing: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct GateState {
+    present: BTreeSet<u64>,
+    next_missing: u64,
+    /// Appends the original does not have: (would-be place, envelope).
+    unexpected: Vec<(u64, Envelope)>,
+    replay_stopped: bool,
+}
+
+impl Gate {
+    /// Append `env` (whose original place is `seq`, if any) and feed in any inputs that
+    /// are now due. Called with the state lock held, so the order is exact.
+    fn append_locked(
+        &self,
+        st: &mut GateState,
+        env: Envelope,
+        seq: Option<u64>,
+    ) -> Result<Appended, LogError> {
+        let is_stop = env.kind == Kind::Stop;
+        let r = self.log.0.append_now(env)?;
+        if is_stop {
+            st.replay_stopped = true;
+        }
+        if let Some(s) = seq {
+            st.present.insert(s);
+        }
+        loop {
+            while st.present.contains(&st.next_missing) {
+                st.next_missing += 1;
+            }
+            let due = st.next_missing;
+            match self.inputs.get(&due) {
+                Some(input) if !st.present.contains(&due) => {
+                    if input.kind == Kind::Stop {
+                        st.replay_stopped = true;
+                    }
+                    self.log.0.append_now(input.clone())?;
+                    st.present.insert(due);
+                }
+                _ => break,
+            }
+        }
+        self.next_missing.send_replace(st.next_missing);
+        Ok(r)
+    }
+
+    async fn append(&self, env: Envelope) -> Result<Appended, LogError> {
+        let key = key_of(&self.session, &env);
+        match self.original.get(&key).copied() {
+            Some(seq) => {
+                let mut rx = self.next_missing.subscribe();
+                // Already there (a racing collective decision): a plain duplicate.
+                let present = self.state.lock().expect("gate").present.contains(&seq);
+                if present {
+                    return self.log.0.append_now(env);
+                }
+                let _ = rx.wait_for(|&m| m >= seq).await;
+                let mut st = self.state.lock().expect("gate");
+                if st.present.contains(&seq) {
+                    drop(st);
+                    return self.log.0.append_now(env);
+                }
+                self.append_locked(&mut st, env, Some(seq))
+            }
+            None => {
+                {
+                    let mut st = self.state.lock().expect("gate");
+                    if st.replay_stopped {
+                        // After the stop nothing counts: let it through.
+                        return self.append_locked(&mut st, env, None);
+                    }
+                    let at = st.next_missing;
+                    st.unexpected.push((at, env));
+                }
+                // Held back for good: the replay reports it.
+                futures::future::pending().await
+            }
+        }
+    }
+}
+
+/// The replay's log: the in-memory log behind the gate.
+struct GatedLog {
+    gate: Arc<Gate>,
+}
+
+#[async_trait]
+impl SessionLog for GatedLog {
+    fn session(&self) -> &SessionId {
+        &self.gate.session
+    }
+    async fn append(&self, env: Envelope) -> Result<Appended, LogError> {
+        self.gate.append(env).await
+    }
+    async fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>, LogError> {
+        self.gate.log.read(from, max).await
+    }
+    async fn last_seq(&self) -> Result<u64, LogError> {
+        self.gate.log.last_seq().await
+    }
+    async fn tail(&self, from: u64) -> Result<EntryStream, LogError> {
+        self.gate.log.tail(from).await
+    }
+    async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError> {
+        self.gate.log.seq_of(id).await
+    }
+}
+
+/// Whether a stop reason came from the clock (recorded, not re-derived).
+fn clock_stop(reason: &str) -> bool {
+    reason.starts_with("timeout:") || reason.contains("wall time")
+}
+
+fn stop_reason(env: &Envelope) -> String {
+    env.body
+        .json
+        .as_ref()
+        .and_then(|j| j.get("reason")?.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The plan without clock conditions: replay reads their decisions from the log.
+fn without_clock(plan: &TeamPlan) -> TeamPlan {
+    fn strip(t: &Termination) -> Termination {
+        match t {
+            Termination::Any(cs) => Termination::Any(cs.iter().map(strip).collect()),
+            Termination::All(cs) => Termination::All(cs.iter().map(strip).collect()),
+            // `any` of nothing never holds.
+            Termination::TimeoutMs(_) => Termination::Any(Vec::new()),
+            other => other.clone(),
+        }
+    }
+    let mut p = plan.clone();
+    p.termination = strip(&plan.termination);
+    p.budget.max_wall_ms = None;
+    p
+}
+
+/// Replay a recorded session (all its entries, in order).
+pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    let task = entries
+        .first()
+        .filter(|e| e.env.kind == Kind::Task)
+        .ok_or(ReplayError::NoTask)?;
+    let session = task.env.session.clone();
+    let plan = plan_of(&task.env).map_err(ReplayError::Plan)?;
+
+    let original_stop = entries.iter().find(|e| e.env.kind == Kind::Stop);
+    let mut original = HashMap::new();
+    let mut inputs = HashMap::new();
+    let mut answers = HashMap::new();
+    let mut failure_model: HashMap<PeerId, String> = HashMap::new();
+    let mut absent_then_silent: BTreeSet<PeerId> = BTreeSet::new();
+    for e in entries.iter().skip(1) {
+        let env = &e.env;
+        original.insert(key_of(&session, env), e.seq);
+        let is_input =
+            env.kind == Kind::Absent || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)));
+        if is_input {
+            inputs.insert(e.seq, (*env.as_ref()).clone());
+        }
+        if let Some(rec) = recorded_output(env) {
+            answers.insert((env.from.clone(), env.step.to_string()), rec);
+            if env.kind == Kind::Failure
+                && let Some(u) = &env.usage
+            {
+                failure_model.insert(env.from.clone(), u.model.to_string());
+            }
+        }
+        if env.kind == Kind::Absent {
+            if let Some(p) = env
+                .body
+                .json
+                .as_ref()
+                .and_then(|j| j.get("peer")?.as_str().map(PeerId::from))
+            {
+                absent_then_silent.insert(p);
+            }
+        } else {
+            absent_then_silent.remove(&env.from);
+        }
+    }
+
+    // The task as recorded, without clock conditions, its clock starting now.
+    let mut task_env = (*task.env).clone();
+    let replay_plan = without_clock(&plan);
+    if let Some(j) = task_env.body.json.as_mut() {
+        j["plan"] = serde_json::to_value(&replay_plan).expect("plan serializes");
+    }
+    task_env.time_ms = roundtable_core::envelope::now_ms();
+
+    let mem = SharedMemLog(Arc::new(MemLog::new(session.clone())));
+    let gate = Arc::new(Gate {
+        session: session.clone(),
+        log: mem.clone(),
+        original,
+        inputs,
+        last_original: entries.last().map_or(1, |e| e.seq),
+        original_stop: original_stop.map(|e| e.seq),
+        state: Mutex::new(GateState {
+            next_missing: 1,
+            ..Default::default()
+        }),
+        next_missing: watch::channel(1).0,
+    });
+    {
+        let mut st = gate.state.lock().expect("gate");
+        gate.append_locked(&mut st, task_env, Some(task.seq))?;
+    }
+    let log: Arc<dyn SessionLog> = Arc::new(GatedLog { gate: gate.clone() });
+
+    let answers = Arc::new(answers);
+    let calls = Arc::new(Mutex::new(ReplayCalls::default()));
+    let mut peers = tokio::task::JoinSet::new();
+    let mut configs = HashMap::new();
+    let mut handles = HashMap::new();
+    for p in &plan.peers {
+        let name = failure_model.get(&p.id).cloned().unwrap_or_else(|| {
+            plan.models
+                .get(&p.model)
+                .map_or_else(|| p.model.clone(), |m| m.provider.model_name(&p.model))
+        });
+        let model = Arc::new(ReplayModel {
+            name,
+            answers: answers.clone(),
+            asked: calls.clone(),
+        });
+        let cfg = PeerConfig {
+            me: p.id.clone(),
+            log: log.clone(),
+            model,
+            presence: None,
+            events: None,
+        };
+        handles.insert(p.id.clone(), peers.spawn(run_peer(cfg.clone())));
+        configs.insert(p.id.clone(), cfg);
+    }
+
+    // Wait until every recorded envelope is back (or the replay has stopped and gone
+    // quiet), or until nothing happens for `idle`.
+    let mut tail = mem.tail(1).await?;
+    let done = |g: &Gate| {
+        let st = g.state.lock().expect("gate");
+        st.next_missing > g.last_original
+    };
+    loop {
+        if done(&gate) {
+            break;
+        }
+        tokio::select! {
+            next = tail.next() => {
+                let Some(Ok(entry)) = next else { break };
+                // A peer recorded absent while the replay's copy of it waits for a call
+                // the recording never answered: in the original it died there. It comes
+                // back as a restarted peer does, reading the log from the start.
+                if entry.env.kind == Kind::Absent {
+                    let who = entry.env.body.json.as_ref().and_then(|j| j.get("peer")?.as_str().map(PeerId::from));
+                    if let Some(who) = who
+                        && calls.lock().expect("replay calls").parked.remove(&who)
+                        && let (Some(h), Some(cfg)) = (handles.get(&who), configs.get(&who))
+                    {
+                        h.abort();
+                        let h = peers.spawn(run_peer(cfg.clone()));
+                        handles.insert(who, h);
+                    }
+                }
+            }
+            joined = peers.join_next() => {
+                if joined.is_none() {
+                    // Every peer has finished; give the tail a moment to deliver.
+                    if tokio::time::timeout(Duration::from_millis(50), tail.next()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            _ = tokio::time::sleep(opts.idle) => break,
+        }
+        let quiet_after_stop = {
+            let st = gate.state.lock().expect("gate");
+            st.replay_stopped && gate.original_stop.is_some_and(|s| st.next_missing > s)
+        };
+        if quiet_after_stop {
+            // Stragglers after the stop: take what comes promptly.
+            let grace = tokio::time::sleep(Duration::from_millis(100));
+            tokio::pin!(grace);
+            loop {
+                if done(&gate) {
+                    break;
+                }
+                tokio::select! {
+                    next = tail.next() => if next.is_none() { break },
+                    _ = &mut grace => break,
+                }
+            }
+            break;
+        }
+    }
+    peers.abort_all();
+    while peers.join_next().await.is_some() {}
+
+    let replayed = mem.read_all().await?;
+    let st = gate.state.lock().expect("gate");
+    let calls = calls.lock().expect("replay calls");
+    Ok(compare(
+        &session,
+        entries,
+        &replayed,
+        &st.unexpected,
+        &absent_then_silent,
+        gate.inputs.keys().copied().collect(),
+        calls.answered,
+        calls.unrecorded.clone(),
+    ))
+}
+
+fn compare(
+    session: &SessionId,
+    original: &[Entry],
+    replayed: &[Entry],
+    unexpected: &[(u64, Envelope)],
+    absent_then_silent: &BTreeSet<PeerId>,
+    mut inputs: Vec<u64>,
+    model_calls: usize,
+    unrecorded_calls: Vec<String>,
+) -> ReplayReport {
+    inputs.sort_unstable();
+    let by_key: HashMap<Key, &Entry> = replayed
+        .iter()
+        .map(|e| (key_of(session, &e.env), e))
+        .collect();
+    let stop_seq = original
+        .iter()
+        .find(|e| e.env.kind == Kind::Stop)
+        .map(|e| e.seq);
+    let mut divergences: Vec<Divergence> = Vec::new();
+    let mut matched = 0;
+    let mut stragglers = Vec::new();
+    for e in original {
+        let key = key_of(session, &e.env);
+        match by_key.get(&key) {
+            None => {
+                if stop_seq.is_some_and(|s| e.seq > s) {
+                    stragglers.push(e.seq);
+                } else {
+                    divergences.push(Divergence {
+                        seq: e.seq,
+                        key: key.to_string(),
+                        field: "missing".into(),
+                        expected: describe(&e.env),
+                        got: String::new(),
+                    });
+                }
+            }
+            Some(r) => match first_difference(&e.env, &r.env) {
+                None => matched += 1,
+                Some((field, expected, got)) => divergences.push(Divergence {
+                    seq: e.seq,
+                    key: key.to_string(),
+                    field,
+                    expected,
+                    got,
+                }),
+            },
+        }
+    }
+    for (at, env) in unexpected {
+        // A peer the recording lost for good is alive in the replay: its return is not a
+        // decision.
+        if env.kind == Kind::Join && absent_then_silent.contains(&env.from) {
+            continue;
+        }
+        divergences.push(Divergence {
+            seq: *at,
+            key: key_of(session, env).to_string(),
+            field: "unexpected".into(),
+            expected: String::new(),
+            got: describe(env),
+        });
+    }
+    divergences.sort_by_key(|d| (d.seq, d.field == "unexpected"));
+    ReplayReport {
+        session: session.to_string(),
+        recorded: original.len(),
+        replayed: replayed.len(),
+        matched,
+        model_calls,
+        inputs,
+        stragglers,
+        unrecorded_calls,
+        stop_reason: replayed
+            .iter()
+            .find(|e| e.env.kind == Kind::Stop)
+            .map(|e| stop_reason(&e.env)),
+        divergence: divergences.into_iter().next(),
+    }
+}
+
+fn describe(env: &Envelope) -> String {
+    format!(
+        "{} from {}: {:?}",
+        env.kind,
+        env.from,
+        crate::trace::one_line(&env.body.text, 80)
+    )
+}
+
+fn parents_set(env: &Envelope) -> BTreeSet<&str> {
+    env.parents.iter().map(EnvelopeId::as_str).collect()
+}
+
+/// The first field on which two envelopes for the same key disagree.
+fn first_difference(a: &Envelope, b: &Envelope) -> Option<(String, String, String)> {
+    let diff = |f: &str, x: String, y: String| (x != y).then(|| (f.to_string(), x, y));
+    if let Some(d) = diff("kind", a.kind.to_string(), b.kind.to_string()) {
+        return Some(d);
+    }
+    if a.kind == Kind::Stop {
+        let field = |e: &Envelope, k: &str| {
+            e.body
+                .json
+                .as_ref()
+                .and_then(|j| j.get(k))
+                .cloned()
+                .unwrap_or_default()
+                .to_string()
+        };
+        for k in ["reason", "answer"] {
+            if let Some(d) = diff(&format!("stop {k}"), field(a, k), field(b, k)) {
+                return Some(d);
+            }
+        }
+        return diff(
+            "stop decided_by",
+            format!("{:?}", parents_set(a)),
+            format!("{:?}", parents_set(b)),
+        );
+    }
+    if a.kind == Kind::Task {
+        return diff("text", a.body.text.to_string(), b.body.text.to_string());
+    }
+    diff("recipient", format!("{:?}", a.to), format!("{:?}", b.to))
+        .or_else(|| diff("round", a.round.to_string(), b.round.to_string()))
+        .or_else(|| diff("text", a.body.text.to_string(), b.body.text.to_string()))
+        .or_else(|| {
+            diff(
+                "json",
+                format!("{:?}", a.body.json),
+                format!("{:?}", b.body.json),
+            )
+        })
+        .or_else(|| {
+            diff(
+                "parents",
+                format!("{:?}", parents_set(a)),
+                format!("{:?}", parents_set(b)),
+            )
+        })
+        .or_else(|| {
+            let u = |e: &Envelope| {
+                e.usage.as_ref().map(|u| {
+                    format!(
+                        "{} {}+{} tokens, {} calls, ${:.9}",
+                        u.model, u.prompt_tokens, u.completion_tokens, u.calls, u.cost_usd
+                    )
+                })
+            };
+            diff("usage", format!("{:?}", u(a)), format!("{:?}", u(b)))
+        })
+}
+
+impl From<ReplayError> for LogError {
+    fn from(e: ReplayError) -> Self {
+        match e {
+            ReplayError::Log(l) => l,
+            other => LogError::new(LogErrorKind::Corrupt, other.to_string()),
+        }
+    }
+}
