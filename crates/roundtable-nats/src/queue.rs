@@ -1,0 +1,554 @@
+//! The work queue as a JetStream work-queue stream with one shared durable pull consumer.
+//!
+//! - Stream `RTQ_<session>` (retention: work queue, file storage), one message per task
+//!   on `rtq.<session>.tasks`; an ack removes it. Consumer `workers`: explicit acks,
+//!   `ack_wait` = [`QueueConfig::lease`]. A claim is a pull of one message; a nack is a
+//!   `-NAK` with the delay; progress is `+WPI`. Every ack-kind is sent as a request, so a
+//!   call returns once the server has processed it.
+//! - Four KV buckets keep what the stream forgets: `RTQT_` the ids of every task ever
+//!   pushed (a push is idempotent for good, not only within the stream's 2-minute
+//!   `Nats-Msg-Id` window), `RTQA_` the acked tasks, `RTQD_` the dead letters, `RTQL_`
+//!   the lease deadlines of tasks in flight (for [`WorkQueue::stats`]).
+//!
+//! Two things JetStream does not do the way the queue promises, and how they are closed:
+//!
+//! - **Stale leases.** The server applies an ack to the message whatever delivery it
+//!   names, so an ack from a claimer whose lease ran out would ack the next claimer's
+//!   delivery. The queue therefore checks leases itself: a claim's lease is held by the
+//!   process that claimed it, until `lease - margin` after the message arrived (or after
+//!   the last progress), where the margin is a tenth of the lease, capped at one second.
+//!   After that, ack, nack and progress fail with `LeaseLost` without reaching the
+//!   server. The server's own deadline is later (it started counting when it sent the
+//!   message), so as long as a round trip takes less than the margin, a claimer can
+//!   never touch a delivery that is not its own. Only the claiming process can settle a
+//!   claim.
+//! - **Dead letters.** The consumer's `max_deliver` is left unlimited. A task nacked on
+//!   its last delivery is dead-lettered by the nack; a task whose last lease runs out
+//!   comes back once more and is dead-lettered by the claim that receives it, instead of
+//!   being handed out. Either way the dead letter is written to `RTQD_` before the
+//!   message is acked away, so it is never silently lost (a server-side `max_deliver`
+//!   would only announce it as an advisory that nobody may be listening to).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_trait::async_trait;
+use futures::StreamExt;
+use roundtable_core::envelope::{PeerId, SessionId};
+use roundtable_core::workqueue::{
+    Claim, DeadLetter, QueueConfig, QueueError, QueueErrorKind, QueueStats, WorkQueue,
+};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::{open_bucket, queue_error, token};
+
+const CONSUMER: &str = "workers";
+
+/// A task as stored on the stream.
+#[derive(Serialize, Deserialize)]
+struct TaskMessage {
+    id: String,
+    payload: serde_json::Value,
+}
+
+/// A dead letter as stored in `RTQD_`.
+#[derive(Serialize, Deserialize)]
+struct DeadRecord {
+    task_id: String,
+    payload: serde_json::Value,
+    deliveries: u32,
+    /// Found dead by a claim (its last lease ran out), which took one more delivery.
+    found_by_claim: bool,
+}
+
+/// A claim held by this process.
+struct Held {
+    task_id: String,
+    payload: serde_json::Value,
+    delivery: u32,
+    stream_seq: u64,
+    /// After this, the lease counts as lost (see the module docs).
+    deadline: Instant,
+}
+
+/// One session's work queue on JetStream (see the module docs).
+pub struct NatsWorkQueue {
+    config: QueueConfig,
+    session: SessionId,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    consumer: consumer::PullConsumer,
+    subject: String,
+    known: kv::Store,
+    acked: kv::Store,
+    dead: kv::Store,
+    leases: kv::Store,
+    held: Mutex<HashMap<String, Held>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lost(claim: &Claim, why: &str) -> QueueError {
+    QueueError::new(
+        QueueErrorKind::LeaseLost,
+        format!(
+            "task {:?}, delivery {}: {why}",
+            claim.task_id, claim.delivery
+        ),
+    )
+}
+
+impl NatsWorkQueue {
+    /// Open (creating when needed) the work queue of `session`. When the queue exists,
+    /// its consumer keeps the lease it was created with.
+    pub async fn open(
+        js: &jetstream::Context,
+        session: &SessionId,
+        config: QueueConfig,
+    ) -> Result<NatsWorkQueue, QueueError> {
+        let tok = token(session.as_str());
+        let subject = format!("rtq.{tok}.tasks");
+        let what = format!("opening the work queue of session {session}");
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: format!("RTQ_{tok}"),
+                description: Some(format!("work queue of session {session}")),
+                subjects: vec![subject.clone()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| queue_error(&what, e))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    description: Some("the claimers of the work queue".into()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: config.lease,
+                    // Dead letters are handled by the queue (see the module docs).
+                    max_deliver: -1,
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| queue_error(&what, e))?;
+        let bucket = |kind: &str, about: &str| {
+            let name = format!("RTQ{kind}_{tok}");
+            let description = format!("{about} of session {session}");
+            let what = &what;
+            async move {
+                open_bucket(js, &name, description, 1, Duration::ZERO)
+                    .await
+                    .map_err(|e| queue_error(what, e))
+            }
+        };
+        Ok(NatsWorkQueue {
+            config,
+            session: session.clone(),
+            js: js.clone(),
+            stream,
+            consumer,
+            subject,
+            known: bucket("T", "task ids").await?,
+            acked: bucket("A", "acked tasks").await?,
+            dead: bucket("D", "dead letters").await?,
+            leases: bucket("L", "leases").await?,
+            held: Mutex::default(),
+        })
+    }
+
+    fn margin(&self) -> Duration {
+        (self.config.lease / 10).min(Duration::from_secs(1))
+    }
+
+    /// The next message for the consumer, waiting up to `wait`.
+    async fn next_message(&self, wait: Duration) -> Result<Option<jetstream::Message>, QueueError> {
+        let what = || format!("claiming from the work queue of session {}", self.session);
+        let mut batch = if wait < Duration::from_millis(10) {
+            self.consumer
+                .fetch()
+                .max_messages(1)
+                .messages()
+                .await
+                .map_err(|e| queue_error(&what(), e))?
+        } else {
+            self.consumer
+                .batch()
+                .max_messages(1)
+                .expires(wait)
+                .messages()
+                .await
+                .map_err(|e| queue_error(&what(), e))?
+        };
+        match batch.next().await {
+            None => Ok(None),
+            Some(Ok(m)) => Ok(Some(m)),
+            Some(Err(e)) => Err(queue_error(&what(), e)),
+        }
+    }
+
+    /// Send an ack-kind (`+ACK`, `-NAK …`, `+WPI`) for a delivery and wait until the
+    /// server has processed it.
+    async fn settle(&self, reply: &str, body: String) -> Result<(), QueueError> {
+        self.js
+            .client()
+            .request(reply.to_owned(), body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                queue_error(
+                    &format!("settling a delivery in session {}", self.session),
+                    e,
+                )
+            })
+    }
+
+    /// The claim's delivery, if this process still holds its lease.
+    fn check_held(&self, claim: &Claim) -> Result<(u64, u32, serde_json::Value), QueueError> {
+        let held = self.held.lock().expect("held lock");
+        let Some(h) = held
+            .get(&claim.lease)
+            .filter(|h| h.task_id == claim.task_id)
+        else {
+            return Err(lost(
+                claim,
+                "not held by this process (already settled, or claimed elsewhere)",
+            ));
+        };
+        if Instant::now() >= h.deadline {
+            return Err(lost(claim, "the lease ran out"));
+        }
+        Ok((h.stream_seq, h.delivery, h.payload.clone()))
+    }
+
+    fn release(&self, claim: &Claim) {
+        self.held.lock().expect("held lock").remove(&claim.lease);
+    }
+
+    async fn forget_lease(&self, stream_seq: u64) -> Result<(), QueueError> {
+        self.leases
+            .delete(stream_seq.to_string())
+            .await
+            .map_err(|e| queue_error("removing a lease record", e))
+    }
+
+    async fn record_lease(&self, stream_seq: u64) -> Result<(), QueueError> {
+        let deadline = now_ms() + self.config.lease.as_millis() as u64;
+        self.leases
+            .put(
+                stream_seq.to_string(),
+                deadline.to_string().into_bytes().into(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| queue_error("recording a lease", e))
+    }
+
+    /// Write the dead letter, then remove the task's message.
+    async fn bury(
+        &self,
+        record: DeadRecord,
+        reply: &str,
+        stream_seq: u64,
+    ) -> Result<(), QueueError> {
+        let key = token(&record.task_id);
+        let bytes = serde_json::to_vec(&record).expect("dead letter serializes");
+        match self.dead.create(key, bytes.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(queue_error("recording a dead letter", e)),
+        }
+        self.settle(reply, "+ACK".into()).await?;
+        self.forget_lease(stream_seq).await
+    }
+
+    async fn dead_records(&self) -> Result<Vec<(u64, DeadRecord)>, QueueError> {
+        let keys: Vec<String> = self
+            .dead
+            .keys()
+            .await
+            .map_err(|e| queue_error("listing dead letters", e))?
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| queue_error("listing dead letters", e))?;
+        let mut out = Vec::new();
+        for key in keys {
+            let entry = self
+                .dead
+                .entry(key.as_str())
+                .await
+                .map_err(|e| queue_error("reading a dead letter", e))?;
+            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
+                let record: DeadRecord = serde_json::from_slice(&entry.value).map_err(|e| {
+                    QueueError::new(QueueErrorKind::Storage, format!("dead letter {key}: {e}"))
+                })?;
+                out.push((entry.revision, record));
+            }
+        }
+        out.sort_by_key(|(rev, _)| *rev);
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl WorkQueue for NatsWorkQueue {
+    fn config(&self) -> QueueConfig {
+        self.config
+    }
+
+    async fn push(&self, task_id: &str, payload: serde_json::Value) -> Result<(), QueueError> {
+        let key = token(task_id);
+        let what = || format!("pushing task {task_id:?} in session {}", self.session);
+        if self
+            .known
+            .get(key.as_str())
+            .await
+            .map_err(|e| queue_error(&what(), e))?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let message = serde_json::to_vec(&TaskMessage {
+            id: task_id.to_owned(),
+            payload,
+        })
+        .expect("task serializes");
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, key.as_str());
+        self.js
+            .publish_with_headers(self.subject.clone(), headers, message.into())
+            .await
+            .map_err(|e| queue_error(&what(), e))?
+            .await
+            .map_err(|e| queue_error(&what(), e))?;
+        self.known
+            .put(key, Vec::new().into())
+            .await
+            .map_err(|e| queue_error(&what(), e))?;
+        Ok(())
+    }
+
+    async fn claim(&self, claimer: &PeerId, wait: Duration) -> Result<Option<Claim>, QueueError> {
+        let give_up = Instant::now() + wait;
+        loop {
+            let Some(m) = self
+                .next_message(give_up.saturating_duration_since(Instant::now()))
+                .await?
+            else {
+                return Ok(None);
+            };
+            let received = Instant::now();
+            let info = m
+                .info()
+                .map_err(|e| queue_error("reading delivery metadata", e))?;
+            let (stream_seq, delivery) = (
+                info.stream_sequence,
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+            );
+            let Some(reply) = m.reply.as_ref().map(|r| r.to_string()) else {
+                return Err(QueueError::new(
+                    QueueErrorKind::Storage,
+                    "a delivery without a reply subject",
+                ));
+            };
+            let task: TaskMessage = match serde_json::from_slice(&m.payload) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Not a task this queue wrote: bury it rather than hand it out forever.
+                    let raw = String::from_utf8_lossy(&m.payload).into_owned();
+                    tracing::warn!(session = %self.session, stream_seq, error = %e, "unreadable task message");
+                    let record = DeadRecord {
+                        task_id: format!("unreadable-{stream_seq}"),
+                        payload: serde_json::Value::String(raw),
+                        deliveries: delivery,
+                        found_by_claim: true,
+                    };
+                    self.bury(record, &reply, stream_seq).await?;
+                    continue;
+                }
+            };
+            if delivery > 1
+                && self
+                    .acked
+                    .get(token(&task.id))
+                    .await
+                    .map_err(|e| queue_error("reading acks", e))?
+                    .is_some()
+            {
+                // Acked, but the ack itself did not reach the server: finish it.
+                self.settle(&reply, "+ACK".into()).await?;
+                self.forget_lease(stream_seq).await?;
+                continue;
+            }
+            let max = self.config.max_deliver;
+            if max != 0 && delivery > max {
+                let record = DeadRecord {
+                    task_id: task.id,
+                    payload: task.payload,
+                    deliveries: max,
+                    found_by_claim: true,
+                };
+                self.bury(record, &reply, stream_seq).await?;
+                continue;
+            }
+            self.record_lease(stream_seq).await?;
+            let deadline = received + self.config.lease - self.margin();
+            self.held.lock().expect("held lock").insert(
+                reply.clone(),
+                Held {
+                    task_id: task.id.clone(),
+                    payload: task.payload.clone(),
+                    delivery,
+                    stream_seq,
+                    deadline,
+                },
+            );
+            return Ok(Some(Claim {
+                task_id: task.id,
+                payload: task.payload,
+                delivery,
+                lease: reply,
+                claimer: claimer.clone(),
+            }));
+        }
+    }
+
+    async fn ack(&self, claim: &Claim) -> Result<(), QueueError> {
+        let (stream_seq, _, _) = self.check_held(claim)?;
+        // Marked acked first: if the ack then fails to reach the server, the redelivery
+        // is recognised and finished instead of done again.
+        self.acked
+            .put(token(&claim.task_id), Vec::new().into())
+            .await
+            .map_err(|e| queue_error("recording an ack", e))?;
+        self.settle(&claim.lease, "+ACK".into()).await?;
+        self.release(claim);
+        self.forget_lease(stream_seq).await
+    }
+
+    async fn nack(&self, claim: &Claim, delay: Duration) -> Result<(), QueueError> {
+        let (stream_seq, delivery, payload) = self.check_held(claim)?;
+        let max = self.config.max_deliver;
+        if max != 0 && delivery >= max {
+            let record = DeadRecord {
+                task_id: claim.task_id.clone(),
+                payload,
+                deliveries: delivery,
+                found_by_claim: false,
+            };
+            self.bury(record, &claim.lease, stream_seq).await?;
+            self.release(claim);
+            return Ok(());
+        }
+        let body = if delay.is_zero() {
+            "-NAK".to_owned()
+        } else {
+            format!("-NAK {{\"delay\":{}}}", delay.as_nanos())
+        };
+        self.settle(&claim.lease, body).await?;
+        self.release(claim);
+        self.forget_lease(stream_seq).await
+    }
+
+    async fn progress(&self, claim: &Claim) -> Result<(), QueueError> {
+        let (stream_seq, _, _) = self.check_held(claim)?;
+        let sent = Instant::now();
+        self.settle(&claim.lease, "+WPI".into()).await?;
+        if let Some(h) = self.held.lock().expect("held lock").get_mut(&claim.lease) {
+            h.deadline = sent + self.config.lease - self.margin();
+        }
+        self.record_lease(stream_seq).await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
+        Ok(self
+            .dead_records()
+            .await?
+            .into_iter()
+            .map(|(_, r)| DeadLetter {
+                task_id: r.task_id,
+                payload: r.payload,
+                deliveries: r.deliveries,
+            })
+            .collect())
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let what = "reading work-queue stats";
+        let messages = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| queue_error(what, e))?
+            .state
+            .messages;
+        let consumer = self
+            .stream
+            .consumer_info(CONSUMER)
+            .await
+            .map_err(|e| queue_error(what, e))?;
+        let acked = self
+            .acked
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| queue_error(what, e))?
+            .state
+            .messages;
+        let dead = self.dead_records().await?;
+        let found_by_claim = dead.iter().filter(|(_, r)| r.found_by_claim).count() as u64;
+        let now = now_ms();
+        let mut in_flight = 0;
+        let lease_keys: Vec<String> = self
+            .leases
+            .keys()
+            .await
+            .map_err(|e| queue_error(what, e))?
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| queue_error(what, e))?;
+        for key in lease_keys {
+            let deadline = self
+                .leases
+                .get(key.as_str())
+                .await
+                .map_err(|e| queue_error(what, e))?;
+            let deadline: u64 = deadline
+                .and_then(|d| String::from_utf8_lossy(&d).parse().ok())
+                .unwrap_or(0);
+            if deadline > now {
+                in_flight += 1;
+            }
+        }
+        // Every delivery beyond a message's first, less the extra one that found a dead
+        // task (see the module docs).
+        let deliveries = consumer.delivered.consumer_sequence;
+        let first_deliveries = consumer.delivered.stream_sequence;
+        Ok(QueueStats {
+            pending: messages.saturating_sub(in_flight),
+            in_flight,
+            acked,
+            dead: dead.len() as u64,
+            redeliveries: deliveries
+                .saturating_sub(first_deliveries)
+                .saturating_sub(found_by_claim),
+        })
+    }
+}

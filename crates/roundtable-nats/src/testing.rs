@@ -1,0 +1,204 @@
+//! A nats-server of a test's own: a free port on 127.0.0.1, JetStream on, a temporary
+//! store directory; killed when dropped, and able to be stopped and started again on the
+//! same port and store (to test what survives a server restart).
+//!
+//! The binary is `nats-server` on `PATH`, else `/usr/sbin/nats-server`, or the path in
+//! `ROUNDTABLE_NATS_SERVER`. A missing binary is a test failure that says how to install
+//! it, never a silently skipped test.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a starting server may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running (or stopped) nats-server with JetStream.
+pub struct NatsServer {
+    binary: PathBuf,
+    port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Start a server on a free port with a fresh store directory, and wait until it
+    /// accepts connections. Panics, saying how to install it, when there is no binary.
+    pub fn start() -> NatsServer {
+        let binary = find_binary().unwrap_or_else(|| {
+            panic!(
+                "nats-server not found (looked for `nats-server` on PATH, /usr/sbin/nats-server and \
+                 $ROUNDTABLE_NATS_SERVER): install it with `apt-get install nats-server` \
+                 (version 2.9 or newer)"
+            )
+        });
+        let store = tempfile::Builder::new()
+            .prefix("roundtable-nats-")
+            .tempdir()
+            .expect("temporary store directory");
+        let port = free_port();
+        let mut server = NatsServer {
+            binary,
+            port,
+            store,
+            child: None,
+        };
+        server.start_again();
+        server
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory (kept across restarts).
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kill the server at once (SIGKILL: no flush, no goodbye), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stop the server the way an operator would (SIGTERM), waiting until it has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let terminated = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            if !terminated.is_ok_and(|s| s.success()) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the server again (after [`Self::kill`] or [`Self::stop`]) on the same port
+    /// and store directory, and wait until it accepts connections.
+    pub fn start_again(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "nats-server on port {} is already running",
+            self.port
+        );
+        let log = self.store.path().join("server.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("server log file");
+        let child = Command::new(&self.binary)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store.path().join("jetstream"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "nats-server exited at start ({status}); its log:\n{}",
+                    read_log(&log)
+                );
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if start.elapsed() > START_TIMEOUT {
+                self.kill();
+                panic!(
+                    "nats-server did not accept connections on {addr} within {START_TIMEOUT:?}; its log:\n{}",
+                    read_log(&log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kill the server and start it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn find_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ROUNDTABLE_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file());
+    on_path.or_else(|| Some(PathBuf::from("/usr/sbin/nats-server")).filter(|p| p.is_file()))
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| format!("(no log: {e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_accepts_and_restarts_on_the_same_port() {
+        let mut server = NatsServer::start();
+        let addr = SocketAddr::from(([127, 0, 0, 1], server.port()));
+        assert!(TcpStream::connect(addr).is_ok());
+        server.kill();
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "a killed server accepts nothing"
+        );
+        server.start_again();
+        assert!(TcpStream::connect(addr).is_ok());
+        server.stop();
+        assert!(!server.is_running());
+        server.restart();
+        assert!(server.url().ends_with(&format!(":{}", server.port())));
+    }
+}
