@@ -8,6 +8,9 @@
 //! - [`team`]: team files, validated into plans before anything runs.
 //! - [`protocol`], [`session`], [`termination`]: decisions as pure functions of the log.
 //! - [`peer`], [`runner`]: peers as tasks, each with its own view of the log.
+//! - [`similarity`]: answer similarity for emergent consensus.
+//! - [`eval`]: the evaluation harness (protocols against single-agent and
+//!   sample-and-vote baselines).
 //!
 //! This crate knows nothing of NATS, SQLite, HTTP or the terminal: backends and
 //! providers implement its traits in crates of their own.
@@ -16,6 +19,7 @@ pub mod blackboard;
 pub mod bus;
 pub mod envelope;
 pub mod error;
+pub mod eval;
 pub mod log;
 pub mod mem;
 pub mod model;
@@ -23,6 +27,7 @@ pub mod peer;
 pub mod protocol;
 pub mod runner;
 pub mod session;
+pub mod similarity;
 pub mod team;
 pub mod telemetry;
 pub mod termination;

@@ -2,10 +2,18 @@
 //!
 //! A peer tails the session log from the start, folds every entry into its own
 //! [`SessionState`], and does what that state says is its duty — call its model and
-//! append the answer, or append a decision. Then it waits until its own envelope comes
-//! back through the log before it looks for the next duty, so a duty is never done
-//! twice. Nothing that matters lives only in the peer's memory: a peer that restarts
-//! reads the log again and reaches the same state.
+//! append the answer, append a decision, commit or reveal a vote, measure similarity,
+//! write the blackboard, claim work. Then it waits until its own envelope comes back
+//! through the log before it looks for the next duty, so a duty is never done twice.
+//! Nothing that matters lives only in the peer's memory: a peer that restarts reads the
+//! log again and reaches the same state.
+//!
+//! # Budgets
+//! Every model call — a turn, a vote, a judge's verdict, a summary, an embedding — is
+//! checked against the session's and the peer's budget first. A call the session's
+//! budget does not allow is not made: the peer records the stop with the best answer so
+//! far. A call the peer's own budget does not allow is recorded as a failure of that
+//! step, and the protocol moves on without it.
 //!
 //! # When a peer dies mid-call
 //! The model call's result was not on the log, so the step is not done; whoever runs
@@ -13,30 +21,50 @@
 //! (session, peer, step) keeps the log free of duplicates if the first append did land.
 //! Other peers notice the missing heartbeats after the configured time and record an
 //! `absent` envelope; protocols skip an absent peer's turns.
+//!
+//! Writes outside the log are made so that a restart finds them: a blackboard value
+//! names the peer and step that wrote it (and the call's usage), so a peer that wrote
+//! the board but died before recording it records it on restart without calling its
+//! model again; a commitment's answer is sealed on the log (see
+//! [`crate::protocol::seal`]); work-queue claims are recorded before they are acked.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
 
-use crate::bus::Presence;
+use crate::blackboard::{Blackboard, BoardErrorKind};
+use crate::bus::{MemParts, Presence};
 use crate::envelope::{Body, Envelope, Kind, PeerId, Recipient, Usage, now_ms};
-use crate::log::{LogError, SessionLog};
-use crate::model::{ChatMessage, ChatModel, ChatRequest, ModelError, Role, Transcript};
-use crate::protocol::{Action, Duty};
-use crate::session::{SessionState, plan_of};
-use crate::team::{ContextPolicy, TeamPlan};
+use crate::log::{LogError, LogErrorKind, SessionLog};
+use crate::model::{
+    ChatMessage, ChatModel, ChatRequest, Embedder, ModelError, Price, Role, Transcript,
+    estimate_tokens,
+};
+use crate::protocol::{Action, BoardMark, Duty, QueueItem, View, seal};
+use crate::session::{SessionState, plan_of, summary_upto};
+use crate::similarity::{Pairwise, cosine};
+use crate::team::{ContextPolicy, ModelSpec, PeerSpec, TeamPlan};
 use crate::termination::BudgetScope;
+use crate::workqueue::WorkQueue;
 
 /// What a peer tells the outside world while it works (not on the log: streaming text
 /// and progress are for display only).
 #[derive(Clone, Debug)]
 pub enum PeerEvent {
     /// The peer started a model call for a step.
-    Thinking { peer: PeerId, step: Arc<str>, round: u32 },
+    Thinking {
+        peer: PeerId,
+        step: Arc<str>,
+        round: u32,
+    },
     /// A piece of streamed text.
-    Token { peer: PeerId, step: Arc<str>, text: String },
+    Token {
+        peer: PeerId,
+        step: Arc<str>,
+        text: String,
+    },
 }
 
 pub type EventSink = Arc<dyn Fn(PeerEvent) + Send + Sync>;
@@ -46,6 +74,21 @@ pub type EventSink = Arc<dyn Fn(PeerEvent) + Send + Sync>;
 pub enum PeerExit {
     /// The session has a stop envelope.
     Stopped,
+}
+
+/// Shared state and capabilities some protocols need besides the log. All optional:
+/// a peer that is given none uses an in-process blackboard and work queue shared by
+/// every peer of the session in this process, no embedder (embedding similarity then
+/// falls back to lexical), and a secret for sealing votes that lives as long as the
+/// process (see [`crate::protocol::seal`] for what that means for a juror that restarts
+/// in another process).
+#[derive(Clone, Default)]
+pub struct PeerExtras {
+    pub board: Option<Arc<dyn Blackboard>>,
+    pub queue: Option<Arc<dyn WorkQueue>>,
+    pub embedder: Option<Arc<dyn Embedder>>,
+    /// The peer's secret for sealing commit-reveal votes. Never written anywhere.
+    pub secret: Option<Arc<[u8]>>,
 }
 
 /// Everything a peer needs to run.
@@ -59,8 +102,57 @@ pub struct PeerConfig {
     pub events: Option<EventSink>,
 }
 
+/// In-process blackboards and work queues, per session, for peers given none.
+fn local_parts() -> &'static MemParts {
+    static PARTS: OnceLock<MemParts> = OnceLock::new();
+    PARTS.get_or_init(MemParts::default)
+}
+
+/// A secret for this process, for peers given none.
+fn process_secret() -> Arc<[u8]> {
+    static SECRET: OnceLock<Arc<[u8]>> = OnceLock::new();
+    SECRET
+        .get_or_init(|| Arc::from(rand::random::<[u8; 32]>().to_vec()))
+        .clone()
+}
+
+/// What a peer knows of itself, fixed for the session.
+struct Me {
+    cfg: PeerConfig,
+    extras: PeerExtras,
+    plan: Arc<TeamPlan>,
+    spec: PeerSpec,
+    system: Arc<str>,
+    model_spec: Option<ModelSpec>,
+    price: Price,
+    secret: Arc<[u8]>,
+}
+
+impl Me {
+    fn board(&self) -> Arc<dyn Blackboard> {
+        self.extras
+            .board
+            .clone()
+            .unwrap_or_else(|| local_parts().blackboard(self.cfg.log.session()))
+    }
+    fn queue(&self) -> Arc<dyn WorkQueue> {
+        self.extras.queue.clone().unwrap_or_else(|| {
+            local_parts().work_queue(
+                self.cfg.log.session(),
+                self.plan.protocol.queue_config().unwrap_or_default(),
+            )
+        })
+    }
+}
+
 /// Run one peer until the session is stopped.
 pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
+    run_peer_with(cfg, PeerExtras::default()).await
+}
+
+/// [`run_peer`] with a blackboard, a work queue, an embedder or a secret (see
+/// [`PeerExtras`]).
+pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerExit, LogError> {
     let mut tail = cfg.log.tail(1).await?;
     let session = cfg.log.session().clone();
     let started = Instant::now();
@@ -68,19 +160,37 @@ pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
     // The first entry is the task, which carries the plan.
     let first = match tail.next().await {
         Some(e) => e?,
-        None => return Err(LogError::new(crate::log::LogErrorKind::NotFound, "the log ended before its task")),
+        None => {
+            return Err(LogError::new(
+                LogErrorKind::NotFound,
+                "the log ended before its task",
+            ));
+        }
     };
-    let plan = Arc::new(plan_of(&first.env).map_err(|e| LogError::new(crate::log::LogErrorKind::Corrupt, e))?);
+    let plan = Arc::new(plan_of(&first.env).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))?);
     let spec = plan
         .peer(&cfg.me)
-        .ok_or_else(|| LogError::new(crate::log::LogErrorKind::Rejected, format!("{} is not a peer of this team", cfg.me)))?
+        .ok_or_else(|| {
+            LogError::new(
+                LogErrorKind::Rejected,
+                format!("{} is not a peer of this team", cfg.me),
+            )
+        })?
         .clone();
-    let system: Arc<str> = Arc::from(spec.system_prompt());
     let model_spec = plan.models.get(&spec.model).cloned();
-    let price = model_spec.as_ref().map(|m| m.price).unwrap_or_default();
+    let me = Me {
+        system: Arc::from(spec.system_prompt()),
+        price: model_spec.as_ref().map(|m| m.price).unwrap_or_default(),
+        secret: extras.secret.clone().unwrap_or_else(process_secret),
+        extras,
+        model_spec,
+        spec,
+        plan: plan.clone(),
+        cfg: cfg.clone(),
+    };
 
     let mut st = SessionState::new(plan.clone(), session.clone());
-    let mut view = PeerView::new(cfg.me.clone(), spec.group.clone());
+    let mut view = PeerView::new(cfg.me.clone(), me.spec.group.clone());
     st.apply(&first);
     view.observe(&first.env);
 
@@ -94,7 +204,7 @@ pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
         tokio::select! {
             biased;
             next = tail.next() => {
-                let Some(e) = next else { return Err(LogError::new(crate::log::LogErrorKind::Unavailable, "the log's tail ended")) };
+                let Some(e) = next else { return Err(LogError::new(LogErrorKind::Unavailable, "the log's tail ended")) };
                 let e = e?;
                 st.apply(&e);
                 view.observe(&e.env);
@@ -105,17 +215,15 @@ pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
                 }
             }
             _ = tick.tick() => {
-                if let Some(p) = &cfg.presence {
-                    if let Err(e) = p.beat(&cfg.me).await {
+                if let Some(p) = &cfg.presence
+                    && let Err(e) = p.beat(&cfg.me).await {
                         tracing::warn!(peer = %cfg.me, error = %e, "heartbeat failed");
                     }
-                }
-                if st.last_seq >= wait_for_seq && !st.is_stopped() {
-                    if let Some(duty) = absence_duty(&st, &cfg, started, &plan).await {
-                        wait_for_seq = perform_post(&cfg, &st, &duty).await?;
+                if st.last_seq >= wait_for_seq && !st.is_stopped()
+                    && let Some(duty) = absence_duty(&st, &cfg, started, &plan).await {
+                        wait_for_seq = post(&me, &st, &duty, body_of(&duty)).await?;
                         continue;
                     }
-                }
             }
         }
         if st.is_stopped() {
@@ -124,99 +232,629 @@ pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
         if st.last_seq < wait_for_seq {
             continue;
         }
-        let Some(duty) = st.duties(&cfg.me, now_ms()).into_iter().next() else { continue };
-        wait_for_seq = match &duty.action {
-            Action::Post { .. } => perform_post(&cfg, &st, &duty).await?,
-            Action::Speak { instruction, json } => {
-                let req = ChatRequest {
-                    peer: cfg.me.clone(),
-                    step: duty.step.clone(),
-                    ordinal: st.ordinal(&cfg.me),
-                    system: Some(system.clone()),
-                    prelude: view.prelude(&plan.context),
-                    history: view.transcript.clone(),
-                    window: view.window(&plan.context),
-                    instruction: instruction.clone(),
-                    temperature: spec.temperature,
-                    max_tokens: model_spec.as_ref().and_then(|m| m.max_tokens),
-                    json: *json,
-                    on_token: cfg.events.as_ref().map(|ev| {
-                        let ev = ev.clone();
-                        let (peer, step) = (cfg.me.clone(), duty.step.clone());
-                        Arc::new(move |t: &str| ev(PeerEvent::Token { peer: peer.clone(), step: step.clone(), text: t.to_string() }))
-                            as crate::model::TokenSink
-                    }),
-                };
-                let est = req.estimated_prompt_tokens();
-                match plan.budget.allows(&st.tally, &cfg.me, est, price.cost(est, 0), st.elapsed_ms(now_ms())) {
-                    Err((BudgetScope::Session, why)) => {
-                        let best = st.best_answer();
-                        let stop = st.stop_duty(why, best, Vec::new());
-                        perform_post(&cfg, &st, &stop).await?
-                    }
-                    Err((BudgetScope::Peer, why)) => {
-                        let env = failure_envelope(&st, &cfg.me, &duty, &why, serde_json::json!({"error": "budget", "scope": "peer"}), None);
-                        cfg.log.append(env).await?.seq
-                    }
-                    Ok(()) => {
-                        if let Some(ev) = &cfg.events {
-                            ev(PeerEvent::Thinking { peer: cfg.me.clone(), step: duty.step.clone(), round: duty.round });
-                        }
-                        let turn = turn_span(&cfg, &st, &duty).await;
-                        let chat = chat_span(&turn, &cfg, &spec, model_spec.as_ref(), &req);
-                        let t0 = Instant::now();
-                        let result = cfg.model.chat(&req).instrument(chat.clone()).await;
-                        drop(req);
-                        let latency_ms = t0.elapsed().as_millis() as u64;
-                        record_chat(&chat, &result, latency_ms);
-                        drop(chat);
-                        let model_name = cfg.model.name().to_string();
-                        let mut env = match result {
-                            Ok(resp) => {
-                                let cost = price.cost(resp.prompt_tokens, resp.completion_tokens);
-                                let usage = Usage {
-                                    model: Arc::from(if resp.model.is_empty() { model_name } else { resp.model.clone() }),
-                                    prompt_tokens: resp.prompt_tokens,
-                                    completion_tokens: resp.completion_tokens,
-                                    latency_ms,
-                                    cost_usd: cost,
-                                    calls: 1,
-                                };
-                                let mut body = Body::text(resp.text.as_str());
-                                if *json {
-                                    body.json = parse_json_answer(&resp.text);
-                                }
-                                let mut env = Envelope::new(&session, &cfg.me, duty.step.clone(), duty.kind, duty.to.clone(), body)
-                                    .with_round(duty.round)
-                                    .with_parents(duty.parents.clone())
-                                    .with_usage(usage);
-                                env.lamport = st.lamport + 1;
-                                env
-                            }
-                            Err(e) => model_failure(&st, &cfg.me, &duty, &model_name, &e, latency_ms),
-                        };
-                        env.trace = crate::telemetry::traceparent(&turn);
-                        cfg.log.append(env).instrument(turn).await?.seq
-                    }
-                }
-            }
+        let Some(duty) = st.duties(&cfg.me, now_ms()).into_iter().next() else {
+            continue;
         };
+        if let Some(seq) = perform(&me, &st, &view, &duty).await? {
+            wait_for_seq = seq;
+        }
     }
 }
 
-async fn perform_post(cfg: &PeerConfig, st: &SessionState, duty: &Duty) -> Result<u64, LogError> {
-    let Action::Post { body } = &duty.action else { unreachable!("perform_post takes post duties") };
-    let mut env = Envelope::new(&st.session, &cfg.me, duty.step.clone(), duty.kind, duty.to.clone(), body.clone())
-        .with_round(duty.round)
-        .with_parents(duty.parents.clone());
-    env.id = duty.envelope_id(&st.session, &cfg.me);
+fn body_of(duty: &Duty) -> Body {
+    match &duty.action {
+        Action::Post { body } => body.clone(),
+        _ => Body::default(),
+    }
+}
+
+/// Carry out one duty; the sequence number of what it appended, if anything.
+async fn perform(
+    me: &Me,
+    st: &SessionState,
+    view: &PeerView,
+    duty: &Duty,
+) -> Result<Option<u64>, LogError> {
+    let seq = match &duty.action {
+        Action::Post { body } => post(me, st, duty, body.clone()).await?,
+        Action::Speak {
+            instruction,
+            json,
+            view: v,
+        } => match call_model(me, st, view, duty, instruction, *json, v).await {
+            Called::Answer { text, usage, turn } => {
+                let mut body = Body::text(text.as_str());
+                if *json {
+                    body.json = parse_json_answer(&text);
+                }
+                append_traced(
+                    me,
+                    envelope(me, st, duty, duty.kind, body).with_usage(usage),
+                    turn,
+                )
+                .await?
+            }
+            other => return not_answered(me, st, duty, other).await.map(Some),
+        },
+        Action::Commit {
+            instruction,
+            json,
+            view: v,
+        } => match call_model(me, st, view, duty, instruction, *json, v).await {
+            Called::Answer { text, usage, turn } => {
+                let salt = seal::salt(&me.secret, &st.session, &me.cfg.me, &duty.step);
+                let json = serde_json::json!({
+                    "commitment": seal::commitment(&salt, &text),
+                    "sealed": seal::seal(&me.secret, &st.session, &me.cfg.me, &duty.step, &text),
+                });
+                let body =
+                    Body::text(format!("{} committed to an answer", me.cfg.me)).with_json(json);
+                append_traced(
+                    me,
+                    envelope(me, st, duty, Kind::Commit, body).with_usage(usage),
+                    turn,
+                )
+                .await?
+            }
+            other => return not_answered(me, st, duty, other).await.map(Some),
+        },
+        Action::Reveal { commit } => {
+            let j = commit.body.json.as_ref();
+            let sealed = j
+                .and_then(|j| j.get("sealed"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            let commitment = j
+                .and_then(|j| j.get("commitment"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
+            let salt = hex::encode(seal::salt(
+                &me.secret,
+                &st.session,
+                &me.cfg.me,
+                &commit.step,
+            ));
+            match seal::open(&me.secret, &st.session, &me.cfg.me, &commit.step, sealed) {
+                Some(text) if seal::verify(commitment, &salt, &text) => {
+                    let body = Body::text(text).with_json(
+                        serde_json::json!({ "salt": salt, "commit": commit.id.as_str() }),
+                    );
+                    append(me, envelope(me, st, duty, Kind::Reveal, body)).await?
+                }
+                _ => {
+                    let why = "cannot open my own commitment: this peer's secret is not the one it committed with; the vote is forfeited";
+                    append(
+                        me,
+                        failure(
+                            me,
+                            st,
+                            duty,
+                            why,
+                            serde_json::json!({ "error": "unsealable" }),
+                            None,
+                        ),
+                    )
+                    .await?
+                }
+            }
+        }
+        Action::Measure { texts } => return measure(me, st, duty, texts).await.map(Some),
+        Action::BoardWrite {
+            instruction,
+            key,
+            after,
+        } => {
+            return board_write(me, st, view, duty, instruction, key, after.as_ref())
+                .await
+                .map(Some);
+        }
+        Action::Claim { items } => return claim(me, st, duty, items).await,
+    };
+    Ok(Some(seq))
+}
+
+/// The outcome of trying to call the model for a duty.
+enum Called {
+    /// The answer, and the turn's span (the envelope made from it carries its trace).
+    Answer {
+        text: String,
+        usage: Usage,
+        turn: tracing::Span,
+    },
+    /// The budget does not allow the call; it was not made.
+    Refused { scope: BudgetScope, why: String },
+    Failed {
+        error: ModelError,
+        usage: Usage,
+        turn: tracing::Span,
+    },
+}
+
+async fn call_model(
+    me: &Me,
+    st: &SessionState,
+    view: &PeerView,
+    duty: &Duty,
+    instruction: &Option<Arc<str>>,
+    json: bool,
+    v: &View,
+) -> Called {
+    let cfg = &me.cfg;
+    let (prelude, history, window) = view.parts(v, &me.plan.context);
+    let req = ChatRequest {
+        peer: cfg.me.clone(),
+        step: duty.step.clone(),
+        ordinal: st.ordinal(&cfg.me),
+        system: Some(me.system.clone()),
+        prelude,
+        history,
+        window,
+        instruction: instruction.clone(),
+        temperature: me.spec.temperature,
+        max_tokens: me.model_spec.as_ref().and_then(|m| m.max_tokens),
+        json,
+        on_token: cfg.events.as_ref().map(|ev| {
+            let ev = ev.clone();
+            let (peer, step) = (cfg.me.clone(), duty.step.clone());
+            Arc::new(move |t: &str| {
+                ev(PeerEvent::Token {
+                    peer: peer.clone(),
+                    step: step.clone(),
+                    text: t.to_string(),
+                })
+            }) as crate::model::TokenSink
+        }),
+    };
+    let est = req.estimated_prompt_tokens();
+    if let Err((scope, why)) = me.plan.budget.allows(
+        &st.tally,
+        &cfg.me,
+        est,
+        me.price.cost(est, 0),
+        st.elapsed_ms(now_ms()),
+    ) {
+        return Called::Refused { scope, why };
+    }
+    if let Some(ev) = &cfg.events {
+        ev(PeerEvent::Thinking {
+            peer: cfg.me.clone(),
+            step: duty.step.clone(),
+            round: duty.round,
+        });
+    }
+    let turn = turn_span(cfg, st, duty).await;
+    let chat = chat_span(&turn, cfg, &me.spec, me.model_spec.as_ref(), &req);
+    let t0 = Instant::now();
+    let result = cfg.model.chat(&req).instrument(chat.clone()).await;
+    let latency_ms = t0.elapsed().as_millis() as u64;
+    record_chat(&chat, &result, latency_ms);
+    drop(chat);
+    let model_name = cfg.model.name().to_string();
+    match result {
+        Ok(resp) => Called::Answer {
+            turn,
+            usage: Usage {
+                model: Arc::from(if resp.model.is_empty() {
+                    model_name
+                } else {
+                    resp.model.clone()
+                }),
+                prompt_tokens: resp.prompt_tokens,
+                completion_tokens: resp.completion_tokens,
+                latency_ms,
+                cost_usd: me.price.cost(resp.prompt_tokens, resp.completion_tokens),
+                calls: 1,
+            },
+            text: resp.text,
+        },
+        Err(error) => {
+            let usage = Usage {
+                model: Arc::from(model_name),
+                latency_ms,
+                calls: error.attempts.max(1),
+                ..Default::default()
+            };
+            Called::Failed { error, usage, turn }
+        }
+    }
+}
+
+/// Record why a duty's model call gave no answer: a stop (session budget) or a
+/// failure of the step (peer budget, model error).
+async fn not_answered(
+    me: &Me,
+    st: &SessionState,
+    duty: &Duty,
+    called: Called,
+) -> Result<u64, LogError> {
+    match called {
+        Called::Answer { .. } => unreachable!("answers are handled by the caller"),
+        Called::Refused {
+            scope: BudgetScope::Session,
+            why,
+        } => {
+            let stop = st.stop_duty(why, st.best_answer(), Vec::new());
+            post(me, st, &stop, body_of(&stop)).await
+        }
+        Called::Refused {
+            scope: BudgetScope::Peer,
+            why,
+        } => {
+            append(
+                me,
+                failure(
+                    me,
+                    st,
+                    duty,
+                    &why,
+                    serde_json::json!({"error": "budget", "scope": "peer"}),
+                    None,
+                ),
+            )
+            .await
+        }
+        Called::Failed { error, usage, turn } => {
+            let json = serde_json::json!({
+                "error": error.kind.to_string(),
+                "status": error.status,
+                "attempts": error.attempts,
+                "message": error.message,
+            });
+            let env = failure(
+                me,
+                st,
+                duty,
+                &format!("model call failed: {error}"),
+                json,
+                Some(usage),
+            );
+            append_traced(me, env, turn).await
+        }
+    }
+}
+
+/// The envelope a duty produces, with its id, round, parents and clock.
+fn envelope(me: &Me, st: &SessionState, duty: &Duty, kind: Kind, body: Body) -> Envelope {
+    let mut env = Envelope::new(
+        &st.session,
+        &me.cfg.me,
+        duty.step.clone(),
+        kind,
+        duty.to.clone(),
+        body,
+    )
+    .with_round(duty.round)
+    .with_parents(duty.parents.clone());
+    env.id = duty.envelope_id(&st.session, &me.cfg.me);
     env.lamport = st.lamport + 1;
-    Ok(cfg.log.append(env).await?.seq)
+    env
+}
+
+/// A failure recorded for a duty's step: it consumes the step, so the protocol moves on.
+fn failure(
+    me: &Me,
+    st: &SessionState,
+    duty: &Duty,
+    text: &str,
+    json: serde_json::Value,
+    usage: Option<Usage>,
+) -> Envelope {
+    let mut env = envelope(
+        me,
+        st,
+        duty,
+        Kind::Failure,
+        Body::text(text).with_json(json),
+    );
+    env.to = Recipient::All;
+    env.usage = usage;
+    env
+}
+
+async fn append(me: &Me, env: Envelope) -> Result<u64, LogError> {
+    Ok(me.cfg.log.append(env).await?.seq)
+}
+
+/// Append an envelope a model call produced, carrying the turn's trace context.
+async fn append_traced(me: &Me, mut env: Envelope, turn: tracing::Span) -> Result<u64, LogError> {
+    env.trace = crate::telemetry::traceparent(&turn);
+    Ok(me.cfg.log.append(env).instrument(turn).await?.seq)
+}
+
+async fn post(me: &Me, st: &SessionState, duty: &Duty, body: Body) -> Result<u64, LogError> {
+    append(me, envelope(me, st, duty, duty.kind, body)).await
+}
+
+/// Measure pairwise similarity with the embedder and record it as a verdict.
+async fn measure(
+    me: &Me,
+    st: &SessionState,
+    duty: &Duty,
+    texts: &[crate::protocol::Shown],
+) -> Result<u64, LogError> {
+    let Some(embedder) = me.extras.embedder.clone() else {
+        let why = "no embedder is configured for this peer; similarity falls back to lexical";
+        return append(
+            me,
+            failure(
+                me,
+                st,
+                duty,
+                why,
+                serde_json::json!({"error": "no_embedder"}),
+                None,
+            ),
+        )
+        .await;
+    };
+    let inputs: Vec<String> = texts.iter().map(|t| t.text.to_string()).collect();
+    let est: u64 = inputs.iter().map(|t| u64::from(estimate_tokens(t))).sum();
+    if let Err((scope, why)) =
+        me.plan
+            .budget
+            .allows(&st.tally, &me.cfg.me, est, 0.0, st.elapsed_ms(now_ms()))
+    {
+        return not_answered(me, st, duty, Called::Refused { scope, why }).await;
+    }
+    let t0 = Instant::now();
+    let result = embedder.embed(&inputs).await;
+    let usage = Usage {
+        model: Arc::from(embedder.name()),
+        prompt_tokens: est,
+        completion_tokens: 0,
+        latency_ms: t0.elapsed().as_millis() as u64,
+        cost_usd: 0.0,
+        calls: 1,
+    };
+    match result {
+        Ok(vectors) if vectors.len() == inputs.len() => {
+            let p = Pairwise::of(vectors.len(), |i, j| cosine(&vectors[i], &vectors[j]));
+            let json = serde_json::json!({
+                "method": "embedding",
+                "embedder": embedder.name(),
+                "peers": texts.iter().map(|t| t.from.as_str()).collect::<Vec<_>>(),
+                "similarity": p,
+            });
+            let body = Body::text(format!("pairwise similarity (embedding): min {:.3}", p.min))
+                .with_json(json);
+            append(
+                me,
+                envelope(me, st, duty, Kind::Verdict, body).with_usage(usage),
+            )
+            .await
+        }
+        Ok(vectors) => {
+            let error = ModelError::new(
+                crate::model::ModelErrorKind::Malformed,
+                format!(
+                    "embedder returned {} vectors for {} texts",
+                    vectors.len(),
+                    inputs.len()
+                ),
+            );
+            not_answered(
+                me,
+                st,
+                duty,
+                Called::Failed {
+                    error,
+                    usage,
+                    turn: tracing::Span::none(),
+                },
+            )
+            .await
+        }
+        Err(error) => {
+            not_answered(
+                me,
+                st,
+                duty,
+                Called::Failed {
+                    error,
+                    usage,
+                    turn: tracing::Span::none(),
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// What a peer stores on the blackboard: the text, and who wrote it at which step with
+/// what usage (so a write that reached the board but not the log can be recorded later).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BoardValue {
+    text: String,
+    by: String,
+    step: String,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+fn board_value(bytes: &[u8]) -> Option<BoardValue> {
+    serde_json::from_slice(bytes).ok()
+}
+
+async fn board_write(
+    me: &Me,
+    st: &SessionState,
+    view: &PeerView,
+    duty: &Duty,
+    instruction: &Option<Arc<str>>,
+    key: &str,
+    after: Option<&BoardMark>,
+) -> Result<u64, LogError> {
+    let board = me.board();
+    let record = |op: &str, rev: Option<u64>, text: &str, reason: Option<&str>| {
+        let json = serde_json::json!({ "op": op, "key": key, "revision": rev, "reason": reason });
+        envelope(me, st, duty, Kind::Board, Body::text(text).with_json(json))
+    };
+    let board_failed = |e: crate::blackboard::BoardError, usage: Option<Usage>| {
+        failure(
+            me,
+            st,
+            duty,
+            &format!("blackboard: {e}"),
+            serde_json::json!({"error": "blackboard", "key": key}),
+            usage,
+        )
+    };
+    // Where the board stands against the log, before any model call.
+    let mut expected = None;
+    for _ in 0..3 {
+        let cur = match board.get(key).await {
+            Ok(c) => c,
+            Err(e) => return append(me, board_failed(e, None)).await,
+        };
+        let cur_value = cur.as_ref().and_then(|e| board_value(&e.value));
+        // This peer wrote it for this step and died before recording it: record it now.
+        if let (Some(e), Some(v)) = (&cur, &cur_value)
+            && v.by == me.cfg.me.as_str()
+            && v.step == *duty.step
+        {
+            let mut env = record("put", Some(e.revision), &v.text, Some("recovered"));
+            env.usage = v.usage.clone();
+            return append(me, env).await;
+        }
+        match (&cur, after) {
+            (None, None) => {
+                expected = Some(None);
+                break;
+            }
+            (Some(e), Some(m))
+                if cur_value
+                    .as_ref()
+                    .is_some_and(|v| v.by == m.by.as_str() && v.step == *m.step) =>
+            {
+                expected = Some(Some(e.revision));
+                break;
+            }
+            // The board lost what the log knows (a fresh in-process board after a
+            // restart): put it back, then compare again.
+            (None, Some(m)) => {
+                let v = BoardValue {
+                    text: m.text.to_string(),
+                    by: m.by.to_string(),
+                    step: m.step.to_string(),
+                    usage: None,
+                };
+                match board
+                    .create(key, serde_json::to_vec(&v).expect("board value"))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == BoardErrorKind::AlreadyExists => {}
+                    Err(e) => return append(me, board_failed(e, None)).await,
+                }
+            }
+            // Someone wrote the key and the log does not know it yet: the race is lost.
+            _ => {
+                return append(
+                    me,
+                    record(
+                        "conflict",
+                        cur.as_ref().map(|e| e.revision),
+                        "",
+                        Some("the board moved ahead of the log"),
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    let Some(expected) = expected else {
+        return append(
+            me,
+            record("conflict", None, "", Some("the board keeps changing")),
+        )
+        .await;
+    };
+    let (text, usage, turn) =
+        match call_model(me, st, view, duty, instruction, false, &View::Task).await {
+            Called::Answer { text, usage, turn } => (text, usage, turn),
+            other => return not_answered(me, st, duty, other).await,
+        };
+    let value = BoardValue {
+        text: text.clone(),
+        by: me.cfg.me.to_string(),
+        step: duty.step.to_string(),
+        usage: Some(usage.clone()),
+    };
+    let bytes = serde_json::to_vec(&value).expect("board value");
+    let written = match expected {
+        None => board.create(key, bytes).await,
+        Some(rev) => board.update(key, bytes, rev).await,
+    };
+    let env = match written {
+        Ok(rev) => record("put", Some(rev), &text, None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                BoardErrorKind::WrongLastRevision | BoardErrorKind::AlreadyExists
+            ) =>
+        {
+            record(
+                "conflict",
+                None,
+                &text,
+                Some("another peer wrote the key first"),
+            )
+        }
+        Err(e) => board_failed(e, None),
+    };
+    append_traced(me, env.with_usage(usage), turn).await
+}
+
+/// Push the items the log says are open, claim one, and record the claim. Nothing is
+/// appended when the queue hands out nothing (or an item the log no longer offers).
+async fn claim(
+    me: &Me,
+    st: &SessionState,
+    duty: &Duty,
+    items: &[QueueItem],
+) -> Result<Option<u64>, LogError> {
+    let queue = me.queue();
+    for item in items {
+        if let Err(e) = queue
+            .push(&item.id, serde_json::json!({ "task": item.task }))
+            .await
+        {
+            tracing::warn!(peer = %me.cfg.me, error = %e, "work queue push failed");
+            return Ok(None);
+        }
+    }
+    let claim = match queue.claim(&me.cfg.me, Duration::from_millis(20)).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(peer = %me.cfg.me, error = %e, "work queue claim failed");
+            return Ok(None);
+        }
+    };
+    let Some(item) = items.iter().find(|i| i.id == claim.task_id) else {
+        // Done or held according to the log: drain it.
+        let _ = queue.ack(&claim).await;
+        return Ok(None);
+    };
+    let json = serde_json::json!({ "op": "claim", "task": item.task, "item": item.id, "delivery": claim.delivery });
+    let mut d = duty.clone();
+    d.step = Arc::from(format!("claim/{}", item.id));
+    let body = Body::text(format!("{} takes task {}", me.cfg.me, item.task)).with_json(json);
+    let seq = append(me, envelope(me, st, &d, Kind::Work, body)).await?;
+    if let Err(e) = queue.ack(&claim).await {
+        tracing::warn!(peer = %me.cfg.me, error = %e, "work queue ack failed (the claim is on the log)");
+    }
+    Ok(Some(seq))
 }
 
 /// A peer that has not beaten within the absence timeout, if any (and it is not this
 /// peer and not already recorded absent).
-async fn absence_duty(st: &SessionState, cfg: &PeerConfig, started: Instant, plan: &TeamPlan) -> Option<Duty> {
+async fn absence_duty(
+    st: &SessionState,
+    cfg: &PeerConfig,
+    started: Instant,
+    plan: &TeamPlan,
+) -> Option<Duty> {
     let presence = cfg.presence.as_ref()?;
     let seen = presence.last_seen().await.ok()?;
     let limit = Duration::from_millis(plan.presence.absent_after_ms);
@@ -234,34 +872,6 @@ async fn absence_duty(st: &SessionState, cfg: &PeerConfig, started: Instant, pla
         }
     }
     None
-}
-
-fn model_failure(st: &SessionState, me: &PeerId, duty: &Duty, model: &str, e: &ModelError, latency_ms: u64) -> Envelope {
-    let json = serde_json::json!({
-        "error": e.kind.to_string(),
-        "status": e.status,
-        "attempts": e.attempts,
-        "message": e.message,
-    });
-    let usage = Usage { model: Arc::from(model), latency_ms, calls: e.attempts.max(1), ..Default::default() };
-    failure_envelope(st, me, duty, &format!("model call failed: {e}"), json, Some(usage))
-}
-
-/// A failure recorded for a duty's step: it consumes the step, so the protocol moves on.
-fn failure_envelope(
-    st: &SessionState,
-    me: &PeerId,
-    duty: &Duty,
-    text: &str,
-    json: serde_json::Value,
-    usage: Option<Usage>,
-) -> Envelope {
-    let mut env = Envelope::new(&st.session, me, duty.step.clone(), Kind::Failure, Recipient::All, Body::text(text).with_json(json))
-        .with_round(duty.round)
-        .with_parents(duty.parents.clone());
-    env.usage = usage;
-    env.lamport = st.lamport + 1;
-    env
 }
 
 /// The span of one turn (GenAI `invoke_agent`): a child of the session's span named in
@@ -320,7 +930,11 @@ fn chat_span(
     )
 }
 
-fn record_chat(span: &tracing::Span, result: &Result<crate::model::ChatResponse, ModelError>, latency_ms: u64) {
+fn record_chat(
+    span: &tracing::Span,
+    result: &Result<crate::model::ChatResponse, ModelError>,
+    latency_ms: u64,
+) {
     if span.is_disabled() {
         return;
     }
@@ -350,27 +964,61 @@ pub fn parse_json_answer(text: &str) -> Option<serde_json::Value> {
     }
     let start = t.find('{')?;
     let end = t.rfind('}')?;
-    (end > start).then(|| serde_json::from_str(&t[start..=end]).ok()).flatten().filter(serde_json::Value::is_object)
+    (end > start)
+        .then(|| serde_json::from_str(&t[start..=end]).ok())
+        .flatten()
+        .filter(serde_json::Value::is_object)
 }
 
 /// What one peer can see of the log, as chat messages.
+///
+/// The transcript holds every envelope in the peer's context (visibility honoured: a
+/// direct message is in its addressee's and its sender's context only), each with its
+/// round; the latest summary of older rounds is held apart and replaces those rounds
+/// under the summary policy.
 pub struct PeerView {
     me: PeerId,
     group: Option<String>,
     /// Visible messages, shared with in-flight model calls.
     pub transcript: Arc<Transcript>,
+    /// The round of each transcript message.
+    rounds: Vec<u32>,
+    task: Option<ChatMessage>,
+    /// The latest summary: the last round it covers, and the message.
+    summary: Option<(u32, ChatMessage)>,
 }
 
 impl PeerView {
     pub fn new(me: PeerId, group: Option<String>) -> Self {
-        PeerView { me, group, transcript: Arc::new(Transcript::default()) }
+        PeerView {
+            me,
+            group,
+            transcript: Arc::new(Transcript::default()),
+            rounds: Vec::new(),
+            task: None,
+            summary: None,
+        }
     }
 
     /// Add an envelope if it belongs in this peer's context.
     pub fn observe(&mut self, env: &Envelope) {
+        if env.kind == Kind::Summary {
+            if let Some(upto) = summary_upto(&env.step)
+                && self.summary.as_ref().is_none_or(|(c, _)| *c < upto)
+            {
+                let text = format!(
+                    "Summary of rounds 1 to {} (by {}):\n{}",
+                    upto + 1,
+                    env.from,
+                    env.body.text
+                );
+                self.summary = Some((upto, ChatMessage::new(Role::User, None, Arc::from(text))));
+            }
+            return;
+        }
         let in_context = matches!(
             env.kind,
-            Kind::Task | Kind::Message | Kind::Proposal | Kind::Vote | Kind::Reveal | Kind::Verdict | Kind::Summary
+            Kind::Task | Kind::Message | Kind::Proposal | Kind::Vote | Kind::Reveal | Kind::Verdict
         );
         if !in_context || !env.visible_to(&self.me, self.group.as_deref()) {
             return;
@@ -378,40 +1026,82 @@ impl PeerView {
         let msg = if env.kind == Kind::Task {
             ChatMessage::new(Role::User, None, env.body.text.clone())
         } else if env.from == self.me {
-            ChatMessage::new(Role::Assistant, Some(env.from.clone()), env.body.text.clone())
+            ChatMessage::new(
+                Role::Assistant,
+                Some(env.from.clone()),
+                env.body.text.clone(),
+            )
         } else {
             ChatMessage::new(Role::User, Some(env.from.clone()), env.body.text.clone())
         };
+        if env.kind == Kind::Task && self.task.is_none() {
+            self.task = Some(msg.clone());
+        }
         // No copy when no model call holds the transcript (calls finish before the next
         // entry is folded in).
         Arc::make_mut(&mut self.transcript).push(msg);
+        self.rounds.push(env.round);
     }
 
-    /// Messages before the window (the task, when the window leaves it out).
-    pub fn prelude(&self, policy: &ContextPolicy) -> Vec<ChatMessage> {
-        match policy {
-            ContextPolicy::Full => Vec::new(),
-            ContextPolicy::LastK { k } => {
-                if self.transcript.len() > k + 1 {
-                    self.transcript.messages().first().cloned().into_iter().collect()
-                } else {
-                    Vec::new()
-                }
-            }
-        }
+    /// The index of the first message after the task with a round above `round`
+    /// (rounds do not decrease along the log for the protocols that use history).
+    fn after_round(&self, round: u32) -> usize {
+        let skip = usize::from(self.task.is_some()).min(self.rounds.len());
+        skip + self.rounds[skip..].partition_point(|r| *r <= round)
     }
 
-    /// The part of the transcript sent to the model.
-    pub fn window(&self, policy: &ContextPolicy) -> std::ops::Range<usize> {
+    /// The prelude, the history and the window of it a model call sees under a view.
+    pub fn parts(
+        &self,
+        v: &View,
+        policy: &ContextPolicy,
+    ) -> (Vec<ChatMessage>, Arc<Transcript>, std::ops::Range<usize>) {
         let n = self.transcript.len();
-        match policy {
-            ContextPolicy::Full => 0..n,
-            ContextPolicy::LastK { k } => {
-                if n > k + 1 {
-                    n - k..n
-                } else {
-                    0..n
+        let task: Vec<ChatMessage> = self.task.iter().cloned().collect();
+        match v {
+            View::History => match policy {
+                ContextPolicy::Full => (Vec::new(), self.transcript.clone(), 0..n),
+                ContextPolicy::LastK { k } => {
+                    if n > k + 1 {
+                        (task, self.transcript.clone(), n - k..n)
+                    } else {
+                        (Vec::new(), self.transcript.clone(), 0..n)
+                    }
                 }
+                ContextPolicy::Summary { .. } => match &self.summary {
+                    Some((upto, s)) => {
+                        let mut prelude = task;
+                        prelude.push(s.clone());
+                        (prelude, self.transcript.clone(), self.after_round(*upto)..n)
+                    }
+                    None => (Vec::new(), self.transcript.clone(), 0..n),
+                },
+            },
+            View::Task => (task, Arc::new(Transcript::default()), 0..0),
+            View::Shown(shown) => {
+                let mut t = Transcript::default();
+                for s in shown {
+                    let role = if s.from == self.me {
+                        Role::Assistant
+                    } else {
+                        Role::User
+                    };
+                    t.push(ChatMessage::new(role, Some(s.from.clone()), s.text.clone()));
+                }
+                let len = t.len();
+                (task, Arc::new(t), 0..len)
+            }
+            View::ToSummarize { upto } => {
+                let mut prelude = task;
+                let start = match &self.summary {
+                    Some((covered, s)) => {
+                        prelude.push(s.clone());
+                        self.after_round(*covered)
+                    }
+                    None => usize::from(self.task.is_some()).min(n),
+                };
+                let end = self.after_round(*upto).max(start);
+                (prelude, self.transcript.clone(), start..end)
             }
         }
     }

@@ -11,12 +11,16 @@ use crate::bus::Presence;
 use crate::envelope::{PeerId, SessionId};
 use crate::log::{LogError, LogErrorKind, SessionLog};
 use crate::model::ChatModel;
-use crate::peer::{EventSink, PeerConfig, run_peer};
+use crate::peer::{EventSink, PeerConfig, PeerExtras, run_peer_with};
 use crate::session::{SessionSummary, task_envelope};
 use crate::team::TeamPlan;
 
 /// Post the opening task of a new session.
-pub async fn open_session(log: &dyn SessionLog, plan: &TeamPlan, topic: &str) -> Result<(), LogError> {
+pub async fn open_session(
+    log: &dyn SessionLog,
+    plan: &TeamPlan,
+    topic: &str,
+) -> Result<(), LogError> {
     let mut task = task_envelope(log.session(), plan, topic);
     // The current span (the session's, when tracing is on) becomes the parent of every
     // peer's turn spans, in whatever process the peers run.
@@ -34,9 +38,27 @@ pub async fn run_peers(
     presence: Option<Arc<dyn Presence>>,
     events: Option<EventSink>,
 ) -> Result<SessionSummary, LogError> {
+    run_peers_with(log, plan, models, presence, events, PeerExtras::default()).await
+}
+
+/// [`run_peers`] with a blackboard, a work queue, an embedder and a secret for the
+/// peers (see [`PeerExtras`]). The secret given is a master secret: each peer seals
+/// with its own, derived from it and the peer's id.
+pub async fn run_peers_with(
+    log: Arc<dyn SessionLog>,
+    plan: &TeamPlan,
+    models: HashMap<PeerId, Arc<dyn ChatModel>>,
+    presence: Option<Arc<dyn Presence>>,
+    events: Option<EventSink>,
+    extras: PeerExtras,
+) -> Result<SessionSummary, LogError> {
     let mut tasks = tokio::task::JoinSet::new();
     for p in &plan.peers {
-        let Some(model) = models.get(&p.id) else { continue };
+        let Some(model) = models.get(&p.id) else {
+            continue;
+        };
+        let mut mine = extras.clone();
+        mine.secret = extras.secret.as_ref().map(|s| peer_secret(s, &p.id));
         let cfg = PeerConfig {
             me: p.id.clone(),
             log: log.clone(),
@@ -44,7 +66,7 @@ pub async fn run_peers(
             presence: presence.clone(),
             events: events.clone(),
         };
-        tasks.spawn(async move { (cfg.me.clone(), run_peer(cfg).await) });
+        tasks.spawn(async move { (cfg.me.clone(), run_peer_with(cfg, mine).await) });
     }
     let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
@@ -55,7 +77,10 @@ pub async fn run_peers(
                 first_error.get_or_insert(e);
             }
             Err(e) => {
-                first_error.get_or_insert(LogError::new(LogErrorKind::Storage, format!("a peer task panicked: {e}")));
+                first_error.get_or_insert(LogError::new(
+                    LogErrorKind::Storage,
+                    format!("a peer task panicked: {e}"),
+                ));
             }
         }
     }
@@ -65,10 +90,22 @@ pub async fn run_peers(
     summarize(log.as_ref()).await
 }
 
+/// A peer's own secret, derived from a master secret.
+pub fn peer_secret(master: &[u8], peer: &PeerId) -> Arc<[u8]> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"roundtable-peer-secret");
+    h.update(master);
+    h.update([0]);
+    h.update(peer.as_str().as_bytes());
+    Arc::from(h.finalize().to_vec())
+}
+
 /// Summarize a session from its log.
 pub async fn summarize(log: &dyn SessionLog) -> Result<SessionSummary, LogError> {
     let entries = log.read_all().await?;
-    SessionSummary::from_entries(log.session(), &entries).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))
+    SessionSummary::from_entries(log.session(), &entries)
+        .map_err(|e| LogError::new(LogErrorKind::Corrupt, e))
 }
 
 /// Convenience for tests and embedding: a new in-memory session, run to the end.
@@ -78,8 +115,9 @@ pub async fn run_in_memory(
     models: HashMap<PeerId, Arc<dyn ChatModel>>,
 ) -> Result<(Arc<dyn SessionLog>, SessionSummary), LogError> {
     let session = crate::session::new_session_id();
-    let log: Arc<dyn SessionLog> =
-        Arc::new(crate::log::SharedMemLog(Arc::new(crate::log::MemLog::new(SessionId::clone(&session)))));
+    let log: Arc<dyn SessionLog> = Arc::new(crate::log::SharedMemLog(Arc::new(
+        crate::log::MemLog::new(SessionId::clone(&session)),
+    )));
     open_session(log.as_ref(), plan, topic).await?;
     let summary = run_peers(log.clone(), plan, models, None, None).await?;
     Ok((log, summary))

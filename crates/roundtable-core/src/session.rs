@@ -4,7 +4,18 @@
 //! peers, the stop — and drives the protocol's reducer. [`SessionState::duties`] is the
 //! single place where a peer learns what to do next, in this order: nothing once the
 //! session is stopped; record a stop when the protocol has finished or a termination
-//! condition holds; otherwise the protocol's duties.
+//! condition holds; come back after an absence; write (or wait for) the summary of
+//! older rounds when the context policy asks for one; otherwise the protocol's duties.
+//!
+//! # Summaries of older rounds
+//! Under `[context] policy = "summary"`, when the protocol enters round `r` with
+//! `r > keep_rounds`, the rounds up to `r - keep_rounds - 1` must be summarized before
+//! anyone speaks: the summarizer (the configured peer, or the first present peer in
+//! team order) writes a `summary` envelope with step `summary/{upto}` from the previous
+//! summary and the rounds after it, and everyone else waits for it. Every peer's
+//! context is then the task, that one summary, and the last `keep_rounds` rounds, so
+//! prompt tokens per round stop growing. A summary that fails is recorded and skipped;
+//! the next round's summary covers its rounds too.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,8 +24,8 @@ use serde::Serialize;
 
 use crate::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use crate::log::Entry;
-use crate::protocol::{Action, Duty, Facts, Reducer, reducer_for};
-use crate::team::TeamPlan;
+use crate::protocol::{Action, Duty, Facts, Reducer, View, reducer_for};
+use crate::team::{ContextPolicy, TeamPlan};
 use crate::termination::Tally;
 
 /// The step of the session's opening task envelope.
@@ -34,13 +45,16 @@ pub struct SessionState {
     /// Absence notices per peer so far (to derive the next notice's step).
     absences: std::collections::BTreeMap<PeerId, u32>,
     pub stop: Option<Entry>,
-    /// Model failures since the last successful model call, and the latest one.
+    /// Failed model calls since the last successful one, and the latest one.
     pub failure_streak: u32,
     last_failure: Option<String>,
     pub last_seq: u64,
     pub lamport: u64,
     protocol: Box<dyn Reducer>,
     mention: Option<Arc<str>>,
+    /// The last round covered by a summary, and summaries that failed.
+    summary_upto: Option<u32>,
+    summary_failed: BTreeSet<u32>,
 }
 
 impl SessionState {
@@ -61,11 +75,18 @@ impl SessionState {
             lamport: 0,
             protocol,
             mention,
+            summary_upto: None,
+            summary_failed: BTreeSet::new(),
         }
     }
 
     fn facts(&self) -> Facts<'_> {
-        Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() }
+        Facts {
+            plan: &self.plan,
+            session: &self.session,
+            absent: &self.absent,
+            task: self.task.as_ref(),
+        }
     }
 
     /// Fold one entry in. Entries after the stop are recorded in the tally only.
@@ -92,14 +113,31 @@ impl SessionState {
             Kind::Join => {
                 self.absent.remove(&env.from);
             }
+            Kind::Summary => {
+                if let Some(upto) = summary_upto(&env.step) {
+                    self.summary_upto = Some(self.summary_upto.map_or(upto, |c| c.max(upto)));
+                }
+            }
             Kind::Failure => {
-                self.failure_streak += 1;
-                self.last_failure = Some(format!("{}: {}", env.from, env.body.text));
+                if let Some(upto) = summary_upto(&env.step) {
+                    self.summary_failed.insert(upto);
+                }
+                // A failed model call carries the attempts' usage; a rejection recorded
+                // by a protocol (a malformed vote) is not a model failure.
+                if env.usage.is_some() {
+                    self.failure_streak += 1;
+                    self.last_failure = Some(format!("{}: {}", env.from, env.body.text));
+                }
             }
             _ if env.usage.is_some() => self.failure_streak = 0,
             _ => {}
         }
-        let facts = Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
+        let facts = Facts {
+            plan: &self.plan,
+            session: &self.session,
+            absent: &self.absent,
+            task: self.task.as_ref(),
+        };
         self.protocol.apply(entry, &facts);
     }
 
@@ -109,11 +147,16 @@ impl SessionState {
 
     /// Milliseconds since the task was posted.
     pub fn elapsed_ms(&self, now_ms: u64) -> u64 {
-        self.task.as_ref().map_or(0, |t| now_ms.saturating_sub(t.time_ms))
+        self.task
+            .as_ref()
+            .map_or(0, |t| now_ms.saturating_sub(t.time_ms))
     }
 
     /// Why the session should stop now, with the answer and what decided it.
-    pub fn stop_decision(&self, now_ms: u64) -> Option<(String, Option<Arc<str>>, Vec<EnvelopeId>)> {
+    pub fn stop_decision(
+        &self,
+        now_ms: u64,
+    ) -> Option<(String, Option<Arc<str>>, Vec<EnvelopeId>)> {
         if self.stop.is_some() || self.task.is_none() {
             return None;
         }
@@ -122,14 +165,26 @@ impl SessionState {
             if self.tally.messages == 0 && self.tally.failures > 0 {
                 // The protocol ran its course, but on failures only: say so.
                 let last = self.last_failure.as_deref().unwrap_or("");
-                return Some((format!("failures: no peer produced an answer; last: {last}"), None, Vec::new()));
+                return Some((
+                    format!("failures: no peer produced an answer; last: {last}"),
+                    None,
+                    Vec::new(),
+                ));
             }
             return Some((f.reason, f.answer, f.decided_by));
         }
         let signals = self.protocol.signals();
-        if let Some(reason) = self.plan.termination.check(&self.tally, &signals, self.elapsed_ms(now_ms)) {
+        if let Some(reason) =
+            self.plan
+                .termination
+                .check(&self.tally, &signals, self.elapsed_ms(now_ms))
+        {
             let best = self.protocol.best_answer();
-            return Some((reason, best.as_ref().map(|b| b.0.clone()), best.into_iter().map(|b| b.1).collect()));
+            return Some((
+                reason,
+                best.as_ref().map(|b| b.0.clone()),
+                best.into_iter().map(|b| b.1).collect(),
+            ));
         }
         // Every peer failed once in a row (at least 3 failures): the models are down or
         // misconfigured, and going on would only record more failures.
@@ -138,7 +193,10 @@ impl SessionState {
             let best = self.protocol.best_answer();
             let last = self.last_failure.as_deref().unwrap_or("");
             return Some((
-                format!("failures: {} model calls failed in a row; last: {last}", self.failure_streak),
+                format!(
+                    "failures: {} model calls failed in a row; last: {last}",
+                    self.failure_streak
+                ),
                 best.as_ref().map(|b| b.0.clone()),
                 Vec::new(),
             ));
@@ -146,7 +204,11 @@ impl SessionState {
         let everyone_absent = self.plan.peers.iter().all(|p| self.absent.contains(&p.id));
         if everyone_absent {
             let best = self.protocol.best_answer();
-            return Some(("absent: every peer is absent".into(), best.as_ref().map(|b| b.0.clone()), Vec::new()));
+            return Some((
+                "absent: every peer is absent".into(),
+                best.as_ref().map(|b| b.0.clone()),
+                Vec::new(),
+            ));
         }
         None
     }
@@ -167,15 +229,68 @@ impl SessionState {
                 to: Recipient::All,
                 round: self.round(),
                 parents: Vec::new(),
-                action: Action::Post { body: Body::text(format!("{me} is back")) },
+                action: Action::Post {
+                    body: Body::text(format!("{me} is back")),
+                },
                 collective: false,
             }];
+        }
+        if let Some(summary) = self.summary_duty(me) {
+            return summary;
         }
         self.protocol.duties(me, &self.facts())
     }
 
+    /// Under the summary policy, when older rounds need a summary: the summarizer's
+    /// duty, or nothing for the others (they wait for it). `None` when no summary is due.
+    fn summary_duty(&self, me: &PeerId) -> Option<Vec<Duty>> {
+        let ContextPolicy::Summary {
+            keep_rounds,
+            summarizer,
+            instruction,
+        } = &self.plan.context
+        else {
+            return None;
+        };
+        let round = self.round();
+        if round <= *keep_rounds {
+            return None;
+        }
+        let upto = round - keep_rounds - 1;
+        if self.summary_upto.is_some_and(|c| c >= upto) || self.summary_failed.contains(&upto) {
+            return None;
+        }
+        let who = summarizer
+            .iter()
+            .chain(self.plan.peers.iter().map(|p| &p.id))
+            .find(|p| !self.absent.contains(*p))?;
+        if who != me {
+            return Some(Vec::new());
+        }
+        let instruction = instruction.clone().unwrap_or_else(|| {
+            format!(
+                "Summarize the discussion up to and including round {} for the team: the positions taken, the arguments that matter, \
+                 what was agreed and what is still open. Be concise; this summary replaces those rounds in everyone's context.",
+                upto + 1
+            )
+        });
+        Some(vec![Duty::speak(
+            format!("{SUMMARY_STEP}/{upto}"),
+            Kind::Summary,
+            round,
+            Some(Arc::from(instruction)),
+            false,
+            View::ToSummarize { upto },
+        )])
+    }
+
     /// The duty of recording the stop, for any peer.
-    pub fn stop_duty(&self, reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Duty {
+    pub fn stop_duty(
+        &self,
+        reason: String,
+        answer: Option<Arc<str>>,
+        decided_by: Vec<EnvelopeId>,
+    ) -> Duty {
         let json = serde_json::json!({
             "reason": reason,
             "answer": answer.as_deref(),
@@ -191,7 +306,9 @@ impl SessionState {
             to: Recipient::All,
             round: self.round(),
             parents: decided_by,
-            action: Action::Post { body: Body::text(answer.as_deref().unwrap_or("")).with_json(json) },
+            action: Action::Post {
+                body: Body::text(answer.as_deref().unwrap_or("")).with_json(json),
+            },
             collective: true,
         }
     }
@@ -220,7 +337,10 @@ impl SessionState {
     /// How many model calls (or failed attempts at one) `me` has recorded: the ordinal
     /// of its next call, which scripted replies are chosen by.
     pub fn ordinal(&self, me: &PeerId) -> u32 {
-        self.tally.per_peer.get(me).map_or(0, |p| (p.messages_from_calls + p.failures) as u32)
+        self.tally
+            .per_peer
+            .get(me)
+            .map_or(0, |p| (p.messages_from_calls + p.failures) as u32)
     }
 
     pub fn best_answer(&self) -> Option<Arc<str>> {
@@ -228,21 +348,47 @@ impl SessionState {
     }
 }
 
+/// The step prefix of summaries of older rounds: `summary/{upto}`.
+pub const SUMMARY_STEP: &str = "summary";
+
+/// The last round a summary step covers.
+pub fn summary_upto(step: &str) -> Option<u32> {
+    step.strip_prefix("summary/")?.parse().ok()
+}
+
 fn absent_peer(env: &Envelope) -> Option<PeerId> {
-    env.body.json.as_ref()?.get("peer")?.as_str().map(PeerId::from)
+    env.body
+        .json
+        .as_ref()?
+        .get("peer")?
+        .as_str()
+        .map(PeerId::from)
 }
 
 /// The opening envelope of a session: the topic, and the plan (so the session can be
 /// resumed from its log alone).
 pub fn task_envelope(session: &SessionId, plan: &TeamPlan, topic: &str) -> Envelope {
     let json = serde_json::json!({ "team_name": plan.name, "plan": plan });
-    Envelope::new(session, &PeerId::from(USER), TASK_STEP, Kind::Task, Recipient::All, Body::text(topic).with_json(json))
+    Envelope::new(
+        session,
+        &PeerId::from(USER),
+        TASK_STEP,
+        Kind::Task,
+        Recipient::All,
+        Body::text(topic).with_json(json),
+    )
 }
 
 /// The plan stored in a task envelope.
 pub fn plan_of(task: &Envelope) -> Result<TeamPlan, String> {
-    let plan = task.body.json.as_ref().and_then(|j| j.get("plan")).ok_or("the task envelope holds no plan")?;
-    serde_json::from_value(plan.clone()).map_err(|e| format!("the plan in the task envelope is unreadable: {e}"))
+    let plan = task
+        .body
+        .json
+        .as_ref()
+        .and_then(|j| j.get("plan"))
+        .ok_or("the task envelope holds no plan")?;
+    serde_json::from_value(plan.clone())
+        .map_err(|e| format!("the plan in the task envelope is unreadable: {e}"))
 }
 
 /// A new session id: time-sortable and unique.
@@ -251,7 +397,10 @@ pub fn new_session_id() -> SessionId {
     let secs = now / 1000;
     let (y, mo, d, h, mi, s) = civil(secs);
     let r: u32 = rand::random();
-    SessionId::from(format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}-{:06x}", r & 0xff_ffff))
+    SessionId::from(format!(
+        "{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}-{:06x}",
+        r & 0xff_ffff
+    ))
 }
 
 /// UTC calendar fields of a Unix time (days-from-civil inverse, Howard Hinnant's).
@@ -267,7 +416,14 @@ pub fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, (rem / 3600) as u32, ((rem % 3600) / 60) as u32, (rem % 60) as u32)
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        ((rem % 3600) / 60) as u32,
+        (rem % 60) as u32,
+    )
 }
 
 /// What a session came to: computed from its log, for `--json` and listings.
@@ -296,7 +452,10 @@ pub struct SessionSummary {
 impl SessionSummary {
     /// Fold a whole log. Fails only when the log has no readable task envelope.
     pub fn from_entries(session: &SessionId, entries: &[Entry]) -> Result<Self, String> {
-        let task = entries.iter().find(|e| e.env.kind == Kind::Task).ok_or("the log has no task envelope")?;
+        let task = entries
+            .iter()
+            .find(|e| e.env.kind == Kind::Task)
+            .ok_or("the log has no task envelope")?;
         let plan = Arc::new(plan_of(&task.env)?);
         let mut st = SessionState::new(plan.clone(), session.clone());
         for e in entries {
@@ -311,11 +470,14 @@ impl SessionSummary {
             protocol: plan.protocol.kind().into(),
             topic: task.env.body.text.to_string(),
             stopped: st.stop.is_some(),
-            stop_reason: stop_json.as_ref().and_then(|j| j.get("reason")?.as_str().map(str::to_owned)),
+            stop_reason: stop_json
+                .as_ref()
+                .and_then(|j| j.get("reason")?.as_str().map(str::to_owned)),
             final_answer: match &st.stop {
-                Some(s) => stop_json.as_ref().and_then(|j| j.get("answer")?.as_str().map(str::to_owned)).or_else(|| {
-                    (!s.env.body.text.is_empty()).then(|| s.env.body.text.to_string())
-                }),
+                Some(s) => stop_json
+                    .as_ref()
+                    .and_then(|j| j.get("answer")?.as_str().map(str::to_owned))
+                    .or_else(|| (!s.env.body.text.is_empty()).then(|| s.env.body.text.to_string())),
                 None => st.best_answer().map(|a| a.to_string()),
             },
             envelopes: entries.len() as u64,

@@ -16,6 +16,9 @@ use crate::envelope::PeerId;
 use crate::model::Price;
 use crate::termination::{Budget, PeerBudget, Termination};
 
+mod protocols;
+pub use protocols::*;
+
 /// One problem in a team file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TeamError {
@@ -30,9 +33,17 @@ pub struct TeamError {
 impl fmt::Display for TeamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.key.is_empty() {
-            write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.col, self.message
+            )
         } else {
-            write!(f, "{}:{}:{}: `{}`: {}", self.file, self.line, self.col, self.key, self.message)
+            write!(
+                f,
+                "{}:{}:{}: `{}`: {}",
+                self.file, self.line, self.col, self.key, self.message
+            )
         }
     }
 }
@@ -144,7 +155,9 @@ impl ProviderSpec {
     /// The model name for usage records.
     pub fn model_name(&self, key: &str) -> String {
         match self {
-            ProviderSpec::Openai { model, .. } | ProviderSpec::Anthropic { model, .. } => model.clone(),
+            ProviderSpec::Openai { model, .. } | ProviderSpec::Anthropic { model, .. } => {
+                model.clone()
+            }
             ProviderSpec::Scripted { .. } => format!("scripted:{key}"),
             ProviderSpec::Simulated { .. } => format!("simulated:{key}"),
         }
@@ -161,44 +174,39 @@ pub struct PeerSpec {
     pub temperature: Option<f32>,
     /// An assigned stance (for debates), appended to the persona.
     pub stance: Option<String>,
+    /// How readily the peer should agree with the others, 0–1 (a groupthink knob):
+    /// adds an agreement-intensity instruction to the system prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f32>,
 }
 
 impl PeerSpec {
-    /// The system prompt: persona, then stance.
+    /// The system prompt: persona, then stance, then the agreement instruction.
     pub fn system_prompt(&self) -> String {
-        match &self.stance {
-            Some(s) => format!("{}\n\nYour assigned stance: {s}", self.persona),
-            None => self.persona.clone(),
+        let mut s = self.persona.clone();
+        if let Some(stance) = &self.stance {
+            s.push_str(&format!("\n\nYour assigned stance: {stance}"));
         }
+        if let Some(a) = self.agreement {
+            s.push_str("\n\n");
+            s.push_str(&agreement_instruction(a));
+        }
+        s
     }
 }
 
-/// The collaboration protocol and its parameters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ProtocolSpec {
-    RoundRobin(RoundRobinSpec),
-}
-
-impl ProtocolSpec {
-    pub const KINDS: &'static [&'static str] = &["round_robin"];
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ProtocolSpec::RoundRobin(_) => "round_robin",
-        }
-    }
-}
-
-/// Peers take turns in a ring for a number of rounds; an optional summarizer writes
-/// the final answer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RoundRobinSpec {
-    pub rounds: u32,
-    pub order: Vec<PeerId>,
-    pub summarizer: Option<PeerId>,
-    pub instruction: Option<String>,
-    pub summary_instruction: Option<String>,
+/// The agreement-intensity instruction for an intensity in 0–1 (after Du et al.'s
+/// prompts that range from "hold your ground" to "agree with the others").
+pub fn agreement_instruction(intensity: f32) -> String {
+    let pct = (intensity.clamp(0.0, 1.0) * 100.0).round();
+    let how = if intensity >= 0.75 {
+        "When the other agents' answers differ from yours, lean towards agreeing with them unless you see a clear error in their reasoning."
+    } else if intensity > 0.25 {
+        "When the other agents' answers differ from yours, weigh their reasoning against yours, and change your answer only if theirs is better."
+    } else {
+        "Hold your position: do not change your answer because others disagree; change it only when shown a concrete error in your own reasoning."
+    };
+    format!("Agreement intensity: {pct}%. {how}")
 }
 
 /// What a peer's model sees of the history.
@@ -209,10 +217,20 @@ pub enum ContextPolicy {
     Full,
     /// The task and the last `k` visible messages.
     LastK { k: usize },
+    /// The task, one shared summary of the rounds older than the last `keep_rounds`,
+    /// and those last rounds in full. A summarizer peer writes the summary into a
+    /// `summary` envelope that every peer reuses, so prompts stop growing with rounds.
+    Summary {
+        keep_rounds: u32,
+        /// Who writes summaries (the first peer by default; the next present peer in
+        /// team order when it is absent).
+        summarizer: Option<PeerId>,
+        instruction: Option<String>,
+    },
 }
 
 impl ContextPolicy {
-    pub const KINDS: &'static [&'static str] = &["full", "last_k"];
+    pub const KINDS: &'static [&'static str] = &["full", "last_k", "summary"];
 }
 
 /// Heartbeats and absence detection.
@@ -224,7 +242,10 @@ pub struct PresenceSpec {
 
 impl Default for PresenceSpec {
     fn default() -> Self {
-        PresenceSpec { heartbeat_ms: 1000, absent_after_ms: 10_000 }
+        PresenceSpec {
+            heartbeat_ms: 1000,
+            absent_after_ms: 10_000,
+        }
     }
 }
 
@@ -240,7 +261,7 @@ struct RawTeam {
     models: BTreeMap<String, Spanned<RawModel>>,
     #[serde(default)]
     peers: Vec<Spanned<RawPeer>>,
-    protocol: Option<Spanned<RawProtocol>>,
+    protocol: Option<Spanned<protocols::RawProtocol>>,
     termination: Option<RawTermination>,
     budget: Option<RawBudget>,
     context: Option<Spanned<RawContext>>,
@@ -292,17 +313,7 @@ struct RawPeer {
     group: Option<String>,
     temperature: Option<Spanned<f32>>,
     stance: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProtocol {
-    kind: Spanned<String>,
-    rounds: Option<u32>,
-    order: Option<Vec<Spanned<String>>>,
-    summarizer: Option<Spanned<String>>,
-    instruction: Option<String>,
-    summary_instruction: Option<String>,
+    agreement: Option<Spanned<f32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -346,7 +357,10 @@ struct RawPeerBudget {
 #[serde(deny_unknown_fields)]
 struct RawContext {
     policy: Spanned<String>,
-    k: Option<usize>,
+    k: Option<Spanned<usize>>,
+    keep_rounds: Option<Spanned<u32>>,
+    summarizer: Option<Spanned<String>>,
+    instruction: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -396,10 +410,18 @@ impl RawTermination {
             cs.push(Termination::NoProgress(k));
         }
         if let Some(any) = self.any {
-            cs.push(Termination::Any(any.into_iter().map(RawTermination::into_termination).collect()));
+            cs.push(Termination::Any(
+                any.into_iter()
+                    .map(RawTermination::into_termination)
+                    .collect(),
+            ));
         }
         if let Some(all) = self.all {
-            cs.push(Termination::All(all.into_iter().map(RawTermination::into_termination).collect()));
+            cs.push(Termination::All(
+                all.into_iter()
+                    .map(RawTermination::into_termination)
+                    .collect(),
+            ));
         }
         Termination::Any(cs)
     }
@@ -417,7 +439,13 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
         let (line, col) = line_col(self.src, offset);
-        self.errors.push(TeamError { file: self.file.into(), line, col, key: key.into(), message: message.into() });
+        self.errors.push(TeamError {
+            file: self.file.into(),
+            line,
+            col,
+            key: key.into(),
+            message: message.into(),
+        });
     }
 }
 
@@ -441,12 +469,19 @@ pub fn key_path_at(src: &str, offset: usize) -> String {
         let t = line.trim();
         if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
             let name = name.trim().to_string();
-            let n = arrays.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
+            let n = arrays
+                .entry(name.clone())
+                .and_modify(|n| *n += 1)
+                .or_insert(0);
             table = format!("{name}[{n}]");
         } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
             let name = name.trim();
             // A sub-table of an array element, e.g. [peers.budget] after [[peers]].
-            let parent = arrays.keys().filter(|a| name.starts_with(&format!("{a}."))).max_by_key(|a| a.len()).cloned();
+            let parent = arrays
+                .keys()
+                .filter(|a| name.starts_with(&format!("{a}.")))
+                .max_by_key(|a| a.len())
+                .cloned();
             table = match parent {
                 Some(a) => format!("{a}[{}]{}", arrays[&a], &name[a.len()..]),
                 None => name.to_string(),
@@ -454,7 +489,10 @@ pub fn key_path_at(src: &str, offset: usize) -> String {
         }
     }
     let line = src[line_start..].lines().next().unwrap_or("");
-    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.starts_with('['));
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'))
+        .filter(|k| !k.starts_with('['));
     match (table.is_empty(), key) {
         (_, Some(k)) if !k.is_empty() && !table.is_empty() => format!("{table}.{k}"),
         (_, Some(k)) if !k.is_empty() => k.to_string(),
@@ -464,7 +502,11 @@ pub fn key_path_at(src: &str, offset: usize) -> String {
 
 fn choices<I: IntoIterator<Item = S>, S: fmt::Display>(it: I) -> String {
     let v: Vec<String> = it.into_iter().map(|s| format!("`{s}`")).collect();
-    if v.is_empty() { "(none defined)".into() } else { v.join(", ") }
+    if v.is_empty() {
+        "(none defined)".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 /// Parse and validate a team file. `file` is the name used in error messages.
@@ -475,11 +517,40 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             let offset = e.span().map_or(0, |s| s.start);
             let (line, col) = line_col(src, offset);
             let key = key_path_at(src, offset);
-            let message = e.message().trim().replace('\n', " ");
-            return Err(TeamErrors(vec![TeamError { file: file.into(), line, col, key, message }]));
+            let mut message = e.message().trim().replace('\n', " ");
+            // An unknown key of [protocol]: name the keys of the kind chosen, not the
+            // union of every kind's keys.
+            if let Some(name) = key
+                .strip_prefix("protocol.")
+                .filter(|k| !k.contains(['.', '[']))
+                && message.starts_with("unknown field")
+                && let Some(kind) = protocols::kind_in(src)
+            {
+                message = match ProtocolSpec::keys(&kind) {
+                    Some(keys) => format!(
+                        "`{name}` is not a key of protocol `{kind}`; its keys: {}",
+                        choices(std::iter::once(&"kind").chain(keys.iter()))
+                    ),
+                    None => format!(
+                        "unknown protocol `{kind}`; valid: {}",
+                        choices(ProtocolSpec::KINDS)
+                    ),
+                };
+            }
+            return Err(TeamErrors(vec![TeamError {
+                file: file.into(),
+                line,
+                col,
+                key,
+                message,
+            }]));
         }
     };
-    let mut cx = Ctx { file, src, errors: Vec::new() };
+    let mut cx = Ctx {
+        file,
+        src,
+        errors: Vec::new(),
+    };
 
     // Models.
     let mut models = BTreeMap::new();
@@ -495,14 +566,20 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
     let mut peers = Vec::new();
     let mut ids = BTreeSet::new();
     if raw.peers.is_empty() {
-        cx.err_at(src.len(), "peers", "a team needs at least one [[peers]] entry");
+        cx.err_at(
+            src.len(),
+            "peers",
+            "a team needs at least one [[peers]] entry",
+        );
     }
     for (i, p) in raw.peers.into_iter().enumerate() {
         let p = p.into_inner();
         let id = p.id.get_ref().trim().to_string();
         let id_ok = !id.is_empty()
             && id.len() <= 64
-            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && id != "user"
             && id != "*";
         if !id_ok {
@@ -512,85 +589,150 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
                 format!("peer id {id:?} must be 1-64 letters, digits, '-' or '_' (and not `user`)"),
             );
         } else if !ids.insert(id.clone()) {
-            cx.err_at(p.id.span().start, format!("peers[{i}].id"), format!("peer id `{id}` is used twice"));
+            cx.err_at(
+                p.id.span().start,
+                format!("peers[{i}].id"),
+                format!("peer id `{id}` is used twice"),
+            );
         }
         let model = p.model.get_ref().clone();
-        if !models.contains_key(&model) && !cx.errors.iter().any(|e| e.key.starts_with(&format!("models.{model}"))) {
+        if !models.contains_key(&model)
+            && !cx
+                .errors
+                .iter()
+                .any(|e| e.key.starts_with(&format!("models.{model}")))
+        {
             let defined = choices(models.keys());
-            cx.err_at(p.model.span().start, format!("peers[{i}].model"), format!("unknown model `{model}`; defined models: {defined}"));
+            cx.err_at(
+                p.model.span().start,
+                format!("peers[{i}].model"),
+                format!("unknown model `{model}`; defined models: {defined}"),
+            );
         }
-        if let Some(t) = &p.temperature {
-            if !(0.0..=2.0).contains(t.get_ref()) {
-                cx.err_at(t.span().start, format!("peers[{i}].temperature"), "temperature must be between 0.0 and 2.0");
-            }
+        if let Some(t) = &p.temperature
+            && !(0.0..=2.0).contains(t.get_ref())
+        {
+            cx.err_at(
+                t.span().start,
+                format!("peers[{i}].temperature"),
+                "temperature must be between 0.0 and 2.0",
+            );
+        }
+        if let Some(a) = &p.agreement
+            && !(0.0..=1.0).contains(a.get_ref())
+        {
+            cx.err_at(
+                a.span().start,
+                format!("peers[{i}].agreement"),
+                "agreement must be between 0.0 and 1.0",
+            );
         }
         peers.push(PeerSpec {
             id: PeerId::from(id),
-            persona: p.persona.unwrap_or_else(|| "You are a thoughtful member of a team.".into()),
+            persona: p
+                .persona
+                .unwrap_or_else(|| "You are a thoughtful member of a team.".into()),
             model,
             group: p.group,
             temperature: p.temperature.map(Spanned::into_inner),
             stance: p.stance,
+            agreement: p.agreement.map(Spanned::into_inner),
         });
     }
 
-    let peer_ref = |cx: &mut Ctx<'_>, s: &Spanned<String>, key: String| -> Option<PeerId> {
-        if ids.contains(s.get_ref()) {
-            Some(PeerId::from(s.get_ref().as_str()))
-        } else {
-            cx.err_at(s.span().start, key, format!("unknown peer `{}`; peers: {}", s.get_ref(), choices(&ids)));
-            None
-        }
-    };
-
     // Protocol.
+    let peer_ids: Vec<PeerId> = peers.iter().map(|p| p.id.clone()).collect();
     let protocol = match raw.protocol {
         None => {
-            cx.err_at(src.len(), "protocol", format!("missing [protocol] table; kind is one of {}", choices(ProtocolSpec::KINDS)));
+            cx.err_at(
+                src.len(),
+                "protocol",
+                format!(
+                    "missing [protocol] table; kind is one of {}",
+                    choices(ProtocolSpec::KINDS)
+                ),
+            );
             None
         }
-        Some(p) => {
-            let p = p.into_inner();
-            match p.kind.get_ref().as_str() {
-                "round_robin" => {
-                    let summarizer = p.summarizer.as_ref().and_then(|s| peer_ref(&mut cx, s, "protocol.summarizer".into()));
-                    let order: Vec<PeerId> = match &p.order {
-                        Some(o) => o.iter().filter_map(|s| peer_ref(&mut cx, s, "protocol.order".into())).collect(),
-                        None => peers.iter().map(|p| p.id.clone()).filter(|id| Some(id) != summarizer.as_ref()).collect(),
-                    };
-                    let rounds = p.rounds.unwrap_or(3);
-                    if rounds == 0 {
-                        let off = p.kind.span().start;
-                        cx.err_at(off, "protocol.rounds", "rounds must be at least 1");
-                    }
-                    if order.is_empty() && cx.errors.is_empty() {
-                        cx.err_at(p.kind.span().start, "protocol.order", "round robin needs at least one speaker");
-                    }
-                    Some(ProtocolSpec::RoundRobin(RoundRobinSpec {
-                        rounds,
-                        order,
-                        summarizer,
-                        instruction: p.instruction,
-                        summary_instruction: p.summary_instruction,
-                    }))
-                }
-                other => {
-                    cx.err_at(p.kind.span().start, "protocol.kind", format!("unknown protocol `{other}`; valid: {}", choices(ProtocolSpec::KINDS)));
-                    None
-                }
-            }
-        }
+        Some(p) => protocols::validate_protocol(&mut cx, p.into_inner(), &peer_ids),
     };
 
     let context = match raw.context {
         None => ContextPolicy::Full,
         Some(c) => {
             let c = c.into_inner();
-            match c.policy.get_ref().as_str() {
+            let policy = c.policy.get_ref().as_str();
+            let keys: &[&str] = match policy {
+                "full" => &[],
+                "last_k" => &["k"],
+                "summary" => &["keep_rounds", "summarizer", "instruction"],
+                _ => &["k", "keep_rounds", "summarizer", "instruction"],
+            };
+            let given = [
+                ("k", c.k.as_ref().map(|x| x.span().start)),
+                (
+                    "keep_rounds",
+                    c.keep_rounds.as_ref().map(|x| x.span().start),
+                ),
+                ("summarizer", c.summarizer.as_ref().map(|x| x.span().start)),
+                (
+                    "instruction",
+                    c.instruction.as_ref().map(|x| x.span().start),
+                ),
+            ];
+            for (key, at) in given {
+                if let Some(at) = at
+                    && !keys.contains(&key)
+                {
+                    let valid = if keys.is_empty() {
+                        "none".to_string()
+                    } else {
+                        choices(keys)
+                    };
+                    cx.err_at(
+                        at,
+                        format!("context.{key}"),
+                        format!("`{key}` does not apply to policy `{policy}`; its keys: {valid}"),
+                    );
+                }
+            }
+            match policy {
                 "full" => ContextPolicy::Full,
-                "last_k" => ContextPolicy::LastK { k: c.k.unwrap_or(6).max(1) },
+                "last_k" => ContextPolicy::LastK {
+                    k: c.k.map_or(6, Spanned::into_inner).max(1),
+                },
+                "summary" => {
+                    let summarizer = c.summarizer.as_ref().and_then(|s| {
+                        if peer_ids.iter().any(|p| p.as_str() == s.get_ref()) {
+                            Some(PeerId::from(s.get_ref().as_str()))
+                        } else {
+                            cx.err_at(
+                                s.span().start,
+                                "context.summarizer",
+                                format!(
+                                    "unknown peer `{}`; peers: {}",
+                                    s.get_ref(),
+                                    choices(&peer_ids)
+                                ),
+                            );
+                            None
+                        }
+                    });
+                    ContextPolicy::Summary {
+                        keep_rounds: c.keep_rounds.map_or(1, Spanned::into_inner),
+                        summarizer,
+                        instruction: c.instruction.map(Spanned::into_inner),
+                    }
+                }
                 other => {
-                    cx.err_at(c.policy.span().start, "context.policy", format!("unknown context policy `{other}`; valid: {}", choices(ContextPolicy::KINDS)));
+                    cx.err_at(
+                        c.policy.span().start,
+                        "context.policy",
+                        format!(
+                            "unknown context policy `{other}`; valid: {}",
+                            choices(ContextPolicy::KINDS)
+                        ),
+                    );
                     ContextPolicy::Full
                 }
             }
@@ -604,14 +746,22 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             max_cost_usd: b.max_cost_usd,
             max_calls: b.max_calls,
             max_wall_ms: b.max_wall_secs.map(|s| (s * 1000.0) as u64),
-            per_peer: PeerBudget { max_tokens: pp.max_tokens, max_cost_usd: pp.max_cost_usd, max_calls: pp.max_calls },
+            per_peer: PeerBudget {
+                max_tokens: pp.max_tokens,
+                max_cost_usd: pp.max_cost_usd,
+                max_calls: pp.max_calls,
+            },
         }
     });
     let presence = raw.presence.map_or_else(PresenceSpec::default, |p| {
         let d = PresenceSpec::default();
         PresenceSpec {
-            heartbeat_ms: p.heartbeat_secs.map_or(d.heartbeat_ms, |s| (s * 1000.0).max(10.0) as u64),
-            absent_after_ms: p.absent_after_secs.map_or(d.absent_after_ms, |s| (s * 1000.0).max(50.0) as u64),
+            heartbeat_ms: p
+                .heartbeat_secs
+                .map_or(d.heartbeat_ms, |s| (s * 1000.0).max(10.0) as u64),
+            absent_after_ms: p
+                .absent_after_secs
+                .map_or(d.absent_after_ms, |s| (s * 1000.0).max(50.0) as u64),
         }
     });
 
@@ -620,35 +770,53 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         return Err(TeamErrors(cx.errors));
     }
     Ok(TeamPlan {
-        name: raw.name.unwrap_or_else(|| file.rsplit('/').next().unwrap_or(file).trim_end_matches(".toml").to_string()),
+        name: raw.name.unwrap_or_else(|| {
+            file.rsplit('/')
+                .next()
+                .unwrap_or(file)
+                .trim_end_matches(".toml")
+                .to_string()
+        }),
         topic: raw.topic,
         models,
         peers,
         protocol: protocol.expect("no errors means a protocol"),
-        termination: raw.termination.map_or_else(Termination::default, RawTermination::into_termination),
+        termination: raw
+            .termination
+            .map_or_else(Termination::default, RawTermination::into_termination),
         budget,
         context,
         presence,
     })
 }
 
-fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn PlanEnv) -> Option<ModelSpec> {
+fn validate_model(
+    cx: &mut Ctx<'_>,
+    key: &str,
+    at: usize,
+    m: RawModel,
+    env: &dyn PlanEnv,
+) -> Option<ModelSpec> {
     let path = format!("models.{key}");
     let before = cx.errors.len();
     let need = |cx: &mut Ctx<'_>, v: &Option<String>, field: &str, what: &str| {
         if v.as_deref().is_none_or(str::is_empty) {
-            cx.err_at(at, format!("{path}.{field}"), format!("provider `{what}` needs `{field}`"));
+            cx.err_at(
+                at,
+                format!("{path}.{field}"),
+                format!("provider `{what}` needs `{field}`"),
+            );
         }
     };
     let check_key = |cx: &mut Ctx<'_>, k: &Option<Spanned<String>>| {
-        if let Some(k) = k {
-            if !env.var_is_set(k.get_ref()) {
-                cx.err_at(
+        if let Some(k) = k
+            && !env.var_is_set(k.get_ref())
+        {
+            cx.err_at(
                     k.span().start,
                     format!("{path}.api_key_env"),
                     format!("environment variable `{}` is not set; export it with your API key (the key itself never goes in the team file)", k.get_ref()),
                 );
-            }
         }
     };
     let provider = match m.provider {
@@ -657,7 +825,10 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
             check_key(cx, &m.api_key_env);
             ProviderSpec::Openai {
                 model: m.model.clone().unwrap_or_default(),
-                base_url: m.base_url.clone().unwrap_or_else(|| "https://api.openai.com/v1".into()),
+                base_url: m
+                    .base_url
+                    .clone()
+                    .unwrap_or_else(|| "https://api.openai.com/v1".into()),
                 api_key_env: m.api_key_env.map(Spanned::into_inner),
                 headers: m.headers,
                 query: m.query,
@@ -668,7 +839,10 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
             check_key(cx, &m.api_key_env);
             ProviderSpec::Anthropic {
                 model: m.model.clone().unwrap_or_default(),
-                base_url: m.base_url.clone().unwrap_or_else(|| "https://api.anthropic.com".into()),
+                base_url: m
+                    .base_url
+                    .clone()
+                    .unwrap_or_else(|| "https://api.anthropic.com".into()),
                 api_key_env: m.api_key_env.map(Spanned::into_inner),
             }
         }
@@ -686,11 +860,19 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
                         }
                         Err(e) => cx.err_at(f.span().start, format!("{path}.replies_file"), e),
                     },
-                    Err(e) => cx.err_at(f.span().start, format!("{path}.replies_file"), format!("cannot read {:?}: {e}", f.get_ref())),
+                    Err(e) => cx.err_at(
+                        f.span().start,
+                        format!("{path}.replies_file"),
+                        format!("cannot read {:?}: {e}", f.get_ref()),
+                    ),
                 }
             }
             if replies.is_empty() && per_peer.is_empty() && cx.errors.len() == before {
-                cx.err_at(at, format!("{path}.replies"), "a scripted model needs `replies`, `per_peer` or `replies_file`");
+                cx.err_at(
+                    at,
+                    format!("{path}.replies"),
+                    "a scripted model needs `replies`, `per_peer` or `replies_file`",
+                );
             }
             ProviderSpec::Scripted { replies, per_peer }
         }
@@ -698,12 +880,24 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
             let p = m.p_correct.unwrap_or(0.7);
             let s = m.susceptibility.unwrap_or(0.0);
             if !(0.0..=1.0).contains(&p) {
-                cx.err_at(at, format!("{path}.p_correct"), "p_correct must be between 0 and 1");
+                cx.err_at(
+                    at,
+                    format!("{path}.p_correct"),
+                    "p_correct must be between 0 and 1",
+                );
             }
             if !(0.0..=1.0).contains(&s) {
-                cx.err_at(at, format!("{path}.susceptibility"), "susceptibility must be between 0 and 1");
+                cx.err_at(
+                    at,
+                    format!("{path}.susceptibility"),
+                    "susceptibility must be between 0 and 1",
+                );
             }
-            ProviderSpec::Simulated { p_correct: p, susceptibility: s, seed: m.seed.unwrap_or(0) }
+            ProviderSpec::Simulated {
+                p_correct: p,
+                susceptibility: s,
+                seed: m.seed.unwrap_or(0),
+            }
         }
     };
     if cx.errors.len() > before {
@@ -721,7 +915,10 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
 
 /// A replies file: TOML with `replies = [...]` and `[per_peer]`, or plain text with
 /// replies separated by lines holding only `---`.
-fn parse_replies_file(name: &str, text: &str) -> Result<(Vec<String>, BTreeMap<String, Vec<String>>), String> {
+fn parse_replies_file(
+    name: &str,
+    text: &str,
+) -> Result<(Vec<String>, BTreeMap<String, Vec<String>>), String> {
     if name.ends_with(".toml") {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -799,13 +996,20 @@ max_calls = 20
         let plan = parse_team("t.toml", GOOD, &Env(vec!["OPENAI_API_KEY"])).unwrap();
         assert_eq!(plan.name, "trio");
         assert_eq!(plan.peers.len(), 2);
-        let ProtocolSpec::RoundRobin(rr) = &plan.protocol;
-        assert_eq!(rr.order, vec![PeerId::from("frontend"), PeerId::from("backend")]);
+        let ProtocolSpec::RoundRobin(rr) = &plan.protocol else {
+            panic!("round robin")
+        };
+        assert_eq!(
+            rr.order,
+            vec![PeerId::from("frontend"), PeerId::from("backend")]
+        );
         assert_eq!(
             plan.termination,
             Termination::Any(vec![
                 Termination::MaxMessages(10),
-                Termination::Any(vec![Termination::Any(vec![Termination::TextMention("AGREED".into())])])
+                Termination::Any(vec![Termination::Any(vec![Termination::TextMention(
+                    "AGREED".into()
+                )])])
             ])
         );
         assert_eq!(plan.budget.max_calls, Some(20));
@@ -831,7 +1035,10 @@ max_calls = 20
         assert_eq!(e.key, "peers[0].model");
         assert_eq!(e.line, 16);
         assert!(e.message.contains("`gpt`, `script`"), "{}", e.message);
-        assert!(e.to_string().starts_with("t.toml:16:9: `peers[0].model`"), "{e}");
+        assert!(
+            e.to_string().starts_with("t.toml:16:9: `peers[0].model`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -840,7 +1047,11 @@ max_calls = 20
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
         let e = &e.0[0];
         assert_eq!((e.line, e.key.as_str()), (6, "models.script.provider"));
-        assert!(e.message.contains("openai") && e.message.contains("simulated"), "{}", e.message);
+        assert!(
+            e.message.contains("openai") && e.message.contains("simulated"),
+            "{}",
+            e.message
+        );
 
         let src = GOOD.replace("temperature = 0.3", "temprature = 0.3");
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
@@ -854,18 +1065,31 @@ max_calls = 20
 
     #[test]
     fn unknown_protocol_and_peer_references() {
-        let src = GOOD.replace("kind = \"round_robin\"", "kind = \"round_robbin\"\nsummarizer = \"cfo\"");
+        let src = GOOD.replace(
+            "kind = \"round_robin\"",
+            "kind = \"round_robbin\"\nsummarizer = \"cfo\"",
+        );
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
-        assert!(e.0.iter().any(|e| e.key == "protocol.kind" && e.message.contains("`round_robin`")), "{e}");
+        assert!(
+            e.0.iter()
+                .any(|e| e.key == "protocol.kind" && e.message.contains("`round_robin`")),
+            "{e}"
+        );
         let src = GOOD.replace("rounds = 2", "rounds = 2\nsummarizer = \"cfo\"");
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
         assert_eq!(e.0[0].key, "protocol.summarizer");
-        assert!(e.0[0].message.contains("`backend`, `frontend`"), "{}", e.0[0].message);
+        assert!(
+            e.0[0].message.contains("`backend`, `frontend`"),
+            "{}",
+            e.0[0].message
+        );
     }
 
     #[test]
     fn duplicate_peer_ids_and_bad_values() {
-        let src = GOOD.replace("id = \"backend\"", "id = \"frontend\"").replace("temperature = 0.3", "temperature = 7.0");
+        let src = GOOD
+            .replace("id = \"backend\"", "id = \"frontend\"")
+            .replace("temperature = 0.3", "temperature = 7.0");
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
         let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["peers[1].id", "peers[1].temperature"]);

@@ -12,8 +12,26 @@
 //! n independent voters is a binomial tail).
 //!
 //! Answers end with `Answer: X`; in JSON mode the reply is `{"answer": "X", "confidence": c}`.
+//!
+//! # Protocol roles
+//! The model reads what it is asked from the JSON keys its instruction names, so every
+//! protocol runs offline with it. "Its answer" below is its own noisy solution; "the
+//! proposal" is the latest answer another peer stated in its context.
+//! - `satisfied` (a critic): satisfied when its answer equals the proposal.
+//! - `consensus_reached` (a judge): reached when the debaters' answers all agree; the
+//!   conclusion is their most common answer. `conclusion` alone (the final pick): its
+//!   answer when a debater gave it, else the most common one.
+//! - `approve` (a consensus vote): approves when its answer equals the proposal.
+//! - `concede` (a devil's advocate): objects with its answer when it differs;
+//!   otherwise concedes with probability `p_correct`, or objects with a wrong answer.
+//! - `valid` / `objection_valid`: the objection is valid when it names the model's own
+//!   answer (or, without an alternative, when the proposal differs from it).
+//! - `capability` (a bid): a number in 0.3–1.
+//! - An instruction starting with "Summarize": a summary of the answers in view.
+//!
+//! A question with no known answer is treated as a multiple choice whose right answer
+//! is `A` (wrong ones: `B`, `C`, `D`), so protocols on open topics still run.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -21,7 +39,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
-use super::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind, Role, estimate_tokens};
+use super::{ChatModel, ChatRequest, ChatResponse, ModelError, estimate_tokens};
 
 /// Knows the right answer to a question, when it can.
 pub type Oracle = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -80,15 +98,22 @@ impl Simulated {
 
 /// The last `Answer: X` (or, failing that, the last integer) in a text.
 pub fn extract_answer(text: &str) -> Option<String> {
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text.trim()) {
-        if let Some(a) = v.get("answer") {
-            return Some(a.as_str().map(str::to_owned).unwrap_or_else(|| a.to_string()));
-        }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text.trim())
+        && let Some(a) = v.get("answer")
+    {
+        return Some(
+            a.as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| a.to_string()),
+        );
     }
     let lower = text.to_ascii_lowercase();
     if let Some(pos) = lower.rfind("answer:") {
         let rest = text[pos + 7..].trim();
-        let ans: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != ',').collect();
+        let ans: String = rest
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != ',')
+            .collect();
         let ans = ans.trim_end_matches(['.', ';']);
         if !ans.is_empty() {
             return Some(ans.to_string());
@@ -106,13 +131,104 @@ fn last_integer(text: &str) -> Option<i64> {
             while start > 0 && b[start - 1].is_ascii_digit() {
                 start -= 1;
             }
-            let neg = start > 0 && b[start - 1] == b'-' && (start < 2 || !b[start - 2].is_ascii_alphanumeric());
+            let neg = start > 0
+                && b[start - 1] == b'-'
+                && (start < 2 || !b[start - 2].is_ascii_alphanumeric());
             let v: i64 = text[start..end].parse().ok()?;
             return Some(if neg { -v } else { v });
         }
         end -= 1;
     }
     None
+}
+
+/// What a protocol asks of the model, read from the JSON keys its instruction names.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ask {
+    Answer,
+    Summary,
+    Critique,
+    Judge,
+    JudgePick,
+    Approve,
+    Advocate,
+    ObjectionVote { key: &'static str },
+    Bid,
+}
+
+fn ask_of(req: &ChatRequest) -> Ask {
+    let i = req.instruction.as_deref().unwrap_or("");
+    let has = |k: &str| i.contains(&format!("\"{k}\""));
+    if has("satisfied") {
+        Ask::Critique
+    } else if has("consensus_reached") {
+        Ask::Judge
+    } else if has("conclusion") {
+        Ask::JudgePick
+    } else if has("approve") {
+        Ask::Approve
+    } else if has("concede") {
+        Ask::Advocate
+    } else if has("objection_valid") {
+        Ask::ObjectionVote {
+            key: "objection_valid",
+        }
+    } else if has("valid") {
+        Ask::ObjectionVote { key: "valid" }
+    } else if has("capability") {
+        Ask::Bid
+    } else if i.trim_start().starts_with("Summarize") {
+        Ask::Summary
+    } else {
+        Ask::Answer
+    }
+}
+
+/// Keys that mark a reply as a verdict or vote rather than an answer.
+const VERDICT_KEYS: [&str; 6] = [
+    "satisfied",
+    "consensus_reached",
+    "approve",
+    "valid",
+    "objection_valid",
+    "concede",
+];
+
+/// The answer a message states, unless it is a verdict or a vote.
+fn stated_answer(content: &str) -> Option<String> {
+    let json = crate::peer::parse_json_answer(content);
+    if json
+        .as_ref()
+        .is_some_and(|j| VERDICT_KEYS.iter().any(|k| j.get(k).is_some()))
+    {
+        return None;
+    }
+    crate::protocol::answers::extract(content, json.as_ref()).map(|e| e.answer.to_string())
+}
+
+/// The alternative answer an objection proposes, if any.
+fn objection_answer(content: &str) -> Option<String> {
+    let json = crate::peer::parse_json_answer(content)?;
+    json.get("concede")?;
+    json.get("answer").map(|a| {
+        a.as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| a.to_string())
+    })
+}
+
+fn plurality(answers: &[String]) -> Option<String> {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for a in answers {
+        match counts.iter_mut().find(|(k, _)| *k == a) {
+            Some(c) => c.1 += 1,
+            None => counts.push((a, 1)),
+        }
+    }
+    counts
+        .iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
+        .map(|(k, _)| k.to_string())
 }
 
 #[async_trait]
@@ -123,56 +239,155 @@ impl ChatModel for Simulated {
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
         let msgs: Vec<_> = req.messages().collect();
-        // The question: the first message that is not a peer's (the task).
-        let question = msgs
-            .iter()
-            .find(|m| m.name.is_none() || m.role == Role::User && self.oracle_knows(&m.content))
-            .map(|m| m.content.to_string())
-            .or_else(|| req.instruction.as_deref().map(str::to_owned))
-            .unwrap_or_default();
-        let Some(correct) = (self.oracle)(&question)
-            .or_else(|| msgs.iter().find_map(|m| (self.oracle)(&m.content)))
-        else {
-            return Err(ModelError::new(
-                ModelErrorKind::BadRequest,
-                "simulated model: no question with a known answer in the context",
-            ));
-        };
+        let ask = ask_of(req);
+        // The question: the instruction when it holds one (work items), else the first
+        // message that is not a peer's (the task), else any message.
+        let instruction = req.instruction.as_deref().unwrap_or("");
+        let known = |t: &str| (self.oracle)(t).map(|a| (t.to_string(), a));
+        let (question, correct) = known(instruction)
+            .or_else(|| {
+                msgs.iter()
+                    .find(|m| m.name.is_none())
+                    .and_then(|m| known(&m.content))
+            })
+            .or_else(|| msgs.iter().find_map(|m| known(&m.content)))
+            .unwrap_or_else(|| {
+                // No known answer: a generic question whose "right" answer is A.
+                let q = msgs
+                    .iter()
+                    .find(|m| m.name.is_none())
+                    .map_or_else(|| instruction.to_string(), |m| m.content.to_string());
+                (q, GENERIC_CORRECT.to_string())
+            });
         let mut rng = self.rng(req, &question);
 
-        // Others' latest answers in view.
-        let mut latest: HashMap<&str, String> = HashMap::new();
+        // Others' latest stated answers in view, in the order they were said.
+        let mut latest: Vec<(&str, String)> = Vec::new();
+        let mut last_other: Option<String> = None;
+        let mut objection: Option<String> = None;
         for m in &msgs {
-            if let Some(name) = &m.name {
-                if *name != req.peer {
-                    if let Some(a) = extract_answer(&m.content) {
-                        latest.insert(name.as_str(), a);
-                    }
+            if let Some(name) = &m.name
+                && *name != req.peer
+            {
+                if let Some(a) = stated_answer(&m.content) {
+                    latest.retain(|(n, _)| *n != name.as_str());
+                    latest.push((name.as_str(), a.clone()));
+                    last_other = Some(a);
+                }
+                if let Some(a) = objection_answer(&m.content) {
+                    objection = Some(a);
                 }
             }
         }
-        let swayed = !latest.is_empty() && rng.random_bool(self.susceptibility.clamp(0.0, 1.0));
+        let others: Vec<String> = latest.iter().map(|(_, a)| a.clone()).collect();
+        let swayed = !others.is_empty() && rng.random_bool(self.susceptibility.clamp(0.0, 1.0));
         let independent_correct = rng.random_bool(self.p_correct.clamp(0.0, 1.0));
-        let answer = if swayed {
-            let mut counts: HashMap<&str, usize> = HashMap::new();
-            for a in latest.values() {
-                *counts.entry(a.as_str()).or_default() += 1;
-            }
-            let mut best: Vec<(&str, usize)> = counts.into_iter().collect();
-            best.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-            best[0].0.to_string()
-        } else if independent_correct {
+        let own = if independent_correct {
             correct.clone()
         } else {
             plausible_wrong(&correct, &mut rng)
         };
-        let confidence = if answer == correct { rng.random_range(0.6..0.95) } else { rng.random_range(0.3..0.8) };
-        let text = if req.json {
-            serde_json::json!({ "answer": answer, "confidence": (confidence * 100.0f64).round() / 100.0 }).to_string()
-        } else if swayed {
-            format!("Having read the others' reasoning, I agree with them. Answer: {answer}")
+        let answer = if swayed && ask == Ask::Answer {
+            plurality(&others).unwrap_or_else(|| own.clone())
         } else {
-            format!("Working through the expression step by step. Answer: {answer}")
+            own.clone()
+        };
+        let confidence = if answer == correct {
+            rng.random_range(0.6..0.95)
+        } else {
+            rng.random_range(0.3..0.8)
+        };
+        let confidence = (confidence * 100.0f64).round() / 100.0;
+        let json = |v: serde_json::Value| v.to_string();
+        let text = match ask {
+            Ask::Answer if req.json => {
+                json(serde_json::json!({ "answer": answer, "confidence": confidence }))
+            }
+            Ask::Answer if swayed => {
+                format!("Having read the others' reasoning, I agree with them. Answer: {answer}")
+            }
+            Ask::Answer => format!("Working through the expression step by step. Answer: {answer}"),
+            Ask::Summary => match plurality(&others) {
+                Some(lead) => format!(
+                    "Summary: the answers given so far are {}; the most common is {lead}.",
+                    others.join(", ")
+                ),
+                None => "Summary: no answer has been given yet.".to_string(),
+            },
+            Ask::Critique => {
+                let target = last_other.clone().unwrap_or_default();
+                let satisfied = target == own;
+                let critique = if satisfied {
+                    format!("The proposal holds: I also get {own}.")
+                } else {
+                    format!("I get {own}, not {target}.")
+                };
+                json(
+                    serde_json::json!({ "satisfied": satisfied, "critique": critique, "answer": own }),
+                )
+            }
+            Ask::Judge => {
+                let agreed = others.len() >= 2 && others.iter().all(|a| *a == others[0]);
+                let conclusion = if agreed {
+                    others[0].clone()
+                } else {
+                    plurality(&others).unwrap_or_else(|| own.clone())
+                };
+                json(serde_json::json!({
+                    "consensus_reached": agreed,
+                    "conclusion": conclusion,
+                    "reason": if agreed { "the debaters agree" } else { "the debaters still disagree" },
+                }))
+            }
+            Ask::JudgePick => {
+                let conclusion = if others.contains(&own) {
+                    own.clone()
+                } else {
+                    plurality(&others).unwrap_or_else(|| own.clone())
+                };
+                json(
+                    serde_json::json!({ "conclusion": conclusion, "reason": "the best-supported answer" }),
+                )
+            }
+            Ask::Approve => {
+                let target = last_other.clone().unwrap_or_default();
+                let approve = target == own;
+                let reason = if approve {
+                    format!("I also get {own}.")
+                } else {
+                    format!("I get {own}, not {target}.")
+                };
+                json(serde_json::json!({ "approve": approve, "reason": reason, "answer": own }))
+            }
+            Ask::Advocate => {
+                let target = last_other.clone().unwrap_or_default();
+                if own != target {
+                    json(
+                        serde_json::json!({ "objection": format!("The proposal is wrong: I get {own}."), "concede": false, "answer": own }),
+                    )
+                } else if rng.random_bool(self.p_correct.clamp(0.0, 1.0)) {
+                    json(serde_json::json!({ "objection": "", "concede": true }))
+                } else {
+                    let alt = plausible_wrong(&correct, &mut rng);
+                    json(
+                        serde_json::json!({ "objection": format!("Could it not be {alt}?"), "concede": false, "answer": alt }),
+                    )
+                }
+            }
+            Ask::ObjectionVote { key } => {
+                let proposal = last_other.clone().unwrap_or_default();
+                let valid = match &objection {
+                    Some(alt) => *alt == own,
+                    None => own != proposal,
+                };
+                json(serde_json::json!({ key: valid, "reason": format!("I get {own}.") }))
+            }
+            Ask::Bid => {
+                let c: f64 = rng.random_range(0.3..1.0);
+                json(
+                    serde_json::json!({ "capability": (c * 100.0).round() / 100.0, "reason": "my own estimate" }),
+                )
+            }
         };
         req.emit(&text);
         Ok(ChatResponse {
@@ -185,11 +400,8 @@ impl ChatModel for Simulated {
     }
 }
 
-impl Simulated {
-    fn oracle_knows(&self, text: &str) -> bool {
-        (self.oracle)(text).is_some()
-    }
-}
+/// The answer the simulated model treats as right for a question it cannot solve.
+pub const GENERIC_CORRECT: &str = "A";
 
 fn plausible_wrong(correct: &str, rng: &mut ChaCha8Rng) -> String {
     match correct.parse::<i64>() {
@@ -200,7 +412,7 @@ fn plausible_wrong(correct: &str, rng: &mut ChaCha8Rng) -> String {
             }
             (v + d).to_string()
         }
-        Err(_) => format!("not {correct}"),
+        Err(_) => ["B", "C", "D"][rng.random_range(0..3)].to_string(),
     }
 }
 
@@ -215,7 +427,10 @@ pub mod arithmetic {
         let n: Vec<i64> = (0..6).map(|_| rng.random_range(0..30)).collect();
         let expr = format!("{}+{}*{}+{}-{}*{}", n[0], n[1], n[2], n[3], n[4], n[5]);
         let ans = n[0] + n[1] * n[2] + n[3] - n[4] * n[5];
-        (format!("What is the result of {expr}? End your reply with 'Answer: <number>'."), ans)
+        (
+            format!("What is the result of {expr}? End your reply with 'Answer: <number>'."),
+            ans,
+        )
     }
 
     /// Evaluate the first arithmetic expression (integers, + - *, at least one
@@ -231,10 +446,10 @@ pub mod arithmetic {
                     j += 1;
                 }
                 let cand = text[start..j].trim_end_matches([' ', '+', '-', '*']);
-                if cand.contains(['+', '-', '*']) {
-                    if let Some(v) = eval(cand) {
-                        return Some(v);
-                    }
+                if cand.contains(['+', '-', '*'])
+                    && let Some(v) = eval(cand)
+                {
+                    return Some(v);
                 }
                 i = j.max(i + 1);
             } else {
@@ -302,7 +517,10 @@ mod tests {
         assert_eq!(arithmetic::eval("3+4*5+6-7*8"), Some(3 + 20 + 6 - 56));
         assert_eq!(arithmetic::eval("2*3*4"), Some(24));
         assert_eq!(arithmetic::eval("10-2-3"), Some(5));
-        assert_eq!(arithmetic::answer_in("What is the result of 1+2*3? End"), Some(7));
+        assert_eq!(
+            arithmetic::answer_in("What is the result of 1+2*3? End"),
+            Some(7)
+        );
         let (q, a) = arithmetic::question(7, 3);
         assert_eq!(arithmetic::answer_in(&q), Some(a));
         assert_eq!(arithmetic::question(7, 3), arithmetic::question(7, 3));
@@ -312,7 +530,10 @@ mod tests {
     #[test]
     fn extracts_answers() {
         assert_eq!(extract_answer("so... Answer: -42."), Some("-42".into()));
-        assert_eq!(extract_answer("{\"answer\": \"17\", \"confidence\": 0.9}"), Some("17".into()));
+        assert_eq!(
+            extract_answer("{\"answer\": \"17\", \"confidence\": 0.9}"),
+            Some("17".into())
+        );
         assert_eq!(extract_answer("I think 12 then 13"), Some("13".into()));
         assert_eq!(extract_answer("nothing"), None);
     }

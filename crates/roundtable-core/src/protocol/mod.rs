@@ -2,15 +2,56 @@
 //!
 //! Every peer runs its own [`Reducer`] over the same log and so reaches the same state:
 //! whose turn it is, what round it is, whether the protocol has finished and with what
-//! answer. From that state each peer reads its own [`Duty`] — speak, post, or nothing —
-//! and no coordinator is needed. A reducer never reads the clock, never draws random
-//! numbers and never looks at anything but the entries it is given.
+//! answer. From that state each peer reads its own [`Duty`] — speak, post, commit,
+//! reveal, measure, write the board, claim work, or nothing — and no coordinator is
+//! needed. A reducer never reads the clock, never draws random numbers and never looks
+//! at anything but the entries it is given.
 //!
 //! The generic parts every protocol shares (the task, the tally, absent peers, the stop
-//! decision, budgets) live in [`crate::session::SessionState`], which drives the
-//! reducer.
+//! decision, budgets, summaries of older rounds) live in
+//! [`crate::session::SessionState`], which drives the reducer.
+//!
+//! # Shared rules
+//! - A duty's step, with the session and the peer (or `*` for a collective duty),
+//!   determines the envelope id, so a duty done twice lands once.
+//! - A failure envelope for a step consumes the step: the protocol moves on without
+//!   that contribution. A failing peer never stalls a protocol.
+//! - A peer recorded absent is skipped: rounds complete without it, turns pass it by,
+//!   its tasks are released. When every peer a protocol waits for is absent, the
+//!   session stops with the best answer so far.
+//! - Ties are broken by the team order of the peers involved (never by timing), so the
+//!   decision is the same whatever order concurrent answers landed in.
+//!
+//! | kind | module |
+//! |---|---|
+//! | `round_robin` | [`round_robin`] |
+//! | `debate` | [`debate`] |
+//! | `proposer_critic` | [`proposer_critic`] |
+//! | `judged_debate` | [`judged_debate`] |
+//! | `jury` | [`jury`] |
+//! | `consensus` | [`consensus`] |
+//! | `emergent` | [`emergent`] |
+//! | `adversarial` | [`adversarial`] |
+//! | `blackboard` | [`blackboard`] |
+//! | `work_queue` | [`work_queue`] |
+//! | `contract_net` | [`contract_net`] |
+//! | `hybrid` | [`hybrid`] |
 
+pub mod adversarial;
+pub mod answers;
+pub mod blackboard;
+pub mod consensus;
+pub mod contract_net;
+pub mod debate;
+pub mod emergent;
+pub mod hybrid;
+pub mod judged_debate;
+pub mod jury;
+pub mod proposer_critic;
 pub mod round_robin;
+pub mod rounds;
+pub mod seal;
+pub mod work_queue;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,6 +71,17 @@ pub struct Facts<'a> {
     pub task: Option<&'a Arc<Envelope>>,
 }
 
+impl Facts<'_> {
+    pub fn is_absent(&self, p: &PeerId) -> bool {
+        self.absent.contains(p)
+    }
+    /// The task's text (the topic or question).
+    pub fn topic(&self) -> Arc<str> {
+        self.task
+            .map_or_else(|| Arc::from(""), |t| t.body.text.clone())
+    }
+}
+
 /// Something a peer must do now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Duty {
@@ -40,9 +92,56 @@ pub struct Duty {
     pub round: u32,
     pub parents: Vec<EnvelopeId>,
     pub action: Action,
-    /// A decision any peer may record (a stop, an absence): its id does not depend on
-    /// which peer records it, so the first one wins and the others are duplicates.
+    /// A decision any peer may record (a stop, an absence, a task's result): its id
+    /// does not depend on which peer records it, so the first one wins and the others
+    /// are duplicates.
     pub collective: bool,
+}
+
+/// What a model call sees besides the system prompt and the instruction.
+#[derive(Clone, Debug, PartialEq)]
+pub enum View {
+    /// The peer's visible history under the team's context policy.
+    History,
+    /// The task alone: an independent answer.
+    Task,
+    /// The task, then these messages (e.g. the others' answers of the previous round).
+    Shown(Vec<Shown>),
+    /// The task, the current summary, and the history of the rounds after the summary
+    /// up to `upto`: the input of a summarizer.
+    ToSummarize { upto: u32 },
+}
+
+/// A message shown to a model by a [`View::Shown`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shown {
+    pub from: PeerId,
+    pub text: Arc<str>,
+}
+
+impl Shown {
+    pub fn new(from: &PeerId, text: &Arc<str>) -> Self {
+        Shown {
+            from: from.clone(),
+            text: text.clone(),
+        }
+    }
+}
+
+/// The last write the log knows for a blackboard key: who made it at which step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BoardMark {
+    pub by: PeerId,
+    pub step: Arc<str>,
+    pub text: Arc<str>,
+}
+
+/// A work item a claim may push before claiming (pushes are idempotent by id).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueItem {
+    /// The queue's id for this delivery of the task (`task` or `task#n` after a release).
+    pub id: String,
+    pub task: String,
 }
 
 /// How a duty is carried out.
@@ -54,9 +153,34 @@ pub enum Action {
         instruction: Option<Arc<str>>,
         /// Ask for a JSON object and store it parsed in the body.
         json: bool,
+        view: View,
     },
     /// Append this body as it is, without a model call.
     Post { body: Body },
+    /// Call the model and commit to its answer without showing it: the envelope holds
+    /// a hash commitment and the answer sealed with the peer's secret (see [`seal`]).
+    Commit {
+        instruction: Option<Arc<str>>,
+        json: bool,
+        view: View,
+    },
+    /// Open this peer's own commitment (the commit envelope given): post the answer and
+    /// the salt, which every peer checks against the commitment.
+    Reveal { commit: Arc<Envelope> },
+    /// Measure the pairwise similarity of these answers with the peer's embedder and
+    /// record it (an embedder call is a model call: budget-checked and on the log).
+    Measure { texts: Vec<Shown> },
+    /// Call the model, then write its answer to `key` on the shared blackboard with
+    /// compare-and-set against the write the log knows last (`after`), and record the
+    /// write — or the lost race — on the log.
+    BoardWrite {
+        instruction: Option<Arc<str>>,
+        key: Arc<str>,
+        after: Option<BoardMark>,
+    },
+    /// Push these items to the shared work queue (idempotent), claim one, and record
+    /// the claim. Nothing is recorded when no item is handed out.
+    Claim { items: Vec<QueueItem> },
 }
 
 impl Duty {
@@ -68,6 +192,80 @@ impl Duty {
             EnvelopeId::derive(session, me, &self.step)
         }
     }
+
+    /// A model call broadcast to everyone.
+    pub fn speak(
+        step: impl Into<Arc<str>>,
+        kind: Kind,
+        round: u32,
+        instruction: Option<Arc<str>>,
+        json: bool,
+        view: View,
+    ) -> Self {
+        Duty {
+            step: step.into(),
+            kind,
+            to: Recipient::All,
+            round,
+            parents: Vec::new(),
+            action: Action::Speak {
+                instruction,
+                json,
+                view,
+            },
+            collective: false,
+        }
+    }
+
+    /// A post without a model call, broadcast to everyone.
+    pub fn post(step: impl Into<Arc<str>>, kind: Kind, round: u32, body: Body) -> Self {
+        Duty {
+            step: step.into(),
+            kind,
+            to: Recipient::All,
+            round,
+            parents: Vec::new(),
+            action: Action::Post { body },
+            collective: false,
+        }
+    }
+
+    pub fn with_parents(mut self, parents: Vec<EnvelopeId>) -> Self {
+        self.parents = parents;
+        self
+    }
+
+    pub fn collective(mut self) -> Self {
+        self.collective = true;
+        self
+    }
+
+    pub fn to(mut self, to: Recipient) -> Self {
+        self.to = to;
+        self
+    }
+}
+
+/// A rejection any peer may record for audit (a malformed vote, a reveal that does
+/// not match its commitment): a collective failure envelope, so it lands once.
+pub fn rejection(
+    step: String,
+    round: u32,
+    peer: &PeerId,
+    error: &str,
+    text: String,
+    of: &EnvelopeId,
+) -> Duty {
+    Duty::post(
+        step,
+        Kind::Failure,
+        round,
+        Body::text(text).with_json(
+            serde_json::json!({ "error": error, "peer": peer.as_str(), "envelope": of.as_str() }),
+        ),
+    )
+    .with_parents(vec![of.clone()])
+    .collective()
 }
 
 /// A protocol's natural end.
@@ -98,5 +296,31 @@ pub trait Reducer: Send + Sync {
 pub fn reducer_for(plan: &TeamPlan) -> Box<dyn Reducer> {
     match &plan.protocol {
         ProtocolSpec::RoundRobin(spec) => Box::new(round_robin::RoundRobin::new(spec.clone())),
+        ProtocolSpec::Debate(spec) => Box::new(debate::Debate::new(spec.clone())),
+        ProtocolSpec::ProposerCritic(spec) => {
+            Box::new(proposer_critic::ProposerCritic::new(spec.clone()))
+        }
+        ProtocolSpec::JudgedDebate(spec) => {
+            Box::new(judged_debate::JudgedDebate::new(spec.clone()))
+        }
+        ProtocolSpec::Jury(spec) => Box::new(jury::Jury::new(spec.clone())),
+        ProtocolSpec::Consensus(spec) => Box::new(consensus::Consensus::new(spec.clone())),
+        ProtocolSpec::Emergent(spec) => Box::new(emergent::Emergent::new(spec.clone())),
+        ProtocolSpec::Adversarial(spec) => Box::new(adversarial::Adversarial::new(spec.clone())),
+        ProtocolSpec::Blackboard(spec) => {
+            Box::new(blackboard::BlackboardProtocol::new(spec.clone()))
+        }
+        ProtocolSpec::WorkQueue(spec) => Box::new(work_queue::WorkQueueProtocol::new(spec.clone())),
+        ProtocolSpec::ContractNet(spec) => Box::new(contract_net::ContractNet::new(spec.clone())),
+        ProtocolSpec::Hybrid(spec) => Box::new(hybrid::Hybrid::new(spec.clone())),
     }
+}
+
+/// `{key}` substitutions in configurable instructions.
+pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut s = template.to_string();
+    for (k, v) in vars {
+        s = s.replace(&format!("{{{k}}}"), v);
+    }
+    s
 }

@@ -1,13 +1,22 @@
 //! Round robin: peers take turns in a ring; each builds on or challenges what came
 //! before. After the configured rounds an optional summarizer writes the final answer.
 //!
-//! Turn `t` belongs to `order[t % n]` and is recorded with step `turn/{t}`; a failure
-//! envelope for that step also consumes the turn, so one failing peer cannot stall the
-//! ring. The turn of a peer noticed absent is skipped.
+//! - **Steps.** Turn `t` belongs to `order[t % n]` and is recorded with step `turn/{t}`
+//!   (round `t / n`); then, with a summarizer, step `final`.
+//! - **Duties.** The holder of the current turn speaks with its visible history under
+//!   the team's context policy; everyone else waits. After the last round the
+//!   summarizer writes the final answer.
+//! - **Decision.** The summarizer's answer, or without one the last contribution.
+//! - **Failures.** A failure envelope for a turn consumes it, so one failing peer
+//!   cannot stall the ring; a failed final step finishes with the last contribution.
+//! - **Absent peers.** Their turns are skipped; an absent summarizer is done without.
+//!
+//! Team-file keys: `rounds` (3), `order` (every peer but the summarizer), `summarizer`,
+//! `instruction` (`{round}`, `{rounds}`, `{peer}` are filled in), `summary_instruction`.
 
 use std::sync::Arc;
 
-use super::{Action, Duty, Facts, Finish, Reducer};
+use super::{Action, Duty, Facts, Finish, Reducer, View};
 use crate::envelope::{EnvelopeId, Kind, PeerId, Recipient};
 use crate::log::Entry;
 use crate::team::RoundRobinSpec;
@@ -28,7 +37,13 @@ const FINAL_STEP: &str = "final";
 
 impl RoundRobin {
     pub fn new(spec: RoundRobinSpec) -> Self {
-        RoundRobin { spec, turn: 0, last: None, final_answer: None, final_skipped: false }
+        RoundRobin {
+            spec,
+            turn: 0,
+            last: None,
+            final_answer: None,
+            final_skipped: false,
+        }
     }
 
     fn n(&self) -> u64 {
@@ -58,12 +73,17 @@ impl RoundRobin {
 impl Reducer for RoundRobin {
     fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
         let env = &entry.env;
-        if !self.rounds_done() && env.step.as_ref() == format!("turn/{}", self.turn) && &env.from == self.holder(self.turn) {
+        if !self.rounds_done()
+            && env.step.as_ref() == format!("turn/{}", self.turn)
+            && &env.from == self.holder(self.turn)
+        {
             if env.kind == Kind::Message {
                 self.last = Some((env.body.text.clone(), env.id.clone()));
             }
             self.turn += 1;
-        } else if env.step.as_ref() == FINAL_STEP && Some(&env.from) == self.spec.summarizer.as_ref() {
+        } else if env.step.as_ref() == FINAL_STEP
+            && Some(&env.from) == self.spec.summarizer.as_ref()
+        {
             if env.kind == Kind::Message {
                 self.final_answer = Some((env.body.text.clone(), env.id.clone()));
             } else {
@@ -92,12 +112,21 @@ impl Reducer for RoundRobin {
                 to: Recipient::All,
                 round,
                 parents: self.last.iter().map(|(_, id)| id.clone()).collect(),
-                action: Action::Speak { instruction, json: false },
+                action: Action::Speak {
+                    instruction,
+                    json: false,
+                    view: View::History,
+                },
                 collective: false,
             }];
         }
         match &self.spec.summarizer {
-            Some(s) if s == me && self.final_answer.is_none() && !self.final_skipped && !facts.absent.contains(me) => {
+            Some(s)
+                if s == me
+                    && self.final_answer.is_none()
+                    && !self.final_skipped
+                    && !facts.absent.contains(me) =>
+            {
                 let instruction = self.spec.summary_instruction.clone().unwrap_or_else(|| {
                     "The discussion is over. Summarize the trade-offs raised and give the team's recommendation.".into()
                 });
@@ -107,7 +136,11 @@ impl Reducer for RoundRobin {
                     to: Recipient::All,
                     round: self.spec.rounds,
                     parents: self.last.iter().map(|(_, id)| id.clone()).collect(),
-                    action: Action::Speak { instruction: Some(Arc::from(instruction)), json: false },
+                    action: Action::Speak {
+                        instruction: Some(Arc::from(instruction)),
+                        json: false,
+                        view: View::History,
+                    },
                     collective: false,
                 }]
             }
@@ -141,7 +174,10 @@ impl Reducer for RoundRobin {
     }
 
     fn signals(&self) -> Signals {
-        Signals { round: (self.turn / self.n().max(1)) as u32, ..Default::default() }
+        Signals {
+            round: (self.turn / self.n().max(1)) as u32,
+            ..Default::default()
+        }
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {
