@@ -4,10 +4,9 @@
 //! subject of its own, `rt.<session>.log.<envelope id>`, with the header
 //! `Nats-Expected-Last-Subject-Sequence: 0`: the server refuses a second message on that
 //! subject, so an envelope id lands on the log at most once **for the whole life of the
-//! stream**, atomically, whichever process appends it — not only within the 2-minute
-//! `Nats-Msg-Id` window (that header is set too, so a retry within the window gets the
-//! original sequence number straight from the server). A refused append looks up the
-//! original's sequence number by subject (`seq_of` is one server lookup, no scan).
+//! stream**, atomically, whichever process appends it (a `Nats-Msg-Id` would only
+//! deduplicate within a 2-minute window). A refused append looks up the original's
+//! sequence number by subject: `seq_of` is one server lookup, not a scan.
 //!
 //! The log's sequence number is the stream sequence: 1, 2, 3, … with no gaps, since
 //! nothing is ever deleted from the stream. `append` returns when the server has stored
@@ -20,7 +19,7 @@
 use std::sync::Arc;
 
 use async_nats::HeaderMap;
-use async_nats::header::{NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, NATS_MESSAGE_ID};
+use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -128,7 +127,6 @@ impl SessionLog for NatsLog {
         }
         let mut headers = HeaderMap::new();
         headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
-        headers.insert(NATS_MESSAGE_ID, env.id.as_str());
         let what = || format!("appending {} to session {}", env.id, self.session);
         let ack = self
             .js

@@ -48,6 +48,8 @@ use tokio::time::Instant;
 use crate::{open_bucket, queue_error, token};
 
 const CONSUMER: &str = "workers";
+/// The consumer's description: this, then the queue's `max_deliver`.
+const MAX_DELIVER_TAG: &str = "roundtable work queue claimers; max_deliver=";
 
 /// A task as stored on the stream.
 #[derive(Serialize, Deserialize)]
@@ -109,7 +111,8 @@ fn lost(claim: &Claim, why: &str) -> QueueError {
 
 impl NatsWorkQueue {
     /// Open (creating when needed) the work queue of `session`. When the queue exists,
-    /// its consumer keeps the lease it was created with.
+    /// it keeps the lease and `max_deliver` it was created with, whatever `config` says
+    /// ([`WorkQueue::config`] tells which).
     pub async fn open(
         js: &jetstream::Context,
         session: &SessionId,
@@ -134,7 +137,7 @@ impl NatsWorkQueue {
                 CONSUMER,
                 consumer::pull::Config {
                     durable_name: Some(CONSUMER.into()),
-                    description: Some("the claimers of the work queue".into()),
+                    description: Some(format!("{MAX_DELIVER_TAG}{}", config.max_deliver)),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: config.lease,
                     // Dead letters are handled by the queue (see the module docs).
@@ -145,6 +148,19 @@ impl NatsWorkQueue {
             )
             .await
             .map_err(|e| queue_error(&what, e))?;
+        // The first opener's settings hold for everyone: the lease is the consumer's
+        // ack_wait, and max_deliver (enforced by the claimers) is kept in its description.
+        let existing = &consumer.cached_info().config;
+        let max_deliver = existing
+            .description
+            .as_deref()
+            .and_then(|d| d.strip_prefix(MAX_DELIVER_TAG))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(config.max_deliver);
+        let config = QueueConfig {
+            lease: existing.ack_wait,
+            max_deliver,
+        };
         let bucket = |kind: &str, about: &str| {
             let name = format!("RTQ{kind}_{tok}");
             let description = format!("{about} of session {session}");
