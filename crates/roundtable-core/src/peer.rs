@@ -885,7 +885,7 @@ async fn turn_span(cfg: &PeerConfig, st: &SessionState, duty: &Duty) -> tracing:
         gen_ai.agent.name = %cfg.me,
         gen_ai.conversation.id = %st.session,
         roundtable.step = %duty.step,
-        roundtable.round = duty.round,
+        roundtable.round = i64::from(duty.round),
     );
     if crate::telemetry::enabled() && !span.is_disabled() {
         crate::telemetry::set_parent(&span, st.task.as_ref().and_then(|t| t.trace.as_deref()));
@@ -919,7 +919,7 @@ fn chat_span(
         gen_ai.provider.name = model.map_or("unknown", |m| m.provider.kind()),
         gen_ai.request.model = %name,
         gen_ai.request.temperature = spec.temperature.map(f64::from),
-        gen_ai.request.max_tokens = req.max_tokens,
+        gen_ai.request.max_tokens = req.max_tokens.map(i64::from),
         gen_ai.agent.name = %cfg.me,
         gen_ai.response.model = tracing::field::Empty,
         gen_ai.response.finish_reasons = tracing::field::Empty,
@@ -938,12 +938,14 @@ fn record_chat(
     if span.is_disabled() {
         return;
     }
-    span.record("roundtable.latency_ms", latency_ms);
+    // Integers as i64: OpenTelemetry has no unsigned attributes.
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    span.record("roundtable.latency_ms", int(latency_ms));
     match result {
         Ok(r) => {
             span.record("gen_ai.response.model", r.model.as_str());
-            span.record("gen_ai.usage.input_tokens", r.prompt_tokens);
-            span.record("gen_ai.usage.output_tokens", r.completion_tokens);
+            span.record("gen_ai.usage.input_tokens", int(r.prompt_tokens));
+            span.record("gen_ai.usage.output_tokens", int(r.completion_tokens));
             if let Some(f) = &r.finish_reason {
                 span.record("gen_ai.response.finish_reasons", f.as_str());
             }
