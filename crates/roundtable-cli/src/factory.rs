@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use roundtable_core::PeerId;
-use roundtable_core::model::layers::{LayerConfig, RetryPolicy, standard_stack};
+use roundtable_core::model::layers::{LayerConfig, RetryObserver, RetryPolicy, standard_stack};
 use roundtable_core::model::scripted::Scripted;
 use roundtable_core::model::simulated::Simulated;
 use roundtable_core::model::{ChatModel, ModelError, ModelErrorKind};
@@ -69,6 +69,15 @@ pub(crate) fn provider(key: &str, spec: &ModelSpec) -> Result<Arc<dyn ChatModel>
 /// One layered model per model spec (so its concurrency limit is shared by the peers
 /// that use it), handed to each peer.
 pub(crate) fn models_for(plan: &TeamPlan, only: Option<&PeerId>) -> Result<HashMap<PeerId, Arc<dyn ChatModel>>, ModelError> {
+    models_observed(plan, only, None)
+}
+
+/// [`models_for`], with an observer of the retry layer (for metrics).
+pub(crate) fn models_observed(
+    plan: &TeamPlan,
+    only: Option<&PeerId>,
+    retries: Option<RetryObserver>,
+) -> Result<HashMap<PeerId, Arc<dyn ChatModel>>, ModelError> {
     let mut built: HashMap<&str, Arc<dyn ChatModel>> = HashMap::new();
     let mut out = HashMap::new();
     for p in &plan.peers {
@@ -87,7 +96,7 @@ pub(crate) fn models_for(plan: &TeamPlan, only: Option<&PeerId>) -> Result<HashM
                         timeout: Duration::from_millis(spec.timeout_ms),
                         max_concurrency: spec.max_concurrency,
                     },
-                    None,
+                    retries.clone(),
                 );
                 built.insert(&p.model, layered.clone());
                 layered

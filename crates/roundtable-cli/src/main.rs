@@ -2,6 +2,7 @@
 //! plus glue; every decision lives in `roundtable-core`.
 
 mod factory;
+mod observe;
 mod render;
 
 use std::path::{Path, PathBuf};
@@ -66,6 +67,9 @@ enum Command {
         /// Sync every write to disk (survives power loss, not only crashes).
         #[arg(long)]
         fsync: bool,
+        /// Serve Prometheus metrics of the session at http://ADDR/metrics while it runs.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Check a team file and print the plan it becomes; runs nothing.
     Validate {
@@ -100,6 +104,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Explain a session: who answered whom, which messages led to the decision, what
+    /// each peer cost, and why it stopped (text, Mermaid, DOT or JSON).
+    Trace(observe::TraceArgs),
+    /// Re-run a session from its recorded model outputs, with no model calls, and check
+    /// that every decision comes out the same (exit 1 at the first divergence).
+    Replay(observe::ReplayArgs),
+    /// Start a new session from the first envelopes of another, optionally with one
+    /// message edited, and continue it with live models.
+    Fork(observe::ForkArgs),
+    /// Serve the live web view of the sessions (loopback only by default).
+    Ui(observe::UiArgs),
 }
 
 /// A failure, with the exit code it maps to.
@@ -121,12 +136,9 @@ impl From<LogError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ROUNDTABLE_LOG").unwrap_or_else(|_| "error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs on stderr (ROUNDTABLE_LOG), spans over OTLP when OTEL_* ask for it; dropped
+    // after the runtime, which flushes pending spans.
+    let _telemetry = roundtable_observe::telemetry::init("ROUNDTABLE_LOG");
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -171,12 +183,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { team, topic, json, no_persist, fsync } => {
+        Command::Run { team, topic, json, no_persist, fsync, metrics } => {
             let plan = load_plan(&team)?;
             let topic = topic.or_else(|| plan.topic.clone()).ok_or_else(|| {
                 Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
             })?;
-            let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
+            let watch = observe::RunWatch::start(metrics).await?;
+            let models =
+                factory::models_observed(&plan, None, watch.retry_observer()).map_err(|e| Failure::Input(e.to_string()))?;
             let session = new_session_id();
             let log: Arc<dyn SessionLog> = if no_persist {
                 let store = roundtable_core::log::MemStore::new();
@@ -185,8 +199,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 let store = open_store(&dir, true, if fsync { Durability::Full } else { Durability::Normal })?;
                 store.open(&session, true).await?
             };
-            open_session(log.as_ref(), &plan, &topic).await?;
-            let summary = drive(log, &plan, models, json).await?;
+            let summary = watch
+                .session(&session, &plan, &log, async {
+                    open_session(log.as_ref(), &plan, &topic).await?;
+                    drive(log.clone(), &plan, models, json).await
+                })
+                .await?;
             finish(&summary, json)
         }
         Command::Resume { session, json } => {
@@ -283,6 +301,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Trace(args) => observe::trace(&dir, args).await,
+        Command::Replay(args) => observe::replay_cmd(&dir, args).await,
+        Command::Fork(args) => observe::fork(&dir, args).await,
+        Command::Ui(args) => observe::ui(&dir, args).await,
         Command::Import { file } => {
             let text = std::fs::read_to_string(&file).map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
             let envs = jsonl::parse(&file.display().to_string(), &text).map_err(|e| Failure::Input(e.to_string()))?;

@@ -1,0 +1,262 @@
+//! `roundtable trace | replay | fork | ui`, and what `run` needs for observability (the
+//! session span, `--metrics`). The logic lives in `roundtable-observe`; this is glue.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use roundtable_core::log::{Entry, LogStore, SessionLog};
+use roundtable_core::model::layers::RetryObserver;
+use roundtable_core::session::{new_session_id, plan_of};
+use roundtable_core::team::TeamPlan;
+use roundtable_core::{Kind, SessionId};
+use roundtable_observe::fork::{Edit, fork_envelopes};
+use roundtable_observe::metrics::{self, Metrics, Source};
+use roundtable_observe::replay::{ReplayOptions, replay};
+use roundtable_observe::telemetry::session_span;
+use roundtable_observe::trace::Trace;
+use roundtable_sqlite::{Durability, SqliteReader};
+use tracing::Instrument;
+
+use crate::{Failure, factory};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum TraceFormat {
+    /// For people: who said what to whom, why it stopped, cost per peer.
+    Text,
+    /// A Mermaid flowchart of the causal graph.
+    Mermaid,
+    /// A Graphviz digraph of the causal graph.
+    Dot,
+    /// Everything, for tools.
+    Json,
+}
+
+#[derive(Args)]
+pub(crate) struct TraceArgs {
+    /// A session id (see `roundtable sessions`), or a JSON-lines export of one.
+    session: String,
+    #[arg(long, value_enum, default_value_t = TraceFormat::Text)]
+    format: TraceFormat,
+}
+
+#[derive(Args)]
+pub(crate) struct ReplayArgs {
+    /// A session id, or a JSON-lines export of one.
+    session: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct ForkArgs {
+    /// The session to fork: a session id, or a JSON-lines export of one.
+    session: String,
+    /// Keep the session's envelopes 1 to SEQ (the numbers `roundtable log` and `trace`
+    /// show), then continue with live models.
+    #[arg(long, value_name = "SEQ")]
+    at: u64,
+    /// Replace the text of one kept envelope first: its id (or a unique prefix of it, or
+    /// #SEQ), `=`, and the new text.
+    #[arg(long, value_name = "ENVELOPE_ID=TEXT")]
+    edit: Option<Edit>,
+    /// Print only a JSON summary when the new session ends.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct UiArgs {
+    /// Where to serve the page. Loopback by default: the page shows everything the
+    /// sessions said.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7600")]
+    addr: SocketAddr,
+    /// Also serve Prometheus metrics of every session at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+/// A session's entries, from the store or from a JSON-lines export file.
+async fn load(dir: &Path, session: &str) -> Result<(SessionId, Vec<Entry>), Failure> {
+    let path = Path::new(session);
+    let entries = if path.is_file() {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Failure::Input(format!("{session}: {e}")))?;
+        roundtable_observe::entries_from_jsonl(session, &text).map_err(Failure::Input)?
+    } else {
+        let store = crate::open_store(dir, false, Durability::Normal)?;
+        let log = store.open(&SessionId::from(session), false).await?;
+        log.read_all().await?
+    };
+    match entries.first() {
+        Some(first) if first.env.kind == Kind::Task => Ok((first.env.session.clone(), entries)),
+        _ => Err(Failure::Input(format!(
+            "session {session}: the log does not start with a task envelope; it is damaged or not a session"
+        ))),
+    }
+}
+
+pub(crate) async fn trace(dir: &Path, args: TraceArgs) -> Result<ExitCode, Failure> {
+    let (session, entries) = load(dir, &args.session).await?;
+    let t = Trace::build(&session, &entries);
+    match args.format {
+        TraceFormat::Text => print!("{}", t.to_text()),
+        TraceFormat::Mermaid => print!("{}", t.to_mermaid()),
+        TraceFormat::Dot => print!("{}", t.to_dot()),
+        TraceFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&t).expect("trace serializes")
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 0 when every decision came out the same, 1 at a divergence.
+pub(crate) async fn replay_cmd(dir: &Path, args: ReplayArgs) -> Result<ExitCode, Failure> {
+    let (session, entries) = load(dir, &args.session).await?;
+    let report = replay(&entries, ReplayOptions::default())
+        .await
+        .map_err(|e| match e {
+            roundtable_observe::replay::ReplayError::Log(l) => Failure::Runtime(l.to_string()),
+            other => Failure::Input(format!("session {session}: {other}")),
+        })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        println!(
+            "Replayed session {session} with no model calls: {} envelopes recorded, {} replayed, {} model outputs taken from the recording.",
+            report.recorded, report.replayed, report.model_calls
+        );
+        if !report.inputs.is_empty() {
+            let list: Vec<String> = report.inputs.iter().map(|s| format!("#{s}")).collect();
+            println!(
+                "Clock and presence decisions read from the log: {}.",
+                list.join(", ")
+            );
+        }
+        if let Some(r) = &report.stop_reason {
+            println!("Stop: {r}");
+        }
+        match &report.divergence {
+            None => println!(
+                "No divergence: all {} recorded envelopes and every decision came out the same.",
+                report.matched
+            ),
+            Some(d) => println!("DIVERGENCE (the first one):\n  {d}"),
+        }
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub(crate) async fn fork(dir: &Path, args: ForkArgs) -> Result<ExitCode, Failure> {
+    let (old, entries) = load(dir, &args.session).await?;
+    let plan =
+        plan_of(&entries[0].env).map_err(|e| Failure::Input(format!("session {old}: {e}")))?;
+    let new = new_session_id();
+    // Every check before anything is written.
+    let mut envs = fork_envelopes(&entries, &new, args.at, args.edit.as_ref())
+        .map_err(|e| Failure::Input(e.to_string()))?;
+    let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
+    let store = crate::open_store(dir, true, Durability::Normal)?;
+    let span = session_span(&new, &plan.name, plan.protocol.kind());
+    envs[0].trace = roundtable_core::telemetry::traceparent(&span);
+    store.import(&envs)?;
+    let log = store.open(&new, false).await?;
+    if !args.json {
+        let edit = args
+            .edit
+            .as_ref()
+            .map_or_else(String::new, |e| format!(", with {} edited", e.target));
+        println!(
+            "Forked session {old} at #{}{edit} into {new}; continuing with live models.",
+            args.at
+        );
+    }
+    let summary = crate::drive(log, &plan, models, args.json)
+        .instrument(span)
+        .await?;
+    crate::finish(&summary, args.json)
+}
+
+pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
+    let store: Arc<dyn LogStore> = Arc::new(SqliteReader::new(
+        &crate::db_path(dir),
+        Duration::from_millis(200),
+    ));
+    let bound = roundtable_observe::ui::serve(args.addr, store.clone())
+        .await
+        .map_err(|e| Failure::Input(format!("--addr {}: {e}", args.addr)))?;
+    println!(
+        "Roundtable web view: http://{bound}/ (sessions in {})",
+        dir.display()
+    );
+    if !bound.ip().is_loopback() {
+        eprintln!(
+            "warning: {bound} is reachable from other machines, and the page shows everything the sessions said"
+        );
+    }
+    if let Some(addr) = args.metrics {
+        let m = metrics::serve(addr, Source::Store(Metrics::new(), store))
+            .await
+            .map_err(|e| Failure::Input(format!("--metrics {addr}: {e}")))?;
+        println!("Prometheus metrics: http://{m}/metrics");
+    }
+    println!("Press Ctrl-C to stop.");
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(|e| Failure::Runtime(format!("waiting for Ctrl-C: {e}")))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `run` adds around a session: the session span and, with `--metrics`, counters
+/// served over HTTP.
+pub(crate) struct RunWatch {
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl RunWatch {
+    pub(crate) async fn start(metrics_addr: Option<SocketAddr>) -> Result<Self, Failure> {
+        let Some(addr) = metrics_addr else {
+            return Ok(RunWatch { metrics: None });
+        };
+        let m = Metrics::new();
+        let bound = metrics::serve(addr, Source::Live(m.clone()))
+            .await
+            .map_err(|e| Failure::Input(format!("--metrics {addr}: {e}")))?;
+        eprintln!("Prometheus metrics: http://{bound}/metrics");
+        Ok(RunWatch { metrics: Some(m) })
+    }
+
+    /// For the retry layer: counts retried attempts.
+    pub(crate) fn retry_observer(&self) -> Option<RetryObserver> {
+        self.metrics.as_ref().map(Metrics::retry_observer)
+    }
+
+    /// Run `session` (opening it and driving its peers) inside its span, counting its
+    /// log as it grows.
+    pub(crate) async fn session<T>(
+        &self,
+        session: &SessionId,
+        plan: &TeamPlan,
+        log: &Arc<dyn SessionLog>,
+        run: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        if let Some(m) = &self.metrics {
+            tokio::spawn(m.clone().follow(log.clone()));
+        }
+        run.instrument(session_span(session, &plan.name, plan.protocol.kind()))
+            .await
+    }
+}
