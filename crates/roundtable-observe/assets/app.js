@@ -29,11 +29,8 @@
   function money(c) { return "$" + (c || 0).toFixed(4); }
   function num(n) { return (n || 0).toLocaleString("en-US"); }
   function firstLine(t, max) {
-    const lines = String(t || "").trim().split("\n");
-    let out = lines[0] || "";
-    if (out.length > max) out = out.slice(0, max) + "…";
-    else if (lines.length > 1) out += " …";
-    return out;
+    const flat = String(t || "").trim().split(/\s+/).join(" ");
+    return flat.length > max ? flat.slice(0, max) + "…" : flat;
   }
   function recipient(to) {
     if (!to || to.type === "all") return "all";

@@ -440,6 +440,19 @@ impl Trace {
                 let _ = writeln!(o, "  #{:<4} {} posted the task", n.seq, n.from);
                 continue;
             }
+            if n.kind == "stop" {
+                let reason = self
+                    .stop
+                    .as_ref()
+                    .filter(|s| s.seq == n.seq)
+                    .map_or("", |s| s.reason.as_str());
+                let _ = writeln!(o, "  #{:<4} {} recorded the stop: {reason}", n.seq, n.from);
+                let by: Vec<String> = n.parents.iter().map(|&p| self.who(p)).collect();
+                if !by.is_empty() {
+                    let _ = writeln!(o, "         ⤷ decided by {}", by.join(", "));
+                }
+                continue;
+            }
             let mark = if n.led_to_decision { "*" } else { " " };
             let kind = if n.kind == "message" {
                 String::new()
@@ -675,14 +688,16 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(8)]
 }
 
-/// The first line of `text`, cut at `max` characters.
+/// `text` on one line (whitespace collapsed), cut at `max` characters.
 pub fn one_line(text: &str, max: usize) -> String {
-    let line = text.trim().lines().next().unwrap_or("");
-    let mut out: String = line.chars().take(max).collect();
-    if line.chars().count() > max || text.trim().lines().nth(1).is_some() {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() > max {
+        let mut out: String = flat.chars().take(max).collect();
         out.push('…');
+        out
+    } else {
+        flat
     }
-    out
 }
 
 fn mermaid_escape(s: &str) -> String {
