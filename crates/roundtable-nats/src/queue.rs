@@ -424,7 +424,10 @@ impl WorkQueue for NatsWorkQueue {
             }
             self.record_lease(stream_seq).await?;
             let deadline = received + self.config.lease - self.margin();
-            self.held.lock().expect("held lock").insert(
+            let mut held = self.held.lock().expect("held lock");
+            // Claims whose lease ran out can never be settled: forget them.
+            held.retain(|_, h| h.deadline > received);
+            held.insert(
                 reply.clone(),
                 Held {
                     task_id: task.id.clone(),
@@ -434,6 +437,7 @@ impl WorkQueue for NatsWorkQueue {
                     deadline,
                 },
             );
+            drop(held);
             return Ok(Some(Claim {
                 task_id: task.id,
                 payload: task.payload,
