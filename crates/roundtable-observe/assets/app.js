@@ -378,7 +378,7 @@
     const u = env.usage;
     const answers = (env.parents || []).map((id) => current.byId.get(id)).filter((x) => x !== undefined);
     let text = env.body.text;
-    if (env.kind === "stop") text = ((env.body.json || {}).reason || "") + (text ? "\n\n" + text : "");
+    if (env.kind === "stop") text = ((env.body.json || {}).reason || "") + (text ? "\nFinal answer: " + firstLine(text, 160) : "");
     return h("article", { class: cls, id: "env-" + e.seq, "data-seq": e.seq, "data-kind": env.kind },
       h("div", { class: "hdr" },
         h("span", { class: "seq" }, "#" + e.seq),
@@ -414,11 +414,13 @@
     const d = derive(me);
     const y = window.scrollY;
     document.title = d.team + " · Roundtable";
-    mainEl.replaceChildren(
+    const parts = [
       head(d, me),
       me.problem ? h("div", { class: "panel" }, "Problem reading the log: " + me.problem) : null,
       h("div", { class: "grid" }, decisionPanel(d), graphPanel(d), costPanel(d), votesPanel(d)),
-      transcript(d));
+      transcript(d),
+    ];
+    mainEl.replaceChildren(...parts.filter((p) => p !== null));
     window.scrollTo(0, y);
   }
 

@@ -55,10 +55,9 @@ impl std::str::FromStr for Edit {
     type Err = ForkError;
     fn from_str(s: &str) -> Result<Self, ForkError> {
         match s.split_once('=') {
-            Some((t, text)) if !t.trim().is_empty() => Ok(Edit {
-                target: t.trim().to_string(),
-                text: text.to_string(),
-            }),
+            Some((t, text)) if !t.trim().is_empty() => {
+                Ok(Edit { target: t.trim().to_string(), text: text.to_string() })
+            }
             _ => Err(ForkError::BadEdit(s.to_string())),
         }
     }
@@ -68,21 +67,14 @@ fn find_target(entries: &[Entry], session: &SessionId, target: &str) -> Result<u
     let unknown = || ForkError::UnknownEnvelope(target.to_string(), session.to_string());
     if let Some(n) = target.strip_prefix('#') {
         let seq: u64 = n.parse().map_err(|_| unknown())?;
-        return entries
-            .iter()
-            .position(|e| e.seq == seq)
-            .ok_or_else(unknown);
+        return entries.iter().position(|e| e.seq == seq).ok_or_else(unknown);
     }
     if let Some(i) = entries.iter().position(|e| e.env.id.as_str() == target) {
         return Ok(i);
     }
     if target.len() >= 6 {
-        let hits: Vec<usize> = entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.env.id.as_str().starts_with(target))
-            .map(|(i, _)| i)
-            .collect();
+        let hits: Vec<usize> =
+            entries.iter().enumerate().filter(|(_, e)| e.env.id.as_str().starts_with(target)).map(|(i, _)| i).collect();
         match hits.len() {
             0 => {}
             1 => return Ok(hits[0]),
@@ -104,11 +96,7 @@ pub fn fork_envelopes(
     let old_session = match task {
         Some(t) => t.env.session.clone(),
         None => {
-            return Err(ForkError::NoTask(
-                entries
-                    .first()
-                    .map_or_else(String::new, |e| e.env.session.to_string()),
-            ));
+            return Err(ForkError::NoTask(entries.first().map_or_else(String::new, |e| e.env.session.to_string())));
         }
     };
     if at == 0 {
@@ -116,20 +104,12 @@ pub fn fork_envelopes(
     }
     let len = entries.len() as u64;
     if at > len {
-        return Err(ForkError::PastEnd {
-            session: old_session.to_string(),
-            at,
-            len,
-        });
+        return Err(ForkError::PastEnd { session: old_session.to_string(), at, len });
     }
     if let Some(stop) = entries.iter().find(|e| e.env.kind == Kind::Stop)
         && stop.seq <= at
     {
-        return Err(ForkError::IncludesStop {
-            session: old_session.to_string(),
-            at,
-            stop: stop.seq,
-        });
+        return Err(ForkError::IncludesStop { session: old_session.to_string(), at, stop: stop.seq });
     }
     let edit_at = match edit {
         None => None,
@@ -137,21 +117,10 @@ pub fn fork_envelopes(
             let i = find_target(entries, &old_session, &ed.target)?;
             let e = &entries[i];
             if e.seq > at {
-                return Err(ForkError::EditAfterFork {
-                    id: ed.target.clone(),
-                    seq: e.seq,
-                    at,
-                });
+                return Err(ForkError::EditAfterFork { id: ed.target.clone(), seq: e.seq, at });
             }
-            if matches!(
-                e.env.kind,
-                Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure
-            ) {
-                return Err(ForkError::NotEditable {
-                    id: ed.target.clone(),
-                    seq: e.seq,
-                    kind: e.env.kind.to_string(),
-                });
+            if matches!(e.env.kind, Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure) {
+                return Err(ForkError::NotEditable { id: ed.target.clone(), seq: e.seq, kind: e.env.kind.to_string() });
             }
             Some(i)
         }
@@ -163,19 +132,11 @@ pub fn fork_envelopes(
     for (i, e) in entries.iter().take(at as usize).enumerate() {
         let mut env = (*e.env).clone();
         let collective = env.id == EnvelopeId::derive(&old_session, &star, &env.step);
-        let new_id = EnvelopeId::derive(
-            new_session,
-            if collective { &star } else { &env.from },
-            &env.step,
-        );
+        let new_id = EnvelopeId::derive(new_session, if collective { &star } else { &env.from }, &env.step);
         ids.insert(env.id.clone(), new_id.clone());
         env.id = new_id;
         env.session = new_session.clone();
-        env.parents = env
-            .parents
-            .iter()
-            .filter_map(|p| ids.get(p).cloned())
-            .collect();
+        env.parents = env.parents.iter().filter_map(|p| ids.get(p).cloned()).collect();
         if Some(i) == edit_at {
             let text = edit.map(|ed| ed.text.as_str()).unwrap_or_default();
             if env.kind != Kind::Task && env.body.json.is_some() {

@@ -29,16 +29,7 @@ use roundtable_core::log::{Entry, jsonl};
 pub fn entries_from_jsonl(file: &str, text: &str) -> Result<Vec<Entry>, String> {
     let envs = jsonl::parse(file, text).map_err(|e| e.to_string())?;
     if envs.first().is_none_or(|e| e.kind != Kind::Task) {
-        return Err(format!(
-            "{file}:1: the first envelope is not the session's task; not a session export"
-        ));
+        return Err(format!("{file}:1: the first envelope is not the session's task; not a session export"));
     }
-    Ok(envs
-        .into_iter()
-        .enumerate()
-        .map(|(i, env)| Entry {
-            seq: i as u64 + 1,
-            env: Arc::new(env),
-        })
-        .collect())
+    Ok(envs.into_iter().enumerate().map(|(i, env)| Entry { seq: i as u64 + 1, env: Arc::new(env) }).collect())
 }

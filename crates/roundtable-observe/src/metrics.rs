@@ -26,9 +26,7 @@ use roundtable_core::model::layers::RetryObserver;
 use roundtable_core::{Kind, SessionId};
 
 /// Latency histogram bounds, in seconds.
-const BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-];
+const BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
 
 #[derive(Clone, Debug, Default)]
 struct Histogram {
@@ -72,85 +70,32 @@ pub struct Metrics {
 }
 
 const HELP: &[(&str, &str, &str)] = &[
-    (
-        "roundtable_envelopes_total",
-        "counter",
-        "Envelopes appended to session logs, by kind.",
-    ),
-    (
-        "roundtable_messages_total",
-        "counter",
-        "Contributions by peers (messages, proposals, votes, verdicts, ...).",
-    ),
-    (
-        "roundtable_model_calls_total",
-        "counter",
-        "Model calls recorded on the log (a retried call counts once).",
-    ),
-    (
-        "roundtable_tokens_total",
-        "counter",
-        "Model tokens, by direction (input = prompt, output = completion).",
-    ),
-    (
-        "roundtable_cost_usd_total",
-        "counter",
-        "Model cost in US dollars, from the configured prices.",
-    ),
-    (
-        "roundtable_model_failures_total",
-        "counter",
-        "Model calls that failed after retries, by error kind.",
-    ),
-    (
-        "roundtable_model_retries_total",
-        "counter",
-        "Model call attempts that failed and were retried (this process).",
-    ),
-    (
-        "roundtable_redeliveries_total",
-        "counter",
-        "Work items handed out again after a lease expired.",
-    ),
-    (
-        "roundtable_absences_total",
-        "counter",
-        "Peers noticed absent.",
-    ),
-    (
-        "roundtable_stops_total",
-        "counter",
-        "Sessions stopped, by the kind of stop reason.",
-    ),
+    ("roundtable_envelopes_total", "counter", "Envelopes appended to session logs, by kind."),
+    ("roundtable_messages_total", "counter", "Contributions by peers (messages, proposals, votes, verdicts, ...)."),
+    ("roundtable_model_calls_total", "counter", "Model calls recorded on the log (a retried call counts once)."),
+    ("roundtable_tokens_total", "counter", "Model tokens, by direction (input = prompt, output = completion)."),
+    ("roundtable_cost_usd_total", "counter", "Model cost in US dollars, from the configured prices."),
+    ("roundtable_model_failures_total", "counter", "Model calls that failed after retries, by error kind."),
+    ("roundtable_model_retries_total", "counter", "Model call attempts that failed and were retried (this process)."),
+    ("roundtable_redeliveries_total", "counter", "Work items handed out again after a lease expired."),
+    ("roundtable_absences_total", "counter", "Peers noticed absent."),
+    ("roundtable_stops_total", "counter", "Sessions stopped, by the kind of stop reason."),
 ];
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 fn labels_text(labels: &[(&'static str, String)], extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
+    let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
     if let Some((k, v)) = extra {
         parts.push(format!("{k}=\"{v}\""));
     }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
-    }
+    if parts.is_empty() { String::new() } else { format!("{{{}}}", parts.join(",")) }
 }
 
 fn number(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        format!("{v}")
-    }
+    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{}", v as i64) } else { format!("{v}") }
 }
 
 impl Metrics {
@@ -162,113 +107,62 @@ impl Metrics {
     /// ignored, so feeding a tail from 1 twice counts nothing twice).
     pub fn observe(&self, session: &SessionId, entry: &Entry) {
         let mut m = self.inner.lock().expect("metrics lock");
-        let (last, team, _) = m
-            .sessions
-            .entry(session.clone())
-            .or_insert((0, String::new(), false))
-            .clone();
+        let (last, team, _) = m.sessions.entry(session.clone()).or_insert((0, String::new(), false)).clone();
         if entry.seq <= last {
             return;
         }
         let env = &entry.env;
         let team = if env.kind == Kind::Task {
-            env.body
-                .json
-                .as_ref()
-                .and_then(|j| j.get("team_name")?.as_str().map(str::to_owned))
-                .unwrap_or(team)
+            env.body.json.as_ref().and_then(|j| j.get("team_name")?.as_str().map(str::to_owned)).unwrap_or(team)
         } else {
             team
         };
         let peer = env.from.to_string();
-        m.add(
-            "roundtable_envelopes_total",
-            vec![("team", team.clone()), ("kind", env.kind.to_string())],
-            1.0,
-        );
-        let contribution = !matches!(
-            env.kind,
-            Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure
-        );
+        m.add("roundtable_envelopes_total", vec![("team", team.clone()), ("kind", env.kind.to_string())], 1.0);
+        let contribution = !matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure);
         if contribution {
-            m.add(
-                "roundtable_messages_total",
-                vec![("team", team.clone()), ("peer", peer.clone())],
-                1.0,
-            );
+            m.add("roundtable_messages_total", vec![("team", team.clone()), ("peer", peer.clone())], 1.0);
         }
         if let Some(u) = &env.usage {
             let model = u.model.to_string();
-            let base = vec![
-                ("team", team.clone()),
-                ("peer", peer.clone()),
-                ("model", model),
-            ];
-            m.add(
-                "roundtable_model_calls_total",
-                base.clone(),
-                f64::from(u.calls),
-            );
+            let base = vec![("team", team.clone()), ("peer", peer.clone()), ("model", model)];
+            m.add("roundtable_model_calls_total", base.clone(), f64::from(u.calls));
             let mut input = base.clone();
             input.push(("type", "input".into()));
             m.add("roundtable_tokens_total", input, u.prompt_tokens as f64);
             let mut output = base.clone();
             output.push(("type", "output".into()));
-            m.add(
-                "roundtable_tokens_total",
-                output,
-                u.completion_tokens as f64,
-            );
+            m.add("roundtable_tokens_total", output, u.completion_tokens as f64);
             m.add("roundtable_cost_usd_total", base.clone(), u.cost_usd);
-            m.histograms
-                .entry(base)
-                .or_default()
-                .observe(u.latency_ms as f64 / 1000.0);
+            m.histograms.entry(base).or_default().observe(u.latency_ms as f64 / 1000.0);
         }
         let json = env.body.json.as_ref();
         match env.kind {
             Kind::Failure => {
-                let error = json
-                    .and_then(|j| j.get("error")?.as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "other".into());
+                let error =
+                    json.and_then(|j| j.get("error")?.as_str().map(str::to_owned)).unwrap_or_else(|| "other".into());
                 m.add(
                     "roundtable_model_failures_total",
                     vec![("team", team.clone()), ("peer", peer), ("error", error)],
                     1.0,
                 );
             }
-            Kind::Absent => m.add(
-                "roundtable_absences_total",
-                vec![("team", team.clone())],
-                1.0,
-            ),
+            Kind::Absent => m.add("roundtable_absences_total", vec![("team", team.clone())], 1.0),
             Kind::Work => {
                 let redelivered = json.is_some_and(|j| {
                     j.get("redelivered").and_then(serde_json::Value::as_bool) == Some(true)
-                        || ["deliveries", "delivery"].iter().any(|k| {
-                            j.get(*k)
-                                .and_then(serde_json::Value::as_u64)
-                                .is_some_and(|n| n > 1)
-                        })
+                        || ["deliveries", "delivery"]
+                            .iter()
+                            .any(|k| j.get(*k).and_then(serde_json::Value::as_u64).is_some_and(|n| n > 1))
                 });
                 if redelivered {
-                    m.add(
-                        "roundtable_redeliveries_total",
-                        vec![("team", team.clone())],
-                        1.0,
-                    );
+                    m.add("roundtable_redeliveries_total", vec![("team", team.clone())], 1.0);
                 }
             }
             Kind::Stop => {
-                let reason = json
-                    .and_then(|j| j.get("reason")?.as_str().map(str::to_owned))
-                    .unwrap_or_default();
+                let reason = json.and_then(|j| j.get("reason")?.as_str().map(str::to_owned)).unwrap_or_default();
                 let kind = reason.split(':').next().unwrap_or("").trim().to_string();
-                m.add(
-                    "roundtable_stops_total",
-                    vec![("team", team.clone()), ("reason", kind)],
-                    1.0,
-                );
+                m.add("roundtable_stops_total", vec![("team", team.clone()), ("reason", kind)], 1.0);
             }
             _ => {}
         }
@@ -284,10 +178,7 @@ impl Metrics {
             let mut m = me.inner.lock().expect("metrics lock");
             m.add(
                 "roundtable_model_retries_total",
-                vec![
-                    ("peer", req.peer.to_string()),
-                    ("error", err.kind.to_string()),
-                ],
+                vec![("peer", req.peer.to_string()), ("error", err.kind.to_string())],
                 1.0,
             );
         })
@@ -296,14 +187,7 @@ impl Metrics {
     /// Fold everything new in every session of `store`.
     pub async fn refresh(&self, store: &dyn LogStore) -> Result<(), LogError> {
         for info in store.sessions().await? {
-            let from = self
-                .inner
-                .lock()
-                .expect("metrics lock")
-                .sessions
-                .get(&info.id)
-                .map_or(0, |s| s.0)
-                + 1;
+            let from = self.inner.lock().expect("metrics lock").sessions.get(&info.id).map_or(0, |s| s.0) + 1;
             if from > info.envelopes {
                 continue;
             }
@@ -345,51 +229,24 @@ impl Metrics {
             }
         }
         let name = "roundtable_model_latency_seconds";
-        let _ = writeln!(
-            o,
-            "# HELP {name} Model call latency, as recorded in each envelope's usage."
-        );
+        let _ = writeln!(o, "# HELP {name} Model call latency, as recorded in each envelope's usage.");
         let _ = writeln!(o, "# TYPE {name} histogram");
         for (labels, h) in &m.histograms {
             for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "{name}_bucket{} {}",
-                    labels_text(labels, Some(("le", number(*b)))),
-                    h.counts[i]
-                );
+                let _ = writeln!(o, "{name}_bucket{} {}", labels_text(labels, Some(("le", number(*b)))), h.counts[i]);
             }
-            let _ = writeln!(
-                o,
-                "{name}_bucket{} {}",
-                labels_text(labels, Some(("le", "+Inf".into()))),
-                h.count
-            );
-            let _ = writeln!(
-                o,
-                "{name}_sum{} {}",
-                labels_text(labels, None),
-                number(h.sum)
-            );
+            let _ = writeln!(o, "{name}_bucket{} {}", labels_text(labels, Some(("le", "+Inf".into()))), h.count);
+            let _ = writeln!(o, "{name}_sum{} {}", labels_text(labels, None), number(h.sum));
             let _ = writeln!(o, "{name}_count{} {}", labels_text(labels, None), h.count);
         }
-        let _ = writeln!(
-            o,
-            "# HELP roundtable_sessions Sessions seen, open or stopped."
-        );
+        let _ = writeln!(o, "# HELP roundtable_sessions Sessions seen, open or stopped.");
         let _ = writeln!(o, "# TYPE roundtable_sessions gauge");
         let mut gauge: BTreeMap<(String, &str), u64> = BTreeMap::new();
         for (_, team, stopped) in m.sessions.values() {
-            *gauge
-                .entry((team.clone(), if *stopped { "stopped" } else { "open" }))
-                .or_default() += 1;
+            *gauge.entry((team.clone(), if *stopped { "stopped" } else { "open" })).or_default() += 1;
         }
         for ((team, state), n) in gauge {
-            let _ = writeln!(
-                o,
-                "roundtable_sessions{{team=\"{}\",state=\"{state}\"}} {n}",
-                escape(&team)
-            );
+            let _ = writeln!(o, "roundtable_sessions{{team=\"{}\",state=\"{state}\"}} {n}", escape(&team));
         }
         o
     }
@@ -417,17 +274,12 @@ pub fn router(source: Source) -> axum::Router {
                     Source::Live(m) => m.clone(),
                     Source::Store(m, store) => {
                         if let Err(e) = m.refresh(store.as_ref()).await {
-                            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-                                .into_response();
+                            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
                         }
                         m.clone()
                     }
                 };
-                (
-                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                    m.render(),
-                )
-                    .into_response()
+                ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render()).into_response()
             }
         }),
     )

@@ -44,9 +44,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use roundtable_core::log::{
-    Appended, Entry, EntryStream, LogError, LogErrorKind, MemLog, SessionLog, SharedMemLog,
-};
+use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, MemLog, SessionLog, SharedMemLog};
 use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind};
 use roundtable_core::peer::{PeerConfig, run_peer};
 use roundtable_core::session::plan_of;
@@ -73,14 +71,7 @@ impl std::fmt::Display for Key {
 /// The matching key of an envelope of `session`.
 pub fn key_of(session: &SessionId, env: &Envelope) -> Key {
     let collective = env.id == EnvelopeId::derive(session, &PeerId::from("*"), &env.step);
-    Key {
-        peer: if collective {
-            "*".into()
-        } else {
-            env.from.to_string()
-        },
-        step: env.step.to_string(),
-    }
+    Key { peer: if collective { "*".into() } else { env.from.to_string() }, step: env.step.to_string() }
 }
 
 /// The first place where the replay differs from the recording.
@@ -101,11 +92,9 @@ pub struct Divergence {
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.field.as_str() {
-            "missing" => write!(
-                f,
-                "#{} {}: the replay never produced it (expected {})",
-                self.seq, self.key, self.expected
-            ),
+            "missing" => {
+                write!(f, "#{} {}: the replay never produced it (expected {})", self.seq, self.key, self.expected)
+            }
             "unexpected" => write!(
                 f,
                 "#{} {}: the replay produced an envelope the recording does not have: {}",
@@ -170,9 +159,7 @@ pub struct ReplayOptions {
 
 impl Default for ReplayOptions {
     fn default() -> Self {
-        ReplayOptions {
-            idle: Duration::from_secs(3),
-        }
+        ReplayOptions { idle: Duration::from_secs(3) }
     }
 }
 
@@ -202,24 +189,10 @@ fn recorded_output(env: &Envelope) -> Option<Recorded> {
     if env.kind == Kind::Failure {
         let j = env.body.json.as_ref()?;
         let kind_text = j.get("error")?.as_str()?;
-        let kind = MODEL_ERROR_KINDS
-            .iter()
-            .copied()
-            .find(|k| k.to_string() == kind_text)?;
-        let mut e = ModelError::new(
-            kind,
-            j.get("message")
-                .and_then(|m| m.as_str())
-                .unwrap_or_default(),
-        );
-        e.status = j
-            .get("status")
-            .and_then(serde_json::Value::as_u64)
-            .map(|s| s as u16);
-        e.attempts = j
-            .get("attempts")
-            .and_then(serde_json::Value::as_u64)
-            .map_or(1, |a| a as u32);
+        let kind = MODEL_ERROR_KINDS.iter().copied().find(|k| k.to_string() == kind_text)?;
+        let mut e = ModelError::new(kind, j.get("message").and_then(|m| m.as_str()).unwrap_or_default());
+        e.status = j.get("status").and_then(serde_json::Value::as_u64).map(|s| s as u16);
+        e.attempts = j.get("attempts").and_then(serde_json::Value::as_u64).map_or(1, |a| a as u32);
         Some(Recorded::Failed(e))
     } else {
         Some(Recorded::Answer(ChatResponse {
@@ -302,12 +275,7 @@ struct GateState {
 impl Gate {
     /// Append `env` (whose original place is `seq`, if any) and feed in any inputs that
     /// are now due. Called with the state lock held, so the order is exact.
-    fn append_locked(
-        &self,
-        st: &mut GateState,
-        env: Envelope,
-        seq: Option<u64>,
-    ) -> Result<Appended, LogError> {
+    fn append_locked(&self, st: &mut GateState, env: Envelope, seq: Option<u64>) -> Result<Appended, LogError> {
         let is_stop = env.kind == Kind::Stop;
         let r = self.log.0.append_now(env)?;
         if is_stop {
@@ -404,11 +372,7 @@ fn clock_stop(reason: &str) -> bool {
 }
 
 fn stop_reason(env: &Envelope) -> String {
-    env.body
-        .json
-        .as_ref()
-        .and_then(|j| j.get("reason")?.as_str().map(str::to_owned))
-        .unwrap_or_default()
+    env.body.json.as_ref().and_then(|j| j.get("reason")?.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
 /// The plan without clock conditions: replay reads their decisions from the log.
@@ -430,10 +394,7 @@ fn without_clock(plan: &TeamPlan) -> TeamPlan {
 
 /// Replay a recorded session (all its entries, in order).
 pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayReport, ReplayError> {
-    let task = entries
-        .first()
-        .filter(|e| e.env.kind == Kind::Task)
-        .ok_or(ReplayError::NoTask)?;
+    let task = entries.first().filter(|e| e.env.kind == Kind::Task).ok_or(ReplayError::NoTask)?;
     let session = task.env.session.clone();
     let plan = plan_of(&task.env).map_err(ReplayError::Plan)?;
 
@@ -446,8 +407,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
     for e in entries.iter().skip(1) {
         let env = &e.env;
         original.insert(key_of(&session, env), e.seq);
-        let is_input =
-            env.kind == Kind::Absent || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)));
+        let is_input = env.kind == Kind::Absent || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)));
         if is_input {
             inputs.insert(e.seq, (*env.as_ref()).clone());
         }
@@ -460,12 +420,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
             }
         }
         if env.kind == Kind::Absent {
-            if let Some(p) = env
-                .body
-                .json
-                .as_ref()
-                .and_then(|j| j.get("peer")?.as_str().map(PeerId::from))
-            {
+            if let Some(p) = env.body.json.as_ref().and_then(|j| j.get("peer")?.as_str().map(PeerId::from)) {
                 absent_then_silent.insert(p);
             }
         } else {
@@ -489,10 +444,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         inputs,
         last_original: entries.last().map_or(1, |e| e.seq),
         original_stop: original_stop.map(|e| e.seq),
-        state: Mutex::new(GateState {
-            next_missing: 1,
-            ..Default::default()
-        }),
+        state: Mutex::new(GateState { next_missing: 1, ..Default::default() }),
         next_missing: watch::channel(1).0,
     });
     {
@@ -508,22 +460,10 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
     let mut handles = HashMap::new();
     for p in &plan.peers {
         let name = failure_model.get(&p.id).cloned().unwrap_or_else(|| {
-            plan.models
-                .get(&p.model)
-                .map_or_else(|| p.model.clone(), |m| m.provider.model_name(&p.model))
+            plan.models.get(&p.model).map_or_else(|| p.model.clone(), |m| m.provider.model_name(&p.model))
         });
-        let model = Arc::new(ReplayModel {
-            name,
-            answers: answers.clone(),
-            asked: calls.clone(),
-        });
-        let cfg = PeerConfig {
-            me: p.id.clone(),
-            log: log.clone(),
-            model,
-            presence: None,
-            events: None,
-        };
+        let model = Arc::new(ReplayModel { name, answers: answers.clone(), asked: calls.clone() });
+        let cfg = PeerConfig { me: p.id.clone(), log: log.clone(), model, presence: None, events: None };
         handles.insert(p.id.clone(), peers.spawn(run_peer(cfg.clone())));
         configs.insert(p.id.clone(), cfg);
     }
@@ -616,14 +556,8 @@ fn compare(
     unrecorded_calls: Vec<String>,
 ) -> ReplayReport {
     inputs.sort_unstable();
-    let by_key: HashMap<Key, &Entry> = replayed
-        .iter()
-        .map(|e| (key_of(session, &e.env), e))
-        .collect();
-    let stop_seq = original
-        .iter()
-        .find(|e| e.env.kind == Kind::Stop)
-        .map(|e| e.seq);
+    let by_key: HashMap<Key, &Entry> = replayed.iter().map(|e| (key_of(session, &e.env), e)).collect();
+    let stop_seq = original.iter().find(|e| e.env.kind == Kind::Stop).map(|e| e.seq);
     let mut divergences: Vec<Divergence> = Vec::new();
     let mut matched = 0;
     let mut stragglers = Vec::new();
@@ -645,13 +579,9 @@ fn compare(
             }
             Some(r) => match first_difference(&e.env, &r.env) {
                 None => matched += 1,
-                Some((field, expected, got)) => divergences.push(Divergence {
-                    seq: e.seq,
-                    key: key.to_string(),
-                    field,
-                    expected,
-                    got,
-                }),
+                Some((field, expected, got)) => {
+                    divergences.push(Divergence { seq: e.seq, key: key.to_string(), field, expected, got })
+                }
             },
         }
     }
@@ -679,21 +609,13 @@ fn compare(
         inputs,
         stragglers,
         unrecorded_calls,
-        stop_reason: replayed
-            .iter()
-            .find(|e| e.env.kind == Kind::Stop)
-            .map(|e| stop_reason(&e.env)),
+        stop_reason: replayed.iter().find(|e| e.env.kind == Kind::Stop).map(|e| stop_reason(&e.env)),
         divergence: divergences.into_iter().next(),
     }
 }
 
 fn describe(env: &Envelope) -> String {
-    format!(
-        "{} from {}: {:?}",
-        env.kind,
-        env.from,
-        crate::trace::one_line(&env.body.text, 80)
-    )
+    format!("{} from {}: {:?}", env.kind, env.from, crate::trace::one_line(&env.body.text, 80))
 }
 
 fn parents_set(env: &Envelope) -> BTreeSet<&str> {
@@ -708,24 +630,14 @@ fn first_difference(a: &Envelope, b: &Envelope) -> Option<(String, String, Strin
     }
     if a.kind == Kind::Stop {
         let field = |e: &Envelope, k: &str| {
-            e.body
-                .json
-                .as_ref()
-                .and_then(|j| j.get(k))
-                .cloned()
-                .unwrap_or_default()
-                .to_string()
+            e.body.json.as_ref().and_then(|j| j.get(k)).cloned().unwrap_or_default().to_string()
         };
         for k in ["reason", "answer"] {
             if let Some(d) = diff(&format!("stop {k}"), field(a, k), field(b, k)) {
                 return Some(d);
             }
         }
-        return diff(
-            "stop decided_by",
-            format!("{:?}", parents_set(a)),
-            format!("{:?}", parents_set(b)),
-        );
+        return diff("stop decided_by", format!("{:?}", parents_set(a)), format!("{:?}", parents_set(b)));
     }
     if a.kind == Kind::Task {
         return diff("text", a.body.text.to_string(), b.body.text.to_string());
@@ -733,20 +645,8 @@ fn first_difference(a: &Envelope, b: &Envelope) -> Option<(String, String, Strin
     diff("recipient", format!("{:?}", a.to), format!("{:?}", b.to))
         .or_else(|| diff("round", a.round.to_string(), b.round.to_string()))
         .or_else(|| diff("text", a.body.text.to_string(), b.body.text.to_string()))
-        .or_else(|| {
-            diff(
-                "json",
-                format!("{:?}", a.body.json),
-                format!("{:?}", b.body.json),
-            )
-        })
-        .or_else(|| {
-            diff(
-                "parents",
-                format!("{:?}", parents_set(a)),
-                format!("{:?}", parents_set(b)),
-            )
-        })
+        .or_else(|| diff("json", format!("{:?}", a.body.json), format!("{:?}", b.body.json)))
+        .or_else(|| diff("parents", format!("{:?}", parents_set(a)), format!("{:?}", parents_set(b))))
         .or_else(|| {
             let u = |e: &Envelope| {
                 e.usage.as_ref().map(|u| {

@@ -86,10 +86,7 @@ pub struct OtlpSettings {
 }
 
 fn env(name: &str) -> Option<String> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
+    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
 }
 
 /// OTLP settings from the standard environment variables: `Ok(None)` when export is
@@ -101,15 +98,10 @@ pub fn settings_from_env() -> Result<Option<OtlpSettings>, String> {
     if env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none")) {
         return Ok(None);
     }
-    if env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
-        && env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
-    {
+    if env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() && env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none() {
         return Ok(None);
     }
-    for var in [
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ] {
+    for var in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
         if let Some(p) = env(var) {
             if !p.eq_ignore_ascii_case("http/protobuf") {
                 return Err(format!(
@@ -119,10 +111,7 @@ pub fn settings_from_env() -> Result<Option<OtlpSettings>, String> {
             break;
         }
     }
-    Ok(Some(OtlpSettings {
-        endpoint: None,
-        service_name: None,
-    }))
+    Ok(Some(OtlpSettings { endpoint: None, service_name: None }))
 }
 
 /// A tracer provider exporting to OTLP/HTTP (protobuf) in batches, from a background
@@ -136,22 +125,15 @@ pub fn provider(settings: &OtlpSettings) -> Result<SdkTracerProvider, String> {
         builder = builder.with_endpoint(e.clone());
     }
     let exporter = builder.build().map_err(|e| format!("OTLP exporter: {e}"))?;
-    let name = settings
-        .service_name
-        .clone()
-        .or_else(|| env("OTEL_SERVICE_NAME"));
-    let from_attributes =
-        env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+    let name = settings.service_name.clone().or_else(|| env("OTEL_SERVICE_NAME"));
+    let from_attributes = env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
     let mut resource = opentelemetry_sdk::Resource::builder();
     match name {
         Some(n) => resource = resource.with_service_name(n),
         None if !from_attributes => resource = resource.with_service_name("roundtable"),
         None => {}
     }
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(resource.build())
-        .build())
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build())
 }
 
 /// The layer that turns roundtable's spans into OpenTelemetry spans of `provider`.
@@ -165,9 +147,7 @@ where
         .with_target("roundtable_observe", LevelFilter::INFO)
         .with_target("roundtable", LevelFilter::INFO)
         .with_target("roundtable_cli", LevelFilter::INFO);
-    tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(only_ours)
+    tracing_opentelemetry::layer().with_tracer(tracer).with_filter(only_ours)
 }
 
 /// The CLI's logging and tracing, set up once. Dropping it flushes pending spans.
@@ -200,9 +180,7 @@ impl Drop for Telemetry {
 pub fn init(log_env: &str) -> Telemetry {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(
-            tracing_subscriber::EnvFilter::try_from_env(log_env).unwrap_or_else(|_| "error".into()),
-        );
+        .with_filter(tracing_subscriber::EnvFilter::try_from_env(log_env).unwrap_or_else(|_| "error".into()));
     let provider = match settings_from_env().and_then(|s| s.map(|s| provider(&s)).transpose()) {
         Ok(p) => p,
         Err(e) => {
@@ -220,11 +198,7 @@ pub fn init(log_env: &str) -> Telemetry {
 
 /// The span of a session run by this process (its context goes into the task envelope
 /// when the session is opened inside it).
-pub fn session_span(
-    session: &roundtable_core::SessionId,
-    team: &str,
-    protocol: &str,
-) -> tracing::Span {
+pub fn session_span(session: &roundtable_core::SessionId, team: &str, protocol: &str) -> tracing::Span {
     tracing::info_span!(
         "session",
         otel.name = %format!("session {session}"),

@@ -121,30 +121,19 @@ fn to_text(to: &Recipient) -> String {
 
 /// Whether an envelope counts as a contribution (the tally's rule).
 fn is_contribution(kind: Kind) -> bool {
-    !matches!(
-        kind,
-        Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure
-    )
+    !matches!(kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure)
 }
 
 impl Trace {
     /// Build the trace of a log. Works on any prefix of a log, including an open session.
     pub fn build(session: &SessionId, entries: &[Entry]) -> Trace {
-        let seq_of: HashMap<&str, u64> =
-            entries.iter().map(|e| (e.env.id.as_str(), e.seq)).collect();
+        let seq_of: HashMap<&str, u64> = entries.iter().map(|e| (e.env.id.as_str(), e.seq)).collect();
         let task = entries.iter().find(|e| e.env.kind == Kind::Task);
         let plan = task.and_then(|t| plan_of(&t.env).ok());
-        let team = plan.as_ref().map(|p| p.name.clone()).or_else(|| {
-            task.and_then(|t| {
-                t.env
-                    .body
-                    .json
-                    .as_ref()?
-                    .get("team_name")?
-                    .as_str()
-                    .map(str::to_owned)
-            })
-        });
+        let team = plan
+            .as_ref()
+            .map(|p| p.name.clone())
+            .or_else(|| task.and_then(|t| t.env.body.json.as_ref()?.get("team_name")?.as_str().map(str::to_owned)));
         let forked_from = task.and_then(|t| {
             let f = t.env.body.json.as_ref()?.get("forked_from")?;
             Some(ForkOrigin {
@@ -158,10 +147,9 @@ impl Trace {
         let mut peers: BTreeMap<String, PeerCost> = BTreeMap::new();
         if let Some(plan) = &plan {
             for p in &plan.peers {
-                peers.entry(p.id.to_string()).or_insert_with(|| PeerCost {
-                    peer: p.id.to_string(),
-                    ..Default::default()
-                });
+                peers
+                    .entry(p.id.to_string())
+                    .or_insert_with(|| PeerCost { peer: p.id.to_string(), ..Default::default() });
             }
         }
         let mut inter: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
@@ -181,10 +169,7 @@ impl Trace {
             if env.kind != Kind::Task && env.kind != Kind::Stop {
                 let pc = peers
                     .entry(env.from.to_string())
-                    .or_insert_with(|| PeerCost {
-                        peer: env.from.to_string(),
-                        ..Default::default()
-                    });
+                    .or_insert_with(|| PeerCost { peer: env.from.to_string(), ..Default::default() });
                 if is_contribution(env.kind) {
                     pc.messages += 1;
                 }
@@ -209,24 +194,13 @@ impl Trace {
                     }
                 }
                 if let Recipient::Peer(to) = &env.to {
-                    inter
-                        .entry((env.from.to_string(), to.to_string()))
-                        .or_default()
-                        .1 += 1;
+                    inter.entry((env.from.to_string(), to.to_string())).or_default().1 += 1;
                 }
             }
             let derived_decision = env.usage.is_none()
                 && !parents.is_empty()
-                && !matches!(
-                    env.kind,
-                    Kind::Stop | Kind::Failure | Kind::Absent | Kind::Join
-                );
-            if derived_decision
-                || matches!(
-                    env.kind,
-                    Kind::Vote | Kind::Verdict | Kind::Proposal | Kind::Reveal
-                )
-            {
+                && !matches!(env.kind, Kind::Stop | Kind::Failure | Kind::Absent | Kind::Join);
+            if derived_decision || matches!(env.kind, Kind::Vote | Kind::Verdict | Kind::Proposal | Kind::Reveal) {
                 decisions.push(e.seq);
             }
             nodes.push(Node {
@@ -238,11 +212,7 @@ impl Trace {
                 step: env.step.to_string(),
                 round: env.round,
                 text: env.body.text.to_string(),
-                json: if env.kind == Kind::Task {
-                    None
-                } else {
-                    env.body.json.clone()
-                },
+                json: if env.kind == Kind::Task { None } else { env.body.json.clone() },
                 parents,
                 unknown_parents: unknown,
                 model: u.map(|u| u.model.to_string()),
@@ -257,15 +227,9 @@ impl Trace {
 
         let stop = entries.iter().find(|e| e.env.kind == Kind::Stop).map(|s| {
             let j = s.env.body.json.as_ref();
-            let decided_by: Vec<u64> = s
-                .env
-                .parents
-                .iter()
-                .filter_map(|p| seq_of.get(p.as_str()).copied())
-                .collect();
+            let decided_by: Vec<u64> = s.env.parents.iter().filter_map(|p| seq_of.get(p.as_str()).copied()).collect();
             // Causal ancestors of the decision.
-            let index: HashMap<u64, usize> =
-                nodes.iter().enumerate().map(|(i, n)| (n.seq, i)).collect();
+            let index: HashMap<u64, usize> = nodes.iter().enumerate().map(|(i, n)| (n.seq, i)).collect();
             let mut seen = BTreeSet::new();
             let mut stack = decided_by.clone();
             while let Some(q) = stack.pop() {
@@ -278,9 +242,7 @@ impl Trace {
             StopExplanation {
                 seq: s.seq,
                 recorded_by: s.env.from.to_string(),
-                reason: j
-                    .and_then(|j| j.get("reason")?.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                reason: j.and_then(|j| j.get("reason")?.as_str().map(str::to_owned)).unwrap_or_default(),
                 answer: j
                     .and_then(|j| j.get("answer")?.as_str().map(str::to_owned))
                     .or_else(|| (!s.env.body.text.is_empty()).then(|| s.env.body.text.to_string())),
@@ -295,10 +257,7 @@ impl Trace {
             }
         }
 
-        let mut total = PeerCost {
-            peer: "total".into(),
-            ..Default::default()
-        };
+        let mut total = PeerCost { peer: "total".into(), ..Default::default() };
         for p in peers.values() {
             total.messages += p.messages;
             total.calls += p.calls;
@@ -323,19 +282,12 @@ impl Trace {
             session: session.to_string(),
             team: team.unwrap_or_else(|| "?".into()),
             protocol: plan.as_ref().map_or("?", |p| p.protocol.kind()).to_string(),
-            topic: task
-                .map(|t| t.env.body.text.to_string())
-                .unwrap_or_default(),
+            topic: task.map(|t| t.env.body.text.to_string()).unwrap_or_default(),
             forked_from,
             nodes,
             interactions: inter
                 .into_iter()
-                .map(|((from, to), (answers, direct))| Interaction {
-                    from,
-                    to,
-                    answers,
-                    direct,
-                })
+                .map(|((from, to), (answers, direct))| Interaction { from, to, answers, direct })
                 .collect(),
             peers: peer_list,
             total,
@@ -345,10 +297,7 @@ impl Trace {
     }
 
     fn node(&self, seq: u64) -> Option<&Node> {
-        self.nodes
-            .binary_search_by_key(&seq, |n| n.seq)
-            .ok()
-            .map(|i| &self.nodes[i])
+        self.nodes.binary_search_by_key(&seq, |n| n.seq).ok().map(|i| &self.nodes[i])
     }
 
     fn who(&self, seq: u64) -> String {
@@ -373,10 +322,9 @@ impl Trace {
         let _ = writeln!(o, "Task: {}", one_line(&self.topic, 200));
         if let Some(f) = &self.forked_from {
             let edit = match &f.edited {
-                Some(e) => format!(
-                    ", with envelope {} edited",
-                    e.get("seq").map_or_else(|| "?".into(), |s| format!("#{s}"))
-                ),
+                Some(e) => {
+                    format!(", with envelope {} edited", e.get("seq").map_or_else(|| "?".into(), |s| format!("#{s}")))
+                }
                 None => String::new(),
             };
             let _ = writeln!(o, "Forked from session {} at #{}{edit}.", f.session, f.at);
@@ -392,16 +340,9 @@ impl Trace {
                 );
             }
             Some(s) => {
-                let _ = writeln!(
-                    o,
-                    "  #{} stop, recorded by {}: {}",
-                    s.seq, s.recorded_by, s.reason
-                );
+                let _ = writeln!(o, "  #{} stop, recorded by {}: {}", s.seq, s.recorded_by, s.reason);
                 if s.decided_by.is_empty() {
-                    let _ = writeln!(
-                        o,
-                        "  No envelope triggered it: a limit or a clock did (see the reason)."
-                    );
+                    let _ = writeln!(o, "  No envelope triggered it: a limit or a clock did (see the reason).");
                 }
                 for &d in &s.decided_by {
                     if let Some(n) = self.node(d) {
@@ -418,12 +359,7 @@ impl Trace {
                 }
                 if s.led_by.len() > s.decided_by.len() {
                     let chain: Vec<String> = s.led_by.iter().map(|&q| self.who(q)).collect();
-                    let _ = writeln!(
-                        o,
-                        "  which came from {} envelopes: {}",
-                        s.led_by.len(),
-                        chain.join(", ")
-                    );
+                    let _ = writeln!(o, "  which came from {} envelopes: {}", s.led_by.len(), chain.join(", "));
                 }
                 if let Some(a) = &s.answer {
                     let _ = writeln!(o, "  final answer: \"{}\"", one_line(a, 160));
@@ -431,21 +367,14 @@ impl Trace {
             }
         }
 
-        let _ = writeln!(
-            o,
-            "\nWho said what to whom (⤷ the envelopes each one answers; * led to the decision)"
-        );
+        let _ = writeln!(o, "\nWho said what to whom (⤷ the envelopes each one answers; * led to the decision)");
         for n in &self.nodes {
             if n.kind == "task" {
                 let _ = writeln!(o, "  #{:<4} {} posted the task", n.seq, n.from);
                 continue;
             }
             if n.kind == "stop" {
-                let reason = self
-                    .stop
-                    .as_ref()
-                    .filter(|s| s.seq == n.seq)
-                    .map_or("", |s| s.reason.as_str());
+                let reason = self.stop.as_ref().filter(|s| s.seq == n.seq).map_or("", |s| s.reason.as_str());
                 let _ = writeln!(o, "  #{:<4} {} recorded the stop: {reason}", n.seq, n.from);
                 let by: Vec<String> = n.parents.iter().map(|&p| self.who(p)).collect();
                 if !by.is_empty() {
@@ -454,17 +383,9 @@ impl Trace {
                 continue;
             }
             let mark = if n.led_to_decision { "*" } else { " " };
-            let kind = if n.kind == "message" {
-                String::new()
-            } else {
-                format!(" ({})", n.kind)
-            };
+            let kind = if n.kind == "message" { String::new() } else { format!(" ({})", n.kind) };
             let cost = if n.prompt_tokens + n.completion_tokens > 0 {
-                format!(
-                    "  [{} tok{}]",
-                    n.prompt_tokens + n.completion_tokens,
-                    money(n.cost_usd, " · ")
-                )
+                format!("  [{} tok{}]", n.prompt_tokens + n.completion_tokens, money(n.cost_usd, " · "))
             } else {
                 String::new()
             };
@@ -481,11 +402,7 @@ impl Trace {
                 .parents
                 .iter()
                 .map(|&p| self.who(p))
-                .chain(
-                    n.unknown_parents
-                        .iter()
-                        .map(|u| format!("{} (not on this log)", short(u))),
-                )
+                .chain(n.unknown_parents.iter().map(|u| format!("{} (not on this log)", short(u))))
                 .collect();
             if !answers.is_empty() {
                 let _ = writeln!(o, "         ⤷ answers {}", answers.join(", "));
@@ -513,19 +430,8 @@ impl Trace {
             for &d in &self.decisions {
                 if let Some(n) = self.node(d) {
                     let from: Vec<String> = n.parents.iter().map(|&p| self.who(p)).collect();
-                    let basis = if from.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ← {}", from.join(", "))
-                    };
-                    let _ = writeln!(
-                        o,
-                        "  #{} {} ({}): \"{}\"{basis}",
-                        n.seq,
-                        n.from,
-                        n.kind,
-                        one_line(&n.text, 80)
-                    );
+                    let basis = if from.is_empty() { String::new() } else { format!(" ← {}", from.join(", ")) };
+                    let _ = writeln!(o, "  #{} {} ({}): \"{}\"{basis}", n.seq, n.from, n.kind, one_line(&n.text, 80));
                 }
             }
         }
@@ -559,13 +465,7 @@ impl Trace {
     pub fn to_mermaid(&self) -> String {
         let mut o = String::from("flowchart TD\n");
         for n in &self.nodes {
-            let label = format!(
-                "#{} {} · {}<br/>{}",
-                n.seq,
-                n.from,
-                n.kind,
-                one_line(&n.text, 48)
-            );
+            let label = format!("#{} {} · {}<br/>{}", n.seq, n.from, n.kind, one_line(&n.text, 48));
             let label = mermaid_escape(&label);
             let shape = match n.kind {
                 "task" => format!("e{}[/\"{label}\"/]", n.seq),
@@ -579,9 +479,7 @@ impl Trace {
         for n in &self.nodes {
             let stop_edge = n.kind == "stop";
             for &p in &n.parents {
-                let arrow = if stop_edge
-                    || self.node(p).is_some_and(|pn| pn.led_to_decision) && n.led_to_decision
-                {
+                let arrow = if stop_edge || self.node(p).is_some_and(|pn| pn.led_to_decision) && n.led_to_decision {
                     "==>"
                 } else {
                     "-->"
@@ -597,12 +495,7 @@ impl Trace {
         }
         o.push_str("  classDef decision fill:#fde68a,stroke:#b45309,stroke-width:2px\n");
         o.push_str("  classDef stop fill:#fecaca,stroke:#b91c1c,stroke-width:2px\n");
-        let on: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|n| n.led_to_decision)
-            .map(|n| format!("e{}", n.seq))
-            .collect();
+        let on: Vec<String> = self.nodes.iter().filter(|n| n.led_to_decision).map(|n| format!("e{}", n.seq)).collect();
         if !on.is_empty() {
             let _ = writeln!(o, "  class {} decision", on.join(","));
         }
@@ -645,8 +538,7 @@ impl Trace {
         let task = self.nodes.iter().find(|n| n.kind == "task").map(|n| n.seq);
         for n in &self.nodes {
             for &p in &n.parents {
-                let bold = n.kind == "stop"
-                    || (n.led_to_decision && self.node(p).is_some_and(|pn| pn.led_to_decision));
+                let bold = n.kind == "stop" || (n.led_to_decision && self.node(p).is_some_and(|pn| pn.led_to_decision));
                 let attrs = if n.kind == "stop" {
                     " [penwidth=2.5, color=\"#b91c1c\", label=\"decided\"]"
                 } else if bold {
@@ -670,18 +562,11 @@ impl Trace {
 
 /// Kinds that answer the task when they name no parents.
 fn answers_task(kind: &str) -> bool {
-    matches!(
-        kind,
-        "message" | "proposal" | "vote" | "verdict" | "commit" | "reveal"
-    )
+    matches!(kind, "message" | "proposal" | "vote" | "verdict" | "commit" | "reveal")
 }
 
 fn money(c: f64, sep: &str) -> String {
-    if c > 0.0 {
-        format!("{sep}${c:.4}")
-    } else {
-        String::new()
-    }
+    if c > 0.0 { format!("{sep}${c:.4}") } else { String::new() }
 }
 
 fn short(id: &str) -> &str {
@@ -701,10 +586,7 @@ pub fn one_line(text: &str, max: usize) -> String {
 }
 
 fn mermaid_escape(s: &str) -> String {
-    s.replace('"', "#quot;")
-        .replace('<', "#lt;")
-        .replace('>', "#gt;")
-        .replace("#lt;br/#gt;", "<br/>")
+    s.replace('"', "#quot;").replace('<', "#lt;").replace('>', "#gt;").replace("#lt;br/#gt;", "<br/>")
 }
 
 fn dot_escape(s: &str) -> String {

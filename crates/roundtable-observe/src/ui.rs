@@ -39,18 +39,9 @@ struct Ui {
 /// The web view's routes over `store`.
 pub fn router(store: Arc<dyn LogStore>) -> Router {
     Router::new()
-        .route(
-            "/",
-            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
-        )
-        .route(
-            "/assets/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
-        )
-        .route(
-            "/assets/app.css",
-            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
-        )
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/assets/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/assets/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
         .route("/api/sessions", get(sessions))
         .route("/api/sessions/{id}/trace", get(trace))
         .route("/api/sessions/{id}/events", get(events))
@@ -58,11 +49,7 @@ pub fn router(store: Arc<dyn LogStore>) -> Router {
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [(CONTENT_TYPE, content_type), (CACHE_CONTROL, "no-cache")],
-        body,
-    )
-        .into_response()
+    ([(CONTENT_TYPE, content_type), (CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
 fn problem(e: &LogError) -> Response {
@@ -72,11 +59,7 @@ fn problem(e: &LogError) -> Response {
         LogErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         LogErrorKind::Storage => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    (
-        status,
-        axum::Json(serde_json::json!({ "error": e.to_string() })),
-    )
-        .into_response()
+    (status, axum::Json(serde_json::json!({ "error": e.to_string() }))).into_response()
 }
 
 async fn sessions(State(ui): State<Ui>) -> Response {
@@ -103,12 +86,7 @@ struct From {
     from: Option<u64>,
 }
 
-async fn events(
-    State(ui): State<Ui>,
-    Path(id): Path<String>,
-    Query(q): Query<From>,
-    headers: HeaderMap,
-) -> Response {
+async fn events(State(ui): State<Ui>, Path(id): Path<String>, Query(q): Query<From>, headers: HeaderMap) -> Response {
     let session = SessionId::from(id);
     // A reconnecting browser names the last event it has; go on right after it.
     let from = headers
@@ -135,11 +113,8 @@ async fn events(
             Err(e) => Event::default().event("problem").data(e.to_string()),
         })
     });
-    let mut resp = Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response();
-    resp.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let mut resp = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }
 

@@ -18,9 +18,7 @@ use roundtable_core::{EnvelopeId, Kind, PeerId};
 use roundtable_observe::replay::{ReplayOptions, replay};
 
 fn quick() -> ReplayOptions {
-    ReplayOptions {
-        idle: Duration::from_millis(400),
-    }
+    ReplayOptions { idle: Duration::from_millis(400) }
 }
 
 const TRIO: &str = r#"
@@ -50,40 +48,19 @@ summarizer = "facilitator"
 #[tokio::test]
 async fn every_example_session_replays_with_no_divergence() {
     let all = examples();
-    assert!(
-        all.len() >= 2,
-        "the examples directory has the example sessions"
-    );
+    assert!(all.len() >= 2, "the examples directory has the example sessions");
     for (name, plan) in all {
         let entries = run(&plan).await;
-        assert!(
-            entries.iter().any(|e| e.env.kind == Kind::Stop),
-            "{name}: the session ran to its stop"
-        );
+        assert!(entries.iter().any(|e| e.env.kind == Kind::Stop), "{name}: the session ran to its stop");
         let report = replay(&entries, ReplayOptions::default()).await.unwrap();
         assert!(report.ok(), "{name}: {}", report.divergence.unwrap());
-        assert_eq!(
-            report.matched,
-            entries.len(),
-            "{name}: every envelope reproduced"
-        );
+        assert_eq!(report.matched, entries.len(), "{name}: every envelope reproduced");
         assert_eq!(report.replayed, entries.len(), "{name}");
         let calls = entries.iter().filter(|e| e.env.usage.is_some()).count();
-        assert_eq!(
-            report.model_calls, calls,
-            "{name}: every model output came from the recording"
-        );
-        assert!(
-            report.unrecorded_calls.is_empty(),
-            "{name}: {:?}",
-            report.unrecorded_calls
-        );
+        assert_eq!(report.model_calls, calls, "{name}: every model output came from the recording");
+        assert!(report.unrecorded_calls.is_empty(), "{name}: {:?}", report.unrecorded_calls);
         let stop = entries.iter().find(|e| e.env.kind == Kind::Stop).unwrap();
-        assert_eq!(
-            report.stop_reason.as_deref(),
-            stop.env.body.json.as_ref().unwrap()["reason"].as_str(),
-            "{name}"
-        );
+        assert_eq!(report.stop_reason.as_deref(), stop.env.body.json.as_ref().unwrap()["reason"].as_str(), "{name}");
     }
 }
 
@@ -95,10 +72,7 @@ fn tampered(entries: &[Entry], seq: u64, f: impl Fn(&mut roundtable_core::Envelo
             if e.seq == seq {
                 f(&mut env);
             }
-            Entry {
-                seq: e.seq,
-                env: Arc::new(env),
-            }
+            Entry { seq: e.seq, env: Arc::new(env) }
         })
         .collect()
 }
@@ -107,11 +81,7 @@ fn tampered(entries: &[Entry], seq: u64, f: impl Fn(&mut roundtable_core::Envelo
 async fn a_recording_that_the_reducers_would_not_produce_is_reported_at_its_first_divergence() {
     let plan = plan_from(TRIO);
     let entries = run(&plan).await;
-    let stop = entries
-        .iter()
-        .find(|e| e.env.kind == Kind::Stop)
-        .unwrap()
-        .seq;
+    let stop = entries.iter().find(|e| e.env.kind == Kind::Stop).unwrap().seq;
 
     // A stop reason the reducers did not decide.
     let t = tampered(&entries, stop, |env| {
@@ -120,23 +90,12 @@ async fn a_recording_that_the_reducers_would_not_produce_is_reported_at_its_firs
     let r = replay(&t, quick()).await.unwrap();
     let d = r.divergence.expect("a changed stop reason is a divergence");
     assert_eq!((d.seq, d.field.as_str()), (stop, "stop reason"), "{d}");
-    assert!(
-        d.expected.contains("max_messages") && d.got.contains("completed: 3 rounds"),
-        "{d}"
-    );
+    assert!(d.expected.contains("max_messages") && d.got.contains("completed: 3 rounds"), "{d}");
 
     // Causal parents the protocol would not give: eng's first turn answers pm's.
     let t = tampered(&entries, 3, |env| env.parents.clear());
-    let d = replay(&t, quick())
-        .await
-        .unwrap()
-        .divergence
-        .expect("changed parents diverge");
-    assert_eq!(
-        (d.seq, d.field.as_str(), d.key.as_str()),
-        (3, "parents", "eng@turn/1"),
-        "{d}"
-    );
+    let d = replay(&t, quick()).await.unwrap().divergence.expect("changed parents diverge");
+    assert_eq!((d.seq, d.field.as_str(), d.key.as_str()), (3, "parents", "eng@turn/1"), "{d}");
 
     // The wrong peer took a turn: the replay's eng wants turn/1, which the recording has
     // only for cfo.
@@ -146,16 +105,8 @@ async fn a_recording_that_the_reducers_would_not_produce_is_reported_at_its_firs
     });
     let r = replay(&t, quick()).await.unwrap();
     let d = r.divergence.expect("a turn out of order diverges");
-    assert_eq!(
-        (d.seq, d.field.as_str(), d.key.as_str()),
-        (3, "missing", "cfo@turn/1"),
-        "{d}"
-    );
-    assert!(
-        r.unrecorded_calls.iter().any(|c| c == "eng@turn/1"),
-        "{:?}",
-        r.unrecorded_calls
-    );
+    assert_eq!((d.seq, d.field.as_str(), d.key.as_str()), (3, "missing", "cfo@turn/1"), "{d}");
+    assert!(r.unrecorded_calls.iter().any(|c| c == "eng@turn/1"), "{:?}", r.unrecorded_calls);
 }
 
 #[tokio::test]
@@ -166,10 +117,7 @@ async fn recorded_model_failures_are_replayed_as_failures() {
     );
     let plan = plan_from(&src);
     let entries = run(&plan).await;
-    let failures = entries
-        .iter()
-        .filter(|e| e.env.kind == Kind::Failure)
-        .count();
+    let failures = entries.iter().filter(|e| e.env.kind == Kind::Failure).count();
     assert!(failures >= 1, "the scripted error was recorded");
     let r = replay(&entries, ReplayOptions::default()).await.unwrap();
     assert!(r.ok(), "{}", r.divergence.unwrap());
@@ -201,27 +149,15 @@ async fn a_clock_stop_is_read_from_the_recording_not_from_the_clock() {
                 vec!["{peer} speaks ({n})".into()],
                 HashMap::new(),
             );
-            (
-                p,
-                Arc::new(Slow(s, Duration::from_millis(30))) as Arc<dyn ChatModel>,
-            )
+            (p, Arc::new(Slow(s, Duration::from_millis(30))) as Arc<dyn ChatModel>)
         })
         .collect();
     let entries = run_with(&plan, models).await;
     let stop = entries.iter().find(|e| e.env.kind == Kind::Stop).unwrap();
-    assert!(
-        stop.env.body.json.as_ref().unwrap()["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("timeout:")
-    );
+    assert!(stop.env.body.json.as_ref().unwrap()["reason"].as_str().unwrap().starts_with("timeout:"));
     let r = replay(&entries, ReplayOptions::default()).await.unwrap();
     assert!(r.ok(), "{}", r.divergence.unwrap());
-    assert!(
-        r.inputs.contains(&stop.seq),
-        "the clock's decision was fed in: {:?}",
-        r.inputs
-    );
+    assert!(r.inputs.contains(&stop.seq), "the clock's decision was fed in: {:?}", r.inputs);
 }
 
 struct Hanging {
@@ -243,10 +179,7 @@ impl ChatModel for Hanging {
     }
 }
 
-fn hanging(
-    plan: &roundtable_core::team::TeamPlan,
-    hang_after: Option<u32>,
-) -> HashMap<PeerId, Arc<dyn ChatModel>> {
+fn hanging(plan: &roundtable_core::team::TeamPlan, hang_after: Option<u32>) -> HashMap<PeerId, Arc<dyn ChatModel>> {
     let calls = Arc::new(AtomicU32::new(0));
     plan.peers
         .iter()
@@ -256,36 +189,22 @@ fn hanging(
                 vec!["{peer} speaks ({n})".into()],
                 HashMap::new(),
             );
-            (
-                p.id.clone(),
-                Arc::new(Hanging {
-                    inner,
-                    calls: calls.clone(),
-                    hang_after,
-                }) as Arc<dyn ChatModel>,
-            )
+            (p.id.clone(), Arc::new(Hanging { inner, calls: calls.clone(), hang_after }) as Arc<dyn ChatModel>)
         })
         .collect()
 }
 
 #[tokio::test]
 async fn an_absent_peer_is_an_input_and_its_skipped_turns_replay() {
-    let plan = plan_from(
-        &(TRIO.to_string() + "[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.3\n"),
-    );
+    let plan = plan_from(&(TRIO.to_string() + "[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.3\n"));
     let log = new_log();
     open_session(log.as_ref(), &plan, "topic").await.unwrap();
     let mut ms = hanging(&plan, None);
     ms.remove(&PeerId::from("cfo"));
     let presence: Arc<dyn Presence> = Arc::new(MemPresence::default());
-    run_peers(log.clone(), &plan, ms, Some(presence), None)
-        .await
-        .unwrap();
+    run_peers(log.clone(), &plan, ms, Some(presence), None).await.unwrap();
     let entries = log.read_all().await.unwrap();
-    let absent = entries
-        .iter()
-        .find(|e| e.env.kind == Kind::Absent)
-        .expect("cfo was noticed absent");
+    let absent = entries.iter().find(|e| e.env.kind == Kind::Absent).expect("cfo was noticed absent");
     let r = replay(&entries, ReplayOptions::default()).await.unwrap();
     assert!(r.ok(), "{}", r.divergence.unwrap());
     assert!(r.inputs.contains(&absent.seq));
@@ -301,22 +220,12 @@ async fn a_session_cut_off_and_resumed_replays_like_one_run() {
         let (log, plan, ms) = (log.clone(), plan.clone(), hanging(&plan, Some(4)));
         async move { run_peers(log, &plan, ms, None, None).await }
     });
-    while log
-        .read_all()
-        .await
-        .unwrap()
-        .iter()
-        .filter(|e| e.env.kind == Kind::Message)
-        .count()
-        < 4
-    {
+    while log.read_all().await.unwrap().iter().filter(|e| e.env.kind == Kind::Message).count() < 4 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     first.abort();
     let _ = first.await;
-    run_peers(log.clone(), &plan, hanging(&plan, None), None, None)
-        .await
-        .unwrap();
+    run_peers(log.clone(), &plan, hanging(&plan, None), None, None).await.unwrap();
     let entries = log.read_all().await.unwrap();
     let r = replay(&entries, ReplayOptions::default()).await.unwrap();
     assert!(r.ok(), "{}", r.divergence.unwrap());
@@ -333,8 +242,5 @@ async fn an_open_session_replays_up_to_where_it_was_cut() {
     assert!(r.ok(), "{}", r.divergence.unwrap());
     assert_eq!(r.matched, 6);
     assert_eq!(r.stop_reason, None);
-    assert!(
-        !r.unrecorded_calls.is_empty(),
-        "the peers wanted to go on past the recording"
-    );
+    assert!(!r.unrecorded_calls.is_empty(), "the peers wanted to go on past the recording");
 }

@@ -20,32 +20,15 @@ async fn the_trace_explains_who_answered_whom_what_it_cost_and_why_it_stopped() 
     let entries = run(&plan).await;
     let s = session_of(&entries);
     let t = Trace::build(&s, &entries);
-    assert_eq!(
-        (t.team.as_str(), t.protocol.as_str()),
-        ("product-debate", "round_robin")
-    );
+    assert_eq!((t.team.as_str(), t.protocol.as_str()), ("product-debate", "round_robin"));
     assert_eq!(t.nodes.len(), 12, "task, 9 turns, the summary, the stop");
 
     // Round robin: each turn answers the one before; the facilitator answers the last.
-    assert!(
-        t.nodes[1].parents.is_empty(),
-        "the first turn opens the discussion"
-    );
+    assert!(t.nodes[1].parents.is_empty(), "the first turn opens the discussion");
     for n in &t.nodes[2..11] {
-        assert_eq!(
-            n.parents,
-            vec![n.seq - 1],
-            "#{} answers #{}",
-            n.seq,
-            n.seq - 1
-        );
+        assert_eq!(n.parents, vec![n.seq - 1], "#{} answers #{}", n.seq, n.seq - 1);
     }
-    let pair = |from: &str, to: &str| {
-        t.interactions
-            .iter()
-            .find(|i| i.from == from && i.to == to)
-            .map(|i| i.answers)
-    };
+    let pair = |from: &str, to: &str| t.interactions.iter().find(|i| i.from == from && i.to == to).map(|i| i.answers);
     assert_eq!(pair("eng", "pm"), Some(3));
     assert_eq!(pair("cfo", "eng"), Some(3));
     assert_eq!(pair("pm", "cfo"), Some(2));
@@ -55,12 +38,7 @@ async fn the_trace_explains_who_answered_whom_what_it_cost_and_why_it_stopped() 
     // Why it stopped: the facilitator's summary decided it, and the whole debate led there.
     let stop = t.stop.as_ref().expect("stopped");
     assert_eq!(stop.seq, 12);
-    assert!(
-        stop.reason
-            .starts_with("completed: 3 rounds, then facilitator's summary"),
-        "{}",
-        stop.reason
-    );
+    assert!(stop.reason.starts_with("completed: 3 rounds, then facilitator's summary"), "{}", stop.reason);
     assert_eq!(stop.decided_by, vec![11]);
     assert_eq!(stop.led_by, (2..=11).collect::<Vec<u64>>());
     assert!(stop.answer.as_deref().unwrap().contains("staged plan"));
@@ -69,23 +47,14 @@ async fn the_trace_explains_who_answered_whom_what_it_cost_and_why_it_stopped() 
     // Cost per peer adds up to the session's totals.
     let summary = SessionSummary::from_entries(&s, &entries).unwrap();
     let peers: Vec<&str> = t.peers.iter().map(|p| p.peer.as_str()).collect();
-    assert_eq!(
-        peers,
-        ["pm", "eng", "cfo", "facilitator"],
-        "in the team's order"
-    );
+    assert_eq!(peers, ["pm", "eng", "cfo", "facilitator"], "in the team's order");
     assert_eq!(t.total.tokens, summary.tokens);
     assert_eq!(t.total.calls, summary.calls);
     assert_eq!(t.peers[0].messages, 3);
     assert_eq!(t.peers[3].messages, 1);
     for p in &t.peers {
         let tally = &summary.per_peer[&roundtable_core::PeerId::from(p.peer.as_str())];
-        assert_eq!(
-            p.tokens,
-            tally.prompt_tokens + tally.completion_tokens,
-            "{}",
-            p.peer
-        );
+        assert_eq!(p.tokens, tally.prompt_tokens + tally.completion_tokens, "{}", p.peer);
     }
 
     let text = t.to_text();
@@ -102,44 +71,22 @@ async fn the_trace_explains_who_answered_whom_what_it_cost_and_why_it_stopped() 
         "facilitator",
         "total",
     ] {
-        assert!(
-            text.contains(needle),
-            "text trace lacks {needle:?}:\n{text}"
-        );
+        assert!(text.contains(needle), "text trace lacks {needle:?}:\n{text}");
     }
 
     let mermaid = t.to_mermaid();
     assert!(mermaid.starts_with("flowchart TD\n"));
-    assert!(
-        mermaid.contains("e1 -.-> e2"),
-        "the first turn answers the task:\n{mermaid}"
-    );
-    assert!(
-        mermaid.contains("e10 ==> e11") && mermaid.contains("e11 ==> e12"),
-        "{mermaid}"
-    );
-    assert!(
-        mermaid.contains("e12{{"),
-        "the stop is drawn as a decision node"
-    );
+    assert!(mermaid.contains("e1 -.-> e2"), "the first turn answers the task:\n{mermaid}");
+    assert!(mermaid.contains("e10 ==> e11") && mermaid.contains("e11 ==> e12"), "{mermaid}");
+    assert!(mermaid.contains("e12{{"), "the stop is drawn as a decision node");
     assert!(mermaid.contains("class e12 stop"));
-    assert!(
-        !mermaid.contains("\"Offline"),
-        "quotes in labels are escaped"
-    );
+    assert!(!mermaid.contains("\"Offline"), "quotes in labels are escaped");
 
     let dot = t.to_dot();
     assert!(dot.starts_with("digraph \""));
-    assert!(
-        dot.contains("n11 -> n12 [penwidth=2.5, color=\"#b91c1c\", label=\"decided\"];"),
-        "{dot}"
-    );
+    assert!(dot.contains("n11 -> n12 [penwidth=2.5, color=\"#b91c1c\", label=\"decided\"];"), "{dot}");
     assert!(dot.contains("n1 -> n2 [style=dashed];"));
-    assert_eq!(
-        dot.matches(" -> ").count(),
-        11,
-        "ten answers, one dashed edge from the task\n{dot}"
-    );
+    assert_eq!(dot.matches(" -> ").count(), 11, "ten answers, one dashed edge from the task\n{dot}");
 
     let json: serde_json::Value = serde_json::to_value(&t).unwrap();
     assert_eq!(json["stop"]["decided_by"], serde_json::json!([11]));
@@ -164,70 +111,39 @@ async fn a_fork_copies_a_prefix_under_new_ids_records_its_origin_and_continues()
     let old = session_of(&entries);
     let new = new_session_id();
     let edited_text = "The CFO says: fund offline mode in full, whatever it costs.";
-    let edit = Edit {
-        target: format!("#{}", 4),
-        text: edited_text.into(),
-    };
+    let edit = Edit { target: format!("#{}", 4), text: edited_text.into() };
     let forked = fork_envelopes(&entries, &new, 5, Some(&edit)).unwrap();
     assert_eq!(forked.len(), 5);
     for (f, o) in forked.iter().zip(&entries) {
         assert_eq!(f.session, new);
         assert_ne!(f.id, o.env.id, "ids are derived from the new session");
-        assert_eq!(
-            (f.from.as_str(), &*f.step),
-            (o.env.from.as_str(), &*o.env.step)
-        );
+        assert_eq!((f.from.as_str(), &*f.step), (o.env.from.as_str(), &*o.env.step));
     }
     assert_eq!(forked[3].body.text.as_ref(), edited_text);
-    assert_eq!(
-        forked[4].parents,
-        vec![forked[3].id.clone()],
-        "parents are mapped to the new ids"
-    );
+    assert_eq!(forked[4].parents, vec![forked[3].id.clone()], "parents are mapped to the new ids");
     let origin = &forked[0].body.json.as_ref().unwrap()["forked_from"];
     assert_eq!(origin["session"], old.as_str());
     assert_eq!(origin["at"], 5);
     assert_eq!(origin["edited"]["seq"], 4);
     assert_eq!(origin["edited"]["text"], edited_text);
-    assert!(
-        origin["edited"]["original_text"]
-            .as_str()
-            .unwrap()
-            .starts_with("Let's put numbers on it")
-    );
+    assert!(origin["edited"]["original_text"].as_str().unwrap().starts_with("Let's put numbers on it"));
     assert!(plan_of(&forked[0]).is_ok(), "the plan is still in the task");
 
     // Continue it: the peers take over where the prefix ends.
-    let log = roundtable_core::log::SharedMemLog(std::sync::Arc::new(
-        roundtable_core::log::MemLog::new(new.clone()),
-    ));
+    let log = roundtable_core::log::SharedMemLog(std::sync::Arc::new(roundtable_core::log::MemLog::new(new.clone())));
     for env in forked {
         log.0.append_now(env).unwrap();
     }
     let log: std::sync::Arc<dyn roundtable_core::log::SessionLog> = std::sync::Arc::new(log);
-    let summary = run_peers(log.clone(), &plan, offline_models(&plan), None, None)
-        .await
-        .unwrap();
-    assert!(
-        summary
-            .stop_reason
-            .as_deref()
-            .unwrap()
-            .starts_with("completed: 3 rounds")
-    );
+    let summary = run_peers(log.clone(), &plan, offline_models(&plan), None, None).await.unwrap();
+    assert!(summary.stop_reason.as_deref().unwrap().starts_with("completed: 3 rounds"));
     let all = log.read_all().await.unwrap();
     assert_eq!(all.len(), 12, "the same shape as the original");
-    assert_eq!(
-        all[3].env.body.text.as_ref(),
-        edited_text,
-        "the edit stands"
-    );
+    assert_eq!(all[3].env.body.text.as_ref(), edited_text, "the edit stands");
     assert_eq!(all[5].env.parents, vec![all[4].env.id.clone()]);
     let t = Trace::build(&new, &all);
     assert_eq!(t.forked_from.as_ref().unwrap().session, old.as_str());
-    assert!(t.to_text().contains(&format!(
-        "Forked from session {old} at #5, with envelope #4 edited"
-    )));
+    assert!(t.to_text().contains(&format!("Forked from session {old} at #5, with envelope #4 edited")));
 }
 
 #[tokio::test]
@@ -236,59 +152,27 @@ async fn bad_fork_requests_are_refused_with_the_reason() {
     let entries = run(&plan).await;
     let s = new_session_id();
     let len = entries.len() as u64;
-    let stop = entries
-        .iter()
-        .find(|e| e.env.kind == Kind::Stop)
-        .unwrap()
-        .seq;
-    assert_eq!(
-        fork_envelopes(&entries, &s, 0, None).unwrap_err(),
-        ForkError::AtZero
-    );
+    let stop = entries.iter().find(|e| e.env.kind == Kind::Stop).unwrap().seq;
+    assert_eq!(fork_envelopes(&entries, &s, 0, None).unwrap_err(), ForkError::AtZero);
     let e = fork_envelopes(&entries, &s, len + 5, None).unwrap_err();
-    assert!(
-        matches!(e, ForkError::PastEnd { at, len: l, .. } if at == len + 5 && l == len),
-        "{e}"
-    );
+    assert!(matches!(e, ForkError::PastEnd { at, len: l, .. } if at == len + 5 && l == len), "{e}");
     assert!(e.to_string().contains("past the end"));
     let e = fork_envelopes(&entries, &s, stop, None).unwrap_err();
     assert!(matches!(e, ForkError::IncludesStop { .. }), "{e}");
-    assert!(
-        e.to_string()
-            .contains(&format!("fork at {} or earlier", stop - 1)),
-        "{e}"
-    );
+    assert!(e.to_string().contains(&format!("fork at {} or earlier", stop - 1)), "{e}");
 
-    let edit = |t: &str| Edit {
-        target: t.into(),
-        text: "x".into(),
-    };
-    let e = fork_envelopes(
-        &entries,
-        &s,
-        3,
-        Some(&edit("0123456789abcdef0123456789abcdef")),
-    )
-    .unwrap_err();
+    let edit = |t: &str| Edit { target: t.into(), text: "x".into() };
+    let e = fork_envelopes(&entries, &s, 3, Some(&edit("0123456789abcdef0123456789abcdef"))).unwrap_err();
     assert!(matches!(e, ForkError::UnknownEnvelope(..)), "{e}");
     let e = fork_envelopes(&entries, &s, 3, Some(&edit("#999"))).unwrap_err();
     assert!(matches!(e, ForkError::UnknownEnvelope(..)), "{e}");
     let late = entries[5].env.id.to_string();
     let e = fork_envelopes(&entries, &s, 3, Some(&edit(&late))).unwrap_err();
-    assert!(
-        matches!(e, ForkError::EditAfterFork { seq: 6, at: 3, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, ForkError::EditAfterFork { seq: 6, at: 3, .. }), "{e}");
     // A unique prefix of an id names the envelope.
     let id2 = entries[1].env.id.to_string();
     let forked = fork_envelopes(&entries, &s, 3, Some(&edit(&id2[..10]))).unwrap();
     assert_eq!(forked[1].body.text.as_ref(), "x");
     assert!("no-equals-sign".parse::<Edit>().is_err());
-    assert_eq!(
-        "abc=d=e".parse::<Edit>().unwrap(),
-        Edit {
-            target: "abc".into(),
-            text: "d=e".into()
-        }
-    );
+    assert_eq!("abc=d=e".parse::<Edit>().unwrap(), Edit { target: "abc".into(), text: "d=e".into() });
 }

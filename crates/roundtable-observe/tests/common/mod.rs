@@ -35,12 +35,7 @@ pub fn plan_from(src: &str) -> TeamPlan {
 pub fn example(name: &str) -> TeamPlan {
     let path = examples_dir().join(name);
     let src = std::fs::read_to_string(&path).unwrap();
-    parse_team(
-        &path.display().to_string(),
-        &src,
-        &FilesNextTo(examples_dir()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    parse_team(&path.display().to_string(), &src, &FilesNextTo(examples_dir())).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Every example team file, parsed (an example whose file does not validate offline is
@@ -55,16 +50,9 @@ pub fn examples() -> Vec<(String, TeamPlan)> {
     paths.sort();
     for path in paths {
         let src = std::fs::read_to_string(&path).unwrap();
-        let plan = parse_team(
-            &path.display().to_string(),
-            &src,
-            &FilesNextTo(examples_dir()),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        out.push((
-            path.file_name().unwrap().to_string_lossy().into_owned(),
-            plan,
-        ));
+        let plan = parse_team(&path.display().to_string(), &src, &FilesNextTo(examples_dir()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        out.push((path.file_name().unwrap().to_string_lossy().into_owned(), plan));
     }
     out
 }
@@ -79,21 +67,11 @@ pub fn offline_models(plan: &TeamPlan) -> HashMap<PeerId, Arc<dyn ChatModel>> {
                 ProviderSpec::Scripted { replies, per_peer } => Arc::new(Scripted::new(
                     format!("scripted:{}", p.model),
                     replies.clone(),
-                    per_peer
-                        .iter()
-                        .map(|(k, v)| (PeerId::from(k.as_str()), v.clone()))
-                        .collect(),
+                    per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect(),
                 )),
-                ProviderSpec::Simulated {
-                    p_correct,
-                    susceptibility,
-                    seed,
-                } => Arc::new(Simulated::new(
-                    format!("simulated:{}", p.model),
-                    *p_correct,
-                    *susceptibility,
-                    *seed,
-                )),
+                ProviderSpec::Simulated { p_correct, susceptibility, seed } => {
+                    Arc::new(Simulated::new(format!("simulated:{}", p.model), *p_correct, *susceptibility, *seed))
+                }
                 other => panic!("{} needs a live provider ({})", p.id, other.kind()),
             };
             (p.id.clone(), m)
@@ -110,9 +88,7 @@ pub async fn run_with(plan: &TeamPlan, models: HashMap<PeerId, Arc<dyn ChatModel
     let log = new_log();
     let topic = plan.topic.clone().unwrap_or_else(|| "topic".into());
     open_session(log.as_ref(), plan, &topic).await.unwrap();
-    run_peers(log.clone(), plan, models, None, None)
-        .await
-        .unwrap();
+    run_peers(log.clone(), plan, models, None, None).await.unwrap();
     log.read_all().await.unwrap()
 }
 

@@ -1,0 +1,400 @@
+//! The web view in a real browser: headless Chromium, driven over the DevTools protocol,
+//! loads the page against a session that is still running, watches it update live, and
+//! checks what a person would see. Screenshots are kept (their paths are printed).
+//!
+//! Needs Chromium: `apt-get install -y chromium` on Debian (or set ROUNDTABLE_CHROMIUM to
+//! a Chrome or Chromium binary). Without it this test fails and says so.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine;
+use common::*;
+use futures::{SinkExt, StreamExt};
+use roundtable_core::log::{LogStore, MemStore, SessionLog};
+use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError};
+use roundtable_core::runner::{open_session, run_peers};
+use roundtable_core::session::{SessionSummary, new_session_id};
+use roundtable_core::{Kind, PeerId};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+fn chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("ROUNDTABLE_CHROMIUM") {
+        return PathBuf::from(p);
+    }
+    for name in ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"] {
+        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "the web view's browser test needs Chromium and found none on PATH.\n\
+         Install it with `apt-get update && apt-get install -y chromium` (Debian/Ubuntu),\n\
+         or set ROUNDTABLE_CHROMIUM to the path of a Chrome or Chromium binary."
+    );
+}
+
+/// Headless Chromium, killed when dropped.
+struct Browser {
+    child: Child,
+    ws: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn launch() -> Browser {
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-extensions",
+            "--hide-scrollbars",
+            "--remote-debugging-port=0",
+            "--window-size=1400,1000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start Chromium ({}): {e}", chromium().display()));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("ws://") {
+                let _ = tx.send(line[i..].trim().to_string());
+            }
+        }
+    });
+    let ws = rx.recv_timeout(Duration::from_secs(60)).expect("Chromium printed its DevTools address");
+    Browser { child, ws, _profile: profile }
+}
+
+/// A DevTools protocol connection attached to one page.
+struct Cdp {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next: u64,
+    session: Option<String>,
+    events: Vec<Value>,
+}
+
+impl Cdp {
+    async fn connect(url: &str) -> Cdp {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("DevTools websocket");
+        Cdp { ws, next: 0, session: None, events: Vec::new() }
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let mut msg = json!({ "id": id, "method": method, "params": params });
+        if let Some(s) = &self.session {
+            msg["sessionId"] = json!(s);
+        }
+        self.ws.send(Message::Text(msg.to_string().into())).await.unwrap();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .expect("websocket open")
+                .unwrap();
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {}", v["error"]);
+                return v["result"].clone();
+            }
+            if v.get("method").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call("Runtime.evaluate", json!({ "expression": expr, "returnByValue": true })).await;
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {}", r["exceptionDetails"]);
+        r["result"]["value"].clone()
+    }
+
+    async fn text(&mut self, selector: &str) -> String {
+        let expr = format!("(document.querySelector({}) || {{innerText: ''}}).innerText", json!(selector));
+        self.eval(&expr).await.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Evaluate `expr` until it is true.
+    async fn wait_for(&mut self, what: &str, expr: &str) {
+        let start = Instant::now();
+        loop {
+            if self.eval(expr).await == json!(true) {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let body = self.text("body").await;
+                panic!("the page never showed {what}; it shows:\n{body}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn screenshot(&mut self, name: &str) -> PathBuf {
+        let height = self.eval("document.documentElement.scrollHeight").await.as_u64().unwrap_or(1000).clamp(600, 8000);
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({ "width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": false }),
+        )
+        .await;
+        let shot = self.call("Page.captureScreenshot", json!({ "format": "png" })).await;
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+        std::fs::write(&path, &png).unwrap();
+        println!("screenshot of the web view: {}", path.display());
+        path
+    }
+}
+
+/// An offline model that answers only when the test lets it (one permit per call), so
+/// the session is still running while the page is open.
+struct Gated {
+    inner: Arc<dyn ChatModel>,
+    gate: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl ChatModel for Gated {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        self.gate.acquire().await.unwrap().forget();
+        self.inner.chat(req).await
+    }
+}
+
+/// Whether the page's text shows `needle` (headings are styled in capitals, which
+/// `innerText` reflects).
+fn shows(text: &str, needle: &str) -> bool {
+    text.to_lowercase().contains(&needle.to_lowercase())
+}
+
+/// `5142` as `5,142`, as the page writes numbers.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+async fn wait_log(log: &Arc<dyn SessionLog>, n: u64) {
+    let start = Instant::now();
+    while log.last_seq().await.unwrap() < n {
+        assert!(start.elapsed() < Duration::from_secs(30), "the session never reached {n} envelopes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_a_running_session_live_and_explains_how_it_ended() {
+    let browser = launch();
+
+    // A store with a session that is about to run, and the view over it.
+    let store = MemStore::new();
+    let shared: Arc<dyn LogStore> = Arc::new(store.clone());
+    let addr = roundtable_observe::ui::serve("127.0.0.1:0".parse().unwrap(), shared).await.unwrap();
+    let plan = example("product-debate.toml");
+    let session = new_session_id();
+    let log = store.open(&session, true).await.unwrap();
+    open_session(log.as_ref(), &plan, plan.topic.as_deref().unwrap()).await.unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let models: HashMap<PeerId, Arc<dyn ChatModel>> = offline_models(&plan)
+        .into_iter()
+        .map(|(p, m)| (p, Arc::new(Gated { inner: m, gate: gate.clone() }) as Arc<dyn ChatModel>))
+        .collect();
+    let running = tokio::spawn({
+        let (log, plan) = (log.clone(), plan.clone());
+        async move { run_peers(log, &plan, models, None, None).await.unwrap() }
+    });
+    gate.add_permits(4);
+    wait_log(&log, 5).await;
+
+    // Open the page on the session while it runs.
+    let mut cdp = Cdp::connect(&browser.ws).await;
+    let target = cdp.call("Target.createTarget", json!({ "url": "about:blank" })).await;
+    let attached = cdp.call("Target.attachToTarget", json!({ "targetId": target["targetId"], "flatten": true })).await;
+    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_string());
+    for domain in ["Page.enable", "Runtime.enable", "Network.enable"] {
+        cdp.call(domain, json!({})).await;
+    }
+    let base = format!("http://{addr}");
+    cdp.call("Page.navigate", json!({ "url": format!("{base}/#/s/{session}") })).await;
+
+    let cards = "document.querySelectorAll('[data-role=transcript] article.card').length";
+    cdp.wait_for("the first four turns", &format!("{cards} === 5")).await;
+    let decision = cdp.text("[data-role=decision]").await;
+    assert!(decision.contains("In progress: round 2, 4 messages so far"), "{decision}");
+    assert!(cdp.text("header").await.contains("live"), "the stream is connected");
+    assert!(cdp.text(".head").await.contains("in progress"));
+    cdp.screenshot("roundtable-web-view-live.png").await;
+
+    // The rest of the session arrives while the page is open.
+    gate.add_permits(100);
+    let summary = running.await.unwrap();
+    cdp.wait_for(
+        "the stop",
+        &format!("{cards} === 12 && document.body.innerText.toLowerCase().includes('why it stopped')"),
+    )
+    .await;
+
+    // What a person sees.
+    let head = cdp.text(".head").await;
+    assert!(head.contains("product-debate") && head.contains("stopped") && head.contains("round_robin"), "{head}");
+    assert!(head.contains("Should we build an offline mode"), "the task is shown: {head}");
+
+    let decision = cdp.text("[data-role=decision]").await;
+    for needle in [
+        "Why it stopped",
+        "completed: 3 rounds, then facilitator's summary",
+        "Final answer",
+        "Recommendation: a staged plan",
+        "Decided by:",
+        "#11 facilitator (message, round 4)",
+        "The messages that led to it (10): #2 pm, #3 eng, #4 cfo",
+    ] {
+        assert!(shows(&decision, needle), "the decision panel lacks {needle:?}:\n{decision}");
+    }
+
+    let transcript = cdp.text("[data-role=transcript]").await;
+    for needle in [
+        "Round 1",
+        "Round 2",
+        "Round 3",
+        "Round 4",
+        "Stop",
+        "pm",
+        "→ all",
+        "answers #2 pm",
+        "Offline mode is the top request",
+    ] {
+        assert!(shows(&transcript, needle), "the transcript lacks {needle:?}");
+    }
+    let order = cdp
+        .eval("[...document.querySelectorAll('[data-role=transcript] article.card')].map(c => Number(c.dataset.seq))")
+        .await;
+    assert_eq!(order, json!((1..=12).collect::<Vec<u64>>()), "every envelope once, in log order");
+    let stars = cdp.eval("document.querySelectorAll('[data-role=transcript] .star').length").await;
+    assert_eq!(stars, json!(10), "the ten messages that led to the decision are marked");
+
+    // Who answered whom: four peers, four arrows (eng→pm, cfo→eng, pm→cfo, facilitator→cfo).
+    assert_eq!(cdp.eval("document.querySelectorAll('#graph g.node').length").await, json!(4));
+    assert_eq!(cdp.eval("document.querySelectorAll('#graph line.edge').length").await, json!(4));
+    let titles =
+        cdp.eval("[...document.querySelectorAll('#graph line.edge title')].map(t => t.textContent).sort()").await;
+    assert_eq!(
+        titles,
+        json!(["cfo answered eng 3×", "eng answered pm 3×", "facilitator answered cfo 1×", "pm answered cfo 2×"])
+    );
+
+    // Tokens and cost per peer, with the session's totals.
+    let cost = cdp.text("[data-role=cost]").await;
+    for p in ["pm", "eng", "cfo", "facilitator", "total"] {
+        assert!(cost.contains(p), "the cost table lacks {p}");
+    }
+    let total = cdp.eval("document.querySelector('[data-role=cost] tr.total').children[6].textContent").await;
+    assert_eq!(total, json!(thousands(summary.tokens)), "the total tokens are the session's");
+    let per_peer = cdp
+        .eval("Object.fromEntries([...document.querySelectorAll('[data-role=cost] tbody tr[data-peer]')].map(r => [r.dataset.peer, Number(r.children[2].textContent)]))")
+        .await;
+    for (peer, tally) in &summary.per_peer {
+        if tally.calls > 0 {
+            assert_eq!(per_peer[peer.as_str()], json!(tally.calls), "{peer}'s calls");
+        }
+    }
+    assert_eq!(cdp.eval("document.querySelectorAll('[data-chart=tokens] polyline').length").await, json!(4));
+    assert!(cost.contains("no prices configured"), "{cost}");
+    let votes = cdp.text("[data-role=votes]").await;
+    assert!(votes.contains("No votes, proposals or verdicts in this session (protocol round_robin)"), "{votes}");
+
+    // The sessions list shows it stopped.
+    cdp.wait_for(
+        "the list updated",
+        "document.querySelector('#session-list').innerText.includes('stopped: completed')",
+    )
+    .await;
+
+    // Nothing but this server was asked for anything, and the page threw no errors.
+    cdp.eval("1").await;
+    let mut hosts = Vec::new();
+    for ev in &cdp.events {
+        if ev["method"] == "Network.requestWillBeSent" {
+            let url = ev["params"]["request"]["url"].as_str().unwrap_or_default().to_string();
+            if !url.starts_with(&base) && !url.starts_with("about:") && !url.starts_with("data:") {
+                hosts.push(url);
+            }
+        }
+        assert_ne!(ev["method"], "Runtime.exceptionThrown", "the page threw: {}", ev["params"]);
+    }
+    assert!(hosts.is_empty(), "the page fetched from elsewhere: {hosts:?}");
+
+    let shot = cdp.screenshot("roundtable-web-view.png").await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 20_000, "a real page, not a blank one");
+
+    let s = SessionSummary::from_entries(&session, &log.read_all().await.unwrap()).unwrap();
+    assert!(s.stopped);
+    assert!(log.read_all().await.unwrap().iter().any(|e| e.env.kind == Kind::Stop));
+}
+
+#[test]
+fn the_page_loads_nothing_from_other_hosts() {
+    for (name, text) in [
+        ("index.html", include_str!("../assets/index.html")),
+        ("app.js", include_str!("../assets/app.js")),
+        ("app.css", include_str!("../assets/app.css")),
+    ] {
+        for (i, _) in text.match_indices("//") {
+            let before = &text[..i];
+            let scheme = before.ends_with("http:")
+                || before.ends_with("https:")
+                || before.ends_with('"')
+                || before.ends_with('\'')
+                || before.ends_with('(');
+            if scheme {
+                assert!(
+                    text[i..].starts_with("//www.w3.org/2000/svg"),
+                    "{name} refers to another host: {}",
+                    &text[i.saturating_sub(8)..(i + 40).min(text.len())]
+                );
+            }
+        }
+    }
+}
