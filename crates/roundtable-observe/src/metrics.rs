@@ -297,3 +297,72 @@ pub async fn serve(addr: SocketAddr, source: Source) -> std::io::Result<SocketAd
     });
     Ok(bound)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roundtable_core::{Body, Envelope, PeerId, Recipient, Usage};
+
+    fn entry(seq: u64, env: Envelope) -> Entry {
+        Entry { seq, env: Arc::new(env) }
+    }
+
+    fn env(from: &str, step: &str, kind: Kind, json: Option<serde_json::Value>) -> Envelope {
+        let mut body = Body::text(step);
+        body.json = json;
+        Envelope::new(&SessionId::from("s"), &PeerId::from(from), step, kind, Recipient::All, body)
+    }
+
+    #[test]
+    fn folds_each_entry_once_and_renders_the_text_format() {
+        let m = Metrics::new();
+        let s = SessionId::from("s");
+        let usage = |p, c, ms| Usage {
+            model: "m".into(),
+            prompt_tokens: p,
+            completion_tokens: c,
+            latency_ms: ms,
+            cost_usd: 0.25,
+            calls: 1,
+        };
+        let entries = vec![
+            entry(1, env("user", "task", Kind::Task, Some(serde_json::json!({"team_name": "a \"b\""})))),
+            entry(2, env("pm", "turn/0", Kind::Message, None).with_usage(usage(10, 5, 40))),
+            entry(3, env("eng", "turn/1", Kind::Message, None).with_usage(usage(20, 7, 3000))),
+            entry(4, env("eng", "turn/2", Kind::Failure, Some(serde_json::json!({"error": "provider error"})))),
+            entry(5, env("pm", "work/1", Kind::Work, Some(serde_json::json!({"deliveries": 2})))),
+            entry(6, env("pm", "work/2", Kind::Work, Some(serde_json::json!({"deliveries": 1})))),
+            entry(7, env("pm", "absent/eng/0", Kind::Absent, None)),
+            entry(8, env("pm", "stop", Kind::Stop, Some(serde_json::json!({"reason": "max_messages: 4 messages"})))),
+        ];
+        for _ in 0..2 {
+            for e in &entries {
+                m.observe(&s, e);
+            }
+        }
+        let t = m.render();
+        let team = "team=\"a \\\"b\\\"\"";
+        for line in [
+            format!("roundtable_envelopes_total{{{team},kind=\"message\"}} 2"),
+            format!("roundtable_messages_total{{{team},peer=\"pm\"}} 3"),
+            format!("roundtable_model_calls_total{{{team},peer=\"eng\",model=\"m\"}} 1"),
+            format!("roundtable_tokens_total{{{team},peer=\"eng\",model=\"m\",type=\"input\"}} 20"),
+            format!("roundtable_tokens_total{{{team},peer=\"eng\",model=\"m\",type=\"output\"}} 7"),
+            format!("roundtable_cost_usd_total{{{team},peer=\"pm\",model=\"m\"}} 0.25"),
+            format!("roundtable_model_failures_total{{{team},peer=\"eng\",error=\"provider error\"}} 1"),
+            format!("roundtable_redeliveries_total{{{team}}} 1"),
+            format!("roundtable_absences_total{{{team}}} 1"),
+            format!("roundtable_stops_total{{{team},reason=\"max_messages\"}} 1"),
+            format!("roundtable_model_latency_seconds_bucket{{{team},peer=\"eng\",model=\"m\",le=\"2.5\"}} 0"),
+            format!("roundtable_model_latency_seconds_bucket{{{team},peer=\"eng\",model=\"m\",le=\"5\"}} 1"),
+            format!("roundtable_model_latency_seconds_bucket{{{team},peer=\"pm\",model=\"m\",le=\"0.05\"}} 1"),
+            format!("roundtable_model_latency_seconds_bucket{{{team},peer=\"pm\",model=\"m\",le=\"+Inf\"}} 1"),
+            format!("roundtable_model_latency_seconds_sum{{{team},peer=\"eng\",model=\"m\"}} 3"),
+            format!("roundtable_model_latency_seconds_count{{{team},peer=\"pm\",model=\"m\"}} 1"),
+            format!("roundtable_sessions{{{team},state=\"stopped\"}} 1"),
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line}\n{t}");
+        }
+        assert!(t.contains("# TYPE roundtable_model_retries_total counter"));
+    }
+}
