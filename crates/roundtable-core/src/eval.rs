@@ -72,10 +72,7 @@ impl EvalTask {
             EvalTask::Arithmetic => (0..n as u64)
                 .map(|i| {
                     let (q, a) = arithmetic::question(seed, i);
-                    EvalItem {
-                        question: q,
-                        answer: a.to_string(),
-                    }
+                    EvalItem { question: q, answer: a.to_string() }
                 })
                 .collect(),
             EvalTask::Jsonl { items, .. } => items.iter().take(n).cloned().collect(),
@@ -91,12 +88,8 @@ pub fn parse_jsonl(name: &str, contents: &str) -> Result<EvalTask, String> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| format!("{name}:{}: {e}", i + 1))?;
-        let q = v
-            .get("question")
-            .and_then(|q| q.as_str())
-            .filter(|q| !q.trim().is_empty());
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{name}:{}: {e}", i + 1))?;
+        let q = v.get("question").and_then(|q| q.as_str()).filter(|q| !q.trim().is_empty());
         let a = match v.get("answer") {
             Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
@@ -104,31 +97,19 @@ pub fn parse_jsonl(name: &str, contents: &str) -> Result<EvalTask, String> {
             _ => None,
         };
         match (q, a) {
-            (Some(q), Some(a)) => items.push(EvalItem {
-                question: q.to_string(),
-                answer: a,
-            }),
+            (Some(q), Some(a)) => items.push(EvalItem { question: q.to_string(), answer: a }),
             (None, _) => {
-                return Err(format!(
-                    "{name}:{}: field `question`: a non-empty string is required",
-                    i + 1
-                ));
+                return Err(format!("{name}:{}: field `question`: a non-empty string is required", i + 1));
             }
             (_, None) => {
-                return Err(format!(
-                    "{name}:{}: field `answer`: a string or number is required",
-                    i + 1
-                ));
+                return Err(format!("{name}:{}: field `answer`: a string or number is required", i + 1));
             }
         }
     }
     if items.is_empty() {
         return Err(format!("{name}: no questions"));
     }
-    Ok(EvalTask::Jsonl {
-        name: name.to_string(),
-        items,
-    })
+    Ok(EvalTask::Jsonl { name: name.to_string(), items })
 }
 
 /// A collaboration pattern to evaluate.
@@ -185,10 +166,7 @@ impl Pattern {
             "hybrid" => Pattern::Hybrid,
             other => {
                 let valid: Vec<String> = Self::NAMES.iter().map(|n| format!("`{n}`")).collect();
-                return Err(format!(
-                    "unknown pattern `{other}`; valid: {}, or `vote@K`",
-                    valid.join(", ")
-                ));
+                return Err(format!("unknown pattern `{other}`; valid: {}, or `vote@K`", valid.join(", ")));
             }
         })
     }
@@ -235,10 +213,9 @@ impl std::fmt::Debug for EvalModel {
 impl EvalModel {
     fn describe(&self) -> String {
         match self {
-            EvalModel::Simulated {
-                p_correct,
-                susceptibility,
-            } => format!("simulated p={p_correct:.2} s={susceptibility:.2}"),
+            EvalModel::Simulated { p_correct, susceptibility } => {
+                format!("simulated p={p_correct:.2} s={susceptibility:.2}")
+            }
             EvalModel::Custom { name, .. } => name.clone(),
         }
     }
@@ -273,10 +250,7 @@ impl Default for EvalConfig {
             rounds: 2,
             n: 100,
             seed: 0,
-            model: EvalModel::Simulated {
-                p_correct: 0.6,
-                susceptibility: 0.0,
-            },
+            model: EvalModel::Simulated { p_correct: 0.6, susceptibility: 0.0 },
             vote: VoteRule::Plurality,
             concurrency: 8,
         }
@@ -336,22 +310,10 @@ impl EvalReport {
         );
         out.push_str(&format!(
             "{:<22} {:>6} {:>6} {:>9} {:>17} {:>8} {:>10} {:>9} {:>8}\n",
-            "pattern",
-            "agents",
-            "rounds",
-            "accuracy",
-            "95% CI",
-            "calls/q",
-            "tokens/q",
-            "wall",
-            "no ans."
+            "pattern", "agents", "rounds", "accuracy", "95% CI", "calls/q", "tokens/q", "wall", "no ans."
         ));
         for r in &self.results {
-            let name = if r.baseline {
-                format!("{} (baseline)", r.pattern)
-            } else {
-                r.pattern.clone()
-            };
+            let name = if r.baseline { format!("{} (baseline)", r.pattern) } else { r.pattern.clone() };
             let q = r.questions.max(1) as f64;
             out.push_str(&format!(
                 "{:<22} {:>6} {:>6} {:>9.3} {:>17} {:>8.2} {:>10.0} {:>8.2}s {:>8}\n",
@@ -391,10 +353,7 @@ pub fn wilson(k: usize, n: usize, z: f64) -> (f64, f64) {
 /// The probability that more than half of `n` independent voters, each right with
 /// probability `p`, are right: the binomial prediction for majority vote.
 pub fn binomial_majority(n: u32, p: f64) -> f64 {
-    (0..=n)
-        .filter(|k| 2 * k > n)
-        .map(|k| binomial(n, k) * p.powi(k as i32) * (1.0 - p).powi((n - k) as i32))
-        .sum()
+    (0..=n).filter(|k| 2 * k > n).map(|k| binomial(n, k) * p.powi(k as i32) * (1.0 - p).powi((n - k) as i32)).sum()
 }
 
 fn binomial(n: u32, k: u32) -> f64 {
@@ -418,59 +377,29 @@ fn team_file(p: Pattern, agents: usize, rounds: u32, vote: VoteRule) -> String {
         VoteRule::Majority => "majority",
     };
     let peers = |ids: &[String]| -> String {
-        ids.iter()
-            .map(|id| format!("[[peers]]\nid = \"{id}\"\nmodel = \"m\"\n"))
-            .collect()
+        ids.iter().map(|id| format!("[[peers]]\nid = \"{id}\"\nmodel = \"m\"\n")).collect()
     };
-    let ids = |n: usize, prefix: &str| -> Vec<String> {
-        (1..=n).map(|i| format!("{prefix}{i}")).collect()
-    };
-    let list = |v: &[String]| -> String {
-        v.iter()
-            .map(|s| format!("\"{s}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let ids = |n: usize, prefix: &str| -> Vec<String> { (1..=n).map(|i| format!("{prefix}{i}")).collect() };
+    let list = |v: &[String]| -> String { v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ") };
     let n = agents.max(1);
     let (members, protocol) = match p {
-        Pattern::Single => (
-            ids(1, "a"),
-            format!("kind = \"debate\"\nrounds = 1\nvote = \"{vote}\""),
-        ),
+        Pattern::Single => (ids(1, "a"), format!("kind = \"debate\"\nrounds = 1\nvote = \"{vote}\"")),
         Pattern::Vote(k) => {
             let k = k.map_or(n * rounds as usize, |k| k as usize).max(1);
-            (
-                ids(k, "a"),
-                format!("kind = \"debate\"\nrounds = 1\nvote = \"{vote}\""),
-            )
+            (ids(k, "a"), format!("kind = \"debate\"\nrounds = 1\nvote = \"{vote}\""))
         }
-        Pattern::Debate => (
-            ids(n, "a"),
-            format!("kind = \"debate\"\nrounds = {rounds}\nvote = \"{vote}\""),
-        ),
+        Pattern::Debate => (ids(n, "a"), format!("kind = \"debate\"\nrounds = {rounds}\nvote = \"{vote}\"")),
         Pattern::Jury => (ids(n, "a"), "kind = \"jury\"".to_string()),
         Pattern::JudgedDebate => {
             let mut m = ids(n.max(2), "a");
             m.push("judge".into());
-            (
-                m,
-                format!("kind = \"judged_debate\"\njudge = \"judge\"\nrounds = {rounds}"),
-            )
+            (m, format!("kind = \"judged_debate\"\njudge = \"judge\"\nrounds = {rounds}"))
         }
-        Pattern::ProposerCritic => (
-            ids(n.max(2), "a"),
-            format!("kind = \"proposer_critic\"\nrounds = {rounds}"),
-        ),
-        Pattern::Consensus => (
-            ids(n.max(2), "a"),
-            format!("kind = \"consensus\"\nrounds = {rounds}"),
-        ),
+        Pattern::ProposerCritic => (ids(n.max(2), "a"), format!("kind = \"proposer_critic\"\nrounds = {rounds}")),
+        Pattern::Consensus => (ids(n.max(2), "a"), format!("kind = \"consensus\"\nrounds = {rounds}")),
         Pattern::Emergent => (
             ids(n.max(2), "a"),
-            format!(
-                "kind = \"emergent\"\nrounds = {}\ncompare = \"answer\"\nthreshold = 0.99",
-                rounds.max(1)
-            ),
+            format!("kind = \"emergent\"\nrounds = {}\ncompare = \"answer\"\nthreshold = 0.99", rounds.max(1)),
         ),
         Pattern::Adversarial => {
             let m = ids(n.max(3), "a");
@@ -485,13 +414,7 @@ fn team_file(p: Pattern, agents: usize, rounds: u32, vote: VoteRule) -> String {
         Pattern::Hybrid => {
             let mut m = vec!["lead".to_string()];
             m.extend(ids(n.max(2), "a"));
-            (
-                m,
-                format!(
-                    "kind = \"hybrid\"\nleader = \"lead\"\ndeadlock_rounds = {}",
-                    rounds.max(1)
-                ),
-            )
+            (m, format!("kind = \"hybrid\"\nleader = \"lead\"\ndeadlock_rounds = {}", rounds.max(1)))
         }
     };
     format!(
@@ -504,10 +427,7 @@ fn team_file(p: Pattern, agents: usize, rounds: u32, vote: VoteRule) -> String {
 /// Offline models for a plan's peers (scripted and simulated providers; `None` for a
 /// peer whose model needs the network). No retry or timeout layers: offline models
 /// answer at once.
-pub fn offline_models(
-    plan: &TeamPlan,
-    oracle: Option<Oracle>,
-) -> HashMap<PeerId, Arc<dyn ChatModel>> {
+pub fn offline_models(plan: &TeamPlan, oracle: Option<Oracle>) -> HashMap<PeerId, Arc<dyn ChatModel>> {
     let mut out = HashMap::new();
     for p in &plan.peers {
         let Some(spec) = plan.models.get(&p.model) else {
@@ -517,22 +437,10 @@ pub fn offline_models(
             ProviderSpec::Scripted { replies, per_peer } => Arc::new(Scripted::new(
                 format!("scripted:{}", p.model),
                 replies.clone(),
-                per_peer
-                    .iter()
-                    .map(|(k, v)| (PeerId::from(k.as_str()), v.clone()))
-                    .collect(),
+                per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect(),
             )),
-            ProviderSpec::Simulated {
-                p_correct,
-                susceptibility,
-                seed,
-            } => {
-                let s = Simulated::new(
-                    format!("simulated:{}", p.model),
-                    *p_correct,
-                    *susceptibility,
-                    *seed,
-                );
+            ProviderSpec::Simulated { p_correct, susceptibility, seed } => {
+                let s = Simulated::new(format!("simulated:{}", p.model), *p_correct, *susceptibility, *seed);
                 Arc::new(match &oracle {
                     Some(o) => s.with_oracle(o.clone()),
                     None => s,
@@ -566,10 +474,7 @@ async fn run_one(
     let session = SessionId::from(format!("eval-{}-{}-{index}", plan.name, cfg.seed));
     let log: Arc<dyn SessionLog> = Arc::new(SharedMemLog(Arc::new(MemLog::new(session))));
     let models: HashMap<PeerId, Arc<dyn ChatModel>> = match &cfg.model {
-        EvalModel::Simulated {
-            p_correct,
-            susceptibility,
-        } => plan
+        EvalModel::Simulated { p_correct, susceptibility } => plan
             .peers
             .iter()
             .map(|p| {
@@ -580,11 +485,7 @@ async fn run_one(
                 (p.id.clone(), Arc::new(s) as Arc<dyn ChatModel>)
             })
             .collect(),
-        EvalModel::Custom { factory, .. } => plan
-            .peers
-            .iter()
-            .map(|p| (p.id.clone(), factory(&p.id)))
-            .collect(),
+        EvalModel::Custom { factory, .. } => plan.peers.iter().map(|p| (p.id.clone(), factory(&p.id))).collect(),
     };
     let failed = Outcome {
         correct: false,
@@ -595,10 +496,7 @@ async fn run_one(
         cost_usd: 0.0,
         error: true,
     };
-    if open_session(log.as_ref(), &plan, &item.question)
-        .await
-        .is_err()
-    {
+    if open_session(log.as_ref(), &plan, &item.question).await.is_err() {
         return failed;
     }
     match run_peers_with(log, &plan, models, None, None, PeerExtras::default()).await {
@@ -608,9 +506,7 @@ async fn run_one(
                 .as_deref()
                 .map(|a| extract(a, None).map_or_else(|| a.to_string(), |e| e.answer.to_string()));
             Outcome {
-                correct: given
-                    .as_deref()
-                    .is_some_and(|g| normalize(g) == normalize(&item.answer)),
+                correct: given.as_deref().is_some_and(|g| normalize(g) == normalize(&item.answer)),
                 answered: given.is_some(),
                 calls: s.calls,
                 prompt_tokens: s.prompt_tokens,
@@ -623,17 +519,10 @@ async fn run_one(
     }
 }
 
-async fn run_pattern(
-    p: Pattern,
-    items: &[EvalItem],
-    cfg: &EvalConfig,
-    oracle: Option<Oracle>,
-) -> PatternResult {
+async fn run_pattern(p: Pattern, items: &[EvalItem], cfg: &EvalConfig, oracle: Option<Oracle>) -> PatternResult {
     let src = team_file(p, cfg.agents, cfg.rounds, cfg.vote);
-    let plan = Arc::new(
-        parse_team(&format!("eval-{}.toml", p.name()), &src, &NoEnv)
-            .expect("generated team files are valid"),
-    );
+    let plan =
+        Arc::new(parse_team(&format!("eval-{}.toml", p.name()), &src, &NoEnv).expect("generated team files are valid"));
     let start = Instant::now();
     let outcomes: Vec<Outcome> = futures::stream::iter(items.iter().cloned().enumerate())
         .map(|(i, item)| run_one(plan.clone(), item, i, cfg, oracle.clone()))
@@ -669,11 +558,7 @@ async fn run_pattern(
         rounds,
         questions: n,
         correct,
-        accuracy: if n == 0 {
-            0.0
-        } else {
-            correct as f64 / n as f64
-        },
+        accuracy: if n == 0 { 0.0 } else { correct as f64 / n as f64 },
         ci_low,
         ci_high,
         calls,
@@ -695,10 +580,8 @@ pub async fn run_eval(cfg: EvalConfig) -> EvalReport {
     let oracle: Option<Oracle> = match &cfg.task {
         EvalTask::Arithmetic => None,
         EvalTask::Jsonl { items, .. } => {
-            let key: HashMap<String, String> = items
-                .iter()
-                .map(|i| (i.question.trim().to_string(), i.answer.clone()))
-                .collect();
+            let key: HashMap<String, String> =
+                items.iter().map(|i| (i.question.trim().to_string(), i.answer.clone())).collect();
             Some(Arc::new(move |q: &str| key.get(q.trim()).cloned()))
         }
     };
@@ -760,10 +643,7 @@ mod tests {
     #[test]
     fn wilson_and_binomial() {
         let (lo, hi) = wilson(60, 100, 1.96);
-        assert!(
-            (lo - 0.502).abs() < 0.002 && (hi - 0.691).abs() < 0.002,
-            "{lo} {hi}"
-        );
+        assert!((lo - 0.502).abs() < 0.002 && (hi - 0.691).abs() < 0.002, "{lo} {hi}");
         assert_eq!(wilson(0, 0, 1.96), (0.0, 1.0));
         let (lo, hi) = wilson(0, 10, 1.96);
         assert_eq!(lo, 0.0);
@@ -771,10 +651,7 @@ mod tests {
         // P(X ≥ 3) for X ~ Bin(5, 0.6) = 0.68256.
         assert!((binomial_majority(5, 0.6) - 0.68256).abs() < 1e-9);
         assert!((binomial_majority(1, 0.6) - 0.6).abs() < 1e-12);
-        assert!(
-            (binomial_majority(4, 0.5) - 5.0 / 16.0).abs() < 1e-12,
-            "a tie is not a majority"
-        );
+        assert!((binomial_majority(4, 0.5) - 5.0 / 16.0).abs() < 1e-12, "a tie is not a majority");
     }
 
     #[test]
@@ -794,27 +671,11 @@ mod tests {
     #[test]
     fn jsonl_tasks_name_the_bad_line() {
         let t = parse_jsonl("q.jsonl", "{\"question\": \"2+2?\", \"answer\": 4}\n\n{\"question\": \"Capital of France?\", \"answer\": \"Paris\"}\n").unwrap();
-        let EvalTask::Jsonl { items, .. } = &t else {
-            panic!()
-        };
-        assert_eq!(
-            items[0],
-            EvalItem {
-                question: "2+2?".into(),
-                answer: "4".into()
-            }
-        );
+        let EvalTask::Jsonl { items, .. } = &t else { panic!() };
+        assert_eq!(items[0], EvalItem { question: "2+2?".into(), answer: "4".into() });
         assert_eq!(items.len(), 2);
-        let e = parse_jsonl(
-            "q.jsonl",
-            "{\"question\": \"x\", \"answer\": 1}\n{\"question\": \"y\"}\n",
-        )
-        .unwrap_err();
+        let e = parse_jsonl("q.jsonl", "{\"question\": \"x\", \"answer\": 1}\n{\"question\": \"y\"}\n").unwrap_err();
         assert!(e.starts_with("q.jsonl:2:") && e.contains("answer"), "{e}");
-        assert!(
-            parse_jsonl("q.jsonl", "not json")
-                .unwrap_err()
-                .starts_with("q.jsonl:1:")
-        );
+        assert!(parse_jsonl("q.jsonl", "not json").unwrap_err().starts_with("q.jsonl:1:"));
     }
 }

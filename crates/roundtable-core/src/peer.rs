@@ -36,11 +36,10 @@ use tracing::Instrument;
 
 use crate::blackboard::{Blackboard, BoardErrorKind};
 use crate::bus::{MemParts, Presence};
-use crate::envelope::{Body, Envelope, Kind, PeerId, Recipient, Usage, now_ms};
+use crate::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, Usage, now_ms};
 use crate::log::{LogError, LogErrorKind, SessionLog};
 use crate::model::{
-    ChatMessage, ChatModel, ChatRequest, Embedder, ModelError, Price, Role, Transcript,
-    estimate_tokens,
+    ChatMessage, ChatModel, ChatRequest, Embedder, ModelError, Price, Role, Transcript, estimate_tokens,
 };
 use crate::protocol::{Action, BoardMark, Duty, QueueItem, View, seal};
 use crate::session::{SessionState, plan_of, summary_upto};
@@ -54,17 +53,9 @@ use crate::workqueue::WorkQueue;
 #[derive(Clone, Debug)]
 pub enum PeerEvent {
     /// The peer started a model call for a step.
-    Thinking {
-        peer: PeerId,
-        step: Arc<str>,
-        round: u32,
-    },
+    Thinking { peer: PeerId, step: Arc<str>, round: u32 },
     /// A piece of streamed text.
-    Token {
-        peer: PeerId,
-        step: Arc<str>,
-        text: String,
-    },
+    Token { peer: PeerId, step: Arc<str>, text: String },
 }
 
 pub type EventSink = Arc<dyn Fn(PeerEvent) + Send + Sync>;
@@ -111,9 +102,7 @@ fn local_parts() -> &'static MemParts {
 /// A secret for this process, for peers given none.
 fn process_secret() -> Arc<[u8]> {
     static SECRET: OnceLock<Arc<[u8]>> = OnceLock::new();
-    SECRET
-        .get_or_init(|| Arc::from(rand::random::<[u8; 32]>().to_vec()))
-        .clone()
+    SECRET.get_or_init(|| Arc::from(rand::random::<[u8; 32]>().to_vec())).clone()
 }
 
 /// What a peer knows of itself, fixed for the session.
@@ -126,21 +115,17 @@ struct Me {
     model_spec: Option<ModelSpec>,
     price: Price,
     secret: Arc<[u8]>,
+    /// The id of the last append that was a duplicate (its step was already done).
+    duplicate: std::sync::Mutex<Option<EnvelopeId>>,
 }
 
 impl Me {
     fn board(&self) -> Arc<dyn Blackboard> {
-        self.extras
-            .board
-            .clone()
-            .unwrap_or_else(|| local_parts().blackboard(self.cfg.log.session()))
+        self.extras.board.clone().unwrap_or_else(|| local_parts().blackboard(self.cfg.log.session()))
     }
     fn queue(&self) -> Arc<dyn WorkQueue> {
         self.extras.queue.clone().unwrap_or_else(|| {
-            local_parts().work_queue(
-                self.cfg.log.session(),
-                self.plan.protocol.queue_config().unwrap_or_default(),
-            )
+            local_parts().work_queue(self.cfg.log.session(), self.plan.protocol.queue_config().unwrap_or_default())
         })
     }
 }
@@ -161,21 +146,13 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let first = match tail.next().await {
         Some(e) => e?,
         None => {
-            return Err(LogError::new(
-                LogErrorKind::NotFound,
-                "the log ended before its task",
-            ));
+            return Err(LogError::new(LogErrorKind::NotFound, "the log ended before its task"));
         }
     };
     let plan = Arc::new(plan_of(&first.env).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))?);
     let spec = plan
         .peer(&cfg.me)
-        .ok_or_else(|| {
-            LogError::new(
-                LogErrorKind::Rejected,
-                format!("{} is not a peer of this team", cfg.me),
-            )
-        })?
+        .ok_or_else(|| LogError::new(LogErrorKind::Rejected, format!("{} is not a peer of this team", cfg.me)))?
         .clone();
     let model_spec = plan.models.get(&spec.model).cloned();
     let me = Me {
@@ -187,6 +164,7 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
         spec,
         plan: plan.clone(),
         cfg: cfg.clone(),
+        duplicate: std::sync::Mutex::new(None),
     };
 
     let mut st = SessionState::new(plan.clone(), session.clone());
@@ -198,6 +176,7 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let mut tick = tokio::time::interval(hb);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut wait_for_seq = 0u64;
+    let mut stalled: Option<(EnvelopeId, u64)> = None;
 
     loop {
         // Take everything that is ready, then act once.
@@ -235,8 +214,18 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
         let Some(duty) = st.duties(&cfg.me, now_ms()).into_iter().next() else {
             continue;
         };
+        // A duty whose envelope is already on the log, yet still a duty once that
+        // envelope was folded in, would be retried forever: wait for something new.
+        let id = duty.envelope_id(&session, &cfg.me);
+        if stalled.as_ref() == Some(&(id.clone(), st.last_seq)) {
+            continue;
+        }
         if let Some(seq) = perform(&me, &st, &view, &duty).await? {
             wait_for_seq = seq;
+        }
+        if me.duplicate.lock().expect("duplicate lock").take().as_ref() == Some(&id) && wait_for_seq <= st.last_seq {
+            tracing::warn!(peer = %cfg.me, step = %duty.step, "duty already on the log; waiting for new entries");
+            stalled = Some((id, st.last_seq));
         }
     }
 }
@@ -249,104 +238,55 @@ fn body_of(duty: &Duty) -> Body {
 }
 
 /// Carry out one duty; the sequence number of what it appended, if anything.
-async fn perform(
-    me: &Me,
-    st: &SessionState,
-    view: &PeerView,
-    duty: &Duty,
-) -> Result<Option<u64>, LogError> {
+async fn perform(me: &Me, st: &SessionState, view: &PeerView, duty: &Duty) -> Result<Option<u64>, LogError> {
     let seq = match &duty.action {
         Action::Post { body } => post(me, st, duty, body.clone()).await?,
-        Action::Speak {
-            instruction,
-            json,
-            view: v,
-        } => match call_model(me, st, view, duty, instruction, *json, v).await {
-            Called::Answer { text, usage, turn } => {
-                let mut body = Body::text(text.as_str());
-                if *json {
-                    body.json = parse_json_answer(&text);
+        Action::Speak { instruction, json, view: v } => {
+            match call_model(me, st, view, duty, instruction, *json, v).await {
+                Called::Answer { text, usage, turn } => {
+                    let mut body = Body::text(text.as_str());
+                    if *json {
+                        body.json = parse_json_answer(&text);
+                    }
+                    append_traced(me, envelope(me, st, duty, duty.kind, body).with_usage(usage), turn).await?
                 }
-                append_traced(
-                    me,
-                    envelope(me, st, duty, duty.kind, body).with_usage(usage),
-                    turn,
-                )
-                .await?
+                other => return not_answered(me, st, duty, other).await.map(Some),
             }
-            other => return not_answered(me, st, duty, other).await.map(Some),
-        },
-        Action::Commit {
-            instruction,
-            json,
-            view: v,
-        } => match call_model(me, st, view, duty, instruction, *json, v).await {
-            Called::Answer { text, usage, turn } => {
-                let salt = seal::salt(&me.secret, &st.session, &me.cfg.me, &duty.step);
-                let json = serde_json::json!({
-                    "commitment": seal::commitment(&salt, &text),
-                    "sealed": seal::seal(&me.secret, &st.session, &me.cfg.me, &duty.step, &text),
-                });
-                let body =
-                    Body::text(format!("{} committed to an answer", me.cfg.me)).with_json(json);
-                append_traced(
-                    me,
-                    envelope(me, st, duty, Kind::Commit, body).with_usage(usage),
-                    turn,
-                )
-                .await?
+        }
+        Action::Commit { instruction, json, view: v } => {
+            match call_model(me, st, view, duty, instruction, *json, v).await {
+                Called::Answer { text, usage, turn } => {
+                    let salt = seal::salt(&me.secret, &st.session, &me.cfg.me, &duty.step);
+                    let json = serde_json::json!({
+                        "commitment": seal::commitment(&salt, &text),
+                        "sealed": seal::seal(&me.secret, &st.session, &me.cfg.me, &duty.step, &text),
+                    });
+                    let body = Body::text(format!("{} committed to an answer", me.cfg.me)).with_json(json);
+                    append_traced(me, envelope(me, st, duty, Kind::Commit, body).with_usage(usage), turn).await?
+                }
+                other => return not_answered(me, st, duty, other).await.map(Some),
             }
-            other => return not_answered(me, st, duty, other).await.map(Some),
-        },
+        }
         Action::Reveal { commit } => {
             let j = commit.body.json.as_ref();
-            let sealed = j
-                .and_then(|j| j.get("sealed"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
-            let commitment = j
-                .and_then(|j| j.get("commitment"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
-            let salt = hex::encode(seal::salt(
-                &me.secret,
-                &st.session,
-                &me.cfg.me,
-                &commit.step,
-            ));
+            let sealed = j.and_then(|j| j.get("sealed")).and_then(|v| v.as_str()).unwrap_or("");
+            let commitment = j.and_then(|j| j.get("commitment")).and_then(|v| v.as_str()).unwrap_or("");
+            let salt = hex::encode(seal::salt(&me.secret, &st.session, &me.cfg.me, &commit.step));
             match seal::open(&me.secret, &st.session, &me.cfg.me, &commit.step, sealed) {
                 Some(text) if seal::verify(commitment, &salt, &text) => {
-                    let body = Body::text(text).with_json(
-                        serde_json::json!({ "salt": salt, "commit": commit.id.as_str() }),
-                    );
+                    let body =
+                        Body::text(text).with_json(serde_json::json!({ "salt": salt, "commit": commit.id.as_str() }));
                     append(me, envelope(me, st, duty, Kind::Reveal, body)).await?
                 }
                 _ => {
                     let why = "cannot open my own commitment: this peer's secret is not the one it committed with; the vote is forfeited";
-                    append(
-                        me,
-                        failure(
-                            me,
-                            st,
-                            duty,
-                            why,
-                            serde_json::json!({ "error": "unsealable" }),
-                            None,
-                        ),
-                    )
-                    .await?
+                    append(me, failure(me, st, duty, why, serde_json::json!({ "error": "unsealable" }), None)).await?
                 }
             }
         }
         Action::Measure { texts } => return measure(me, st, duty, texts).await.map(Some),
-        Action::BoardWrite {
-            instruction,
-            key,
-            after,
-        } => {
-            return board_write(me, st, view, duty, instruction, key, after.as_ref())
-                .await
-                .map(Some);
+        Action::BoardWrite { instruction, key, after } => {
+            return board_write(me, st, view, duty, instruction, key, after.as_ref()).await.map(Some);
         }
         Action::Claim { items } => return claim(me, st, duty, items).await,
     };
@@ -362,7 +302,10 @@ enum Called {
         turn: tracing::Span,
     },
     /// The budget does not allow the call; it was not made.
-    Refused { scope: BudgetScope, why: String },
+    Refused {
+        scope: BudgetScope,
+        why: String,
+    },
     Failed {
         error: ModelError,
         usage: Usage,
@@ -397,30 +340,18 @@ async fn call_model(
             let ev = ev.clone();
             let (peer, step) = (cfg.me.clone(), duty.step.clone());
             Arc::new(move |t: &str| {
-                ev(PeerEvent::Token {
-                    peer: peer.clone(),
-                    step: step.clone(),
-                    text: t.to_string(),
-                })
+                ev(PeerEvent::Token { peer: peer.clone(), step: step.clone(), text: t.to_string() })
             }) as crate::model::TokenSink
         }),
     };
     let est = req.estimated_prompt_tokens();
-    if let Err((scope, why)) = me.plan.budget.allows(
-        &st.tally,
-        &cfg.me,
-        est,
-        me.price.cost(est, 0),
-        st.elapsed_ms(now_ms()),
-    ) {
+    if let Err((scope, why)) =
+        me.plan.budget.allows(&st.tally, &cfg.me, est, me.price.cost(est, 0), st.elapsed_ms(now_ms()))
+    {
         return Called::Refused { scope, why };
     }
     if let Some(ev) = &cfg.events {
-        ev(PeerEvent::Thinking {
-            peer: cfg.me.clone(),
-            step: duty.step.clone(),
-            round: duty.round,
-        });
+        ev(PeerEvent::Thinking { peer: cfg.me.clone(), step: duty.step.clone(), round: duty.round });
     }
     let turn = turn_span(cfg, st, duty).await;
     let chat = chat_span(&turn, cfg, &me.spec, me.model_spec.as_ref(), &req);
@@ -434,11 +365,7 @@ async fn call_model(
         Ok(resp) => Called::Answer {
             turn,
             usage: Usage {
-                model: Arc::from(if resp.model.is_empty() {
-                    model_name
-                } else {
-                    resp.model.clone()
-                }),
+                model: Arc::from(if resp.model.is_empty() { model_name } else { resp.model.clone() }),
                 prompt_tokens: resp.prompt_tokens,
                 completion_tokens: resp.completion_tokens,
                 latency_ms,
@@ -448,12 +375,8 @@ async fn call_model(
             text: resp.text,
         },
         Err(error) => {
-            let usage = Usage {
-                model: Arc::from(model_name),
-                latency_ms,
-                calls: error.attempts.max(1),
-                ..Default::default()
-            };
+            let usage =
+                Usage { model: Arc::from(model_name), latency_ms, calls: error.attempts.max(1), ..Default::default() };
             Called::Failed { error, usage, turn }
         }
     }
@@ -461,37 +384,15 @@ async fn call_model(
 
 /// Record why a duty's model call gave no answer: a stop (session budget) or a
 /// failure of the step (peer budget, model error).
-async fn not_answered(
-    me: &Me,
-    st: &SessionState,
-    duty: &Duty,
-    called: Called,
-) -> Result<u64, LogError> {
+async fn not_answered(me: &Me, st: &SessionState, duty: &Duty, called: Called) -> Result<u64, LogError> {
     match called {
         Called::Answer { .. } => unreachable!("answers are handled by the caller"),
-        Called::Refused {
-            scope: BudgetScope::Session,
-            why,
-        } => {
+        Called::Refused { scope: BudgetScope::Session, why } => {
             let stop = st.stop_duty(why, st.best_answer(), Vec::new());
             post(me, st, &stop, body_of(&stop)).await
         }
-        Called::Refused {
-            scope: BudgetScope::Peer,
-            why,
-        } => {
-            append(
-                me,
-                failure(
-                    me,
-                    st,
-                    duty,
-                    &why,
-                    serde_json::json!({"error": "budget", "scope": "peer"}),
-                    None,
-                ),
-            )
-            .await
+        Called::Refused { scope: BudgetScope::Peer, why } => {
+            append(me, failure(me, st, duty, &why, serde_json::json!({"error": "budget", "scope": "peer"}), None)).await
         }
         Called::Failed { error, usage, turn } => {
             let json = serde_json::json!({
@@ -500,14 +401,7 @@ async fn not_answered(
                 "attempts": error.attempts,
                 "message": error.message,
             });
-            let env = failure(
-                me,
-                st,
-                duty,
-                &format!("model call failed: {error}"),
-                json,
-                Some(usage),
-            );
+            let env = failure(me, st, duty, &format!("model call failed: {error}"), json, Some(usage));
             append_traced(me, env, turn).await
         }
     }
@@ -515,16 +409,9 @@ async fn not_answered(
 
 /// The envelope a duty produces, with its id, round, parents and clock.
 fn envelope(me: &Me, st: &SessionState, duty: &Duty, kind: Kind, body: Body) -> Envelope {
-    let mut env = Envelope::new(
-        &st.session,
-        &me.cfg.me,
-        duty.step.clone(),
-        kind,
-        duty.to.clone(),
-        body,
-    )
-    .with_round(duty.round)
-    .with_parents(duty.parents.clone());
+    let mut env = Envelope::new(&st.session, &me.cfg.me, duty.step.clone(), kind, duty.to.clone(), body)
+        .with_round(duty.round)
+        .with_parents(duty.parents.clone());
     env.id = duty.envelope_id(&st.session, &me.cfg.me);
     env.lamport = st.lamport + 1;
     env
@@ -539,26 +426,25 @@ fn failure(
     json: serde_json::Value,
     usage: Option<Usage>,
 ) -> Envelope {
-    let mut env = envelope(
-        me,
-        st,
-        duty,
-        Kind::Failure,
-        Body::text(text).with_json(json),
-    );
+    let mut env = envelope(me, st, duty, Kind::Failure, Body::text(text).with_json(json));
     env.to = Recipient::All;
     env.usage = usage;
     env
 }
 
 async fn append(me: &Me, env: Envelope) -> Result<u64, LogError> {
-    Ok(me.cfg.log.append(env).await?.seq)
+    let id = env.id.clone();
+    let a = me.cfg.log.append(env).await?;
+    if a.duplicate {
+        *me.duplicate.lock().expect("duplicate lock") = Some(id);
+    }
+    Ok(a.seq)
 }
 
 /// Append an envelope a model call produced, carrying the turn's trace context.
 async fn append_traced(me: &Me, mut env: Envelope, turn: tracing::Span) -> Result<u64, LogError> {
     env.trace = crate::telemetry::traceparent(&turn);
-    Ok(me.cfg.log.append(env).instrument(turn).await?.seq)
+    append(me, env).instrument(turn).await
 }
 
 async fn post(me: &Me, st: &SessionState, duty: &Duty, body: Body) -> Result<u64, LogError> {
@@ -566,34 +452,14 @@ async fn post(me: &Me, st: &SessionState, duty: &Duty, body: Body) -> Result<u64
 }
 
 /// Measure pairwise similarity with the embedder and record it as a verdict.
-async fn measure(
-    me: &Me,
-    st: &SessionState,
-    duty: &Duty,
-    texts: &[crate::protocol::Shown],
-) -> Result<u64, LogError> {
+async fn measure(me: &Me, st: &SessionState, duty: &Duty, texts: &[crate::protocol::Shown]) -> Result<u64, LogError> {
     let Some(embedder) = me.extras.embedder.clone() else {
         let why = "no embedder is configured for this peer; similarity falls back to lexical";
-        return append(
-            me,
-            failure(
-                me,
-                st,
-                duty,
-                why,
-                serde_json::json!({"error": "no_embedder"}),
-                None,
-            ),
-        )
-        .await;
+        return append(me, failure(me, st, duty, why, serde_json::json!({"error": "no_embedder"}), None)).await;
     };
     let inputs: Vec<String> = texts.iter().map(|t| t.text.to_string()).collect();
     let est: u64 = inputs.iter().map(|t| u64::from(estimate_tokens(t))).sum();
-    if let Err((scope, why)) =
-        me.plan
-            .budget
-            .allows(&st.tally, &me.cfg.me, est, 0.0, st.elapsed_ms(now_ms()))
-    {
+    if let Err((scope, why)) = me.plan.budget.allows(&st.tally, &me.cfg.me, est, 0.0, st.elapsed_ms(now_ms())) {
         return not_answered(me, st, duty, Called::Refused { scope, why }).await;
     }
     let t0 = Instant::now();
@@ -615,48 +481,17 @@ async fn measure(
                 "peers": texts.iter().map(|t| t.from.as_str()).collect::<Vec<_>>(),
                 "similarity": p,
             });
-            let body = Body::text(format!("pairwise similarity (embedding): min {:.3}", p.min))
-                .with_json(json);
-            append(
-                me,
-                envelope(me, st, duty, Kind::Verdict, body).with_usage(usage),
-            )
-            .await
+            let body = Body::text(format!("pairwise similarity (embedding): min {:.3}", p.min)).with_json(json);
+            append(me, envelope(me, st, duty, Kind::Verdict, body).with_usage(usage)).await
         }
         Ok(vectors) => {
             let error = ModelError::new(
                 crate::model::ModelErrorKind::Malformed,
-                format!(
-                    "embedder returned {} vectors for {} texts",
-                    vectors.len(),
-                    inputs.len()
-                ),
+                format!("embedder returned {} vectors for {} texts", vectors.len(), inputs.len()),
             );
-            not_answered(
-                me,
-                st,
-                duty,
-                Called::Failed {
-                    error,
-                    usage,
-                    turn: tracing::Span::none(),
-                },
-            )
-            .await
+            not_answered(me, st, duty, Called::Failed { error, usage, turn: tracing::Span::none() }).await
         }
-        Err(error) => {
-            not_answered(
-                me,
-                st,
-                duty,
-                Called::Failed {
-                    error,
-                    usage,
-                    turn: tracing::Span::none(),
-                },
-            )
-            .await
-        }
+        Err(error) => not_answered(me, st, duty, Called::Failed { error, usage, turn: tracing::Span::none() }).await,
     }
 }
 
@@ -721,11 +556,7 @@ async fn board_write(
                 expected = Some(None);
                 break;
             }
-            (Some(e), Some(m))
-                if cur_value
-                    .as_ref()
-                    .is_some_and(|v| v.by == m.by.as_str() && v.step == *m.step) =>
-            {
+            (Some(e), Some(m)) if cur_value.as_ref().is_some_and(|v| v.by == m.by.as_str() && v.step == *m.step) => {
                 expected = Some(Some(e.revision));
                 break;
             }
@@ -738,10 +569,7 @@ async fn board_write(
                     step: m.step.to_string(),
                     usage: None,
                 };
-                match board
-                    .create(key, serde_json::to_vec(&v).expect("board value"))
-                    .await
-                {
+                match board.create(key, serde_json::to_vec(&v).expect("board value")).await {
                     Ok(_) => {}
                     Err(e) if e.kind() == BoardErrorKind::AlreadyExists => {}
                     Err(e) => return append(me, board_failed(e, None)).await,
@@ -751,29 +579,19 @@ async fn board_write(
             _ => {
                 return append(
                     me,
-                    record(
-                        "conflict",
-                        cur.as_ref().map(|e| e.revision),
-                        "",
-                        Some("the board moved ahead of the log"),
-                    ),
+                    record("conflict", cur.as_ref().map(|e| e.revision), "", Some("the board moved ahead of the log")),
                 )
                 .await;
             }
         }
     }
     let Some(expected) = expected else {
-        return append(
-            me,
-            record("conflict", None, "", Some("the board keeps changing")),
-        )
-        .await;
+        return append(me, record("conflict", None, "", Some("the board keeps changing"))).await;
     };
-    let (text, usage, turn) =
-        match call_model(me, st, view, duty, instruction, false, &View::Task).await {
-            Called::Answer { text, usage, turn } => (text, usage, turn),
-            other => return not_answered(me, st, duty, other).await,
-        };
+    let (text, usage, turn) = match call_model(me, st, view, duty, instruction, false, &View::Task).await {
+        Called::Answer { text, usage, turn } => (text, usage, turn),
+        other => return not_answered(me, st, duty, other).await,
+    };
     let value = BoardValue {
         text: text.clone(),
         by: me.cfg.me.to_string(),
@@ -787,18 +605,8 @@ async fn board_write(
     };
     let env = match written {
         Ok(rev) => record("put", Some(rev), &text, None),
-        Err(e)
-            if matches!(
-                e.kind(),
-                BoardErrorKind::WrongLastRevision | BoardErrorKind::AlreadyExists
-            ) =>
-        {
-            record(
-                "conflict",
-                None,
-                &text,
-                Some("another peer wrote the key first"),
-            )
+        Err(e) if matches!(e.kind(), BoardErrorKind::WrongLastRevision | BoardErrorKind::AlreadyExists) => {
+            record("conflict", None, &text, Some("another peer wrote the key first"))
         }
         Err(e) => board_failed(e, None),
     };
@@ -807,18 +615,10 @@ async fn board_write(
 
 /// Push the items the log says are open, claim one, and record the claim. Nothing is
 /// appended when the queue hands out nothing (or an item the log no longer offers).
-async fn claim(
-    me: &Me,
-    st: &SessionState,
-    duty: &Duty,
-    items: &[QueueItem],
-) -> Result<Option<u64>, LogError> {
+async fn claim(me: &Me, st: &SessionState, duty: &Duty, items: &[QueueItem]) -> Result<Option<u64>, LogError> {
     let queue = me.queue();
     for item in items {
-        if let Err(e) = queue
-            .push(&item.id, serde_json::json!({ "task": item.task }))
-            .await
-        {
+        if let Err(e) = queue.push(&item.id, serde_json::json!({ "task": item.task })).await {
             tracing::warn!(peer = %me.cfg.me, error = %e, "work queue push failed");
             return Ok(None);
         }
@@ -849,12 +649,7 @@ async fn claim(
 
 /// A peer that has not beaten within the absence timeout, if any (and it is not this
 /// peer and not already recorded absent).
-async fn absence_duty(
-    st: &SessionState,
-    cfg: &PeerConfig,
-    started: Instant,
-    plan: &TeamPlan,
-) -> Option<Duty> {
+async fn absence_duty(st: &SessionState, cfg: &PeerConfig, started: Instant, plan: &TeamPlan) -> Option<Duty> {
     let presence = cfg.presence.as_ref()?;
     let seen = presence.last_seen().await.ok()?;
     let limit = Duration::from_millis(plan.presence.absent_after_ms);
@@ -930,11 +725,7 @@ fn chat_span(
     )
 }
 
-fn record_chat(
-    span: &tracing::Span,
-    result: &Result<crate::model::ChatResponse, ModelError>,
-    latency_ms: u64,
-) {
+fn record_chat(span: &tracing::Span, result: &Result<crate::model::ChatResponse, ModelError>, latency_ms: u64) {
     if span.is_disabled() {
         return;
     }
@@ -966,10 +757,7 @@ pub fn parse_json_answer(text: &str) -> Option<serde_json::Value> {
     }
     let start = t.find('{')?;
     let end = t.rfind('}')?;
-    (end > start)
-        .then(|| serde_json::from_str(&t[start..=end]).ok())
-        .flatten()
-        .filter(serde_json::Value::is_object)
+    (end > start).then(|| serde_json::from_str(&t[start..=end]).ok()).flatten().filter(serde_json::Value::is_object)
 }
 
 /// What one peer can see of the log, as chat messages.
@@ -1008,31 +796,20 @@ impl PeerView {
             if let Some(upto) = summary_upto(&env.step)
                 && self.summary.as_ref().is_none_or(|(c, _)| *c < upto)
             {
-                let text = format!(
-                    "Summary of rounds 1 to {} (by {}):\n{}",
-                    upto + 1,
-                    env.from,
-                    env.body.text
-                );
+                let text = format!("Summary of rounds 1 to {} (by {}):\n{}", upto + 1, env.from, env.body.text);
                 self.summary = Some((upto, ChatMessage::new(Role::User, None, Arc::from(text))));
             }
             return;
         }
-        let in_context = matches!(
-            env.kind,
-            Kind::Task | Kind::Message | Kind::Proposal | Kind::Vote | Kind::Reveal | Kind::Verdict
-        );
+        let in_context =
+            matches!(env.kind, Kind::Task | Kind::Message | Kind::Proposal | Kind::Vote | Kind::Reveal | Kind::Verdict);
         if !in_context || !env.visible_to(&self.me, self.group.as_deref()) {
             return;
         }
         let msg = if env.kind == Kind::Task {
             ChatMessage::new(Role::User, None, env.body.text.clone())
         } else if env.from == self.me {
-            ChatMessage::new(
-                Role::Assistant,
-                Some(env.from.clone()),
-                env.body.text.clone(),
-            )
+            ChatMessage::new(Role::Assistant, Some(env.from.clone()), env.body.text.clone())
         } else {
             ChatMessage::new(Role::User, Some(env.from.clone()), env.body.text.clone())
         };
@@ -1083,11 +860,7 @@ impl PeerView {
             View::Shown(shown) => {
                 let mut t = Transcript::default();
                 for s in shown {
-                    let role = if s.from == self.me {
-                        Role::Assistant
-                    } else {
-                        Role::User
-                    };
+                    let role = if s.from == self.me { Role::Assistant } else { Role::User };
                     t.push(ChatMessage::new(role, Some(s.from.clone()), s.text.clone()));
                 }
                 let len = t.len();

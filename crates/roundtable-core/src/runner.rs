@@ -16,11 +16,7 @@ use crate::session::{SessionSummary, task_envelope};
 use crate::team::TeamPlan;
 
 /// Post the opening task of a new session.
-pub async fn open_session(
-    log: &dyn SessionLog,
-    plan: &TeamPlan,
-    topic: &str,
-) -> Result<(), LogError> {
+pub async fn open_session(log: &dyn SessionLog, plan: &TeamPlan, topic: &str) -> Result<(), LogError> {
     let mut task = task_envelope(log.session(), plan, topic);
     // The current span (the session's, when tracing is on) becomes the parent of every
     // peer's turn spans, in whatever process the peers run.
@@ -77,10 +73,7 @@ pub async fn run_peers_with(
                 first_error.get_or_insert(e);
             }
             Err(e) => {
-                first_error.get_or_insert(LogError::new(
-                    LogErrorKind::Storage,
-                    format!("a peer task panicked: {e}"),
-                ));
+                first_error.get_or_insert(LogError::new(LogErrorKind::Storage, format!("a peer task panicked: {e}")));
             }
         }
     }
@@ -104,8 +97,7 @@ pub fn peer_secret(master: &[u8], peer: &PeerId) -> Arc<[u8]> {
 /// Summarize a session from its log.
 pub async fn summarize(log: &dyn SessionLog) -> Result<SessionSummary, LogError> {
     let entries = log.read_all().await?;
-    SessionSummary::from_entries(log.session(), &entries)
-        .map_err(|e| LogError::new(LogErrorKind::Corrupt, e))
+    SessionSummary::from_entries(log.session(), &entries).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))
 }
 
 /// Convenience for tests and embedding: a new in-memory session, run to the end.
@@ -115,9 +107,8 @@ pub async fn run_in_memory(
     models: HashMap<PeerId, Arc<dyn ChatModel>>,
 ) -> Result<(Arc<dyn SessionLog>, SessionSummary), LogError> {
     let session = crate::session::new_session_id();
-    let log: Arc<dyn SessionLog> = Arc::new(crate::log::SharedMemLog(Arc::new(
-        crate::log::MemLog::new(SessionId::clone(&session)),
-    )));
+    let log: Arc<dyn SessionLog> =
+        Arc::new(crate::log::SharedMemLog(Arc::new(crate::log::MemLog::new(SessionId::clone(&session)))));
     open_session(log.as_ref(), plan, topic).await?;
     let summary = run_peers(log.clone(), plan, models, None, None).await?;
     Ok((log, summary))

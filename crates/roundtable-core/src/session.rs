@@ -81,12 +81,7 @@ impl SessionState {
     }
 
     fn facts(&self) -> Facts<'_> {
-        Facts {
-            plan: &self.plan,
-            session: &self.session,
-            absent: &self.absent,
-            task: self.task.as_ref(),
-        }
+        Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() }
     }
 
     /// Fold one entry in. Entries after the stop are recorded in the tally only.
@@ -132,12 +127,7 @@ impl SessionState {
             _ if env.usage.is_some() => self.failure_streak = 0,
             _ => {}
         }
-        let facts = Facts {
-            plan: &self.plan,
-            session: &self.session,
-            absent: &self.absent,
-            task: self.task.as_ref(),
-        };
+        let facts = Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
         self.protocol.apply(entry, &facts);
     }
 
@@ -147,16 +137,11 @@ impl SessionState {
 
     /// Milliseconds since the task was posted.
     pub fn elapsed_ms(&self, now_ms: u64) -> u64 {
-        self.task
-            .as_ref()
-            .map_or(0, |t| now_ms.saturating_sub(t.time_ms))
+        self.task.as_ref().map_or(0, |t| now_ms.saturating_sub(t.time_ms))
     }
 
     /// Why the session should stop now, with the answer and what decided it.
-    pub fn stop_decision(
-        &self,
-        now_ms: u64,
-    ) -> Option<(String, Option<Arc<str>>, Vec<EnvelopeId>)> {
+    pub fn stop_decision(&self, now_ms: u64) -> Option<(String, Option<Arc<str>>, Vec<EnvelopeId>)> {
         if self.stop.is_some() || self.task.is_none() {
             return None;
         }
@@ -165,26 +150,14 @@ impl SessionState {
             if self.tally.messages == 0 && self.tally.failures > 0 {
                 // The protocol ran its course, but on failures only: say so.
                 let last = self.last_failure.as_deref().unwrap_or("");
-                return Some((
-                    format!("failures: no peer produced an answer; last: {last}"),
-                    None,
-                    Vec::new(),
-                ));
+                return Some((format!("failures: no peer produced an answer; last: {last}"), None, Vec::new()));
             }
             return Some((f.reason, f.answer, f.decided_by));
         }
         let signals = self.protocol.signals();
-        if let Some(reason) =
-            self.plan
-                .termination
-                .check(&self.tally, &signals, self.elapsed_ms(now_ms))
-        {
+        if let Some(reason) = self.plan.termination.check(&self.tally, &signals, self.elapsed_ms(now_ms)) {
             let best = self.protocol.best_answer();
-            return Some((
-                reason,
-                best.as_ref().map(|b| b.0.clone()),
-                best.into_iter().map(|b| b.1).collect(),
-            ));
+            return Some((reason, best.as_ref().map(|b| b.0.clone()), best.into_iter().map(|b| b.1).collect()));
         }
         // Every peer failed once in a row (at least 3 failures): the models are down or
         // misconfigured, and going on would only record more failures.
@@ -193,10 +166,7 @@ impl SessionState {
             let best = self.protocol.best_answer();
             let last = self.last_failure.as_deref().unwrap_or("");
             return Some((
-                format!(
-                    "failures: {} model calls failed in a row; last: {last}",
-                    self.failure_streak
-                ),
+                format!("failures: {} model calls failed in a row; last: {last}", self.failure_streak),
                 best.as_ref().map(|b| b.0.clone()),
                 Vec::new(),
             ));
@@ -204,11 +174,7 @@ impl SessionState {
         let everyone_absent = self.plan.peers.iter().all(|p| self.absent.contains(&p.id));
         if everyone_absent {
             let best = self.protocol.best_answer();
-            return Some((
-                "absent: every peer is absent".into(),
-                best.as_ref().map(|b| b.0.clone()),
-                Vec::new(),
-            ));
+            return Some(("absent: every peer is absent".into(), best.as_ref().map(|b| b.0.clone()), Vec::new()));
         }
         None
     }
@@ -229,9 +195,7 @@ impl SessionState {
                 to: Recipient::All,
                 round: self.round(),
                 parents: Vec::new(),
-                action: Action::Post {
-                    body: Body::text(format!("{me} is back")),
-                },
+                action: Action::Post { body: Body::text(format!("{me} is back")) },
                 collective: false,
             }];
         }
@@ -244,12 +208,7 @@ impl SessionState {
     /// Under the summary policy, when older rounds need a summary: the summarizer's
     /// duty, or nothing for the others (they wait for it). `None` when no summary is due.
     fn summary_duty(&self, me: &PeerId) -> Option<Vec<Duty>> {
-        let ContextPolicy::Summary {
-            keep_rounds,
-            summarizer,
-            instruction,
-        } = &self.plan.context
-        else {
+        let ContextPolicy::Summary { keep_rounds, summarizer, instruction } = &self.plan.context else {
             return None;
         };
         let round = self.round();
@@ -260,10 +219,7 @@ impl SessionState {
         if self.summary_upto.is_some_and(|c| c >= upto) || self.summary_failed.contains(&upto) {
             return None;
         }
-        let who = summarizer
-            .iter()
-            .chain(self.plan.peers.iter().map(|p| &p.id))
-            .find(|p| !self.absent.contains(*p))?;
+        let who = summarizer.iter().chain(self.plan.peers.iter().map(|p| &p.id)).find(|p| !self.absent.contains(*p))?;
         if who != me {
             return Some(Vec::new());
         }
@@ -285,12 +241,7 @@ impl SessionState {
     }
 
     /// The duty of recording the stop, for any peer.
-    pub fn stop_duty(
-        &self,
-        reason: String,
-        answer: Option<Arc<str>>,
-        decided_by: Vec<EnvelopeId>,
-    ) -> Duty {
+    pub fn stop_duty(&self, reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Duty {
         let json = serde_json::json!({
             "reason": reason,
             "answer": answer.as_deref(),
@@ -306,9 +257,7 @@ impl SessionState {
             to: Recipient::All,
             round: self.round(),
             parents: decided_by,
-            action: Action::Post {
-                body: Body::text(answer.as_deref().unwrap_or("")).with_json(json),
-            },
+            action: Action::Post { body: Body::text(answer.as_deref().unwrap_or("")).with_json(json) },
             collective: true,
         }
     }
@@ -337,10 +286,7 @@ impl SessionState {
     /// How many model calls (or failed attempts at one) `me` has recorded: the ordinal
     /// of its next call, which scripted replies are chosen by.
     pub fn ordinal(&self, me: &PeerId) -> u32 {
-        self.tally
-            .per_peer
-            .get(me)
-            .map_or(0, |p| (p.messages_from_calls + p.failures) as u32)
+        self.tally.per_peer.get(me).map_or(0, |p| (p.messages_from_calls + p.failures) as u32)
     }
 
     pub fn best_answer(&self) -> Option<Arc<str>> {
@@ -357,12 +303,7 @@ pub fn summary_upto(step: &str) -> Option<u32> {
 }
 
 fn absent_peer(env: &Envelope) -> Option<PeerId> {
-    env.body
-        .json
-        .as_ref()?
-        .get("peer")?
-        .as_str()
-        .map(PeerId::from)
+    env.body.json.as_ref()?.get("peer")?.as_str().map(PeerId::from)
 }
 
 /// The opening envelope of a session: the topic, and the plan (so the session can be
@@ -381,14 +322,8 @@ pub fn task_envelope(session: &SessionId, plan: &TeamPlan, topic: &str) -> Envel
 
 /// The plan stored in a task envelope.
 pub fn plan_of(task: &Envelope) -> Result<TeamPlan, String> {
-    let plan = task
-        .body
-        .json
-        .as_ref()
-        .and_then(|j| j.get("plan"))
-        .ok_or("the task envelope holds no plan")?;
-    serde_json::from_value(plan.clone())
-        .map_err(|e| format!("the plan in the task envelope is unreadable: {e}"))
+    let plan = task.body.json.as_ref().and_then(|j| j.get("plan")).ok_or("the task envelope holds no plan")?;
+    serde_json::from_value(plan.clone()).map_err(|e| format!("the plan in the task envelope is unreadable: {e}"))
 }
 
 /// A new session id: time-sortable and unique.
@@ -397,10 +332,7 @@ pub fn new_session_id() -> SessionId {
     let secs = now / 1000;
     let (y, mo, d, h, mi, s) = civil(secs);
     let r: u32 = rand::random();
-    SessionId::from(format!(
-        "{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}-{:06x}",
-        r & 0xff_ffff
-    ))
+    SessionId::from(format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}-{:06x}", r & 0xff_ffff))
 }
 
 /// UTC calendar fields of a Unix time (days-from-civil inverse, Howard Hinnant's).
@@ -416,14 +348,7 @@ pub fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (
-        y,
-        m,
-        d,
-        (rem / 3600) as u32,
-        ((rem % 3600) / 60) as u32,
-        (rem % 60) as u32,
-    )
+    (y, m, d, (rem / 3600) as u32, ((rem % 3600) / 60) as u32, (rem % 60) as u32)
 }
 
 /// What a session came to: computed from its log, for `--json` and listings.
@@ -452,10 +377,7 @@ pub struct SessionSummary {
 impl SessionSummary {
     /// Fold a whole log. Fails only when the log has no readable task envelope.
     pub fn from_entries(session: &SessionId, entries: &[Entry]) -> Result<Self, String> {
-        let task = entries
-            .iter()
-            .find(|e| e.env.kind == Kind::Task)
-            .ok_or("the log has no task envelope")?;
+        let task = entries.iter().find(|e| e.env.kind == Kind::Task).ok_or("the log has no task envelope")?;
         let plan = Arc::new(plan_of(&task.env)?);
         let mut st = SessionState::new(plan.clone(), session.clone());
         for e in entries {
@@ -470,9 +392,7 @@ impl SessionSummary {
             protocol: plan.protocol.kind().into(),
             topic: task.env.body.text.to_string(),
             stopped: st.stop.is_some(),
-            stop_reason: stop_json
-                .as_ref()
-                .and_then(|j| j.get("reason")?.as_str().map(str::to_owned)),
+            stop_reason: stop_json.as_ref().and_then(|j| j.get("reason")?.as_str().map(str::to_owned)),
             final_answer: match &st.stop {
                 Some(s) => stop_json
                     .as_ref()

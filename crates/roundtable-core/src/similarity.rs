@@ -18,10 +18,7 @@ pub fn lexical(a: &str, b: &str) -> f64 {
     if ca.is_empty() || cb.is_empty() {
         return 0.0;
     }
-    let dot: f64 = ca
-        .iter()
-        .map(|(w, n)| n * cb.get(w).copied().unwrap_or(0.0))
-        .sum();
+    let dot: f64 = ca.iter().map(|(w, n)| n * cb.get(w).copied().unwrap_or(0.0)).sum();
     let na: f64 = ca.values().map(|n| n * n).sum::<f64>().sqrt();
     let nb: f64 = cb.values().map(|n| n * n).sum::<f64>().sqrt();
     (dot / (na * nb)).clamp(0.0, 1.0)
@@ -29,10 +26,7 @@ pub fn lexical(a: &str, b: &str) -> f64 {
 
 fn counts(s: &str) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
-    for w in s
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-    {
+    for w in s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
         *m.entry(w.to_lowercase()).or_insert(0.0) += 1.0;
     }
     m
@@ -44,11 +38,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() || a.is_empty() {
         return 0.0;
     }
-    let dot: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(*x) * f64::from(*y))
-        .sum();
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     if na == 0.0 || nb == 0.0 {
@@ -110,10 +100,7 @@ mod tests {
     fn lexical_similarity() {
         assert!((lexical("The cat sat", "the CAT sat!") - 1.0).abs() < 1e-9);
         assert_eq!(lexical("apples", "oranges"), 0.0);
-        let s = lexical(
-            "use postgres for orders",
-            "use postgres for the orders table",
-        );
+        let s = lexical("use postgres for orders", "use postgres for the orders table");
         assert!(s > 0.7 && s < 1.0, "{s}");
         assert_eq!(lexical("", ""), 1.0);
         assert_eq!(lexical("x", ""), 0.0);
@@ -128,11 +115,7 @@ mod tests {
         let p = Pairwise::of(3, |i, j| lexical(texts[i], texts[j]));
         assert_eq!(p.pairs.len(), 3);
         assert_eq!(p.min, 0.0);
-        assert_eq!(
-            p.medoid(3),
-            Some(0),
-            "a tie between 0 and 1 goes to the lower index"
-        );
+        assert_eq!(p.medoid(3), Some(0), "a tie between 0 and 1 goes to the lower index");
         assert_eq!(Pairwise::of(1, |_, _| 0.0).min, 1.0);
     }
 }

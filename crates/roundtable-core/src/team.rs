@@ -33,17 +33,9 @@ pub struct TeamError {
 impl fmt::Display for TeamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.key.is_empty() {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.file, self.line, self.col, self.message
-            )
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
         } else {
-            write!(
-                f,
-                "{}:{}:{}: `{}`: {}",
-                self.file, self.line, self.col, self.key, self.message
-            )
+            write!(f, "{}:{}:{}: `{}`: {}", self.file, self.line, self.col, self.key, self.message)
         }
     }
 }
@@ -155,9 +147,7 @@ impl ProviderSpec {
     /// The model name for usage records.
     pub fn model_name(&self, key: &str) -> String {
         match self {
-            ProviderSpec::Openai { model, .. } | ProviderSpec::Anthropic { model, .. } => {
-                model.clone()
-            }
+            ProviderSpec::Openai { model, .. } | ProviderSpec::Anthropic { model, .. } => model.clone(),
             ProviderSpec::Scripted { .. } => format!("scripted:{key}"),
             ProviderSpec::Simulated { .. } => format!("simulated:{key}"),
         }
@@ -242,10 +232,7 @@ pub struct PresenceSpec {
 
 impl Default for PresenceSpec {
     fn default() -> Self {
-        PresenceSpec {
-            heartbeat_ms: 1000,
-            absent_after_ms: 10_000,
-        }
+        PresenceSpec { heartbeat_ms: 1000, absent_after_ms: 10_000 }
     }
 }
 
@@ -410,18 +397,10 @@ impl RawTermination {
             cs.push(Termination::NoProgress(k));
         }
         if let Some(any) = self.any {
-            cs.push(Termination::Any(
-                any.into_iter()
-                    .map(RawTermination::into_termination)
-                    .collect(),
-            ));
+            cs.push(Termination::Any(any.into_iter().map(RawTermination::into_termination).collect()));
         }
         if let Some(all) = self.all {
-            cs.push(Termination::All(
-                all.into_iter()
-                    .map(RawTermination::into_termination)
-                    .collect(),
-            ));
+            cs.push(Termination::All(all.into_iter().map(RawTermination::into_termination).collect()));
         }
         Termination::Any(cs)
     }
@@ -439,13 +418,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
         let (line, col) = line_col(self.src, offset);
-        self.errors.push(TeamError {
-            file: self.file.into(),
-            line,
-            col,
-            key: key.into(),
-            message: message.into(),
-        });
+        self.errors.push(TeamError { file: self.file.into(), line, col, key: key.into(), message: message.into() });
     }
 }
 
@@ -469,19 +442,12 @@ pub fn key_path_at(src: &str, offset: usize) -> String {
         let t = line.trim();
         if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
             let name = name.trim().to_string();
-            let n = arrays
-                .entry(name.clone())
-                .and_modify(|n| *n += 1)
-                .or_insert(0);
+            let n = arrays.entry(name.clone()).and_modify(|n| *n += 1).or_insert(0);
             table = format!("{name}[{n}]");
         } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
             let name = name.trim();
             // A sub-table of an array element, e.g. [peers.budget] after [[peers]].
-            let parent = arrays
-                .keys()
-                .filter(|a| name.starts_with(&format!("{a}.")))
-                .max_by_key(|a| a.len())
-                .cloned();
+            let parent = arrays.keys().filter(|a| name.starts_with(&format!("{a}."))).max_by_key(|a| a.len()).cloned();
             table = match parent {
                 Some(a) => format!("{a}[{}]{}", arrays[&a], &name[a.len()..]),
                 None => name.to_string(),
@@ -489,10 +455,7 @@ pub fn key_path_at(src: &str, offset: usize) -> String {
         }
     }
     let line = src[line_start..].lines().next().unwrap_or("");
-    let key = line
-        .split_once('=')
-        .map(|(k, _)| k.trim().trim_matches('"'))
-        .filter(|k| !k.starts_with('['));
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.starts_with('['));
     match (table.is_empty(), key) {
         (_, Some(k)) if !k.is_empty() && !table.is_empty() => format!("{table}.{k}"),
         (_, Some(k)) if !k.is_empty() => k.to_string(),
@@ -502,11 +465,7 @@ pub fn key_path_at(src: &str, offset: usize) -> String {
 
 fn choices<I: IntoIterator<Item = S>, S: fmt::Display>(it: I) -> String {
     let v: Vec<String> = it.into_iter().map(|s| format!("`{s}`")).collect();
-    if v.is_empty() {
-        "(none defined)".into()
-    } else {
-        v.join(", ")
-    }
+    if v.is_empty() { "(none defined)".into() } else { v.join(", ") }
 }
 
 /// Parse and validate a team file. `file` is the name used in error messages.
@@ -520,9 +479,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             let mut message = e.message().trim().replace('\n', " ");
             // An unknown key of [protocol]: name the keys of the kind chosen, not the
             // union of every kind's keys.
-            if let Some(name) = key
-                .strip_prefix("protocol.")
-                .filter(|k| !k.contains(['.', '[']))
+            if let Some(name) = key.strip_prefix("protocol.").filter(|k| !k.contains(['.', '[']))
                 && message.starts_with("unknown field")
                 && let Some(kind) = protocols::kind_in(src)
             {
@@ -531,26 +488,13 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
                         "`{name}` is not a key of protocol `{kind}`; its keys: {}",
                         choices(std::iter::once(&"kind").chain(keys.iter()))
                     ),
-                    None => format!(
-                        "unknown protocol `{kind}`; valid: {}",
-                        choices(ProtocolSpec::KINDS)
-                    ),
+                    None => format!("unknown protocol `{kind}`; valid: {}", choices(ProtocolSpec::KINDS)),
                 };
             }
-            return Err(TeamErrors(vec![TeamError {
-                file: file.into(),
-                line,
-                col,
-                key,
-                message,
-            }]));
+            return Err(TeamErrors(vec![TeamError { file: file.into(), line, col, key, message }]));
         }
     };
-    let mut cx = Ctx {
-        file,
-        src,
-        errors: Vec::new(),
-    };
+    let mut cx = Ctx { file, src, errors: Vec::new() };
 
     // Models.
     let mut models = BTreeMap::new();
@@ -566,20 +510,14 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
     let mut peers = Vec::new();
     let mut ids = BTreeSet::new();
     if raw.peers.is_empty() {
-        cx.err_at(
-            src.len(),
-            "peers",
-            "a team needs at least one [[peers]] entry",
-        );
+        cx.err_at(src.len(), "peers", "a team needs at least one [[peers]] entry");
     }
     for (i, p) in raw.peers.into_iter().enumerate() {
         let p = p.into_inner();
         let id = p.id.get_ref().trim().to_string();
         let id_ok = !id.is_empty()
             && id.len() <= 64
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && id != "user"
             && id != "*";
         if !id_ok {
@@ -589,19 +527,10 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
                 format!("peer id {id:?} must be 1-64 letters, digits, '-' or '_' (and not `user`)"),
             );
         } else if !ids.insert(id.clone()) {
-            cx.err_at(
-                p.id.span().start,
-                format!("peers[{i}].id"),
-                format!("peer id `{id}` is used twice"),
-            );
+            cx.err_at(p.id.span().start, format!("peers[{i}].id"), format!("peer id `{id}` is used twice"));
         }
         let model = p.model.get_ref().clone();
-        if !models.contains_key(&model)
-            && !cx
-                .errors
-                .iter()
-                .any(|e| e.key.starts_with(&format!("models.{model}")))
-        {
+        if !models.contains_key(&model) && !cx.errors.iter().any(|e| e.key.starts_with(&format!("models.{model}"))) {
             let defined = choices(models.keys());
             cx.err_at(
                 p.model.span().start,
@@ -612,26 +541,16 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         if let Some(t) = &p.temperature
             && !(0.0..=2.0).contains(t.get_ref())
         {
-            cx.err_at(
-                t.span().start,
-                format!("peers[{i}].temperature"),
-                "temperature must be between 0.0 and 2.0",
-            );
+            cx.err_at(t.span().start, format!("peers[{i}].temperature"), "temperature must be between 0.0 and 2.0");
         }
         if let Some(a) = &p.agreement
             && !(0.0..=1.0).contains(a.get_ref())
         {
-            cx.err_at(
-                a.span().start,
-                format!("peers[{i}].agreement"),
-                "agreement must be between 0.0 and 1.0",
-            );
+            cx.err_at(a.span().start, format!("peers[{i}].agreement"), "agreement must be between 0.0 and 1.0");
         }
         peers.push(PeerSpec {
             id: PeerId::from(id),
-            persona: p
-                .persona
-                .unwrap_or_else(|| "You are a thoughtful member of a team.".into()),
+            persona: p.persona.unwrap_or_else(|| "You are a thoughtful member of a team.".into()),
             model,
             group: p.group,
             temperature: p.temperature.map(Spanned::into_inner),
@@ -647,10 +566,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             cx.err_at(
                 src.len(),
                 "protocol",
-                format!(
-                    "missing [protocol] table; kind is one of {}",
-                    choices(ProtocolSpec::KINDS)
-                ),
+                format!("missing [protocol] table; kind is one of {}", choices(ProtocolSpec::KINDS)),
             );
             None
         }
@@ -670,25 +586,15 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             };
             let given = [
                 ("k", c.k.as_ref().map(|x| x.span().start)),
-                (
-                    "keep_rounds",
-                    c.keep_rounds.as_ref().map(|x| x.span().start),
-                ),
+                ("keep_rounds", c.keep_rounds.as_ref().map(|x| x.span().start)),
                 ("summarizer", c.summarizer.as_ref().map(|x| x.span().start)),
-                (
-                    "instruction",
-                    c.instruction.as_ref().map(|x| x.span().start),
-                ),
+                ("instruction", c.instruction.as_ref().map(|x| x.span().start)),
             ];
             for (key, at) in given {
                 if let Some(at) = at
                     && !keys.contains(&key)
                 {
-                    let valid = if keys.is_empty() {
-                        "none".to_string()
-                    } else {
-                        choices(keys)
-                    };
+                    let valid = if keys.is_empty() { "none".to_string() } else { choices(keys) };
                     cx.err_at(
                         at,
                         format!("context.{key}"),
@@ -698,9 +604,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             }
             match policy {
                 "full" => ContextPolicy::Full,
-                "last_k" => ContextPolicy::LastK {
-                    k: c.k.map_or(6, Spanned::into_inner).max(1),
-                },
+                "last_k" => ContextPolicy::LastK { k: c.k.map_or(6, Spanned::into_inner).max(1) },
                 "summary" => {
                     let summarizer = c.summarizer.as_ref().and_then(|s| {
                         if peer_ids.iter().any(|p| p.as_str() == s.get_ref()) {
@@ -709,11 +613,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
                             cx.err_at(
                                 s.span().start,
                                 "context.summarizer",
-                                format!(
-                                    "unknown peer `{}`; peers: {}",
-                                    s.get_ref(),
-                                    choices(&peer_ids)
-                                ),
+                                format!("unknown peer `{}`; peers: {}", s.get_ref(), choices(&peer_ids)),
                             );
                             None
                         }
@@ -728,10 +628,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
                     cx.err_at(
                         c.policy.span().start,
                         "context.policy",
-                        format!(
-                            "unknown context policy `{other}`; valid: {}",
-                            choices(ContextPolicy::KINDS)
-                        ),
+                        format!("unknown context policy `{other}`; valid: {}", choices(ContextPolicy::KINDS)),
                     );
                     ContextPolicy::Full
                 }
@@ -746,22 +643,14 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             max_cost_usd: b.max_cost_usd,
             max_calls: b.max_calls,
             max_wall_ms: b.max_wall_secs.map(|s| (s * 1000.0) as u64),
-            per_peer: PeerBudget {
-                max_tokens: pp.max_tokens,
-                max_cost_usd: pp.max_cost_usd,
-                max_calls: pp.max_calls,
-            },
+            per_peer: PeerBudget { max_tokens: pp.max_tokens, max_cost_usd: pp.max_cost_usd, max_calls: pp.max_calls },
         }
     });
     let presence = raw.presence.map_or_else(PresenceSpec::default, |p| {
         let d = PresenceSpec::default();
         PresenceSpec {
-            heartbeat_ms: p
-                .heartbeat_secs
-                .map_or(d.heartbeat_ms, |s| (s * 1000.0).max(10.0) as u64),
-            absent_after_ms: p
-                .absent_after_secs
-                .map_or(d.absent_after_ms, |s| (s * 1000.0).max(50.0) as u64),
+            heartbeat_ms: p.heartbeat_secs.map_or(d.heartbeat_ms, |s| (s * 1000.0).max(10.0) as u64),
+            absent_after_ms: p.absent_after_secs.map_or(d.absent_after_ms, |s| (s * 1000.0).max(50.0) as u64),
         }
     });
 
@@ -770,42 +659,24 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         return Err(TeamErrors(cx.errors));
     }
     Ok(TeamPlan {
-        name: raw.name.unwrap_or_else(|| {
-            file.rsplit('/')
-                .next()
-                .unwrap_or(file)
-                .trim_end_matches(".toml")
-                .to_string()
-        }),
+        name: raw.name.unwrap_or_else(|| file.rsplit('/').next().unwrap_or(file).trim_end_matches(".toml").to_string()),
         topic: raw.topic,
         models,
         peers,
         protocol: protocol.expect("no errors means a protocol"),
-        termination: raw
-            .termination
-            .map_or_else(Termination::default, RawTermination::into_termination),
+        termination: raw.termination.map_or_else(Termination::default, RawTermination::into_termination),
         budget,
         context,
         presence,
     })
 }
 
-fn validate_model(
-    cx: &mut Ctx<'_>,
-    key: &str,
-    at: usize,
-    m: RawModel,
-    env: &dyn PlanEnv,
-) -> Option<ModelSpec> {
+fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn PlanEnv) -> Option<ModelSpec> {
     let path = format!("models.{key}");
     let before = cx.errors.len();
     let need = |cx: &mut Ctx<'_>, v: &Option<String>, field: &str, what: &str| {
         if v.as_deref().is_none_or(str::is_empty) {
-            cx.err_at(
-                at,
-                format!("{path}.{field}"),
-                format!("provider `{what}` needs `{field}`"),
-            );
+            cx.err_at(at, format!("{path}.{field}"), format!("provider `{what}` needs `{field}`"));
         }
     };
     let check_key = |cx: &mut Ctx<'_>, k: &Option<Spanned<String>>| {
@@ -825,10 +696,7 @@ fn validate_model(
             check_key(cx, &m.api_key_env);
             ProviderSpec::Openai {
                 model: m.model.clone().unwrap_or_default(),
-                base_url: m
-                    .base_url
-                    .clone()
-                    .unwrap_or_else(|| "https://api.openai.com/v1".into()),
+                base_url: m.base_url.clone().unwrap_or_else(|| "https://api.openai.com/v1".into()),
                 api_key_env: m.api_key_env.map(Spanned::into_inner),
                 headers: m.headers,
                 query: m.query,
@@ -839,10 +707,7 @@ fn validate_model(
             check_key(cx, &m.api_key_env);
             ProviderSpec::Anthropic {
                 model: m.model.clone().unwrap_or_default(),
-                base_url: m
-                    .base_url
-                    .clone()
-                    .unwrap_or_else(|| "https://api.anthropic.com".into()),
+                base_url: m.base_url.clone().unwrap_or_else(|| "https://api.anthropic.com".into()),
                 api_key_env: m.api_key_env.map(Spanned::into_inner),
             }
         }
@@ -880,24 +745,12 @@ fn validate_model(
             let p = m.p_correct.unwrap_or(0.7);
             let s = m.susceptibility.unwrap_or(0.0);
             if !(0.0..=1.0).contains(&p) {
-                cx.err_at(
-                    at,
-                    format!("{path}.p_correct"),
-                    "p_correct must be between 0 and 1",
-                );
+                cx.err_at(at, format!("{path}.p_correct"), "p_correct must be between 0 and 1");
             }
             if !(0.0..=1.0).contains(&s) {
-                cx.err_at(
-                    at,
-                    format!("{path}.susceptibility"),
-                    "susceptibility must be between 0 and 1",
-                );
+                cx.err_at(at, format!("{path}.susceptibility"), "susceptibility must be between 0 and 1");
             }
-            ProviderSpec::Simulated {
-                p_correct: p,
-                susceptibility: s,
-                seed: m.seed.unwrap_or(0),
-            }
+            ProviderSpec::Simulated { p_correct: p, susceptibility: s, seed: m.seed.unwrap_or(0) }
         }
     };
     if cx.errors.len() > before {
@@ -915,10 +768,7 @@ fn validate_model(
 
 /// A replies file: TOML with `replies = [...]` and `[per_peer]`, or plain text with
 /// replies separated by lines holding only `---`.
-fn parse_replies_file(
-    name: &str,
-    text: &str,
-) -> Result<(Vec<String>, BTreeMap<String, Vec<String>>), String> {
+fn parse_replies_file(name: &str, text: &str) -> Result<(Vec<String>, BTreeMap<String, Vec<String>>), String> {
     if name.ends_with(".toml") {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -934,11 +784,8 @@ fn parse_replies_file(
         })?;
         Ok((f.replies, f.per_peer))
     } else {
-        let replies: Vec<String> = text
-            .split("\n---\n")
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let replies: Vec<String> =
+            text.split("\n---\n").map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         Ok((replies, BTreeMap::new()))
     }
 }
@@ -996,20 +843,13 @@ max_calls = 20
         let plan = parse_team("t.toml", GOOD, &Env(vec!["OPENAI_API_KEY"])).unwrap();
         assert_eq!(plan.name, "trio");
         assert_eq!(plan.peers.len(), 2);
-        let ProtocolSpec::RoundRobin(rr) = &plan.protocol else {
-            panic!("round robin")
-        };
-        assert_eq!(
-            rr.order,
-            vec![PeerId::from("frontend"), PeerId::from("backend")]
-        );
+        let ProtocolSpec::RoundRobin(rr) = &plan.protocol else { panic!("round robin") };
+        assert_eq!(rr.order, vec![PeerId::from("frontend"), PeerId::from("backend")]);
         assert_eq!(
             plan.termination,
             Termination::Any(vec![
                 Termination::MaxMessages(10),
-                Termination::Any(vec![Termination::Any(vec![Termination::TextMention(
-                    "AGREED".into()
-                )])])
+                Termination::Any(vec![Termination::Any(vec![Termination::TextMention("AGREED".into())])])
             ])
         );
         assert_eq!(plan.budget.max_calls, Some(20));
@@ -1035,10 +875,7 @@ max_calls = 20
         assert_eq!(e.key, "peers[0].model");
         assert_eq!(e.line, 16);
         assert!(e.message.contains("`gpt`, `script`"), "{}", e.message);
-        assert!(
-            e.to_string().starts_with("t.toml:16:9: `peers[0].model`"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("t.toml:16:9: `peers[0].model`"), "{e}");
     }
 
     #[test]
@@ -1047,11 +884,7 @@ max_calls = 20
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
         let e = &e.0[0];
         assert_eq!((e.line, e.key.as_str()), (6, "models.script.provider"));
-        assert!(
-            e.message.contains("openai") && e.message.contains("simulated"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("openai") && e.message.contains("simulated"), "{}", e.message);
 
         let src = GOOD.replace("temperature = 0.3", "temprature = 0.3");
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
@@ -1065,31 +898,19 @@ max_calls = 20
 
     #[test]
     fn unknown_protocol_and_peer_references() {
-        let src = GOOD.replace(
-            "kind = \"round_robin\"",
-            "kind = \"round_robbin\"\nsummarizer = \"cfo\"",
-        );
+        let src = GOOD.replace("kind = \"round_robin\"", "kind = \"round_robbin\"\nsummarizer = \"cfo\"");
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
-        assert!(
-            e.0.iter()
-                .any(|e| e.key == "protocol.kind" && e.message.contains("`round_robin`")),
-            "{e}"
-        );
+        assert!(e.0.iter().any(|e| e.key == "protocol.kind" && e.message.contains("`round_robin`")), "{e}");
         let src = GOOD.replace("rounds = 2", "rounds = 2\nsummarizer = \"cfo\"");
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
         assert_eq!(e.0[0].key, "protocol.summarizer");
-        assert!(
-            e.0[0].message.contains("`backend`, `frontend`"),
-            "{}",
-            e.0[0].message
-        );
+        assert!(e.0[0].message.contains("`backend`, `frontend`"), "{}", e.0[0].message);
     }
 
     #[test]
     fn duplicate_peer_ids_and_bad_values() {
-        let src = GOOD
-            .replace("id = \"backend\"", "id = \"frontend\"")
-            .replace("temperature = 0.3", "temperature = 7.0");
+        let src =
+            GOOD.replace("id = \"backend\"", "id = \"frontend\"").replace("temperature = 0.3", "temperature = 7.0");
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err();
         let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["peers[1].id", "peers[1].temperature"]);
@@ -1101,5 +922,140 @@ max_calls = 20
         assert_eq!(key_path_at(src, src.find("x").unwrap()), "a.x");
         assert_eq!(key_path_at(src, src.find("y").unwrap()), "p[0].y");
         assert_eq!(key_path_at(src, src.find("z").unwrap()), "p[1].z");
+    }
+
+    const TRIO: &str = "[models.s]\nprovider = \"simulated\"\n[[peers]]\nid = \"a\"\nmodel = \"s\"\n[[peers]]\nid = \"b\"\nmodel = \"s\"\n[[peers]]\nid = \"c\"\nmodel = \"s\"\n";
+
+    fn errors(protocol: &str) -> Vec<TeamError> {
+        let src = format!("{TRIO}[protocol]\n{protocol}\n");
+        parse_team("t.toml", &src, &Env(vec![])).expect_err("invalid").0
+    }
+
+    #[test]
+    fn every_protocol_kind_parses_with_its_defaults() {
+        let with = |k: &str, extra: &str| {
+            let src = format!("{TRIO}[protocol]\nkind = \"{k}\"\n{extra}\n");
+            parse_team("t.toml", &src, &Env(vec![])).unwrap_or_else(|e| panic!("{k}: {e}"))
+        };
+        let ProtocolSpec::Debate(d) = with("debate", "").protocol else { panic!() };
+        assert_eq!((d.members.len(), d.rounds, d.vote), (3, 2, VoteRule::Plurality), "Du et al.: N=3, R=2");
+        let ProtocolSpec::ProposerCritic(pc) = with("proposer_critic", "").protocol else { panic!() };
+        assert_eq!((pc.proposer.as_str(), pc.critics.len(), pc.satisfied_phrase.as_str()), ("a", 2, "SATISFIED"));
+        let ProtocolSpec::Jury(j) = with("jury", "aggregation = \"approval\"").protocol else { panic!() };
+        assert_eq!(j.rule, crate::protocol::answers::Rule::Approval { threshold: 0.6 });
+        let ProtocolSpec::Consensus(c) = with("consensus", "").protocol else { panic!() };
+        assert!((c.threshold - 2.0 / 3.0).abs() < 1e-9);
+        let ProtocolSpec::Hybrid(h) = with("hybrid", "leader = \"c\"").protocol else { panic!() };
+        assert_eq!((h.members.len(), h.deadlock_rounds, h.threshold), (2, 2, 1.0));
+        with("judged_debate", "judge = \"c\"");
+        with("emergent", "");
+        with("adversarial", "advocate = \"b\"");
+        with("blackboard", "[[protocol.sources]]\npeer = \"a\"\nreads = [\"task\"]\nwrites = \"notes\"");
+        let w = with("work_queue", "[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"");
+        assert_eq!(w.protocol.queue_config().unwrap().lease, std::time::Duration::from_secs(30));
+        with(
+            "contract_net",
+            "capabilities = { a = [\"sql\"] }\n[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"\nneeds = [\"sql\"]",
+        );
+        assert_eq!(ProtocolSpec::KINDS.len(), 12);
+        // A plan survives the trip through the task envelope.
+        let plan = with("contract_net", "[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"");
+        assert_eq!(serde_json::from_str::<TeamPlan>(&serde_json::to_string(&plan).unwrap()).unwrap(), plan);
+    }
+
+    #[test]
+    fn a_key_of_another_protocol_names_the_kinds_keys() {
+        let e = errors("kind = \"debate\"\njudge = \"a\"");
+        assert_eq!(e.len(), 1);
+        assert_eq!((e[0].line, e[0].key.as_str()), (14, "protocol.judge"));
+        assert!(
+            e[0].message.contains("not a key of protocol `debate`")
+                && e[0].message.contains("`rounds`, `members`, `vote`"),
+            "{}",
+            e[0].message
+        );
+        // A key no protocol has: named with the chosen kind's keys too.
+        let e = errors("kind = \"jury\"\nrouns = 2");
+        assert_eq!((e[0].line, e[0].key.as_str()), (14, "protocol.rouns"));
+        assert!(e[0].message.contains("protocol `jury`") && e[0].message.contains("`aggregation`"), "{}", e[0].message);
+        let e = errors("kind = \"voting\"");
+        assert!(
+            e[0].message.contains("unknown protocol `voting`") && e[0].message.contains("`jury`"),
+            "{}",
+            e[0].message
+        );
+    }
+
+    #[test]
+    fn protocol_values_roles_and_peers_are_checked() {
+        let e = errors("kind = \"jury\"\naggregation = \"mean\"");
+        assert_eq!(e[0].key, "protocol.aggregation");
+        assert!(e[0].message.contains("`plurality`, `approval`, `confidence`"), "{}", e[0].message);
+        let e = errors("kind = \"jury\"\nthreshold = 0.5");
+        assert!(e[0].message.contains("applies to aggregation = \"approval\" only"), "{}", e[0].message);
+        let e = errors("kind = \"adversarial\"");
+        assert_eq!(e[0].key, "protocol.advocate");
+        assert!(
+            e[0].message.contains("needs `advocate`") && e[0].message.contains("`a`, `b`, `c`"),
+            "{}",
+            e[0].message
+        );
+        let e = errors("kind = \"judged_debate\"\njudge = \"z\"");
+        assert_eq!((e[0].line, e[0].key.as_str()), (14, "protocol.judge"));
+        assert!(e[0].message.contains("unknown peer `z`"), "{}", e[0].message);
+        let e = errors("kind = \"debate\"\nrounds = 0");
+        assert_eq!(e[0].key, "protocol.rounds");
+        let e = errors("kind = \"consensus\"\nthreshold = 1.5");
+        assert_eq!(e[0].key, "protocol.threshold");
+        let e = errors("kind = \"proposer_critic\"\nproposer = \"a\"\ncritics = [\"a\"]");
+        assert!(e[0].message.contains("cannot also be a critic"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn tasks_and_sources_are_checked() {
+        let e = errors(
+            "kind = \"work_queue\"\n[[protocol.tasks]]\nid = \"a\"\ndescription = \"x\"\ndepends_on = [\"b\"]\n[[protocol.tasks]]\nid = \"b\"\ndescription = \"y\"\ndepends_on = [\"a\"]",
+        );
+        assert!(e.iter().any(|e| e.message.contains("cycle")), "{e:?}");
+        let e =
+            errors("kind = \"work_queue\"\n[[protocol.tasks]]\nid = \"a\"\ndescription = \"x\"\ndepends_on = [\"zz\"]");
+        assert_eq!((e[0].line, e[0].key.as_str()), (17, "protocol.tasks[0].depends_on"));
+        let e = errors("kind = \"work_queue\"");
+        assert!(e[0].message.contains("[[protocol.tasks]]"), "{}", e[0].message);
+        let e =
+            errors("kind = \"blackboard\"\n[[protocol.sources]]\npeer = \"a\"\nreads = [\"plan\"]\nwrites = \"notes\"");
+        assert_eq!(e[0].key, "protocol.sources[0].reads");
+        assert!(
+            e[0].message.contains("no source writes `plan`") && e[0].message.contains("`notes`, `task`"),
+            "{}",
+            e[0].message
+        );
+        let e = errors("kind = \"blackboard\"\n[[protocol.sources]]\npeer = \"a\"\nwrites = \"bad key!\"");
+        assert!(e[0].message.contains("letters, digits"), "{}", e[0].message);
+        let e = errors("kind = \"blackboard\"\n[[protocol.sources]]\npeer = \"a\"\nwrite = \"x\"");
+        assert_eq!(e[0].key, "protocol.sources[0].write");
+        assert!(e[0].message.contains("`writes`"), "{}", e[0].message);
+    }
+
+    #[test]
+    fn context_policies_and_their_keys() {
+        let ok = |ctx: &str| {
+            parse_team("t.toml", &format!("{TRIO}[protocol]\nkind = \"debate\"\n[context]\n{ctx}\n"), &Env(vec![]))
+        };
+        assert_eq!(
+            ok("policy = \"summary\"\nsummarizer = \"b\"").unwrap().context,
+            ContextPolicy::Summary { keep_rounds: 1, summarizer: Some(PeerId::from("b")), instruction: None }
+        );
+        let e = ok("policy = \"full\"\nk = 3").unwrap_err().0;
+        assert_eq!((e[0].line, e[0].key.as_str()), (16, "context.k"));
+        assert!(e[0].message.contains("does not apply to policy `full`"), "{}", e[0].message);
+        let e = ok("policy = \"summary\"\nsummarizer = \"zed\"").unwrap_err().0;
+        assert_eq!(e[0].key, "context.summarizer");
+        let e = ok("policy = \"sumary\"").unwrap_err().0;
+        assert!(e[0].message.contains("`full`, `last_k`, `summary`"), "{}", e[0].message);
+        let src = format!("{TRIO}[protocol]\nkind = \"debate\"\n")
+            .replace("id = \"a\"\nmodel = \"s\"", "id = \"a\"\nmodel = \"s\"\nagreement = 1.5");
+        let e = parse_team("t.toml", &src, &Env(vec![])).unwrap_err().0;
+        assert_eq!(e[0].key, "peers[0].agreement");
     }
 }

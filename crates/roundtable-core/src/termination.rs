@@ -52,10 +52,8 @@ impl Tally {
 
     /// Fold one envelope in. `mention` is the termination text to look for, if any.
     pub fn observe(&mut self, seq: u64, env: &Envelope, mention: Option<&str>) {
-        let counts_as_message = !matches!(
-            env.kind,
-            Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure
-        );
+        let counts_as_message =
+            !matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure);
         let p = self.per_peer.entry(env.from.clone()).or_default();
         if counts_as_message {
             self.messages += 1;
@@ -141,43 +139,35 @@ impl Termination {
                 if cs.is_empty() {
                     return None;
                 }
-                let reasons: Option<Vec<String>> =
-                    cs.iter().map(|c| c.check(t, s, elapsed_ms)).collect();
+                let reasons: Option<Vec<String>> = cs.iter().map(|c| c.check(t, s, elapsed_ms)).collect();
                 reasons.map(|r| r.join(" and "))
             }
-            Termination::MaxRounds(n) => {
-                (s.round >= *n).then(|| format!("max_rounds: {n} rounds reached"))
+            Termination::MaxRounds(n) => (s.round >= *n).then(|| format!("max_rounds: {n} rounds reached")),
+            Termination::MaxMessages(n) => (t.messages >= *n).then(|| format!("max_messages: {} messages", t.messages)),
+            Termination::TokenBudget(n) => {
+                (t.tokens() >= *n).then(|| format!("token_budget: {} tokens used of {n}", t.tokens()))
             }
-            Termination::MaxMessages(n) => {
-                (t.messages >= *n).then(|| format!("max_messages: {} messages", t.messages))
+            Termination::CostBudget(c) => {
+                (t.cost_usd >= *c).then(|| format!("cost_budget: ${:.4} spent of ${c:.4}", t.cost_usd))
             }
-            Termination::TokenBudget(n) => (t.tokens() >= *n)
-                .then(|| format!("token_budget: {} tokens used of {n}", t.tokens())),
-            Termination::CostBudget(c) => (t.cost_usd >= *c)
-                .then(|| format!("cost_budget: ${:.4} spent of ${c:.4}", t.cost_usd)),
-            Termination::MaxCalls(n) => {
-                (t.calls >= *n).then(|| format!("max_calls: {} model calls", t.calls))
+            Termination::MaxCalls(n) => (t.calls >= *n).then(|| format!("max_calls: {} model calls", t.calls)),
+            Termination::TimeoutMs(ms) => {
+                (elapsed_ms >= *ms).then(|| format!("timeout: {:.1} s elapsed", elapsed_ms as f64 / 1000.0))
             }
-            Termination::TimeoutMs(ms) => (elapsed_ms >= *ms)
-                .then(|| format!("timeout: {:.1} s elapsed", elapsed_ms as f64 / 1000.0)),
-            Termination::TextMention(m) => t
-                .mention
-                .as_ref()
-                .map(|(seq, p)| format!("text_mention: {p} wrote {m:?} (seq {seq})")),
-            Termination::JudgeVerdict => s
-                .verdict
-                .then(|| "judge_verdict: the judge reached a verdict".into()),
-            Termination::Confidence(th) => s
-                .confidence
-                .filter(|c| c >= th)
-                .map(|c| format!("confidence: {c:.2} ≥ {th:.2}")),
-            Termination::Convergence(th) => s
-                .convergence
-                .filter(|c| c >= th)
-                .map(|c| format!("convergence: similarity {c:.2} ≥ {th:.2}")),
+            Termination::TextMention(m) => {
+                t.mention.as_ref().map(|(seq, p)| format!("text_mention: {p} wrote {m:?} (seq {seq})"))
+            }
+            Termination::JudgeVerdict => s.verdict.then(|| "judge_verdict: the judge reached a verdict".into()),
+            Termination::Confidence(th) => {
+                s.confidence.filter(|c| c >= th).map(|c| format!("confidence: {c:.2} ≥ {th:.2}"))
+            }
+            Termination::Convergence(th) => {
+                s.convergence.filter(|c| c >= th).map(|c| format!("convergence: similarity {c:.2} ≥ {th:.2}"))
+            }
             Termination::ConsensusReached => s.consensus.then(|| "consensus_reached".into()),
-            Termination::NoProgress(k) => (s.rounds_without_change >= *k)
-                .then(|| format!("no_progress: answers unchanged for {k} rounds")),
+            Termination::NoProgress(k) => {
+                (s.rounds_without_change >= *k).then(|| format!("no_progress: answers unchanged for {k} rounds"))
+            }
         }
     }
 
@@ -193,9 +183,7 @@ impl Termination {
     /// The time limit, if a `timeout` condition is present (peers check it on a timer).
     pub fn timeout_ms(&self) -> Option<u64> {
         match self {
-            Termination::Any(cs) | Termination::All(cs) => {
-                cs.iter().filter_map(Termination::timeout_ms).min()
-            }
+            Termination::Any(cs) | Termination::All(cs) => cs.iter().filter_map(Termination::timeout_ms).min(),
             Termination::TimeoutMs(ms) => Some(*ms),
             _ => None,
         }
@@ -243,20 +231,14 @@ impl Budget {
         if let Some(max) = self.max_calls
             && t.calls + 1 > max
         {
-            return Err((
-                s,
-                format!("budget: {} model calls made, limit {max}", t.calls),
-            ));
+            return Err((s, format!("budget: {} model calls made, limit {max}", t.calls)));
         }
         if let Some(max) = self.max_tokens
             && t.tokens() + prompt_tokens > max
         {
             return Err((
                 s,
-                format!(
-                    "budget: {} tokens used and the next prompt needs ~{prompt_tokens}, limit {max}",
-                    t.tokens()
-                ),
+                format!("budget: {} tokens used and the next prompt needs ~{prompt_tokens}, limit {max}", t.tokens()),
             ));
         }
         if let Some(max) = self.max_cost_usd
@@ -264,10 +246,7 @@ impl Budget {
         {
             return Err((
                 s,
-                format!(
-                    "budget: ${:.4} spent, next prompt ~${prompt_cost:.4}, limit ${max:.4}",
-                    t.cost_usd
-                ),
+                format!("budget: ${:.4} spent, next prompt ~${prompt_cost:.4}, limit ${max:.4}", t.cost_usd),
             ));
         }
         if let Some(max) = self.max_wall_ms
@@ -275,11 +254,7 @@ impl Budget {
         {
             return Err((
                 s,
-                format!(
-                    "budget: {:.1} s of wall time used, limit {:.1} s",
-                    elapsed_ms as f64 / 1e3,
-                    max as f64 / 1e3
-                ),
+                format!("budget: {:.1} s of wall time used, limit {:.1} s", elapsed_ms as f64 / 1e3, max as f64 / 1e3),
             ));
         }
         let zero = PeerTally::default();
@@ -289,32 +264,21 @@ impl Budget {
         if let Some(max) = pb.max_calls
             && p.calls + 1 > max
         {
-            return Err((
-                ps,
-                format!("peer budget: {peer} made {} calls, limit {max}", p.calls),
-            ));
+            return Err((ps, format!("peer budget: {peer} made {} calls, limit {max}", p.calls)));
         }
         if let Some(max) = pb.max_tokens {
             let used = p.prompt_tokens + p.completion_tokens;
             if used + prompt_tokens > max {
                 return Err((
                     ps,
-                    format!(
-                        "peer budget: {peer} used {used} tokens, next prompt ~{prompt_tokens}, limit {max}"
-                    ),
+                    format!("peer budget: {peer} used {used} tokens, next prompt ~{prompt_tokens}, limit {max}"),
                 ));
             }
         }
         if let Some(max) = pb.max_cost_usd
             && p.cost_usd + prompt_cost > max
         {
-            return Err((
-                ps,
-                format!(
-                    "peer budget: {peer} spent ${:.4}, limit ${max:.4}",
-                    p.cost_usd
-                ),
-            ));
+            return Err((ps, format!("peer budget: {peer} spent ${:.4}, limit ${max:.4}", p.cost_usd)));
         }
         Ok(())
     }
@@ -361,10 +325,7 @@ mod tests {
         for i in 0..4 {
             t.observe(i, &msg("a", &format!("m{i}"), 10), None);
         }
-        let s = Signals {
-            round: 2,
-            ..Default::default()
-        };
+        let s = Signals { round: 2, ..Default::default() };
         let any = Termination::Any(vec![Termination::MaxRounds(5), Termination::MaxMessages(4)]);
         assert_eq!(any.check(&t, &s, 0).unwrap(), "max_messages: 4 messages");
         let all = Termination::All(vec![Termination::MaxRounds(2), Termination::MaxMessages(5)]);
@@ -374,10 +335,8 @@ mod tests {
         assert_eq!(Termination::default().check(&t, &s, u64::MAX), None);
         assert!(Termination::TimeoutMs(1000).check(&t, &s, 1000).is_some());
         assert!(Termination::TimeoutMs(1000).check(&t, &s, 999).is_none());
-        let nested = Termination::Any(vec![
-            Termination::All(vec![Termination::TimeoutMs(5)]),
-            Termination::TimeoutMs(3),
-        ]);
+        let nested =
+            Termination::Any(vec![Termination::All(vec![Termination::TimeoutMs(5)]), Termination::TimeoutMs(3)]);
         assert_eq!(nested.timeout_ms(), Some(3));
     }
 
@@ -385,35 +344,17 @@ mod tests {
     fn budget_refuses_the_call_that_would_exceed() {
         let mut t = Tally::default();
         t.observe(1, &msg("a", "x", 90), None); // 91 tokens, $0.5, 1 call
-        let b = Budget {
-            max_tokens: Some(100),
-            ..Default::default()
-        };
+        let b = Budget { max_tokens: Some(100), ..Default::default() };
         assert!(b.allows(&t, &"a".into(), 9, 0.0, 0).is_ok());
         let (scope, why) = b.allows(&t, &"a".into(), 10, 0.0, 0).unwrap_err();
         assert_eq!(scope, BudgetScope::Session);
         assert!(why.contains("limit 100"), "{why}");
-        let b = Budget {
-            max_calls: Some(1),
-            ..Default::default()
-        };
+        let b = Budget { max_calls: Some(1), ..Default::default() };
         assert!(b.allows(&t, &"a".into(), 0, 0.0, 0).is_err());
-        let b = Budget {
-            per_peer: PeerBudget {
-                max_calls: Some(1),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        assert_eq!(
-            b.allows(&t, &"a".into(), 0, 0.0, 0).unwrap_err().0,
-            BudgetScope::Peer
-        );
+        let b = Budget { per_peer: PeerBudget { max_calls: Some(1), ..Default::default() }, ..Default::default() };
+        assert_eq!(b.allows(&t, &"a".into(), 0, 0.0, 0).unwrap_err().0, BudgetScope::Peer);
         assert!(b.allows(&t, &"b".into(), 0, 0.0, 0).is_ok());
-        let b = Budget {
-            max_cost_usd: Some(0.6),
-            ..Default::default()
-        };
+        let b = Budget { max_cost_usd: Some(0.6), ..Default::default() };
         assert!(b.allows(&t, &"a".into(), 0, 0.2, 0).is_err());
     }
 }

@@ -28,6 +28,7 @@
 //!   answer (or, without an alternative, when the proposal differs from it).
 //! - `capability` (a bid): a number in 0.3–1.
 //! - An instruction starting with "Summarize": a summary of the answers in view.
+//! - "State the objective" (a hybrid leader): an objective that states no answer.
 //!
 //! A question with no known answer is treated as a multiple choice whose right answer
 //! is `A` (wrong ones: `B`, `C`, `D`), so protocols on open topics still run.
@@ -101,19 +102,12 @@ pub fn extract_answer(text: &str) -> Option<String> {
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(text.trim())
         && let Some(a) = v.get("answer")
     {
-        return Some(
-            a.as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| a.to_string()),
-        );
+        return Some(a.as_str().map(str::to_owned).unwrap_or_else(|| a.to_string()));
     }
     let lower = text.to_ascii_lowercase();
     if let Some(pos) = lower.rfind("answer:") {
         let rest = text[pos + 7..].trim();
-        let ans: String = rest
-            .chars()
-            .take_while(|c| !c.is_whitespace() && *c != ',')
-            .collect();
+        let ans: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != ',').collect();
         let ans = ans.trim_end_matches(['.', ';']);
         if !ans.is_empty() {
             return Some(ans.to_string());
@@ -131,9 +125,7 @@ fn last_integer(text: &str) -> Option<i64> {
             while start > 0 && b[start - 1].is_ascii_digit() {
                 start -= 1;
             }
-            let neg = start > 0
-                && b[start - 1] == b'-'
-                && (start < 2 || !b[start - 2].is_ascii_alphanumeric());
+            let neg = start > 0 && b[start - 1] == b'-' && (start < 2 || !b[start - 2].is_ascii_alphanumeric());
             let v: i64 = text[start..end].parse().ok()?;
             return Some(if neg { -v } else { v });
         }
@@ -154,6 +146,7 @@ enum Ask {
     Advocate,
     ObjectionVote { key: &'static str },
     Bid,
+    Objective,
 }
 
 fn ask_of(req: &ChatRequest) -> Ask {
@@ -170,13 +163,13 @@ fn ask_of(req: &ChatRequest) -> Ask {
     } else if has("concede") {
         Ask::Advocate
     } else if has("objection_valid") {
-        Ask::ObjectionVote {
-            key: "objection_valid",
-        }
+        Ask::ObjectionVote { key: "objection_valid" }
     } else if has("valid") {
         Ask::ObjectionVote { key: "valid" }
     } else if has("capability") {
         Ask::Bid
+    } else if i.contains("State the objective") {
+        Ask::Objective
     } else if i.trim_start().starts_with("Summarize") {
         Ask::Summary
     } else {
@@ -185,22 +178,12 @@ fn ask_of(req: &ChatRequest) -> Ask {
 }
 
 /// Keys that mark a reply as a verdict or vote rather than an answer.
-const VERDICT_KEYS: [&str; 6] = [
-    "satisfied",
-    "consensus_reached",
-    "approve",
-    "valid",
-    "objection_valid",
-    "concede",
-];
+const VERDICT_KEYS: [&str; 6] = ["satisfied", "consensus_reached", "approve", "valid", "objection_valid", "concede"];
 
 /// The answer a message states, unless it is a verdict or a vote.
 fn stated_answer(content: &str) -> Option<String> {
     let json = crate::peer::parse_json_answer(content);
-    if json
-        .as_ref()
-        .is_some_and(|j| VERDICT_KEYS.iter().any(|k| j.get(k).is_some()))
-    {
+    if json.as_ref().is_some_and(|j| VERDICT_KEYS.iter().any(|k| j.get(k).is_some())) {
         return None;
     }
     crate::protocol::answers::extract(content, json.as_ref()).map(|e| e.answer.to_string())
@@ -210,11 +193,7 @@ fn stated_answer(content: &str) -> Option<String> {
 fn objection_answer(content: &str) -> Option<String> {
     let json = crate::peer::parse_json_answer(content)?;
     json.get("concede")?;
-    json.get("answer").map(|a| {
-        a.as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| a.to_string())
-    })
+    json.get("answer").map(|a| a.as_str().map(str::to_owned).unwrap_or_else(|| a.to_string()))
 }
 
 fn plurality(answers: &[String]) -> Option<String> {
@@ -225,10 +204,7 @@ fn plurality(answers: &[String]) -> Option<String> {
             None => counts.push((a, 1)),
         }
     }
-    counts
-        .iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
-        .map(|(k, _)| k.to_string())
+    counts.iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0))).map(|(k, _)| k.to_string())
 }
 
 #[async_trait]
@@ -245,11 +221,7 @@ impl ChatModel for Simulated {
         let instruction = req.instruction.as_deref().unwrap_or("");
         let known = |t: &str| (self.oracle)(t).map(|a| (t.to_string(), a));
         let (question, correct) = known(instruction)
-            .or_else(|| {
-                msgs.iter()
-                    .find(|m| m.name.is_none())
-                    .and_then(|m| known(&m.content))
-            })
+            .or_else(|| msgs.iter().find(|m| m.name.is_none()).and_then(|m| known(&m.content)))
             .or_else(|| msgs.iter().find_map(|m| known(&m.content)))
             .unwrap_or_else(|| {
                 // No known answer: a generic question whose "right" answer is A.
@@ -282,21 +254,10 @@ impl ChatModel for Simulated {
         let others: Vec<String> = latest.iter().map(|(_, a)| a.clone()).collect();
         let swayed = !others.is_empty() && rng.random_bool(self.susceptibility.clamp(0.0, 1.0));
         let independent_correct = rng.random_bool(self.p_correct.clamp(0.0, 1.0));
-        let own = if independent_correct {
-            correct.clone()
-        } else {
-            plausible_wrong(&correct, &mut rng)
-        };
-        let answer = if swayed && ask == Ask::Answer {
-            plurality(&others).unwrap_or_else(|| own.clone())
-        } else {
-            own.clone()
-        };
-        let confidence = if answer == correct {
-            rng.random_range(0.6..0.95)
-        } else {
-            rng.random_range(0.3..0.8)
-        };
+        let own = if independent_correct { correct.clone() } else { plausible_wrong(&correct, &mut rng) };
+        let answer =
+            if swayed && ask == Ask::Answer { plurality(&others).unwrap_or_else(|| own.clone()) } else { own.clone() };
+        let confidence = if answer == correct { rng.random_range(0.6..0.95) } else { rng.random_range(0.3..0.8) };
         let confidence = (confidence * 100.0f64).round() / 100.0;
         let json = |v: serde_json::Value| v.to_string();
         let text = match ask {
@@ -382,6 +343,10 @@ impl ChatModel for Simulated {
                 };
                 json(serde_json::json!({ key: valid, "reason": format!("I get {own}.") }))
             }
+            Ask::Objective => {
+                "Objective: find the exact value; work through it step by step and check each multiplication before answering."
+                    .to_string()
+            }
             Ask::Bid => {
                 let c: f64 = rng.random_range(0.3..1.0);
                 json(
@@ -427,10 +392,7 @@ pub mod arithmetic {
         let n: Vec<i64> = (0..6).map(|_| rng.random_range(0..30)).collect();
         let expr = format!("{}+{}*{}+{}-{}*{}", n[0], n[1], n[2], n[3], n[4], n[5]);
         let ans = n[0] + n[1] * n[2] + n[3] - n[4] * n[5];
-        (
-            format!("What is the result of {expr}? End your reply with 'Answer: <number>'."),
-            ans,
-        )
+        (format!("What is the result of {expr}? End your reply with 'Answer: <number>'."), ans)
     }
 
     /// Evaluate the first arithmetic expression (integers, + - *, at least one
@@ -517,10 +479,7 @@ mod tests {
         assert_eq!(arithmetic::eval("3+4*5+6-7*8"), Some(3 + 20 + 6 - 56));
         assert_eq!(arithmetic::eval("2*3*4"), Some(24));
         assert_eq!(arithmetic::eval("10-2-3"), Some(5));
-        assert_eq!(
-            arithmetic::answer_in("What is the result of 1+2*3? End"),
-            Some(7)
-        );
+        assert_eq!(arithmetic::answer_in("What is the result of 1+2*3? End"), Some(7));
         let (q, a) = arithmetic::question(7, 3);
         assert_eq!(arithmetic::answer_in(&q), Some(a));
         assert_eq!(arithmetic::question(7, 3), arithmetic::question(7, 3));
@@ -530,10 +489,7 @@ mod tests {
     #[test]
     fn extracts_answers() {
         assert_eq!(extract_answer("so... Answer: -42."), Some("-42".into()));
-        assert_eq!(
-            extract_answer("{\"answer\": \"17\", \"confidence\": 0.9}"),
-            Some("17".into())
-        );
+        assert_eq!(extract_answer("{\"answer\": \"17\", \"confidence\": 0.9}"), Some("17".into()));
         assert_eq!(extract_answer("I think 12 then 13"), Some("13".into()));
         assert_eq!(extract_answer("nothing"), None);
     }

@@ -79,10 +79,7 @@ impl Adversarial {
     }
 
     fn judge_rules(&self, facts: &Facts<'_>) -> bool {
-        self.spec
-            .judge
-            .as_ref()
-            .is_some_and(|j| !facts.is_absent(j))
+        self.spec.judge.as_ref().is_some_and(|j| !facts.is_absent(j))
     }
 
     fn agree(&mut self, why: String) {
@@ -127,33 +124,21 @@ impl Adversarial {
         if self.judge_rules(facts) {
             match self.ruling {
                 None => {}
-                Some(Some(false)) => self.agree(format!(
-                    "consensus in round {r}: the judge dismissed the objection"
-                )),
-                Some(_) => self.next_round(format!(
-                    "no consensus after {rounds} rounds: the judge upheld the last objection"
-                )),
+                Some(Some(false)) => self.agree(format!("consensus in round {r}: the judge dismissed the objection")),
+                Some(_) => {
+                    self.next_round(format!("no consensus after {rounds} rounds: the judge upheld the last objection"))
+                }
             }
             return;
         }
-        let present: Vec<&PeerId> = self
-            .spec
-            .voters
-            .iter()
-            .filter(|v| !facts.is_absent(v))
-            .collect();
+        let present: Vec<&PeerId> = self.spec.voters.iter().filter(|v| !facts.is_absent(v)).collect();
         if !present.iter().all(|v| self.votes.contains_key(*v)) {
             return;
         }
-        let invalid = present
-            .iter()
-            .filter(|v| self.votes.get(**v) == Some(&Some(false)))
-            .count();
+        let invalid = present.iter().filter(|v| self.votes.get(**v) == Some(&Some(false))).count();
         let n = present.len();
         if n > 0 && invalid * 2 > n {
-            self.agree(format!(
-                "consensus in round {r}: {invalid} of {n} voters found the objection invalid"
-            ));
+            self.agree(format!("consensus in round {r}: {invalid} of {n} voters found the objection invalid"));
         } else {
             let why = if n == 0 {
                 "no one could rule on the last objection".to_string()
@@ -171,60 +156,39 @@ impl Reducer for Adversarial {
         let step = env.step.as_ref();
         let r = self.round;
         match self.phase {
-            Phase::Propose if env.from == self.spec.proposer && step == format!("r{r}/propose") => {
-                match env.kind {
-                    Kind::Proposal => {
-                        self.proposal = Some((env.body.text.clone(), env.id.clone()));
-                        self.phase = Phase::Object;
-                    }
-                    Kind::Failure => self.next_round(format!(
-                        "no consensus after {} rounds: the last proposal failed",
-                        self.spec.rounds
-                    )),
-                    _ => {}
+            Phase::Propose if env.from == self.spec.proposer && step == format!("r{r}/propose") => match env.kind {
+                Kind::Proposal => {
+                    self.proposal = Some((env.body.text.clone(), env.id.clone()));
+                    self.phase = Phase::Object;
                 }
-            }
-            Phase::Object if env.from == self.spec.advocate && step == format!("r{r}/object") => {
-                match env.kind {
-                    Kind::Message => {
-                        let concede = read_approval(env, "concede") == Some(true)
-                            && env
-                                .body
-                                .json
-                                .as_ref()
-                                .and_then(|j| j.get("concede"))
-                                .is_some();
-                        if concede {
-                            self.agree(format!(
-                                "consensus in round {}: the devil's advocate conceded",
-                                r + 1
-                            ));
-                        } else {
-                            self.objection = Some(env.id.clone());
-                            self.phase = Phase::Decide;
-                        }
-                    }
-                    Kind::Failure => self.next_round(format!(
-                        "no consensus after {} rounds: the last objection failed",
-                        self.spec.rounds
-                    )),
-                    _ => {}
+                Kind::Failure => {
+                    self.next_round(format!("no consensus after {} rounds: the last proposal failed", self.spec.rounds))
                 }
-            }
+                _ => {}
+            },
+            Phase::Object if env.from == self.spec.advocate && step == format!("r{r}/object") => match env.kind {
+                Kind::Message => {
+                    let concede = read_approval(env, "concede") == Some(true)
+                        && env.body.json.as_ref().and_then(|j| j.get("concede")).is_some();
+                    if concede {
+                        self.agree(format!("consensus in round {}: the devil's advocate conceded", r + 1));
+                    } else {
+                        self.objection = Some(env.id.clone());
+                        self.phase = Phase::Decide;
+                    }
+                }
+                Kind::Failure => self
+                    .next_round(format!("no consensus after {} rounds: the last objection failed", self.spec.rounds)),
+                _ => {}
+            },
             Phase::Decide => {
-                if Some(&env.from) == self.spec.judge.as_ref()
-                    && step == format!("r{r}/rule")
-                    && self.ruling.is_none()
+                if Some(&env.from) == self.spec.judge.as_ref() && step == format!("r{r}/rule") && self.ruling.is_none()
                 {
                     let v = match env.kind {
                         Kind::Verdict => {
                             let v = read_approval(env, "objection_valid");
                             if v.is_none() {
-                                self.pending.push((
-                                    format!("r{r}/rule/malformed"),
-                                    env.from.clone(),
-                                    env.id.clone(),
-                                ));
+                                self.pending.push((format!("r{r}/rule/malformed"), env.from.clone(), env.id.clone()));
                             }
                             v
                         }
@@ -270,15 +234,7 @@ impl Reducer for Adversarial {
         parents.extend(self.objection.iter().cloned());
         let mut out = Vec::new();
         let say = |step: String, kind: Kind, instruction: String, json: bool| {
-            Duty::speak(
-                step,
-                kind,
-                r,
-                Some(Arc::from(instruction)),
-                json,
-                View::History,
-            )
-            .with_parents(parents.clone())
+            Duty::speak(step, kind, r, Some(Arc::from(instruction)), json, View::History).with_parents(parents.clone())
         };
         match self.phase {
             Phase::Propose if *me == self.spec.proposer => {
@@ -301,9 +257,7 @@ impl Reducer for Adversarial {
                 out.push(say(format!("r{r}/object"), Kind::Message, i, true));
             }
             Phase::Decide
-                if self.judge_rules(facts)
-                    && Some(me) == self.spec.judge.as_ref()
-                    && self.ruling.is_none() =>
+                if self.judge_rules(facts) && Some(me) == self.spec.judge.as_ref() && self.ruling.is_none() =>
             {
                 let i = self.spec.vote_instruction.clone().unwrap_or_else(|| {
                     "Rule on the devil's advocate's objection to the latest proposal. Reply with a JSON object {\"objection_valid\": true|false, \"reason\": \"<why>\"}.".into()
@@ -311,9 +265,7 @@ impl Reducer for Adversarial {
                 out.push(say(format!("r{r}/rule"), Kind::Verdict, i, true));
             }
             Phase::Decide
-                if !self.judge_rules(facts)
-                    && self.spec.voters.contains(me)
-                    && !self.votes.contains_key(me) =>
+                if !self.judge_rules(facts) && self.spec.voters.contains(me) && !self.votes.contains_key(me) =>
             {
                 let i = self.spec.vote_instruction.clone().unwrap_or_else(|| {
                     "Is the devil's advocate's objection to the latest proposal valid? Reply with a JSON object {\"valid\": true|false, \"reason\": \"<why>\"}.".into()
@@ -323,7 +275,14 @@ impl Reducer for Adversarial {
             _ => {}
         }
         for (step, p, id) in &self.pending {
-            out.push(rejection(step.clone(), r, p, "malformed_vote", format!("the ruling of {p} on the objection states neither valid nor invalid; it does not dismiss it"), id));
+            out.push(rejection(
+                step.clone(),
+                r,
+                p,
+                "malformed_vote",
+                format!("the ruling of {p} on the objection states neither valid nor invalid; it does not dismiss it"),
+                id,
+            ));
         }
         out
     }
@@ -336,26 +295,13 @@ impl Reducer for Adversarial {
             let (text, id) = self.proposal.clone()?;
             let mut decided_by = vec![id];
             decided_by.extend(self.objection.iter().cloned());
-            return Some(Finish {
-                reason: self.why.clone(),
-                answer: Some(text),
-                decided_by,
-            });
+            return Some(Finish { reason: self.why.clone(), answer: Some(text), decided_by });
         }
-        Some(Finish {
-            reason: self.why.clone(),
-            answer: None,
-            decided_by: Vec::new(),
-        })
+        Some(Finish { reason: self.why.clone(), answer: None, decided_by: Vec::new() })
     }
 
     fn signals(&self) -> Signals {
-        Signals {
-            round: self.round,
-            consensus: self.agreed,
-            verdict: self.agreed,
-            ..Default::default()
-        }
+        Signals { round: self.round, consensus: self.agreed, verdict: self.agreed, ..Default::default() }
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {

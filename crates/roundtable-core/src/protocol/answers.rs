@@ -40,14 +40,8 @@ pub fn extract(text: &str, json: Option<&serde_json::Value>) -> Option<Extracted
             serde_json::Value::Bool(b) => b.to_string(),
             _ => return None,
         };
-        let confidence = j
-            .get("confidence")
-            .and_then(serde_json::Value::as_f64)
-            .map(scale_confidence);
-        Some(Extracted {
-            answer: Arc::from(answer),
-            confidence,
-        })
+        let confidence = j.get("confidence").and_then(serde_json::Value::as_f64).map(scale_confidence);
+        Some(Extracted { answer: Arc::from(answer), confidence })
     };
     if let Some(e) = json.and_then(from_json) {
         return Some(e);
@@ -75,22 +69,14 @@ pub fn extract(text: &str, json: Option<&serde_json::Value>) -> Option<Extracted
         }
     }
     if let Some(a) = answer {
-        return Some(Extracted {
-            answer: Arc::from(a),
-            confidence,
-        });
+        return Some(Extracted { answer: Arc::from(a), confidence });
     }
-    crate::peer::parse_json_answer(text)
-        .as_ref()
-        .and_then(from_json)
+    crate::peer::parse_json_answer(text).as_ref().and_then(from_json)
 }
 
 /// The stated answer, or the whole text when none is stated.
 pub fn answer_or_text(text: &str, json: Option<&serde_json::Value>) -> Extracted {
-    extract(text, json).unwrap_or_else(|| Extracted {
-        answer: Arc::from(text.trim()),
-        confidence: None,
-    })
+    extract(text, json).unwrap_or_else(|| Extracted { answer: Arc::from(text.trim()), confidence: None })
 }
 
 /// An answer without surrounding emphasis and trailing punctuation.
@@ -106,10 +92,8 @@ fn clean(s: &str) -> &str {
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    (s.len() >= prefix.len()
-        && s.is_char_boundary(prefix.len())
-        && s[..prefix.len()].eq_ignore_ascii_case(prefix))
-    .then(|| &s[prefix.len()..])
+    (s.len() >= prefix.len() && s.is_char_boundary(prefix.len()) && s[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &s[prefix.len()..])
 }
 
 fn parse_confidence(s: &str) -> Option<f64> {
@@ -118,19 +102,12 @@ fn parse_confidence(s: &str) -> Option<f64> {
 }
 
 fn scale_confidence(c: f64) -> f64 {
-    if c > 1.0 {
-        (c / 100.0).clamp(0.0, 1.0)
-    } else {
-        c.clamp(0.0, 1.0)
-    }
+    if c > 1.0 { (c / 100.0).clamp(0.0, 1.0) } else { c.clamp(0.0, 1.0) }
 }
 
 /// The key answers are compared by (see the module docs).
 pub fn normalize(answer: &str) -> String {
-    let t = answer
-        .trim()
-        .trim_matches(|c: char| c == '"' || c == '\'' || c == '`' || c == '*')
-        .trim();
+    let t = answer.trim().trim_matches(|c: char| c == '"' || c == '\'' || c == '`' || c == '*').trim();
     let t = t.trim_end_matches(['.', '!', ';', ',']).trim();
     let compact: String = t.split_whitespace().collect::<Vec<_>>().join(" ");
     let numeric = compact.trim_start_matches('+').replace(',', "");
@@ -245,11 +222,7 @@ impl Outcome {
                     "{} ({}: {})",
                     s.answer,
                     fmt_weight(s.weight),
-                    s.supporters
-                        .iter()
-                        .map(PeerId::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    s.supporters.iter().map(PeerId::as_str).collect::<Vec<_>>().join(", ")
                 )
             })
             .collect::<Vec<_>>()
@@ -258,11 +231,7 @@ impl Outcome {
 }
 
 fn fmt_weight(w: f64) -> String {
-    if w.fract() == 0.0 {
-        format!("{w:.0}")
-    } else {
-        format!("{w:.2}")
-    }
+    if w.fract() == 0.0 { format!("{w:.0}") } else { format!("{w:.2}") }
 }
 
 /// Count ballots under a rule (see the module docs for ties).
@@ -294,9 +263,7 @@ pub fn tally(ballots: &[Ballot], rule: Rule) -> Outcome {
     }
     ranking.sort_by(|a, b| b.weight.total_cmp(&a.weight).then(a.first.cmp(&b.first)));
     let total: f64 = ranking.iter().map(|s| s.weight).sum();
-    let share = ranking
-        .first()
-        .map_or(0.0, |s| if total > 0.0 { s.weight / total } else { 0.0 });
+    let share = ranking.first().map_or(0.0, |s| if total > 0.0 { s.weight / total } else { 0.0 });
     let tie_broken = ranking.len() > 1 && (ranking[0].weight - ranking[1].weight).abs() < 1e-9;
     let decided = match rule {
         _ if ranking.is_empty() => false,
@@ -304,12 +271,7 @@ pub fn tally(ballots: &[Ballot], rule: Rule) -> Outcome {
         Rule::Majority => share > 0.5 + 1e-12,
         Rule::Approval { threshold } => share + 1e-12 >= threshold,
     };
-    Outcome {
-        ranking,
-        decided,
-        share,
-        tie_broken,
-    }
+    Outcome { ranking, decided, share, tie_broken }
 }
 
 #[cfg(test)]
@@ -330,30 +292,12 @@ mod tests {
     #[test]
     fn reads_answers_from_json_marker_and_embedded_json() {
         let j = serde_json::json!({"answer": 17, "confidence": 85});
-        assert_eq!(
-            extract("", Some(&j)).unwrap(),
-            Extracted {
-                answer: "17".into(),
-                confidence: Some(0.85)
-            }
-        );
+        assert_eq!(extract("", Some(&j)).unwrap(), Extracted { answer: "17".into(), confidence: Some(0.85) });
         let e = extract("Let me think.\nAnswer: **-42**.\nConfidence: 90%", None).unwrap();
         assert_eq!((&*e.answer, e.confidence), ("-42", Some(0.9)));
-        assert_eq!(
-            &*extract("so 3+4 = 7. Answer: 7", None).unwrap().answer,
-            "7"
-        );
-        assert_eq!(
-            &*extract("```json\n{\"answer\": \"B\"}\n```", None)
-                .unwrap()
-                .answer,
-            "B"
-        );
-        assert_eq!(
-            extract("I think it is 12", None),
-            None,
-            "no stated answer is malformed"
-        );
+        assert_eq!(&*extract("so 3+4 = 7. Answer: 7", None).unwrap().answer, "7");
+        assert_eq!(&*extract("```json\n{\"answer\": \"B\"}\n```", None).unwrap().answer, "B");
+        assert_eq!(extract("I think it is 12", None), None, "no stated answer is malformed");
         assert_eq!(&*answer_or_text("  free text ", None).answer, "free text");
     }
 
@@ -381,34 +325,16 @@ mod tests {
         assert!(o.tie_broken);
         let mut rev = ballots.clone();
         rev.reverse();
-        assert_eq!(
-            tally(&rev, Rule::Plurality).winner().unwrap().answer,
-            "y",
-            "order of ballots does not matter"
-        );
+        assert_eq!(tally(&rev, Rule::Plurality).winner().unwrap().answer, "y", "order of ballots does not matter");
     }
 
     #[test]
     fn majority_and_approval_need_their_share() {
-        let ballots = vec![
-            b("a", 0, "x", None),
-            b("b", 1, "x", None),
-            b("c", 2, "y", None),
-            b("d", 3, "z", None),
-        ];
-        assert!(
-            !tally(&ballots, Rule::Majority).decided,
-            "2 of 4 is not more than half"
-        );
+        let ballots = vec![b("a", 0, "x", None), b("b", 1, "x", None), b("c", 2, "y", None), b("d", 3, "z", None)];
+        assert!(!tally(&ballots, Rule::Majority).decided, "2 of 4 is not more than half");
         assert!(tally(&ballots, Rule::Approval { threshold: 0.5 }).decided);
         assert!(!tally(&ballots, Rule::Approval { threshold: 0.6 }).decided);
-        assert_eq!(
-            tally(&ballots, Rule::Approval { threshold: 0.6 })
-                .leader()
-                .unwrap()
-                .answer,
-            "x"
-        );
+        assert_eq!(tally(&ballots, Rule::Approval { threshold: 0.6 }).leader().unwrap().answer, "x");
         assert!(!tally(&[], Rule::Plurality).decided);
     }
 
@@ -421,18 +347,8 @@ mod tests {
         assert_eq!(reconcile_weight(Some(0.6)), 0.1);
         assert_eq!(reconcile_weight(None), 0.1);
         // Two unsure votes for x (0.3 + 0.3) lose to one certain vote for y (1.0).
-        let ballots = vec![
-            b("a", 0, "x", Some(0.7)),
-            b("b", 1, "x", Some(0.65)),
-            b("c", 2, "y", Some(1.0)),
-        ];
-        assert_eq!(
-            tally(&ballots, Rule::Plurality).winner().unwrap().answer,
-            "x"
-        );
-        assert_eq!(
-            tally(&ballots, Rule::Confidence).winner().unwrap().answer,
-            "y"
-        );
+        let ballots = vec![b("a", 0, "x", Some(0.7)), b("b", 1, "x", Some(0.65)), b("c", 2, "y", Some(1.0))];
+        assert_eq!(tally(&ballots, Rule::Plurality).winner().unwrap().answer, "x");
+        assert_eq!(tally(&ballots, Rule::Confidence).winner().unwrap().answer, "y");
     }
 }

@@ -5,9 +5,9 @@
 //! - **Sources.** Each `[[protocol.sources]]` entry is a knowledge source: a peer, the
 //!   keys it `reads`, and the one key it `writes`. `task` is a read-only key holding
 //!   the topic.
-//! - **Trigger.** A source is triggered when every key it reads has a value and the
-//!   values written there by others changed since its last contribution (or it has
-//!   not contributed yet). What a contribution saw is its envelope's causal parents:
+//! - **Trigger.** A source is triggered when every key it reads has a value and one of
+//!   those values was written by another peer after the source's last contribution
+//!   (or it has not contributed yet); its own writes never trigger it. What a contribution saw is its envelope's causal parents:
 //!   the writes of its read keys, so the trigger is a pure function of the log.
 //! - **Duties.** A triggered source calls its model with the board's current values
 //!   of its read keys, then writes the answer to its key with compare-and-set against
@@ -29,7 +29,7 @@
 //! Team-file keys: `[[protocol.sources]]` (`peer`, `reads`, `writes`), `answer_key`
 //! (the key of the last source), `done_phrase`, `max_writes` (20), `instruction`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::{Action, BoardMark, Duty, Facts, Finish, Reducer};
@@ -51,8 +51,6 @@ pub struct BlackboardProtocol {
     spec: BlackboardSpec,
     /// The latest accepted write of each key.
     board: BTreeMap<String, Write>,
-    /// Who wrote each accepted write.
-    authors: HashMap<EnvelopeId, PeerId>,
     /// Per source: contributions so far, and the parents of the last one.
     attempts: Vec<u32>,
     last_saw: Vec<Option<BTreeSet<EnvelopeId>>>,
@@ -68,7 +66,6 @@ impl BlackboardProtocol {
         BlackboardProtocol {
             spec,
             board: BTreeMap::new(),
-            authors: HashMap::new(),
             attempts: vec![0; n],
             last_saw: vec![None; n],
             total: 0,
@@ -84,12 +81,7 @@ impl BlackboardProtocol {
 
     /// The writes a source's read keys hold now; `None` when one of them is empty.
     fn reads_now(&self, i: usize) -> Option<Vec<&Write>> {
-        self.spec.sources[i]
-            .reads
-            .iter()
-            .filter(|k| *k != "task")
-            .map(|k| self.board.get(k))
-            .collect()
+        self.spec.sources[i].reads.iter().filter(|k| *k != "task").map(|k| self.board.get(k)).collect()
     }
 
     fn triggered(&self, i: usize, facts: &Facts<'_>) -> bool {
@@ -100,14 +92,10 @@ impl BlackboardProtocol {
         let Some(reads) = self.reads_now(i) else {
             return false;
         };
-        let by_others = |ids: &mut dyn Iterator<Item = &EnvelopeId>| -> BTreeSet<EnvelopeId> {
-            ids.filter(|id| self.authors.get(*id).is_some_and(|a| *a != src.peer))
-                .cloned()
-                .collect()
-        };
         match &self.last_saw[i] {
             None => true,
-            Some(saw) => by_others(&mut reads.iter().map(|w| &w.id)) != by_others(&mut saw.iter()),
+            // A value another peer wrote that this source has not seen.
+            Some(saw) => reads.iter().any(|w| w.by != src.peer && !saw.contains(&w.id)),
         }
     }
 
@@ -146,7 +134,6 @@ impl Reducer for BlackboardProtocol {
                     step: env.step.clone(),
                     id: env.id.clone(),
                 };
-                self.authors.insert(env.id.clone(), env.from.clone());
                 self.board.insert(src.writes.clone(), w);
                 self.writes += 1;
                 if let Some(phrase) = &self.spec.done_phrase
@@ -182,10 +169,7 @@ impl Reducer for BlackboardProtocol {
             if let Some(w) = own
                 && !src.reads.contains(&src.writes)
             {
-                board.push_str(&format!(
-                    "[{}] now holds (written by {}):\n{}\n\n",
-                    src.writes, w.by, w.text
-                ));
+                board.push_str(&format!("[{}] now holds (written by {}):\n{}\n\n", src.writes, w.by, w.text));
             }
             let ask = self.spec.instruction.clone().unwrap_or_else(|| {
                 "You contribute to a shared blackboard. Using what the board holds, write the new content of the key `{key}`. \
@@ -193,11 +177,7 @@ impl Reducer for BlackboardProtocol {
                     .into()
             });
             let ask = super::fill(&ask, &[("key", &src.writes), ("peer", me.as_str())]);
-            let instruction = if board.is_empty() {
-                ask
-            } else {
-                format!("The blackboard holds:\n\n{board}{ask}")
-            };
+            let instruction = if board.is_empty() { ask } else { format!("The blackboard holds:\n\n{board}{ask}") };
             let mut parents: Vec<EnvelopeId> = reads.iter().map(|w| w.id.clone()).collect();
             if src.reads.iter().any(|k| k == "task") {
                 parents.extend(self.task_id.iter().cloned());
@@ -211,11 +191,7 @@ impl Reducer for BlackboardProtocol {
                 action: Action::BoardWrite {
                     instruction: Some(Arc::from(instruction)),
                     key: Arc::from(src.writes.as_str()),
-                    after: own.map(|w| BoardMark {
-                        by: w.by.clone(),
-                        step: w.step.clone(),
-                        text: w.text.clone(),
-                    }),
+                    after: own.map(|w| BoardMark { by: w.by.clone(), step: w.step.clone(), text: w.text.clone() }),
                 },
                 collective: false,
             });
@@ -225,50 +201,32 @@ impl Reducer for BlackboardProtocol {
 
     fn finished(&self, facts: &Facts<'_>) -> Option<Finish> {
         let answer = || self.answer().map(|w| w.text.clone());
-        let decided_by = || {
-            self.answer()
-                .map(|w| vec![w.id.clone()])
-                .unwrap_or_default()
-        };
+        let decided_by = || self.answer().map(|w| vec![w.id.clone()]).unwrap_or_default();
         if let Some((by, key, id)) = &self.done {
             let phrase = self.spec.done_phrase.as_deref().unwrap_or("");
             return Some(Finish {
                 reason: format!("done: {by} wrote {phrase:?} to `{key}`"),
                 answer: answer(),
-                decided_by: if decided_by().is_empty() {
-                    vec![id.clone()]
-                } else {
-                    decided_by()
-                },
+                decided_by: if decided_by().is_empty() { vec![id.clone()] } else { decided_by() },
             });
         }
         if self.total >= self.spec.max_writes {
             return Some(Finish {
-                reason: format!(
-                    "max_writes: {} contributions ({} written)",
-                    self.total, self.writes
-                ),
+                reason: format!("max_writes: {} contributions ({} written)", self.total, self.writes),
                 answer: answer(),
                 decided_by: decided_by(),
             });
         }
         let busy = (0..self.spec.sources.len()).any(|i| self.triggered(i, facts));
         (!busy).then(|| Finish {
-            reason: format!(
-                "quiescent: no source has anything to add after {} writes",
-                self.writes
-            ),
+            reason: format!("quiescent: no source has anything to add after {} writes", self.writes),
             answer: answer(),
             decided_by: decided_by(),
         })
     }
 
     fn signals(&self) -> Signals {
-        Signals {
-            round: self.writes,
-            consensus: self.done.is_some(),
-            ..Default::default()
-        }
+        Signals { round: self.writes, consensus: self.done.is_some(), ..Default::default() }
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {

@@ -57,14 +57,8 @@ pub fn read_approval(env: &Envelope, field: &str) -> Option<bool> {
             }
         }
     }
-    let first: String = env
-        .body
-        .text
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_alphabetic())
-        .collect::<String>()
-        .to_ascii_uppercase();
+    let first: String =
+        env.body.text.trim_start().chars().take_while(|c| c.is_alphabetic()).collect::<String>().to_ascii_uppercase();
     match first.as_str() {
         "APPROVE" | "APPROVED" => Some(true),
         "REJECT" | "REJECTED" => Some(false),
@@ -126,12 +120,7 @@ impl Consensus {
         if self.phase != Phase::Vote {
             return;
         }
-        let present: Vec<&PeerId> = self
-            .spec
-            .voters
-            .iter()
-            .filter(|v| !facts.is_absent(v))
-            .collect();
+        let present: Vec<&PeerId> = self.spec.voters.iter().filter(|v| !facts.is_absent(v)).collect();
         if present.is_empty() {
             self.phase = Phase::Done;
             self.why = "every voter is absent".into();
@@ -140,10 +129,7 @@ impl Consensus {
         if !present.iter().all(|v| self.votes.contains_key(*v)) {
             return;
         }
-        let approvals = present
-            .iter()
-            .filter(|v| self.votes.get(**v) == Some(&Some(true)))
-            .count();
+        let approvals = present.iter().filter(|v| self.votes.get(**v) == Some(&Some(true))).count();
         let share = approvals as f64 / present.len() as f64;
         self.share = Some(share);
         let (text, id) = self.proposal.clone().expect("votes follow a proposal");
@@ -162,9 +148,7 @@ impl Consensus {
             self.why = format!("consensus in round {}: {summary}", self.round + 1);
         } else {
             let rounds = self.spec.rounds;
-            self.end_round(format!(
-                "no consensus after {rounds} rounds: last round {summary}"
-            ));
+            self.end_round(format!("no consensus after {rounds} rounds: last round {summary}"));
         }
     }
 }
@@ -174,10 +158,7 @@ impl Reducer for Consensus {
         let env = &entry.env;
         let step = env.step.as_ref();
         let r = self.round;
-        if self.phase == Phase::Propose
-            && env.from == self.spec.proposer
-            && step == format!("r{r}/propose")
-        {
+        if self.phase == Phase::Propose && env.from == self.spec.proposer && step == format!("r{r}/propose") {
             match env.kind {
                 Kind::Proposal => {
                     self.proposal = Some((env.body.text.clone(), env.id.clone()));
@@ -185,9 +166,7 @@ impl Reducer for Consensus {
                 }
                 Kind::Failure => {
                     let rounds = self.spec.rounds;
-                    self.end_round(format!(
-                        "no consensus after {rounds} rounds: the last proposal failed"
-                    ));
+                    self.end_round(format!("no consensus after {rounds} rounds: the last proposal failed"));
                 }
                 _ => {}
             }
@@ -250,15 +229,8 @@ impl Reducer for Consensus {
                     "Vote on the latest proposal. Reply with a JSON object {\"approve\": true|false, \"reason\": \"<why; what would change your mind>\"}.".into()
                 });
                 out.push(
-                    Duty::speak(
-                        format!("r{r}/vote"),
-                        Kind::Vote,
-                        r,
-                        Some(Arc::from(instruction)),
-                        true,
-                        View::History,
-                    )
-                    .with_parents(parents),
+                    Duty::speak(format!("r{r}/vote"), Kind::Vote, r, Some(Arc::from(instruction)), true, View::History)
+                        .with_parents(parents),
                 );
             }
             _ => {}
@@ -282,34 +254,19 @@ impl Reducer for Consensus {
         }
         if self.adopted {
             let (text, id) = self.proposal.clone()?;
-            return Some(Finish {
-                reason: self.why.clone(),
-                answer: Some(text),
-                decided_by: vec![id],
-            });
+            return Some(Finish { reason: self.why.clone(), answer: Some(text), decided_by: vec![id] });
         }
         let best = match &self.best {
-            Some((share, _, _, round)) => format!(
-                "; the best-supported proposal (round {}) had {:.0}%",
-                round + 1,
-                share * 100.0
-            ),
+            Some((share, _, _, round)) => {
+                format!("; the best-supported proposal (round {}) had {:.0}%", round + 1, share * 100.0)
+            }
             None => String::new(),
         };
-        Some(Finish {
-            reason: format!("{}{best}", self.why),
-            answer: None,
-            decided_by: Vec::new(),
-        })
+        Some(Finish { reason: format!("{}{best}", self.why), answer: None, decided_by: Vec::new() })
     }
 
     fn signals(&self) -> Signals {
-        Signals {
-            round: self.round,
-            consensus: self.adopted,
-            confidence: self.share,
-            ..Default::default()
-        }
+        Signals { round: self.round, consensus: self.adopted, confidence: self.share, ..Default::default() }
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {

@@ -7,7 +7,7 @@
 //!   `cnet/{t}/a{n}/announce` (collective), every eligible member's
 //!   `cnet/{t}/a{n}/bid`, then `cnet/{t}/a{n}/award` (collective). The next task is
 //!   announced once the award is on the log; the winner does its task meanwhile and
-//!   records `work/{t}/result` (collective: one result per task).
+//!   records `cnet/{t}/a{n}/result` (collective: one result per award).
 //! - **Bids.** A bid carries the bidder's `load` — the total `size` of the tasks
 //!   awarded to it so far, read from the log — and its `capability` for the task:
 //!   with `bids = "skills"` (the default) the share of the task's `needs` found in the
@@ -108,51 +108,24 @@ impl ContractNet {
         if needs.is_empty() {
             return 1.0;
         }
-        let skills = self
-            .spec
-            .capabilities
-            .get(p)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+        let skills = self.spec.capabilities.get(p).map(Vec::as_slice).unwrap_or(&[]);
         needs.iter().filter(|n| skills.contains(n)).count() as f64 / needs.len() as f64
     }
 
     fn eligible(&self, i: usize, facts: &Facts<'_>) -> Vec<PeerId> {
-        self.spec
-            .members
-            .iter()
-            .filter(|m| !facts.is_absent(m) && !self.excluded[i].contains(*m))
-            .cloned()
-            .collect()
+        self.spec.members.iter().filter(|m| !facts.is_absent(m) && !self.excluded[i].contains(*m)).cloned().collect()
     }
 
     /// The award from the bids: highest capability, then lowest load, then team order.
-    fn award(
-        &self,
-        bids: &BTreeMap<PeerId, Option<f64>>,
-        facts: &Facts<'_>,
-    ) -> Option<(PeerId, f64)> {
-        bids.iter()
-            .filter_map(|(p, c)| c.map(|c| (p.clone(), c)))
-            .max_by(|(pa, ca), (pb, cb)| {
-                ca.total_cmp(cb)
-                    .then(
-                        self.load
-                            .get(pb)
-                            .copied()
-                            .unwrap_or(0)
-                            .cmp(&self.load.get(pa).copied().unwrap_or(0)),
-                    )
-                    .then(team_order(facts.plan, pb).cmp(&team_order(facts.plan, pa)))
-            })
+    fn award(&self, bids: &BTreeMap<PeerId, Option<f64>>, facts: &Facts<'_>) -> Option<(PeerId, f64)> {
+        bids.iter().filter_map(|(p, c)| c.map(|c| (p.clone(), c))).max_by(|(pa, ca), (pb, cb)| {
+            ca.total_cmp(cb)
+                .then(self.load.get(pb).copied().unwrap_or(0).cmp(&self.load.get(pa).copied().unwrap_or(0)))
+                .then(team_order(facts.plan, pb).cmp(&team_order(facts.plan, pa)))
+        })
     }
 
-    fn bids_complete(
-        &self,
-        i: usize,
-        bids: &BTreeMap<PeerId, Option<f64>>,
-        facts: &Facts<'_>,
-    ) -> bool {
+    fn bids_complete(&self, i: usize, bids: &BTreeMap<PeerId, Option<f64>>, facts: &Facts<'_>) -> bool {
         self.eligible(i, facts).iter().all(|p| bids.contains_key(p))
     }
 
@@ -162,39 +135,22 @@ impl ContractNet {
             self.excluded[i].insert(p);
         }
         if attempt < self.spec.max_reannounce {
-            self.status[i] = Status::Bidding {
-                attempt: attempt + 1,
-                announced: false,
-                bids: BTreeMap::new(),
-            };
+            self.status[i] = Status::Bidding { attempt: attempt + 1, announced: false, bids: BTreeMap::new() };
             self.queue.push_back(i);
         } else {
-            self.status[i] = Status::Failed {
-                why: format!("{why}; announced {} times", attempt + 1),
-            };
+            self.status[i] = Status::Failed { why: format!("{why}; announced {} times", attempt + 1) };
         }
     }
 
     fn dep_state(&self, i: usize) -> (bool, bool) {
-        let deps: Vec<usize> = self.spec.tasks[i]
-            .depends_on
-            .iter()
-            .filter_map(|d| self.index(d))
-            .collect();
-        let ready = deps
-            .iter()
-            .all(|&d| matches!(self.status[d], Status::Done { .. } | Status::Failed { .. }));
-        let failed = deps
-            .iter()
-            .any(|&d| matches!(self.status[d], Status::Failed { .. }));
+        let deps: Vec<usize> = self.spec.tasks[i].depends_on.iter().filter_map(|d| self.index(d)).collect();
+        let ready = deps.iter().all(|&d| matches!(self.status[d], Status::Done { .. } | Status::Failed { .. }));
+        let failed = deps.iter().any(|&d| matches!(self.status[d], Status::Failed { .. }));
         (ready, failed)
     }
 
     fn resolved(&self) -> usize {
-        self.status
-            .iter()
-            .filter(|s| matches!(s, Status::Done { .. } | Status::Failed { .. }))
-            .count()
+        self.status.iter().filter(|s| matches!(s, Status::Done { .. } | Status::Failed { .. })).count()
     }
 
     fn advance(&mut self, facts: &Facts<'_>) {
@@ -211,11 +167,7 @@ impl ContractNet {
         while let Some(&i) = self.queue.front() {
             match &self.status[i] {
                 Status::Waiting => {
-                    self.status[i] = Status::Bidding {
-                        attempt: 0,
-                        announced: false,
-                        bids: BTreeMap::new(),
-                    };
+                    self.status[i] = Status::Bidding { attempt: 0, announced: false, bids: BTreeMap::new() };
                     break;
                 }
                 Status::Bidding { .. } => break,
@@ -226,18 +178,12 @@ impl ContractNet {
         }
         // A task with no one left to bid fails.
         if let Some(&i) = self.queue.front()
-            && let Status::Bidding {
-                attempt,
-                announced: true,
-                bids,
-            } = &self.status[i]
+            && let Status::Bidding { attempt, announced: true, bids } = &self.status[i]
             && self.eligible(i, facts).is_empty()
             && bids.values().all(Option::is_none)
         {
             let attempt = *attempt;
-            self.status[i] = Status::Failed {
-                why: format!("no member could bid (attempt {})", attempt + 1),
-            };
+            self.status[i] = Status::Failed { why: format!("no member could bid (attempt {})", attempt + 1) };
             self.queue.pop_front();
             self.advance(facts);
         }
@@ -250,12 +196,7 @@ impl Reducer for ContractNet {
         let step = env.step.as_ref();
         if let Some(&i) = self.queue.front() {
             let skill = self.skill_match(i, &env.from);
-            if let Status::Bidding {
-                attempt,
-                announced,
-                bids,
-            } = &mut self.status[i]
-            {
+            if let Status::Bidding { attempt, announced, bids } = &mut self.status[i] {
                 let prefix = format!("cnet/{}/a{attempt}", self.spec.tasks[i].id);
                 if step == format!("{prefix}/announce") {
                     *announced = true;
@@ -297,45 +238,27 @@ impl Reducer for ContractNet {
                             *self.load.entry(to.clone()).or_default() += self.spec.tasks[i].size;
                             self.status[i] = Status::Awarded { to, attempt };
                         }
-                        None => {
-                            self.status[i] = Status::Failed {
-                                why: "no valid bid".into(),
-                            }
-                        }
+                        None => self.status[i] = Status::Failed { why: "no valid bid".into() },
                     }
                     self.queue.pop_front();
                 }
             }
         }
-        if let Some(task) = step
-            .strip_prefix("work/")
-            .and_then(|s| s.strip_suffix("/result"))
+        if let Some(task) =
+            step.strip_prefix("cnet/").and_then(|s| s.strip_suffix("/result")).and_then(|s| s.split('/').next())
             && let Some(i) = self.index(task)
             && let Status::Awarded { to, attempt } = &self.status[i]
+            && step == format!("{}/result", self.prefix(i, *attempt))
         {
             let (to, attempt) = (to.clone(), *attempt);
-            let op = env
-                .body
-                .json
-                .as_ref()
-                .and_then(|j| j.get("op"))
-                .and_then(|v| v.as_str());
+            let op = env.body.json.as_ref().and_then(|j| j.get("op")).and_then(|v| v.as_str());
             match (env.kind, op) {
-                (Kind::Work, Some("skipped")) => {
-                    self.status[i] = Status::Failed {
-                        why: env.body.text.to_string(),
-                    }
-                }
+                (Kind::Work, Some("skipped")) => self.status[i] = Status::Failed { why: env.body.text.to_string() },
                 (Kind::Work, _) => {
-                    self.status[i] = Status::Done {
-                        text: env.body.text.clone(),
-                        id: env.id.clone(),
-                        by: env.from.clone(),
-                    }
+                    self.status[i] =
+                        Status::Done { text: env.body.text.clone(), id: env.id.clone(), by: env.from.clone() }
                 }
-                (Kind::Failure, _) => {
-                    self.retry(i, attempt, Some(to.clone()), &format!("{to} failed it"))
-                }
+                (Kind::Failure, _) => self.retry(i, attempt, Some(to.clone()), &format!("{to} failed it")),
                 _ => {}
             }
         }
@@ -361,7 +284,8 @@ impl Reducer for ContractNet {
                 continue;
             }
             let t = &self.spec.tasks[i];
-            let step = format!("work/{}/result", t.id);
+            let Status::Awarded { attempt, .. } = s else { continue };
+            let step = format!("{}/result", self.prefix(i, *attempt));
             if dep_failed {
                 let body = Body::text(format!("skipped: a task {} depends on failed", t.id))
                     .with_json(serde_json::json!({"op": "skipped"}));
@@ -372,57 +296,42 @@ impl Reducer for ContractNet {
             let mut parents = Vec::new();
             for d in t.depends_on.iter().filter_map(|d| self.index(d)) {
                 if let Status::Done { text: r, id, .. } = &self.status[d] {
-                    text.push_str(&format!(
-                        "\nResult of task {}:\n{r}\n",
-                        self.spec.tasks[d].id
-                    ));
+                    text.push_str(&format!("\nResult of task {}:\n{r}\n", self.spec.tasks[d].id));
                     parents.push(id.clone());
                 }
             }
             text.push('\n');
-            text.push_str(
-                self.spec
-                    .instruction
-                    .as_deref()
-                    .unwrap_or("Do the task and reply with its result."),
-            );
+            text.push_str(self.spec.instruction.as_deref().unwrap_or("Do the task and reply with its result."));
             out.push(
-                Duty::speak(
-                    step,
-                    Kind::Work,
-                    round,
-                    Some(Arc::from(text)),
-                    false,
-                    View::Task,
-                )
-                .with_parents(parents)
-                .collective(),
+                Duty::speak(step, Kind::Work, round, Some(Arc::from(text)), false, View::Task)
+                    .with_parents(parents)
+                    .collective(),
             );
         }
         // The negotiation of the task in front.
         if let Some(&i) = self.queue.front()
-            && let Status::Bidding {
-                attempt,
-                announced,
-                bids,
-            } = &self.status[i]
+            && let Status::Bidding { attempt, announced, bids } = &self.status[i]
         {
             let prefix = self.prefix(i, *attempt);
             let t = &self.spec.tasks[i];
             if !announced {
-                let body = Body::text(format!("Task {} is announced: {}", t.id, t.description)).with_json(serde_json::json!({
+                let body =
+                    Body::text(format!("Task {} is announced: {}", t.id, t.description)).with_json(serde_json::json!({
                         "op": "announce", "task": t.id, "attempt": attempt, "needs": t.needs, "size": t.size,
                     }));
-                out.push(
-                    Duty::post(format!("{prefix}/announce"), Kind::Work, round, body).collective(),
-                );
+                out.push(Duty::post(format!("{prefix}/announce"), Kind::Work, round, body).collective());
             } else if !bids.contains_key(me) && self.eligible(i, facts).contains(me) {
                 let load = self.load.get(me).copied().unwrap_or(0);
                 match self.spec.bids {
                     BidMode::Skills => {
                         let capability = self.skill_match(i, me);
-                        let body = Body::text(format!("{me} bids for {}: capability {capability:.2}, load {load}", t.id))
-                                .with_json(serde_json::json!({ "op": "bid", "task": t.id, "capability": capability, "load": load }));
+                        let body = Body::text(format!(
+                            "{me} bids for {}: capability {capability:.2}, load {load}",
+                            t.id
+                        ))
+                        .with_json(
+                            serde_json::json!({ "op": "bid", "task": t.id, "capability": capability, "load": load }),
+                        );
                         out.push(Duty::post(format!("{prefix}/bid"), Kind::Work, round, body));
                     }
                     BidMode::Model => {
@@ -451,9 +360,7 @@ impl Reducer for ContractNet {
                     None => Body::text(format!("Task {} has no valid bid", t.id))
                         .with_json(serde_json::json!({ "op": "award", "task": t.id, "to": null })),
                 };
-                out.push(
-                    Duty::post(format!("{prefix}/award"), Kind::Work, round, body).collective(),
-                );
+                out.push(Duty::post(format!("{prefix}/award"), Kind::Work, round, body).collective());
             }
         }
         for (step, p, id) in &self.pending {
@@ -474,37 +381,24 @@ impl Reducer for ContractNet {
         if !self.pending.is_empty() || (self.resolved() < self.status.len() && !all_absent) {
             return None;
         }
-        let done: Vec<usize> = (0..self.status.len())
-            .filter(|&i| matches!(self.status[i], Status::Done { .. }))
-            .collect();
+        let done: Vec<usize> =
+            (0..self.status.len()).filter(|&i| matches!(self.status[i], Status::Done { .. })).collect();
         let mut by_peer: BTreeMap<&PeerId, u32> = BTreeMap::new();
         for &i in &done {
             if let Status::Done { by, .. } = &self.status[i] {
                 *by_peer.entry(by).or_default() += 1;
             }
         }
-        let spread = by_peer
-            .iter()
-            .map(|(p, n)| format!("{p}: {n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let spread = by_peer.iter().map(|(p, n)| format!("{p}: {n}")).collect::<Vec<_>>().join(", ");
         let n = self.status.len();
         let failed = n - done.len();
         let reason = if all_absent && done.len() + failed < n {
             format!("every member is absent: {} of {n} tasks done", done.len())
         } else {
-            format!(
-                "all {n} tasks resolved: {} done ({spread}), {} failed",
-                done.len(),
-                self.resolved() - done.len()
-            )
+            format!("all {n} tasks resolved: {} done ({spread}), {} failed", done.len(), self.resolved() - done.len())
         };
         let (answer, decided_by) = self.answer();
-        Some(Finish {
-            reason,
-            answer,
-            decided_by,
-        })
+        Some(Finish { reason, answer, decided_by })
     }
 
     fn signals(&self) -> Signals {
@@ -529,24 +423,13 @@ impl ContractNet {
         };
         if let Some(t) = &self.spec.answer_task {
             let r = self.index(t).and_then(result);
-            return (
-                r.as_ref().map(|r| r.0.clone()),
-                r.into_iter().map(|r| r.1).collect(),
-            );
+            return (r.as_ref().map(|r| r.0.clone()), r.into_iter().map(|r| r.1).collect());
         }
         let sinks: Vec<usize> = (0..self.spec.tasks.len())
-            .filter(|&i| {
-                !self
-                    .spec
-                    .tasks
-                    .iter()
-                    .any(|t| t.depends_on.contains(&self.spec.tasks[i].id))
-            })
+            .filter(|&i| !self.spec.tasks.iter().any(|t| t.depends_on.contains(&self.spec.tasks[i].id)))
             .collect();
-        let done: Vec<(usize, (Arc<str>, EnvelopeId))> = sinks
-            .iter()
-            .filter_map(|&i| result(i).map(|r| (i, r)))
-            .collect();
+        let done: Vec<(usize, (Arc<str>, EnvelopeId))> =
+            sinks.iter().filter_map(|&i| result(i).map(|r| (i, r))).collect();
         match done.as_slice() {
             [] => (None, Vec::new()),
             [(_, (t, id))] => (Some(t.clone()), vec![id.clone()]),

@@ -39,11 +39,7 @@ pub struct Debate {
 
 impl Debate {
     pub fn new(spec: DebateSpec) -> Self {
-        Debate {
-            rounds: Rounds::new(spec.members.clone()),
-            spec,
-            outcome: None,
-        }
+        Debate { rounds: Rounds::new(spec.members.clone()), spec, outcome: None }
     }
 
     fn rule(&self) -> Rule {
@@ -58,23 +54,9 @@ impl Debate {
     }
 
     fn instructions(&self) -> (String, String) {
-        let json = if self.spec.json {
-            format!(" {ANSWER_JSON}")
-        } else {
-            String::new()
-        };
-        let first = self
-            .spec
-            .instruction
-            .clone()
-            .unwrap_or_else(|| ANSWER_FIRST.to_string())
-            + &json;
-        let update = self
-            .spec
-            .update_instruction
-            .clone()
-            .unwrap_or_else(|| ANSWER_UPDATE.to_string())
-            + &json;
+        let json = if self.spec.json { format!(" {ANSWER_JSON}") } else { String::new() };
+        let first = self.spec.instruction.clone().unwrap_or_else(|| ANSWER_FIRST.to_string()) + &json;
+        let update = self.spec.update_instruction.clone().unwrap_or_else(|| ANSWER_UPDATE.to_string()) + &json;
         (first, update)
     }
 }
@@ -96,10 +78,7 @@ impl Reducer for Debate {
             return Vec::new();
         }
         let (first, update) = self.instructions();
-        self.rounds
-            .duty(me, &first, &update, self.spec.json)
-            .into_iter()
-            .collect()
+        self.rounds.duty(me, &first, &update, self.spec.json).into_iter().collect()
     }
 
     fn finished(&self, facts: &Facts<'_>) -> Option<Finish> {
@@ -110,28 +89,16 @@ impl Reducer for Debate {
         let outcome = self.outcome.as_ref()?;
         let rounds = self.rounds.round;
         let rule = self.rule().name();
-        let why = if all_absent {
-            format!("every member is absent after {rounds} rounds; ")
-        } else {
-            String::new()
-        };
+        let why = if all_absent { format!("every member is absent after {rounds} rounds; ") } else { String::new() };
         Some(match outcome.winner() {
             Some(w) => {
-                let tie = if outcome.tie_broken {
-                    ", tie broken by team order"
-                } else {
-                    ""
-                };
+                let tie = if outcome.tie_broken { ", tie broken by team order" } else { "" };
                 Finish {
                     reason: format!(
                         "{why}vote after {rounds} rounds ({rule}): {} with {} of {} ballots{tie} [{}]",
                         w.answer,
                         w.supporters.len(),
-                        outcome
-                            .ranking
-                            .iter()
-                            .map(|s| s.supporters.len())
-                            .sum::<usize>(),
+                        outcome.ranking.iter().map(|s| s.supporters.len()).sum::<usize>(),
                         outcome.describe()
                     ),
                     answer: Some(Arc::from(w.answer.as_str())),
@@ -139,10 +106,7 @@ impl Reducer for Debate {
                 }
             }
             None => Finish {
-                reason: format!(
-                    "{why}no {rule} after {rounds} rounds [{}]",
-                    outcome.describe()
-                ),
+                reason: format!("{why}no {rule} after {rounds} rounds [{}]", outcome.describe()),
                 answer: None,
                 decided_by: Vec::new(),
             },
@@ -171,11 +135,6 @@ impl Reducer for Debate {
 pub(crate) fn ballot_ids(rounds: &Rounds, supporters: &[PeerId]) -> Vec<EnvelopeId> {
     supporters
         .iter()
-        .filter_map(|p| {
-            rounds
-                .index(p)
-                .and_then(|i| rounds.latest[i].as_ref())
-                .map(|a| a.id.clone())
-        })
+        .filter_map(|p| rounds.index(p).and_then(|i| rounds.latest[i].as_ref()).map(|a| a.id.clone()))
         .collect()
 }

@@ -76,31 +76,19 @@ impl Emergent {
     /// The present members with an answer, by index.
     fn present(&self, facts: &Facts<'_>) -> Vec<usize> {
         (0..self.rounds.members.len())
-            .filter(|&i| {
-                !facts.is_absent(&self.rounds.members[i]) && self.rounds.latest[i].is_some()
-            })
+            .filter(|&i| !facts.is_absent(&self.rounds.members[i]) && self.rounds.latest[i].is_some())
             .collect()
     }
 
     fn measurer<'a>(&'a self, facts: &Facts<'_>) -> Option<&'a PeerId> {
-        self.spec
-            .measurer
-            .iter()
-            .chain(self.rounds.members.iter())
-            .find(|p| !facts.is_absent(p))
+        self.spec.measurer.iter().chain(self.rounds.members.iter()).find(|p| !facts.is_absent(p))
     }
 
     fn lexical_now(&self, facts: &Facts<'_>) -> Measured {
         let peers = self.present(facts);
-        let texts: Vec<Arc<str>> = peers
-            .iter()
-            .map(|&i| self.compared(self.rounds.latest[i].as_ref().expect("answered")))
-            .collect();
-        Measured {
-            pairwise: Pairwise::of(texts.len(), |i, j| lexical(&texts[i], &texts[j])),
-            peers,
-            method: "lexical",
-        }
+        let texts: Vec<Arc<str>> =
+            peers.iter().map(|&i| self.compared(self.rounds.latest[i].as_ref().expect("answered"))).collect();
+        Measured { pairwise: Pairwise::of(texts.len(), |i, j| lexical(&texts[i], &texts[j])), peers, method: "lexical" }
     }
 
     fn decide(&mut self, m: Measured) {
@@ -135,23 +123,13 @@ impl Reducer for Emergent {
                 let recorded = (env.kind == Kind::Verdict)
                     .then(|| env.body.json.as_ref())
                     .flatten()
-                    .and_then(|j| {
-                        serde_json::from_value::<Pairwise>(j.get("similarity")?.clone()).ok()
-                    });
+                    .and_then(|j| serde_json::from_value::<Pairwise>(j.get("similarity")?.clone()).ok());
                 let peers_of = |j: &serde_json::Value| -> Option<Vec<usize>> {
-                    j.get("peers")?
-                        .as_array()?
-                        .iter()
-                        .map(|p| self.rounds.index(&PeerId::from(p.as_str()?)))
-                        .collect()
+                    j.get("peers")?.as_array()?.iter().map(|p| self.rounds.index(&PeerId::from(p.as_str()?))).collect()
                 };
                 let peers = env.body.json.as_ref().and_then(peers_of);
                 let m = match (recorded, peers) {
-                    (Some(pairwise), Some(peers)) => Measured {
-                        peers,
-                        pairwise,
-                        method: "embedding",
-                    },
+                    (Some(pairwise), Some(peers)) => Measured { peers, pairwise, method: "embedding" },
                     _ => self.lexical_now(facts),
                 };
                 self.decide(m);
@@ -195,27 +173,14 @@ impl Reducer for Emergent {
                 kind: Kind::Verdict,
                 to: crate::envelope::Recipient::All,
                 round: r,
-                parents: self
-                    .rounds
-                    .latest
-                    .iter()
-                    .flatten()
-                    .map(|a| a.id.clone())
-                    .collect(),
+                parents: self.rounds.latest.iter().flatten().map(|a| a.id.clone()).collect(),
                 action: Action::Measure { texts },
                 collective: false,
             }];
         }
         let first = self.spec.instruction.as_deref().unwrap_or(ANSWER_FIRST);
-        let update = self
-            .spec
-            .update_instruction
-            .as_deref()
-            .unwrap_or(ANSWER_UPDATE);
-        self.rounds
-            .duty(me, first, update, false)
-            .into_iter()
-            .collect()
+        let update = self.spec.update_instruction.as_deref().unwrap_or(ANSWER_UPDATE);
+        self.rounds.duty(me, first, update, false).into_iter().collect()
     }
 
     fn finished(&self, facts: &Facts<'_>) -> Option<Finish> {
@@ -223,11 +188,7 @@ impl Reducer for Emergent {
             return None;
         }
         let Some(m) = &self.measured else {
-            return Some(Finish {
-                reason: "every member is absent".into(),
-                answer: None,
-                decided_by: Vec::new(),
-            });
+            return Some(Finish { reason: "every member is absent".into(), answer: None, decided_by: Vec::new() });
         };
         let medoid = self.medoid();
         let th = self.spec.threshold;
@@ -252,12 +213,7 @@ impl Reducer for Emergent {
             }
         } else {
             let who = medoid
-                .and_then(|a| {
-                    self.rounds
-                        .latest
-                        .iter()
-                        .position(|l| l.as_ref() == Some(a))
-                })
+                .and_then(|a| self.rounds.latest.iter().position(|l| l.as_ref() == Some(a)))
                 .map(|i| self.rounds.members[i].to_string());
             Finish {
                 reason: format!(
@@ -283,9 +239,7 @@ impl Reducer for Emergent {
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {
-        let a = self
-            .medoid()
-            .or_else(|| self.rounds.latest.iter().flatten().last())?;
+        let a = self.medoid().or_else(|| self.rounds.latest.iter().flatten().last())?;
         Some((a.text.clone(), a.id.clone()))
     }
 }

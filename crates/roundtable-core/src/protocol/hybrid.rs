@@ -66,18 +66,9 @@ impl Hybrid {
     }
 
     fn present_ballots(&self, facts: &Facts<'_>) -> Outcome {
-        let ballots: Vec<_> = self
-            .rounds
-            .ballots(facts.plan)
-            .into_iter()
-            .filter(|b| !facts.is_absent(&b.peer))
-            .collect();
-        tally(
-            &ballots,
-            Rule::Approval {
-                threshold: self.spec.threshold,
-            },
-        )
+        let ballots: Vec<_> =
+            self.rounds.ballots(facts.plan).into_iter().filter(|b| !facts.is_absent(&b.peer)).collect();
+        tally(&ballots, Rule::Approval { threshold: self.spec.threshold })
     }
 
     fn advance(&mut self, facts: &Facts<'_>) {
@@ -108,9 +99,7 @@ impl Reducer for Hybrid {
     fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
         let env = &entry.env;
         match self.phase {
-            Phase::Objective
-                if env.from == self.spec.leader && env.step.as_ref() == "objective" =>
-            {
+            Phase::Objective if env.from == self.spec.leader && env.step.as_ref() == "objective" => {
                 if env.kind == Kind::Message {
                     self.rounds.preamble = vec![Shown::new(&env.from, &env.body.text)];
                 }
@@ -121,20 +110,18 @@ impl Reducer for Hybrid {
             Phase::Work => {
                 self.rounds.observe(env);
             }
-            Phase::Decide if env.from == self.spec.leader && env.step.as_ref() == "decide" => {
-                match env.kind {
-                    Kind::Message => {
-                        let a = answer_or_text(&env.body.text, env.body.json.as_ref());
-                        self.decision = Some((a.answer, env.id.clone()));
-                        self.phase = Phase::Done;
-                    }
-                    Kind::Failure => {
-                        self.decide_failed = true;
-                        self.phase = Phase::Done;
-                    }
-                    _ => {}
+            Phase::Decide if env.from == self.spec.leader && env.step.as_ref() == "decide" => match env.kind {
+                Kind::Message => {
+                    let a = answer_or_text(&env.body.text, env.body.json.as_ref());
+                    self.decision = Some((a.answer, env.id.clone()));
+                    self.phase = Phase::Done;
                 }
-            }
+                Kind::Failure => {
+                    self.decide_failed = true;
+                    self.phase = Phase::Done;
+                }
+                _ => {}
+            },
             _ => {}
         }
         self.advance(facts);
@@ -146,26 +133,12 @@ impl Reducer for Hybrid {
                 let i = self.spec.leader_instruction.clone().unwrap_or_else(|| {
                     "You lead this team. State the objective for the others in a few sentences: what a good answer must achieve. Do not answer it yourself.".into()
                 });
-                vec![Duty::speak(
-                    "objective",
-                    Kind::Message,
-                    0,
-                    Some(Arc::from(i)),
-                    false,
-                    View::Task,
-                )]
+                vec![Duty::speak("objective", Kind::Message, 0, Some(Arc::from(i)), false, View::Task)]
             }
             Phase::Work => {
                 let first = self.spec.instruction.as_deref().unwrap_or(ANSWER_FIRST);
-                let update = self
-                    .spec
-                    .update_instruction
-                    .as_deref()
-                    .unwrap_or(ANSWER_UPDATE);
-                self.rounds
-                    .duty(me, first, update, false)
-                    .into_iter()
-                    .collect()
+                let update = self.spec.update_instruction.as_deref().unwrap_or(ANSWER_UPDATE);
+                self.rounds.duty(me, first, update, false).into_iter().collect()
             }
             Phase::Decide if *me == self.spec.leader => {
                 let i = self.spec.decide_instruction.clone().unwrap_or_else(|| {
@@ -176,29 +149,12 @@ impl Reducer for Hybrid {
                     .latest
                     .iter()
                     .enumerate()
-                    .filter_map(|(i, a)| {
-                        a.as_ref()
-                            .map(|a| Shown::new(&self.rounds.members[i], &a.text))
-                    })
+                    .filter_map(|(i, a)| a.as_ref().map(|a| Shown::new(&self.rounds.members[i], &a.text)))
                     .collect();
                 let r = self.rounds.round;
                 vec![
-                    Duty::speak(
-                        "decide",
-                        Kind::Message,
-                        r,
-                        Some(Arc::from(i)),
-                        false,
-                        View::Shown(shown),
-                    )
-                    .with_parents(
-                        self.rounds
-                            .latest
-                            .iter()
-                            .flatten()
-                            .map(|a| a.id.clone())
-                            .collect(),
-                    ),
+                    Duty::speak("decide", Kind::Message, r, Some(Arc::from(i)), false, View::Shown(shown))
+                        .with_parents(self.rounds.latest.iter().flatten().map(|a| a.id.clone()).collect()),
                 ]
             }
             _ => Vec::new(),
@@ -211,11 +167,7 @@ impl Reducer for Hybrid {
         }
         let rounds = self.rounds.round;
         let leader = &self.spec.leader;
-        let counts = self
-            .outcome
-            .as_ref()
-            .map(Outcome::describe)
-            .unwrap_or_default();
+        let counts = self.outcome.as_ref().map(Outcome::describe).unwrap_or_default();
         if self.agreed {
             let o = self.outcome.as_ref()?;
             let w = o.winner()?;
@@ -231,18 +183,12 @@ impl Reducer for Hybrid {
         }
         Some(match &self.decision {
             Some((answer, id)) => Finish {
-                reason: format!(
-                    "deadlock after {rounds} rounds; the leader {leader} decided [{counts}]"
-                ),
+                reason: format!("deadlock after {rounds} rounds; the leader {leader} decided [{counts}]"),
                 answer: Some(answer.clone()),
                 decided_by: vec![id.clone()],
             },
             None => {
-                let why = if self.decide_failed {
-                    "its decision failed"
-                } else {
-                    "it is absent"
-                };
+                let why = if self.decide_failed { "its decision failed" } else { "it is absent" };
                 Finish {
                     reason: format!(
                         "deadlock after {rounds} rounds and the leader {leader} cannot decide: {why} [{counts}]"

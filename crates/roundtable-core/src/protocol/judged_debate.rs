@@ -63,18 +63,10 @@ pub fn read_verdict(env: &Envelope, final_pick: bool) -> Option<Verdict> {
     });
     let reason = j.get("reason").and_then(|r| r.as_str()).map(str::to_owned);
     if final_pick {
-        return conclusion.map(|c| Verdict {
-            consensus_reached: true,
-            conclusion: Some(c),
-            reason,
-        });
+        return conclusion.map(|c| Verdict { consensus_reached: true, conclusion: Some(c), reason });
     }
     let consensus_reached = j.get("consensus_reached")?.as_bool()?;
-    Some(Verdict {
-        consensus_reached,
-        conclusion,
-        reason,
-    })
+    Some(Verdict { consensus_reached, conclusion, reason })
 }
 
 pub struct JudgedDebate {
@@ -108,10 +100,7 @@ impl JudgedDebate {
     }
 
     fn next_debater(&self, facts: &Facts<'_>) -> Option<&PeerId> {
-        self.spec
-            .debaters
-            .iter()
-            .find(|d| !facts.is_absent(d) && !self.argued.contains_key(*d))
+        self.spec.debaters.iter().find(|d| !facts.is_absent(d) && !self.argued.contains_key(*d))
     }
 
     fn after_round(&mut self) {
@@ -155,11 +144,7 @@ impl JudgedDebate {
             .collect();
         let o = tally(&ballots, Rule::Plurality);
         let w = o.winner()?;
-        Some((
-            Arc::from(w.answer.as_str()),
-            w.first_id.iter().cloned().collect(),
-            o.describe(),
-        ))
+        Some((Arc::from(w.answer.as_str()), w.first_id.iter().cloned().collect(), o.describe()))
     }
 }
 
@@ -175,8 +160,7 @@ impl Reducer for JudgedDebate {
                     && !self.argued.contains_key(&env.from) =>
             {
                 if env.kind == Kind::Message {
-                    self.latest
-                        .insert(env.from.clone(), (env.body.text.clone(), env.id.clone()));
+                    self.latest.insert(env.from.clone(), (env.body.text.clone(), env.id.clone()));
                     self.last_argument = Some(env.id.clone());
                     self.argued.insert(env.from.clone(), Some(env.id.clone()));
                 } else if env.kind == Kind::Failure {
@@ -187,18 +171,12 @@ impl Reducer for JudgedDebate {
                 if env.kind == Kind::Verdict {
                     match read_verdict(env, false) {
                         Some(v) if v.consensus_reached && v.conclusion.is_some() => {
-                            self.decision = Some((
-                                v,
-                                env.id.clone(),
-                                format!("judge verdict in round {}", r + 1),
-                            ));
+                            self.decision = Some((v, env.id.clone(), format!("judge verdict in round {}", r + 1)));
                             self.phase = Phase::Done;
                             return;
                         }
                         Some(_) => {}
-                        None => self
-                            .malformed
-                            .push((format!("r{r}/judge/malformed"), env.id.clone())),
+                        None => self.malformed.push((format!("r{r}/judge/malformed"), env.id.clone())),
                     }
                 }
                 if matches!(env.kind, Kind::Verdict | Kind::Failure) {
@@ -213,14 +191,10 @@ impl Reducer for JudgedDebate {
                             self.decision = Some((
                                 v,
                                 env.id.clone(),
-                                format!(
-                                    "{rounds} rounds without consensus; the judge picked the best answer"
-                                ),
+                                format!("{rounds} rounds without consensus; the judge picked the best answer"),
                             ));
                         }
-                        None => self
-                            .malformed
-                            .push(("final/malformed".into(), env.id.clone())),
+                        None => self.malformed.push(("final/malformed".into(), env.id.clone())),
                     }
                 }
                 if matches!(env.kind, Kind::Verdict | Kind::Failure) {
@@ -242,7 +216,17 @@ impl Reducer for JudgedDebate {
             .malformed
             .iter()
             .map(|(step, id)| {
-                rejection(step.clone(), self.round, &self.spec.judge, "malformed_verdict", format!("the verdict of {} has no boolean consensus_reached (or no conclusion); it decides nothing", self.spec.judge), id)
+                rejection(
+                    step.clone(),
+                    self.round,
+                    &self.spec.judge,
+                    "malformed_verdict",
+                    format!(
+                        "the verdict of {} has no boolean consensus_reached (or no conclusion); it decides nothing",
+                        self.spec.judge
+                    ),
+                    id,
+                )
             })
             .collect();
         let r = self.round;
@@ -292,15 +276,8 @@ impl Reducer for JudgedDebate {
                     "The debate is over without consensus. Pick the best answer. Reply with a JSON object {\"conclusion\": \"<the best answer>\", \"reason\": \"<why>\"}.".into()
                 });
                 out.push(
-                    Duty::speak(
-                        "final",
-                        Kind::Verdict,
-                        r,
-                        Some(Arc::from(instruction)),
-                        true,
-                        View::History,
-                    )
-                    .with_parents(parents),
+                    Duty::speak("final", Kind::Verdict, r, Some(Arc::from(instruction)), true, View::History)
+                        .with_parents(parents),
                 );
             }
             _ => {}
@@ -318,11 +295,7 @@ impl Reducer for JudgedDebate {
             return None;
         }
         if let Some((v, id, why)) = &self.decision {
-            let reason = v
-                .reason
-                .as_deref()
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default();
+            let reason = v.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
             return Some(Finish {
                 reason: format!("{why}{reason}"),
                 answer: v.conclusion.clone(),
@@ -341,11 +314,7 @@ impl Reducer for JudgedDebate {
                 answer: Some(answer),
                 decided_by: ids,
             },
-            None => Finish {
-                reason: format!("{why}; no debater answered"),
-                answer: None,
-                decided_by: Vec::new(),
-            },
+            None => Finish { reason: format!("{why}; no debater answered"), answer: None, decided_by: Vec::new() },
         })
     }
 
@@ -363,9 +332,6 @@ impl Reducer for JudgedDebate {
             return v.conclusion.clone().map(|c| (c, id.clone()));
         }
         let id = self.last_argument.clone()?;
-        self.latest
-            .values()
-            .find(|(_, i)| *i == id)
-            .map(|(t, i)| (t.clone(), i.clone()))
+        self.latest.values().find(|(_, i)| *i == id).map(|(t, i)| (t.clone(), i.clone()))
     }
 }

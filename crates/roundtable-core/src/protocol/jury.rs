@@ -108,10 +108,8 @@ impl Jury {
     }
 
     fn reject(&mut self, env: &Envelope, error: &'static str, text: String) {
-        self.reveals
-            .insert(env.from.clone(), Revealed::Rejected(error));
-        self.pending
-            .push((self.round, env.from.clone(), error, text, env.id.clone()));
+        self.reveals.insert(env.from.clone(), Revealed::Rejected(error));
+        self.pending.push((self.round, env.from.clone(), error, text, env.id.clone()));
     }
 
     fn on_reveal(&mut self, env: &Envelope, facts: &Facts<'_>) {
@@ -121,26 +119,11 @@ impl Jury {
             return self.reject(env, "early_reveal", t);
         }
         let Some(Committed::Sealed(commit)) = self.commits.get(who) else {
-            return self.reject(
-                env,
-                "no_commitment",
-                format!("{who} revealed without a commitment; rejected"),
-            );
+            return self.reject(env, "no_commitment", format!("{who} revealed without a commitment; rejected"));
         };
-        let commitment = commit
-            .body
-            .json
-            .as_ref()
-            .and_then(|j| j.get("commitment"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        let salt = env
-            .body
-            .json
-            .as_ref()
-            .and_then(|j| j.get("salt"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
+        let commitment =
+            commit.body.json.as_ref().and_then(|j| j.get("commitment")).and_then(|v| v.as_str()).unwrap_or("");
+        let salt = env.body.json.as_ref().and_then(|j| j.get("salt")).and_then(|v| v.as_str()).unwrap_or("");
         if !seal::verify(commitment, salt, &env.body.text) {
             let t = format!("the reveal of {who} does not match its commitment; rejected");
             return self.reject(env, "reveal_mismatch", t);
@@ -158,23 +141,13 @@ impl Jury {
                 };
                 self.reveals.insert(who.clone(), Revealed::Valid(b));
             }
-            None => self.reject(
-                env,
-                "malformed_vote",
-                format!("the vote of {who} states no answer; rejected"),
-            ),
+            None => self.reject(env, "malformed_vote", format!("the vote of {who} states no answer; rejected")),
         }
     }
 
     fn advance(&mut self, facts: &Facts<'_>) {
         let present = |p: &&PeerId| !facts.is_absent(p);
-        if self.phase == Phase::Commit
-            && self
-                .spec
-                .jurors
-                .iter()
-                .filter(present)
-                .all(|j| self.commits.contains_key(j))
+        if self.phase == Phase::Commit && self.spec.jurors.iter().filter(present).all(|j| self.commits.contains_key(j))
         {
             if self.spec.jurors.iter().all(|j| facts.is_absent(j)) {
                 return;
@@ -182,30 +155,21 @@ impl Jury {
             self.phase = Phase::Reveal;
         }
         if self.phase == Phase::Reveal {
-            let waiting = self.spec.jurors.iter().filter(present).any(|j| {
-                matches!(self.commits.get(j), Some(Committed::Sealed(_)))
-                    && !self.reveals.contains_key(j)
-            });
+            let waiting =
+                self.spec.jurors.iter().filter(present).any(|j| {
+                    matches!(self.commits.get(j), Some(Committed::Sealed(_))) && !self.reveals.contains_key(j)
+                });
             if waiting {
                 return;
             }
             let ballots: Vec<Ballot> = self
                 .reveals
                 .values()
-                .filter_map(|r| {
-                    if let Revealed::Valid(b) = r {
-                        Some(b.clone())
-                    } else {
-                        None
-                    }
-                })
+                .filter_map(|r| if let Revealed::Valid(b) = r { Some(b.clone()) } else { None })
                 .collect();
             let outcome = tally(&ballots, self.spec.rule);
             self.decided = outcome.decided;
-            self.previous = ballots
-                .iter()
-                .map(|b| (b.peer.clone(), b.text.clone()))
-                .collect();
+            self.previous = ballots.iter().map(|b| (b.peer.clone(), b.text.clone())).collect();
             self.outcome = Some(outcome);
             if self.decided || self.round + 1 >= self.spec.rounds {
                 self.phase = Phase::Done;
@@ -225,14 +189,10 @@ impl Reducer for Jury {
         let r = self.round;
         let step = env.step.as_ref();
         if self.phase != Phase::Done && self.spec.jurors.contains(&env.from) {
-            if step == Self::commit_step(r)
-                && self.phase == Phase::Commit
-                && !self.commits.contains_key(&env.from)
-            {
+            if step == Self::commit_step(r) && self.phase == Phase::Commit && !self.commits.contains_key(&env.from) {
                 match env.kind {
                     Kind::Commit => {
-                        self.commits
-                            .insert(env.from.clone(), Committed::Sealed(env.clone()));
+                        self.commits.insert(env.from.clone(), Committed::Sealed(env.clone()));
                     }
                     Kind::Failure => {
                         self.commits.insert(env.from.clone(), Committed::Failed);
@@ -250,8 +210,7 @@ impl Reducer for Jury {
             }
         }
         if env.kind == Kind::Failure {
-            self.pending
-                .retain(|(rr, p, ..)| step != Self::reject_step(*rr, p));
+            self.pending.retain(|(rr, p, ..)| step != Self::reject_step(*rr, p));
         }
         self.advance(facts);
     }
@@ -275,12 +234,7 @@ impl Reducer for Jury {
                 let view = if r == 0 {
                     View::Task
                 } else {
-                    View::Shown(
-                        self.previous
-                            .iter()
-                            .map(|(p, t)| Shown::new(p, t))
-                            .collect(),
-                    )
+                    View::Shown(self.previous.iter().map(|(p, t)| Shown::new(p, t)).collect())
                 };
                 out.push(Duty {
                     step: Arc::from(Self::commit_step(r)),
@@ -288,11 +242,7 @@ impl Reducer for Jury {
                     to: crate::envelope::Recipient::All,
                     round: r,
                     parents: Vec::new(),
-                    action: Action::Commit {
-                        instruction: Some(Arc::from(instruction)),
-                        json,
-                        view,
-                    },
+                    action: Action::Commit { instruction: Some(Arc::from(instruction)), json, view },
                     collective: false,
                 });
             }
@@ -313,14 +263,7 @@ impl Reducer for Jury {
         }
         let _ = facts;
         for (rr, p, error, text, id) in &self.pending {
-            out.push(rejection(
-                Self::reject_step(*rr, p),
-                *rr,
-                p,
-                error,
-                text.clone(),
-                id,
-            ));
+            out.push(rejection(Self::reject_step(*rr, p), *rr, p, error, text.clone(), id));
         }
         out
     }
@@ -335,27 +278,13 @@ impl Reducer for Jury {
         let rejected: Vec<String> = self
             .reveals
             .iter()
-            .filter_map(|(p, r)| {
-                if let Revealed::Rejected(why) = r {
-                    Some(format!("{p}: {why}"))
-                } else {
-                    None
-                }
-            })
+            .filter_map(|(p, r)| if let Revealed::Rejected(why) = r { Some(format!("{p}: {why}")) } else { None })
             .collect();
-        let rejected = if rejected.is_empty() {
-            String::new()
-        } else {
-            format!(", rejected {}", rejected.join(", "))
-        };
+        let rejected = if rejected.is_empty() { String::new() } else { format!(", rejected {}", rejected.join(", ")) };
         let valid: usize = o.ranking.iter().map(|s| s.supporters.len()).sum();
         Some(match o.winner() {
             Some(w) => {
-                let tie = if o.tie_broken {
-                    ", tie broken by team order"
-                } else {
-                    ""
-                };
+                let tie = if o.tie_broken { ", tie broken by team order" } else { "" };
                 Finish {
                     reason: format!(
                         "jury verdict ({rule}) in round {rounds}: {} with {:.0}% of {valid} valid votes{rejected}{tie} [{}]",
@@ -368,9 +297,7 @@ impl Reducer for Jury {
                         .reveals
                         .values()
                         .filter_map(|r| match r {
-                            Revealed::Valid(b) if super::answers::normalize(&b.answer) == w.key => {
-                                Some(b.id.clone())
-                            }
+                            Revealed::Valid(b) if super::answers::normalize(&b.answer) == w.key => Some(b.id.clone()),
                             _ => None,
                         })
                         .collect(),
@@ -406,13 +333,7 @@ impl Reducer for Jury {
         let ballots: Vec<Ballot> = self
             .reveals
             .values()
-            .filter_map(|r| {
-                if let Revealed::Valid(b) = r {
-                    Some(b.clone())
-                } else {
-                    None
-                }
-            })
+            .filter_map(|r| if let Revealed::Valid(b) = r { Some(b.clone()) } else { None })
             .collect();
         let o = tally(&ballots, self.spec.rule);
         let l = o.leader()?;

@@ -77,8 +77,7 @@ impl Facts<'_> {
     }
     /// The task's text (the topic or question).
     pub fn topic(&self) -> Arc<str> {
-        self.task
-            .map_or_else(|| Arc::from(""), |t| t.body.text.clone())
+        self.task.map_or_else(|| Arc::from(""), |t| t.body.text.clone())
     }
 }
 
@@ -121,10 +120,7 @@ pub struct Shown {
 
 impl Shown {
     pub fn new(from: &PeerId, text: &Arc<str>) -> Self {
-        Shown {
-            from: from.clone(),
-            text: text.clone(),
-        }
+        Shown { from: from.clone(), text: text.clone() }
     }
 }
 
@@ -159,11 +155,7 @@ pub enum Action {
     Post { body: Body },
     /// Call the model and commit to its answer without showing it: the envelope holds
     /// a hash commitment and the answer sealed with the peer's secret (see [`seal`]).
-    Commit {
-        instruction: Option<Arc<str>>,
-        json: bool,
-        view: View,
-    },
+    Commit { instruction: Option<Arc<str>>, json: bool, view: View },
     /// Open this peer's own commitment (the commit envelope given): post the answer and
     /// the salt, which every peer checks against the commitment.
     Reveal { commit: Arc<Envelope> },
@@ -173,11 +165,7 @@ pub enum Action {
     /// Call the model, then write its answer to `key` on the shared blackboard with
     /// compare-and-set against the write the log knows last (`after`), and record the
     /// write — or the lost race — on the log.
-    BoardWrite {
-        instruction: Option<Arc<str>>,
-        key: Arc<str>,
-        after: Option<BoardMark>,
-    },
+    BoardWrite { instruction: Option<Arc<str>>, key: Arc<str>, after: Option<BoardMark> },
     /// Push these items to the shared work queue (idempotent), claim one, and record
     /// the claim. Nothing is recorded when no item is handed out.
     Claim { items: Vec<QueueItem> },
@@ -208,11 +196,7 @@ impl Duty {
             to: Recipient::All,
             round,
             parents: Vec::new(),
-            action: Action::Speak {
-                instruction,
-                json,
-                view,
-            },
+            action: Action::Speak { instruction, json, view },
             collective: false,
         }
     }
@@ -248,21 +232,13 @@ impl Duty {
 
 /// A rejection any peer may record for audit (a malformed vote, a reveal that does
 /// not match its commitment): a collective failure envelope, so it lands once.
-pub fn rejection(
-    step: String,
-    round: u32,
-    peer: &PeerId,
-    error: &str,
-    text: String,
-    of: &EnvelopeId,
-) -> Duty {
+pub fn rejection(step: String, round: u32, peer: &PeerId, error: &str, text: String, of: &EnvelopeId) -> Duty {
     Duty::post(
         step,
         Kind::Failure,
         round,
-        Body::text(text).with_json(
-            serde_json::json!({ "error": error, "peer": peer.as_str(), "envelope": of.as_str() }),
-        ),
+        Body::text(text)
+            .with_json(serde_json::json!({ "error": error, "peer": peer.as_str(), "envelope": of.as_str() })),
     )
     .with_parents(vec![of.clone()])
     .collective()
@@ -297,19 +273,13 @@ pub fn reducer_for(plan: &TeamPlan) -> Box<dyn Reducer> {
     match &plan.protocol {
         ProtocolSpec::RoundRobin(spec) => Box::new(round_robin::RoundRobin::new(spec.clone())),
         ProtocolSpec::Debate(spec) => Box::new(debate::Debate::new(spec.clone())),
-        ProtocolSpec::ProposerCritic(spec) => {
-            Box::new(proposer_critic::ProposerCritic::new(spec.clone()))
-        }
-        ProtocolSpec::JudgedDebate(spec) => {
-            Box::new(judged_debate::JudgedDebate::new(spec.clone()))
-        }
+        ProtocolSpec::ProposerCritic(spec) => Box::new(proposer_critic::ProposerCritic::new(spec.clone())),
+        ProtocolSpec::JudgedDebate(spec) => Box::new(judged_debate::JudgedDebate::new(spec.clone())),
         ProtocolSpec::Jury(spec) => Box::new(jury::Jury::new(spec.clone())),
         ProtocolSpec::Consensus(spec) => Box::new(consensus::Consensus::new(spec.clone())),
         ProtocolSpec::Emergent(spec) => Box::new(emergent::Emergent::new(spec.clone())),
         ProtocolSpec::Adversarial(spec) => Box::new(adversarial::Adversarial::new(spec.clone())),
-        ProtocolSpec::Blackboard(spec) => {
-            Box::new(blackboard::BlackboardProtocol::new(spec.clone()))
-        }
+        ProtocolSpec::Blackboard(spec) => Box::new(blackboard::BlackboardProtocol::new(spec.clone())),
         ProtocolSpec::WorkQueue(spec) => Box::new(work_queue::WorkQueueProtocol::new(spec.clone())),
         ProtocolSpec::ContractNet(spec) => Box::new(contract_net::ContractNet::new(spec.clone())),
         ProtocolSpec::Hybrid(spec) => Box::new(hybrid::Hybrid::new(spec.clone())),

@@ -60,11 +60,7 @@ pub fn is_satisfied(env: &Envelope, phrase: &str) -> bool {
         Some(serde_json::Value::String(s)) => {
             matches!(s.trim().to_ascii_lowercase().as_str(), "true" | "yes")
         }
-        _ => env
-            .body
-            .text
-            .to_lowercase()
-            .contains(&phrase.to_lowercase()),
+        _ => env.body.text.to_lowercase().contains(&phrase.to_lowercase()),
     }
 }
 
@@ -97,12 +93,7 @@ impl ProposerCritic {
         if self.phase != Phase::Critique {
             return;
         }
-        let present: Vec<&PeerId> = self
-            .spec
-            .critics
-            .iter()
-            .filter(|c| !facts.is_absent(c))
-            .collect();
+        let present: Vec<&PeerId> = self.spec.critics.iter().filter(|c| !facts.is_absent(c)).collect();
         if present.is_empty() {
             self.phase = Phase::Final;
             self.why_final = format!("no critic is present after round {}", self.round + 1);
@@ -128,10 +119,7 @@ impl Reducer for ProposerCritic {
         let env = &entry.env;
         let step = env.step.as_ref();
         let r = self.round;
-        if self.phase == Phase::Propose
-            && env.from == self.spec.proposer
-            && step == format!("r{r}/propose")
-        {
+        if self.phase == Phase::Propose && env.from == self.spec.proposer && step == format!("r{r}/propose") {
             if env.kind == Kind::Proposal {
                 self.latest = Some((env.body.text.clone(), env.id.clone()));
                 self.phase = Phase::Critique;
@@ -146,10 +134,7 @@ impl Reducer for ProposerCritic {
         {
             match env.kind {
                 Kind::Verdict => {
-                    self.verdicts.insert(
-                        env.from.clone(),
-                        Some(is_satisfied(env, &self.spec.satisfied_phrase)),
-                    );
+                    self.verdicts.insert(env.from.clone(), Some(is_satisfied(env, &self.spec.satisfied_phrase)));
                 }
                 Kind::Failure => {
                     self.verdicts.insert(env.from.clone(), None);
@@ -175,11 +160,7 @@ impl Reducer for ProposerCritic {
                 } else {
                     "Revise your proposal in light of the critique, or defend it where the critique is wrong. End with a line 'Answer: <your proposal in one line>'."
                 };
-                let instruction = self
-                    .spec
-                    .instruction
-                    .clone()
-                    .unwrap_or_else(|| default.into());
+                let instruction = self.spec.instruction.clone().unwrap_or_else(|| default.into());
                 vec![
                     Duty::speak(
                         format!("r{r}/propose"),
@@ -192,9 +173,7 @@ impl Reducer for ProposerCritic {
                     .with_parents(parents),
                 ]
             }
-            Phase::Critique
-                if self.spec.critics.contains(me) && !self.verdicts.contains_key(me) =>
-            {
+            Phase::Critique if self.spec.critics.contains(me) && !self.verdicts.contains_key(me) => {
                 let phrase = &self.spec.satisfied_phrase;
                 let instruction = self.spec.critic_instruction.clone().unwrap_or_else(|| {
                     format!(
@@ -219,15 +198,8 @@ impl Reducer for ProposerCritic {
                     "The review is over. Write the final answer, taking the critique into account. End with a line 'Answer: <the answer in one line>'.".into()
                 });
                 vec![
-                    Duty::speak(
-                        "final",
-                        Kind::Message,
-                        r,
-                        Some(Arc::from(instruction)),
-                        false,
-                        View::History,
-                    )
-                    .with_parents(parents),
+                    Duty::speak("final", Kind::Message, r, Some(Arc::from(instruction)), false, View::History)
+                        .with_parents(parents),
                 ]
             }
             _ => Vec::new(),
@@ -235,19 +207,11 @@ impl Reducer for ProposerCritic {
     }
 
     fn finished(&self, facts: &Facts<'_>) -> Option<Finish> {
-        let latest = || {
-            (
-                self.latest.as_ref().map(|l| l.0.clone()),
-                self.latest.iter().map(|l| l.1.clone()).collect(),
-            )
-        };
+        let latest = || (self.latest.as_ref().map(|l| l.0.clone()), self.latest.iter().map(|l| l.1.clone()).collect());
         if facts.is_absent(&self.spec.proposer) && self.phase != Phase::Done {
             let (answer, decided_by) = latest();
             return Some(Finish {
-                reason: format!(
-                    "the proposer {} is absent; its latest proposal stands",
-                    self.spec.proposer
-                ),
+                reason: format!("the proposer {} is absent; its latest proposal stands", self.spec.proposer),
                 answer,
                 decided_by,
             });
@@ -264,10 +228,7 @@ impl Reducer for ProposerCritic {
             None => {
                 let (answer, decided_by) = latest();
                 Finish {
-                    reason: format!(
-                        "{}; the final answer failed, the latest proposal stands",
-                        self.why_final
-                    ),
+                    reason: format!("{}; the final answer failed, the latest proposal stands", self.why_final),
                     answer,
                     decided_by,
                 }
@@ -276,12 +237,7 @@ impl Reducer for ProposerCritic {
     }
 
     fn signals(&self) -> Signals {
-        Signals {
-            round: self.round,
-            verdict: self.satisfied,
-            consensus: self.satisfied,
-            ..Default::default()
-        }
+        Signals { round: self.round, verdict: self.satisfied, consensus: self.satisfied, ..Default::default() }
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {

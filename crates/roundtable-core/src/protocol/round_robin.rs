@@ -37,13 +37,7 @@ const FINAL_STEP: &str = "final";
 
 impl RoundRobin {
     pub fn new(spec: RoundRobinSpec) -> Self {
-        RoundRobin {
-            spec,
-            turn: 0,
-            last: None,
-            final_answer: None,
-            final_skipped: false,
-        }
+        RoundRobin { spec, turn: 0, last: None, final_answer: None, final_skipped: false }
     }
 
     fn n(&self) -> u64 {
@@ -81,9 +75,7 @@ impl Reducer for RoundRobin {
                 self.last = Some((env.body.text.clone(), env.id.clone()));
             }
             self.turn += 1;
-        } else if env.step.as_ref() == FINAL_STEP
-            && Some(&env.from) == self.spec.summarizer.as_ref()
-        {
+        } else if env.step.as_ref() == FINAL_STEP && Some(&env.from) == self.spec.summarizer.as_ref() {
             if env.kind == Kind::Message {
                 self.final_answer = Some((env.body.text.clone(), env.id.clone()));
             } else {
@@ -112,21 +104,12 @@ impl Reducer for RoundRobin {
                 to: Recipient::All,
                 round,
                 parents: self.last.iter().map(|(_, id)| id.clone()).collect(),
-                action: Action::Speak {
-                    instruction,
-                    json: false,
-                    view: View::History,
-                },
+                action: Action::Speak { instruction, json: false, view: View::History },
                 collective: false,
             }];
         }
         match &self.spec.summarizer {
-            Some(s)
-                if s == me
-                    && self.final_answer.is_none()
-                    && !self.final_skipped
-                    && !facts.absent.contains(me) =>
-            {
+            Some(s) if s == me && self.final_answer.is_none() && !self.final_skipped && !facts.absent.contains(me) => {
                 let instruction = self.spec.summary_instruction.clone().unwrap_or_else(|| {
                     "The discussion is over. Summarize the trade-offs raised and give the team's recommendation.".into()
                 });
@@ -174,10 +157,7 @@ impl Reducer for RoundRobin {
     }
 
     fn signals(&self) -> Signals {
-        Signals {
-            round: (self.turn / self.n().max(1)) as u32,
-            ..Default::default()
-        }
+        Signals { round: (self.turn / self.n().max(1)) as u32, ..Default::default() }
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {

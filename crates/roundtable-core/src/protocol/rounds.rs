@@ -101,8 +101,7 @@ impl Rounds {
                     round: self.round,
                     text: env.body.text.clone(),
                     stated: stated.is_some(),
-                    answer: stated
-                        .unwrap_or_else(|| answer_or_text(&env.body.text, env.body.json.as_ref())),
+                    answer: stated.unwrap_or_else(|| answer_or_text(&env.body.text, env.body.json.as_ref())),
                 };
                 self.latest[i] = Some(a.clone());
                 self.current[i] = Some(Record::Answer(a));
@@ -159,11 +158,7 @@ impl Rounds {
             return None;
         }
         let (instruction, view) = if self.round == 0 {
-            let view = if self.preamble.is_empty() {
-                View::Task
-            } else {
-                View::Shown(self.preamble.clone())
-            };
+            let view = if self.preamble.is_empty() { View::Task } else { View::Shown(self.preamble.clone()) };
             (first.to_string(), view)
         } else {
             let mut shown = self.preamble.clone();
@@ -179,22 +174,10 @@ impl Rounds {
             }
             (update.to_string(), View::Shown(shown))
         };
-        let parents = self
-            .snapshot
-            .iter()
-            .flatten()
-            .map(|a| a.id.clone())
-            .collect();
+        let parents = self.snapshot.iter().flatten().map(|a| a.id.clone()).collect();
         Some(
-            Duty::speak(
-                Self::step(self.round),
-                Kind::Message,
-                self.round,
-                Some(Arc::from(instruction)),
-                json,
-                view,
-            )
-            .with_parents(parents),
+            Duty::speak(Self::step(self.round), Kind::Message, self.round, Some(Arc::from(instruction)), json, view)
+                .with_parents(parents),
         )
     }
 
@@ -237,13 +220,11 @@ impl Rounds {
 
 /// A peer's place in the team file (ties are broken by it).
 pub fn team_order(plan: &TeamPlan, p: &PeerId) -> usize {
-    plan.peers
-        .iter()
-        .position(|s| &s.id == p)
-        .unwrap_or(usize::MAX)
+    plan.peers.iter().position(|s| &s.id == p).unwrap_or(usize::MAX)
 }
 
 /// Instructions for answering with a stated answer.
-pub const ANSWER_FIRST: &str = "Answer the question. Explain your reasoning briefly, then end with a line of the form 'Answer: <your answer>'.";
+pub const ANSWER_FIRST: &str =
+    "Answer the question. Explain your reasoning briefly, then end with a line of the form 'Answer: <your answer>'.";
 pub const ANSWER_UPDATE: &str = "Above are your previous answer and the other agents' latest answers. Using their reasoning as additional advice, give an updated answer. End with a line of the form 'Answer: <your answer>'.";
 pub const ANSWER_JSON: &str = "Reply with a JSON object: {\"answer\": \"<your answer>\", \"confidence\": <0 to 1>, \"reason\": \"<one sentence>\"}.";

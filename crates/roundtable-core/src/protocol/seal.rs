@@ -39,13 +39,7 @@ fn h(parts: &[&[u8]]) -> [u8; 32] {
 
 /// The salt of `peer`'s commitment at `step`.
 pub fn salt(secret: &[u8], session: &SessionId, peer: &PeerId, step: &str) -> [u8; 32] {
-    h(&[
-        b"salt",
-        secret,
-        session.as_str().as_bytes(),
-        peer.as_str().as_bytes(),
-        step.as_bytes(),
-    ])
+    h(&[b"salt", secret, session.as_str().as_bytes(), peer.as_str().as_bytes(), step.as_bytes()])
 }
 
 /// The commitment to `answer` with `salt`, as hex.
@@ -53,13 +47,7 @@ pub fn commitment(salt: &[u8], answer: &str) -> String {
     hex::encode(h(&[b"roundtable-commit-v1", salt, answer.as_bytes()]))
 }
 
-fn keystream_xor(
-    secret: &[u8],
-    session: &SessionId,
-    peer: &PeerId,
-    step: &str,
-    data: &[u8],
-) -> Vec<u8> {
+fn keystream_xor(secret: &[u8], session: &SessionId, peer: &PeerId, step: &str, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
     for (i, chunk) in data.chunks(32).enumerate() {
         let block = h(&[
@@ -77,25 +65,13 @@ fn keystream_xor(
 
 /// The answer sealed for the log, as hex.
 pub fn seal(secret: &[u8], session: &SessionId, peer: &PeerId, step: &str, answer: &str) -> String {
-    hex::encode(keystream_xor(
-        secret,
-        session,
-        peer,
-        step,
-        answer.as_bytes(),
-    ))
+    hex::encode(keystream_xor(secret, session, peer, step, answer.as_bytes()))
 }
 
 /// Open a seal; `None` when it is not hex or not UTF-8 after opening (a wrong secret
 /// usually gives bytes that are not UTF-8; when it does not, the commitment check
 /// catches it).
-pub fn open(
-    secret: &[u8],
-    session: &SessionId,
-    peer: &PeerId,
-    step: &str,
-    sealed: &str,
-) -> Option<String> {
+pub fn open(secret: &[u8], session: &SessionId, peer: &PeerId, step: &str, sealed: &str) -> Option<String> {
     let bytes = hex::decode(sealed).ok()?;
     String::from_utf8(keystream_xor(secret, session, peer, step, &bytes)).ok()
 }
@@ -118,31 +94,16 @@ mod tests {
         let secret = b"secret-one";
         let answer = "Answer: 42 — because 6*7.";
         let sealed = seal(secret, &s, &p, "jury/r0/commit", answer);
-        assert!(
-            !sealed.contains(&hex::encode("42")),
-            "the answer is not readable on the log"
-        );
-        assert_eq!(
-            open(secret, &s, &p, "jury/r0/commit", &sealed).as_deref(),
-            Some(answer)
-        );
-        assert_ne!(
-            open(b"other", &s, &p, "jury/r0/commit", &sealed).as_deref(),
-            Some(answer)
-        );
-        assert_ne!(
-            open(secret, &s, &p, "jury/r1/commit", &sealed).as_deref(),
-            Some(answer)
-        );
+        assert!(!sealed.contains(&hex::encode("42")), "the answer is not readable on the log");
+        assert_eq!(open(secret, &s, &p, "jury/r0/commit", &sealed).as_deref(), Some(answer));
+        assert_ne!(open(b"other", &s, &p, "jury/r0/commit", &sealed).as_deref(), Some(answer));
+        assert_ne!(open(secret, &s, &p, "jury/r1/commit", &sealed).as_deref(), Some(answer));
 
         let salt = salt(secret, &s, &p, "jury/r0/commit");
         let c = commitment(&salt, answer);
         assert!(verify(&c, &hex::encode(salt), answer));
         assert!(!verify(&c, &hex::encode(salt), "Answer: 43 — because 6*7."));
-        assert!(
-            !verify(&c, &hex::encode([0u8; 32]), answer),
-            "the salt is part of the commitment"
-        );
+        assert!(!verify(&c, &hex::encode([0u8; 32]), answer), "the salt is part of the commitment");
         assert!(!verify(&c, "not hex", answer));
         // Deterministic: a restarted juror re-derives the same salt.
         assert_eq!(super::salt(secret, &s, &p, "jury/r0/commit"), salt);

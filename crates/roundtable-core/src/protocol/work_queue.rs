@@ -62,10 +62,7 @@ impl Status {
         matches!(self, Status::Done { .. })
     }
     fn resolved(&self) -> bool {
-        matches!(
-            self,
-            Status::Done { .. } | Status::Failed { .. } | Status::Skipped { .. }
-        )
+        matches!(self, Status::Done { .. } | Status::Failed { .. } | Status::Skipped { .. })
     }
 }
 
@@ -79,22 +76,13 @@ pub struct WorkQueueProtocol {
 
 /// Task indices in queue order: dependencies first, then priority, then file order.
 pub fn queue_order(tasks: &[TaskSpec]) -> Vec<usize> {
-    let idx: BTreeMap<&str, usize> = tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.id.as_str(), i))
-        .collect();
+    let idx: BTreeMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
     let mut placed = vec![false; tasks.len()];
     let mut out = Vec::new();
     while out.len() < tasks.len() {
         let next = (0..tasks.len())
             .filter(|&i| !placed[i])
-            .filter(|&i| {
-                tasks[i]
-                    .depends_on
-                    .iter()
-                    .all(|d| idx.get(d.as_str()).is_none_or(|&j| placed[j]))
-            })
+            .filter(|&i| tasks[i].depends_on.iter().all(|d| idx.get(d.as_str()).is_none_or(|&j| placed[j])))
             .min_by_key(|&i| (tasks[i].priority, i));
         // A cycle (rejected by validation) would stop here; place the rest in file order.
         let Some(i) = next.or_else(|| (0..tasks.len()).find(|&i| !placed[i])) else {
@@ -110,12 +98,7 @@ impl WorkQueueProtocol {
     pub fn new(spec: WorkQueueSpec) -> Self {
         let order = queue_order(&spec.tasks);
         let status = vec![Status::Open { releases: 0 }; spec.tasks.len()];
-        WorkQueueProtocol {
-            spec,
-            order,
-            status,
-            notices: BTreeSet::new(),
-        }
+        WorkQueueProtocol { spec, order, status, notices: BTreeSet::new() }
     }
 
     fn index(&self, id: &str) -> Option<usize> {
@@ -131,21 +114,13 @@ impl WorkQueueProtocol {
     }
 
     fn deps(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
-        self.spec.tasks[i]
-            .depends_on
-            .iter()
-            .filter_map(|d| self.index(d))
+        self.spec.tasks[i].depends_on.iter().filter_map(|d| self.index(d))
     }
 
     /// Whether every dependency is resolved, and whether one of them did not succeed.
     fn readiness(&self, i: usize) -> (bool, bool) {
         let ready = self.deps(i).all(|d| self.status[d].resolved());
-        let degraded = self.deps(i).any(|d| {
-            matches!(
-                self.status[d],
-                Status::Failed { .. } | Status::Skipped { .. }
-            )
-        });
+        let degraded = self.deps(i).any(|d| matches!(self.status[d], Status::Failed { .. } | Status::Skipped { .. }));
         (ready, degraded)
     }
 
@@ -158,9 +133,7 @@ impl WorkQueueProtocol {
             if let Status::Held { by, releases } = s
                 && facts.is_absent(by)
             {
-                *s = Status::Open {
-                    releases: *releases + 1,
-                };
+                *s = Status::Open { releases: *releases + 1 };
             }
         }
     }
@@ -183,25 +156,16 @@ impl WorkQueueProtocol {
             }
         }
         if degraded {
-            text.push_str("\nA task this one depends on did not complete: do what you can without it, and say what is missing.\n");
+            text.push_str(
+                "\nA task this one depends on did not complete: do what you can without it, and say what is missing.\n",
+            );
         }
-        let ask = self
-            .spec
-            .instruction
-            .clone()
-            .unwrap_or_else(|| "Do the task and reply with its result.".into());
+        let ask = self.spec.instruction.clone().unwrap_or_else(|| "Do the task and reply with its result.".into());
         text.push('\n');
         text.push_str(&ask);
-        Duty::speak(
-            self.result_step(i),
-            Kind::Work,
-            self.resolved_count(),
-            Some(Arc::from(text)),
-            false,
-            View::Task,
-        )
-        .with_parents(parents)
-        .collective()
+        Duty::speak(self.result_step(i), Kind::Work, self.resolved_count(), Some(Arc::from(text)), false, View::Task)
+            .with_parents(parents)
+            .collective()
     }
 
     fn resolved_count(&self) -> u32 {
@@ -215,57 +179,31 @@ impl Reducer for WorkQueueProtocol {
         let json = env.body.json.as_ref();
         let op = json.and_then(|j| j.get("op")).and_then(|v| v.as_str());
         if env.kind == Kind::Work && op == Some("claim") && self.spec.members.contains(&env.from) {
-            let item = json
-                .and_then(|j| j.get("item"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
-            let task = json
-                .and_then(|j| j.get("task"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
+            let item = json.and_then(|j| j.get("item")).and_then(|v| v.as_str()).unwrap_or("");
+            let task = json.and_then(|j| j.get("task")).and_then(|v| v.as_str()).unwrap_or("");
             if let Some(i) = self.index(task)
                 && self.item(i).as_deref() == Some(item)
                 && env.step.as_ref() == format!("claim/{item}")
                 && let Status::Open { releases } = self.status[i]
             {
-                self.status[i] = Status::Held {
-                    by: env.from.clone(),
-                    releases,
-                };
+                self.status[i] = Status::Held { by: env.from.clone(), releases };
             }
-        } else if let Some(task) = env
-            .step
-            .strip_prefix("work/")
-            .and_then(|s| s.strip_suffix("/result"))
-        {
+        } else if let Some(task) = env.step.strip_prefix("work/").and_then(|s| s.strip_suffix("/result")) {
             if let Some(i) = self.index(task)
                 && !self.status[i].resolved()
             {
                 self.status[i] = match (env.kind, op) {
-                    (Kind::Work, Some("skipped")) => Status::Skipped {
-                        why: env.body.text.clone(),
-                        by: env.from.clone(),
-                    },
-                    (Kind::Work, _) => Status::Done {
-                        text: env.body.text.clone(),
-                        id: env.id.clone(),
-                    },
-                    (Kind::Failure, _) => Status::Failed {
-                        why: env.body.text.clone(),
-                        by: env.from.clone(),
-                    },
+                    (Kind::Work, Some("skipped")) => {
+                        Status::Skipped { why: env.body.text.clone(), by: env.from.clone() }
+                    }
+                    (Kind::Work, _) => Status::Done { text: env.body.text.clone(), id: env.id.clone() },
+                    (Kind::Failure, _) => Status::Failed { why: env.body.text.clone(), by: env.from.clone() },
                     _ => self.status[i].clone(),
                 };
             }
         } else if env.kind == Kind::Work && op == Some("dependency_failed") {
-            let f = json
-                .and_then(|j| j.get("failed"))
-                .and_then(|v| v.as_str())
-                .and_then(|t| self.index(t));
-            let d = json
-                .and_then(|j| j.get("dependent"))
-                .and_then(|v| v.as_str())
-                .and_then(|t| self.index(t));
+            let f = json.and_then(|j| j.get("failed")).and_then(|v| v.as_str()).and_then(|t| self.index(t));
+            let d = json.and_then(|j| j.get("dependent")).and_then(|v| v.as_str()).and_then(|t| self.index(t));
             if let (Some(f), Some(d)) = (f, d) {
                 self.notices.insert((f, d));
             }
@@ -290,29 +228,16 @@ impl Reducer for WorkQueueProtocol {
                 let Status::Held { by: holder, .. } = dst else {
                     continue;
                 };
-                if !self.spec.tasks[d]
-                    .depends_on
-                    .contains(&self.spec.tasks[f].id)
-                    || self.notices.contains(&(f, d))
-                {
+                if !self.spec.tasks[d].depends_on.contains(&self.spec.tasks[f].id) || self.notices.contains(&(f, d)) {
                     continue;
                 }
                 let (ft, dt) = (&self.spec.tasks[f].id, &self.spec.tasks[d].id);
-                let body = Body::text(format!(
-                    "Task {ft} did not complete ({why}); your task {dt} depends on it."
-                ))
-                .with_json(
-                    serde_json::json!({ "op": "dependency_failed", "failed": ft, "dependent": dt }),
-                );
+                let body = Body::text(format!("Task {ft} did not complete ({why}); your task {dt} depends on it."))
+                    .with_json(serde_json::json!({ "op": "dependency_failed", "failed": ft, "dependent": dt }));
                 out.push(
-                    Duty::post(
-                        format!("work/{ft}/notice/{dt}"),
-                        Kind::Work,
-                        self.resolved_count(),
-                        body,
-                    )
-                    .to(Recipient::Peer(holder.clone()))
-                    .collective(),
+                    Duty::post(format!("work/{ft}/notice/{dt}"), Kind::Work, self.resolved_count(), body)
+                        .to(Recipient::Peer(holder.clone()))
+                        .collective(),
                 );
             }
         }
@@ -328,9 +253,7 @@ impl Reducer for WorkQueueProtocol {
             let (ready, bad) = self.readiness(i);
             // A holder re-prioritizes on the notice: it acts on a task whose dependency
             // did not complete once the notice is on the log.
-            let noticed = self
-                .deps(i)
-                .all(|d| self.status[d].done() || self.notices.contains(&(d, i)));
+            let noticed = self.deps(i).all(|d| self.status[d].done() || self.notices.contains(&(d, i)));
             if !ready || !noticed {
                 continue;
             }
@@ -342,15 +265,9 @@ impl Reducer for WorkQueueProtocol {
                     .filter(|&d| !matches!(self.status[d], Status::Done { .. }))
                     .map(|d| self.spec.tasks[d].id.as_str())
                     .collect();
-                let body = Body::text(format!(
-                    "skipped: depends on {} which did not complete",
-                    failed.join(", ")
-                ))
-                .with_json(serde_json::json!({ "op": "skipped", "task": self.spec.tasks[i].id }));
-                out.push(
-                    Duty::post(self.result_step(i), Kind::Work, self.resolved_count(), body)
-                        .collective(),
-                );
+                let body = Body::text(format!("skipped: depends on {} which did not complete", failed.join(", ")))
+                    .with_json(serde_json::json!({ "op": "skipped", "task": self.spec.tasks[i].id }));
+                out.push(Duty::post(self.result_step(i), Kind::Work, self.resolved_count(), body).collective());
             } else {
                 degraded.push(self.work_duty(i, true));
             }
@@ -362,12 +279,7 @@ impl Reducer for WorkQueueProtocol {
             let items: Vec<QueueItem> = self
                 .order
                 .iter()
-                .filter_map(|&i| {
-                    self.item(i).map(|id| QueueItem {
-                        id,
-                        task: self.spec.tasks[i].id.clone(),
-                    })
-                })
+                .filter_map(|&i| self.item(i).map(|id| QueueItem { id, task: self.spec.tasks[i].id.clone() }))
                 .collect();
             if !items.is_empty() {
                 out.push(Duty {
@@ -401,11 +313,7 @@ impl Reducer for WorkQueueProtocol {
         } else {
             format!("every member is absent: {done} of {n} tasks done")
         };
-        Some(Finish {
-            reason,
-            answer,
-            decided_by,
-        })
+        Some(Finish { reason, answer, decided_by })
     }
 
     fn signals(&self) -> Signals {
@@ -431,36 +339,20 @@ impl WorkQueueProtocol {
         };
         if let Some(t) = &self.spec.answer_task {
             let r = self.index(t).and_then(result);
-            return (
-                r.as_ref().map(|r| r.0.clone()),
-                r.into_iter().map(|r| r.1).collect(),
-            );
+            return (r.as_ref().map(|r| r.0.clone()), r.into_iter().map(|r| r.1).collect());
         }
         let sinks: Vec<usize> = (0..self.spec.tasks.len())
-            .filter(|&i| {
-                !self
-                    .spec
-                    .tasks
-                    .iter()
-                    .any(|t| t.depends_on.contains(&self.spec.tasks[i].id))
-            })
+            .filter(|&i| !self.spec.tasks.iter().any(|t| t.depends_on.contains(&self.spec.tasks[i].id)))
             .collect();
-        let done: Vec<(usize, (Arc<str>, EnvelopeId))> = sinks
-            .iter()
-            .filter_map(|&i| result(i).map(|r| (i, r)))
-            .collect();
+        let done: Vec<(usize, (Arc<str>, EnvelopeId))> =
+            sinks.iter().filter_map(|&i| result(i).map(|r| (i, r))).collect();
         match done.as_slice() {
             [] => (None, Vec::new()),
             [(_, (t, id))] => (Some(t.clone()), vec![id.clone()]),
             many => {
-                let text: Vec<String> = many
-                    .iter()
-                    .map(|(i, (t, _))| format!("[{}] {t}", self.spec.tasks[*i].id))
-                    .collect();
-                (
-                    Some(Arc::from(text.join("\n\n"))),
-                    many.iter().map(|(_, (_, id))| id.clone()).collect(),
-                )
+                let text: Vec<String> =
+                    many.iter().map(|(i, (t, _))| format!("[{}] {t}", self.spec.tasks[*i].id)).collect();
+                (Some(Arc::from(text.join("\n\n"))), many.iter().map(|(_, (_, id))| id.clone()).collect())
             }
         }
     }

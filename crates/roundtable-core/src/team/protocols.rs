@@ -68,21 +68,8 @@ impl ProtocolSpec {
     /// The keys of `[protocol]` that apply to a kind (besides `kind`).
     pub fn keys(kind: &str) -> Option<&'static [&'static str]> {
         Some(match kind {
-            "round_robin" => &[
-                "rounds",
-                "order",
-                "summarizer",
-                "instruction",
-                "summary_instruction",
-            ],
-            "debate" => &[
-                "rounds",
-                "members",
-                "vote",
-                "json",
-                "instruction",
-                "update_instruction",
-            ],
+            "round_robin" => &["rounds", "order", "summarizer", "instruction", "summary_instruction"],
+            "debate" => &["rounds", "members", "vote", "json", "instruction", "update_instruction"],
             "proposer_critic" => &[
                 "rounds",
                 "proposer",
@@ -92,29 +79,9 @@ impl ProtocolSpec {
                 "critic_instruction",
                 "final_instruction",
             ],
-            "judged_debate" => &[
-                "rounds",
-                "members",
-                "judge",
-                "instruction",
-                "judge_instruction",
-                "final_instruction",
-            ],
-            "jury" => &[
-                "rounds",
-                "members",
-                "aggregation",
-                "threshold",
-                "instruction",
-            ],
-            "consensus" => &[
-                "rounds",
-                "proposer",
-                "voters",
-                "threshold",
-                "instruction",
-                "vote_instruction",
-            ],
+            "judged_debate" => &["rounds", "members", "judge", "instruction", "judge_instruction", "final_instruction"],
+            "jury" => &["rounds", "members", "aggregation", "threshold", "instruction"],
+            "consensus" => &["rounds", "proposer", "voters", "threshold", "instruction", "vote_instruction"],
             "emergent" => &[
                 "rounds",
                 "members",
@@ -135,13 +102,7 @@ impl ProtocolSpec {
                 "advocate_instruction",
                 "vote_instruction",
             ],
-            "blackboard" => &[
-                "sources",
-                "answer_key",
-                "done_phrase",
-                "max_writes",
-                "instruction",
-            ],
+            "blackboard" => &["sources", "answer_key", "done_phrase", "max_writes", "instruction"],
             "work_queue" => &[
                 "tasks",
                 "members",
@@ -151,15 +112,9 @@ impl ProtocolSpec {
                 "max_deliver",
                 "instruction",
             ],
-            "contract_net" => &[
-                "tasks",
-                "members",
-                "capabilities",
-                "bids",
-                "max_reannounce",
-                "answer_task",
-                "instruction",
-            ],
+            "contract_net" => {
+                &["tasks", "members", "capabilities", "bids", "max_reannounce", "answer_task", "instruction"]
+            }
             "hybrid" => &[
                 "members",
                 "leader",
@@ -495,21 +450,14 @@ fn inner<T: Clone>(s: &Option<Spanned<T>>) -> Option<T> {
 }
 
 /// Validate a `[protocol]` table against the team's peers.
-pub(super) fn validate_protocol(
-    cx: &mut Ctx<'_>,
-    p: RawProtocol,
-    peers: &[PeerId],
-) -> Option<ProtocolSpec> {
+pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerId]) -> Option<ProtocolSpec> {
     let kind = p.kind.get_ref().as_str();
     let kind_at = p.kind.span().start;
     let Some(allowed) = ProtocolSpec::keys(kind) else {
         cx.err_at(
             kind_at,
             "protocol.kind",
-            format!(
-                "unknown protocol `{kind}`; valid: {}",
-                choices(ProtocolSpec::KINDS)
-            ),
+            format!("unknown protocol `{kind}`; valid: {}", choices(ProtocolSpec::KINDS)),
         );
         return None;
     };
@@ -519,10 +467,7 @@ pub(super) fn validate_protocol(
             cx.err_at(
                 at,
                 format!("protocol.{key}"),
-                format!(
-                    "`{key}` is not a key of protocol `{kind}`; its keys: {}",
-                    choices(allowed.iter())
-                ),
+                format!("`{key}` is not a key of protocol `{kind}`; its keys: {}", choices(allowed.iter())),
             );
         }
     }
@@ -531,28 +476,15 @@ pub(super) fn validate_protocol(
         if ids.contains(name) {
             Some(PeerId::from(name))
         } else {
-            cx.err_at(
-                at,
-                format!("protocol.{key}"),
-                format!("unknown peer `{name}`; peers: {}", choices(&ids)),
-            );
+            cx.err_at(at, format!("protocol.{key}"), format!("unknown peer `{name}`; peers: {}", choices(&ids)));
             None
         }
     };
     let one = |cx: &mut Ctx<'_>, s: &Option<Spanned<String>>, key: &str| -> Option<PeerId> {
-        s.as_ref()
-            .and_then(|s| known(cx, s.get_ref(), s.span().start, key))
+        s.as_ref().and_then(|s| known(cx, s.get_ref(), s.span().start, key))
     };
-    let list = |cx: &mut Ctx<'_>,
-                s: &Option<Spanned<Vec<Spanned<String>>>>,
-                key: &str|
-     -> Option<Vec<PeerId>> {
-        s.as_ref().map(|v| {
-            v.get_ref()
-                .iter()
-                .filter_map(|s| known(cx, s.get_ref(), s.span().start, key))
-                .collect()
-        })
+    let list = |cx: &mut Ctx<'_>, s: &Option<Spanned<Vec<Spanned<String>>>>, key: &str| -> Option<Vec<PeerId>> {
+        s.as_ref().map(|v| v.get_ref().iter().filter_map(|s| known(cx, s.get_ref(), s.span().start, key)).collect())
     };
     let pick = |cx: &mut Ctx<'_>,
                 s: &Option<Spanned<String>>,
@@ -578,11 +510,7 @@ pub(super) fn validate_protocol(
     let rounds = |cx: &mut Ctx<'_>, default: u32| -> u32 {
         match &p.rounds {
             Some(r) if *r.get_ref() == 0 => {
-                cx.err_at(
-                    r.span().start,
-                    "protocol.rounds",
-                    "rounds must be at least 1",
-                );
+                cx.err_at(r.span().start, "protocol.rounds", "rounds must be at least 1");
                 default
             }
             Some(r) => *r.get_ref(),
@@ -592,11 +520,7 @@ pub(super) fn validate_protocol(
     let fraction = |cx: &mut Ctx<'_>, s: &Option<Spanned<f64>>, key: &str, default: f64| -> f64 {
         match s {
             Some(t) if !(0.0..=1.0).contains(t.get_ref()) => {
-                cx.err_at(
-                    t.span().start,
-                    format!("protocol.{key}"),
-                    format!("{key} must be between 0 and 1"),
-                );
+                cx.err_at(t.span().start, format!("protocol.{key}"), format!("{key} must be between 0 and 1"));
                 default
             }
             Some(t) => *t.get_ref(),
@@ -604,36 +528,24 @@ pub(super) fn validate_protocol(
         }
     };
     // A role that must be filled: given, or else an error naming the key.
-    let required =
-        |cx: &mut Ctx<'_>, s: &Option<Spanned<String>>, key: &str, what: &str| -> Option<PeerId> {
-            if s.is_none() {
-                cx.err_at(
-                    kind_at,
-                    format!("protocol.{key}"),
-                    format!(
-                        "protocol `{kind}` needs `{key}` ({what}); peers: {}",
-                        choices(&ids)
-                    ),
-                );
-            }
-            one(cx, s, key)
-        };
-    let others = |excluded: &[&PeerId]| -> Vec<PeerId> {
-        peers
-            .iter()
-            .filter(|p| !excluded.contains(p))
-            .cloned()
-            .collect()
+    let required = |cx: &mut Ctx<'_>, s: &Option<Spanned<String>>, key: &str, what: &str| -> Option<PeerId> {
+        if s.is_none() {
+            cx.err_at(
+                kind_at,
+                format!("protocol.{key}"),
+                format!("protocol `{kind}` needs `{key}` ({what}); peers: {}", choices(&ids)),
+            );
+        }
+        one(cx, s, key)
     };
+    let others =
+        |excluded: &[&PeerId]| -> Vec<PeerId> { peers.iter().filter(|p| !excluded.contains(p)).cloned().collect() };
     let need = |cx: &mut Ctx<'_>, group: &[PeerId], n: usize, key: &str, what: &str| {
         if group.len() < n {
             cx.err_at(
                 kind_at,
                 format!("protocol.{key}"),
-                format!(
-                    "protocol `{kind}` needs at least {n} {what}, has {}",
-                    group.len()
-                ),
+                format!("protocol `{kind}` needs at least {n} {what}, has {}", group.len()),
             );
         }
     };
@@ -642,13 +554,8 @@ pub(super) fn validate_protocol(
     let spec = match kind {
         "round_robin" => {
             let summarizer = one(cx, &p.summarizer, "summarizer");
-            let order = list(cx, &p.order, "order").unwrap_or_else(|| {
-                peers
-                    .iter()
-                    .filter(|id| Some(*id) != summarizer.as_ref())
-                    .cloned()
-                    .collect()
-            });
+            let order = list(cx, &p.order, "order")
+                .unwrap_or_else(|| peers.iter().filter(|id| Some(*id) != summarizer.as_ref()).cloned().collect());
             let rounds = rounds(cx, 3);
             need(cx, &order, 1, "order", "speaker");
             ProtocolSpec::RoundRobin(RoundRobinSpec {
@@ -680,19 +587,11 @@ pub(super) fn validate_protocol(
             let critics = list(cx, &p.critics, "critics").unwrap_or_else(|| others(&[&proposer]));
             need(cx, &critics, 1, "critics", "critic");
             if critics.contains(&proposer) {
-                cx.err_at(
-                    kind_at,
-                    "protocol.critics",
-                    format!("the proposer `{proposer}` cannot also be a critic"),
-                );
+                cx.err_at(kind_at, "protocol.critics", format!("the proposer `{proposer}` cannot also be a critic"));
             }
             let phrase = inner(&p.satisfied_phrase).unwrap_or_else(|| "SATISFIED".into());
             if phrase.trim().is_empty() {
-                cx.err_at(
-                    kind_at,
-                    "protocol.satisfied_phrase",
-                    "satisfied_phrase must not be empty",
-                );
+                cx.err_at(kind_at, "protocol.satisfied_phrase", "satisfied_phrase must not be empty");
             }
             ProtocolSpec::ProposerCritic(ProposerCriticSpec {
                 proposer,
@@ -710,11 +609,7 @@ pub(super) fn validate_protocol(
             let debaters = list(cx, &p.members, "members").unwrap_or_else(|| others(&[&judge]));
             need(cx, &debaters, 2, "members", "debaters");
             if debaters.contains(&judge) {
-                cx.err_at(
-                    kind_at,
-                    "protocol.members",
-                    format!("the judge `{judge}` cannot also debate"),
-                );
+                cx.err_at(kind_at, "protocol.members", format!("the judge `{judge}` cannot also debate"));
             }
             ProtocolSpec::JudgedDebate(JudgedDebateSpec {
                 debaters,
@@ -728,33 +623,17 @@ pub(super) fn validate_protocol(
         "jury" => {
             let jurors = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
             need(cx, &jurors, 1, "members", "juror");
-            let rule = match pick(
-                cx,
-                &p.aggregation,
-                "aggregation",
-                &["plurality", "approval", "confidence"],
-                "plurality",
-            ) {
-                "approval" => Rule::Approval {
-                    threshold: fraction(cx, &p.threshold, "threshold", 0.6),
-                },
-                "confidence" => Rule::Confidence,
-                _ => Rule::Plurality,
-            };
+            let rule =
+                match pick(cx, &p.aggregation, "aggregation", &["plurality", "approval", "confidence"], "plurality") {
+                    "approval" => Rule::Approval { threshold: fraction(cx, &p.threshold, "threshold", 0.6) },
+                    "confidence" => Rule::Confidence,
+                    _ => Rule::Plurality,
+                };
             if p.threshold.is_some() && !matches!(rule, Rule::Approval { .. }) {
                 let at = p.threshold.as_ref().map_or(kind_at, |t| t.span().start);
-                cx.err_at(
-                    at,
-                    "protocol.threshold",
-                    "threshold applies to aggregation = \"approval\" only",
-                );
+                cx.err_at(at, "protocol.threshold", "threshold applies to aggregation = \"approval\" only");
             }
-            ProtocolSpec::Jury(JurySpec {
-                jurors,
-                rounds: rounds(cx, 1),
-                rule,
-                instruction: inner(&p.instruction),
-            })
+            ProtocolSpec::Jury(JurySpec { jurors, rounds: rounds(cx, 1), rule, instruction: inner(&p.instruction) })
         }
         "consensus" => {
             let proposer = one(cx, &p.proposer, "proposer").unwrap_or_else(|| first.clone());
@@ -772,13 +651,7 @@ pub(super) fn validate_protocol(
         "emergent" => {
             let members = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
             need(cx, &members, 2, "members", "members");
-            let similarity = match pick(
-                cx,
-                &p.similarity,
-                "similarity",
-                &["lexical", "embedding"],
-                "lexical",
-            ) {
+            let similarity = match pick(cx, &p.similarity, "similarity", &["lexical", "embedding"], "lexical") {
                 "embedding" => SimilarityKind::Embedding,
                 _ => SimilarityKind::Lexical,
             };
@@ -789,11 +662,7 @@ pub(super) fn validate_protocol(
             let measurer = one(cx, &p.measurer, "measurer");
             if measurer.is_some() && similarity == SimilarityKind::Lexical {
                 let at = p.measurer.as_ref().map_or(kind_at, |m| m.span().start);
-                cx.err_at(
-                    at,
-                    "protocol.measurer",
-                    "measurer applies to similarity = \"embedding\" only",
-                );
+                cx.err_at(at, "protocol.measurer", "measurer applies to similarity = \"embedding\" only");
             }
             ProtocolSpec::Emergent(EmergentSpec {
                 members,
@@ -808,15 +677,11 @@ pub(super) fn validate_protocol(
         }
         "adversarial" => {
             let proposer = one(cx, &p.proposer, "proposer").unwrap_or_else(|| first.clone());
-            let advocate = required(cx, &p.advocate, "advocate", "the devil's advocate")
-                .unwrap_or_else(|| first.clone());
+            let advocate =
+                required(cx, &p.advocate, "advocate", "the devil's advocate").unwrap_or_else(|| first.clone());
             let judge = one(cx, &p.judge, "judge");
             if advocate == proposer && cx.errors.len() == before {
-                cx.err_at(
-                    kind_at,
-                    "protocol.advocate",
-                    "the devil's advocate cannot be the proposer",
-                );
+                cx.err_at(kind_at, "protocol.advocate", "the devil's advocate cannot be the proposer");
             }
             let voters = match list(cx, &p.voters, "voters") {
                 Some(v) => v,
@@ -827,11 +692,7 @@ pub(super) fn validate_protocol(
                 need(cx, &voters, 1, "voters", "voter (or a `judge`)");
             }
             if voters.contains(&advocate) || voters.contains(&proposer) {
-                cx.err_at(
-                    kind_at,
-                    "protocol.voters",
-                    "the proposer and the advocate cannot vote on the objection",
-                );
+                cx.err_at(kind_at, "protocol.voters", "the proposer and the advocate cannot vote on the objection");
             }
             ProtocolSpec::Adversarial(AdversarialSpec {
                 proposer,
@@ -847,30 +708,20 @@ pub(super) fn validate_protocol(
         "blackboard" => {
             let mut sources = Vec::new();
             if p.sources.is_none() {
-                cx.err_at(kind_at, "protocol.sources", "protocol `blackboard` needs [[protocol.sources]] entries (peer, reads, writes)");
+                cx.err_at(
+                    kind_at,
+                    "protocol.sources",
+                    "protocol `blackboard` needs [[protocol.sources]] entries (peer, reads, writes)",
+                );
             }
             let mut written = BTreeSet::new();
-            for (i, s) in p
-                .sources
-                .iter()
-                .flat_map(|s| s.get_ref().iter())
-                .enumerate()
-            {
+            for (i, s) in p.sources.iter().flat_map(|s| s.get_ref().iter()).enumerate() {
                 let s = s.get_ref();
                 let key = format!("sources[{i}]");
-                let peer = known(
-                    cx,
-                    s.peer.get_ref(),
-                    s.peer.span().start,
-                    &format!("{key}.peer"),
-                );
+                let peer = known(cx, s.peer.get_ref(), s.peer.span().start, &format!("{key}.peer"));
                 for k in s.reads.iter().chain(std::iter::once(&s.writes)) {
                     if let Err(e) = crate::blackboard::validate_key(k.get_ref()) {
-                        cx.err_at(
-                            k.span().start,
-                            format!("protocol.{key}"),
-                            e.message().to_string(),
-                        );
+                        cx.err_at(k.span().start, format!("protocol.{key}"), e.message().to_string());
                     }
                 }
                 if s.writes.get_ref() == "task" {
@@ -889,12 +740,7 @@ pub(super) fn validate_protocol(
                     });
                 }
             }
-            for (i, s) in p
-                .sources
-                .iter()
-                .flat_map(|s| s.get_ref().iter())
-                .enumerate()
-            {
+            for (i, s) in p.sources.iter().flat_map(|s| s.get_ref().iter()).enumerate() {
                 for r in &s.get_ref().reads {
                     if r.get_ref() != "task" && !written.contains(r.get_ref()) {
                         cx.err_at(
@@ -915,11 +761,7 @@ pub(super) fn validate_protocol(
                         cx.err_at(
                             k.span().start,
                             "protocol.answer_key",
-                            format!(
-                                "no source writes `{}`; written keys: {}",
-                                k.get_ref(),
-                                choices(&written)
-                            ),
+                            format!("no source writes `{}`; written keys: {}", k.get_ref(), choices(&written)),
                         );
                     }
                     k.get_ref().clone()
@@ -928,11 +770,7 @@ pub(super) fn validate_protocol(
             };
             let max_writes = inner(&p.max_writes).unwrap_or(20);
             if max_writes == 0 {
-                cx.err_at(
-                    kind_at,
-                    "protocol.max_writes",
-                    "max_writes must be at least 1",
-                );
+                cx.err_at(kind_at, "protocol.max_writes", "max_writes must be at least 1");
             }
             ProtocolSpec::Blackboard(BlackboardSpec {
                 sources,
@@ -951,31 +789,19 @@ pub(super) fn validate_protocol(
                     cx.err_at(
                         t.span().start,
                         "protocol.answer_task",
-                        format!(
-                            "no task `{}`; tasks: {}",
-                            t.get_ref(),
-                            choices(tasks.iter().map(|t| &t.id))
-                        ),
+                        format!("no task `{}`; tasks: {}", t.get_ref(), choices(tasks.iter().map(|t| &t.id))),
                     );
                     None
                 }
                 t => inner(t),
             };
             if kind == "work_queue" {
-                let on = match pick(
-                    cx,
-                    &p.on_dependency_failure,
-                    "on_dependency_failure",
-                    &["skip", "continue"],
-                    "skip",
-                ) {
-                    "continue" => OnDependencyFailure::Continue,
-                    _ => OnDependencyFailure::Skip,
-                };
-                let lease_ms = p
-                    .lease_secs
-                    .as_ref()
-                    .map_or(30_000, |s| (s.get_ref() * 1000.0).max(10.0) as u64);
+                let on =
+                    match pick(cx, &p.on_dependency_failure, "on_dependency_failure", &["skip", "continue"], "skip") {
+                        "continue" => OnDependencyFailure::Continue,
+                        _ => OnDependencyFailure::Skip,
+                    };
+                let lease_ms = p.lease_secs.as_ref().map_or(30_000, |s| (s.get_ref() * 1000.0).max(10.0) as u64);
                 let max_deliver = inner(&p.max_deliver).unwrap_or(5).max(1);
                 ProtocolSpec::WorkQueue(WorkQueueSpec {
                     tasks,
@@ -1011,24 +837,16 @@ pub(super) fn validate_protocol(
             }
         }
         "hybrid" => {
-            let leader = required(cx, &p.leader, "leader", "the peer that decides on deadlock")
-                .unwrap_or_else(|| first.clone());
+            let leader =
+                required(cx, &p.leader, "leader", "the peer that decides on deadlock").unwrap_or_else(|| first.clone());
             let members = list(cx, &p.members, "members").unwrap_or_else(|| others(&[&leader]));
             need(cx, &members, 2, "members", "members");
             if members.contains(&leader) {
-                cx.err_at(
-                    kind_at,
-                    "protocol.members",
-                    format!("the leader `{leader}` cannot also be a member"),
-                );
+                cx.err_at(kind_at, "protocol.members", format!("the leader `{leader}` cannot also be a member"));
             }
             let k = inner(&p.deadlock_rounds).unwrap_or(2);
             if k == 0 {
-                cx.err_at(
-                    kind_at,
-                    "protocol.deadlock_rounds",
-                    "deadlock_rounds must be at least 1",
-                );
+                cx.err_at(kind_at, "protocol.deadlock_rounds", "deadlock_rounds must be at least 1");
             }
             ProtocolSpec::Hybrid(HybridSpec {
                 leader,
@@ -1065,11 +883,8 @@ fn validate_tasks(
     for (i, t) in raw.get_ref().iter().enumerate() {
         let t = t.get_ref();
         let id = t.id.get_ref().trim().to_string();
-        let ok = !id.is_empty()
-            && id.len() <= 64
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let ok =
+            !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
             cx.err_at(
                 t.id.span().start,
@@ -1077,11 +892,7 @@ fn validate_tasks(
                 format!("task id {id:?} must be 1-64 letters, digits, '-' or '_'"),
             );
         } else if !ids.insert(id.clone()) {
-            cx.err_at(
-                t.id.span().start,
-                format!("protocol.tasks[{i}].id"),
-                format!("task id `{id}` is used twice"),
-            );
+            cx.err_at(t.id.span().start, format!("protocol.tasks[{i}].id"), format!("task id `{id}` is used twice"));
         }
         tasks.push(TaskSpec {
             id,
@@ -1104,11 +915,7 @@ fn validate_tasks(
         }
     }
     if tasks.is_empty() {
-        cx.err_at(
-            raw.span().start,
-            "protocol.tasks",
-            "at least one task is needed",
-        );
+        cx.err_at(raw.span().start, "protocol.tasks", "at least one task is needed");
     }
     // Dependencies must not form a cycle (Kahn's algorithm over the valid ones).
     let mut indeg: BTreeMap<&str, usize> = tasks.iter().map(|t| (t.id.as_str(), 0)).collect();
@@ -1119,11 +926,7 @@ fn validate_tasks(
             }
         }
     }
-    let mut ready: Vec<&str> = indeg
-        .iter()
-        .filter(|(_, n)| **n == 0)
-        .map(|(k, _)| *k)
-        .collect();
+    let mut ready: Vec<&str> = indeg.iter().filter(|(_, n)| **n == 0).map(|(k, _)| *k).collect();
     let mut seen = 0;
     while let Some(k) = ready.pop() {
         seen += 1;
@@ -1138,11 +941,7 @@ fn validate_tasks(
         }
     }
     if seen < indeg.len() {
-        cx.err_at(
-            raw.span().start,
-            "protocol.tasks",
-            "task dependencies form a cycle",
-        );
+        cx.err_at(raw.span().start, "protocol.tasks", "task dependencies form a cycle");
     }
     tasks
 }
