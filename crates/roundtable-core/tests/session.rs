@@ -75,15 +75,8 @@ impl ChatModel for Counting {
     }
 }
 
-fn models(
-    plan: &TeamPlan,
-    calls: &Arc<AtomicU32>,
-    hang_after: Option<u32>,
-) -> HashMap<PeerId, Arc<dyn ChatModel>> {
-    let roundtable_core::team::ProviderSpec::Scripted { replies, .. } = &plan.models["s"].provider
-    else {
-        panic!()
-    };
+fn models(plan: &TeamPlan, calls: &Arc<AtomicU32>, hang_after: Option<u32>) -> HashMap<PeerId, Arc<dyn ChatModel>> {
+    let roundtable_core::team::ProviderSpec::Scripted { replies, .. } = &plan.models["s"].provider else { panic!() };
     plan.peers
         .iter()
         .map(|p| {
@@ -102,24 +95,16 @@ fn new_log() -> Arc<dyn SessionLog> {
 }
 
 fn speakers(entries: &[roundtable_core::log::Entry]) -> Vec<String> {
-    entries
-        .iter()
-        .filter(|e| e.env.kind == Kind::Message)
-        .map(|e| format!("{}:{}", e.env.from, e.env.step))
-        .collect()
+    entries.iter().filter(|e| e.env.kind == Kind::Message).map(|e| format!("{}:{}", e.env.from, e.env.step)).collect()
 }
 
 #[tokio::test]
 async fn round_robin_takes_turns_then_the_summarizer_closes() {
     let plan = plan("");
     let log = new_log();
-    open_session(log.as_ref(), &plan, "Should we build it?")
-        .await
-        .unwrap();
+    open_session(log.as_ref(), &plan, "Should we build it?").await.unwrap();
     let calls = Arc::new(AtomicU32::new(0));
-    let summary = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None)
-        .await
-        .unwrap();
+    let summary = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None).await.unwrap();
     let entries = log.read_all().await.unwrap();
     assert_eq!(
         speakers(&entries),
@@ -137,35 +122,17 @@ async fn round_robin_takes_turns_then_the_summarizer_closes() {
         ]
     );
     // Exactly one stop, last, with the summarizer's answer.
-    let stops: Vec<_> = entries
-        .iter()
-        .filter(|e| e.env.kind == Kind::Stop)
-        .collect();
+    let stops: Vec<_> = entries.iter().filter(|e| e.env.kind == Kind::Stop).collect();
     assert_eq!(stops.len(), 1);
     assert_eq!(stops[0].seq, entries.len() as u64);
-    assert_eq!(
-        summary.final_answer.as_deref(),
-        Some("facilitator speaks (1)")
-    );
-    assert!(
-        summary
-            .stop_reason
-            .as_deref()
-            .unwrap()
-            .starts_with("completed: 3 rounds"),
-        "{:?}",
-        summary.stop_reason
-    );
+    assert_eq!(summary.final_answer.as_deref(), Some("facilitator speaks (1)"));
+    assert!(summary.stop_reason.as_deref().unwrap().starts_with("completed: 3 rounds"), "{:?}", summary.stop_reason);
     assert_eq!(calls.load(Ordering::SeqCst), 10);
     assert_eq!((summary.messages, summary.calls), (10, 10));
     // Each turn answers the previous one.
     assert_eq!(entries[2].env.parents, vec![entries[1].env.id.clone()]);
     // Lamport clocks increase along the log.
-    assert!(
-        entries
-            .windows(2)
-            .all(|w| w[0].env.lamport < w[1].env.lamport)
-    );
+    assert!(entries.windows(2).all(|w| w[0].env.lamport < w[1].env.lamport));
 }
 
 #[tokio::test]
@@ -186,36 +153,16 @@ async fn a_failing_peer_is_recorded_and_the_ring_moves_on() {
     open_session(log.as_ref(), &plan, "topic").await.unwrap();
     let calls = Arc::new(AtomicU32::new(0));
     let mut ms = models(&plan, &calls, None);
-    ms.insert(
-        "eng".into(),
-        Arc::new(Scripted::new(
-            "bad",
-            vec!["!error server boom".into()],
-            HashMap::new(),
-        )),
-    );
+    ms.insert("eng".into(), Arc::new(Scripted::new("bad", vec!["!error server boom".into()], HashMap::new())));
     let summary = run_peers(log.clone(), &plan, ms, None, None).await.unwrap();
     let entries = log.read_all().await.unwrap();
-    let failures: Vec<_> = entries
-        .iter()
-        .filter(|e| e.env.kind == Kind::Failure)
-        .collect();
+    let failures: Vec<_> = entries.iter().filter(|e| e.env.kind == Kind::Failure).collect();
     assert_eq!(failures.len(), 3, "one failure per eng turn");
-    assert!(
-        failures
-            .iter()
-            .all(|f| f.env.from.as_str() == "eng" && f.env.body.text.contains("boom"))
-    );
-    assert_eq!(
-        failures[0].env.body.json.as_ref().unwrap()["error"],
-        "provider error"
-    );
+    assert!(failures.iter().all(|f| f.env.from.as_str() == "eng" && f.env.body.text.contains("boom")));
+    assert_eq!(failures[0].env.body.json.as_ref().unwrap()["error"], "provider error");
     assert!(summary.stopped);
     assert_eq!(summary.failures, 3);
-    assert_eq!(
-        summary.final_answer.as_deref(),
-        Some("facilitator speaks (1)")
-    );
+    assert_eq!(summary.final_answer.as_deref(), Some("facilitator speaks (1)"));
 }
 
 #[tokio::test]
@@ -224,28 +171,10 @@ async fn a_budget_stops_before_the_call_that_would_exceed_it_with_the_best_answe
     let log = new_log();
     open_session(log.as_ref(), &plan, "topic").await.unwrap();
     let calls = Arc::new(AtomicU32::new(0));
-    let summary = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None)
-        .await
-        .unwrap();
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        4,
-        "the fifth call is never made"
-    );
-    assert!(
-        summary
-            .stop_reason
-            .as_deref()
-            .unwrap()
-            .starts_with("budget: 4 model calls"),
-        "{:?}",
-        summary.stop_reason
-    );
-    assert_eq!(
-        summary.final_answer.as_deref(),
-        Some("pm speaks (2)"),
-        "the last contribution is the best so far"
-    );
+    let summary = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 4, "the fifth call is never made");
+    assert!(summary.stop_reason.as_deref().unwrap().starts_with("budget: 4 model calls"), "{:?}", summary.stop_reason);
+    assert_eq!(summary.final_answer.as_deref(), Some("pm speaks (2)"), "the last contribution is the best so far");
 }
 
 #[tokio::test]
@@ -254,26 +183,15 @@ async fn termination_conditions_stop_the_session_with_a_reason() {
     let log = new_log();
     open_session(log.as_ref(), &plan, "topic").await.unwrap();
     let calls = Arc::new(AtomicU32::new(0));
-    let s = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None)
-        .await
-        .unwrap();
+    let s = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None).await.unwrap();
     assert_eq!(s.stop_reason.as_deref(), Some("max_messages: 5 messages"));
     assert_eq!(s.messages, 5);
 
     let plan = plan_with_mention();
     let log = new_log();
     open_session(log.as_ref(), &plan, "topic").await.unwrap();
-    let s = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None)
-        .await
-        .unwrap();
-    assert!(
-        s.stop_reason
-            .as_deref()
-            .unwrap()
-            .starts_with("text_mention: cfo wrote"),
-        "{:?}",
-        s.stop_reason
-    );
+    let s = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None).await.unwrap();
+    assert!(s.stop_reason.as_deref().unwrap().starts_with("text_mention: cfo wrote"), "{:?}", s.stop_reason);
 }
 
 fn plan_with_mention() -> TeamPlan {
@@ -291,22 +209,14 @@ async fn an_absent_peer_is_noticed_recorded_once_and_skipped() {
     let mut ms = models(&plan, &calls, None);
     ms.remove(&PeerId::from("cfo")); // cfo never runs
     let presence: Arc<dyn Presence> = Arc::new(MemPresence::default());
-    let summary = run_peers(log.clone(), &plan, ms, Some(presence), None)
-        .await
-        .unwrap();
+    let summary = run_peers(log.clone(), &plan, ms, Some(presence), None).await.unwrap();
     let entries = log.read_all().await.unwrap();
-    let absent: Vec<_> = entries
-        .iter()
-        .filter(|e| e.env.kind == Kind::Absent)
-        .collect();
+    let absent: Vec<_> = entries.iter().filter(|e| e.env.kind == Kind::Absent).collect();
     assert_eq!(absent.len(), 1, "several peers noticed; one notice landed");
     assert_eq!(absent[0].env.body.json.as_ref().unwrap()["peer"], "cfo");
     assert!(speakers(&entries).iter().all(|s| !s.starts_with("cfo")));
     assert!(summary.stopped);
-    assert_eq!(
-        summary.final_answer.as_deref(),
-        Some("facilitator speaks (1)")
-    );
+    assert_eq!(summary.final_answer.as_deref(), Some("facilitator speaks (1)"));
 }
 
 #[tokio::test]
@@ -321,13 +231,7 @@ async fn a_crashed_session_resumes_without_calling_models_again_for_logged_steps
         async move { run_peers(log, &plan, ms, None, None).await }
     });
     loop {
-        let n = log
-            .read_all()
-            .await
-            .unwrap()
-            .iter()
-            .filter(|e| e.env.kind == Kind::Message)
-            .count();
+        let n = log.read_all().await.unwrap().iter().filter(|e| e.env.kind == Kind::Message).count();
         if n == 4 {
             break;
         }
@@ -336,22 +240,12 @@ async fn a_crashed_session_resumes_without_calling_models_again_for_logged_steps
     run.abort();
     let _ = run.await;
     let before = log.read_all().await.unwrap();
-    assert_eq!(
-        calls1.load(Ordering::SeqCst),
-        5,
-        "4 answered, the 5th hung mid-call"
-    );
+    assert_eq!(calls1.load(Ordering::SeqCst), 5, "4 answered, the 5th hung mid-call");
 
     // Resume: the same log, fresh peers.
     let calls2 = Arc::new(AtomicU32::new(0));
-    let summary = run_peers(log.clone(), &plan, models(&plan, &calls2, None), None, None)
-        .await
-        .unwrap();
-    assert_eq!(
-        calls2.load(Ordering::SeqCst),
-        10 - 4,
-        "only steps not on the log are called"
-    );
+    let summary = run_peers(log.clone(), &plan, models(&plan, &calls2, None), None, None).await.unwrap();
+    assert_eq!(calls2.load(Ordering::SeqCst), 10 - 4, "only steps not on the log are called");
     let after = log.read_all().await.unwrap();
     for (a, b) in before.iter().zip(&after) {
         assert_eq!(a.env, b.env, "the prefix is untouched");
@@ -362,10 +256,7 @@ async fn a_crashed_session_resumes_without_calling_models_again_for_logged_steps
     assert_eq!(ids.len(), after.len(), "no duplicates");
     assert_eq!(speakers(&after).len(), 10);
     // The ordinal comes from the log: pm's second turn says (2) in both runs.
-    assert_eq!(
-        summary.final_answer.as_deref(),
-        Some("facilitator speaks (1)")
-    );
+    assert_eq!(summary.final_answer.as_deref(), Some("facilitator speaks (1)"));
     assert!(after.iter().any(|e| e.env.step.as_ref() == "turn/3" && e.env.body.text.as_ref() == "pm speaks (2)"));
 }
 
@@ -378,23 +269,14 @@ async fn when_every_model_fails_the_session_stops_early_with_the_last_error() {
         .peers
         .iter()
         .map(|p| {
-            let m: Arc<dyn ChatModel> = Arc::new(Scripted::new(
-                "down",
-                vec!["!error auth invalid key".into()],
-                HashMap::new(),
-            ));
+            let m: Arc<dyn ChatModel> =
+                Arc::new(Scripted::new("down", vec!["!error auth invalid key".into()], HashMap::new()));
             (p.id.clone(), m)
         })
         .collect();
     let s = run_peers(log.clone(), &plan, ms, None, None).await.unwrap();
     let reason = s.stop_reason.unwrap();
-    assert!(
-        reason.starts_with("failures: 4 model calls failed in a row"),
-        "{reason}"
-    );
+    assert!(reason.starts_with("failures: 4 model calls failed in a row"), "{reason}");
     assert!(reason.contains("authentication failed"), "{reason}");
-    assert_eq!(
-        s.failures, 4,
-        "stopped after one failure per peer, not one per turn"
-    );
+    assert_eq!(s.failures, 4, "stopped after one failure per peer, not one per turn");
 }

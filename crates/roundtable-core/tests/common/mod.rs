@@ -34,24 +34,18 @@ pub fn plan(src: &str) -> TeamPlan {
 
 /// `[[peers]]` entries on model `m`.
 pub fn peers(ids: &[&str]) -> String {
-    ids.iter()
-        .map(|id| format!("[[peers]]\nid = \"{id}\"\nmodel = \"m\"\n"))
-        .collect()
+    ids.iter().map(|id| format!("[[peers]]\nid = \"{id}\"\nmodel = \"m\"\n")).collect()
 }
 
 /// A simulated model `m`.
 pub fn simulated(p: f64, s: f64, seed: u64) -> String {
-    format!(
-        "[models.m]\nprovider = \"simulated\"\np_correct = {p}\nsusceptibility = {s}\nseed = {seed}\n"
-    )
+    format!("[models.m]\nprovider = \"simulated\"\np_correct = {p}\nsusceptibility = {s}\nseed = {seed}\n")
 }
 
 /// A scripted model `m` with per-peer replies (TOML literal strings, so JSON needs no
 /// escaping).
 pub fn scripted(per_peer: &[(&str, &[&str])]) -> String {
-    let mut s =
-        "[models.m]\nprovider = \"scripted\"\nreplies = [\"(no script)\"]\n[models.m.per_peer]\n"
-            .to_string();
+    let mut s = "[models.m]\nprovider = \"scripted\"\nreplies = [\"(no script)\"]\n[models.m.per_peer]\n".to_string();
     for (peer, replies) in per_peer {
         let list: Vec<String> = replies.iter().map(|r| format!("'''{r}'''")).collect();
         s.push_str(&format!("{peer} = [{}]\n", list.join(", ")));
@@ -59,8 +53,7 @@ pub fn scripted(per_peer: &[(&str, &[&str])]) -> String {
     s
 }
 
-pub const QUESTION: &str =
-    "What is the result of 3+4*5+6-7*8? End your reply with 'Answer: <number>'.";
+pub const QUESTION: &str = "What is the result of 3+4*5+6-7*8? End your reply with 'Answer: <number>'.";
 pub const RIGHT: &str = "-27";
 
 /// A log folded by hand: append envelopes, read duties and the stop decision.
@@ -88,23 +81,13 @@ impl Fold {
         self.seq += 1;
         env.lamport = self.seq;
         let env = Arc::new(env);
-        self.st.apply(&Entry {
-            seq: self.seq,
-            env: env.clone(),
-        });
+        self.st.apply(&Entry { seq: self.seq, env: env.clone() });
         self.log.push(env.clone());
         env
     }
 
     pub fn env(&self, from: &str, step: &str, kind: Kind, body: Body) -> Envelope {
-        Envelope::new(
-            &self.session,
-            &PeerId::from(from),
-            step.to_string(),
-            kind,
-            Recipient::All,
-            body,
-        )
+        Envelope::new(&self.session, &PeerId::from(from), step.to_string(), kind, Recipient::All, body)
     }
 
     pub fn say(&mut self, from: &str, step: &str, kind: Kind, text: &str) -> Arc<Envelope> {
@@ -112,19 +95,8 @@ impl Fold {
         self.push(e)
     }
 
-    pub fn say_json(
-        &mut self,
-        from: &str,
-        step: &str,
-        kind: Kind,
-        json: serde_json::Value,
-    ) -> Arc<Envelope> {
-        let e = self.env(
-            from,
-            step,
-            kind,
-            Body::text(json.to_string()).with_json(json),
-        );
+    pub fn say_json(&mut self, from: &str, step: &str, kind: Kind, json: serde_json::Value) -> Arc<Envelope> {
+        let e = self.env(from, step, kind, Body::text(json.to_string()).with_json(json));
         self.push(e)
     }
 
@@ -133,14 +105,9 @@ impl Fold {
             from,
             step,
             Kind::Failure,
-            Body::text("model call failed")
-                .with_json(serde_json::json!({"error": "provider error"})),
+            Body::text("model call failed").with_json(serde_json::json!({"error": "provider error"})),
         );
-        e.usage = Some(roundtable_core::Usage {
-            model: "m".into(),
-            calls: 1,
-            ..Default::default()
-        });
+        e.usage = Some(roundtable_core::Usage { model: "m".into(), calls: 1, ..Default::default() });
         self.push(e)
     }
 
@@ -151,42 +118,27 @@ impl Fold {
 
     /// Append what a post duty appends (as the given peer).
     pub fn perform(&mut self, peer: &str, d: &Duty) -> Arc<Envelope> {
-        let Action::Post { body } = &d.action else {
-            panic!("not a post: {d:?}")
-        };
-        let mut e = Envelope::new(
-            &self.session,
-            &PeerId::from(peer),
-            d.step.clone(),
-            d.kind,
-            d.to.clone(),
-            body.clone(),
-        )
-        .with_round(d.round)
-        .with_parents(d.parents.clone());
+        let Action::Post { body } = &d.action else { panic!("not a post: {d:?}") };
+        let mut e =
+            Envelope::new(&self.session, &PeerId::from(peer), d.step.clone(), d.kind, d.to.clone(), body.clone())
+                .with_round(d.round)
+                .with_parents(d.parents.clone());
         e.id = d.envelope_id(&self.session, &PeerId::from(peer));
         self.push(e)
     }
 
     pub fn duties(&self, peer: &str) -> Vec<Duty> {
-        self.st
-            .duties(&PeerId::from(peer), roundtable_core::envelope::now_ms())
+        self.st.duties(&PeerId::from(peer), roundtable_core::envelope::now_ms())
     }
 
     /// The steps of a peer's duties, the stop excluded.
     pub fn steps(&self, peer: &str) -> Vec<String> {
-        self.duties(peer)
-            .iter()
-            .filter(|d| d.kind != Kind::Stop)
-            .map(|d| d.step.to_string())
-            .collect()
+        self.duties(peer).iter().filter(|d| d.kind != Kind::Stop).map(|d| d.step.to_string()).collect()
     }
 
     /// The stop decision: (reason, answer).
     pub fn stop(&self) -> Option<(String, Option<String>)> {
-        self.st
-            .stop_decision(roundtable_core::envelope::now_ms())
-            .map(|(r, a, _)| (r, a.map(|a| a.to_string())))
+        self.st.stop_decision(roundtable_core::envelope::now_ms()).map(|(r, a, _)| (r, a.map(|a| a.to_string())))
     }
 
     /// Record every collective post (rejections, announcements, awards) any peer owes.
@@ -195,10 +147,7 @@ impl Fold {
             let mut did = false;
             for p in peers {
                 for d in self.duties(p) {
-                    if d.collective
-                        && d.kind != Kind::Stop
-                        && matches!(d.action, Action::Post { .. })
-                    {
+                    if d.collective && d.kind != Kind::Stop && matches!(d.action, Action::Post { .. }) {
                         self.perform(p, &d);
                         did = true;
                     }
@@ -275,15 +224,7 @@ pub fn recorded(plan: &TeamPlan) -> (HashMap<PeerId, Arc<dyn ChatModel>>, Arc<Mu
     let calls = Arc::new(Mutex::new(Vec::new()));
     let models = offline_models(plan, None)
         .into_iter()
-        .map(|(p, m)| {
-            (
-                p,
-                Arc::new(Recording {
-                    inner: m,
-                    calls: calls.clone(),
-                }) as Arc<dyn ChatModel>,
-            )
-        })
+        .map(|(p, m)| (p, Arc::new(Recording { inner: m, calls: calls.clone() }) as Arc<dyn ChatModel>))
         .collect();
     (models, calls)
 }
@@ -306,30 +247,14 @@ pub async fn run_with(
         open_session(log.as_ref(), plan, topic).await.unwrap();
     }
     let run = run_peers_with(log.clone(), plan, models, presence, None, extras);
-    let summary = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the session stops")
-        .expect("the session runs");
-    let entries = log
-        .read_all()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.env)
-        .collect();
+    let summary =
+        tokio::time::timeout(Duration::from_secs(30), run).await.expect("the session stops").expect("the session runs");
+    let entries = log.read_all().await.unwrap().into_iter().map(|e| e.env).collect();
     (entries, summary)
 }
 
 pub async fn run(plan: &TeamPlan, topic: &str) -> (Vec<Arc<Envelope>>, SessionSummary) {
-    run_with(
-        plan,
-        topic,
-        offline_models(plan, None),
-        PeerExtras::default(),
-        None,
-        None,
-    )
-    .await
+    run_with(plan, topic, offline_models(plan, None), PeerExtras::default(), None, None).await
 }
 
 fn rand_id() -> u64 {
@@ -340,18 +265,12 @@ fn rand_id() -> u64 {
 
 /// `from:step` of every envelope of a kind.
 pub fn steps_of(log: &[Arc<Envelope>], kind: Kind) -> Vec<String> {
-    log.iter()
-        .filter(|e| e.kind == kind)
-        .map(|e| format!("{}:{}", e.from, e.step))
-        .collect()
+    log.iter().filter(|e| e.kind == kind).map(|e| format!("{}:{}", e.from, e.step)).collect()
 }
 
 pub fn stop_of(log: &[Arc<Envelope>]) -> Arc<Envelope> {
     let stops: Vec<_> = log.iter().filter(|e| e.kind == Kind::Stop).collect();
     assert_eq!(stops.len(), 1, "exactly one stop");
-    assert!(
-        Arc::ptr_eq(stops[0], log.last().unwrap()),
-        "the stop is last"
-    );
+    assert!(Arc::ptr_eq(stops[0], log.last().unwrap()), "the stop is last");
     stops[0].clone()
 }

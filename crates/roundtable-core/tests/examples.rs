@@ -1,0 +1,93 @@
+//! Every example team file under `examples/` validates and runs offline to a recorded
+//! stop; the scripted ones reach the outcome their comments describe.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use roundtable_core::Kind;
+use roundtable_core::team::{PlanEnv, TeamPlan, parse_team};
+
+struct Dir(PathBuf);
+impl PlanEnv for Dir {
+    fn var_is_set(&self, _: &str) -> bool {
+        false
+    }
+    fn read(&self, p: &str) -> Result<String, String> {
+        std::fs::read_to_string(self.0.join(p)).map_err(|e| e.to_string())
+    }
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn example(name: &str) -> TeamPlan {
+    let path = examples().join(name);
+    let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    parse_team(name, &src, &Dir(examples())).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_runs_offline_to_a_stop() {
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut names: Vec<String> = std::fs::read_dir(examples())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".toml"))
+        .collect();
+    names.sort();
+    for name in &names {
+        let plan = example(name);
+        kinds.insert(plan.protocol.kind());
+        let topic = plan.topic.clone().expect("examples have a topic");
+        let (log, s) = run(&plan, &topic).await;
+        assert!(s.stopped && s.stop_reason.is_some(), "{name}");
+        stop_of(&log);
+        assert!(log.iter().all(|e| e.kind != Kind::Failure || e.usage.is_none()), "{name}: no model call failed");
+    }
+    for kind in roundtable_core::team::ProtocolSpec::KINDS {
+        assert!(kinds.contains(kind), "no example of {kind}");
+    }
+}
+
+#[tokio::test]
+async fn scripted_examples_reach_their_described_outcome() {
+    let cases: [(&str, &str, &str); 5] = [
+        ("proposer-critic.toml", "the critics are satisfied in round 2", "Final design: cache the first page"),
+        ("judged-debate.toml", "judge verdict in round 2", "Yes, as a one-quarter pilot"),
+        (
+            "consensus.toml",
+            "consensus in round 2: 2 of 2 voters approve",
+            "Postgres for orders, with a streaming read replica",
+        ),
+        ("adversarial.toml", "consensus in round 2: 2 of 2 voters found the objection invalid", "Ship Monday morning"),
+        (
+            "blackboard.toml",
+            "done: reviewer wrote \"APPROVED\" to `review`",
+            "Yesterday from 14:05 to 14:45 UTC some customers could not complete checkout. A cache setting expired payment sessions too early. We fixed the setting and added an alert",
+        ),
+    ];
+    for (name, reason, answer) in cases {
+        let plan = example(name);
+        let (_, s) = run(&plan, plan.topic.as_deref().unwrap()).await;
+        assert!(s.stop_reason.as_deref().unwrap().starts_with(reason), "{name}: {:?}", s.stop_reason);
+        assert!(s.final_answer.as_deref().unwrap().starts_with(answer), "{name}: {:?}", s.final_answer);
+    }
+}
+
+#[tokio::test]
+async fn the_long_discussion_example_keeps_prompts_flat() {
+    let plan = example("long-discussion.toml");
+    let (log, _) = run(&plan, plan.topic.as_deref().unwrap()).await;
+    let mut per_round = vec![0u64; 6];
+    for e in log.iter().filter(|e| e.step.starts_with("turn/")) {
+        per_round[e.round as usize] += e.usage.as_ref().unwrap().prompt_tokens;
+    }
+    // From the third round on, each round's prompts cost the same (the replies carry
+    // the turn number, so allow a few tokens of difference).
+    let base = per_round[2] as i64;
+    assert!(per_round[2..].iter().all(|t| (*t as i64 - base).abs() <= 6), "{per_round:?}");
+    assert!(log.iter().filter(|e| e.kind == Kind::Summary).count() >= 3);
+}
