@@ -10,18 +10,27 @@
 //! reducers.
 //!
 //! # Inputs that are not model outputs
-//! Two kinds of decision depend on the outside world and are recorded rather than
-//! re-derived: the clock (a `timeout` or wall-time budget stop) and liveness (an
-//! `absent` notice). Replay removes the clock conditions from the plan and feeds the
-//! recorded envelopes in at the same place in the log.
+//! Some decisions depend on the outside world and are recorded rather than re-derived:
+//! the clock (a `timeout` or wall-time budget stop) and liveness (an `absent` notice).
+//! Replay removes the clock conditions from the plan and feeds the recorded envelopes in
+//! at the same place in the log. The work queue is an input too: each claim hands the
+//! claimer the task the log says it claimed, when the log says so. The blackboard is a
+//! fresh one: writes happen in the recorded order, so the same writes win.
+//!
+//! A commit-reveal vote's answer is sealed with the juror's secret, which is never on
+//! the log; the replayed juror commits to the answer its recorded reveal shows, under a
+//! secret of the replay's own, so the commitment, seal and salt (derived from the
+//! secret) differ and are not compared, while the revealed answers and the tally are.
+//! A similarity measured with an embedder is not reproducible without that embedder;
+//! replay runs without one, as the CLI does.
 //!
 //! # Order
 //! The log's order is part of the truth: a reducer may legitimately decide differently
 //! when two independent envelopes (two simultaneous debaters' answers, a late message
 //! and a close-of-round decision) land the other way round. So replay reproduces the
-//! recorded order: an envelope the original log has is appended only once every
-//! envelope before it in the original is on the replay log. Envelopes the original does
-//! not have are held back and reported.
+//! recorded order: a model call returns its recorded answer, and an envelope the
+//! original log has is appended, only once every envelope before it in the original is
+//! on the replay log. Envelopes the original does not have are held back and reported.
 //!
 //! # What must match
 //! Envelopes are matched by `(peer, step)` (by step alone for collective decisions,
@@ -46,10 +55,11 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, MemLog, SessionLog, SharedMemLog};
 use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind};
-use roundtable_core::peer::{PeerConfig, run_peer};
+use roundtable_core::peer::{PeerConfig, PeerExtras, run_peer_with};
 use roundtable_core::session::plan_of;
 use roundtable_core::team::TeamPlan;
 use roundtable_core::termination::Termination;
+use roundtable_core::workqueue::{Claim, DeadLetter, QueueConfig, QueueError, QueueStats, WorkQueue};
 use roundtable_core::{Envelope, EnvelopeId, Kind, PeerId, SessionId};
 use serde::Serialize;
 use tokio::sync::watch;
@@ -184,8 +194,19 @@ const MODEL_ERROR_KINDS: [ModelErrorKind; 11] = [
     ModelErrorKind::Budget,
 ];
 
-fn recorded_output(env: &Envelope) -> Option<Recorded> {
+fn recorded_output(env: &Envelope, reveals: &HashMap<&str, &str>) -> Option<Recorded> {
     let usage = env.usage.as_ref()?;
+    if env.kind == Kind::Commit {
+        // The sealed answer, as its reveal shows it.
+        let text = reveals.get(env.id.as_str())?;
+        return Some(Recorded::Answer(ChatResponse {
+            text: text.to_string(),
+            model: usage.model.to_string(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            finish_reason: None,
+        }));
+    }
     if env.kind == Kind::Failure {
         let j = env.body.json.as_ref()?;
         let kind_text = j.get("error")?.as_str()?;
@@ -205,12 +226,14 @@ fn recorded_output(env: &Envelope) -> Option<Recorded> {
     }
 }
 
-/// A model that answers from a session's recording. A call the recording has no answer
-/// for never returns (the replay notes it; a live model would have been needed).
+/// A model that answers from a session's recording, when everything before the answer
+/// in the original log is on the replay log. A call the recording has no answer for
+/// never returns (the replay notes it; a live model would have been needed).
 pub struct ReplayModel {
     name: String,
-    answers: Arc<HashMap<(PeerId, String), Recorded>>,
+    answers: Arc<HashMap<(PeerId, String), (Recorded, u64)>>,
     asked: Arc<Mutex<ReplayCalls>>,
+    next_missing: watch::Receiver<u64>,
 }
 
 #[derive(Default)]
@@ -228,7 +251,8 @@ impl ChatModel for ReplayModel {
     }
     async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
         match self.answers.get(&(req.peer.clone(), req.step.to_string())) {
-            Some(rec) => {
+            Some((rec, seq)) => {
+                let _ = self.next_missing.clone().wait_for(|&m| m >= *seq).await;
                 self.asked.lock().expect("replay calls").answered += 1;
                 match rec {
                     Recorded::Answer(r) => Ok(r.clone()),
@@ -404,15 +428,24 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
     let mut answers = HashMap::new();
     let mut failure_model: HashMap<PeerId, String> = HashMap::new();
     let mut absent_then_silent: BTreeSet<PeerId> = BTreeSet::new();
+    let reveals: HashMap<&str, &str> = entries
+        .iter()
+        .filter(|e| e.env.kind == Kind::Reveal)
+        .filter_map(|e| Some((e.env.body.json.as_ref()?.get("commit")?.as_str()?, &*e.env.body.text)))
+        .collect();
+    let mut claims: HashMap<PeerId, std::collections::VecDeque<(u64, Claim)>> = HashMap::new();
     for e in entries.iter().skip(1) {
         let env = &e.env;
         original.insert(key_of(&session, env), e.seq);
+        if let Some(c) = recorded_claim(env) {
+            claims.entry(env.from.clone()).or_default().push_back((e.seq, c));
+        }
         let is_input = env.kind == Kind::Absent || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)));
         if is_input {
             inputs.insert(e.seq, (*env.as_ref()).clone());
         }
-        if let Some(rec) = recorded_output(env) {
-            answers.insert((env.from.clone(), env.step.to_string()), rec);
+        if let Some(rec) = recorded_output(env, &reveals) {
+            answers.insert((env.from.clone(), env.step.to_string()), (rec, e.seq));
             if env.kind == Kind::Failure
                 && let Some(u) = &env.usage
             {
@@ -455,6 +488,19 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
 
     let answers = Arc::new(answers);
     let calls = Arc::new(Mutex::new(ReplayCalls::default()));
+    // A fresh blackboard, and a queue that hands out what the recording says.
+    let parts = roundtable_core::bus::MemParts::default();
+    let queue: Arc<dyn WorkQueue> = Arc::new(ReplayQueue {
+        config: plan.protocol.queue_config().unwrap_or_default(),
+        claims: Mutex::new(claims),
+        next_missing: gate.next_missing.subscribe(),
+    });
+    let extras = |p: &PeerId| PeerExtras {
+        board: Some(parts.blackboard(&session)),
+        queue: Some(queue.clone()),
+        embedder: None,
+        secret: Some(Arc::from(format!("replay secret of {p}").into_bytes())),
+    };
     let mut peers = tokio::task::JoinSet::new();
     let mut configs = HashMap::new();
     let mut handles = HashMap::new();
@@ -462,9 +508,14 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         let name = failure_model.get(&p.id).cloned().unwrap_or_else(|| {
             plan.models.get(&p.model).map_or_else(|| p.model.clone(), |m| m.provider.model_name(&p.model))
         });
-        let model = Arc::new(ReplayModel { name, answers: answers.clone(), asked: calls.clone() });
+        let model = Arc::new(ReplayModel {
+            name,
+            answers: answers.clone(),
+            asked: calls.clone(),
+            next_missing: gate.next_missing.subscribe(),
+        });
         let cfg = PeerConfig { me: p.id.clone(), log: log.clone(), model, presence: None, events: None };
-        handles.insert(p.id.clone(), peers.spawn(run_peer(cfg.clone())));
+        handles.insert(p.id.clone(), peers.spawn(run_peer_with(cfg.clone(), extras(&p.id))));
         configs.insert(p.id.clone(), cfg);
     }
 
@@ -492,7 +543,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
                         && let (Some(h), Some(cfg)) = (handles.get(&who), configs.get(&who))
                     {
                         h.abort();
-                        let h = peers.spawn(run_peer(cfg.clone()));
+                        let h = peers.spawn(run_peer_with(cfg.clone(), extras(&who)));
                         handles.insert(who, h);
                     }
                 }
@@ -618,6 +669,85 @@ fn describe(env: &Envelope) -> String {
     format!("{} from {}: {:?}", env.kind, env.from, crate::trace::one_line(&env.body.text, 80))
 }
 
+/// An envelope's JSON without what is derived from a peer's secret (never on the log,
+/// so not reproducible): a commitment's hash and seal, a reveal's salt.
+fn comparable_json(env: &Envelope) -> Option<serde_json::Value> {
+    let mut j = env.body.json.clone()?;
+    let secret_derived: &[&str] = match env.kind {
+        Kind::Commit => &["commitment", "sealed"],
+        Kind::Reveal => &["salt"],
+        _ => &[],
+    };
+    if let Some(m) = j.as_object_mut() {
+        for k in secret_derived {
+            m.remove(*k);
+        }
+    }
+    Some(j)
+}
+
+/// A claim the log records (`work` envelope, `op: claim`).
+fn recorded_claim(env: &Envelope) -> Option<Claim> {
+    let j = env.body.json.as_ref()?;
+    if env.kind != Kind::Work || j.get("op")?.as_str()? != "claim" {
+        return None;
+    }
+    let item = j.get("item")?.as_str()?.to_string();
+    Some(Claim {
+        payload: serde_json::json!({ "task": j.get("task").cloned().unwrap_or_default() }),
+        delivery: j.get("delivery").and_then(serde_json::Value::as_u64).map_or(1, |d| d as u32),
+        lease: format!("replay/{item}"),
+        claimer: env.from.clone(),
+        task_id: item,
+    })
+}
+
+/// The work queue as the recording saw it: each peer gets the tasks it claimed, in
+/// order, once everything before the claim in the original is on the replay log.
+struct ReplayQueue {
+    config: QueueConfig,
+    claims: Mutex<HashMap<PeerId, std::collections::VecDeque<(u64, Claim)>>>,
+    next_missing: watch::Receiver<u64>,
+}
+
+#[async_trait]
+impl WorkQueue for ReplayQueue {
+    fn config(&self) -> QueueConfig {
+        self.config
+    }
+    async fn push(&self, _task_id: &str, _payload: serde_json::Value) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn claim(&self, claimer: &PeerId, wait: Duration) -> Result<Option<Claim>, QueueError> {
+        let next = self.claims.lock().expect("replay queue").get_mut(claimer).and_then(|q| q.pop_front());
+        match next {
+            Some((seq, claim)) => {
+                let _ = self.next_missing.clone().wait_for(|&m| m >= seq).await;
+                Ok(Some(claim))
+            }
+            None => {
+                tokio::time::sleep(wait).await;
+                Ok(None)
+            }
+        }
+    }
+    async fn ack(&self, _claim: &Claim) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn nack(&self, _claim: &Claim, _delay: Duration) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn progress(&self, _claim: &Claim) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
+        Ok(Vec::new())
+    }
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        Ok(QueueStats::default())
+    }
+}
+
 fn parents_set(env: &Envelope) -> BTreeSet<&str> {
     env.parents.iter().map(EnvelopeId::as_str).collect()
 }
@@ -645,7 +775,7 @@ fn first_difference(a: &Envelope, b: &Envelope) -> Option<(String, String, Strin
     diff("recipient", format!("{:?}", a.to), format!("{:?}", b.to))
         .or_else(|| diff("round", a.round.to_string(), b.round.to_string()))
         .or_else(|| diff("text", a.body.text.to_string(), b.body.text.to_string()))
-        .or_else(|| diff("json", format!("{:?}", a.body.json), format!("{:?}", b.body.json)))
+        .or_else(|| diff("json", format!("{:?}", comparable_json(a)), format!("{:?}", comparable_json(b))))
         .or_else(|| diff("parents", format!("{:?}", parents_set(a)), format!("{:?}", parents_set(b))))
         .or_else(|| {
             let u = |e: &Envelope| {

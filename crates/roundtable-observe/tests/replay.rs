@@ -244,3 +244,67 @@ async fn an_open_session_replays_up_to_where_it_was_cut() {
     assert_eq!(r.stop_reason, None);
     assert!(!r.unrecorded_calls.is_empty(), "the peers wanted to go on past the recording");
 }
+
+const SIMULATED: &str = "[models.m]\nprovider = \"simulated\"\np_correct = 0.6\nsusceptibility = 0.4\nseed = 7\n";
+const QUESTION: &str = "What is the result of 3+4*5+6-7*8? End your reply with 'Answer: <number>'.";
+
+fn members(ids: &[&str]) -> String {
+    ids.iter().map(|id| format!("[[peers]]\nid = \"{id}\"\nmodel = \"m\"\n")).collect()
+}
+
+/// A team file for every protocol, on a seeded simulated model.
+fn protocol_teams() -> Vec<(&'static str, String)> {
+    let tasks = "[[protocol.tasks]]\nid = \"a\"\ndescription = \"Compute 2+3*4.\"\n[[protocol.tasks]]\nid = \"b\"\ndescription = \"Compute 5*5-1.\"\n[[protocol.tasks]]\nid = \"c\"\ndescription = \"Compute 7*6+1.\"\ndepends_on = [\"a\", \"b\"]\n";
+    let sources = "[[protocol.sources]]\npeer = \"planner\"\nreads = [\"task\"]\nwrites = \"plan\"\n[[protocol.sources]]\npeer = \"writer\"\nreads = [\"plan\"]\nwrites = \"draft\"\n[[protocol.sources]]\npeer = \"reviewer\"\nreads = [\"draft\"]\nwrites = \"review\"\n";
+    let t = |peers: &[&str], protocol: &str| {
+        format!("name = \"t\"\n{SIMULATED}{}[protocol]\n{protocol}\n[termination]\nmax_messages = 40\n", members(peers))
+    };
+    vec![
+        ("round_robin", t(&["a", "b", "c"], "kind = \"round_robin\"\nrounds = 2")),
+        ("debate", t(&["a", "b", "c"], "kind = \"debate\"")),
+        ("proposer_critic", t(&["prop", "crit"], "kind = \"proposer_critic\"")),
+        ("judged_debate", t(&["pro", "con", "judge"], "kind = \"judged_debate\"\njudge = \"judge\"")),
+        ("jury", t(&["j1", "j2", "j3", "j4", "j5"], "kind = \"jury\"")),
+        ("consensus", t(&["lead", "a", "b"], "kind = \"consensus\"\nproposer = \"lead\"\nthreshold = 0.6")),
+        (
+            "emergent",
+            t(&["a", "b", "c", "d"], "kind = \"emergent\"\ncompare = \"answer\"\nthreshold = 0.99\nrounds = 4"),
+        ),
+        (
+            "adversarial",
+            t(&["prop", "devil", "x"], "kind = \"adversarial\"\nproposer = \"prop\"\nadvocate = \"devil\""),
+        ),
+        (
+            "blackboard",
+            t(
+                &["planner", "writer", "reviewer"],
+                &format!("kind = \"blackboard\"\nanswer_key = \"draft\"\ndone_phrase = \"APPROVED\"\n{sources}"),
+            ),
+        ),
+        ("work_queue", t(&["w1", "w2", "w3"], &format!("kind = \"work_queue\"\n{tasks}"))),
+        ("contract_net", t(&["ana", "bo"], &format!("kind = \"contract_net\"\n{tasks}"))),
+        ("hybrid", t(&["lead", "a", "b", "c"], "kind = \"hybrid\"\nleader = \"lead\"\ndeadlock_rounds = 2")),
+    ]
+}
+
+#[tokio::test]
+async fn every_protocol_replays_with_no_divergence() {
+    let teams = protocol_teams();
+    let kinds: Vec<&str> = teams.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, roundtable_core::team::ProtocolSpec::KINDS, "a team for every protocol");
+    let mut failed = Vec::new();
+    for (kind, src) in teams {
+        let plan = plan_from(&src);
+        let log = new_log();
+        open_session(log.as_ref(), &plan, QUESTION).await.unwrap();
+        run_peers(log.clone(), &plan, roundtable_core::eval::offline_models(&plan, None), None, None).await.unwrap();
+        let entries = log.read_all().await.unwrap();
+        let report = replay(&entries, ReplayOptions::default()).await.unwrap();
+        if let Some(d) = &report.divergence {
+            failed.push(format!("{kind} ({} envelopes): {d}", entries.len()));
+        } else {
+            assert_eq!(report.matched, entries.len() - report.stragglers.len(), "{kind}");
+        }
+    }
+    assert!(failed.is_empty(), "divergences:\n{}", failed.join("\n"));
+}
