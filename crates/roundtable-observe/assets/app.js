@@ -78,6 +78,7 @@
     closeSession();
     const me = { id, entries: [], bySeq: new Map(), byId: new Map(), es: null, timer: null, problem: null };
     current = me;
+    if (!sessions.some((x) => x.id === id)) loadSessions();
     renderSessions();
     mainEl.replaceChildren(h("p", { class: "muted" }, "Loading session " + id + " …"));
     const es = new EventSource("/api/sessions/" + encodeURIComponent(id) + "/events");
@@ -234,6 +235,8 @@
     const answer = j.answer || env.body.text;
     const decidedBy = (env.parents || []).map((id) => current.byId.get(id)).filter((x) => x !== undefined);
     const chain = [...d.led].sort((a, b) => a - b);
+    const ballots = d.es.filter((e) => e.seq < d.stop.seq && ["vote", "verdict", "reveal"].includes(e.env.kind) &&
+      (e.env.parents || []).some((id) => decidedBy.includes(current.byId.get(id))));
     return h("section", { class: "panel wide decision", "data-role": "decision" },
       h("h2", null, "Why it stopped"),
       h("p", { class: "reason" }, j.reason || "stopped"),
@@ -244,11 +247,23 @@
           const e = current.bySeq.get(q);
           return h("li", null, h("a", jump(q), who(d, q)), " (", e.kind, ", round ", String((e.round || 0) + 1), "): ", firstLine(e.body.text, 120));
         })))
-        : h("div", { class: "muted" }, "No envelope triggered it: a limit or the clock did (see the reason)."),
+        : h("div", { class: "muted" }, "It names no envelope it was decided from; its reason says why.",
+          lastRound(d).length ? [" The last round before it: ", lastRound(d).map((q, i) => [i ? ", " : "", h("a", jump(q), who(d, q))])] : null),
+      ballots.length
+        ? h("div", { style: "margin-top:6px" }, "Ballots on it:", h("ul", null, ballots.map((e) =>
+          h("li", null, h("a", jump(e.seq), who(d, e.seq)), " (", e.env.kind, "): ", ballot(e.env)))))
+        : null,
       chain.length > decidedBy.length
         ? h("div", { style: "margin-top:6px" }, "The messages that led to it (", String(chain.length), "): ",
           chain.map((q, i) => [i ? ", " : "", h("a", jump(q), who(d, q))]))
         : null);
+  }
+
+  function lastRound(d) {
+    const before = d.es.filter((e) => e.seq < d.stop.seq && CONTRIBUTIONS.has(e.env.kind));
+    if (!before.length) return [];
+    const r = Math.max(...before.map((e) => e.env.round || 0));
+    return before.filter((e) => (e.env.round || 0) === r).map((e) => e.seq);
   }
 
   function graphPanel(d) {
@@ -285,7 +300,7 @@
       return s("g", { class: "node", "data-peer": p },
         s("circle", { cx: x, cy: y, r, fill: d.color[p], opacity: 0.9 }),
         s("text", { x, y: y + 4, "text-anchor": "middle", "font-size": 11, fill: "#fff", "font-weight": 700 }, String(d.stats[p] ? d.stats[p].messages : 0)),
-        s("text", { x, y: y + r + 14, "text-anchor": "middle", "font-size": 12, fill: "#1f2933" }, p));
+        s("text", { x, y: y < cy - 1 ? y - r - 7 : y + r + 14, "text-anchor": "middle", "font-size": 12, fill: "#1f2933" }, p));
     });
     const svg = s("svg", { viewBox: "0 0 " + W + " " + H, width: "100%", role: "img", "aria-label": "Interaction graph", id: "graph" },
       s("defs", null, s("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" },
@@ -349,6 +364,20 @@
       noCost ? null : chart(d, "cost", (v) => money(v)));
   }
 
+  // A vote, verdict or proposal in a few words: its structured fields when it has them.
+  function ballot(env) {
+    const j = env.body.json;
+    // A reveal's JSON is its salt and commitment: the answer is the text.
+    if (!j || typeof j !== "object" || Array.isArray(j) || env.kind === "reveal" || env.kind === "commit") return firstLine(env.body.text, 90);
+    const parts = [];
+    if (typeof j.approve === "boolean") parts.push(j.approve ? "✓ approves" : "✗ rejects");
+    for (const [k, v] of Object.entries(j)) {
+      if (k === "approve" || v === null || typeof v === "object") continue;
+      parts.push(k + ": " + firstLine(String(v), 60));
+    }
+    return parts.length ? parts.join(" · ") : firstLine(env.body.text, 90);
+  }
+
   function votesPanel(d) {
     const rows = d.es.filter((e) => VOTE_KINDS.has(e.env.kind) ||
       (!e.env.usage && (e.env.parents || []).length && !NOT_DECISIONS.has(e.env.kind)));
@@ -356,8 +385,7 @@
       ? h("table", { class: "votes" },
         h("thead", null, h("tr", null, ["#", "Round", "Peer", "Kind", "What", "From"].map((t) => h("th", null, t)))),
         h("tbody", null, rows.map((e) => {
-          const j = e.env.body.json || {};
-          const what = j.answer !== undefined ? String(j.answer) : firstLine(e.env.body.text, 90);
+          const what = ballot(e.env);
           return h("tr", null,
             h("td", null, h("a", jump(e.seq), "#" + e.seq)), h("td", null, String((e.env.round || 0) + 1)),
             h("td", null, e.env.from), h("td", null, e.env.kind), h("td", { class: "text" }, what),
@@ -390,7 +418,7 @@
       h("div", { class: "text" }, text),
       (u || answers.length) ? h("div", { class: "foot" },
         u ? [u.model, " · ", num(u.prompt_tokens), " in + ", num(u.completion_tokens), " out tokens · ", num(u.latency_ms), " ms", u.cost_usd ? " · " + money(u.cost_usd) : ""] : null,
-        answers.length ? [u ? " · " : "", "answers ", answers.map((q, i) => [i ? ", " : "", h("a", jump(q), who(d, q))])] : null)
+        answers.length ? [u ? " · " : "", env.kind === "stop" ? "decided by " : "answers ", answers.map((q, i) => [i ? ", " : "", h("a", jump(q), who(d, q))])] : null)
         : null);
   }
 

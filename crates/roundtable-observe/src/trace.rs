@@ -81,6 +81,14 @@ pub struct StopExplanation {
     /// Every envelope that led to the decision: `decided_by` and their causal ancestors,
     /// in log order.
     pub led_by: Vec<u64>,
+    /// Votes and verdicts cast on the envelopes the stop was decided by (they name one of
+    /// them as a parent): the ballots behind a consensus or a verdict.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ballots: Vec<u64>,
+    /// When the stop names no envelopes: the contributions of the last round before it,
+    /// for context (what the decision was made over, without a causal claim).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub last_round: Vec<u64>,
 }
 
 /// Where a forked session came from (recorded in its task envelope).
@@ -246,6 +254,16 @@ impl Trace {
                 answer: j
                     .and_then(|j| j.get("answer")?.as_str().map(str::to_owned))
                     .or_else(|| (!s.env.body.text.is_empty()).then(|| s.env.body.text.to_string())),
+                last_round: if decided_by.is_empty() { last_round(entries, s.seq) } else { Vec::new() },
+                ballots: nodes
+                    .iter()
+                    .filter(|n| {
+                        n.seq < s.seq
+                            && matches!(n.kind, "vote" | "verdict" | "reveal")
+                            && n.parents.iter().any(|p| decided_by.contains(p))
+                    })
+                    .map(|n| n.seq)
+                    .collect(),
                 decided_by,
                 led_by: seen.into_iter().collect(),
             }
@@ -342,7 +360,16 @@ impl Trace {
             Some(s) => {
                 let _ = writeln!(o, "  #{} stop, recorded by {}: {}", s.seq, s.recorded_by, s.reason);
                 if s.decided_by.is_empty() {
-                    let _ = writeln!(o, "  No envelope triggered it: a limit or a clock did (see the reason).");
+                    let _ = writeln!(o, "  It names no envelope it was decided from; its reason says why.");
+                    if !s.last_round.is_empty() {
+                        let last: Vec<String> = s
+                            .last_round
+                            .iter()
+                            .filter_map(|&q| self.node(q))
+                            .map(|n| format!("#{} {} ({})", n.seq, n.from, n.kind))
+                            .collect();
+                        let _ = writeln!(o, "  the last round before it: {}", last.join(", "));
+                    }
                 }
                 for &d in &s.decided_by {
                     if let Some(n) = self.node(d) {
@@ -355,6 +382,11 @@ impl Trace {
                             n.step,
                             one_line(&n.text, 100)
                         );
+                    }
+                }
+                for &b in &s.ballots {
+                    if let Some(n) = self.node(b) {
+                        let _ = writeln!(o, "  ballot on it: #{} {} ({}): {}", n.seq, n.from, n.kind, ballot(n));
                     }
                 }
                 if s.led_by.len() > s.decided_by.len() {
@@ -431,7 +463,7 @@ impl Trace {
                 if let Some(n) = self.node(d) {
                     let from: Vec<String> = n.parents.iter().map(|&p| self.who(p)).collect();
                     let basis = if from.is_empty() { String::new() } else { format!(" ← {}", from.join(", ")) };
-                    let _ = writeln!(o, "  #{} {} ({}): \"{}\"{basis}", n.seq, n.from, n.kind, one_line(&n.text, 80));
+                    let _ = writeln!(o, "  #{} {} ({}): {}{basis}", n.seq, n.from, n.kind, ballot(n));
                 }
             }
         }
@@ -558,6 +590,40 @@ impl Trace {
         o.push_str("}\n");
         o
     }
+}
+
+/// Contributions of the last round before the stop at `stop_seq`.
+fn last_round(entries: &[Entry], stop_seq: u64) -> Vec<u64> {
+    let before = entries.iter().filter(|e| e.seq < stop_seq && is_contribution(e.env.kind));
+    let Some(round) = before.clone().map(|e| e.env.round).max() else { return Vec::new() };
+    before.filter(|e| e.env.round == round).map(|e| e.seq).collect()
+}
+
+/// A vote, verdict or proposal in a few words: its structured fields when it has them
+/// (`approve`, `answer`, `reason`, …), its text otherwise.
+fn ballot(n: &Node) -> String {
+    let structured = match &n.json {
+        // A reveal's JSON is its salt and commitment: the answer is the text.
+        Some(serde_json::Value::Object(m)) if !matches!(n.kind, "reveal" | "commit") => Some(m),
+        _ => None,
+    };
+    let Some(m) = structured else { return format!("\"{}\"", one_line(&n.text, 80)) };
+    let mut parts = Vec::new();
+    if let Some(a) = m.get("approve").and_then(serde_json::Value::as_bool) {
+        parts.push(if a { "approves".to_string() } else { "rejects".to_string() });
+    }
+    for (k, v) in m {
+        if k == "approve" {
+            continue;
+        }
+        let v = match v {
+            serde_json::Value::String(s) => one_line(s, 60),
+            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => v.to_string(),
+            _ => continue,
+        };
+        parts.push(format!("{k}: {v}"));
+    }
+    if parts.is_empty() { format!("\"{}\"", one_line(&n.text, 80)) } else { parts.join(" · ") }
 }
 
 /// Kinds that answer the task when they name no parents.

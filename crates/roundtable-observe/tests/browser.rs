@@ -27,6 +27,31 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
+/// A consensus session decided by votes in its second round (scripted replies).
+const CONSENSUS: &str = r#"
+name = "db-choice"
+[models.m]
+provider = "scripted"
+replies = ["(no script)"]
+[models.m.per_peer]
+lead = ["Use Postgres for the order store. Answer: postgres", "Use Postgres with a read replica for reporting. Answer: postgres"]
+a = ['{"approve": true, "answer": "postgres", "reason": "Fits our relational data."}', '{"approve": true, "answer": "postgres", "reason": "The replica settles reporting."}']
+b = ['{"approve": false, "answer": "mysql", "reason": "We know MySQL."}', '{"approve": true, "answer": "postgres", "reason": "With a replica, yes."}']
+[[peers]]
+id = "lead"
+model = "m"
+[[peers]]
+id = "a"
+model = "m"
+[[peers]]
+id = "b"
+model = "m"
+[protocol]
+kind = "consensus"
+proposer = "lead"
+threshold = 0.6
+"#;
+
 fn chromium() -> PathBuf {
     if let Some(p) = std::env::var_os("ROUNDTABLE_CHROMIUM") {
         return PathBuf::from(p);
@@ -368,6 +393,35 @@ async fn the_page_shows_a_running_session_live_and_explains_how_it_ended() {
 
     let shot = cdp.screenshot("roundtable-web-view.png").await;
     assert!(std::fs::metadata(&shot).unwrap().len() > 20_000, "a real page, not a blank one");
+
+    // A session decided by votes: the page shows each ballot and the consensus.
+    let consensus = plan_from(CONSENSUS);
+    let voted = new_session_id();
+    let vlog = store.open(&voted, true).await.unwrap();
+    open_session(vlog.as_ref(), &consensus, "Which database for the order store?").await.unwrap();
+    let vs = run_peers(vlog.clone(), &consensus, offline_models(&consensus), None, None).await.unwrap();
+    let reason = vs.stop_reason.clone().unwrap();
+    cdp.call("Page.navigate", json!({ "url": format!("{base}/#/s/{voted}") })).await;
+    cdp.wait_for("the voted session", "document.body.innerText.includes('Which database')").await;
+    cdp.wait_for("its stop", "document.body.innerText.toLowerCase().includes('why it stopped')").await;
+    let votes = cdp.text("[data-role=votes]").await;
+    for needle in ["✗ rejects · answer: mysql · reason: We know MySQL.", "✓ approves · answer: postgres", "proposal"]
+    {
+        assert!(shows(&votes, needle), "the votes panel lacks {needle:?}:\n{votes}");
+    }
+    let rows = cdp.eval("document.querySelectorAll('[data-role=votes] tbody tr').length").await;
+    assert_eq!(rows, json!(6), "two proposals and four ballots");
+    let decision = cdp.text("[data-role=decision]").await;
+    assert!(shows(&decision, &reason), "{decision}");
+    assert!(shows(&decision, "Ballots on it:"), "the votes behind the decision are named: {decision}");
+    assert!(
+        shows(&decision, " a (vote): ✓ approves · answer: postgres · reason: The replica settles reporting."),
+        "{decision}"
+    );
+    let titles =
+        cdp.eval("[...document.querySelectorAll('#graph line.edge title')].map(t => t.textContent).sort()").await;
+    assert_eq!(titles, json!(["a answered lead 2×", "b answered lead 2×"]));
+    cdp.screenshot("roundtable-web-view-votes.png").await;
 
     let s = SessionSummary::from_entries(&session, &log.read_all().await.unwrap()).unwrap();
     assert!(s.stopped);

@@ -176,3 +176,61 @@ async fn bad_fork_requests_are_refused_with_the_reason() {
     assert!("no-equals-sign".parse::<Edit>().is_err());
     assert_eq!("abc=d=e".parse::<Edit>().unwrap(), Edit { target: "abc".into(), text: "d=e".into() });
 }
+
+fn consensus(b_second: &str) -> roundtable_core::team::TeamPlan {
+    plan_from(&format!(
+        r#"
+name = "db-choice"
+[models.m]
+provider = "scripted"
+replies = ["(no script)"]
+[models.m.per_peer]
+lead = ["Use Postgres. Answer: postgres", "Use Postgres with a replica. Answer: postgres"]
+a = ['{{"approve": true, "answer": "postgres", "reason": "Fits."}}']
+b = ['{{"approve": false, "answer": "mysql", "reason": "We know MySQL."}}', '{b_second}']
+[[peers]]
+id = "lead"
+model = "m"
+[[peers]]
+id = "a"
+model = "m"
+[[peers]]
+id = "b"
+model = "m"
+[protocol]
+kind = "consensus"
+proposer = "lead"
+threshold = 1.0
+rounds = 2
+"#
+    ))
+}
+
+#[tokio::test]
+async fn the_ballots_behind_a_consensus_are_named_and_a_stop_without_parents_shows_its_last_round() {
+    let entries = run(&consensus(r#"{"approve": true, "answer": "postgres", "reason": "With a replica, yes."}"#)).await;
+    let t = Trace::build(&session_of(&entries), &entries);
+    let stop = t.stop.as_ref().unwrap();
+    assert!(stop.reason.starts_with("consensus"), "{}", stop.reason);
+    assert_eq!(stop.ballots.len(), 2, "both approving votes on the adopted proposal");
+    for &b in &stop.ballots {
+        let n = &t.nodes[b as usize - 1];
+        assert_eq!((n.kind, n.round), ("vote", 1));
+        assert!(n.parents.iter().any(|p| stop.decided_by.contains(p)));
+    }
+    let text = t.to_text();
+    assert!(
+        text.contains("ballot on it: #")
+            && text.contains("(vote): approves · answer: postgres · reason: With a replica, yes."),
+        "{text}"
+    );
+    assert!(text.contains("(vote): rejects · answer: mysql · reason: We know MySQL."), "{text}");
+
+    let entries = run(&consensus(r#"{"approve": false, "answer": "mysql", "reason": "Still MySQL."}"#)).await;
+    let t = Trace::build(&session_of(&entries), &entries);
+    let stop = t.stop.as_ref().unwrap();
+    assert!(stop.reason.starts_with("no consensus after 2 rounds"), "{}", stop.reason);
+    assert!(stop.decided_by.is_empty(), "the protocol names no deciding envelope here");
+    assert_eq!(stop.last_round, vec![5, 6, 7], "round 2's proposal and its two votes");
+    assert!(t.to_text().contains("the last round before it: #5 lead (proposal), #"), "{}", t.to_text());
+}
