@@ -80,6 +80,18 @@ impl EvalTask {
     }
 }
 
+/// The task named by a command-line argument: `arithmetic`, or `jsonl:FILE` (read with
+/// `read`, which gets the file name).
+pub fn task_from_arg(arg: &str, read: &dyn Fn(&str) -> Result<String, String>) -> Result<EvalTask, String> {
+    match arg.trim() {
+        "arithmetic" => Ok(EvalTask::Arithmetic),
+        a => match a.strip_prefix("jsonl:") {
+            Some(file) if !file.is_empty() => parse_jsonl(file, &read(file).map_err(|e| format!("{file}: {e}"))?),
+            _ => Err(format!("unknown task `{a}`; valid: `arithmetic`, `jsonl:FILE`")),
+        },
+    }
+}
+
 /// Parse a JSONL task file: one `{"question": "...", "answer": ...}` per line (the
 /// answer may be a string or a number; blank lines are skipped). Errors name the line.
 pub fn parse_jsonl(name: &str, contents: &str) -> Result<EvalTask, String> {
@@ -169,6 +181,11 @@ impl Pattern {
                 return Err(format!("unknown pattern `{other}`; valid: {}, or `vote@K`", valid.join(", ")));
             }
         })
+    }
+
+    /// A comma-separated list of patterns (`single,vote@6,debate`).
+    pub fn parse_list(s: &str) -> Result<Vec<Pattern>, String> {
+        s.split(',').filter(|p| !p.trim().is_empty()).map(Pattern::parse).collect()
     }
 
     pub fn name(&self) -> String {
@@ -666,6 +683,26 @@ mod tests {
             let src = team_file(p, 3, 2, VoteRule::Plurality);
             parse_team("t.toml", &src, &NoEnv).unwrap_or_else(|e| panic!("{name}: {e}\n{src}"));
         }
+    }
+
+    #[test]
+    fn task_and_pattern_arguments() {
+        let read = |f: &str| {
+            if f == "q.jsonl" {
+                Ok("{\"question\": \"q\", \"answer\": \"a\"}".to_string())
+            } else {
+                Err("no such file".into())
+            }
+        };
+        assert_eq!(task_from_arg("arithmetic", &read), Ok(EvalTask::Arithmetic));
+        assert_eq!(task_from_arg("jsonl:q.jsonl", &read).unwrap().name(), "jsonl:q.jsonl");
+        assert_eq!(task_from_arg("jsonl:x.jsonl", &read).unwrap_err(), "x.jsonl: no such file");
+        assert!(task_from_arg("gsm8k", &read).unwrap_err().contains("`arithmetic`, `jsonl:FILE`"));
+        assert_eq!(
+            Pattern::parse_list("single, vote@4,debate"),
+            Ok(vec![Pattern::Single, Pattern::Vote(Some(4)), Pattern::Debate])
+        );
+        assert!(Pattern::parse_list("single,nope").is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Starting a session's peers and waiting for the session to close.
 //!
 //! The runner decides nothing: it posts the task (when starting a new session), spawns
-//! one task per peer, and waits until every peer has seen the stop envelope. Whether a
+//! one task per peer, and waits until every peer has seen the stop envelope. A peer
+//! still inside a model call that does not return is cut off shortly after the first
+//! peer saw the stop: the session is over, and nothing it could add would count. Whether a
 //! session goes on, and how it ends, is decided by the peers from the log.
 
 use std::collections::HashMap;
@@ -65,9 +67,28 @@ pub async fn run_peers_with(
         tasks.spawn(async move { (cfg.me.clone(), run_peer_with(cfg, mine).await) });
     }
     let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
+    // Once one peer has seen the stop, the others see it as soon as they read the log,
+    // unless they are stuck in a model call that does not return: those are cut off
+    // after a grace period (the session is over; nothing they say would count).
+    let grace = std::time::Duration::from_millis(plan.presence.heartbeat_ms.max(100) * 2);
+    let mut stopped = false;
+    loop {
+        let joined = if stopped {
+            match tokio::time::timeout(grace, tasks.join_next()).await {
+                Ok(j) => j,
+                Err(_) => {
+                    tracing::warn!(peers = tasks.len(), "peers still busy after the stop; cutting them off");
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        } else {
+            tasks.join_next().await
+        };
+        let Some(joined) = joined else { break };
         match joined {
-            Ok((_, Ok(_))) => {}
+            Ok((_, Ok(_))) => stopped = true,
             Ok((peer, Err(e))) => {
                 tracing::error!(%peer, error = %e, "peer stopped with an error");
                 first_error.get_or_insert(e);

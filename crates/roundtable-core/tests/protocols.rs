@@ -1388,3 +1388,134 @@ fn hybrid_without_its_leader_ends_without_an_answer_on_deadlock() {
     assert_eq!(answer, None);
     assert!(reason.starts_with("deadlock after 2 rounds and the leader lead cannot decide: it is absent"), "{reason}");
 }
+
+// ---------------------------------------------------------------------------------
+// Across protocols: peers that never answer, termination on protocol signals, budgets
+// for judges.
+
+/// A model that never answers.
+struct Silent;
+#[async_trait::async_trait]
+impl roundtable_core::model::ChatModel for Silent {
+    fn name(&self) -> &str {
+        "silent"
+    }
+    async fn chat(
+        &self,
+        _: &roundtable_core::model::ChatRequest,
+    ) -> Result<roundtable_core::model::ChatResponse, roundtable_core::model::ModelError> {
+        futures::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_juror_that_never_runs_and_a_debater_that_never_answers_are_noticed_absent() {
+    let presence = "[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.3\n";
+    // j3 never starts: noticed absent, the jury commits and reveals without it.
+    let p = plan(&format!(
+        "{}{}[protocol]\nkind = \"jury\"\n{presence}",
+        simulated(1.0, 0.0, 1),
+        peers(&["j1", "j2", "j3"])
+    ));
+    let mut models = offline_models(&p, None);
+    models.remove(&PeerId::from("j3"));
+    let pres: Arc<dyn roundtable_core::bus::Presence> = Arc::new(roundtable_core::bus::MemPresence::default());
+    let (log, s) = run_with(&p, QUESTION, models, PeerExtras::default(), Some(pres), None).await;
+    let absent: Vec<_> = log.iter().filter(|e| e.kind == Kind::Absent).collect();
+    assert_eq!(absent.len(), 1);
+    assert_eq!(absent[0].body.json.as_ref().unwrap()["peer"], "j3");
+    assert_eq!(log.iter().filter(|e| e.kind == Kind::Commit).count(), 2);
+    assert_eq!(s.final_answer.as_deref(), Some(RIGHT));
+    assert!(s.stop_reason.as_deref().unwrap().contains("of 2 valid votes"), "{:?}", s.stop_reason);
+
+    // c's model hangs: c stops beating while it waits, is noticed absent, and the
+    // rounds close without it.
+    let p = plan(&format!(
+        "{}{}[protocol]\nkind = \"debate\"\n{presence}",
+        simulated(1.0, 0.0, 1),
+        peers(&["a", "b", "c"])
+    ));
+    let mut models = offline_models(&p, None);
+    models.insert(PeerId::from("c"), Arc::new(Silent));
+    let pres: Arc<dyn roundtable_core::bus::Presence> = Arc::new(roundtable_core::bus::MemPresence::default());
+    let (log, s) = run_with(&p, QUESTION, models, PeerExtras::default(), Some(pres), None).await;
+    assert!(log.iter().any(|e| e.kind == Kind::Absent && e.body.json.as_ref().unwrap()["peer"] == "c"));
+    let mut said = steps_of(&log, Kind::Message);
+    said.sort();
+    assert_eq!(said, ["a:r0/answer", "a:r1/answer", "b:r0/answer", "b:r1/answer"], "c never answered");
+    assert_eq!(log.iter().filter(|e| e.kind == Kind::Message).count(), 4);
+    assert_eq!(s.final_answer.as_deref(), Some(RIGHT));
+}
+
+#[tokio::test]
+async fn termination_conditions_read_the_protocols_signals() {
+    // Answers that never change: no_progress stops a 5-round debate after round 2.
+    let p = plan(&format!(
+        "{}{}[protocol]\nkind = \"debate\"\nrounds = 5\n[termination]\nno_progress = 1\n",
+        scripted(&[("a", &["Answer: 4"]), ("b", &["Answer: 5"])]),
+        peers(&["a", "b"])
+    ));
+    let (_, s) = run(&p, "topic").await;
+    assert_eq!(s.stop_reason.as_deref(), Some("no_progress: answers unchanged for 1 rounds"));
+    assert_eq!((s.rounds, s.calls), (2, 4));
+    assert_eq!(s.final_answer.as_deref(), Some("4"), "the best answer so far: a tie, by team order");
+
+    // consensus_reached stops a debate as soon as the answers agree.
+    let p = plan(&format!(
+        "{}{}[protocol]\nkind = \"debate\"\nrounds = 4\n[termination]\nconsensus_reached = true\n",
+        simulated(1.0, 0.0, 1),
+        peers(&["a", "b"])
+    ));
+    let (_, s) = run(&p, QUESTION).await;
+    assert_eq!((s.stop_reason.as_deref(), s.calls), (Some("consensus_reached"), 2));
+    assert_eq!(s.final_answer.as_deref(), Some(RIGHT));
+
+    // any/all compose protocol signals with limits.
+    let p = plan(&format!(
+        "{}{}[protocol]\nkind = \"debate\"\nrounds = 4\n[termination]\nall = [{{ max_rounds = 2 }}, {{ confidence = 0.99 }}]\n",
+        simulated(1.0, 0.0, 1),
+        peers(&["a", "b"])
+    ));
+    let (_, s) = run(&p, QUESTION).await;
+    assert_eq!(s.stop_reason.as_deref(), Some("max_rounds: 2 rounds reached and confidence: 1.00 ≥ 0.99"));
+}
+
+#[tokio::test]
+async fn judges_calls_are_budgeted_like_everyone_elses() {
+    // The judge may make one call: its second verdict is refused and recorded as a
+    // failure of that step, and the debate ends with the debaters' vote.
+    let p = judged(
+        &format!(
+            "{}[budget.per_peer]\nmax_calls = 2\n",
+            scripted(&[
+                ("pro", &["Answer: yes"]),
+                ("con", &["Answer: no", "Answer: yes"]),
+                ("judge", &[r#"{"consensus_reached": false, "conclusion": ""}"#]),
+            ])
+        ),
+        "rounds = 2",
+    );
+    let (log, s) = run(&p, "topic").await;
+    let refused = log.iter().find(|e| e.kind == Kind::Failure && e.from.as_str() == "judge").unwrap();
+    assert_eq!(refused.body.json.as_ref().unwrap()["error"], "budget");
+    assert_eq!(&*refused.step, "final");
+    assert!(
+        s.stop_reason
+            .as_deref()
+            .unwrap()
+            .starts_with("the judge judge gave no usable pick; the debaters' latest answers decide"),
+        "{:?}",
+        s.stop_reason
+    );
+    assert_eq!(s.final_answer.as_deref(), Some("yes"));
+    // A session budget stops everything before the judge's call, with the best answer.
+    let p = judged(&format!("{}[budget]\nmax_calls = 2\n", simulated(1.0, 0.0, 1)), "");
+    let (log, s) = run(&p, QUESTION).await;
+    assert!(log.iter().all(|e| e.kind != Kind::Verdict));
+    assert!(
+        s.stop_reason.as_deref().unwrap().starts_with("budget: 2 model calls made, limit 2"),
+        "{:?}",
+        s.stop_reason
+    );
+    assert!(s.final_answer.as_deref().unwrap().ends_with(RIGHT));
+}

@@ -35,11 +35,14 @@ pub struct Debate {
     rounds: Rounds,
     /// The latest tally of the members' answers (recomputed when a round closes).
     outcome: Option<Outcome>,
+    /// The tally when the last round closed: what termination conditions read, so a
+    /// signal never fires on a round half answered.
+    closed: Option<Outcome>,
 }
 
 impl Debate {
     pub fn new(spec: DebateSpec) -> Self {
-        Debate { rounds: Rounds::new(spec.members.clone()), spec, outcome: None }
+        Debate { rounds: Rounds::new(spec.members.clone()), spec, outcome: None, closed: None }
     }
 
     fn rule(&self) -> Rule {
@@ -63,13 +66,17 @@ impl Debate {
 
 impl Reducer for Debate {
     fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
-        let mut changed = self.rounds.observe(&entry.env);
+        let changed = self.rounds.observe(&entry.env);
+        let mut closed = false;
         while self.rounds.round < self.spec.rounds && self.rounds.round_complete(facts) {
             self.rounds.close();
-            changed = true;
+            closed = true;
         }
-        if changed || self.outcome.is_none() {
+        if changed || closed || self.outcome.is_none() {
             self.count(facts.plan);
+        }
+        if closed {
+            self.closed = self.outcome.clone();
         }
     }
 
@@ -114,11 +121,10 @@ impl Reducer for Debate {
     }
 
     fn signals(&self) -> Signals {
-        let leader_share = self.outcome.as_ref().map(|o| o.share);
         Signals {
             round: self.rounds.round,
-            consensus: self.outcome.as_ref().is_some_and(|o| o.ranking.len() == 1),
-            confidence: leader_share,
+            consensus: self.closed.as_ref().is_some_and(|o| o.ranking.len() == 1),
+            confidence: self.closed.as_ref().map(|o| o.share),
             rounds_without_change: self.rounds.unchanged,
             ..Default::default()
         }

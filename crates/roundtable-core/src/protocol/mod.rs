@@ -21,6 +21,14 @@
 //!   session stops with the best answer so far.
 //! - Ties are broken by the team order of the peers involved (never by timing), so the
 //!   decision is the same whatever order concurrent answers landed in.
+//! - When a protocol's own acceptance rule is not met (no majority, a hung jury, no
+//!   consensus, no convergence, a leader that cannot decide) the session ends with that
+//!   reason and no answer: an answer the rule rejected is not presented as the answer;
+//!   the reason names the leading candidate. When a termination condition or a budget
+//!   stops a session early, the protocol's best answer so far is the answer.
+//! - Termination conditions read the protocol's [`Signals`] (round, verdict,
+//!   consensus, confidence, convergence, rounds without change), computed from
+//!   completed rounds only.
 //!
 //! | kind | module |
 //! |---|---|
