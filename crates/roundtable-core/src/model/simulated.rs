@@ -510,4 +510,73 @@ mod tests {
         // 2000 Bernoulli(0.7): sd ≈ 20.5; 5 sd either side.
         assert!((1297..=1503).contains(&correct), "correct = {correct}");
     }
+
+    fn ask(peer: &str, step: &str, q: &str, shown: &[(&str, &str)], instruction: &str, json: bool) -> ChatRequest {
+        let mut t = crate::model::Transcript::default();
+        for (who, text) in shown {
+            t.push(crate::model::ChatMessage::new(crate::model::Role::User, Some((*who).into()), Arc::from(*text)));
+        }
+        let n = t.len();
+        let mut r = ChatRequest::simple(peer, instruction);
+        r.step = Arc::from(step);
+        r.prelude = vec![crate::model::ChatMessage::new(crate::model::Role::User, None, Arc::from(q))];
+        r.history = Arc::new(t);
+        r.window = 0..n;
+        r.json = json;
+        r
+    }
+
+    #[tokio::test]
+    async fn answers_every_protocol_role_from_the_keys_it_is_asked_for() {
+        let (q, a) = arithmetic::question(2, 5);
+        let right = format!("Answer: {a}");
+        let wrong = format!("Answer: {}", a + 3);
+        let sure = Simulated::new("sim", 1.0, 0.0, 1);
+        let json = |text: String| serde_json::from_str::<serde_json::Value>(&text).unwrap();
+        let reply = |req: ChatRequest| {
+            let m = sure.clone();
+            async move { m.chat(&req).await.unwrap().text }
+        };
+        let critic = "Reply with a JSON object {\"satisfied\": true|false, \"critique\": \"...\"}";
+        assert_eq!(json(reply(ask("c", "s", &q, &[("p", &right)], critic, true)).await)["satisfied"], true);
+        assert_eq!(json(reply(ask("c", "s", &q, &[("p", &wrong)], critic, true)).await)["satisfied"], false);
+        let judge = "{\"consensus_reached\": true|false, \"conclusion\": \"...\"}";
+        let v = json(reply(ask("j", "s", &q, &[("x", &right), ("y", &right)], judge, true)).await);
+        assert_eq!(
+            (v["consensus_reached"].as_bool(), v["conclusion"].as_str()),
+            (Some(true), Some(a.to_string().as_str()))
+        );
+        let v = json(reply(ask("j", "s", &q, &[("x", &right), ("y", &wrong)], judge, true)).await);
+        assert_eq!(v["consensus_reached"], false);
+        let pick = "Pick the best answer: {\"conclusion\": \"...\", \"reason\": \"...\"}";
+        assert_eq!(
+            json(reply(ask("j", "s", &q, &[("x", &wrong), ("y", &right)], pick, true)).await)["conclusion"],
+            a.to_string()
+        );
+        let vote = "{\"approve\": true|false, \"reason\": \"...\"}";
+        assert_eq!(json(reply(ask("v", "s", &q, &[("p", &wrong)], vote, true)).await)["approve"], false);
+        let objection = format!("{{\"objection\": \"I get {a}\", \"concede\": false, \"answer\": \"{a}\"}}");
+        let valid = "{\"valid\": true|false}";
+        assert_eq!(
+            json(reply(ask("v", "s", &q, &[("p", &wrong), ("d", &objection)], valid, true)).await)["valid"],
+            true
+        );
+        let bid = json(reply(ask("b", "s", &q, &[], "{\"capability\": <0 to 1>}", true)).await);
+        assert!((0.3..1.0).contains(&bid["capability"].as_f64().unwrap()));
+        let objective =
+            reply(ask("l", "s", &q, &[], "You lead this team. State the objective for the others.", false)).await;
+        assert!(objective.starts_with("Objective:") && !objective.contains("Answer:"), "{objective}");
+        // Verdicts are not mistaken for answers: a critique does not sway a peer.
+        let swayable = Simulated::new("sim", 0.0, 1.0, 1);
+        let critique = "{\"satisfied\": false, \"critique\": \"no\", \"answer\": \"12345\"}";
+        let r = swayable.chat(&ask("p", "s", &q, &[("c", critique)], "Revise.", false)).await.unwrap().text;
+        assert!(!r.ends_with("12345"), "{r}");
+        // Deterministic per (seed, peer, step, question).
+        let m = Simulated::new("sim", 0.5, 0.5, 9);
+        let req = ask("p", "r1/answer", &q, &[("x", &wrong)], "Update.", false);
+        assert_eq!(m.chat(&req).await.unwrap().text, m.chat(&req).await.unwrap().text);
+        // A question without a known answer is a multiple choice whose right answer is A.
+        let r = sure.chat(&ask("p", "s", "Which plan?", &[], "Answer.", false)).await.unwrap().text;
+        assert!(r.ends_with("Answer: A"), "{r}");
+    }
 }

@@ -18,6 +18,11 @@
 //! an answer that was tampered with, or opened with the wrong secret, fails the
 //! commitment check.
 //!
+//! A peer's secret must be its own: peers given one master secret (see
+//! [`crate::runner::run_peers_with`]) get secrets derived from it and their ids, so
+//! processes that share a master can open each other's seals. Give each process (or
+//! each peer) its own, kept where its restarts find it.
+//!
 //! Salts and keystreams are re-derived from the secret, never stored, so a juror that
 //! restarts with the same secret opens its own seal and reveals exactly what it
 //! committed to. A juror that restarts without it (an in-memory run in a new process
