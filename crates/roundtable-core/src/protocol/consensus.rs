@@ -241,7 +241,7 @@ impl Reducer for Consensus {
                 r,
                 p,
                 "malformed_vote",
-                format!("the vote of {p} approves nor rejects; it counts as no approval"),
+                format!("the vote of {p} neither approves nor rejects; it counts as no approval"),
                 id,
             ));
         }
