@@ -14,9 +14,7 @@ use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use roundtable_core::blackboard::{
-    Blackboard, BoardEntry, BoardError, BoardErrorKind, BoardOp, validate_key,
-};
+use roundtable_core::blackboard::{Blackboard, BoardEntry, BoardError, BoardErrorKind, BoardOp, validate_key};
 use roundtable_core::envelope::SessionId;
 
 use std::time::Duration;
@@ -30,18 +28,12 @@ pub struct NatsBoard {
 }
 
 fn wrong_revision(key: &str, expected: u64) -> BoardError {
-    BoardError::new(
-        BoardErrorKind::WrongLastRevision,
-        format!("key {key:?} was written since revision {expected}"),
-    )
+    BoardError::new(BoardErrorKind::WrongLastRevision, format!("key {key:?} was written since revision {expected}"))
 }
 
 impl NatsBoard {
     /// Open (creating when needed) the blackboard of `session`.
-    pub async fn open(
-        js: &jetstream::Context,
-        session: &SessionId,
-    ) -> Result<NatsBoard, BoardError> {
+    pub async fn open(js: &jetstream::Context, session: &SessionId) -> Result<NatsBoard, BoardError> {
         let bucket = format!("RTB_{}", token(session.as_str()));
         let description = format!("blackboard of session {session}");
         let kv = open_bucket(js, &bucket, description, 64, Duration::ZERO)
@@ -51,10 +43,7 @@ impl NatsBoard {
     }
 
     fn subject(&self, key: &str) -> String {
-        format!(
-            "{}{key}",
-            self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix)
-        )
+        format!("{}{key}", self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix))
     }
 }
 
@@ -63,32 +52,20 @@ fn board_entry(e: kv::Entry) -> BoardEntry {
         kv::Operation::Put => BoardOp::Put,
         kv::Operation::Delete | kv::Operation::Purge => BoardOp::Delete,
     };
-    BoardEntry {
-        key: e.key,
-        value: e.value.to_vec(),
-        revision: e.revision,
-        op,
-    }
+    BoardEntry { key: e.key, value: e.value.to_vec(), revision: e.revision, op }
 }
 
 #[async_trait]
 impl Blackboard for NatsBoard {
     async fn get(&self, key: &str) -> Result<Option<BoardEntry>, BoardError> {
         validate_key(key)?;
-        let entry = self
-            .kv
-            .entry(key)
-            .await
-            .map_err(|e| board_error(&format!("reading {key:?}"), e))?;
+        let entry = self.kv.entry(key).await.map_err(|e| board_error(&format!("reading {key:?}"), e))?;
         Ok(entry.map(board_entry).filter(|e| e.op == BoardOp::Put))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, BoardError> {
         validate_key(key)?;
-        self.kv
-            .put(key, value.into())
-            .await
-            .map_err(|e| board_error(&format!("writing {key:?}"), e))
+        self.kv.put(key, value.into()).await.map_err(|e| board_error(&format!("writing {key:?}"), e))
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<u64, BoardError> {
@@ -103,11 +80,7 @@ impl Blackboard for NatsBoard {
                 Err(e) if e.kind() == BoardErrorKind::WrongLastRevision => {}
                 Err(e) => return Err(e),
             }
-            let entry = self
-                .kv
-                .entry(key)
-                .await
-                .map_err(|e| board_error(&format!("reading {key:?}"), e))?;
+            let entry = self.kv.entry(key).await.map_err(|e| board_error(&format!("reading {key:?}"), e))?;
             match entry {
                 Some(e) if e.operation == kv::Operation::Put => {
                     return Err(BoardError::new(
@@ -125,9 +98,7 @@ impl Blackboard for NatsBoard {
         validate_key(key)?;
         match self.kv.update(key, value.into(), expected).await {
             Ok(rev) => Ok(rev),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                Err(wrong_revision(key, expected))
-            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(wrong_revision(key, expected)),
             Err(e) => Err(board_error(&format!("updating {key:?}"), e)),
         }
     }
@@ -162,15 +133,9 @@ impl Blackboard for NatsBoard {
         Ok(keys)
     }
 
-    async fn watch(
-        &self,
-        from: u64,
-    ) -> Result<BoxStream<'static, Result<BoardEntry, BoardError>>, BoardError> {
-        let watch = self
-            .kv
-            .watch_all_from_revision(from.max(1))
-            .await
-            .map_err(|e| board_error("watching the board", e))?;
+    async fn watch(&self, from: u64) -> Result<BoxStream<'static, Result<BoardEntry, BoardError>>, BoardError> {
+        let watch =
+            self.kv.watch_all_from_revision(from.max(1)).await.map_err(|e| board_error("watching the board", e))?;
         // A start past the end is moved back to the end by the server.
         let from = from.max(1);
         let entries = watch.filter_map(move |e| {

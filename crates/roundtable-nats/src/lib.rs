@@ -17,6 +17,7 @@
 //! server restarts, and calls made while it is away fail with an `Unavailable` kind.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,12 +32,13 @@ use sha2::{Digest, Sha256};
 
 mod board;
 mod log;
+pub mod patient;
 mod presence;
 mod queue;
 pub mod testing;
 
 pub use board::NatsBoard;
-pub use log::{NatsLog, NatsLogStore};
+pub use log::{NatsLog, NatsLogStore, REJECTED_FROM};
 pub use presence::NatsPresence;
 pub use queue::NatsWorkQueue;
 
@@ -44,10 +46,8 @@ pub use queue::NatsWorkQueue;
 /// the string itself when it is 1–64 of `A-Za-z0-9_-`, otherwise `x` and 32 hex digits
 /// of its SHA-256.
 pub fn token(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let plain =
+        !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if plain {
         s.to_owned()
     } else {
@@ -60,17 +60,9 @@ pub fn token(s: &str) -> String {
 /// late), as opposed to a refusal or a storage failure.
 fn is_unavailable(err: &dyn std::fmt::Display) -> bool {
     let text = err.to_string().to_ascii_lowercase();
-    [
-        "timed out",
-        "timeout",
-        "broken pipe",
-        "disconnected",
-        "no responders",
-        "connection",
-        "not connected",
-    ]
-    .iter()
-    .any(|needle| text.contains(needle))
+    ["timed out", "timeout", "broken pipe", "disconnected", "no responders", "connection", "not connected"]
+        .iter()
+        .any(|needle| text.contains(needle))
 }
 
 /// The connection and the per-session parts opened on it.
@@ -79,42 +71,96 @@ pub struct NatsBackend {
     client: async_nats::Client,
     js: jetstream::Context,
     parts: Arc<Mutex<Parts>>,
+    /// When this process last (re)connected, in ms since the epoch (see [`NatsPresence`]).
+    connected_ms: Arc<AtomicU64>,
+    patient: bool,
 }
 
 #[derive(Default)]
 struct Parts {
-    boards: HashMap<SessionId, Arc<NatsBoard>>,
-    queues: HashMap<SessionId, Arc<NatsWorkQueue>>,
+    boards: HashMap<SessionId, Arc<dyn Blackboard>>,
+    queues: HashMap<SessionId, Arc<dyn WorkQueue>>,
     presence: HashMap<SessionId, Arc<NatsPresence>>,
 }
 
+/// `url` with any `user:password@` or `token@` replaced by `***@`, for messages.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|part| match (part.find("://"), part.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &part[..scheme + 3], &part[at..]),
+            (None, Some(at)) => format!("***{}", &part[at..]),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl NatsBackend {
-    /// Connect to `url` (`nats://host:port`, or several separated by commas).
+    /// Connect to `url` (`nats://host:port`, or several separated by commas) with default
+    /// options.
     pub async fn connect(url: &str) -> Result<NatsBackend, BusError> {
-        let client = async_nats::ConnectOptions::new()
+        Self::connect_with(url, async_nats::ConnectOptions::new()).await
+    }
+
+    /// Connect to `url` with `options` (credentials, TLS, …). The client reconnects
+    /// forever, backing off up to 4 s between attempts, when the connection drops; the
+    /// first connection must be made within 5 s, so that a wrong address or credentials
+    /// fail here and not in the middle of a session. Neither the URL's credentials nor
+    /// the options' secrets appear in an error.
+    pub async fn connect_with(url: &str, options: async_nats::ConnectOptions) -> Result<NatsBackend, BusError> {
+        let shown = redact_url(url);
+        let connected_ms = Arc::new(AtomicU64::new(0));
+        let last_error: Arc<Mutex<Option<String>>> = Arc::default();
+        let (on_connect, on_error) = (connected_ms.clone(), last_error.clone());
+        let client = options
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let (on_connect, on_error) = (on_connect.clone(), on_error.clone());
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            on_connect.store(now_ms(), Ordering::Relaxed);
+                            tracing::info!("connected to NATS");
+                        }
+                        async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                        async_nats::Event::ServerError(e) => {
+                            *on_error.lock().expect("error lock") = Some(redact_url(&e.to_string()));
+                        }
+                        async_nats::Event::ClientError(e) => {
+                            *on_error.lock().expect("error lock") = Some(redact_url(&e.to_string()));
+                        }
+                        _ => {}
+                    }
+                }
+            })
             .connect(url)
             .await
             .map_err(|e| {
                 BusError::new(
                     BusErrorKind::Unavailable,
-                    format!("connecting to {url}: {e}"),
+                    format!("connecting to {shown}: {}", redact_url(&e.to_string())),
                 )
             })?;
-        // Wait for the first connection, so that a wrong address fails here and not in
-        // the middle of a session.
         let start = std::time::Instant::now();
         while client.connection_state() != async_nats::connection::State::Connected {
             if start.elapsed() > Duration::from_secs(5) {
+                let why = last_error.lock().expect("error lock").clone();
                 return Err(BusError::new(
                     BusErrorKind::Unavailable,
-                    format!("no NATS server answers at {url}"),
+                    match why {
+                        Some(why) => format!("cannot connect to the NATS server at {shown}: {why}"),
+                        None => format!("no NATS server answers at {shown}"),
+                    },
                 ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(Self::with_client(client))
+        connected_ms.fetch_max(now_ms(), Ordering::Relaxed);
+        let mut backend = Self::with_client(client);
+        backend.connected_ms = connected_ms;
+        Ok(backend)
     }
 
     /// Use an existing connection.
@@ -124,7 +170,16 @@ impl NatsBackend {
             client,
             js,
             parts: Arc::default(),
+            connected_ms: Arc::new(AtomicU64::new(now_ms())),
+            patient: false,
         }
+    }
+
+    /// Parts that wait out a server that cannot be reached instead of failing: see
+    /// [`patient`]. What peers want; tests of failure behaviour want the default.
+    pub fn patient(mut self) -> NatsBackend {
+        self.patient = true;
+        self
     }
 
     pub fn client(&self) -> &async_nats::Client {
@@ -136,6 +191,10 @@ impl NatsBackend {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 #[async_trait]
 impl Backend for NatsBackend {
     fn name(&self) -> &'static str {
@@ -143,27 +202,26 @@ impl Backend for NatsBackend {
     }
 
     fn logs(&self) -> Arc<dyn LogStore> {
-        Arc::new(NatsLogStore::new(self.js.clone()))
+        let store = NatsLogStore::new(self.js.clone());
+        if self.patient { Arc::new(patient::PatientStore::new(Arc::new(store))) } else { Arc::new(store) }
     }
 
     async fn blackboard(&self, session: &SessionId) -> Result<Arc<dyn Blackboard>, BoardError> {
         if let Some(b) = self.parts.lock().expect("parts lock").boards.get(session) {
             return Ok(b.clone());
         }
-        let board = Arc::new(NatsBoard::open(&self.js, session).await?);
+        let board: Arc<dyn Blackboard> = Arc::new(NatsBoard::open(&self.js, session).await?);
+        let board = if self.patient { Arc::new(patient::PatientBoard::new(board)) } else { board };
         let mut parts = self.parts.lock().expect("parts lock");
         Ok(parts.boards.entry(session.clone()).or_insert(board).clone())
     }
 
-    async fn work_queue(
-        &self,
-        session: &SessionId,
-        config: QueueConfig,
-    ) -> Result<Arc<dyn WorkQueue>, QueueError> {
+    async fn work_queue(&self, session: &SessionId, config: QueueConfig) -> Result<Arc<dyn WorkQueue>, QueueError> {
         if let Some(q) = self.parts.lock().expect("parts lock").queues.get(session) {
             return Ok(q.clone());
         }
-        let queue = Arc::new(NatsWorkQueue::open(&self.js, session, config).await?);
+        let queue: Arc<dyn WorkQueue> = Arc::new(NatsWorkQueue::open(&self.js, session, config).await?);
+        let queue = if self.patient { Arc::new(patient::PatientQueue::new(queue)) } else { queue };
         let mut parts = self.parts.lock().expect("parts lock");
         Ok(parts.queues.entry(session.clone()).or_insert(queue).clone())
     }
@@ -172,13 +230,9 @@ impl Backend for NatsBackend {
         if let Some(p) = self.parts.lock().expect("parts lock").presence.get(session) {
             return Ok(p.clone());
         }
-        let presence = Arc::new(NatsPresence::open(&self.js, session).await?);
+        let presence = Arc::new(NatsPresence::open(&self.js, session, self.connected_ms.clone()).await?);
         let mut parts = self.parts.lock().expect("parts lock");
-        Ok(parts
-            .presence
-            .entry(session.clone())
-            .or_insert(presence)
-            .clone())
+        Ok(parts.presence.entry(session.clone()).or_insert(presence).clone())
     }
 }
 
@@ -212,38 +266,78 @@ pub(crate) async fn open_bucket(
         ..Default::default()
     };
     // Another process may create it at the same moment: same config, same stream.
-    js.get_or_create_stream(config)
+    js.get_or_create_stream(config).await.map_err(|e| format!("creating bucket {bucket}: {e}"))?;
+    js.get_key_value(bucket).await.map_err(|e| format!("opening bucket {bucket}: {e}"))
+}
+
+/// The current value of every key of a KV bucket whose last operation is a put, read
+/// with one consumer (rather than a `keys()` listing and one request per key).
+pub(crate) async fn latest_values(
+    client: &async_nats::Client,
+    kv: &jetstream::kv::Store,
+) -> Result<Vec<Latest>, String> {
+    use futures::StreamExt;
+    let consumer = kv
+        .stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            description: Some("roundtable bucket reader".into()),
+            filter_subject: format!("{}>", kv.prefix),
+            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+            replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        })
         .await
-        .map_err(|e| format!("creating bucket {bucket}: {e}"))?;
-    js.get_key_value(bucket)
-        .await
-        .map_err(|e| format!("opening bucket {bucket}: {e}"))
+        .map_err(|e| format!("reading bucket {}: {e}", kv.name))?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| format!("reading bucket {}: {e}", kv.name))?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| format!("reading bucket {}: {e}", kv.name))?;
+        let info = m.info().map_err(|e| format!("reading bucket {}: {e}", kv.name))?;
+        let (pending, revision, created) = (info.pending, info.stream_sequence, info.published);
+        let removed = m
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some());
+        if !removed && let Some(key) = m.subject.strip_prefix(kv.prefix.as_str()) {
+            out.push(Latest {
+                key: key.to_owned(),
+                value: m.payload.to_vec(),
+                revision,
+                created_ns: created.unix_timestamp_nanos(),
+            });
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// One key's current value (see [`latest_values`]).
+pub(crate) struct Latest {
+    pub(crate) key: String,
+    pub(crate) value: Vec<u8>,
+    pub(crate) revision: u64,
+    /// When the server stored it, in ns since the epoch.
+    pub(crate) created_ns: i128,
 }
 
 pub(crate) fn board_error(what: &str, err: impl std::fmt::Display) -> BoardError {
-    let kind = if is_unavailable(&err) {
-        BoardErrorKind::Unavailable
-    } else {
-        BoardErrorKind::Storage
-    };
+    let kind = if is_unavailable(&err) { BoardErrorKind::Unavailable } else { BoardErrorKind::Storage };
     BoardError::new(kind, format!("{what}: {err}"))
 }
 
 pub(crate) fn queue_error(what: &str, err: impl std::fmt::Display) -> QueueError {
-    let kind = if is_unavailable(&err) {
-        QueueErrorKind::Unavailable
-    } else {
-        QueueErrorKind::Storage
-    };
+    let kind = if is_unavailable(&err) { QueueErrorKind::Unavailable } else { QueueErrorKind::Storage };
     QueueError::new(kind, format!("{what}: {err}"))
 }
 
 pub(crate) fn bus_error(what: &str, err: impl std::fmt::Display) -> BusError {
-    let kind = if is_unavailable(&err) {
-        BusErrorKind::Unavailable
-    } else {
-        BusErrorKind::Storage
-    };
+    let kind = if is_unavailable(&err) { BusErrorKind::Unavailable } else { BusErrorKind::Storage };
     BusError::new(kind, format!("{what}: {err}"))
 }
 
@@ -255,15 +349,7 @@ mod tests {
     fn tokens_are_plain_names_or_digests() {
         assert_eq!(token("20261121-024500-abc123"), "20261121-024500-abc123");
         assert_eq!(token("a_B-9"), "a_B-9");
-        for odd in [
-            "",
-            "has.dot",
-            "has space",
-            "star*",
-            "gt>",
-            "ünï",
-            &"x".repeat(65),
-        ] {
+        for odd in ["", "has.dot", "has space", "star*", "gt>", "ünï", &"x".repeat(65)] {
             let t = token(odd);
             assert!(t.starts_with('x') && t.len() == 33, "{odd:?} -> {t}");
             assert!(t.bytes().all(|b| b.is_ascii_alphanumeric()), "{t}");

@@ -14,7 +14,21 @@
 //! server restart.
 //!
 //! Reads and tails use ordered push consumers from a start sequence (ephemeral, no
-//! acks, recreated by the client if a message is missed).
+//! acks, recreated by the client if a message is missed); a read of a few entries
+//! fetches them one by one instead of creating a consumer.
+//!
+//! # Messages nobody should have sent
+//! Anyone allowed to publish on `rt.<session>.log.>` can put anything on the stream: not
+//! JSON, an envelope of another version, one larger than
+//! [`MAX_ENVELOPE_BYTES`](roundtable_core::envelope::MAX_ENVELOPE_BYTES), one of
+//! another session, or one on a subject that is not its id's (which would defeat the
+//! one-append-per-id rule). Such a message still takes its place in the sequence, so
+//! every reader reads it — and reads, instead of it, the same `failure` envelope: from
+//! `nats`, step `rejected/<seq>`, the reason in its text and in `json.reason`, its time
+//! the server's. It is derived from the stored message alone, so it is the same for
+//! every reader, in every process, at every read: the rejection is recorded once, at
+//! the place of the message, and the session goes on. (An append whose own subject was
+//! taken that way fails with a `Rejected` error naming the message.)
 
 use std::sync::Arc;
 
@@ -23,19 +37,15 @@ use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use async_trait::async_trait;
 use futures::StreamExt;
-use roundtable_core::envelope::{Envelope, EnvelopeId, SessionId};
-use roundtable_core::log::{
-    Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog,
-};
+use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
+use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog};
+
+use roundtable_core::session::{STOP_STEP, TASK_STEP, USER};
 
 use crate::{is_unavailable, token};
 
 fn log_error(what: &str, err: impl std::fmt::Display) -> LogError {
-    let kind = if is_unavailable(&err) {
-        LogErrorKind::Unavailable
-    } else {
-        LogErrorKind::Storage
-    };
+    let kind = if is_unavailable(&err) { LogErrorKind::Unavailable } else { LogErrorKind::Storage };
     LogError::new(kind, format!("{what}: {err}"))
 }
 
@@ -65,13 +75,51 @@ fn stream_missing(err: &jetstream::context::GetStreamError) -> bool {
         if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
-fn entry_of(seq: u64, payload: &[u8]) -> Result<Entry, LogError> {
-    let env = Envelope::from_json(payload)
-        .map_err(|e| LogError::new(LogErrorKind::Corrupt, format!("log entry {seq}: {e}")))?;
-    Ok(Entry {
-        seq,
-        env: Arc::new(env),
-    })
+/// The peer id of the `failure` envelopes that stand for rejected messages.
+pub const REJECTED_FROM: &str = "nats";
+
+/// The envelope a reader sees at `seq` for the stored message (`subject`, `payload`,
+/// stored at `time_ns`): the envelope itself, or the `failure` that records why it was
+/// rejected (see the module docs).
+fn entry_of(session: &SessionId, prefix: &str, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Entry {
+    let env = match check(session, prefix, subject, payload) {
+        Ok(env) => env,
+        Err(reason) => rejected(session, seq, subject, payload.len(), &reason, time_ns),
+    };
+    Entry { seq, env: Arc::new(env) }
+}
+
+fn check(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -> Result<Envelope, String> {
+    let env = Envelope::from_json(payload).map_err(|e| e.to_string())?;
+    if env.session != *session {
+        return Err(format!("an envelope of session {} on the log of session {session}", env.session));
+    }
+    let expected = format!("{prefix}{}", token(env.id.as_str()));
+    if subject != expected {
+        return Err(format!("envelope {} published on {subject}, not on its own subject {expected}", env.id));
+    }
+    Ok(env)
+}
+
+fn rejected(session: &SessionId, seq: u64, subject: &str, bytes: usize, reason: &str, time_ns: i128) -> Envelope {
+    let text = format!("rejected the message at log position {seq} ({bytes} bytes on {subject}): {reason}");
+    let json = serde_json::json!({
+        "op": "rejected",
+        "seq": seq,
+        "subject": subject,
+        "bytes": bytes,
+        "reason": reason,
+    });
+    let mut env = Envelope::new(
+        session,
+        &PeerId::from(REJECTED_FROM),
+        format!("rejected/{seq}"),
+        Kind::Failure,
+        Recipient::All,
+        Body::text(text).with_json(json),
+    );
+    env.time_ms = u64::try_from(time_ns / 1_000_000).unwrap_or(0);
+    env
 }
 
 /// One session's log on JetStream (see the module docs).
@@ -82,30 +130,123 @@ pub struct NatsLog {
     prefix: String,
 }
 
+/// Reads of at most this many entries fetch them one by one rather than creating a
+/// consumer.
+const FEW: u64 = 8;
+
 impl NatsLog {
     fn subject(&self, id: &EnvelopeId) -> String {
         format!("{}{}", self.prefix, token(id.as_str()))
     }
 
+    fn entry(&self, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Entry {
+        entry_of(&self.session, &self.prefix, seq, subject, payload, time_ns)
+    }
+
+    /// The stored message on the subject of `id`, if any.
+    async fn stored(&self, id: &EnvelopeId) -> Result<Option<jetstream::message::StreamMessage>, LogError> {
+        match self.stream.get_last_raw_message_by_subject(&self.subject(id)).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(log_error(&format!("looking up {id} in session {}", self.session), e)),
+        }
+    }
+
     /// An ordered consumer's messages from `from` on.
     async fn ordered_from(&self, from: u64) -> Result<consumer::push::Ordered, LogError> {
-        let consumer = self
-            .stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
-                description: Some("roundtable log reader".into()),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from.max(1),
-                },
-                replay_policy: consumer::ReplayPolicy::Instant,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| log_error(&format!("reading session {}", self.session), e))?;
-        consumer
-            .messages()
-            .await
-            .map_err(|e| log_error(&format!("reading session {}", self.session), e))
+        ordered_from(&self.js, &self.stream, &self.session, from).await
+    }
+}
+
+async fn ordered_from(
+    js: &jetstream::Context,
+    stream: &stream::Stream,
+    session: &SessionId,
+    from: u64,
+) -> Result<consumer::push::Ordered, LogError> {
+    let consumer = stream
+        .create_consumer(consumer::push::OrderedConfig {
+            deliver_subject: js.client().new_inbox(),
+            description: Some("roundtable log reader".into()),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from.max(1) },
+            replay_policy: consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| log_error(&format!("reading session {session}"), e))?;
+    consumer.messages().await.map_err(|e| log_error(&format!("reading session {session}"), e))
+}
+
+/// How often a tail checks whether the connection was made again.
+const RECONNECT_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A live tail (see [`SessionLog::tail`]). The client's ordered consumer only notices a
+/// server restart when its idle heartbeats stop (after 10 s); the tail therefore also
+/// watches the connection, and after every reconnection reopens the consumer after the
+/// last entry it yielded. A consumer that fails is reopened the same way; the error is
+/// yielded (as `Unavailable`) and the tail goes on.
+struct Tail {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    session: SessionId,
+    prefix: String,
+    next: u64,
+    messages: Option<consumer::push::Ordered>,
+    connects: u64,
+    check: tokio::time::Interval,
+}
+
+impl Tail {
+    fn connects(&self) -> u64 {
+        self.js.client().statistics().connects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn next_entry(&mut self) -> Result<Entry, LogError> {
+        loop {
+            let connects = self.connects();
+            if connects != self.connects {
+                self.connects = connects;
+                self.messages = None;
+            }
+            let messages = match self.messages.as_mut() {
+                Some(m) => m,
+                None => {
+                    let m = ordered_from(&self.js, &self.stream, &self.session, self.next).await.map_err(|e| {
+                        LogError::new(LogErrorKind::Unavailable, format!("tailing session {}: {e}", self.session))
+                    })?;
+                    self.messages.insert(m)
+                }
+            };
+            let m = tokio::select! {
+                m = messages.next() => m,
+                _ = self.check.tick() => continue,
+            };
+            let Some(m) = m else {
+                self.messages = None;
+                continue;
+            };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    // The consumer's errors are the transport's (a missed heartbeat, a
+                    // lost connection).
+                    self.messages = None;
+                    return Err(LogError::new(
+                        LogErrorKind::Unavailable,
+                        format!("tailing session {}: {e}", self.session),
+                    ));
+                }
+            };
+            let info = m.info().map_err(|e| log_error("reading message metadata", e))?;
+            // A start past the end is moved back to the end by the server; a reopened
+            // consumer starts after the last entry yielded.
+            if info.stream_sequence < self.next {
+                continue;
+            }
+            let time_ns = info.published.unix_timestamp_nanos();
+            self.next = info.stream_sequence + 1;
+            return Ok(entry_of(&self.session, &self.prefix, info.stream_sequence, &m.subject, &m.payload, time_ns));
+        }
     }
 }
 
@@ -119,10 +260,7 @@ impl SessionLog for NatsLog {
         if env.session != self.session {
             return Err(LogError::new(
                 LogErrorKind::Rejected,
-                format!(
-                    "envelope of session {} appended to session {}",
-                    env.session, self.session
-                ),
+                format!("envelope of session {} appended to session {}", env.session, self.session),
             ));
         }
         let mut headers = HeaderMap::new();
@@ -135,25 +273,24 @@ impl SessionLog for NatsLog {
             .map_err(|e| log_error(&what(), e))?
             .await;
         match ack {
-            Ok(ack) => Ok(Appended {
-                seq: ack.sequence,
-                duplicate: ack.duplicate,
-            }),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                match self.seq_of(&env.id).await? {
-                    Some(seq) => Ok(Appended {
-                        seq,
-                        duplicate: true,
-                    }),
-                    None => Err(LogError::new(
-                        LogErrorKind::Storage,
-                        format!(
-                            "{}: the server holds the id but the message is gone",
-                            what()
-                        ),
-                    )),
+            Ok(ack) => Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate }),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match self.stored(&env.id).await? {
+                Some(m) => {
+                    let time_ns = m.time.unix_timestamp_nanos();
+                    let entry = self.entry(m.sequence, &m.subject, &m.payload, time_ns);
+                    if entry.env.id != env.id {
+                        return Err(LogError::new(
+                            LogErrorKind::Rejected,
+                            format!("{}: its subject holds a rejected message: {}", what(), entry.env.body.text),
+                        ));
+                    }
+                    Ok(Appended { seq: m.sequence, duplicate: true })
                 }
-            }
+                None => Err(LogError::new(
+                    LogErrorKind::Storage,
+                    format!("{}: the server holds the id but the message is gone", what()),
+                )),
+            },
             Err(e) => Err(log_error(&what(), e)),
         }
     }
@@ -165,19 +302,25 @@ impl SessionLog for NatsLog {
             return Ok(Vec::new());
         }
         let end = last.min(from.saturating_add(max as u64 - 1));
-        let mut messages = self.ordered_from(from).await?;
+        let what = || format!("reading session {}", self.session);
         let mut out = Vec::with_capacity((end - from + 1) as usize);
+        if end - from < FEW {
+            for seq in from..=end {
+                let m = self.stream.get_raw_message(seq).await.map_err(|e| log_error(&what(), e))?;
+                out.push(self.entry(seq, &m.subject, &m.payload, m.time.unix_timestamp_nanos()));
+            }
+            return Ok(out);
+        }
+        let mut messages = self.ordered_from(from).await?;
         while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| log_error(&format!("reading session {}", self.session), e))?;
-            let info = m
-                .info()
-                .map_err(|e| log_error("reading message metadata", e))?;
-            let seq = info.stream_sequence;
+            let m = m.map_err(|e| log_error(&what(), e))?;
+            let info = m.info().map_err(|e| log_error("reading message metadata", e))?;
+            let (seq, pending, time_ns) = (info.stream_sequence, info.pending, info.published.unix_timestamp_nanos());
             if seq > end {
                 break;
             }
-            out.push(entry_of(seq, &m.payload)?);
-            if seq == end || info.pending == 0 {
+            out.push(self.entry(seq, &m.subject, &m.payload, time_ns));
+            if seq == end || pending == 0 {
                 break;
             }
         }
@@ -185,49 +328,39 @@ impl SessionLog for NatsLog {
     }
 
     async fn last_seq(&self) -> Result<u64, LogError> {
-        let info = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| log_error(&format!("reading session {}", self.session), e))?;
+        let info =
+            self.stream.get_info().await.map_err(|e| log_error(&format!("reading session {}", self.session), e))?;
         Ok(info.state.last_sequence)
     }
 
     async fn tail(&self, from: u64) -> Result<EntryStream, LogError> {
-        let session = self.session.clone();
         let from = from.max(1);
-        let messages = self.ordered_from(from).await?;
-        let entries = messages.filter_map(move |m| {
-            let entry = m
-                .map_err(|e| log_error(&format!("tailing session {session}"), e))
-                .and_then(|m| {
-                    let info = m
-                        .info()
-                        .map_err(|e| log_error("reading message metadata", e))?;
-                    // A start past the end is moved back to the end by the server.
-                    if info.stream_sequence < from {
-                        return Ok(None);
-                    }
-                    entry_of(info.stream_sequence, &m.payload).map(Some)
-                });
-            std::future::ready(entry.transpose())
-        });
-        Ok(Box::pin(entries))
+        let mut check = tokio::time::interval(RECONNECT_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tail = Tail {
+            js: self.js.clone(),
+            stream: self.stream.clone(),
+            session: self.session.clone(),
+            prefix: self.prefix.clone(),
+            next: from,
+            messages: None,
+            connects: 0,
+            check,
+        };
+        tail.connects = tail.connects();
+        tail.messages = Some(self.ordered_from(from).await?);
+        Ok(Box::pin(futures::stream::unfold(tail, |mut tail| async move {
+            let entry = tail.next_entry().await;
+            Some((entry, tail))
+        })))
     }
 
     async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError> {
-        match self
-            .stream
-            .get_last_raw_message_by_subject(&self.subject(id))
-            .await
-        {
-            Ok(m) => Ok(Some(m.sequence)),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(log_error(
-                &format!("looking up {id} in session {}", self.session),
-                e,
-            )),
-        }
+        // Only the envelope itself counts, not a rejected message on its subject.
+        Ok(self.stored(id).await?.and_then(|m| {
+            let entry = self.entry(m.sequence, &m.subject, &m.payload, 0);
+            (entry.env.id == *id).then_some(m.sequence)
+        }))
     }
 }
 
@@ -254,21 +387,35 @@ impl NatsLogStore {
         let Some(session) = info.config.description.clone() else {
             return Ok(None);
         };
-        let mut summary = SessionInfo::empty(SessionId::from(session));
+        let session = SessionId::from(session);
+        let prefix = subject_prefix(&session);
         let state = &info.state;
-        // The first and last envelopes give the team (the task opens a session) and the
-        // stop reason (a stop closes it) without reading everything in between.
-        let mut ends = vec![state.first_sequence];
-        if state.last_sequence != state.first_sequence {
-            ends.push(state.last_sequence);
-        }
+        let mut summary = SessionInfo::empty(session.clone());
         if state.messages > 0 {
-            for seq in ends {
-                let m = stream
-                    .get_raw_message(seq)
-                    .await
-                    .map_err(|e| log_error(&what(), e))?;
-                summary.observe(&entry_of(seq, &m.payload)?.env);
+            // The task and the stop, looked up by their ids (each has one subject), and
+            // the last message for the time of the last activity: three lookups, however
+            // long the log, and exact whatever was appended after the stop.
+            let task = EnvelopeId::derive(&session, &PeerId::from(USER), TASK_STEP);
+            let stop = EnvelopeId::derive(&session, &PeerId::from("*"), STOP_STEP);
+            let mut found = Vec::new();
+            for id in [task, stop] {
+                match stream.get_last_raw_message_by_subject(&format!("{prefix}{}", token(id.as_str()))).await {
+                    Ok(m) => found.push(m),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
+                    Err(e) => return Err(log_error(&what(), e)),
+                }
+            }
+            if found.first().is_none_or(|m| m.sequence != state.first_sequence) {
+                // No task first: start from the first message, whatever it is.
+                let m = stream.get_raw_message(state.first_sequence).await.map_err(|e| log_error(&what(), e))?;
+                found.insert(0, m);
+            }
+            let last = stream.get_raw_message(state.last_sequence).await.map_err(|e| log_error(&what(), e))?;
+            found.push(last);
+            for m in found {
+                let entry =
+                    entry_of(&session, &prefix, m.sequence, &m.subject, &m.payload, m.time.unix_timestamp_nanos());
+                summary.observe(&entry.env);
             }
         }
         summary.envelopes = state.messages;
@@ -278,35 +425,20 @@ impl NatsLogStore {
 
 #[async_trait]
 impl LogStore for NatsLogStore {
-    async fn open(
-        &self,
-        session: &SessionId,
-        create: bool,
-    ) -> Result<Arc<dyn SessionLog>, LogError> {
+    async fn open(&self, session: &SessionId, create: bool) -> Result<Arc<dyn SessionLog>, LogError> {
         let what = || format!("opening session {session}");
         let stream = if create {
-            self.js
-                .get_or_create_stream(stream_config(session))
-                .await
-                .map_err(|e| log_error(&what(), e))?
+            self.js.get_or_create_stream(stream_config(session)).await.map_err(|e| log_error(&what(), e))?
         } else {
             match self.js.get_stream(stream_name(session)).await {
                 Ok(s) => s,
                 Err(e) if stream_missing(&e) => {
-                    return Err(LogError::new(
-                        LogErrorKind::NotFound,
-                        format!("no session {session}"),
-                    ));
+                    return Err(LogError::new(LogErrorKind::NotFound, format!("no session {session}")));
                 }
                 Err(e) => return Err(log_error(&what(), e)),
             }
         };
-        Ok(Arc::new(NatsLog {
-            session: session.clone(),
-            js: self.js.clone(),
-            stream,
-            prefix: subject_prefix(session),
-        }))
+        Ok(Arc::new(NatsLog { session: session.clone(), js: self.js.clone(), stream, prefix: subject_prefix(session) }))
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, LogError> {

@@ -39,13 +39,11 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 use async_trait::async_trait;
 use futures::StreamExt;
 use roundtable_core::envelope::{PeerId, SessionId};
-use roundtable_core::workqueue::{
-    Claim, DeadLetter, QueueConfig, QueueError, QueueErrorKind, QueueStats, WorkQueue,
-};
+use roundtable_core::workqueue::{Claim, DeadLetter, QueueConfig, QueueError, QueueErrorKind, QueueStats, WorkQueue};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::{open_bucket, queue_error, token};
+use crate::{latest_values, open_bucket, queue_error, token};
 
 const CONSUMER: &str = "workers";
 /// The consumer's description: this, then the queue's `max_deliver`.
@@ -94,19 +92,11 @@ pub struct NatsWorkQueue {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn lost(claim: &Claim, why: &str) -> QueueError {
-    QueueError::new(
-        QueueErrorKind::LeaseLost,
-        format!(
-            "task {:?}, delivery {}: {why}",
-            claim.task_id, claim.delivery
-        ),
-    )
+    QueueError::new(QueueErrorKind::LeaseLost, format!("task {:?}, delivery {}: {why}", claim.task_id, claim.delivery))
 }
 
 impl NatsWorkQueue {
@@ -157,19 +147,12 @@ impl NatsWorkQueue {
             .and_then(|d| d.strip_prefix(MAX_DELIVER_TAG))
             .and_then(|n| n.parse().ok())
             .unwrap_or(config.max_deliver);
-        let config = QueueConfig {
-            lease: existing.ack_wait,
-            max_deliver,
-        };
+        let config = QueueConfig { lease: existing.ack_wait, max_deliver };
         let bucket = |kind: &str, about: &str| {
             let name = format!("RTQ{kind}_{tok}");
             let description = format!("{about} of session {session}");
             let what = &what;
-            async move {
-                open_bucket(js, &name, description, 1, Duration::ZERO)
-                    .await
-                    .map_err(|e| queue_error(what, e))
-            }
+            async move { open_bucket(js, &name, description, 1, Duration::ZERO).await.map_err(|e| queue_error(what, e)) }
         };
         Ok(NatsWorkQueue {
             config,
@@ -194,20 +177,9 @@ impl NatsWorkQueue {
     async fn next_message(&self, wait: Duration) -> Result<Option<jetstream::Message>, QueueError> {
         let what = || format!("claiming from the work queue of session {}", self.session);
         let mut batch = if wait < Duration::from_millis(10) {
-            self.consumer
-                .fetch()
-                .max_messages(1)
-                .messages()
-                .await
-                .map_err(|e| queue_error(&what(), e))?
+            self.consumer.fetch().max_messages(1).messages().await.map_err(|e| queue_error(&what(), e))?
         } else {
-            self.consumer
-                .batch()
-                .max_messages(1)
-                .expires(wait)
-                .messages()
-                .await
-                .map_err(|e| queue_error(&what(), e))?
+            self.consumer.batch().max_messages(1).expires(wait).messages().await.map_err(|e| queue_error(&what(), e))?
         };
         match batch.next().await {
             None => Ok(None),
@@ -224,25 +196,14 @@ impl NatsWorkQueue {
             .request(reply.to_owned(), body.into())
             .await
             .map(|_| ())
-            .map_err(|e| {
-                queue_error(
-                    &format!("settling a delivery in session {}", self.session),
-                    e,
-                )
-            })
+            .map_err(|e| queue_error(&format!("settling a delivery in session {}", self.session), e))
     }
 
     /// The claim's delivery, if this process still holds its lease.
     fn check_held(&self, claim: &Claim) -> Result<(u64, u32, serde_json::Value), QueueError> {
         let held = self.held.lock().expect("held lock");
-        let Some(h) = held
-            .get(&claim.lease)
-            .filter(|h| h.task_id == claim.task_id)
-        else {
-            return Err(lost(
-                claim,
-                "not held by this process (already settled, or claimed elsewhere)",
-            ));
+        let Some(h) = held.get(&claim.lease).filter(|h| h.task_id == claim.task_id) else {
+            return Err(lost(claim, "not held by this process (already settled, or claimed elsewhere)"));
         };
         if Instant::now() >= h.deadline {
             return Err(lost(claim, "the lease ran out"));
@@ -255,31 +216,20 @@ impl NatsWorkQueue {
     }
 
     async fn forget_lease(&self, stream_seq: u64) -> Result<(), QueueError> {
-        self.leases
-            .delete(stream_seq.to_string())
-            .await
-            .map_err(|e| queue_error("removing a lease record", e))
+        self.leases.delete(stream_seq.to_string()).await.map_err(|e| queue_error("removing a lease record", e))
     }
 
     async fn record_lease(&self, stream_seq: u64) -> Result<(), QueueError> {
         let deadline = now_ms() + self.config.lease.as_millis() as u64;
         self.leases
-            .put(
-                stream_seq.to_string(),
-                deadline.to_string().into_bytes().into(),
-            )
+            .put(stream_seq.to_string(), deadline.to_string().into_bytes().into())
             .await
             .map(|_| ())
             .map_err(|e| queue_error("recording a lease", e))
     }
 
     /// Write the dead letter, then remove the task's message.
-    async fn bury(
-        &self,
-        record: DeadRecord,
-        reply: &str,
-        stream_seq: u64,
-    ) -> Result<(), QueueError> {
+    async fn bury(&self, record: DeadRecord, reply: &str, stream_seq: u64) -> Result<(), QueueError> {
         let key = token(&record.task_id);
         let bytes = serde_json::to_vec(&record).expect("dead letter serializes");
         match self.dead.create(key, bytes.into()).await {
@@ -292,29 +242,13 @@ impl NatsWorkQueue {
     }
 
     async fn dead_records(&self) -> Result<Vec<(u64, DeadRecord)>, QueueError> {
-        let keys: Vec<String> = self
-            .dead
-            .keys()
-            .await
-            .map_err(|e| queue_error("listing dead letters", e))?
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| queue_error("listing dead letters", e))?;
         let mut out = Vec::new();
-        for key in keys {
-            let entry = self
-                .dead
-                .entry(key.as_str())
-                .await
-                .map_err(|e| queue_error("reading a dead letter", e))?;
-            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
-                let record: DeadRecord = serde_json::from_slice(&entry.value).map_err(|e| {
-                    QueueError::new(QueueErrorKind::Storage, format!("dead letter {key}: {e}"))
-                })?;
-                out.push((entry.revision, record));
-            }
+        for entry in
+            latest_values(&self.js.client(), &self.dead).await.map_err(|e| queue_error("listing dead letters", e))?
+        {
+            let record: DeadRecord = serde_json::from_slice(&entry.value)
+                .map_err(|e| QueueError::new(QueueErrorKind::Storage, format!("dead letter {}: {e}", entry.key)))?;
+            out.push((entry.revision, record));
         }
         out.sort_by_key(|(rev, _)| *rev);
         Ok(out)
@@ -330,20 +264,10 @@ impl WorkQueue for NatsWorkQueue {
     async fn push(&self, task_id: &str, payload: serde_json::Value) -> Result<(), QueueError> {
         let key = token(task_id);
         let what = || format!("pushing task {task_id:?} in session {}", self.session);
-        if self
-            .known
-            .get(key.as_str())
-            .await
-            .map_err(|e| queue_error(&what(), e))?
-            .is_some()
-        {
+        if self.known.get(key.as_str()).await.map_err(|e| queue_error(&what(), e))?.is_some() {
             return Ok(());
         }
-        let message = serde_json::to_vec(&TaskMessage {
-            id: task_id.to_owned(),
-            payload,
-        })
-        .expect("task serializes");
+        let message = serde_json::to_vec(&TaskMessage { id: task_id.to_owned(), payload }).expect("task serializes");
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, key.as_str());
         self.js
@@ -352,35 +276,21 @@ impl WorkQueue for NatsWorkQueue {
             .map_err(|e| queue_error(&what(), e))?
             .await
             .map_err(|e| queue_error(&what(), e))?;
-        self.known
-            .put(key, Vec::new().into())
-            .await
-            .map_err(|e| queue_error(&what(), e))?;
+        self.known.put(key, Vec::new().into()).await.map_err(|e| queue_error(&what(), e))?;
         Ok(())
     }
 
     async fn claim(&self, claimer: &PeerId, wait: Duration) -> Result<Option<Claim>, QueueError> {
         let give_up = Instant::now() + wait;
         loop {
-            let Some(m) = self
-                .next_message(give_up.saturating_duration_since(Instant::now()))
-                .await?
-            else {
+            let Some(m) = self.next_message(give_up.saturating_duration_since(Instant::now())).await? else {
                 return Ok(None);
             };
             let received = Instant::now();
-            let info = m
-                .info()
-                .map_err(|e| queue_error("reading delivery metadata", e))?;
-            let (stream_seq, delivery) = (
-                info.stream_sequence,
-                u32::try_from(info.delivered).unwrap_or(u32::MAX),
-            );
+            let info = m.info().map_err(|e| queue_error("reading delivery metadata", e))?;
+            let (stream_seq, delivery) = (info.stream_sequence, u32::try_from(info.delivered).unwrap_or(u32::MAX));
             let Some(reply) = m.reply.as_ref().map(|r| r.to_string()) else {
-                return Err(QueueError::new(
-                    QueueErrorKind::Storage,
-                    "a delivery without a reply subject",
-                ));
+                return Err(QueueError::new(QueueErrorKind::Storage, "a delivery without a reply subject"));
             };
             let task: TaskMessage = match serde_json::from_slice(&m.payload) {
                 Ok(t) => t,
@@ -399,12 +309,7 @@ impl WorkQueue for NatsWorkQueue {
                 }
             };
             if delivery > 1
-                && self
-                    .acked
-                    .get(token(&task.id))
-                    .await
-                    .map_err(|e| queue_error("reading acks", e))?
-                    .is_some()
+                && self.acked.get(token(&task.id)).await.map_err(|e| queue_error("reading acks", e))?.is_some()
             {
                 // Acked, but the ack itself did not reach the server: finish it.
                 self.settle(&reply, "+ACK".into()).await?;
@@ -413,12 +318,8 @@ impl WorkQueue for NatsWorkQueue {
             }
             let max = self.config.max_deliver;
             if max != 0 && delivery > max {
-                let record = DeadRecord {
-                    task_id: task.id,
-                    payload: task.payload,
-                    deliveries: max,
-                    found_by_claim: true,
-                };
+                let record =
+                    DeadRecord { task_id: task.id, payload: task.payload, deliveries: max, found_by_claim: true };
                 self.bury(record, &reply, stream_seq).await?;
                 continue;
             }
@@ -429,13 +330,7 @@ impl WorkQueue for NatsWorkQueue {
             held.retain(|_, h| h.deadline > received);
             held.insert(
                 reply.clone(),
-                Held {
-                    task_id: task.id.clone(),
-                    payload: task.payload.clone(),
-                    delivery,
-                    stream_seq,
-                    deadline,
-                },
+                Held { task_id: task.id.clone(), payload: task.payload.clone(), delivery, stream_seq, deadline },
             );
             drop(held);
             return Ok(Some(Claim {
@@ -465,21 +360,13 @@ impl WorkQueue for NatsWorkQueue {
         let (stream_seq, delivery, payload) = self.check_held(claim)?;
         let max = self.config.max_deliver;
         if max != 0 && delivery >= max {
-            let record = DeadRecord {
-                task_id: claim.task_id.clone(),
-                payload,
-                deliveries: delivery,
-                found_by_claim: false,
-            };
+            let record =
+                DeadRecord { task_id: claim.task_id.clone(), payload, deliveries: delivery, found_by_claim: false };
             self.bury(record, &claim.lease, stream_seq).await?;
             self.release(claim);
             return Ok(());
         }
-        let body = if delay.is_zero() {
-            "-NAK".to_owned()
-        } else {
-            format!("-NAK {{\"delay\":{}}}", delay.as_nanos())
-        };
+        let body = if delay.is_zero() { "-NAK".to_owned() } else { format!("-NAK {{\"delay\":{}}}", delay.as_nanos()) };
         self.settle(&claim.lease, body).await?;
         self.release(claim);
         self.forget_lease(stream_seq).await
@@ -500,63 +387,25 @@ impl WorkQueue for NatsWorkQueue {
             .dead_records()
             .await?
             .into_iter()
-            .map(|(_, r)| DeadLetter {
-                task_id: r.task_id,
-                payload: r.payload,
-                deliveries: r.deliveries,
-            })
+            .map(|(_, r)| DeadLetter { task_id: r.task_id, payload: r.payload, deliveries: r.deliveries })
             .collect())
     }
 
     async fn stats(&self) -> Result<QueueStats, QueueError> {
         let what = "reading work-queue stats";
-        let messages = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| queue_error(what, e))?
-            .state
-            .messages;
-        let consumer = self
-            .stream
-            .consumer_info(CONSUMER)
-            .await
-            .map_err(|e| queue_error(what, e))?;
-        let acked = self
-            .acked
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| queue_error(what, e))?
-            .state
-            .messages;
+        let messages = self.stream.get_info().await.map_err(|e| queue_error(what, e))?.state.messages;
+        let consumer = self.stream.consumer_info(CONSUMER).await.map_err(|e| queue_error(what, e))?;
+        let acked = self.acked.stream.get_info().await.map_err(|e| queue_error(what, e))?.state.messages;
         let dead = self.dead_records().await?;
         let found_by_claim = dead.iter().filter(|(_, r)| r.found_by_claim).count() as u64;
         let now = now_ms();
-        let mut in_flight = 0;
-        let lease_keys: Vec<String> = self
-            .leases
-            .keys()
+        // The lease records, read in one go: one per task in flight.
+        let in_flight = latest_values(&self.js.client(), &self.leases)
             .await
             .map_err(|e| queue_error(what, e))?
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| queue_error(what, e))?;
-        for key in lease_keys {
-            let deadline = self
-                .leases
-                .get(key.as_str())
-                .await
-                .map_err(|e| queue_error(what, e))?;
-            let deadline: u64 = deadline
-                .and_then(|d| String::from_utf8_lossy(&d).parse().ok())
-                .unwrap_or(0);
-            if deadline > now {
-                in_flight += 1;
-            }
-        }
+            .iter()
+            .filter(|l| String::from_utf8_lossy(&l.value).parse::<u64>().is_ok_and(|deadline| deadline > now))
+            .count() as u64;
         // Every delivery beyond a message's first, less the extra one that found a dead
         // task (see the module docs).
         let deliveries = consumer.delivered.consumer_sequence;
@@ -566,9 +415,7 @@ impl WorkQueue for NatsWorkQueue {
             in_flight,
             acked,
             dead: dead.len() as u64,
-            redeliveries: deliveries
-                .saturating_sub(first_deliveries)
-                .saturating_sub(found_by_claim),
+            redeliveries: deliveries.saturating_sub(first_deliveries).saturating_sub(found_by_claim),
         })
     }
 }

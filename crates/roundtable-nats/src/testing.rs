@@ -20,12 +20,19 @@ pub struct NatsServer {
     port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     /// Start a server on a free port with a fresh store directory, and wait until it
     /// accepts connections. Panics, saying how to install it, when there is no binary.
     pub fn start() -> NatsServer {
+        Self::start_with(&[])
+    }
+
+    /// [`Self::start`] with more command-line arguments for the server, kept for restarts:
+    /// `["--user", "u", "--pass", "p"]`, `["--auth", "token"]`, `["-c", "server.conf"]`….
+    pub fn start_with(args: &[&str]) -> NatsServer {
         let binary = find_binary().unwrap_or_else(|| {
             panic!(
                 "nats-server not found (looked for `nats-server` on PATH, /usr/sbin/nats-server and \
@@ -33,17 +40,10 @@ impl NatsServer {
                  (version 2.9 or newer)"
             )
         });
-        let store = tempfile::Builder::new()
-            .prefix("roundtable-nats-")
-            .tempdir()
-            .expect("temporary store directory");
+        let store = tempfile::Builder::new().prefix("roundtable-nats-").tempdir().expect("temporary store directory");
         let port = free_port();
-        let mut server = NatsServer {
-            binary,
-            port,
-            store,
-            child: None,
-        };
+        let extra = args.iter().map(|a| a.to_string()).collect();
+        let mut server = NatsServer { binary, port, store, child: None, extra };
         server.start_again();
         server
     }
@@ -77,10 +77,7 @@ impl NatsServer {
     /// Stop the server the way an operator would (SIGTERM), waiting until it has exited.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let terminated = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
+            let terminated = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
             if !terminated.is_ok_and(|s| s.success()) {
                 let _ = child.kill();
             }
@@ -91,27 +88,13 @@ impl NatsServer {
     /// Start the server again (after [`Self::kill`] or [`Self::stop`]) on the same port
     /// and store directory, and wait until it accepts connections.
     pub fn start_again(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "nats-server on port {} is already running",
-            self.port
-        );
+        assert!(self.child.is_none(), "nats-server on port {} is already running", self.port);
         let log = self.store.path().join("server.log");
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("server log file");
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("server log file");
         let child = Command::new(&self.binary)
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(self.store.path().join("jetstream"))
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -121,16 +104,9 @@ impl NatsServer {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let start = Instant::now();
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
-                panic!(
-                    "nats-server exited at start ({status}); its log:\n{}",
-                    read_log(&log)
-                );
+                panic!("nats-server exited at start ({status}); its log:\n{}", read_log(&log));
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return;
@@ -190,10 +166,7 @@ mod tests {
         let addr = SocketAddr::from(([127, 0, 0, 1], server.port()));
         assert!(TcpStream::connect(addr).is_ok());
         server.kill();
-        assert!(
-            TcpStream::connect(addr).is_err(),
-            "a killed server accepts nothing"
-        );
+        assert!(TcpStream::connect(addr).is_err(), "a killed server accepts nothing");
         server.start_again();
         assert!(TcpStream::connect(addr).is_ok());
         server.stop();

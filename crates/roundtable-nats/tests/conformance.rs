@@ -21,13 +21,8 @@ impl Fixture for Nats {
 
 async fn nats() -> Nats {
     let server = NatsServer::start();
-    let backend = NatsBackend::connect(&server.url())
-        .await
-        .expect("connect to the test server");
-    Nats {
-        backend,
-        _server: server,
-    }
+    let backend = NatsBackend::connect(&server.url()).await.expect("connect to the test server");
+    Nats { backend, _server: server }
 }
 
 roundtable_conformance::backend_tests!(nats());

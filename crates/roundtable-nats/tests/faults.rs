@@ -1,0 +1,186 @@
+//! Faults a shared server exposes peers to: messages nobody should have sent on a
+//! session's subjects, and a server that stops and comes back.
+
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use roundtable_core::bus::Backend;
+use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Recipient, SessionId};
+use roundtable_core::log::LogErrorKind;
+use roundtable_core::session::{STOP_STEP, TASK_STEP, USER};
+use roundtable_nats::testing::NatsServer;
+use roundtable_nats::{NatsBackend, REJECTED_FROM, token};
+
+fn env(s: &SessionId, peer: &str, step: &str) -> Envelope {
+    Envelope::new(s, &PeerId::from(peer), step, Kind::Message, Recipient::All, Body::text(step))
+}
+
+async fn publish(backend: &NatsBackend, subject: String, payload: Vec<u8>) {
+    backend.jetstream().publish(subject, payload.into()).await.expect("publish").await.expect("stored by the stream");
+}
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), fut).await.unwrap_or_else(|_| panic!("{what}: nothing within 30 s"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_nobody_should_have_sent_are_rejected_in_place() {
+    // A server that accepts payloads larger than an envelope may be, so that an
+    // oversized message can reach the stream at all.
+    let conf = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(conf.path(), "max_payload: 4194304\n").expect("write config");
+    let server = NatsServer::start_with(&["-c", conf.path().to_str().expect("utf-8 path")]);
+    let backend = NatsBackend::connect(&server.url()).await.expect("connect");
+    let s = SessionId::from("garbage");
+    let log = backend.logs().open(&s, true).await.expect("open");
+    let prefix = format!("rt.{}.log.", token(s.as_str()));
+
+    assert_eq!(log.append(env(&s, "pm", "turn/1")).await.unwrap().seq, 1);
+    // 2: not JSON.
+    publish(&backend, format!("{prefix}junk"), b"\x00\x01 not json".to_vec()).await;
+    // 3: a newer wire version, on its own subject.
+    let v2 = env(&s, "pm", "turn/v2");
+    let v2_json = v2.to_json().replacen("\"v\":1", "\"v\":2", 1);
+    publish(&backend, format!("{prefix}{}", token(v2.id.as_str())), v2_json.into_bytes()).await;
+    // 4: oversized (2 MiB of JSON).
+    let mut big = env(&s, "pm", "turn/big");
+    big.body = Body::text("x".repeat(2 << 20));
+    publish(&backend, format!("{prefix}{}", token(big.id.as_str())), big.to_json().into_bytes()).await;
+    // 5: an envelope of another session.
+    let other = env(&SessionId::from("other"), "pm", "turn/1");
+    publish(&backend, format!("{prefix}{}", token(other.id.as_str())), other.to_json().into_bytes()).await;
+    // 6: a good envelope on a subject that is not its id's (a second copy would break
+    // the one-append-per-id rule).
+    let misfiled = env(&s, "eng", "turn/2");
+    publish(&backend, format!("{prefix}elsewhere"), misfiled.to_json().into_bytes()).await;
+    // 7: the session goes on.
+    assert_eq!(log.append(env(&s, "cfo", "turn/3")).await.unwrap().seq, 7);
+
+    let all = log.read_all().await.expect("read");
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
+    let reasons: Vec<String> = all[1..6]
+        .iter()
+        .map(|e| {
+            assert_eq!((e.env.kind, e.env.from.as_str()), (Kind::Failure, REJECTED_FROM), "{:?}", e.env);
+            assert_eq!(&*e.env.step, format!("rejected/{}", e.seq));
+            let j = e.env.body.json.as_ref().expect("json");
+            assert_eq!(j["op"], "rejected");
+            assert_eq!(j["seq"], e.seq);
+            j["reason"].as_str().expect("reason").to_owned()
+        })
+        .collect();
+    for (reason, expected) in reasons.iter().zip([
+        "malformed envelope",
+        "version 2",
+        "over the",
+        "of session other",
+        "not on its own subject",
+    ]) {
+        assert!(reason.contains(expected), "{reason:?} should say {expected:?}");
+    }
+    assert_eq!(&*all[6].env.step, "turn/3");
+
+    // Every reader reads the same rejections: a tail, a short read, another connection.
+    let mut tail = log.tail(1).await.expect("tail");
+    for e in &all {
+        let t = within("tail", tail.next()).await.expect("entry").expect("ok");
+        assert_eq!((t.seq, t.env.to_json()), (e.seq, e.env.to_json()));
+    }
+    let short = log.read(2, 3).await.expect("short read");
+    assert_eq!(
+        short.iter().map(|e| e.env.to_json()).collect::<Vec<_>>(),
+        all[1..4].iter().map(|e| e.env.to_json()).collect::<Vec<_>>()
+    );
+    let elsewhere = NatsBackend::connect(&server.url()).await.expect("connect");
+    let again = elsewhere.logs().open(&s, false).await.expect("open").read_all().await.expect("read");
+    assert_eq!(
+        again.iter().map(|e| e.env.to_json()).collect::<Vec<_>>(),
+        all.iter().map(|e| e.env.to_json()).collect::<Vec<_>>()
+    );
+
+    // The misfiled copy does not count as the envelope: its real append still lands, once.
+    assert_eq!(log.seq_of(&misfiled.id).await.unwrap(), None);
+    let placed = log.append(misfiled.clone()).await.unwrap();
+    assert_eq!((placed.seq, placed.duplicate), (8, false));
+    assert_eq!(log.append(misfiled).await.unwrap().seq, 8);
+
+    // Junk on the subject an envelope will need: its append fails, saying why.
+    let later = env(&s, "pm", "turn/4");
+    publish(&backend, format!("{prefix}{}", token(later.id.as_str())), b"squatter".to_vec()).await;
+    let err = log.append(later).await.unwrap_err();
+    assert_eq!(err.kind(), LogErrorKind::Rejected, "{err}");
+    assert!(err.to_string().contains("rejected message"), "{err}");
+
+    let sessions = backend.logs().sessions().await.expect("sessions");
+    let info = sessions.iter().find(|i| i.id == s).expect("listed");
+    assert_eq!(info.envelopes, 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_find_the_task_and_the_stop_wherever_they_are() {
+    let server = NatsServer::start();
+    let backend = NatsBackend::connect(&server.url()).await.expect("connect");
+    let s = SessionId::from("listed");
+    let log = backend.logs().open(&s, true).await.expect("open");
+    let mut task = Envelope::new(&s, &PeerId::from(USER), TASK_STEP, Kind::Task, Recipient::All, Body::text("t"));
+    task.body.json = Some(serde_json::json!({ "team_name": "crew" }));
+    log.append(task).await.unwrap();
+    log.append(env(&s, "a", "turn/1")).await.unwrap();
+    let mut stop = Envelope::new(&s, &PeerId::from("b"), STOP_STEP, Kind::Stop, Recipient::All, Body::text("done"));
+    stop.id = roundtable_core::envelope::EnvelopeId::derive(&s, &PeerId::from("*"), STOP_STEP);
+    stop.body.json = Some(serde_json::json!({ "reason": "max rounds" }));
+    log.append(stop).await.unwrap();
+    // Something after the stop (a late absence notice) must not hide it.
+    log.append(env(&s, "a", "absent/b/0")).await.unwrap();
+    let info = backend.logs().sessions().await.expect("sessions").into_iter().find(|i| i.id == s).expect("listed");
+    assert_eq!(info.team.as_deref(), Some("crew"));
+    assert_eq!(info.stop.as_deref(), Some("max rounds"));
+    assert_eq!(info.envelopes, 4);
+    assert!(info.first_ms > 0 && info.last_ms >= info.first_ms, "{info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_backend_waits_out_a_server_restart() {
+    let mut server = NatsServer::start();
+    let backend = NatsBackend::connect(&server.url()).await.expect("connect").patient();
+    let s = SessionId::from("restart");
+    let log = backend.logs().open(&s, true).await.expect("open");
+    let presence = backend.presence(&s).await.expect("presence");
+    presence.beat(&PeerId::from("a")).await.expect("beat");
+    for i in 1..=3 {
+        log.append(env(&s, "a", &format!("turn/{i}"))).await.expect("append");
+    }
+    let mut tail = log.tail(1).await.expect("tail");
+    for seq in 1..=3 {
+        assert_eq!(within("tail", tail.next()).await.expect("entry").expect("ok").seq, seq);
+    }
+
+    server.stop();
+    // Appends made while the server is away wait for it instead of failing.
+    let writer = {
+        let log = log.clone();
+        let s = s.clone();
+        tokio::spawn(async move { log.append(env(&s, "b", "turn/4")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let restarted = SystemTime::now();
+    server.start_again();
+    let appended = within("the append made during the outage", writer).await.expect("join").expect("append");
+    assert_eq!(appended.seq, 4);
+    log.append(env(&s, "a", "turn/5")).await.expect("append after the restart");
+
+    // The tail goes on where it was: nothing lost, nothing twice.
+    for seq in 4..=5 {
+        let e = within("tail after the restart", tail.next()).await.expect("entry").expect("ok");
+        assert_eq!(e.seq, seq);
+    }
+    // Nothing acknowledged before the stop is lost.
+    let steps: Vec<String> = log.read_all().await.expect("read").iter().map(|e| e.env.step.to_string()).collect();
+    assert_eq!(steps, ["turn/1", "turn/2", "turn/3", "turn/4", "turn/5"]);
+
+    // No peer could beat while the server was away: a's age counts from this process's
+    // reconnection, which came after the restart.
+    let age = presence.last_seen().await.expect("last seen")[&PeerId::from("a")];
+    let since_restart = restarted.elapsed().expect("clock");
+    assert!(age <= since_restart, "age {age:?} counts from before the reconnection ({since_restart:?} ago)");
+}
