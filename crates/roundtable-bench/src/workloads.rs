@@ -1,0 +1,224 @@
+//! The workloads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use roundtable_core::PeerId;
+use roundtable_core::log::{LogStore, MemStore, SessionLog};
+use roundtable_core::model::ChatModel;
+use roundtable_core::runner::{open_session, run_peers};
+use roundtable_core::session::new_session_id;
+use roundtable_core::team::{PlanEnv, TeamPlan, parse_team};
+use serde::Serialize;
+
+use crate::mock::MockModel;
+use crate::rss_kib;
+
+struct NoEnv;
+impl PlanEnv for NoEnv {
+    fn var_is_set(&self, _: &str) -> bool {
+        false
+    }
+    fn read(&self, p: &str) -> Result<String, String> {
+        Err(format!("no file {p}"))
+    }
+}
+
+/// A round-robin team of `n` peers that stops after `messages` messages (the task
+/// included), with full history in every peer's context.
+pub fn group_chat_plan(n: usize, messages: u64) -> TeamPlan {
+    let mut src = String::from("name = \"groupchat\"\n[models.mock]\nprovider = \"scripted\"\nreplies = [\"-\"]\n");
+    for i in 0..n {
+        src.push_str(&format!("[[peers]]\nid = \"p{i}\"\nmodel = \"mock\"\n"));
+    }
+    let contributions = messages.saturating_sub(1).max(1);
+    let rounds = contributions.div_ceil(n as u64) + 1;
+    src.push_str(&format!(
+        "[protocol]\nkind = \"round_robin\"\nrounds = {rounds}\n[termination]\nmax_messages = {contributions}\n[presence]\nheartbeat_secs = 3600\n"
+    ));
+    parse_team("groupchat.toml", &src, &NoEnv).expect("the benchmark plan is valid")
+}
+
+/// Settings of the group-chat overhead workload.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct GroupChatConfig {
+    pub peers: usize,
+    /// Messages in the session, the task included.
+    pub messages: u64,
+    /// Persist the log in SQLite (in a temporary directory).
+    pub persist: bool,
+    /// The mock model reads the whole history on every call.
+    pub walk_history: bool,
+}
+
+/// What one group-chat run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupChatResult {
+    pub workload: &'static str,
+    #[serde(flatten)]
+    pub config: GroupChatConfig,
+    pub wall_ms: f64,
+    pub messages_per_sec: f64,
+    /// Mean time between consecutive model calls over the first and the last 100 messages.
+    pub us_per_msg_first100: f64,
+    pub us_per_msg_last100: f64,
+    pub last_over_first: f64,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub peak_rss_kib: u64,
+    /// Bytes of the session's envelopes as JSON (the payload).
+    pub payload_bytes: u64,
+    pub added_kib_over_payload_kib: f64,
+}
+
+/// Run the group-chat overhead workload once.
+pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String> {
+    let plan = group_chat_plan(cfg.peers, cfg.messages);
+    let (rss_before, _) = rss_kib();
+    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let session = new_session_id();
+    let log: Arc<dyn SessionLog> = if cfg.persist {
+        let store = roundtable_sqlite::SqliteStore::open(
+            &tmp.path().join("bench.db"),
+            true,
+            roundtable_sqlite::Durability::Normal,
+        )
+        .map_err(|e| e.to_string())?;
+        store.open(&session, true).await.map_err(|e| e.to_string())?
+    } else {
+        MemStore::new().open(&session, true).await.map_err(|e| e.to_string())?
+    };
+    let mock = Arc::new(MockModel::new(None, cfg.walk_history, cfg.messages as usize));
+    let models: HashMap<PeerId, Arc<dyn ChatModel>> =
+        plan.peers.iter().map(|p| (p.id.clone(), mock.clone() as Arc<dyn ChatModel>)).collect();
+
+    let start = Instant::now();
+    open_session(log.as_ref(), &plan, "Discuss the benchmark topic.").await.map_err(|e| e.to_string())?;
+    let summary = run_peers(log.clone(), &plan, models, None, None).await.map_err(|e| e.to_string())?;
+    let wall = start.elapsed();
+    let (rss_after, peak) = rss_kib();
+
+    let expected = cfg.messages.saturating_sub(1);
+    if summary.messages != expected {
+        return Err(format!("expected {expected} messages, the session has {}", summary.messages));
+    }
+    let calls = mock.calls.lock().expect("calls lock").clone();
+    let gaps: Vec<f64> = calls.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e6).collect();
+    let mean = |xs: &[f64]| if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 };
+    let k = gaps.len().min(100);
+    let first = mean(&gaps[..k]);
+    let last = mean(&gaps[gaps.len() - k..]);
+    let payload: u64 =
+        log.read_all().await.map_err(|e| e.to_string())?.iter().map(|e| e.env.to_json().len() as u64).sum();
+    drop(log);
+    Ok(GroupChatResult {
+        workload: "groupchat",
+        config: cfg,
+        wall_ms: wall.as_secs_f64() * 1e3,
+        messages_per_sec: cfg.messages as f64 / wall.as_secs_f64(),
+        us_per_msg_first100: first,
+        us_per_msg_last100: last,
+        last_over_first: if first > 0.0 { last / first } else { 0.0 },
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        peak_rss_kib: peak,
+        payload_bytes: payload,
+        added_kib_over_payload_kib: (rss_after.saturating_sub(rss_before)) as f64 / (payload as f64 / 1024.0),
+    })
+}
+
+/// Settings of the scale workload.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ScaleConfig {
+    pub peers: usize,
+    /// Rounds of round robin; 0 keeps every peer idle (tailing, no turns yet).
+    pub rounds: u32,
+}
+
+/// What the scale workload measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScaleResult {
+    pub workload: &'static str,
+    #[serde(flatten)]
+    pub config: ScaleConfig,
+    pub messages: u64,
+    pub wall_ms: f64,
+    pub rss_added_kib: u64,
+    pub kib_per_peer: f64,
+}
+
+/// Hold `peers` peers in one process: idle (waiting for a task that never comes in
+/// rounds = 0), or active for some rounds of round robin.
+pub async fn scale(cfg: ScaleConfig) -> Result<ScaleResult, String> {
+    let (before, _) = rss_kib();
+    let start = Instant::now();
+    let plan = group_chat_plan(cfg.peers, u64::from(cfg.rounds.max(1)) * cfg.peers as u64 + 1);
+    let session = new_session_id();
+    let log = MemStore::new().open(&session, true).await.map_err(|e| e.to_string())?;
+    let mock = Arc::new(MockModel::new(None, false, 0));
+    let models: HashMap<PeerId, Arc<dyn ChatModel>> =
+        plan.peers.iter().map(|p| (p.id.clone(), mock.clone() as Arc<dyn ChatModel>)).collect();
+    if cfg.rounds == 0 {
+        // Idle: every peer is a task tailing an empty log.
+        let mut handles = Vec::new();
+        for p in &plan.peers {
+            let cfgp = roundtable_core::peer::PeerConfig {
+                me: p.id.clone(),
+                log: log.clone(),
+                model: models[&p.id].clone(),
+                presence: None,
+                events: None,
+            };
+            handles.push(tokio::spawn(roundtable_core::peer::run_peer(cfgp)));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (after, _) = rss_kib();
+        for h in &handles {
+            h.abort();
+        }
+        let added = after.saturating_sub(before);
+        return Ok(ScaleResult {
+            workload: "scale",
+            config: cfg,
+            messages: 0,
+            wall_ms: start.elapsed().as_secs_f64() * 1e3,
+            rss_added_kib: added,
+            kib_per_peer: added as f64 / cfg.peers as f64,
+        });
+    }
+    open_session(log.as_ref(), &plan, "Scale test.").await.map_err(|e| e.to_string())?;
+    let summary = run_peers(log.clone(), &plan, models, None, None).await.map_err(|e| e.to_string())?;
+    let (after, _) = rss_kib();
+    let added = after.saturating_sub(before);
+    Ok(ScaleResult {
+        workload: "scale",
+        config: cfg,
+        messages: summary.messages,
+        wall_ms: start.elapsed().as_secs_f64() * 1e3,
+        rss_added_kib: added,
+        kib_per_peer: added as f64 / cfg.peers as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_chat_runs_exactly_the_messages_asked_for() {
+        for persist in [false, true] {
+            let r = group_chat(GroupChatConfig { peers: 4, messages: 120, persist, walk_history: true }).await.unwrap();
+            assert!(r.payload_bytes > 119 * 50, "{r:?}");
+            assert!(r.us_per_msg_first100 > 0.0 && r.us_per_msg_last100 > 0.0);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scale_holds_idle_and_active_peers() {
+        let r = scale(ScaleConfig { peers: 50, rounds: 0 }).await.unwrap();
+        assert_eq!(r.messages, 0);
+        let r = scale(ScaleConfig { peers: 50, rounds: 1 }).await.unwrap();
+        assert_eq!(r.messages, 50);
+    }
+}
