@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::blackboard::{BoardError, Blackboard};
+use crate::blackboard::{Blackboard, BoardError};
 use crate::envelope::{PeerId, SessionId};
 use crate::error::Error;
 use crate::log::LogStore;

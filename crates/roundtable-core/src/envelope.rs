@@ -315,15 +315,13 @@ impl Envelope {
         struct VersionOnly {
             v: Option<u32>,
         }
-        let probe: VersionOnly =
-            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let probe: VersionOnly = serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         match probe.v {
             Some(ENVELOPE_VERSION) => {}
             Some(v) => return Err(EnvelopeError::Version { found: v }),
             None => return Err(EnvelopeError::Malformed("missing field `v`".into())),
         }
-        let env: Envelope =
-            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if env.step.is_empty() {
             return Err(EnvelopeError::Malformed("field `step` is empty".into()));
         }
@@ -352,9 +350,7 @@ pub enum EnvelopeError {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -370,10 +366,7 @@ mod tests {
         assert_ne!(a, EnvelopeId::derive(&s, &"cfo".into(), "turn/1"));
         assert_ne!(a, EnvelopeId::derive(&"s2".into(), &"pm".into(), "turn/1"));
         // No ambiguity from concatenation.
-        assert_ne!(
-            EnvelopeId::derive(&s, &"a".into(), "bc"),
-            EnvelopeId::derive(&s, &"ab".into(), "c")
-        );
+        assert_ne!(EnvelopeId::derive(&s, &"a".into(), "bc"), EnvelopeId::derive(&s, &"ab".into(), "c"));
         assert_eq!(a.as_str().len(), 32);
     }
 

@@ -131,22 +131,12 @@ impl SessionInfo {
         self.last_ms = self.last_ms.max(env.time_ms);
         match env.kind {
             Kind::Task if self.team.is_none() => {
-                self.team = env
-                    .body
-                    .json
-                    .as_ref()
-                    .and_then(|j| j.get("team_name"))
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned);
+                self.team =
+                    env.body.json.as_ref().and_then(|j| j.get("team_name")).and_then(|v| v.as_str()).map(str::to_owned);
             }
             Kind::Stop if self.stop.is_none() => {
-                self.stop = env
-                    .body
-                    .json
-                    .as_ref()
-                    .and_then(|j| j.get("reason"))
-                    .and_then(|v| v.as_str())
-                    .map(str::to_owned);
+                self.stop =
+                    env.body.json.as_ref().and_then(|j| j.get("reason")).and_then(|v| v.as_str()).map(str::to_owned);
             }
             _ => {}
         }

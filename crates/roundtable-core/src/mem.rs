@@ -32,13 +32,9 @@ use futures::stream::BoxStream;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::blackboard::{
-    Blackboard, BoardEntry, BoardError, BoardErrorKind, BoardOp, validate_key,
-};
+use crate::blackboard::{Blackboard, BoardEntry, BoardError, BoardErrorKind, BoardOp, validate_key};
 use crate::envelope::PeerId;
-use crate::workqueue::{
-    Claim, DeadLetter, QueueConfig, QueueError, QueueErrorKind, QueueStats, WorkQueue,
-};
+use crate::workqueue::{Claim, DeadLetter, QueueConfig, QueueError, QueueErrorKind, QueueStats, WorkQueue};
 
 // ---------------------------------------------------------------------------------------
 // Blackboard
@@ -53,16 +49,11 @@ struct BoardState {
 
 impl BoardState {
     fn last_revision(&self, key: &str) -> u64 {
-        self.latest
-            .get(key)
-            .map_or(0, |&i| self.history[i].revision)
+        self.latest.get(key).map_or(0, |&i| self.history[i].revision)
     }
 
     fn current(&self, key: &str) -> Option<&BoardEntry> {
-        self.latest
-            .get(key)
-            .map(|&i| &self.history[i])
-            .filter(|e| e.op == BoardOp::Put)
+        self.latest.get(key).map(|&i| &self.history[i]).filter(|e| e.op == BoardOp::Put)
     }
 }
 
@@ -81,10 +72,7 @@ pub struct MemBlackboard {
 impl Default for MemBlackboard {
     fn default() -> Self {
         MemBlackboard {
-            inner: Arc::new(BoardInner {
-                state: Mutex::new(BoardState::default()),
-                last: watch::Sender::new(0),
-            }),
+            inner: Arc::new(BoardInner { state: Mutex::new(BoardState::default()), last: watch::Sender::new(0) }),
         }
     }
 }
@@ -112,12 +100,7 @@ impl MemBlackboard {
         let mut st = self.inner.state.lock().expect("board lock");
         check(st.last_revision(key), st.current(key).is_some())?;
         let revision = st.history.len() as u64 + 1;
-        st.history.push(BoardEntry {
-            key: key.to_owned(),
-            value,
-            revision,
-            op,
-        });
+        st.history.push(BoardEntry { key: key.to_owned(), value, revision, op });
         let index = st.history.len() - 1;
         st.latest.insert(key.to_owned(), index);
         // Under the lock, so the published revision never goes backwards.
@@ -141,13 +124,7 @@ impl MemBlackboard {
 impl Blackboard for MemBlackboard {
     async fn get(&self, key: &str) -> Result<Option<BoardEntry>, BoardError> {
         validate_key(key)?;
-        Ok(self
-            .inner
-            .state
-            .lock()
-            .expect("board lock")
-            .current(key)
-            .cloned())
+        Ok(self.inner.state.lock().expect("board lock").current(key).cloned())
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, BoardError> {
@@ -157,10 +134,7 @@ impl Blackboard for MemBlackboard {
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<u64, BoardError> {
         self.write(key, value, BoardOp::Put, |last, present| {
             if present {
-                Err(BoardError::new(
-                    BoardErrorKind::AlreadyExists,
-                    format!("key {key:?} exists (revision {last})"),
-                ))
+                Err(BoardError::new(BoardErrorKind::AlreadyExists, format!("key {key:?} exists (revision {last})")))
             } else {
                 Ok(())
             }
@@ -186,18 +160,10 @@ impl Blackboard for MemBlackboard {
 
     async fn keys(&self) -> Result<Vec<String>, BoardError> {
         let st = self.inner.state.lock().expect("board lock");
-        Ok(st
-            .latest
-            .iter()
-            .filter(|&(_, &i)| st.history[i].op == BoardOp::Put)
-            .map(|(k, _)| k.clone())
-            .collect())
+        Ok(st.latest.iter().filter(|&(_, &i)| st.history[i].op == BoardOp::Put).map(|(k, _)| k.clone()).collect())
     }
 
-    async fn watch(
-        &self,
-        from: u64,
-    ) -> Result<BoxStream<'static, Result<BoardEntry, BoardError>>, BoardError> {
+    async fn watch(&self, from: u64) -> Result<BoxStream<'static, Result<BoardEntry, BoardError>>, BoardError> {
         struct WatchState {
             board: MemBlackboard,
             next: u64,
@@ -205,9 +171,7 @@ impl Blackboard for MemBlackboard {
             rx: watch::Receiver<u64>,
         }
         let st = WatchState {
-            board: MemBlackboard {
-                inner: self.inner.clone(),
-            },
+            board: MemBlackboard { inner: self.inner.clone() },
             next: from.max(1),
             buf: Default::default(),
             rx: self.inner.last.subscribe(),
@@ -305,11 +269,7 @@ impl QueueState {
 
     /// Hand the first claimable task to `claimer`.
     fn take(&mut self, now: Instant, lease: Duration, claimer: &PeerId) -> Option<Claim> {
-        let seq = self
-            .ready
-            .iter()
-            .find(|(_, (not_before, _))| *not_before <= now)
-            .map(|(&seq, _)| seq)?;
+        let seq = self.ready.iter().find(|(_, (not_before, _))| *not_before <= now).map(|(&seq, _)| seq)?;
         let (_, id) = self.ready.remove(&seq).expect("found above");
         let task = self.tasks.get_mut(&id).expect("ready task is known");
         task.deliveries += 1;
@@ -319,10 +279,7 @@ impl QueueState {
         self.next_token += 1;
         let token = format!("{}.{}.{}", task.seq, task.deliveries, self.next_token);
         let deadline = now + lease;
-        task.state = TaskState::InFlight {
-            token: token.clone(),
-            deadline,
-        };
+        task.state = TaskState::InFlight { token: token.clone(), deadline };
         self.leases.insert((deadline, task.seq), id.clone());
         Some(Claim {
             task_id: id,
@@ -335,12 +292,7 @@ impl QueueState {
 
     /// The next instant at which something may become claimable without a push or nack.
     fn next_change(&self, now: Instant) -> Option<Instant> {
-        let delayed = self
-            .ready
-            .values()
-            .map(|(t, _)| *t)
-            .filter(|t| *t > now)
-            .min();
+        let delayed = self.ready.values().map(|(t, _)| *t).filter(|t| *t > now).min();
         let lease = self.leases.keys().next().map(|(t, _)| *t);
         match (delayed, lease) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -353,24 +305,16 @@ impl QueueState {
         let lost = |why: &str| {
             QueueError::new(
                 QueueErrorKind::LeaseLost,
-                format!(
-                    "task {:?}, delivery {}: {why}",
-                    claim.task_id, claim.delivery
-                ),
+                format!("task {:?}, delivery {}: {why}", claim.task_id, claim.delivery),
             )
         };
-        let task = self
-            .tasks
-            .get_mut(&claim.task_id)
-            .ok_or_else(|| lost("no such task"))?;
+        let task = self.tasks.get_mut(&claim.task_id).ok_or_else(|| lost("no such task"))?;
         match &task.state {
             TaskState::InFlight { token, deadline } if *token == claim.lease => {
                 let deadline = *deadline;
                 Ok((task, deadline))
             }
-            TaskState::InFlight { .. } => {
-                Err(lost("the lease expired and the task was delivered again"))
-            }
+            TaskState::InFlight { .. } => Err(lost("the lease expired and the task was delivered again")),
             TaskState::Ready => Err(lost("the lease expired or the task was given back")),
             TaskState::Acked => Err(lost("the task is already acked")),
             TaskState::Dead => Err(lost("the task is dead-lettered")),
@@ -388,11 +332,7 @@ pub struct MemWorkQueue {
 
 impl MemWorkQueue {
     pub fn new(config: QueueConfig) -> Self {
-        MemWorkQueue {
-            config,
-            state: Mutex::new(QueueState::default()),
-            changed: Notify::new(),
-        }
+        MemWorkQueue { config, state: Mutex::new(QueueState::default()), changed: Notify::new() }
     }
 
     /// The state, with expired leases already given back.
@@ -418,15 +358,7 @@ impl WorkQueue for MemWorkQueue {
             }
             st.next_seq += 1;
             let seq = st.next_seq;
-            st.tasks.insert(
-                task_id.to_owned(),
-                Task {
-                    seq,
-                    payload,
-                    deliveries: 0,
-                    state: TaskState::Ready,
-                },
-            );
+            st.tasks.insert(task_id.to_owned(), Task { seq, payload, deliveries: 0, state: TaskState::Ready });
             st.ready.insert(seq, (now, task_id.to_owned()));
         }
         self.changed.notify_waiters();
@@ -489,10 +421,7 @@ impl WorkQueue for MemWorkQueue {
         let (task, deadline) = st.held(claim)?;
         let seq = task.seq;
         let new_deadline = now + self.config.lease;
-        task.state = TaskState::InFlight {
-            token: claim.lease.clone(),
-            deadline: new_deadline,
-        };
+        task.state = TaskState::InFlight { token: claim.lease.clone(), deadline: new_deadline };
         st.leases.remove(&(deadline, seq));
         st.leases.insert((new_deadline, seq), claim.task_id.clone());
         Ok(())
@@ -529,20 +458,11 @@ mod tests {
         let b = MemBlackboard::new();
         assert_eq!(b.create("a", b"1".to_vec()).await.unwrap(), 1);
         assert_eq!(b.put("b", b"x".to_vec()).await.unwrap(), 2);
-        assert_eq!(
-            b.create("a", b"2".to_vec()).await.unwrap_err().kind(),
-            BoardErrorKind::AlreadyExists
-        );
-        assert_eq!(
-            b.update("a", b"2".to_vec(), 2).await.unwrap_err().kind(),
-            BoardErrorKind::WrongLastRevision
-        );
+        assert_eq!(b.create("a", b"2".to_vec()).await.unwrap_err().kind(), BoardErrorKind::AlreadyExists);
+        assert_eq!(b.update("a", b"2".to_vec(), 2).await.unwrap_err().kind(), BoardErrorKind::WrongLastRevision);
         assert_eq!(b.update("a", b"2".to_vec(), 1).await.unwrap(), 3);
         let e = b.get("a").await.unwrap().unwrap();
-        assert_eq!(
-            (e.value.as_slice(), e.revision, e.op),
-            (&b"2"[..], 3, BoardOp::Put)
-        );
+        assert_eq!((e.value.as_slice(), e.revision, e.op), (&b"2"[..], 3, BoardOp::Put));
         // Never written: revision 0 is its last revision.
         assert_eq!(b.update("c", b"c".to_vec(), 0).await.unwrap(), 4);
         assert_eq!(b.keys().await.unwrap(), ["a", "b", "c"]);
@@ -557,23 +477,14 @@ mod tests {
         assert_eq!(b.get("k").await.unwrap(), None);
         assert!(b.keys().await.unwrap().is_empty());
         // CAS against the tombstone's revision, and create on a deleted key, both write.
-        assert_eq!(
-            b.update("k", b"w".to_vec(), 1).await.unwrap_err().kind(),
-            BoardErrorKind::WrongLastRevision
-        );
+        assert_eq!(b.update("k", b"w".to_vec(), 1).await.unwrap_err().kind(), BoardErrorKind::WrongLastRevision);
         assert_eq!(b.update("k", b"w".to_vec(), 2).await.unwrap(), 3);
         b.delete("k").await.unwrap();
         assert_eq!(b.create("k", b"z".to_vec()).await.unwrap(), 5);
         // Deleting an absent key still writes a tombstone.
         assert_eq!(b.delete("never").await.unwrap(), 6);
-        assert_eq!(
-            b.get("bad key").await.unwrap_err().kind(),
-            BoardErrorKind::InvalidKey
-        );
-        assert_eq!(
-            b.put(".x", vec![]).await.unwrap_err().kind(),
-            BoardErrorKind::InvalidKey
-        );
+        assert_eq!(b.get("bad key").await.unwrap_err().kind(), BoardErrorKind::InvalidKey);
+        assert_eq!(b.put(".x", vec![]).await.unwrap_err().kind(), BoardErrorKind::InvalidKey);
         assert_eq!(b.last_revision(), 6, "a rejected write takes no revision");
     }
 
@@ -597,16 +508,10 @@ mod tests {
         });
         for rev in 6..=105 {
             let e = w.next().await.unwrap().unwrap();
-            assert_eq!(
-                (e.revision, e.op, e.value[0] as u64),
-                (rev, BoardOp::Put, rev - 6)
-            );
+            assert_eq!((e.revision, e.op, e.value[0] as u64), (rev, BoardOp::Put, rev - 6));
         }
         let e = w.next().await.unwrap().unwrap();
-        assert_eq!(
-            (e.revision, e.op, e.key.as_str()),
-            (106, BoardOp::Delete, "live")
-        );
+        assert_eq!((e.revision, e.op, e.key.as_str()), (106, BoardOp::Delete, "live"));
         writer.await.unwrap();
         // A watch from beyond the end waits for that revision.
         let mut w = b.watch(200).await.unwrap();
@@ -614,10 +519,7 @@ mod tests {
     }
 
     fn cfg(lease_ms: u64, max_deliver: u32) -> QueueConfig {
-        QueueConfig {
-            lease: Duration::from_millis(lease_ms),
-            max_deliver,
-        }
+        QueueConfig { lease: Duration::from_millis(lease_ms), max_deliver }
     }
 
     #[tokio::test(start_paused = true)]
@@ -628,10 +530,7 @@ mod tests {
         }
         q.push("a", json!("again")).await.unwrap();
         let a = q.claim(&peer("p"), Duration::ZERO).await.unwrap().unwrap();
-        assert_eq!(
-            (a.task_id.as_str(), &a.payload, a.delivery),
-            ("a", &json!("a"), 1)
-        );
+        assert_eq!((a.task_id.as_str(), &a.payload, a.delivery), ("a", &json!("a"), 1));
         q.ack(&a).await.unwrap();
         q.push("a", json!("after ack")).await.unwrap();
         let b = q.claim(&peer("p"), Duration::ZERO).await.unwrap().unwrap();
@@ -641,13 +540,7 @@ mod tests {
         assert_eq!(q.claim(&peer("p"), Duration::ZERO).await.unwrap(), None);
         assert_eq!(
             q.stats().await.unwrap(),
-            QueueStats {
-                pending: 0,
-                in_flight: 2,
-                acked: 1,
-                dead: 0,
-                redeliveries: 0
-            }
+            QueueStats { pending: 0, in_flight: 2, acked: 1, dead: 0, redeliveries: 0 }
         );
     }
 
@@ -659,39 +552,18 @@ mod tests {
         tokio::time::advance(Duration::from_millis(999)).await;
         q.progress(&first).await.unwrap(); // now held until 1999
         tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(
-            q.claim(&peer("b"), Duration::ZERO).await.unwrap(),
-            None,
-            "lease was extended"
-        );
+        assert_eq!(q.claim(&peer("b"), Duration::ZERO).await.unwrap(), None, "lease was extended");
         tokio::time::advance(Duration::from_millis(1)).await;
         // Expired at 1999 but not yet handed out again: the lease is already lost.
-        assert_eq!(
-            q.ack(&first).await.unwrap_err().kind(),
-            QueueErrorKind::LeaseLost
-        );
+        assert_eq!(q.ack(&first).await.unwrap_err().kind(), QueueErrorKind::LeaseLost);
         let second = q.claim(&peer("b"), Duration::ZERO).await.unwrap().unwrap();
         assert_eq!((second.delivery, second.claimer.as_str()), (2, "b"));
-        for r in [
-            q.ack(&first).await,
-            q.nack(&first, Duration::ZERO).await,
-            q.progress(&first).await,
-        ] {
+        for r in [q.ack(&first).await, q.nack(&first, Duration::ZERO).await, q.progress(&first).await] {
             assert_eq!(r.unwrap_err().kind(), QueueErrorKind::LeaseLost);
         }
         q.ack(&second).await.unwrap();
-        assert_eq!(
-            q.ack(&second).await.unwrap_err().kind(),
-            QueueErrorKind::LeaseLost
-        );
-        assert_eq!(
-            q.stats().await.unwrap(),
-            QueueStats {
-                acked: 1,
-                redeliveries: 1,
-                ..Default::default()
-            }
-        );
+        assert_eq!(q.ack(&second).await.unwrap_err().kind(), QueueErrorKind::LeaseLost);
+        assert_eq!(q.stats().await.unwrap(), QueueStats { acked: 1, redeliveries: 1, ..Default::default() });
     }
 
     #[tokio::test(start_paused = true)]
@@ -704,46 +576,20 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             q2.push("t", json!(null)).await.unwrap();
         });
-        let c = q
-            .claim(&peer("a"), Duration::from_secs(10))
-            .await
-            .unwrap()
-            .unwrap();
+        let c = q.claim(&peer("a"), Duration::from_secs(10)).await.unwrap().unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(300));
         pusher.await.unwrap();
         // Wakes when a nack's delay has elapsed, not before.
         q.nack(&c, Duration::from_millis(500)).await.unwrap();
-        assert_eq!(
-            q.claim(&peer("a"), Duration::from_millis(499))
-                .await
-                .unwrap(),
-            None
-        );
-        let c = q
-            .claim(&peer("a"), Duration::from_secs(10))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (c.delivery, start.elapsed()),
-            (2, Duration::from_millis(800))
-        );
+        assert_eq!(q.claim(&peer("a"), Duration::from_millis(499)).await.unwrap(), None);
+        let c = q.claim(&peer("a"), Duration::from_secs(10)).await.unwrap().unwrap();
+        assert_eq!((c.delivery, start.elapsed()), (2, Duration::from_millis(800)));
         // Wakes when the lease runs out.
-        let c = q
-            .claim(&peer("b"), Duration::from_secs(10))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (c.delivery, start.elapsed()),
-            (3, Duration::from_millis(1800))
-        );
+        let c = q.claim(&peer("b"), Duration::from_secs(10)).await.unwrap().unwrap();
+        assert_eq!((c.delivery, start.elapsed()), (3, Duration::from_millis(1800)));
         // Gives up after `wait`.
         q.ack(&c).await.unwrap();
-        assert_eq!(
-            q.claim(&peer("b"), Duration::from_secs(3)).await.unwrap(),
-            None
-        );
+        assert_eq!(q.claim(&peer("b"), Duration::from_secs(3)).await.unwrap(), None);
         assert_eq!(start.elapsed(), Duration::from_millis(4800));
     }
 
@@ -754,14 +600,7 @@ mod tests {
         q.push("b", json!(null)).await.unwrap();
         let a = q.claim(&peer("p"), Duration::ZERO).await.unwrap().unwrap();
         q.nack(&a, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(
-            q.claim(&peer("p"), Duration::ZERO)
-                .await
-                .unwrap()
-                .unwrap()
-                .task_id,
-            "b"
-        );
+        assert_eq!(q.claim(&peer("p"), Duration::ZERO).await.unwrap().unwrap().task_id, "b");
         assert_eq!(q.stats().await.unwrap().pending, 1);
     }
 
@@ -773,58 +612,24 @@ mod tests {
         // x: expires, is nacked, expires again: three deliveries, then dead.
         let c = q.claim(&peer("p"), Duration::ZERO).await.unwrap().unwrap();
         assert_eq!((c.task_id.as_str(), c.delivery), ("x", 1));
-        let c = q
-            .claim(&peer("p"), Duration::from_secs(5))
-            .await
-            .unwrap()
-            .unwrap();
+        let c = q.claim(&peer("p"), Duration::from_secs(5)).await.unwrap().unwrap();
         assert_eq!((c.task_id.as_str(), c.delivery), ("y", 1));
         q.ack(&c).await.unwrap();
-        let c = q
-            .claim(&peer("p"), Duration::from_secs(5))
-            .await
-            .unwrap()
-            .unwrap();
+        let c = q.claim(&peer("p"), Duration::from_secs(5)).await.unwrap().unwrap();
         assert_eq!((c.task_id.as_str(), c.delivery), ("x", 2));
         q.nack(&c, Duration::ZERO).await.unwrap();
-        let c = q
-            .claim(&peer("p"), Duration::from_secs(5))
-            .await
-            .unwrap()
-            .unwrap();
+        let c = q.claim(&peer("p"), Duration::from_secs(5)).await.unwrap().unwrap();
         assert_eq!((c.task_id.as_str(), c.delivery), ("x", 3));
         assert!(q.dead_letters().await.unwrap().is_empty());
-        assert_eq!(
-            q.claim(&peer("p"), Duration::from_secs(5)).await.unwrap(),
-            None
-        );
+        assert_eq!(q.claim(&peer("p"), Duration::from_secs(5)).await.unwrap(), None);
         assert_eq!(
             q.dead_letters().await.unwrap(),
-            [DeadLetter {
-                task_id: "x".into(),
-                payload: json!({"n": 1}),
-                deliveries: 3
-            }]
+            [DeadLetter { task_id: "x".into(), payload: json!({"n": 1}), deliveries: 3 }]
         );
-        assert_eq!(
-            q.ack(&c).await.unwrap_err().kind(),
-            QueueErrorKind::LeaseLost
-        );
+        assert_eq!(q.ack(&c).await.unwrap_err().kind(), QueueErrorKind::LeaseLost);
         q.push("x", json!("again")).await.unwrap();
-        assert_eq!(
-            q.claim(&peer("p"), Duration::ZERO).await.unwrap(),
-            None,
-            "a dead task stays dead"
-        );
-        assert_eq!(
-            q.stats().await.unwrap(),
-            QueueStats {
-                acked: 1,
-                dead: 1,
-                redeliveries: 2,
-                ..Default::default()
-            }
-        );
+        assert_eq!(q.claim(&peer("p"), Duration::ZERO).await.unwrap(), None, "a dead task stays dead");
+        assert_eq!(q.stats().await.unwrap(), QueueStats { acked: 1, dead: 1, redeliveries: 2, ..Default::default() });
 
         // Nacked on the last delivery: dead at once.
         let q = MemWorkQueue::new(cfg(1000, 1));
@@ -839,11 +644,7 @@ mod tests {
         let q = MemWorkQueue::new(cfg(10, 0));
         q.push("t", json!(null)).await.unwrap();
         for n in 1..=20 {
-            let c = q
-                .claim(&peer("p"), Duration::from_secs(1))
-                .await
-                .unwrap()
-                .unwrap();
+            let c = q.claim(&peer("p"), Duration::from_secs(1)).await.unwrap().unwrap();
             assert_eq!(c.delivery, n);
         }
         assert!(q.dead_letters().await.unwrap().is_empty());
@@ -859,11 +660,7 @@ mod tests {
             workers.push(tokio::spawn(async move {
                 let mut got = Vec::new();
                 while done.load(std::sync::atomic::Ordering::SeqCst) < 500 {
-                    if let Some(c) = q
-                        .claim(&peer(&format!("w{w}")), Duration::from_millis(10))
-                        .await
-                        .unwrap()
-                    {
+                    if let Some(c) = q.claim(&peer(&format!("w{w}")), Duration::from_millis(10)).await.unwrap() {
                         q.ack(&c).await.unwrap();
                         done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         got.push(c.task_id);
@@ -883,12 +680,6 @@ mod tests {
         let mut expected: Vec<String> = (0..500).map(|i| format!("t{i}")).collect();
         expected.sort();
         assert_eq!(all, expected);
-        assert_eq!(
-            q.stats().await.unwrap(),
-            QueueStats {
-                acked: 500,
-                ..Default::default()
-            }
-        );
+        assert_eq!(q.stats().await.unwrap(), QueueStats { acked: 500, ..Default::default() });
     }
 }

@@ -173,6 +173,21 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     view.observe(&first.env);
 
     let hb = Duration::from_millis(plan.presence.heartbeat_ms.max(10));
+    // Heartbeats run on a task of their own: a peer waiting on a long model call is
+    // alive, and must not be noticed absent for it.
+    let _beats = cfg.presence.clone().map(|p| {
+        let me = cfg.me.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut beat = tokio::time::interval(hb);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                beat.tick().await;
+                if let Err(e) = p.beat(&me).await {
+                    tracing::warn!(peer = %me, error = %e, "heartbeat failed");
+                }
+            }
+        }))
+    });
     let mut tick = tokio::time::interval(hb);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut wait_for_seq = 0u64;
@@ -194,10 +209,6 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
                 }
             }
             _ = tick.tick() => {
-                if let Some(p) = &cfg.presence
-                    && let Err(e) = p.beat(&cfg.me).await {
-                        tracing::warn!(peer = %cfg.me, error = %e, "heartbeat failed");
-                    }
                 if st.last_seq >= wait_for_seq && !st.is_stopped()
                     && let Some(duty) = absence_duty(&st, &cfg, started, &plan).await {
                         wait_for_seq = post(&me, &st, &duty, body_of(&duty)).await?;
@@ -227,6 +238,15 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
             tracing::warn!(peer = %cfg.me, step = %duty.step, "duty already on the log; waiting for new entries");
             stalled = Some((id, st.last_seq));
         }
+    }
+}
+
+/// Aborts a background task when the peer that started it ends (or is dropped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

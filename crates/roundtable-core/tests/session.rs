@@ -280,3 +280,37 @@ async fn when_every_model_fails_the_session_stops_early_with_the_last_error() {
     assert!(reason.contains("authentication failed"), "{reason}");
     assert_eq!(s.failures, 4, "stopped after one failure per peer, not one per turn");
 }
+
+/// A model that takes longer than the absence timeout.
+struct Slow(Scripted);
+
+#[async_trait]
+impl ChatModel for Slow {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        self.0.chat(req).await
+    }
+}
+
+#[tokio::test]
+async fn a_peer_inside_a_long_model_call_is_not_taken_for_absent() {
+    let plan = plan("[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.2");
+    let mut plan = plan;
+    let roundtable_core::team::ProtocolSpec::RoundRobin(rr) = &mut plan.protocol else { panic!() };
+    rr.rounds = 1;
+    let log = new_log();
+    open_session(log.as_ref(), &plan, "topic").await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut ms = models(&plan, &calls, None);
+    let roundtable_core::team::ProviderSpec::Scripted { replies, .. } = &plan.models["s"].provider else { panic!() };
+    ms.insert("pm".into(), Arc::new(Slow(Scripted::new("s", replies.clone(), HashMap::new()))));
+    let presence: Arc<dyn Presence> = Arc::new(MemPresence::default());
+    let summary = run_peers(log.clone(), &plan, ms, Some(presence), None).await.unwrap();
+    let entries = log.read_all().await.unwrap();
+    assert!(entries.iter().all(|e| e.env.kind != Kind::Absent), "a slow peer was declared absent");
+    assert_eq!(speakers(&entries)[0], "pm:turn/0");
+    assert!(summary.stopped);
+}

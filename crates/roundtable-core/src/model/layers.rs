@@ -155,7 +155,11 @@ impl Default for LayerConfig {
 }
 
 /// Wrap a provider in the standard stack: retry ∘ timeout ∘ concurrency limit.
-pub fn standard_stack(model: Arc<dyn ChatModel>, cfg: LayerConfig, observer: Option<RetryObserver>) -> Arc<dyn ChatModel> {
+pub fn standard_stack(
+    model: Arc<dyn ChatModel>,
+    cfg: LayerConfig,
+    observer: Option<RetryObserver>,
+) -> Arc<dyn ChatModel> {
     let limited = ConcurrencyLimit::new(model, cfg.max_concurrency);
     let timed = Timeout::new(limited, cfg.timeout);
     let mut retry = Retry::new(timed, cfg.retry);
@@ -198,7 +202,8 @@ mod tests {
         let m = Retry::new(
             Flaky {
                 fails: vec![
-                    ModelError::new(ModelErrorKind::RateLimited, "slow down").with_retry_after(Some(Duration::from_secs(2))),
+                    ModelError::new(ModelErrorKind::RateLimited, "slow down")
+                        .with_retry_after(Some(Duration::from_secs(2))),
                     ModelError::new(ModelErrorKind::Server, "boom").with_status(500),
                 ],
                 calls: AtomicU32::new(0),
@@ -217,7 +222,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn does_not_retry_auth_and_gives_up_after_max() {
         let m = Retry::new(
-            Flaky { fails: vec![ModelError::new(ModelErrorKind::Auth, "no").with_status(401)], calls: AtomicU32::new(0) },
+            Flaky {
+                fails: vec![ModelError::new(ModelErrorKind::Auth, "no").with_status(401)],
+                calls: AtomicU32::new(0),
+            },
             quick(),
         );
         let e = m.chat(&ChatRequest::simple("p", "hi")).await.unwrap_err();
@@ -234,7 +242,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy { max_retries: 10, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(1) };
+        let p =
+            RetryPolicy { max_retries: 10, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(1) };
         let e = ModelError::new(ModelErrorKind::Server, "x");
         for _ in 0..50 {
             let d1 = p.delay(1, &e);
