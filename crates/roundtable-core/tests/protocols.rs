@@ -1428,22 +1428,28 @@ async fn a_juror_that_never_runs_and_a_debater_that_never_answers_are_noticed_ab
     assert_eq!(s.final_answer.as_deref(), Some(RIGHT));
     assert!(s.stop_reason.as_deref().unwrap().contains("of 2 valid votes"), "{:?}", s.stop_reason);
 
-    // c's model hangs: c stops beating while it waits, is noticed absent, and the
-    // rounds close without it.
+    // c's model hangs. c is alive (it keeps beating while it waits), so it is not
+    // absent: the per-call timeout layer ends each hung call, c records the failure,
+    // and the rounds close without its answers.
     let p = plan(&format!(
         "{}{}[protocol]\nkind = \"debate\"\n{presence}",
         simulated(1.0, 0.0, 1),
         peers(&["a", "b", "c"])
     ));
     let mut models = offline_models(&p, None);
-    models.insert(PeerId::from("c"), Arc::new(Silent));
+    models.insert(
+        PeerId::from("c"),
+        Arc::new(roundtable_core::model::layers::Timeout::new(Silent, std::time::Duration::from_millis(400))),
+    );
     let pres: Arc<dyn roundtable_core::bus::Presence> = Arc::new(roundtable_core::bus::MemPresence::default());
     let (log, s) = run_with(&p, QUESTION, models, PeerExtras::default(), Some(pres), None).await;
-    assert!(log.iter().any(|e| e.kind == Kind::Absent && e.body.json.as_ref().unwrap()["peer"] == "c"));
+    assert!(!log.iter().any(|e| e.kind == Kind::Absent), "a peer waiting on its model is alive");
+    let failed: Vec<_> = log.iter().filter(|e| e.kind == Kind::Failure && e.from.as_str() == "c").collect();
+    assert_eq!(failed.len(), 2, "one timed-out call per round");
+    assert!(failed[0].body.text.contains("timed out"), "{}", failed[0].body.text);
     let mut said = steps_of(&log, Kind::Message);
     said.sort();
     assert_eq!(said, ["a:r0/answer", "a:r1/answer", "b:r0/answer", "b:r1/answer"], "c never answered");
-    assert_eq!(log.iter().filter(|e| e.kind == Kind::Message).count(), 4);
     assert_eq!(s.final_answer.as_deref(), Some(RIGHT));
 }
 
