@@ -2,6 +2,7 @@
 //! plus glue; every decision lives in `roundtable-core`.
 
 mod factory;
+mod nats;
 mod observe;
 mod render;
 
@@ -29,9 +30,12 @@ Examples:
   roundtable export SESSION > s.jsonl                     save a session as JSON lines
   roundtable import s.jsonl                               load a saved session
   roundtable resume SESSION                               finish a session that was cut off
+  roundtable peer TEAM.toml --id PEER --nats URL          run one peer as its own process;
+                                                          the others join with --session
 
 Sessions are recorded in .roundtable/roundtable.db under the working directory
-(or --data-dir). Exit codes: 0 done, 1 runtime failure, 2 bad input.";
+(or --data-dir); with --nats URL, run, resume, sessions, log and export use a NATS
+JetStream server instead. Exit codes: 0 done, 1 runtime failure, 2 bad input.";
 
 /// Peer-to-peer multi-agent sessions: equal peers that debate, vote and decide
 /// through a shared, append-only session log, with no coordinator.
@@ -70,6 +74,8 @@ enum Command {
         /// Serve Prometheus metrics of the session at http://ADDR/metrics while it runs.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        remote: nats::NatsArgs,
     },
     /// Check a team file and print the plan it becomes; runs nothing.
     Validate {
@@ -82,6 +88,8 @@ enum Command {
     Sessions {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: nats::NatsArgs,
     },
     /// Show a session's transcript.
     Log {
@@ -89,12 +97,16 @@ enum Command {
         /// Print the summary as JSON instead of the transcript.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: nats::NatsArgs,
     },
     /// Write a session's envelopes as JSON lines (to stdout, or --output).
     Export {
         session: String,
         #[arg(long, short)]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        remote: nats::NatsArgs,
     },
     /// Load a session from a JSON-lines export (all or nothing).
     Import { file: PathBuf },
@@ -103,7 +115,13 @@ enum Command {
         session: String,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: nats::NatsArgs,
     },
+    /// Run one peer of a team as a process of its own, on a NATS JetStream server that
+    /// every peer reaches (on this machine or others). The first peer started without
+    /// --session starts a session and prints its id; start the others with --session.
+    Peer(nats::PeerArgs),
     /// Explain a session: who answered whom, which messages led to the decision, what
     /// each peer cost, and why it stopped (text, Mermaid, DOT or JSON).
     Trace(observe::TraceArgs),
@@ -183,7 +201,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { team, topic, json, no_persist, fsync, metrics } => {
+        Command::Run { team, topic, json, no_persist, fsync, metrics, remote } => {
+            if remote.url().is_some() {
+                if no_persist || fsync {
+                    return Err(Failure::Input("--no-persist and --fsync are for local sessions, not --nats".into()));
+                }
+                return nats::run(&team, topic, json, metrics, &remote).await;
+            }
             let plan = load_plan(&team)?;
             let topic = topic.or_else(|| plan.topic.clone()).ok_or_else(|| {
                 Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
@@ -207,7 +231,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 .await?;
             finish(&summary, json)
         }
-        Command::Resume { session, json } => {
+        Command::Resume { session, json, remote } => {
+            if remote.url().is_some() {
+                return nats::resume(&session, json, &remote).await;
+            }
             let store = open_store(&dir, false, Durability::Normal)?;
             let log = store.open(&SessionId::from(session.as_str()), false).await?;
             let entries = log.read(1, 1).await?;
@@ -230,10 +257,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             let summary = drive(log, &plan, models, json).await?;
             finish(&summary, json)
         }
-        Command::Sessions { json } => {
-            let store = match open_store(&dir, false, Durability::Normal) {
-                Ok(s) => s,
-                Err(Failure::Input(_)) if !db_path(&dir).exists() => {
+        Command::Sessions { json, remote } => {
+            let local = if remote.url().is_some() { None } else { Some(open_store(&dir, false, Durability::Normal)) };
+            let store: Arc<dyn LogStore> = match local {
+                None => nats::store(&remote).await?,
+                Some(Ok(s)) => Arc::new(s),
+                Some(Err(Failure::Input(_))) if !db_path(&dir).exists() => {
                     if json {
                         println!("[]");
                     } else {
@@ -241,7 +270,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                     }
                     return Ok(ExitCode::SUCCESS);
                 }
-                Err(e) => return Err(e),
+                Some(Err(e)) => return Err(e),
             };
             let list = store.sessions().await?;
             if json {
@@ -263,9 +292,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log { session, json } => {
-            let store = open_store(&dir, false, Durability::Normal)?;
-            let log = store.open(&SessionId::from(session.as_str()), false).await?;
+        Command::Log { session, json, remote } => {
+            let log = open_log(&dir, &remote, &session).await?;
             let entries = log.read_all().await?;
             if json {
                 let s = SessionSummary::from_entries(log.session(), &entries).map_err(Failure::Input)?;
@@ -281,9 +309,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export { session, output } => {
-            let store = open_store(&dir, false, Durability::Normal)?;
-            let log = store.open(&SessionId::from(session.as_str()), false).await?;
+        Command::Export { session, output, remote } => {
+            let log = open_log(&dir, &remote, &session).await?;
             match output {
                 Some(path) => {
                     // Write to a temporary file and rename, so a failed export leaves nothing.
@@ -301,6 +328,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Peer(args) => nats::peer(&dir, args).await,
         Command::Trace(args) => observe::trace(&dir, args).await,
         Command::Replay(args) => observe::replay_cmd(&dir, args).await,
         Command::Fork(args) => observe::fork(&dir, args).await,
@@ -317,6 +345,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A recorded session's log: on the NATS server with --nats, else in the local store.
+async fn open_log(dir: &Path, remote: &nats::NatsArgs, session: &str) -> Result<Arc<dyn SessionLog>, Failure> {
+    if remote.url().is_some() {
+        return nats::open_log(remote, session).await;
+    }
+    let store = open_store(dir, false, Durability::Normal)?;
+    Ok(store.open(&SessionId::from(session), false).await?)
 }
 
 fn load_plan(team: &Path) -> Result<TeamPlan, Failure> {

@@ -1,0 +1,430 @@
+//! Sessions on a NATS JetStream server: `--nats URL` and its connection options for
+//! `run`, `resume`, `sessions`, `log` and `export`, and `roundtable peer`, which runs one
+//! peer of a team as a process of its own, on any machine that reaches the server.
+//!
+//! # Agreeing on a session
+//! Peers on different machines meet in a session by its id. The first `roundtable peer`
+//! started without `--session` creates a session, posts its task and prints the id; the
+//! others are started with `--session ID`. Peers started with the same `--session` may
+//! start in any order: each that has a topic posts the task, whose id is derived from
+//! the session alone, so the first post wins and the others are duplicates the log drops.
+//! Whatever their team files say, every peer runs the plan in the task on the log.
+//!
+//! # Connections
+//! Credentials and TLS settings are passed to the client as given and never printed:
+//! messages show the server's address with any `user:password@` removed. Prefer the
+//! environment variables (`NATS_PASSWORD`, `NATS_TOKEN`) or files (`--nats-creds`,
+//! `--nats-nkey`) to secrets on the command line, where other users of the machine can
+//! read them. The client reconnects forever, backing off up to 4 s; while the server is
+//! away, peers wait (see `roundtable_nats::patient`) and go on from the log when it is
+//! back.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use roundtable_core::bus::{Backend, Presence};
+use roundtable_core::log::{LogStore, SessionLog};
+use roundtable_core::model::ChatModel;
+use roundtable_core::peer::{EventSink, PeerExtras};
+use roundtable_core::runner::{open_session, run_peers_with, summarize};
+use roundtable_core::session::{SessionSummary, new_session_id, plan_of};
+use roundtable_core::team::TeamPlan;
+use roundtable_core::{Kind, PeerId, SessionId};
+use roundtable_nats::{NatsBackend, redact_url};
+
+use crate::{Failure, factory, finish, load_plan, observe, render};
+
+/// Where the NATS server is and how to log in. Without `--nats`, sessions are local.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct NatsArgs {
+    /// Use the NATS JetStream server at URL (nats://host:4222, tls://…, or several
+    /// separated by commas) instead of the local store.
+    #[arg(long, env = "ROUNDTABLE_NATS", value_name = "URL")]
+    pub(crate) nats: Option<String>,
+    /// User name for the NATS server (with NATS_PASSWORD).
+    #[arg(long, env = "NATS_USER", value_name = "USER", requires = "nats")]
+    nats_user: Option<String>,
+    /// Password for --nats-user; better set in NATS_PASSWORD than on the command line.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, value_name = "PASSWORD", requires = "nats")]
+    nats_password: Option<String>,
+    /// Token for the NATS server; better set in NATS_TOKEN than on the command line.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true, value_name = "TOKEN", requires = "nats")]
+    nats_token: Option<String>,
+    /// File holding an NKey seed (SU…) to authenticate with.
+    #[arg(long, env = "NATS_NKEY", value_name = "FILE", requires = "nats")]
+    nats_nkey: Option<PathBuf>,
+    /// Credentials file (JWT and NKey seed, as `nsc` writes it).
+    #[arg(long, env = "NATS_CREDS", value_name = "FILE", requires = "nats")]
+    nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server with.
+    #[arg(long, env = "NATS_CA", value_name = "FILE", requires = "nats")]
+    nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --nats-key.
+    #[arg(long, env = "NATS_CERT", value_name = "FILE", requires_all = ["nats", "nats_key"])]
+    nats_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS, with --nats-cert.
+    #[arg(long, env = "NATS_KEY", value_name = "FILE", requires_all = ["nats", "nats_cert"])]
+    nats_key: Option<PathBuf>,
+    /// Require TLS even when the URL does not say tls://.
+    #[arg(long, requires = "nats")]
+    nats_tls: bool,
+}
+
+fn readable(flag: &str, path: &Path) -> Result<(), Failure> {
+    std::fs::metadata(path).map(|_| ()).map_err(|e| Failure::Input(format!("{flag} {}: {e}", path.display())))
+}
+
+impl NatsArgs {
+    pub(crate) fn url(&self) -> Option<&str> {
+        self.nats.as_deref()
+    }
+
+    /// The client's options, with every credential and TLS setting given.
+    fn options(&self) -> Result<async_nats::ConnectOptions, Failure> {
+        let mut o = async_nats::ConnectOptions::new().name("roundtable");
+        match (&self.nats_user, &self.nats_password) {
+            (Some(u), Some(p)) => o = o.user_and_password(u.clone(), p.clone()),
+            (Some(_), None) => return Err(Failure::Input("--nats-user needs a password: set NATS_PASSWORD".into())),
+            (None, Some(_)) => return Err(Failure::Input("a NATS password needs --nats-user (or NATS_USER)".into())),
+            (None, None) => {}
+        }
+        if let Some(t) = &self.nats_token {
+            o = o.token(t.clone());
+        }
+        if let Some(path) = &self.nats_nkey {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|e| Failure::Input(format!("--nats-nkey {}: {e}", path.display())))?;
+            o = o.nkey(seed.trim().to_owned());
+        }
+        if let Some(path) = &self.nats_creds {
+            let creds = std::fs::read_to_string(path)
+                .map_err(|e| Failure::Input(format!("--nats-creds {}: {e}", path.display())))?;
+            // The file's text goes to the client only: an error names the file, not it.
+            o = o
+                .credentials(&creds)
+                .map_err(|_| Failure::Input(format!("--nats-creds {}: not a NATS credentials file", path.display())))?;
+        }
+        if let Some(path) = &self.nats_ca {
+            readable("--nats-ca", path)?;
+            o = o.add_root_certificates(path.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.nats_cert, &self.nats_key) {
+            readable("--nats-cert", cert)?;
+            readable("--nats-key", key)?;
+            o = o.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+        }
+        if self.nats_tls {
+            o = o.require_tls(true);
+        }
+        Ok(o)
+    }
+
+    /// Connect. `patient`: the parts opened wait out server restarts (for peers); read-only
+    /// commands fail instead.
+    pub(crate) async fn connect(&self, patient: bool) -> Result<NatsBackend, Failure> {
+        let url = self.nats.as_deref().ok_or_else(|| Failure::Input("--nats URL is required".into()))?;
+        let backend =
+            NatsBackend::connect_with(url, self.options()?).await.map_err(|e| Failure::Runtime(e.to_string()))?;
+        Ok(if patient { backend.patient() } else { backend })
+    }
+
+    /// The server's address as it may be shown.
+    fn shown(&self) -> String {
+        self.nats.as_deref().map(redact_url).unwrap_or_default()
+    }
+}
+
+/// `roundtable peer`: one peer of a team, as a process of its own.
+#[derive(clap::Args)]
+pub(crate) struct PeerArgs {
+    /// The team file (TOML).
+    team: PathBuf,
+    /// The id of the peer this process runs (one of the team file's peers).
+    #[arg(long, value_name = "PEER")]
+    id: String,
+    /// The session to join. Without it, a new session is started and its id printed,
+    /// for the other peers' --session.
+    #[arg(long, value_name = "SESSION")]
+    session: Option<String>,
+    /// The task or topic (overrides the team file's `topic`); used by whichever peer
+    /// posts the session's task first.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Print only a JSON summary on stdout when the session ends.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// The sessions on the server.
+pub(crate) async fn store(args: &NatsArgs) -> Result<Arc<dyn LogStore>, Failure> {
+    Ok(args.connect(false).await?.logs())
+}
+
+/// An existing session's log on the server.
+pub(crate) async fn open_log(args: &NatsArgs, session: &str) -> Result<Arc<dyn SessionLog>, Failure> {
+    let backend = args.connect(false).await?;
+    Ok(backend.logs().open(&SessionId::from(session), false).await?)
+}
+
+/// What peers share besides the log: heartbeats, the blackboard, the work queue and a
+/// master secret for sealing votes.
+async fn parts(
+    backend: &NatsBackend,
+    session: &SessionId,
+    plan: &TeamPlan,
+    secret: Arc<[u8]>,
+) -> Result<(Arc<dyn Presence>, PeerExtras), Failure> {
+    let runtime = |e: &dyn std::fmt::Display| Failure::Runtime(e.to_string());
+    let presence = backend.presence(session).await.map_err(|e| runtime(&e))?;
+    let board = backend.blackboard(session).await.map_err(|e| runtime(&e))?;
+    let queue = match plan.protocol.queue_config() {
+        Some(cfg) => Some(backend.work_queue(session, cfg).await.map_err(|e| runtime(&e))?),
+        None => None,
+    };
+    Ok((presence, PeerExtras { board: Some(board), queue, embedder: None, secret: Some(secret) }))
+}
+
+/// `run --nats`: every peer of the team in this process, on the server.
+pub(crate) async fn run(
+    team: &Path,
+    topic: Option<String>,
+    json: bool,
+    metrics: Option<std::net::SocketAddr>,
+    args: &NatsArgs,
+) -> Result<ExitCode, Failure> {
+    let plan = load_plan(team)?;
+    let topic = topic.or_else(|| plan.topic.clone()).ok_or_else(|| {
+        Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
+    })?;
+    let backend = args.connect(true).await?;
+    let watch = observe::RunWatch::start(metrics).await?;
+    let models =
+        factory::models_observed(&plan, None, watch.retry_observer()).map_err(|e| Failure::Input(e.to_string()))?;
+    let session = new_session_id();
+    let log = backend.logs().open(&session, true).await?;
+    if !json {
+        eprintln!("Session {session} on {}", args.shown());
+    }
+    let (presence, extras) = parts(&backend, &session, &plan, random_secret()).await?;
+    let summary = watch
+        .session(&session, &plan, &log, async {
+            open_session(log.as_ref(), &plan, &topic).await?;
+            drive(log.clone(), &plan, models, json, presence, extras).await
+        })
+        .await?;
+    finish(&summary, json)
+}
+
+/// `resume --nats`: every peer of the team in this process, on an open session.
+pub(crate) async fn resume(session: &str, json: bool, args: &NatsArgs) -> Result<ExitCode, Failure> {
+    let backend = args.connect(true).await?;
+    let session = SessionId::from(session);
+    let log = backend.logs().open(&session, false).await?;
+    let plan = task_plan(&log).await?;
+    let current = summarize(log.as_ref()).await?;
+    if current.stopped {
+        if !json {
+            println!("Session {session} is already closed.");
+        }
+        return finish(&current, json);
+    }
+    let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
+    if !json {
+        println!("Resuming {session} from envelope {} …", current.envelopes);
+    }
+    let (presence, extras) = parts(&backend, &session, &plan, random_secret()).await?;
+    let summary = drive(log, &plan, models, json, presence, extras).await?;
+    finish(&summary, json)
+}
+
+/// The plan in a session's task, waiting for the task when the log is still empty.
+async fn task_plan(log: &Arc<dyn SessionLog>) -> Result<TeamPlan, Failure> {
+    let session = log.session().clone();
+    let mut tail = log.tail(1).await?;
+    let first = match tail.next().await {
+        Some(e) => e?,
+        None => return Err(Failure::Runtime(format!("session {session}: the log ended before its task"))),
+    };
+    if first.env.kind != Kind::Task {
+        return Err(Failure::Input(format!("session {session} does not start with a task envelope")));
+    }
+    plan_of(&first.env).map_err(|e| Failure::Input(format!("session {session}: {e}")))
+}
+
+/// `roundtable peer`.
+pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure> {
+    if args.nats.url().is_none() {
+        return Err(Failure::Input("roundtable peer needs --nats URL: the server the peers meet on".into()));
+    }
+    let local = load_plan(&args.team)?;
+    let me = PeerId::from(args.id.as_str());
+    let known = |plan: &TeamPlan| plan.peers.iter().any(|p| p.id == me);
+    let ids = |plan: &TeamPlan| plan.peers.iter().map(|p| p.id.to_string()).collect::<Vec<_>>().join(", ");
+    if !known(&local) {
+        return Err(Failure::Input(format!(
+            "{}: no peer {me:?} in the team; the peers are {}",
+            args.team.display(),
+            ids(&local)
+        )));
+    }
+    let topic = args.topic.clone().or_else(|| local.topic.clone());
+    let backend = args.nats.connect(true).await?;
+    let (session, starting) = match &args.session {
+        Some(s) => (SessionId::from(s.as_str()), false),
+        None => (new_session_id(), true),
+    };
+    let log = backend.logs().open(&session, true).await?;
+    if starting {
+        let Some(topic) = &topic else {
+            return Err(Failure::Input(format!(
+                "{}: no topic to start a session with: set `topic` in the team file or pass --topic \
+                 (or join a session with --session)",
+                args.team.display()
+            )));
+        };
+        open_session(log.as_ref(), &local, topic).await?;
+        eprintln!(
+            "Started session {session}. Start the other peers with:\n  roundtable peer {} --id PEER --nats {} --session {session}",
+            args.team.display(),
+            args.nats.shown()
+        );
+    } else if let Some(topic) = &topic
+        && log.last_seq().await? == 0
+    {
+        // The first of the peers to get here posts the task; the others' posts are
+        // duplicates of it (its id depends on the session only).
+        open_session(log.as_ref(), &local, topic).await?;
+    } else if log.last_seq().await? == 0 && !args.json {
+        eprintln!("Waiting for session {session}'s task…");
+    }
+    let plan = task_plan(&log).await?;
+    if !known(&plan) {
+        return Err(Failure::Input(format!("session {session} has no peer {me:?}; its peers are {}", ids(&plan))));
+    }
+    if serde_json::to_value(&plan).ok() != serde_json::to_value(&local).ok() {
+        eprintln!("warning: session {session} runs the plan in its task, which differs from {}", args.team.display());
+    }
+    let models = factory::models_for(&plan, Some(&me)).map_err(|e| Failure::Input(e.to_string()))?;
+    let secret = stored_secret(dir, &session)?;
+    let (presence, extras) = parts(&backend, &session, &plan, secret).await?;
+    if !args.json {
+        eprintln!("{me} joined session {session} on {}", args.nats.shown());
+    }
+    let summary = drive(log, &plan, models, args.json, presence, extras).await?;
+    finish(&summary, args.json)
+}
+
+fn random_secret() -> Arc<[u8]> {
+    Arc::from(rand::random::<[u8; 32]>().to_vec())
+}
+
+/// This machine's master secret for a session, kept under the data directory so that a
+/// peer restarted here can open the votes it sealed before.
+fn stored_secret(dir: &Path, session: &SessionId) -> Result<Arc<[u8]>, Failure> {
+    let secrets = dir.join("secrets");
+    let path = secrets.join(format!("{}.key", roundtable_nats::token(session.as_str())));
+    if let Ok(hex) = std::fs::read_to_string(&path)
+        && let Some(bytes) = from_hex(hex.trim())
+    {
+        return Ok(Arc::from(bytes));
+    }
+    let fail = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", path.display()));
+    std::fs::create_dir_all(&secrets).map_err(fail)?;
+    let secret = rand::random::<[u8; 32]>();
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    write_private(&tmp, hex.as_bytes()).map_err(fail)?;
+    std::fs::rename(&tmp, &path).map_err(fail)?;
+    // Two peers of this machine may have raced: use what is there now.
+    let kept = std::fs::read_to_string(&path).map_err(fail)?;
+    Ok(Arc::from(from_hex(kept.trim()).unwrap_or_else(|| secret.to_vec())))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() != 64 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// Run this process's peers on the log, rendering as they go (as `run` does locally).
+async fn drive(
+    log: Arc<dyn SessionLog>,
+    plan: &TeamPlan,
+    models: HashMap<PeerId, Arc<dyn ChatModel>>,
+    json: bool,
+    presence: Arc<dyn Presence>,
+    extras: PeerExtras,
+) -> Result<SessionSummary, Failure> {
+    if json {
+        return run_peers_with(log, plan, models, Some(presence), None, extras).await.map_err(Failure::from);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let events: EventSink = Arc::new(move |ev| {
+        let _ = tx.send(ev);
+    });
+    let mut tail = log.tail(1).await?;
+    let show = tokio::spawn(async move {
+        let mut live = render::Live::new();
+        loop {
+            tokio::select! {
+                Some(ev) = rx.recv() => live.event(ev),
+                next = tail.next() => match next {
+                    Some(Ok(e)) => {
+                        live.entry(&e);
+                        if e.env.kind == Kind::Stop {
+                            break;
+                        }
+                    }
+                    _ => break,
+                },
+            }
+        }
+        live.finish();
+    });
+    let result = run_peers_with(log, plan, models, Some(presence), Some(events), extras).await;
+    let _ = show.await;
+    result.map_err(Failure::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_round_trip_through_hex() {
+        let bytes: Vec<u8> = (0..32).collect();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(from_hex(&hex), Some(bytes));
+        assert_eq!(from_hex("zz"), None);
+        assert_eq!(from_hex(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn a_stored_secret_is_kept_for_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SessionId::from("s1");
+        let secret = |s: &SessionId| stored_secret(dir.path(), s).unwrap_or_else(|_| panic!("secret of {s}"));
+        let a = secret(&s);
+        assert_eq!(secret(&s), a);
+        assert_ne!(secret(&SessionId::from("s2")), a);
+    }
+}
