@@ -792,7 +792,6 @@ pub struct PeerView {
     /// Visible messages, shared with in-flight model calls.
     pub transcript: Arc<Transcript>,
     /// The round of each transcript message.
-    rounds: Vec<u32>,
     task: Option<ChatMessage>,
     /// The latest summary: the last round it covers, and the message.
     summary: Option<(u32, ChatMessage)>,
@@ -800,18 +799,11 @@ pub struct PeerView {
 
 impl PeerView {
     pub fn new(me: PeerId, group: Option<String>) -> Self {
-        PeerView {
-            me,
-            group,
-            transcript: Arc::new(Transcript::default()),
-            rounds: Vec::new(),
-            task: None,
-            summary: None,
-        }
+        PeerView { me, group, transcript: Arc::new(Transcript::default()), task: None, summary: None }
     }
 
     /// Add an envelope if it belongs in this peer's context.
-    pub fn observe(&mut self, env: &Envelope) {
+    pub fn observe(&mut self, env: &Arc<Envelope>) {
         if env.kind == Kind::Summary {
             if let Some(upto) = summary_upto(&env.step)
                 && self.summary.as_ref().is_none_or(|(c, _)| *c < upto)
@@ -826,27 +818,20 @@ impl PeerView {
         if !in_context || !env.visible_to(&self.me, self.group.as_deref()) {
             return;
         }
-        let msg = if env.kind == Kind::Task {
-            ChatMessage::new(Role::User, None, env.body.text.clone())
-        } else if env.from == self.me {
-            ChatMessage::new(Role::Assistant, Some(env.from.clone()), env.body.text.clone())
-        } else {
-            ChatMessage::new(Role::User, Some(env.from.clone()), env.body.text.clone())
-        };
         if env.kind == Kind::Task && self.task.is_none() {
-            self.task = Some(msg.clone());
+            self.task = Some(ChatMessage::new(Role::User, None, env.body.text.clone()));
         }
         // No copy when no model call holds the transcript (calls finish before the next
-        // entry is folded in).
-        Arc::make_mut(&mut self.transcript).push(msg);
-        self.rounds.push(env.round);
+        // entry is folded in). The envelope is shared with the log, not copied.
+        Arc::make_mut(&mut self.transcript).push_envelope(env.clone());
     }
 
     /// The index of the first message after the task with a round above `round`
     /// (rounds do not decrease along the log for the protocols that use history).
     fn after_round(&self, round: u32) -> usize {
-        let skip = usize::from(self.task.is_some()).min(self.rounds.len());
-        skip + self.rounds[skip..].partition_point(|r| *r <= round)
+        let envs = self.transcript.envelopes();
+        let skip = usize::from(self.task.is_some()).min(envs.len());
+        skip + envs[skip..].partition_point(|e| e.round <= round)
     }
 
     /// The prelude, the history and the window of it a model call sees under a view.

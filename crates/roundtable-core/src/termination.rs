@@ -54,7 +54,10 @@ impl Tally {
     pub fn observe(&mut self, seq: u64, env: &Envelope, mention: Option<&str>) {
         let counts_as_message =
             !matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure);
-        let p = self.per_peer.entry(env.from.clone()).or_default();
+        if !self.per_peer.contains_key(&env.from) {
+            self.per_peer.insert(env.from.clone(), PeerTally::default());
+        }
+        let p = self.per_peer.get_mut(&env.from).expect("inserted above");
         if counts_as_message {
             self.messages += 1;
             p.messages += 1;

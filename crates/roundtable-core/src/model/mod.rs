@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::envelope::PeerId;
+use crate::envelope::{Body, Envelope, Kind, PeerId, SessionId};
 
 /// Who said a message, from the point of view of the peer that calls the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -44,40 +44,73 @@ impl ChatMessage {
     }
 }
 
-/// A peer's visible history: messages plus running token sums, so that any window's
-/// token count is O(1). Shared between a peer and its in-flight model call (`Arc`).
+/// A peer's visible history: the envelopes it can see, shared with the log (8 bytes a
+/// message per peer), plus running token sums so that any window's token count is
+/// O(1). Shared between a peer and its in-flight model call (`Arc`).
+///
+/// Chat roles are derived when the messages are read, relative to the calling peer:
+/// its own envelopes are `assistant`, everyone else's `user` (with the sender's name),
+/// and the task has no name.
 #[derive(Clone, Debug, Default)]
 pub struct Transcript {
-    messages: Vec<ChatMessage>,
-    /// `prefix[i]` = tokens of messages[..i].
-    prefix: Vec<u64>,
+    envelopes: Vec<Arc<Envelope>>,
+    /// `prefix[i]` = tokens of envelopes[..i] (saturating).
+    prefix: Vec<u32>,
 }
 
 impl Transcript {
-    pub fn push(&mut self, m: ChatMessage) {
+    /// Add an envelope from the log.
+    pub fn push_envelope(&mut self, env: Arc<Envelope>) {
         if self.prefix.is_empty() {
             self.prefix.push(0);
         }
         let last = *self.prefix.last().expect("prefix");
-        self.prefix.push(last + u64::from(m.tokens));
-        self.messages.push(m);
+        self.prefix.push(last.saturating_add(estimate_tokens(&env.body.text) + 4));
+        self.envelopes.push(env);
     }
+
+    /// Add a message that is not on the log (a view assembled for one call). Its role
+    /// is derived on reading like any other: `assistant` when `name` is the caller.
+    pub fn push(&mut self, m: ChatMessage) {
+        let (from, kind) = match &m.name {
+            Some(n) => (n.clone(), Kind::Message),
+            None => (PeerId::from(crate::session::USER), Kind::Task),
+        };
+        let session = SessionId::from("");
+        let mut env = Envelope::new(&session, &from, "", kind, crate::envelope::Recipient::All, Body::text(m.content));
+        env.id = crate::envelope::EnvelopeId::from("");
+        self.push_envelope(Arc::new(env));
+    }
+
     pub fn len(&self) -> usize {
-        self.messages.len()
+        self.envelopes.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
+        self.envelopes.is_empty()
     }
-    pub fn messages(&self) -> &[ChatMessage] {
-        &self.messages
+    pub fn envelopes(&self) -> &[Arc<Envelope>] {
+        &self.envelopes
     }
-    /// Estimated tokens of `messages[range]`.
+    /// The `i`th message as `viewer` sees it.
+    pub fn message(&self, i: usize, viewer: &PeerId) -> Option<ChatMessage> {
+        self.envelopes.get(i).map(|e| message_of(e, viewer))
+    }
+    /// Estimated tokens of `envelopes[range]`.
     pub fn tokens(&self, range: std::ops::Range<usize>) -> u64 {
         if self.prefix.is_empty() || range.is_empty() {
             return 0;
         }
-        self.prefix[range.end] - self.prefix[range.start]
+        u64::from(self.prefix[range.end] - self.prefix[range.start])
     }
+}
+
+/// An envelope as a chat message seen by `viewer`.
+pub fn message_of(env: &Envelope, viewer: &PeerId) -> ChatMessage {
+    if env.kind == Kind::Task {
+        return ChatMessage::new(Role::User, None, env.body.text.clone());
+    }
+    let role = if &env.from == viewer { Role::Assistant } else { Role::User };
+    ChatMessage::new(role, Some(env.from.clone()), env.body.text.clone())
 }
 
 /// Called with each piece of text as it streams in.
@@ -141,7 +174,7 @@ impl ChatRequest {
         self.prelude
             .iter()
             .cloned()
-            .chain(self.history.messages()[self.window.clone()].iter().cloned())
+            .chain(self.history.envelopes()[self.window.clone()].iter().map(|e| message_of(e, &self.peer)))
             .chain(self.instruction.iter().map(|i| ChatMessage::new(Role::User, None, i.clone())))
     }
 
@@ -155,7 +188,7 @@ impl ChatRequest {
             return Some(ChatMessage::new(Role::User, None, i.clone()));
         }
         if !self.window.is_empty() {
-            return self.history.messages().get(self.window.end - 1).cloned();
+            return self.history.message(self.window.end - 1, &self.peer);
         }
         self.prelude.last().cloned()
     }

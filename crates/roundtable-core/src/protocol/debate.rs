@@ -20,21 +20,26 @@
 //! `vote` (`plurality` | `majority`), `json` (ask for `{answer, confidence, reason}`),
 //! `instruction`, `update_instruction`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::answers::{Outcome, Rule, tally};
-use super::rounds::{ANSWER_FIRST, ANSWER_JSON, ANSWER_UPDATE, Rounds};
+use super::rounds::{ANSWER_FIRST, ANSWER_JSON, ANSWER_UPDATE, Rounds, team_order};
 use super::{Duty, Facts, Finish, Reducer};
 use crate::envelope::{EnvelopeId, PeerId};
 use crate::log::Entry;
-use crate::team::{DebateSpec, TeamPlan, VoteRule};
+use crate::team::{DebateSpec, VoteRule};
 use crate::termination::Signals;
 
 pub struct Debate {
     spec: DebateSpec,
     rounds: Rounds,
-    /// The latest tally of the members' answers (recomputed when a round closes).
-    outcome: Option<Outcome>,
+    /// Each member's place in the team (the tie-break), read from the plan on the first
+    /// entry.
+    orders: Vec<usize>,
+    /// The tally of the members' latest answers, counted when first asked for after an
+    /// answer changed. Every peer folds every answer, so counting on each one would
+    /// cost O(members) per entry and O(members³) per round over the team.
+    outcome: OnceLock<Outcome>,
     /// The tally when the last round closed: what termination conditions read, so a
     /// signal never fires on a round half answered.
     closed: Option<Outcome>,
@@ -42,7 +47,13 @@ pub struct Debate {
 
 impl Debate {
     pub fn new(spec: DebateSpec) -> Self {
-        Debate { rounds: Rounds::new(spec.members.clone()), spec, outcome: None, closed: None }
+        Debate {
+            rounds: Rounds::new(spec.members.clone()),
+            spec,
+            orders: Vec::new(),
+            outcome: OnceLock::new(),
+            closed: None,
+        }
     }
 
     fn rule(&self) -> Rule {
@@ -52,8 +63,9 @@ impl Debate {
         }
     }
 
-    fn count(&mut self, plan: &TeamPlan) {
-        self.outcome = Some(tally(&self.rounds.ballots(plan), self.rule()));
+    /// The tally of the members' latest answers.
+    fn outcome(&self) -> &Outcome {
+        self.outcome.get_or_init(|| tally(&self.rounds.ballots_in_order(&self.orders), self.rule()))
     }
 
     fn instructions(&self) -> (String, String) {
@@ -66,17 +78,20 @@ impl Debate {
 
 impl Reducer for Debate {
     fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+        if self.orders.len() != self.rounds.members.len() {
+            self.orders = self.rounds.members.iter().map(|m| team_order(facts.plan, m)).collect();
+        }
         let changed = self.rounds.observe(&entry.env);
         let mut closed = false;
         while self.rounds.round < self.spec.rounds && self.rounds.round_complete(facts) {
             self.rounds.close();
             closed = true;
         }
-        if changed || closed || self.outcome.is_none() {
-            self.count(facts.plan);
+        if changed {
+            self.outcome = OnceLock::new();
         }
         if closed {
-            self.closed = self.outcome.clone();
+            self.closed = Some(self.outcome().clone());
         }
     }
 
@@ -93,7 +108,7 @@ impl Reducer for Debate {
         if self.rounds.round < self.spec.rounds && !all_absent {
             return None;
         }
-        let outcome = self.outcome.as_ref()?;
+        let outcome = self.outcome();
         let rounds = self.rounds.round;
         let rule = self.rule().name();
         let why = if all_absent { format!("every member is absent after {rounds} rounds; ") } else { String::new() };
@@ -131,8 +146,7 @@ impl Reducer for Debate {
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {
-        let o = self.outcome.as_ref()?;
-        let l = o.leader()?;
+        let l = self.outcome().leader()?;
         Some((Arc::from(l.answer.as_str()), l.first_id.clone()?))
     }
 }

@@ -68,7 +68,7 @@ impl Reducer for RoundRobin {
     fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
         let env = &entry.env;
         if !self.rounds_done()
-            && env.step.as_ref() == format!("turn/{}", self.turn)
+            && env.step.strip_prefix("turn/").and_then(|t| t.parse::<u64>().ok()) == Some(self.turn)
             && &env.from == self.holder(self.turn)
         {
             if env.kind == Kind::Message {

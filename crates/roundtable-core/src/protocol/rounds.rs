@@ -183,6 +183,12 @@ impl Rounds {
 
     /// Every member's latest answer as a ballot.
     pub fn ballots(&self, plan: &TeamPlan) -> Vec<Ballot> {
+        let orders: Vec<usize> = self.members.iter().map(|m| team_order(plan, m)).collect();
+        self.ballots_in_order(&orders)
+    }
+
+    /// [`Self::ballots`] with each member's team order given (by member index).
+    pub fn ballots_in_order(&self, orders: &[usize]) -> Vec<Ballot> {
         self.latest
             .iter()
             .enumerate()
@@ -190,7 +196,7 @@ impl Rounds {
                 let a = a.as_ref()?;
                 Some(Ballot {
                     peer: self.members[i].clone(),
-                    order: team_order(plan, &self.members[i]),
+                    order: orders.get(i).copied().unwrap_or(usize::MAX),
                     answer: a.answer.answer.clone(),
                     confidence: a.answer.confidence,
                     id: a.id.clone(),
