@@ -1,6 +1,8 @@
 //! `roundtable`: the command line over the Roundtable libraries. This crate is the CLI
 //! plus glue; every decision lives in `roundtable-core`.
 
+mod bench;
+mod eval;
 mod factory;
 mod nats;
 mod observe;
@@ -110,6 +112,12 @@ enum Command {
     },
     /// Load a session from a JSON-lines export (all or nothing).
     Import { file: PathBuf },
+    /// Compare collaboration patterns on tasks with known answers (accuracy with a 95%
+    /// interval, calls, tokens, time), always with the single-agent and sample-and-vote
+    /// baselines at an equal number of calls.
+    Eval(eval::EvalArgs),
+    /// Measure the framework: group-chat overhead, scale (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
     /// Continue a session that was cut off, from its log.
     Resume {
         session: String,
@@ -192,6 +200,14 @@ fn open_store(dir: &Path, create: bool, durability: Durability) -> Result<Sqlite
 async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     let dir = data_dir(&cli.data_dir);
     match cli.command {
+        Command::Eval(args) => {
+            eval::run(args).await.map_err(Failure::Input)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            bench::run(args).await.map_err(Failure::Runtime)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { team, json } => {
             let plan = load_plan(&team)?;
             if json {
@@ -213,8 +229,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
             })?;
             let watch = observe::RunWatch::start(metrics).await?;
-            let models =
-                factory::models_observed(&plan, None, watch.retry_observer()).map_err(|e| Failure::Input(e.to_string()))?;
+            let models = factory::models_observed(&plan, None, watch.retry_observer())
+                .map_err(|e| Failure::Input(e.to_string()))?;
             let session = new_session_id();
             let log: Arc<dyn SessionLog> = if no_persist {
                 let store = roundtable_core::log::MemStore::new();
@@ -315,8 +331,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 Some(path) => {
                     // Write to a temporary file and rename, so a failed export leaves nothing.
                     let tmp = path.with_extension("jsonl.partial");
-                    let mut f = std::fs::File::create(&tmp)
-                        .map_err(|e| Failure::Input(format!("{}: {e}", tmp.display())))?;
+                    let mut f =
+                        std::fs::File::create(&tmp).map_err(|e| Failure::Input(format!("{}: {e}", tmp.display())))?;
                     let n = jsonl::export(log.as_ref(), &mut f).await?;
                     std::fs::rename(&tmp, &path).map_err(|e| Failure::Runtime(format!("{}: {e}", path.display())))?;
                     eprintln!("Wrote {n} envelopes to {}", path.display());
@@ -334,7 +350,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Fork(args) => observe::fork(&dir, args).await,
         Command::Ui(args) => observe::ui(&dir, args).await,
         Command::Import { file } => {
-            let text = std::fs::read_to_string(&file).map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
             let envs = jsonl::parse(&file.display().to_string(), &text).map_err(|e| Failure::Input(e.to_string()))?;
             if !envs.iter().any(|e| e.kind == Kind::Task) {
                 return Err(Failure::Input(format!("{}: no task envelope; not a session export", file.display())));
@@ -356,10 +373,19 @@ async fn open_log(dir: &Path, remote: &nats::NatsArgs, session: &str) -> Result<
     Ok(store.open(&SessionId::from(session), false).await?)
 }
 
+/// A team file's plan, for `eval --team` (errors as text).
+pub(crate) fn load_plan_for_eval(team: &Path) -> Result<TeamPlan, String> {
+    match load_plan(team) {
+        Ok(p) => Ok(p),
+        Err(Failure::Input(e) | Failure::Runtime(e)) => Err(e),
+    }
+}
+
 fn load_plan(team: &Path) -> Result<TeamPlan, Failure> {
     let src = std::fs::read_to_string(team).map_err(|e| Failure::Input(format!("{}: {e}", team.display())))?;
     let base = team.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse_team(&team.display().to_string(), &src, &factory::ProcessEnv { base }).map_err(|e| Failure::Input(e.to_string()))
+    parse_team(&team.display().to_string(), &src, &factory::ProcessEnv { base })
+        .map_err(|e| Failure::Input(e.to_string()))
 }
 
 fn describe_plan(team: &Path, plan: &TeamPlan) {
