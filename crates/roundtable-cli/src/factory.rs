@@ -68,7 +68,10 @@ pub(crate) fn provider(key: &str, spec: &ModelSpec) -> Result<Arc<dyn ChatModel>
 
 /// One layered model per model spec (so its concurrency limit is shared by the peers
 /// that use it), handed to each peer.
-pub(crate) fn models_for(plan: &TeamPlan, only: Option<&PeerId>) -> Result<HashMap<PeerId, Arc<dyn ChatModel>>, ModelError> {
+pub(crate) fn models_for(
+    plan: &TeamPlan,
+    only: Option<&PeerId>,
+) -> Result<HashMap<PeerId, Arc<dyn ChatModel>>, ModelError> {
     models_observed(plan, only, None)
 }
 
@@ -105,4 +108,31 @@ pub(crate) fn models_observed(
         out.insert(p.id.clone(), model);
     }
     Ok(out)
+}
+
+/// This data directory's master secret for sealing commit-reveal votes: 32 random bytes
+/// in `DIR/secret` (mode 0600), created on first use. Every local run and resume uses
+/// it, so a juror cut off between its commit and its reveal can reveal after a resume.
+/// It never leaves the machine and is never written to a log.
+pub(crate) fn local_secret(dir: &std::path::Path) -> Result<Arc<[u8]>, crate::Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("secret");
+    let err = |e: std::io::Error| crate::Failure::Runtime(format!("{}: {e}", path.display()));
+    if let Ok(hex) = std::fs::read_to_string(&path) {
+        if let Ok(bytes) = hex::decode(hex.trim()) {
+            if bytes.len() == 32 {
+                return Ok(Arc::from(bytes));
+            }
+        }
+        return Err(crate::Failure::Input(format!(
+            "{}: not a secret this program wrote (32 bytes in hex); move it away to start a new one",
+            path.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let bytes: [u8; 32] = rand::random();
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(err)?;
+    f.write_all(hex::encode(bytes).as_bytes()).map_err(err)?;
+    Ok(Arc::from(bytes.to_vec()))
 }

@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use roundtable_core::log::{LogError, LogErrorKind, LogStore, SessionLog, jsonl};
 use roundtable_core::peer::EventSink;
-use roundtable_core::runner::{open_session, run_peers, summarize};
+use roundtable_core::peer::PeerExtras;
+use roundtable_core::runner::{open_session, run_peers_with, summarize};
 use roundtable_core::session::{SessionSummary, new_session_id, plan_of};
 use roundtable_core::team::{TeamPlan, parse_team};
 use roundtable_core::{Kind, SessionId};
@@ -144,7 +145,7 @@ enum Command {
 }
 
 /// A failure, with the exit code it maps to.
-enum Failure {
+pub(crate) enum Failure {
     /// Bad input: a team file, a flag, an unknown session, a damaged file. Exit 2.
     Input(String),
     /// Something went wrong while running. Exit 1.
@@ -232,17 +233,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             let models = factory::models_observed(&plan, None, watch.retry_observer())
                 .map_err(|e| Failure::Input(e.to_string()))?;
             let session = new_session_id();
-            let log: Arc<dyn SessionLog> = if no_persist {
+            let (log, extras): (Arc<dyn SessionLog>, PeerExtras) = if no_persist {
                 let store = roundtable_core::log::MemStore::new();
-                store.open(&session, true).await?
+                (store.open(&session, true).await?, PeerExtras::default())
             } else {
                 let store = open_store(&dir, true, if fsync { Durability::Full } else { Durability::Normal })?;
-                store.open(&session, true).await?
+                let extras = PeerExtras { secret: Some(factory::local_secret(&dir)?), ..PeerExtras::default() };
+                (store.open(&session, true).await?, extras)
             };
             let summary = watch
                 .session(&session, &plan, &log, async {
                     open_session(log.as_ref(), &plan, &topic).await?;
-                    drive(log.clone(), &plan, models, json).await
+                    drive(log.clone(), &plan, models, json, extras).await
                 })
                 .await?;
             finish(&summary, json)
@@ -270,7 +272,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             if !json {
                 println!("Resuming {session} from envelope {} …", current.envelopes);
             }
-            let summary = drive(log, &plan, models, json).await?;
+            // The same secret as the run that was cut off: a juror that committed can
+            // still open its sealed vote and reveal it.
+            let extras = PeerExtras { secret: Some(factory::local_secret(&dir)?), ..PeerExtras::default() };
+            let summary = drive(log, &plan, models, json, extras).await?;
             finish(&summary, json)
         }
         Command::Sessions { json, remote } => {
@@ -407,9 +412,10 @@ async fn drive(
     plan: &TeamPlan,
     models: std::collections::HashMap<roundtable_core::PeerId, Arc<dyn roundtable_core::model::ChatModel>>,
     json: bool,
+    extras: PeerExtras,
 ) -> Result<SessionSummary, Failure> {
     if json {
-        return run_peers(log, plan, models, None, None).await.map_err(Failure::from);
+        return run_peers_with(log, plan, models, None, None, extras).await.map_err(Failure::from);
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let events: EventSink = Arc::new(move |ev| {
@@ -434,7 +440,7 @@ async fn drive(
         }
         live.finish();
     });
-    let result = run_peers(log, plan, models, None, Some(events)).await;
+    let result = run_peers_with(log, plan, models, None, Some(events), extras).await;
     let _ = show.await;
     result.map_err(Failure::from)
 }

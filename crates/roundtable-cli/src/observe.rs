@@ -85,8 +85,7 @@ pub(crate) struct UiArgs {
 async fn load(dir: &Path, session: &str) -> Result<(SessionId, Vec<Entry>), Failure> {
     let path = Path::new(session);
     let entries = if path.is_file() {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| Failure::Input(format!("{session}: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Failure::Input(format!("{session}: {e}")))?;
         roundtable_observe::entries_from_jsonl(session, &text).map_err(Failure::Input)?
     } else {
         let store = crate::open_store(dir, false, Durability::Normal)?;
@@ -108,10 +107,7 @@ pub(crate) async fn trace(dir: &Path, args: TraceArgs) -> Result<ExitCode, Failu
         TraceFormat::Text => print!("{}", t.to_text()),
         TraceFormat::Mermaid => print!("{}", t.to_mermaid()),
         TraceFormat::Dot => print!("{}", t.to_dot()),
-        TraceFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&t).expect("trace serializes")
-        ),
+        TraceFormat::Json => println!("{}", serde_json::to_string_pretty(&t).expect("trace serializes")),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -119,17 +115,12 @@ pub(crate) async fn trace(dir: &Path, args: TraceArgs) -> Result<ExitCode, Failu
 /// Exit 0 when every decision came out the same, 1 at a divergence.
 pub(crate) async fn replay_cmd(dir: &Path, args: ReplayArgs) -> Result<ExitCode, Failure> {
     let (session, entries) = load(dir, &args.session).await?;
-    let report = replay(&entries, ReplayOptions::default())
-        .await
-        .map_err(|e| match e {
-            roundtable_observe::replay::ReplayError::Log(l) => Failure::Runtime(l.to_string()),
-            other => Failure::Input(format!("session {session}: {other}")),
-        })?;
+    let report = replay(&entries, ReplayOptions::default()).await.map_err(|e| match e {
+        roundtable_observe::replay::ReplayError::Log(l) => Failure::Runtime(l.to_string()),
+        other => Failure::Input(format!("session {session}: {other}")),
+    })?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serializes")
-        );
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
     } else {
         println!(
             "Replayed session {session} with no model calls: {} envelopes recorded, {} replayed, {} model outputs taken from the recording.",
@@ -137,10 +128,7 @@ pub(crate) async fn replay_cmd(dir: &Path, args: ReplayArgs) -> Result<ExitCode,
         );
         if !report.inputs.is_empty() {
             let list: Vec<String> = report.inputs.iter().map(|s| format!("#{s}")).collect();
-            println!(
-                "Clock and presence decisions read from the log: {}.",
-                list.join(", ")
-            );
+            println!("Clock and presence decisions read from the log: {}.", list.join(", "));
         }
         if let Some(r) = &report.stop_reason {
             println!("Stop: {r}");
@@ -153,21 +141,16 @@ pub(crate) async fn replay_cmd(dir: &Path, args: ReplayArgs) -> Result<ExitCode,
             Some(d) => println!("DIVERGENCE (the first one):\n  {d}"),
         }
     }
-    Ok(if report.ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 pub(crate) async fn fork(dir: &Path, args: ForkArgs) -> Result<ExitCode, Failure> {
     let (old, entries) = load(dir, &args.session).await?;
-    let plan =
-        plan_of(&entries[0].env).map_err(|e| Failure::Input(format!("session {old}: {e}")))?;
+    let plan = plan_of(&entries[0].env).map_err(|e| Failure::Input(format!("session {old}: {e}")))?;
     let new = new_session_id();
     // Every check before anything is written.
-    let mut envs = fork_envelopes(&entries, &new, args.at, args.edit.as_ref())
-        .map_err(|e| Failure::Input(e.to_string()))?;
+    let mut envs =
+        fork_envelopes(&entries, &new, args.at, args.edit.as_ref()).map_err(|e| Failure::Input(e.to_string()))?;
     let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
     let store = crate::open_store(dir, true, Durability::Normal)?;
     let span = session_span(&new, &plan.name, plan.protocol.kind());
@@ -175,37 +158,25 @@ pub(crate) async fn fork(dir: &Path, args: ForkArgs) -> Result<ExitCode, Failure
     store.import(&envs)?;
     let log = store.open(&new, false).await?;
     if !args.json {
-        let edit = args
-            .edit
-            .as_ref()
-            .map_or_else(String::new, |e| format!(", with {} edited", e.target));
-        println!(
-            "Forked session {old} at #{}{edit} into {new}; continuing with live models.",
-            args.at
-        );
+        let edit = args.edit.as_ref().map_or_else(String::new, |e| format!(", with {} edited", e.target));
+        println!("Forked session {old} at #{}{edit} into {new}; continuing with live models.", args.at);
     }
-    let summary = crate::drive(log, &plan, models, args.json)
-        .instrument(span)
-        .await?;
+    let extras = roundtable_core::peer::PeerExtras {
+        secret: Some(factory::local_secret(dir)?),
+        ..roundtable_core::peer::PeerExtras::default()
+    };
+    let summary = crate::drive(log, &plan, models, args.json, extras).instrument(span).await?;
     crate::finish(&summary, args.json)
 }
 
 pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
-    let store: Arc<dyn LogStore> = Arc::new(SqliteReader::new(
-        &crate::db_path(dir),
-        Duration::from_millis(200),
-    ));
+    let store: Arc<dyn LogStore> = Arc::new(SqliteReader::new(&crate::db_path(dir), Duration::from_millis(200)));
     let bound = roundtable_observe::ui::serve(args.addr, store.clone())
         .await
         .map_err(|e| Failure::Input(format!("--addr {}: {e}", args.addr)))?;
-    println!(
-        "Roundtable web view: http://{bound}/ (sessions in {})",
-        dir.display()
-    );
+    println!("Roundtable web view: http://{bound}/ (sessions in {})", dir.display());
     if !bound.ip().is_loopback() {
-        eprintln!(
-            "warning: {bound} is reachable from other machines, and the page shows everything the sessions said"
-        );
+        eprintln!("warning: {bound} is reachable from other machines, and the page shows everything the sessions said");
     }
     if let Some(addr) = args.metrics {
         let m = metrics::serve(addr, Source::Store(Metrics::new(), store))
@@ -214,9 +185,7 @@ pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
         println!("Prometheus metrics: http://{m}/metrics");
     }
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c()
-        .await
-        .map_err(|e| Failure::Runtime(format!("waiting for Ctrl-C: {e}")))?;
+    tokio::signal::ctrl_c().await.map_err(|e| Failure::Runtime(format!("waiting for Ctrl-C: {e}")))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -256,7 +225,6 @@ impl RunWatch {
         if let Some(m) = &self.metrics {
             tokio::spawn(m.clone().follow(log.clone()));
         }
-        run.instrument(session_span(session, &plan.name, plan.protocol.kind()))
-            .await
+        run.instrument(session_span(session, &plan.name, plan.protocol.kind())).await
     }
 }
