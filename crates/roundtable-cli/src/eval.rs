@@ -93,7 +93,10 @@ pub(crate) async fn run(a: EvalArgs) -> Result<(), String> {
                 },
                 None,
             );
-            EvalModel::Custom { name: format!("{key} ({})", spec.provider.kind()), factory: Arc::new(move |_| layered.clone()) }
+            EvalModel::Custom {
+                name: format!("{key} ({})", spec.provider.kind()),
+                factory: Arc::new(move |_| layered.clone()),
+            }
         }
         _ => EvalModel::Simulated { p_correct: a.p_correct, susceptibility: a.susceptibility },
     };

@@ -79,11 +79,21 @@ pub(crate) fn format_entry(e: &Entry, st: Style) -> String {
     match env.kind {
         Kind::Task => format!("{} {}\n{}", st.dim(&format!("#{:<3}", e.seq)), st.cyan("Task"), indent(&env.body.text)),
         Kind::Stop => {
-            let reason = env.body.json.as_ref().and_then(|j| j.get("reason")?.as_str().map(str::to_owned)).unwrap_or_default();
-            format!("{} {} {reason} {}", st.dim(&format!("#{:<3}", e.seq)), st.cyan("Stopped:"), st.dim(&format!("(recorded by {})", env.from)))
+            let reason =
+                env.body.json.as_ref().and_then(|j| j.get("reason")?.as_str().map(str::to_owned)).unwrap_or_default();
+            format!(
+                "{} {} {reason} {}",
+                st.dim(&format!("#{:<3}", e.seq)),
+                st.cyan("Stopped:"),
+                st.dim(&format!("(recorded by {})", env.from))
+            )
         }
-        Kind::Failure => format!("{} {} {}: {}", st.dim(&format!("#{:<3}", e.seq)), st.red("failure"), env.from, env.body.text),
-        Kind::Absent | Kind::Join => format!("{} {} {}", st.dim(&format!("#{:<3}", e.seq)), st.yellow(env.kind.as_str()), env.body.text),
+        Kind::Failure => {
+            format!("{} {} {}: {}", st.dim(&format!("#{:<3}", e.seq)), st.red("failure"), env.from, env.body.text)
+        }
+        Kind::Absent | Kind::Join => {
+            format!("{} {} {}", st.dim(&format!("#{:<3}", e.seq)), st.yellow(env.kind.as_str()), env.body.text)
+        }
         _ => {
             let mut s = format!("{}\n{}", header(e, st), indent(&env.body.text));
             if let Some(u) = usage_line(e, st) {
@@ -155,7 +165,13 @@ impl Live {
             PeerEvent::Thinking { peer, step, round } => {
                 if self.streaming.is_none() {
                     self.clear_progress();
-                    let _ = writeln!(out, "{} {} {}", self.st.dim(&format!("     [round {}]", round + 1)), self.st.bold(peer.as_str()), self.st.dim("…"));
+                    let _ = writeln!(
+                        out,
+                        "{} {} {}",
+                        self.st.dim(&format!("     [round {}]", round + 1)),
+                        self.st.bold(peer.as_str()),
+                        self.st.dim("…")
+                    );
                     let _ = write!(out, "  ");
                     self.streaming = Some((peer, step));
                 }

@@ -59,7 +59,9 @@ fn the_product_debate_runs_offline_and_can_be_listed_shown_exported_imported_and
     let o = run(&["log", &id], d);
     assert!(o.status.success());
     let t = stdout(&o);
-    for needle in ["Task", "pm → all", "eng → all", "cfo → all", "facilitator → all", "Stopped: completed", "Final answer"] {
+    for needle in
+        ["Task", "pm → all", "eng → all", "cfo → all", "facilitator → all", "Stopped: completed", "Final answer"]
+    {
         assert!(t.contains(needle), "transcript lacks {needle:?}:\n{t}");
     }
     assert!(t.find("pm → all").unwrap() < t.find("eng → all").unwrap());
@@ -228,7 +230,12 @@ fn rt() -> tokio::runtime::Runtime {
 fn a_real_provider_session_records_usage_and_never_logs_the_key() {
     let rt = rt();
     let server = rt.block_on(MockServer::start());
-    rt.block_on(Mock::given(method("POST")).and(path("/v1/chat/completions")).respond_with(sse(fixture("openai_stream.sse"))).mount(&server));
+    rt.block_on(
+        Mock::given(method("POST"))
+            .and(path("/v1/chat/completions"))
+            .respond_with(sse(fixture("openai_stream.sse")))
+            .mount(&server),
+    );
     let dir = tempfile::tempdir().unwrap();
     let team = openai_team(dir.path(), &server.uri(), 2);
     let o = bin()
@@ -250,7 +257,11 @@ fn a_real_provider_session_records_usage_and_never_logs_the_key() {
     let msgs = body["messages"].as_array().unwrap();
     assert_eq!(msgs.last().unwrap()["name"], "a", "{body}");
     // The key is nowhere: not in debug logs, not in the session log.
-    let export = bin().args(["export", s["session"].as_str().unwrap(), "--data-dir"]).arg(dir.path().join("data")).output().unwrap();
+    let export = bin()
+        .args(["export", s["session"].as_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
     for text in [stdout(&o), stderr(&o), stdout(&export)] {
         assert!(!text.contains("SECRET"), "the key leaked");
     }
@@ -268,7 +279,12 @@ fn provider_errors_become_recorded_failures_and_a_clear_exit() {
     let dir = tempfile::tempdir().unwrap();
     let team = openai_team(dir.path(), &server.uri(), 3);
     let data = dir.path().join("data");
-    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(&data).env("RT_TEST_KEY", "sk-test-DO-NOT-LEAK-0123456789").output().unwrap();
+    let o = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(&data)
+        .env("RT_TEST_KEY", "sk-test-DO-NOT-LEAK-0123456789")
+        .output()
+        .unwrap();
     let s = json(&o);
     assert_eq!(o.status.code(), Some(1), "{s}\n{}", stderr(&o));
     assert!(s["stop_reason"].as_str().unwrap().contains("authentication failed (HTTP 401)"), "{s}");
@@ -279,7 +295,12 @@ fn provider_errors_become_recorded_failures_and_a_clear_exit() {
     // Unreachable endpoint: a port nothing listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let team = openai_team(dir.path(), &format!("http://127.0.0.1:{port}"), 1);
-    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(&data).env("RT_TEST_KEY", "k").output().unwrap();
+    let o = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(&data)
+        .env("RT_TEST_KEY", "k")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(json(&o)["stop_reason"].as_str().unwrap().contains("endpoint unreachable"), "{}", stdout(&o));
 }
@@ -290,7 +311,11 @@ fn a_429_with_retry_after_is_retried_and_the_session_completes() {
     let server = rt.block_on(MockServer::start());
     rt.block_on(async {
         Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1").set_body_string("{\"error\":{\"message\":\"slow down\"}}"))
+            .respond_with(
+                ResponseTemplate::new(429)
+                    .insert_header("retry-after", "1")
+                    .set_body_string("{\"error\":{\"message\":\"slow down\"}}"),
+            )
             .up_to_n_times(1)
             .mount(&server)
             .await;
@@ -298,7 +323,12 @@ fn a_429_with_retry_after_is_retried_and_the_session_completes() {
     });
     let dir = tempfile::tempdir().unwrap();
     let team = openai_team(dir.path(), &server.uri(), 1);
-    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(dir.path().join("d")).env("RT_TEST_KEY", "k").output().unwrap();
+    let o = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .env("RT_TEST_KEY", "k")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let s = json(&o);
     assert_eq!((s["failures"].as_u64(), s["messages"].as_u64()), (Some(0), Some(2)));
@@ -313,7 +343,12 @@ fn a_stream_cut_midway_is_retried_then_recorded_as_a_failure() {
     let dir = tempfile::tempdir().unwrap();
     let team = openai_team(dir.path(), &server.uri(), 1);
     let data = dir.path().join("d");
-    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(&data).env("RT_TEST_KEY", "k").output().unwrap();
+    let o = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(&data)
+        .env("RT_TEST_KEY", "k")
+        .output()
+        .unwrap();
     let s = json(&o);
     assert_eq!(s["failures"], 2, "{s}");
     // max_retries = 1: two attempts per call, two calls.
@@ -323,7 +358,9 @@ fn a_stream_cut_midway_is_retried_then_recorded_as_a_failure() {
 }
 
 fn count_messages(db: &Path) -> (usize, usize) {
-    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return (0, 0) };
+    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return (0, 0);
+    };
     let q = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap_or(0) as usize;
     (q("SELECT COUNT(*) FROM envelopes WHERE kind = 'message'"), q("SELECT COUNT(DISTINCT id) FROM envelopes"))
 }

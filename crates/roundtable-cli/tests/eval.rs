@@ -22,7 +22,8 @@ fn eval_reports_every_pattern_with_the_baselines_at_equal_calls() {
     assert_eq!(row("vote@6")["calls_per_question"], 6.0);
     assert_eq!(row("single")["calls_per_question"], 1.0);
     for x in rows {
-        let (acc, lo, hi) = (x["accuracy"].as_f64().unwrap(), x["ci_low"].as_f64().unwrap(), x["ci_high"].as_f64().unwrap());
+        let (acc, lo, hi) =
+            (x["accuracy"].as_f64().unwrap(), x["ci_low"].as_f64().unwrap(), x["ci_high"].as_f64().unwrap());
         assert!(lo <= acc && acc <= hi && (0.0..=1.0).contains(&lo) && hi <= 1.0, "{x}");
         assert_eq!(x["questions"], 30);
     }
@@ -32,7 +33,9 @@ fn eval_reports_every_pattern_with_the_baselines_at_equal_calls() {
         .output()
         .unwrap();
     let r2: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
-    let acc = |r: &serde_json::Value| r["results"].as_array().unwrap().iter().map(|x| x["correct"].clone()).collect::<Vec<_>>();
+    let acc = |r: &serde_json::Value| {
+        r["results"].as_array().unwrap().iter().map(|x| x["correct"].clone()).collect::<Vec<_>>()
+    };
     assert_eq!(acc(&r), acc(&r2));
 
     let text = bin().args(["eval", "--n", "5"]).output().unwrap();
