@@ -34,14 +34,18 @@
 //!
 //! # What must match
 //! Envelopes are matched by `(peer, step)` (by step alone for collective decisions,
-//! which any peer may record), and must agree on kind, recipient, round, text, JSON,
-//! causal parents (as a set) and usage (model, tokens, cost, calls). The stop must agree
-//! on its reason, answer and the envelopes it was decided by. Incidental differences are
+//! which any peer may record), and must agree on kind, recipient, text, JSON, causal
+//! parents (as a set) and usage (model, tokens, cost, calls). The stop must agree on its
+//! reason, answer and the envelopes it was decided by. Incidental differences are
 //! ignored: timestamps, latency, Lamport clocks, trace context, which peer won the race
 //! to record a collective decision, the running totals in the stop's JSON (computed
-//! from whatever the recording peer had folded), and envelopes that landed after the
-//! stop in the original (a straggler the replay's peers did not get to before they saw
-//! the stop).
+//! from whatever the recording peer had folded), envelopes that landed after the stop in
+//! the original (a straggler the replay's peers did not get to before they saw the
+//! stop), and the `round` stamped on an envelope: it is the round the peer's state
+//! showed when it took up the duty, which for protocols whose rounds advance with
+//! concurrent work (contract net counts resolved tasks) depends on how much of the log
+//! the peer had folded by then, while the step — which names the protocol position — is
+//! part of the match.
 //!
 //! The first divergence is reported with what was expected and what came out, which
 //! exposes non-determinism (a reducer reading the clock, a random draw, a hash map's
@@ -773,7 +777,6 @@ fn first_difference(a: &Envelope, b: &Envelope) -> Option<(String, String, Strin
         return diff("text", a.body.text.to_string(), b.body.text.to_string());
     }
     diff("recipient", format!("{:?}", a.to), format!("{:?}", b.to))
-        .or_else(|| diff("round", a.round.to_string(), b.round.to_string()))
         .or_else(|| diff("text", a.body.text.to_string(), b.body.text.to_string()))
         .or_else(|| diff("json", format!("{:?}", comparable_json(a)), format!("{:?}", comparable_json(b))))
         .or_else(|| diff("parents", format!("{:?}", parents_set(a)), format!("{:?}", parents_set(b))))
