@@ -5,6 +5,9 @@
 //! each workload runs and counts what it claims to (never how fast).
 
 pub mod mock;
+pub mod nats;
+pub mod rounds;
+pub mod tokens;
 pub mod workloads;
 
 /// Resident set size of this process, in KiB: (current, peak), from /proc.

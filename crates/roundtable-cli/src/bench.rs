@@ -8,6 +8,9 @@ use std::process::Command;
 
 use clap::{Args, ValueEnum};
 use roundtable_bench::median;
+use roundtable_bench::nats::{NatsConfig, nats};
+use roundtable_bench::rounds::{RoundsConfig, rounds};
+use roundtable_bench::tokens::{Policy, TokensConfig, tokens};
 use roundtable_bench::workloads::{GroupChatConfig, ScaleConfig, group_chat, scale};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -16,6 +19,21 @@ pub(crate) enum Workload {
     Groupchat,
     /// Memory per peer for idle and active peers; a session with many peers.
     Scale,
+    /// Debate over a mock model with a fixed latency: wall time against rounds × latency.
+    Rounds,
+    /// Prompt tokens per round of round robin under each context policy.
+    Tokens,
+    /// Direct-message latency, work-queue and log-append throughput on a nats-server
+    /// started for the run, against raw NATS.
+    Nats,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PolicyArg {
+    Full,
+    #[value(name = "last_k")]
+    LastK,
+    Summary,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -29,8 +47,8 @@ pub(crate) enum Persist {
 pub(crate) struct BenchArgs {
     /// The workload (see BENCHMARKS.md for their exact definitions).
     workload: Workload,
-    /// Peers, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![2, 4, 8, 16])]
+    /// Peers, comma-separated [groupchat, scale: 2,4,8,16; rounds: 3,8,32; tokens: 8].
+    #[arg(long, value_delimiter = ',')]
     peers: Vec<usize>,
     /// Messages per session (the task included), comma-separated (groupchat).
     #[arg(long, value_delimiter = ',', default_values_t = vec![200, 1000, 5000])]
@@ -42,9 +60,40 @@ pub(crate) struct BenchArgs {
     /// serializing it would (groupchat).
     #[arg(long)]
     walk_history: bool,
-    /// Rounds of round robin for `scale`; 0 measures idle peers.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 1])]
+    /// Rounds, comma-separated [scale: 0,1 (rounds of round robin; 0 measures idle
+    /// peers); rounds: 3 (debate rounds, round 0 included); tokens: 20].
+    #[arg(long, value_delimiter = ',')]
     rounds: Vec<u32>,
+    /// The mock model's latency per call, in ms (rounds).
+    #[arg(long, default_value_t = 50)]
+    latency_ms: u64,
+    /// Context policies, comma-separated (tokens).
+    #[arg(long, value_enum, value_delimiter = ',', default_values = ["full", "last_k", "summary"])]
+    policy: Vec<PolicyArg>,
+    /// Messages kept by `last_k` (tokens).
+    #[arg(long, default_value_t = 8)]
+    k: usize,
+    /// Rounds kept in full by `summary` (tokens).
+    #[arg(long, default_value_t = 1)]
+    keep_rounds: u32,
+    /// Bytes of every model reply (tokens).
+    #[arg(long, default_value_t = 400)]
+    reply_bytes: usize,
+    /// Messages timed per latency measurement (nats).
+    #[arg(long, default_value_t = 2000)]
+    samples: usize,
+    /// Tasks through the work queue (nats).
+    #[arg(long, default_value_t = 2000)]
+    tasks: usize,
+    /// Concurrent work-queue claimers, each on its own connection (nats).
+    #[arg(long, default_value_t = 20)]
+    claimers: usize,
+    /// Envelopes per session-log append measurement (nats).
+    #[arg(long, default_value_t = 5000)]
+    appends: usize,
+    /// Concurrent appenders on one connection (nats).
+    #[arg(long, default_value_t = 20)]
+    appenders: usize,
     /// Runs per configuration; medians are reported.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -56,7 +105,21 @@ pub(crate) struct BenchArgs {
     single: bool,
 }
 
-pub(crate) async fn run(a: BenchArgs) -> Result<(), String> {
+pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
+    if a.peers.is_empty() {
+        a.peers = match a.workload {
+            Workload::Rounds => vec![3, 8, 32],
+            Workload::Tokens => vec![8],
+            _ => vec![2, 4, 8, 16],
+        };
+    }
+    if a.rounds.is_empty() {
+        a.rounds = match a.workload {
+            Workload::Rounds => vec![3],
+            Workload::Tokens => vec![20],
+            _ => vec![0, 1],
+        };
+    }
     if a.single {
         let v = match a.workload {
             Workload::Groupchat => serde_json::to_value(
@@ -71,6 +134,28 @@ pub(crate) async fn run(a: BenchArgs) -> Result<(), String> {
             Workload::Scale => {
                 serde_json::to_value(scale(ScaleConfig { peers: a.peers[0], rounds: a.rounds[0] }).await?)
             }
+            Workload::Rounds => serde_json::to_value(
+                rounds(RoundsConfig { peers: a.peers[0], rounds: a.rounds[0], latency_ms: a.latency_ms }).await?,
+            ),
+            Workload::Tokens => {
+                let policy = match a.policy[0] {
+                    PolicyArg::Full => Policy::Full,
+                    PolicyArg::LastK => Policy::LastK { k: a.k },
+                    PolicyArg::Summary => Policy::Summary { keep_rounds: a.keep_rounds },
+                };
+                let cfg = TokensConfig { peers: a.peers[0], rounds: a.rounds[0], policy, reply_bytes: a.reply_bytes };
+                serde_json::to_value(tokens(cfg).await?)
+            }
+            Workload::Nats => serde_json::to_value(
+                nats(NatsConfig {
+                    samples: a.samples,
+                    tasks: a.tasks,
+                    claimers: a.claimers,
+                    appends: a.appends,
+                    appenders: a.appenders,
+                })
+                .await?,
+            ),
         }
         .map_err(|e| e.to_string())?;
         println!("{v}");
@@ -108,6 +193,44 @@ pub(crate) async fn run(a: BenchArgs) -> Result<(), String> {
                 }
             }
         }
+        Workload::Rounds => {
+            for &r in &a.rounds {
+                for &n in &a.peers {
+                    configs.push(vec![
+                        "rounds".into(),
+                        format!("--peers={n}"),
+                        format!("--rounds={r}"),
+                        format!("--latency-ms={}", a.latency_ms),
+                    ]);
+                }
+            }
+        }
+        Workload::Tokens => {
+            for &n in &a.peers {
+                for &r in &a.rounds {
+                    for p in &a.policy {
+                        let p = p.to_possible_value().expect("policy names").get_name().to_string();
+                        configs.push(vec![
+                            "tokens".into(),
+                            format!("--peers={n}"),
+                            format!("--rounds={r}"),
+                            format!("--policy={p}"),
+                            format!("--k={}", a.k),
+                            format!("--keep-rounds={}", a.keep_rounds),
+                            format!("--reply-bytes={}", a.reply_bytes),
+                        ]);
+                    }
+                }
+            }
+        }
+        Workload::Nats => configs.push(vec![
+            "nats".into(),
+            format!("--samples={}", a.samples),
+            format!("--tasks={}", a.tasks),
+            format!("--claimers={}", a.claimers),
+            format!("--appends={}", a.appends),
+            format!("--appenders={}", a.appenders),
+        ]),
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
@@ -137,7 +260,28 @@ pub(crate) async fn run(a: BenchArgs) -> Result<(), String> {
         }
         rows.push(row);
     }
+    if a.workload == Workload::Tokens && !a.json {
+        print_tokens_per_round(&rows);
+    }
     Ok(())
+}
+
+/// Prompt tokens per round, one column per configuration (tokens).
+fn print_tokens_per_round(rows: &[serde_json::Value]) {
+    println!();
+    print!("{:>5}", "round");
+    for r in rows {
+        print!(" {:>12}", r["policy"].as_str().unwrap_or("?"));
+    }
+    println!();
+    let n = rows.iter().filter_map(|r| r["per_round"].as_array().map(Vec::len)).max().unwrap_or(0);
+    for i in 0..n {
+        print!("{:>5}", i + 1);
+        for r in rows {
+            print!(" {:>12}", r["per_round"][i]["prompt_tokens"].as_u64().unwrap_or(0));
+        }
+        println!();
+    }
 }
 
 /// The first run's fields, with every number replaced by the median over runs.
@@ -145,7 +289,22 @@ fn median_row(runs: &[serde_json::Value]) -> serde_json::Value {
     let mut row = runs[0].clone();
     if let Some(obj) = row.as_object_mut() {
         for (k, v) in obj.iter_mut() {
-            if v.is_f64() || (v.is_u64() && !matches!(k.as_str(), "peers" | "messages" | "rounds")) {
+            let setting = matches!(
+                k.as_str(),
+                "peers"
+                    | "messages"
+                    | "rounds"
+                    | "latency_ms"
+                    | "k"
+                    | "keep_rounds"
+                    | "reply_bytes"
+                    | "samples"
+                    | "tasks"
+                    | "claimers"
+                    | "appends"
+                    | "appenders"
+            );
+            if v.is_f64() || (v.is_u64() && !setting) {
                 let xs: Vec<f64> = runs.iter().filter_map(|r| r[k].as_f64()).collect();
                 *v = serde_json::json!(median(xs));
             }
@@ -167,6 +326,26 @@ fn print_header(w: Workload) {
                 "peers", "rounds", "messages", "wall ms", "added KiB", "KiB/peer"
             )
         }
+        Workload::Rounds => println!(
+            "{:>5} {:>6} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}",
+            "peers",
+            "rounds",
+            "L ms",
+            "R×L ms",
+            "wall ms",
+            "ratio",
+            "overhead",
+            "start",
+            "spread",
+            "handoff",
+            "stop",
+            "call+"
+        ),
+        Workload::Tokens => println!(
+            "{:>8} {:>5} {:>6} {:>13} {:>13} {:>12} {:>11} {:>10}",
+            "policy", "peers", "rounds", "round 5 tok", "last rnd tok", "total tok", "max dev r5", "summaries"
+        ),
+        Workload::Nats => {}
     }
 }
 
@@ -195,5 +374,70 @@ fn print_row(w: Workload, r: &serde_json::Value) {
             f("rss_added_kib"),
             f("kib_per_peer")
         ),
+        Workload::Rounds => println!(
+            "{:>5} {:>6} {:>6} {:>9.0} {:>9.1} {:>6.3} {:>9.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2} {:>9.2}",
+            f("peers"),
+            f("rounds"),
+            f("latency_ms"),
+            f("critical_path_ms"),
+            f("wall_ms"),
+            f("ratio"),
+            f("overhead_ms"),
+            f("start_ms"),
+            f("max_round_spread_ms"),
+            f("mean_handoff_ms"),
+            f("stop_ms"),
+            f("mean_call_excess_ms"),
+        ),
+        Workload::Tokens => {
+            let summaries: u64 =
+                r["per_round"].as_array().map_or(0, |rs| rs.iter().filter_map(|x| x["summaries"].as_u64()).sum());
+            let policy = match r["policy"].as_str().unwrap_or("?") {
+                "last_k" => format!("last_k={}", f("k")),
+                "summary" => format!("summary/{}", f("keep_rounds")),
+                p => p.to_string(),
+            };
+            println!(
+                "{:>8} {:>5} {:>6} {:>13} {:>13} {:>12} {:>10.1}% {:>10}",
+                policy,
+                f("peers"),
+                f("rounds"),
+                f("round5_prompt_tokens"),
+                f("last_round_prompt_tokens"),
+                f("total_prompt_tokens"),
+                f("max_dev_from_round5") * 100.0,
+                summaries
+            )
+        }
+        Workload::Nats => {
+            println!(
+                "nats-server {}; messages of {} bytes",
+                r["server_version"].as_str().unwrap_or("?"),
+                f("message_bytes")
+            );
+            println!("{:<42} {:>9} {:>9}", "latency, one message at a time", "p50 µs", "p99 µs");
+            for (what, k) in [
+                ("raw core NATS publish → subscriber", "raw_pubsub"),
+                ("raw core NATS request/reply", "raw_request"),
+                ("raw JetStream publish until ack", "js_publish"),
+                ("Roundtable log append (sender side)", "append"),
+                ("Roundtable direct message (append → tail)", "dm"),
+                ("Roundtable direct message and answer", "dm_roundtrip"),
+            ] {
+                println!("{what:<42} {:>9.0} {:>9.0}", f(&format!("{k}_p50_us")), f(&format!("{k}_p99_us")));
+            }
+            println!("direct message p50 / raw request/reply p50: {:.2} (target ≤ 2)", f("dm_over_raw_request_p50"));
+            println!("{:<42} {:>9}", "throughput", "per s");
+            let c = f("claimers");
+            for (what, k) in [
+                (format!("work queue: push ({c} pushers)"), "queue_pushes_per_sec"),
+                (format!("work queue: claim + ack ({c} claimers)"), "queue_claim_acks_per_sec"),
+                ("work queue: push → claim → ack".to_string(), "queue_tasks_per_sec"),
+                ("log append, sequential".to_string(), "append_sequential_per_sec"),
+                (format!("log append, {} concurrent appenders", f("appenders")), "append_concurrent_per_sec"),
+            ] {
+                println!("{what:<42} {:>9.0}", f(k));
+            }
+        }
     }
 }
