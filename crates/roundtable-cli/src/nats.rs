@@ -82,9 +82,17 @@ impl NatsArgs {
         self.nats.as_deref()
     }
 
-    /// The client's options, with every credential and TLS setting given.
+    /// The client's options, with every credential and TLS setting given (those in the
+    /// URL included: the client does not read them there).
     fn options(&self) -> Result<async_nats::ConnectOptions, Failure> {
         let mut o = async_nats::ConnectOptions::new().name("roundtable");
+        let (_, in_url) = split_credentials(self.nats.as_deref().unwrap_or_default());
+        let given = self.nats_user.is_some() || self.nats_password.is_some() || self.nats_token.is_some();
+        match in_url {
+            Some((user, Some(pass))) if !given => o = o.user_and_password(user, pass),
+            Some((token, None)) if !given => o = o.token(token),
+            _ => {}
+        }
         match (&self.nats_user, &self.nats_password) {
             (Some(u), Some(p)) => o = o.user_and_password(u.clone(), p.clone()),
             (Some(_), None) => return Err(Failure::Input("--nats-user needs a password: set NATS_PASSWORD".into())),
@@ -137,6 +145,32 @@ impl NatsArgs {
     }
 }
 
+/// The URL(s) without `user:password@` or `token@`, and those credentials (from the first
+/// address that has them).
+fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let mut found = None;
+    let parts: Vec<String> = url
+        .split(',')
+        .map(|part| {
+            let rest = part.find("://").map_or(0, |i| i + 3);
+            match part[rest..].find('@').map(|at| rest + at) {
+                Some(at) => {
+                    let info = &part[rest..at];
+                    if found.is_none() {
+                        found = Some(match info.split_once(':') {
+                            Some((user, pass)) => (user.to_owned(), Some(pass.to_owned())),
+                            None => (info.to_owned(), None),
+                        });
+                    }
+                    format!("{}{}", &part[..rest], &part[at + 1..])
+                }
+                None => part.to_owned(),
+            }
+        })
+        .collect();
+    (parts.join(","), found)
+}
+
 /// `roundtable peer`: one peer of a team, as a process of its own.
 #[derive(clap::Args)]
 pub(crate) struct PeerArgs {
@@ -186,7 +220,7 @@ async fn parts(
         Some(cfg) => Some(backend.work_queue(session, cfg).await.map_err(|e| runtime(&e))?),
         None => None,
     };
-    Ok((presence, PeerExtras { board: Some(board), queue, embedder: None, secret: Some(secret) }))
+    Ok((presence, PeerExtras { board: Some(board), queue, embedder: None, secret: Some(secret), plan: None }))
 }
 
 /// `run --nats`: every peer of the team in this process, on the server.
@@ -408,6 +442,17 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_come_out_of_urls() {
+        assert_eq!(split_credentials("nats://h:4222"), ("nats://h:4222".into(), None));
+        assert_eq!(
+            split_credentials("nats://u:p@h:1,nats://h2:2"),
+            ("nats://h:1,nats://h2:2".into(), Some(("u".into(), Some("p".into()))))
+        );
+        assert_eq!(split_credentials("tls://tok@h"), ("tls://h".into(), Some(("tok".into(), None))));
+        assert_eq!(split_credentials("u:p@h:1").0, "h:1");
+    }
 
     #[test]
     fn secrets_round_trip_through_hex() {

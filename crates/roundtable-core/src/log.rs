@@ -257,7 +257,7 @@ impl MemLog {
                 if let Some(e) = st.buf.pop_front() {
                     return Some((Ok(e), st));
                 }
-                let batch = st.log.read_now(st.next, 1024);
+                let batch = st.log.read_now(st.next, 256);
                 if let Some(last) = batch.last() {
                     st.next = last.seq + 1;
                     st.buf.extend(batch);

@@ -80,6 +80,10 @@ pub struct PeerExtras {
     pub embedder: Option<Arc<dyn Embedder>>,
     /// The peer's secret for sealing commit-reveal votes. Never written anywhere.
     pub secret: Option<Arc<[u8]>>,
+    /// The plan in the session's task envelope, already parsed: a runner starting many
+    /// peers in one process parses it once and shares it (each peer parsing its own
+    /// copy costs O(peers) memory per peer). Must be the plan of this log's task.
+    pub plan: Option<Arc<crate::team::TeamPlan>>,
 }
 
 /// Everything a peer needs to run.
@@ -149,7 +153,10 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
             return Err(LogError::new(LogErrorKind::NotFound, "the log ended before its task"));
         }
     };
-    let plan = Arc::new(plan_of(&first.env).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))?);
+    let plan = match &extras.plan {
+        Some(p) => p.clone(),
+        None => Arc::new(plan_of(&first.env).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))?),
+    };
     let spec = plan
         .peer(&cfg.me)
         .ok_or_else(|| LogError::new(LogErrorKind::Rejected, format!("{} is not a peer of this team", cfg.me)))?
@@ -167,7 +174,7 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
         duplicate: std::sync::Mutex::new(None),
     };
 
-    let mut st = SessionState::new(plan.clone(), session.clone());
+    let mut st = SessionState::for_peer(plan.clone(), session.clone(), &cfg.me);
     let mut view = PeerView::new(cfg.me.clone(), me.spec.group.clone());
     st.apply(&first);
     view.observe(&first.env);

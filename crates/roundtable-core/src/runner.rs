@@ -51,11 +51,13 @@ pub async fn run_peers_with(
     extras: PeerExtras,
 ) -> Result<SessionSummary, LogError> {
     let mut tasks = tokio::task::JoinSet::new();
+    let shared = extras.plan.clone().unwrap_or_else(|| Arc::new(plan.clone()));
     for p in &plan.peers {
         let Some(model) = models.get(&p.id) else {
             continue;
         };
         let mut mine = extras.clone();
+        mine.plan = Some(shared.clone());
         mine.secret = extras.secret.as_ref().map(|s| peer_secret(s, &p.id));
         let cfg = PeerConfig {
             me: p.id.clone(),

@@ -58,6 +58,14 @@ pub struct SessionState {
 }
 
 impl SessionState {
+    /// The state one peer keeps: like [`SessionState::new`], but the tally keeps
+    /// per-peer totals for `me` only.
+    pub fn for_peer(plan: Arc<TeamPlan>, session: SessionId, me: &PeerId) -> Self {
+        let mut st = Self::new(plan, session);
+        st.tally.only = Some(me.clone());
+        st
+    }
+
     pub fn new(plan: Arc<TeamPlan>, session: SessionId) -> Self {
         let protocol = reducer_for(&plan);
         let mention = plan.termination.mention().map(Arc::from);

@@ -30,6 +30,10 @@ pub struct Tally {
     pub per_peer: BTreeMap<PeerId, PeerTally>,
     /// The first contribution that mentioned the termination text, if any.
     pub mention: Option<(u64, PeerId)>,
+    /// Keep `per_peer` for this peer only. A peer reads only its own totals (its call
+    /// ordinal, its budget); keeping everyone's in every peer would cost O(peers²).
+    #[serde(skip)]
+    pub only: Option<PeerId>,
 }
 
 /// One peer's totals.
@@ -54,10 +58,15 @@ impl Tally {
     pub fn observe(&mut self, seq: u64, env: &Envelope, mention: Option<&str>) {
         let counts_as_message =
             !matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure);
-        if !self.per_peer.contains_key(&env.from) {
-            self.per_peer.insert(env.from.clone(), PeerTally::default());
-        }
-        let p = self.per_peer.get_mut(&env.from).expect("inserted above");
+        let mut scratch = PeerTally::default();
+        let p = if self.only.as_ref().is_some_and(|o| o != &env.from) {
+            &mut scratch
+        } else {
+            if !self.per_peer.contains_key(&env.from) {
+                self.per_peer.insert(env.from.clone(), PeerTally::default());
+            }
+            self.per_peer.get_mut(&env.from).expect("inserted above")
+        };
         if counts_as_message {
             self.messages += 1;
             p.messages += 1;
@@ -320,6 +329,16 @@ mod tests {
         assert_eq!((t.messages, t.calls, t.tokens()), (3, 3, 23));
         assert_eq!(t.mention, Some((2, PeerId::from("b"))));
         assert_eq!(t.per_peer[&PeerId::from("a")].calls, 2);
+    }
+
+    #[test]
+    fn a_peers_tally_keeps_only_its_own_per_peer_totals() {
+        let mut t = Tally { only: Some("a".into()), ..Default::default() };
+        t.observe(1, &msg("a", "x", 10), None);
+        t.observe(2, &msg("b", "y", 20), None);
+        assert_eq!((t.messages, t.calls, t.tokens()), (2, 2, 32), "session totals count everyone");
+        assert_eq!(t.per_peer.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(t.per_peer[&PeerId::from("a")].prompt_tokens, 10);
     }
 
     #[test]

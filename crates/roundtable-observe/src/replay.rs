@@ -504,6 +504,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         queue: Some(queue.clone()),
         embedder: None,
         secret: Some(Arc::from(format!("replay secret of {p}").into_bytes())),
+        plan: None,
     };
     let mut peers = tokio::task::JoinSet::new();
     let mut configs = HashMap::new();

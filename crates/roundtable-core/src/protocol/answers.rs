@@ -236,11 +236,18 @@ fn fmt_weight(w: f64) -> String {
 
 /// Count ballots under a rule (see the module docs for ties).
 pub fn tally(ballots: &[Ballot], rule: Rule) -> Outcome {
+    let keys: Vec<String> = ballots.iter().map(|b| normalize(&b.answer)).collect();
+    tally_keyed(ballots, &keys, rule)
+}
+
+/// [`tally`] for callers that keep each ballot's [`normalize`]d key: `keys[i]` is the
+/// key of `ballots[i]`.
+pub fn tally_keyed(ballots: &[Ballot], keys: &[impl AsRef<str>], rule: Rule) -> Outcome {
+    assert_eq!(ballots.len(), keys.len(), "one key per ballot");
     let mut ranking: Vec<Support> = Vec::new();
-    let mut sorted: Vec<&Ballot> = ballots.iter().collect();
-    sorted.sort_by_key(|b| b.order);
-    for b in sorted {
-        let key = normalize(&b.answer);
+    let mut sorted: Vec<(&Ballot, &str)> = ballots.iter().zip(keys.iter().map(AsRef::as_ref)).collect();
+    sorted.sort_by_key(|(b, _)| b.order);
+    for (b, key) in sorted {
         let w = match rule {
             Rule::Confidence => reconcile_weight(b.confidence),
             _ => 1.0,
@@ -251,7 +258,7 @@ pub fn tally(ballots: &[Ballot], rule: Rule) -> Outcome {
                 s.supporters.push(b.peer.clone());
             }
             None => ranking.push(Support {
-                key,
+                key: key.to_string(),
                 answer: b.answer.to_string(),
                 weight: w,
                 supporters: vec![b.peer.clone()],

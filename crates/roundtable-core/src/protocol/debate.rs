@@ -22,7 +22,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::answers::{Outcome, Rule, tally};
+use super::answers::{Outcome, Rule, tally_keyed};
 use super::rounds::{ANSWER_FIRST, ANSWER_JSON, ANSWER_UPDATE, Rounds, team_order};
 use super::{Duty, Facts, Finish, Reducer};
 use crate::envelope::{EnvelopeId, PeerId};
@@ -65,7 +65,11 @@ impl Debate {
 
     /// The tally of the members' latest answers.
     fn outcome(&self) -> &Outcome {
-        self.outcome.get_or_init(|| tally(&self.rounds.ballots_in_order(&self.orders), self.rule()))
+        self.outcome.get_or_init(|| {
+            // Ballots are the latest answers in member order, as are their keys.
+            let keys: Vec<&str> = self.rounds.latest.iter().flatten().map(|a| a.key()).collect();
+            tally_keyed(&self.rounds.ballots_in_order(&self.orders), &keys, self.rule())
+        })
     }
 
     fn instructions(&self) -> (String, String) {

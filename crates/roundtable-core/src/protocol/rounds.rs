@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use super::answers::{Ballot, Extracted, answer_or_text, extract};
+use super::answers::{Ballot, Extracted, answer_or_text, extract, normalize};
 use super::{Duty, Facts, Shown, View};
 use crate::envelope::{Envelope, EnvelopeId, Kind, PeerId};
 use crate::team::TeamPlan;
@@ -30,11 +30,13 @@ pub struct Answered {
     pub answer: Extracted,
     /// Whether the answer was stated (`Answer:` or JSON), not just the whole text.
     pub stated: bool,
+    /// The answer's [`normalize`](super::answers::normalize)d key, computed once.
+    pub key: Arc<str>,
 }
 
 impl Answered {
-    pub fn key(&self) -> String {
-        super::answers::normalize(&self.answer.answer)
+    pub fn key(&self) -> &str {
+        &self.key
     }
 }
 
@@ -96,12 +98,15 @@ impl Rounds {
         match env.kind {
             Kind::Message => {
                 let stated = extract(&env.body.text, env.body.json.as_ref());
+                let is_stated = stated.is_some();
+                let answer = stated.unwrap_or_else(|| answer_or_text(&env.body.text, env.body.json.as_ref()));
                 let a = Answered {
                     id: env.id.clone(),
                     round: self.round,
                     text: env.body.text.clone(),
-                    stated: stated.is_some(),
-                    answer: stated.unwrap_or_else(|| answer_or_text(&env.body.text, env.body.json.as_ref())),
+                    stated: is_stated,
+                    key: Arc::from(normalize(&answer.answer)),
+                    answer,
                 };
                 self.latest[i] = Some(a.clone());
                 self.current[i] = Some(Record::Answer(a));
