@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use roundtable_core::log::{
-    Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog,
-};
+use roundtable_core::log::{Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog};
 use roundtable_core::{Envelope, EnvelopeId, SessionId};
 use rusqlite::{OptionalExtension, params};
 
@@ -28,11 +26,7 @@ pub struct SqliteReader {
 impl SqliteReader {
     /// A reader of the database at `path` whose tails look for new rows every `poll`.
     pub fn new(path: &Path, poll: Duration) -> Self {
-        SqliteReader {
-            path: path.to_path_buf(),
-            poll,
-            store: Arc::new(Mutex::new(None)),
-        }
+        SqliteReader { path: path.to_path_buf(), poll, store: Arc::new(Mutex::new(None)) }
     }
 
     fn store(&self) -> Result<Option<SqliteStore>, LogError> {
@@ -46,35 +40,21 @@ impl SqliteReader {
 
 #[async_trait]
 impl LogStore for SqliteReader {
-    async fn open(
-        &self,
-        session: &SessionId,
-        create: bool,
-    ) -> Result<Arc<dyn SessionLog>, LogError> {
+    async fn open(&self, session: &SessionId, create: bool) -> Result<Arc<dyn SessionLog>, LogError> {
         if create {
-            return Err(LogError::new(
-                LogErrorKind::Rejected,
-                "this view of the database is read-only",
-            ));
+            return Err(LogError::new(LogErrorKind::Rejected, "this view of the database is read-only"));
         }
         let not_found = || {
             LogError::new(
                 LogErrorKind::NotFound,
-                format!(
-                    "no session {session} in {} (see `roundtable sessions`)",
-                    self.path.display()
-                ),
+                format!("no session {session} in {} (see `roundtable sessions`)", self.path.display()),
             )
         };
         let store = self.store()?.ok_or_else(not_found)?;
         if !store.exists(session)? {
             return Err(not_found());
         }
-        Ok(Arc::new(ReaderLog {
-            store,
-            session: session.clone(),
-            poll: self.poll,
-        }))
+        Ok(Arc::new(ReaderLog { store, session: session.clone(), poll: self.poll }))
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, LogError> {
@@ -100,14 +80,9 @@ impl ReaderLog {
             .prepare_cached("SELECT seq, json FROM envelopes WHERE session = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3")
             .map_err(|e| storage("reading", path, e))?;
         let rows = stmt
-            .query_map(
-                params![
-                    self.session.as_str(),
-                    from.max(1) as i64,
-                    max.min(i64::MAX as usize) as i64
-                ],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-            )
+            .query_map(params![self.session.as_str(), from.max(1) as i64, max.min(i64::MAX as usize) as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
             .map_err(|e| storage("reading", path, e))?;
         let mut out = Vec::new();
         for (expect, row) in (from.max(1)..).zip(rows) {
@@ -116,27 +91,16 @@ impl ReaderLog {
             if seq != expect {
                 return Err(LogError::new(
                     LogErrorKind::Corrupt,
-                    format!(
-                        "session {} in {}: sequence {expect} is missing",
-                        self.session,
-                        path.display()
-                    ),
+                    format!("session {} in {}: sequence {expect} is missing", self.session, path.display()),
                 ));
             }
             let env = Envelope::from_json(json.as_bytes()).map_err(|e| {
                 LogError::new(
                     LogErrorKind::Corrupt,
-                    format!(
-                        "session {} in {}: envelope {seq}: {e}",
-                        self.session,
-                        path.display()
-                    ),
+                    format!("session {} in {}: envelope {seq}: {e}", self.session, path.display()),
                 )
             })?;
-            out.push(Entry {
-                seq,
-                env: Arc::new(env),
-            });
+            out.push(Entry { seq, env: Arc::new(env) });
         }
         Ok(out)
     }
@@ -149,10 +113,7 @@ impl SessionLog for ReaderLog {
     }
 
     async fn append(&self, _env: Envelope) -> Result<roundtable_core::log::Appended, LogError> {
-        Err(LogError::new(
-            LogErrorKind::Rejected,
-            "this view of the database is read-only",
-        ))
+        Err(LogError::new(LogErrorKind::Rejected, "this view of the database is read-only"))
     }
 
     async fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>, LogError> {
@@ -176,16 +137,8 @@ impl SessionLog for ReaderLog {
             next: u64,
             buf: std::collections::VecDeque<Entry>,
         }
-        let log = ReaderLog {
-            store: self.store.clone(),
-            session: self.session.clone(),
-            poll: self.poll,
-        };
-        let st = St {
-            log,
-            next: from.max(1),
-            buf: Default::default(),
-        };
+        let log = ReaderLog { store: self.store.clone(), session: self.session.clone(), poll: self.poll };
+        let st = St { log, next: from.max(1), buf: Default::default() };
         Ok(Box::pin(futures::stream::unfold(st, |mut st| async move {
             loop {
                 if let Some(e) = st.buf.pop_front() {
@@ -223,14 +176,7 @@ mod tests {
     use roundtable_core::{Body, Kind, PeerId, Recipient};
 
     fn env(s: &SessionId, step: &str) -> Envelope {
-        Envelope::new(
-            s,
-            &PeerId::from("p"),
-            step,
-            Kind::Message,
-            Recipient::All,
-            Body::text(step),
-        )
+        Envelope::new(s, &PeerId::from("p"), step, Kind::Message, Recipient::All, Body::text(step))
     }
 
     #[tokio::test]
@@ -238,15 +184,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
         let reader = SqliteReader::new(&path, Duration::from_millis(10));
-        assert!(
-            reader.sessions().await.unwrap().is_empty(),
-            "no database yet: no sessions"
-        );
+        assert!(reader.sessions().await.unwrap().is_empty(), "no database yet: no sessions");
         let s = SessionId::from("s1");
-        assert_eq!(
-            reader.open(&s, false).await.err().unwrap().kind(),
-            LogErrorKind::NotFound
-        );
+        assert_eq!(reader.open(&s, false).await.err().unwrap().kind(), LogErrorKind::NotFound);
 
         // The writer: another store with its own connection and cache, as another process has.
         let writer = SqliteStore::open(&path, true, Durability::Normal).unwrap();
