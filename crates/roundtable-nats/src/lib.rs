@@ -103,7 +103,7 @@ impl NatsBackend {
     }
 
     /// Connect to `url` with `options` (credentials, TLS, …). The client reconnects
-    /// forever, backing off up to 4 s between attempts, when the connection drops; the
+    /// forever, backing off up to 2 s between attempts, when the connection drops; the
     /// first connection must be made within 5 s, so that a wrong address or credentials
     /// fail here and not in the middle of a session. Neither the URL's credentials nor
     /// the options' secrets appear in an error.
@@ -116,6 +116,7 @@ impl NatsBackend {
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
             .max_reconnects(None)
+            .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
                 let (on_connect, on_error) = (on_connect.clone(), on_error.clone());
                 async move {
@@ -145,7 +146,12 @@ impl NatsBackend {
             })?;
         let start = std::time::Instant::now();
         while client.connection_state() != async_nats::connection::State::Connected {
-            if start.elapsed() > Duration::from_secs(5) {
+            // A refusal of the credentials will not change by retrying.
+            let refused = last_error.lock().expect("error lock").as_deref().is_some_and(|e| {
+                let e = e.to_ascii_lowercase();
+                e.contains("authorization") || e.contains("authentication")
+            });
+            if refused || start.elapsed() > Duration::from_secs(5) {
                 let why = last_error.lock().expect("error lock").clone();
                 return Err(BusError::new(
                     BusErrorKind::Unavailable,
@@ -189,6 +195,19 @@ impl NatsBackend {
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }
+}
+
+/// The longest wait between two reconnection attempts.
+pub(crate) const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+
+/// The wait before reconnection attempt `attempts`: none for the first, then 2, 4, 8 ms …
+/// up to [`MAX_RECONNECT_DELAY`].
+fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = u32::try_from(attempts - 1).unwrap_or(u32::MAX).min(20);
+    Duration::from_millis(1 << exp).min(MAX_RECONNECT_DELAY)
 }
 
 fn now_ms() -> u64 {
@@ -344,6 +363,16 @@ pub(crate) fn bus_error(what: &str, err: impl std::fmt::Display) -> BusError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnection_backs_off_to_two_seconds() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(2));
+        assert_eq!(reconnect_delay(11), Duration::from_millis(1024));
+        assert_eq!(reconnect_delay(12), MAX_RECONNECT_DELAY);
+        assert_eq!(reconnect_delay(usize::MAX), MAX_RECONNECT_DELAY);
+    }
 
     #[test]
     fn tokens_are_plain_names_or_digests() {

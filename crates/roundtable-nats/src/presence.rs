@@ -6,9 +6,10 @@
 //! after a day without a beat.
 //!
 //! No peer can beat while the server is away, so after an outage every beat is old. An
-//! age is therefore counted from this process's last (re)connection at the latest: a peer
-//! is reported silent only when it has stayed silent while this process could have heard
-//! it, and a server restart never makes the whole team look absent at once.
+//! age is therefore counted, at the most, from this process's last (re)connection plus
+//! the longest a client waits between reconnection attempts (2 s): a peer is reported
+//! silent only when it has stayed silent while it could have been heard, and a server
+//! restart never makes peers that were merely cut off by it look absent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,10 +18,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
-use roundtable_core::bus::{BusError, Presence};
+use roundtable_core::bus::{BusError, BusErrorKind, Presence};
 use roundtable_core::envelope::{PeerId, SessionId};
 
-use crate::{bus_error, latest_values, open_bucket, token};
+use crate::{MAX_RECONNECT_DELAY, bus_error, latest_values, open_bucket, token};
+
+/// How long a heartbeat may take before it is given up.
+const BEAT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One session's heartbeats on JetStream (see the module docs).
 pub struct NatsPresence {
@@ -51,18 +55,26 @@ impl NatsPresence {
 #[async_trait]
 impl Presence for NatsPresence {
     async fn beat(&self, peer: &PeerId) -> Result<(), BusError> {
+        // A beat is worth something only now: not queued while the connection is down
+        // (it would land late, looking fresh), and not waited for long, so that the
+        // next one goes out on time once the server is back.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(BusError::new(BusErrorKind::Unavailable, format!("heartbeat of {peer}: not connected")));
+        }
         // The key is a token of the peer id; the value is the id itself.
-        self.kv
-            .put(token(peer.as_str()), peer.as_str().as_bytes().to_vec().into())
-            .await
-            .map_err(|e| bus_error(&format!("heartbeat of {peer}"), e))?;
-        Ok(())
+        let put = self.kv.put(token(peer.as_str()), peer.as_str().as_bytes().to_vec().into());
+        match tokio::time::timeout(BEAT_TIMEOUT, put).await {
+            Ok(r) => r.map(|_| ()).map_err(|e| bus_error(&format!("heartbeat of {peer}"), e)),
+            Err(_) => Err(BusError::new(BusErrorKind::Unavailable, format!("heartbeat of {peer}: timed out"))),
+        }
     }
 
     async fn last_seen(&self) -> Result<HashMap<PeerId, Duration>, BusError> {
         let beats = latest_values(&self.client, &self.kv).await.map_err(|e| bus_error("reading heartbeats", e))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
-        let since_connect = now - i128::from(self.connected_ms.load(Ordering::Relaxed)) * 1_000_000;
+        let since_connect = now
+            - i128::from(self.connected_ms.load(Ordering::Relaxed)) * 1_000_000
+            - MAX_RECONNECT_DELAY.as_nanos() as i128;
         Ok(beats
             .into_iter()
             .map(|b| {
