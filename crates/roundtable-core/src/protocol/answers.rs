@@ -76,7 +76,12 @@ pub fn extract(text: &str, json: Option<&serde_json::Value>) -> Option<Extracted
 
 /// The stated answer, or the whole text when none is stated.
 pub fn answer_or_text(text: &str, json: Option<&serde_json::Value>) -> Extracted {
-    extract(text, json).unwrap_or_else(|| Extracted { answer: Arc::from(text.trim()), confidence: None })
+    extract(text, json).unwrap_or_else(|| whole_text(text))
+}
+
+/// The whole text as the answer (what [`answer_or_text`] falls back to).
+pub fn whole_text(text: &str) -> Extracted {
+    Extracted { answer: Arc::from(text.trim()), confidence: None }
 }
 
 /// An answer without surrounding emphasis and trailing punctuation.
@@ -333,6 +338,8 @@ mod tests {
         let mut rev = ballots.clone();
         rev.reverse();
         assert_eq!(tally(&rev, Rule::Plurality).winner().unwrap().answer, "y", "order of ballots does not matter");
+        let keys: Vec<String> = rev.iter().map(|b| normalize(&b.answer)).collect();
+        assert_eq!(tally_keyed(&rev, &keys, Rule::Plurality), tally(&rev, Rule::Plurality), "kept keys count the same");
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use super::answers::{Ballot, Extracted, answer_or_text, extract, normalize};
+use super::answers::{Ballot, Extracted, extract, normalize, whole_text};
 use super::{Duty, Facts, Shown, View};
 use crate::envelope::{Envelope, EnvelopeId, Kind, PeerId};
 use crate::team::TeamPlan;
@@ -99,7 +99,7 @@ impl Rounds {
             Kind::Message => {
                 let stated = extract(&env.body.text, env.body.json.as_ref());
                 let is_stated = stated.is_some();
-                let answer = stated.unwrap_or_else(|| answer_or_text(&env.body.text, env.body.json.as_ref()));
+                let answer = stated.unwrap_or_else(|| whole_text(&env.body.text));
                 let a = Answered {
                     id: env.id.clone(),
                     round: self.round,
