@@ -64,6 +64,11 @@ pub struct GroupChatResult {
     pub us_per_msg_first100: f64,
     pub us_per_msg_last100: f64,
     pub last_over_first: f64,
+    /// Median gap over the first and the last 100 messages (robust to a lone stall,
+    /// such as a WAL checkpoint or the other core's noise).
+    pub us_median_first100: f64,
+    pub us_median_last100: f64,
+    pub median_last_over_first: f64,
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
     pub peak_rss_kib: u64,
@@ -109,6 +114,8 @@ pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String>
     let k = gaps.len().min(100);
     let first = mean(&gaps[..k]);
     let last = mean(&gaps[gaps.len() - k..]);
+    let med_first = crate::median(gaps[..k].to_vec());
+    let med_last = crate::median(gaps[gaps.len() - k..].to_vec());
     let payload: u64 =
         log.read_all().await.map_err(|e| e.to_string())?.iter().map(|e| e.env.to_json().len() as u64).sum();
     drop(log);
@@ -120,6 +127,9 @@ pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String>
         us_per_msg_first100: first,
         us_per_msg_last100: last,
         last_over_first: if first > 0.0 { last / first } else { 0.0 },
+        us_median_first100: med_first,
+        us_median_last100: med_last,
+        median_last_over_first: if med_first > 0.0 { med_last / med_first } else { 0.0 },
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
         peak_rss_kib: peak,

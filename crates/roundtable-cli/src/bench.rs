@@ -317,8 +317,20 @@ fn median_row(runs: &[serde_json::Value]) -> serde_json::Value {
 fn print_header(w: Workload) {
     match w {
         Workload::Groupchat => println!(
-            "{:>5} {:>6} {:>7} {:>12} {:>10} {:>10} {:>6} {:>10} {:>10} {:>8}",
-            "peers", "msgs", "persist", "msgs/s", "µs first", "µs last", "ratio", "peak MiB", "added MiB", "×payload"
+            "{:>5} {:>6} {:>7} {:>12} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} {:>8}",
+            "peers",
+            "msgs",
+            "persist",
+            "msgs/s",
+            "µs first",
+            "µs last",
+            "ratio",
+            "med first",
+            "med last",
+            "ratio",
+            "peak MiB",
+            "added MiB",
+            "×payload"
         ),
         Workload::Scale => {
             println!(
@@ -353,7 +365,7 @@ fn print_row(w: Workload, r: &serde_json::Value) {
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
     match w {
         Workload::Groupchat => println!(
-            "{:>5} {:>6} {:>7} {:>12.0} {:>10.2} {:>10.2} {:>6.2} {:>10.1} {:>10.1} {:>8.2}",
+            "{:>5} {:>6} {:>7} {:>12.0} {:>10.2} {:>10.2} {:>6.2} {:>9.2} {:>9.2} {:>6.2} {:>10.1} {:>10.1} {:>8.2}",
             f("peers"),
             f("messages"),
             if r["persist"].as_bool() == Some(true) { "on" } else { "off" },
@@ -361,6 +373,9 @@ fn print_row(w: Workload, r: &serde_json::Value) {
             f("us_per_msg_first100"),
             f("us_per_msg_last100"),
             f("last_over_first"),
+            f("us_median_first100"),
+            f("us_median_last100"),
+            f("median_last_over_first"),
             f("peak_rss_kib") / 1024.0,
             (f("rss_after_kib") - f("rss_before_kib")) / 1024.0,
             f("added_kib_over_payload_kib"),
