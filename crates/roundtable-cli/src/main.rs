@@ -5,6 +5,7 @@ mod bench;
 mod eval;
 mod factory;
 mod nats;
+mod worktest;
 mod observe;
 mod render;
 
@@ -117,7 +118,8 @@ enum Command {
     /// interval, calls, tokens, time), always with the single-agent and sample-and-vote
     /// baselines at an equal number of calls.
     Eval(eval::EvalArgs),
-    /// Measure the framework: group-chat overhead, scale (see BENCHMARKS.md).
+    /// Measure the framework: group-chat overhead, scale, parallel rounds, token growth
+    /// per context policy, NATS latency and throughput (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Continue a session that was cut off, from its log.
     Resume {
@@ -131,6 +133,11 @@ enum Command {
     /// every peer reaches (on this machine or others). The first peer started without
     /// --session starts a session and prints its id; start the others with --session.
     Peer(nats::PeerArgs),
+    /// The distributed-testing example: synthetic tests on one shared NATS work queue,
+    /// worker processes that claim, run and report them with no coordinator, workers
+    /// killed mid-run with --kill; ends with a report (time against the ideal, tests lost
+    /// and completed twice, redeliveries).
+    Worktest(worktest::WorktestArgs),
     /// Explain a session: who answered whom, which messages led to the decision, what
     /// each peer cost, and why it stopped (text, Mermaid, DOT or JSON).
     Trace(observe::TraceArgs),
@@ -350,6 +357,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Peer(args) => nats::peer(&dir, args).await,
+        Command::Worktest(args) => worktest::run(&dir, args).await,
         Command::Trace(args) => observe::trace(&dir, args).await,
         Command::Replay(args) => observe::replay_cmd(&dir, args).await,
         Command::Fork(args) => observe::fork(&dir, args).await,

@@ -76,9 +76,23 @@ impl Transcript {
             Some(n) => (n.clone(), Kind::Message),
             None => (PeerId::from(crate::session::USER), Kind::Task),
         };
-        let session = SessionId::from("");
-        let mut env = Envelope::new(&session, &from, "", kind, crate::envelope::Recipient::All, Body::text(m.content));
-        env.id = crate::envelope::EnvelopeId::from("");
+        // Not on any log: no id to derive, no clock to read.
+        let env = Envelope {
+            v: crate::envelope::ENVELOPE_VERSION,
+            id: crate::envelope::EnvelopeId::from(""),
+            session: SessionId::from(""),
+            from,
+            to: crate::envelope::Recipient::All,
+            kind,
+            step: Arc::from(""),
+            body: Body::text(m.content),
+            parents: Vec::new(),
+            round: 0,
+            lamport: 0,
+            usage: None,
+            time_ms: 0,
+            trace: None,
+        };
         self.push_envelope(Arc::new(env));
     }
 
