@@ -42,6 +42,8 @@ pub(crate) struct TraceArgs {
     session: String,
     #[arg(long, value_enum, default_value_t = TraceFormat::Text)]
     format: TraceFormat,
+    #[command(flatten)]
+    remote: crate::nats::NatsArgs,
 }
 
 #[derive(Args)]
@@ -51,6 +53,8 @@ pub(crate) struct ReplayArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    remote: crate::nats::NatsArgs,
 }
 
 #[derive(Args)]
@@ -79,14 +83,27 @@ pub(crate) struct UiArgs {
     /// Also serve Prometheus metrics of every session at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    remote: crate::nats::NatsArgs,
 }
 
 /// A session's entries, from the store or from a JSON-lines export file.
 async fn load(dir: &Path, session: &str) -> Result<(SessionId, Vec<Entry>), Failure> {
+    load_from(dir, session, None).await
+}
+
+/// Like [`load`], reading from a NATS server when one is given.
+async fn load_from(
+    dir: &Path,
+    session: &str,
+    remote: Option<&crate::nats::NatsArgs>,
+) -> Result<(SessionId, Vec<Entry>), Failure> {
     let path = Path::new(session);
     let entries = if path.is_file() {
         let text = std::fs::read_to_string(path).map_err(|e| Failure::Input(format!("{session}: {e}")))?;
         roundtable_observe::entries_from_jsonl(session, &text).map_err(Failure::Input)?
+    } else if let Some(remote) = remote.filter(|r| r.url().is_some()) {
+        crate::nats::open_log(remote, session).await?.read_all().await?
     } else {
         let store = crate::open_store(dir, false, Durability::Normal)?;
         let log = store.open(&SessionId::from(session), false).await?;
@@ -101,7 +118,7 @@ async fn load(dir: &Path, session: &str) -> Result<(SessionId, Vec<Entry>), Fail
 }
 
 pub(crate) async fn trace(dir: &Path, args: TraceArgs) -> Result<ExitCode, Failure> {
-    let (session, entries) = load(dir, &args.session).await?;
+    let (session, entries) = load_from(dir, &args.session, Some(&args.remote)).await?;
     let t = Trace::build(&session, &entries);
     match args.format {
         TraceFormat::Text => print!("{}", t.to_text()),
@@ -114,7 +131,7 @@ pub(crate) async fn trace(dir: &Path, args: TraceArgs) -> Result<ExitCode, Failu
 
 /// Exit 0 when every decision came out the same, 1 at a divergence.
 pub(crate) async fn replay_cmd(dir: &Path, args: ReplayArgs) -> Result<ExitCode, Failure> {
-    let (session, entries) = load(dir, &args.session).await?;
+    let (session, entries) = load_from(dir, &args.session, Some(&args.remote)).await?;
     let report = replay(&entries, ReplayOptions::default()).await.map_err(|e| match e {
         roundtable_observe::replay::ReplayError::Log(l) => Failure::Runtime(l.to_string()),
         other => Failure::Input(format!("session {session}: {other}")),
@@ -170,11 +187,15 @@ pub(crate) async fn fork(dir: &Path, args: ForkArgs) -> Result<ExitCode, Failure
 }
 
 pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
-    let store: Arc<dyn LogStore> = Arc::new(SqliteReader::new(&crate::db_path(dir), Duration::from_millis(200)));
+    let store: Arc<dyn LogStore> = match args.remote.url() {
+        Some(_) => crate::nats::store(&args.remote).await?,
+        None => Arc::new(SqliteReader::new(&crate::db_path(dir), Duration::from_millis(200))),
+    };
     let bound = roundtable_observe::ui::serve(args.addr, store.clone())
         .await
         .map_err(|e| Failure::Input(format!("--addr {}: {e}", args.addr)))?;
-    println!("Roundtable web view: http://{bound}/ (sessions in {})", dir.display());
+    let source = args.remote.url().map_or_else(|| dir.display().to_string(), str::to_owned);
+    println!("Roundtable web view: http://{bound}/ (sessions in {source})");
     if !bound.ip().is_loopback() {
         eprintln!("warning: {bound} is reachable from other machines, and the page shows everything the sessions said");
     }
