@@ -289,48 +289,41 @@ pub(crate) async fn open_bucket(
     js.get_key_value(bucket).await.map_err(|e| format!("opening bucket {bucket}: {e}"))
 }
 
-/// The current value of every key of a KV bucket whose last operation is a put, read
-/// with one consumer (rather than a `keys()` listing and one request per key).
-pub(crate) async fn latest_values(
-    client: &async_nats::Client,
-    kv: &jetstream::kv::Store,
-) -> Result<Vec<Latest>, String> {
+/// The current value of every key of a KV bucket whose last operation is a put: the
+/// keys from one stream-info request, then each key's last message by a direct get, a
+/// few at a time (rather than a `keys()` listing and a request per key in turn).
+///
+/// Not a consumer with `DeliverPolicy::LastPerSubject`: nats-server 2.9 may skip keys
+/// whose last message is replaced while such a consumer starts.
+pub(crate) async fn latest_values(kv: &jetstream::kv::Store) -> Result<Vec<Latest>, String> {
     use futures::StreamExt;
-    let consumer = kv
-        .stream
-        .create_consumer(jetstream::consumer::push::OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            description: Some("roundtable bucket reader".into()),
-            filter_subject: format!("{}>", kv.prefix),
-            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
-            replay_policy: jetstream::consumer::ReplayPolicy::Instant,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("reading bucket {}: {e}", kv.name))?;
-    let mut out = Vec::new();
-    if consumer.cached_info().num_pending == 0 {
-        return Ok(out);
+    let what = |e: &dyn std::fmt::Display| format!("reading bucket {}: {e}", kv.name);
+    let mut listing = kv.stream.info_with_subjects(format!("{}>", kv.prefix)).await.map_err(|e| what(&e))?;
+    let mut subjects = Vec::new();
+    while let Some(s) = listing.next().await {
+        subjects.push(s.map_err(|e| what(&e))?.0);
     }
-    let mut messages = consumer.messages().await.map_err(|e| format!("reading bucket {}: {e}", kv.name))?;
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| format!("reading bucket {}: {e}", kv.name))?;
-        let info = m.info().map_err(|e| format!("reading bucket {}: {e}", kv.name))?;
-        let (pending, revision, created) = (info.pending, info.stream_sequence, info.published);
-        let removed = m
-            .headers
-            .as_ref()
-            .is_some_and(|h| h.get("KV-Operation").is_some() || h.get("Nats-Marker-Reason").is_some());
+    let gets = futures::stream::iter(subjects)
+        .map(|subject| async move { kv.stream.direct_get_last_for_subject(subject).await })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let mut out = Vec::new();
+    for m in gets {
+        let m = match m {
+            Ok(m) => m,
+            // Removed since the listing.
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => continue,
+            Err(e) => return Err(what(&e)),
+        };
+        let removed = m.headers.get("KV-Operation").is_some() || m.headers.get("Nats-Marker-Reason").is_some();
         if !removed && let Some(key) = m.subject.strip_prefix(kv.prefix.as_str()) {
             out.push(Latest {
                 key: key.to_owned(),
                 value: m.payload.to_vec(),
-                revision,
-                created_ns: created.unix_timestamp_nanos(),
+                revision: m.sequence,
+                created_ns: m.time.unix_timestamp_nanos(),
             });
-        }
-        if pending == 0 {
-            break;
         }
     }
     Ok(out)

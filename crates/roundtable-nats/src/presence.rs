@@ -70,7 +70,7 @@ impl Presence for NatsPresence {
     }
 
     async fn last_seen(&self) -> Result<HashMap<PeerId, Duration>, BusError> {
-        let beats = latest_values(&self.client, &self.kv).await.map_err(|e| bus_error("reading heartbeats", e))?;
+        let beats = latest_values(&self.kv).await.map_err(|e| bus_error("reading heartbeats", e))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
         let since_connect = now
             - i128::from(self.connected_ms.load(Ordering::Relaxed)) * 1_000_000

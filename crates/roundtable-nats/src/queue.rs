@@ -244,7 +244,7 @@ impl NatsWorkQueue {
     async fn dead_records(&self) -> Result<Vec<(u64, DeadRecord)>, QueueError> {
         let mut out = Vec::new();
         for entry in
-            latest_values(&self.js.client(), &self.dead).await.map_err(|e| queue_error("listing dead letters", e))?
+            latest_values(&self.dead).await.map_err(|e| queue_error("listing dead letters", e))?
         {
             let record: DeadRecord = serde_json::from_slice(&entry.value)
                 .map_err(|e| QueueError::new(QueueErrorKind::Storage, format!("dead letter {}: {e}", entry.key)))?;
@@ -400,7 +400,7 @@ impl WorkQueue for NatsWorkQueue {
         let found_by_claim = dead.iter().filter(|(_, r)| r.found_by_claim).count() as u64;
         let now = now_ms();
         // The lease records, read in one go: one per task in flight.
-        let in_flight = latest_values(&self.js.client(), &self.leases)
+        let in_flight = latest_values(&self.leases)
             .await
             .map_err(|e| queue_error(what, e))?
             .iter()

@@ -135,6 +135,11 @@ impl Drop for NatsServer {
     }
 }
 
+/// The nats-server binary [`NatsServer::start`] would run, if there is one.
+pub fn server_binary() -> Option<PathBuf> {
+    find_binary()
+}
+
 fn find_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ROUNDTABLE_NATS_SERVER") {
         return Some(PathBuf::from(p));

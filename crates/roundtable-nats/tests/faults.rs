@@ -184,3 +184,32 @@ async fn a_patient_backend_waits_out_a_server_restart() {
     let since_restart = restarted.elapsed().expect("clock");
     assert!(age <= since_restart, "age {age:?} counts from before the reconnection ({since_restart:?} ago)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_sees_every_peer_while_they_all_beat() {
+    // nats-server 2.9 can skip keys of a bucket whose last message is replaced while a
+    // last-per-subject consumer starts: presence must not read it that way.
+    let server = NatsServer::start();
+    let backend = NatsBackend::connect(&server.url()).await.expect("connect");
+    let presence = backend.presence(&SessionId::from("crowd")).await.expect("presence");
+    let peers: Vec<PeerId> = (0..20).map(|i| PeerId::from(format!("w{i:02}"))).collect();
+    for p in &peers {
+        presence.beat(p).await.expect("beat");
+    }
+    let beating = {
+        let (presence, peers) = (presence.clone(), peers.clone());
+        tokio::spawn(async move {
+            loop {
+                for p in &peers {
+                    let _ = presence.beat(p).await;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for read in 0..200 {
+        let seen = presence.last_seen().await.expect("last seen");
+        assert_eq!(seen.len(), peers.len(), "read {read}: {:?}", seen.keys().collect::<Vec<_>>());
+    }
+    beating.abort();
+}
