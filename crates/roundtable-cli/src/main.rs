@@ -5,9 +5,9 @@ mod bench;
 mod eval;
 mod factory;
 mod nats;
-mod worktest;
 mod observe;
 mod render;
+mod worktest;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -69,7 +69,7 @@ pub(crate) struct NatsArgs {
     #[arg(long, env = "NATS_KEY", value_name = "FILE", requires_all = ["nats", "nats_cert"])]
     nats_key: Option<PathBuf>,
     /// Require TLS even when the URL does not say tls://.
-    #[arg(long, requires = "nats")]
+    #[arg(long, env = "ROUNDTABLE_NATS_TLS", requires = "nats")]
     nats_tls: bool,
 }
 
@@ -137,6 +137,25 @@ impl NatsArgs {
         let backend =
             NatsBackend::connect_with(url, self.options()?).await.map_err(|e| Failure::Runtime(e.to_string()))?;
         Ok(if patient { backend.patient() } else { backend })
+    }
+
+    /// The same connection for a child process, as environment variables (so that no
+    /// secret is ever on a command line).
+    pub(crate) fn child_env(&self) -> Vec<(&'static str, String)> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let vars = [
+            ("ROUNDTABLE_NATS", self.nats.clone()),
+            ("NATS_USER", self.nats_user.clone()),
+            ("NATS_PASSWORD", self.nats_password.clone()),
+            ("NATS_TOKEN", self.nats_token.clone()),
+            ("NATS_NKEY", path(&self.nats_nkey)),
+            ("NATS_CREDS", path(&self.nats_creds)),
+            ("NATS_CA", path(&self.nats_ca)),
+            ("NATS_CERT", path(&self.nats_cert)),
+            ("NATS_KEY", path(&self.nats_key)),
+            ("ROUNDTABLE_NATS_TLS", self.nats_tls.then(|| "true".to_owned())),
+        ];
+        vars.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect()
     }
 
     /// The server's address as it may be shown.
