@@ -4,7 +4,8 @@
 //!
 //! # Two ways in
 //! - **Checks** are `pub async fn`s taking trait objects, in [`log`], [`board`],
-//!   [`queue`], [`presence`] and [`backend`]. Each one panics with a message naming the
+//!   [`queue`], [`presence`] and [`backend`]; those in [`pair`] take two connections to
+//!   one store (a fixture's [`Fixture::other_backend`]), as two processes would have. Each one panics with a message naming the
 //!   broken promise. Give each check a fresh, empty instance (a new session). Queue
 //!   checks need the [`QueueConfig`] their docs name (the constants in [`queue`]).
 //! - **[`backend_tests!`]** turns a [`Backend`] into one `#[test]` per check:
@@ -39,6 +40,7 @@ use roundtable_core::workqueue::{QueueConfig, WorkQueue};
 pub mod backend;
 pub mod board;
 pub mod log;
+pub mod pair;
 pub mod presence;
 pub mod queue;
 
@@ -49,6 +51,11 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// it is used (a server process, a temporary directory).
 pub trait Fixture: Send + 'static {
     fn backend(&self) -> Arc<dyn Backend>;
+    /// Another connection to the same store, as a second process would open it (for the
+    /// [`pair`] checks); the same backend by default.
+    fn other_backend(&self) -> Arc<dyn Backend> {
+        self.backend()
+    }
 }
 
 impl<B: Backend + Clone> Fixture for B {
@@ -62,32 +69,15 @@ impl<B: Backend + Clone> Fixture for B {
 pub fn fresh_session(tag: &str) -> SessionId {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tag: String = tag
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let tag: String =
+        tag.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
     SessionId::from(format!("{tag}-{}-{n}-{nanos:x}", std::process::id()))
 }
 
 /// A message envelope from `peer` at `step`.
 pub fn envelope(session: &SessionId, peer: &str, step: &str) -> Envelope {
-    Envelope::new(
-        session,
-        &PeerId::from(peer),
-        step,
-        Kind::Message,
-        Recipient::All,
-        Body::text(step),
-    )
+    Envelope::new(session, &PeerId::from(peer), step, Kind::Message, Recipient::All, Body::text(step))
 }
 
 /// Await `fut`, or panic saying `what` did not happen within [`DEADLINE`].
@@ -126,6 +116,7 @@ macro_rules! __with_checks {
             (queue PROGRESS_LEASE): queue_progress_extends_lease;
             (presence): presence_tracks_peers;
             (backend): backend_sessions_are_isolated;
+            (pair): pair_log_one_sequence, pair_board_cas_race, pair_queue_exclusive_claims;
         }
     };
 }
@@ -159,9 +150,15 @@ macro_rules! check_table {
 
         /// Run the check named `name` on the parts of a fresh session of `backend`.
         pub async fn run_on_backend(name: &str, backend: Arc<dyn Backend>) {
+            run_on_backends(name, backend.clone(), backend).await
+        }
+
+        /// [`run_on_backend`], with `other` as the second connection of the [`pair`]
+        /// checks.
+        pub async fn run_on_backends(name: &str, backend: Arc<dyn Backend>, other: Arc<dyn Backend>) {
             let session = fresh_session(name);
             match name {
-                $($(stringify!($name) => run_part!($part, $name, backend, session),)+)*
+                $($(stringify!($name) => run_part!($part, $name, backend, other, session),)+)*
                 _ => panic!("no conformance check named {name:?}; the checks are {CHECKS:?}"),
             }
         }
@@ -169,6 +166,13 @@ macro_rules! check_table {
 }
 
 macro_rules! run_part {
+    ((pair), $name:ident, $backend:ident, $other:ident, $session:ident) => {
+        pair::$name($backend, $other, $session).await
+    };
+    ($part:tt, $name:ident, $backend:ident, $other:ident, $session:ident) => {{
+        drop($other);
+        run_part!($part, $name, $backend, $session)
+    }};
     ((log), $name:ident, $backend:ident, $session:ident) => {
         log::$name(open_log(&*$backend, &$session).await).await
     };
@@ -198,60 +202,32 @@ where
     F: Future<Output = S>,
     S: Fixture,
 {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     rt.block_on(async {
         let fixture = make().await;
-        run_on_backend(name, fixture.backend()).await;
+        run_on_backends(name, fixture.backend(), fixture.other_backend()).await;
         drop(fixture);
     });
 }
 
 pub(crate) async fn open_log(backend: &dyn Backend, session: &SessionId) -> Arc<dyn SessionLog> {
     let log = backend.logs().open(session, true).await;
-    log.unwrap_or_else(|e| {
-        panic!(
-            "{} backend: opening the log of {session}: {e}",
-            backend.name()
-        )
-    })
+    log.unwrap_or_else(|e| panic!("{} backend: opening the log of {session}: {e}", backend.name()))
 }
 
 pub(crate) async fn open_board(backend: &dyn Backend, session: &SessionId) -> Arc<dyn Blackboard> {
     let board = backend.blackboard(session).await;
-    board.unwrap_or_else(|e| {
-        panic!(
-            "{} backend: opening the blackboard of {session}: {e}",
-            backend.name()
-        )
-    })
+    board.unwrap_or_else(|e| panic!("{} backend: opening the blackboard of {session}: {e}", backend.name()))
 }
 
-pub(crate) async fn open_queue(
-    backend: &dyn Backend,
-    session: &SessionId,
-    config: QueueConfig,
-) -> Arc<dyn WorkQueue> {
+pub(crate) async fn open_queue(backend: &dyn Backend, session: &SessionId, config: QueueConfig) -> Arc<dyn WorkQueue> {
     let queue = backend.work_queue(session, config).await;
-    queue.unwrap_or_else(|e| {
-        panic!(
-            "{} backend: opening the work queue of {session}: {e}",
-            backend.name()
-        )
-    })
+    queue.unwrap_or_else(|e| panic!("{} backend: opening the work queue of {session}: {e}", backend.name()))
 }
 
 pub(crate) async fn open_presence(backend: &dyn Backend, session: &SessionId) -> Arc<dyn Presence> {
     let presence = backend.presence(session).await;
-    presence.unwrap_or_else(|e| {
-        panic!(
-            "{} backend: opening presence of {session}: {e}",
-            backend.name()
-        )
-    })
+    presence.unwrap_or_else(|e| panic!("{} backend: opening presence of {session}: {e}", backend.name()))
 }
 
 #[cfg(test)]
@@ -264,12 +240,7 @@ mod tests {
         let b = fresh_session("Log_total order");
         assert_ne!(a, b);
         assert!(a.as_str().starts_with("log-total-order-"), "{a}");
-        assert!(
-            a.as_str()
-                .bytes()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'),
-            "{a}"
-        );
+        assert!(a.as_str().bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-'), "{a}");
     }
 
     #[test]
