@@ -551,3 +551,76 @@ fn a_peer_started_without_a_session_starts_one_and_says_how_to_join_it() {
     assert!(o.status.success());
     assert!(json(&o)["stop_reason"].as_str().unwrap().starts_with("completed"));
 }
+
+/// Make a CA, a server certificate for 127.0.0.1 and a client certificate with openssl.
+fn certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl makes the test certificates: install it with `apt-get install openssl`");
+        assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=rt-test-ca"],
+        ]
+        .concat(),
+    );
+    for (name, cn, ext) in
+        [("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1"), ("client", "rt-peer", "extendedKeyUsage=clientAuth")]
+    {
+        let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+        openssl(
+            &[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN={cn}"), "-addext", ext]]
+                .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-copy_extensions",
+            "copy",
+        ]);
+    }
+}
+
+#[test]
+fn tls_with_a_private_ca_and_a_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    certificates(certs.path());
+    let file = |f: &str| certs.path().join(f).to_str().unwrap().to_owned();
+    let server = NatsServer::start_with(&[
+        "--tlsverify",
+        "--tlscert",
+        &file("server.pem"),
+        "--tlskey",
+        &file("server.key"),
+        "--tlscacert",
+        &file("ca.pem"),
+    ]);
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let mutual = ["--nats-ca", &file("ca.pem"), "--nats-cert", &file("client.pem"), "--nats-key", &file("client.key")];
+    let o = bin().args(["sessions", "--json", "--nats", &url]).args(mutual).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&o), serde_json::json!([]));
+    // Without the client certificate, or without the CA that signed the server's, no.
+    let o = bin().args(["sessions", "--nats", &url, "--nats-ca", &file("ca.pem")]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = bin().args(["sessions", "--nats", &url]).args(&mutual[2..]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}

@@ -146,10 +146,10 @@ impl NatsBackend {
             })?;
         let start = std::time::Instant::now();
         while client.connection_state() != async_nats::connection::State::Connected {
-            // A refusal of the credentials will not change by retrying.
+            // A refusal of the credentials or of a certificate will not change by retrying.
             let refused = last_error.lock().expect("error lock").as_deref().is_some_and(|e| {
                 let e = e.to_ascii_lowercase();
-                e.contains("authorization") || e.contains("authentication")
+                ["authorization", "authentication", "certificate", "tls"].iter().any(|w| e.contains(w))
             });
             if refused || start.elapsed() > Duration::from_secs(5) {
                 let why = last_error.lock().expect("error lock").clone();
