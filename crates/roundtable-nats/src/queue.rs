@@ -8,7 +8,8 @@
 //! - Four KV buckets keep what the stream forgets: `RTQT_` the ids of every task ever
 //!   pushed (a push is idempotent for good, not only within the stream's 2-minute
 //!   `Nats-Msg-Id` window), `RTQA_` the acked tasks, `RTQD_` the dead letters, `RTQL_`
-//!   the lease deadlines of tasks in flight (for [`WorkQueue::stats`]).
+//!   the lease deadlines of tasks in flight (for [`WorkQueue::stats`], kept for two
+//!   leases at most).
 //!
 //! Two things JetStream does not do the way the queue promises, and how they are closed:
 //!
@@ -148,12 +149,16 @@ impl NatsWorkQueue {
             .and_then(|n| n.parse().ok())
             .unwrap_or(config.max_deliver);
         let config = QueueConfig { lease: existing.ack_wait, max_deliver };
-        let bucket = |kind: &str, about: &str| {
+        let bucket = |kind: &str, about: &str, max_age: Duration| {
             let name = format!("RTQ{kind}_{tok}");
             let description = format!("{about} of session {session}");
             let what = &what;
-            async move { open_bucket(js, &name, description, 1, Duration::ZERO).await.map_err(|e| queue_error(what, e)) }
+            async move { open_bucket(js, &name, description, 1, max_age).await.map_err(|e| queue_error(what, e)) }
         };
+        // A lease record outlives its lease by one more lease at most: after that its
+        // deadline has passed, and the server drops it (and a removal's marker), so that
+        // `stats` reads only the records of tasks in flight.
+        let lease_records = (config.lease * 2).max(Duration::from_secs(2));
         Ok(NatsWorkQueue {
             config,
             session: session.clone(),
@@ -161,10 +166,10 @@ impl NatsWorkQueue {
             stream,
             consumer,
             subject,
-            known: bucket("T", "task ids").await?,
-            acked: bucket("A", "acked tasks").await?,
-            dead: bucket("D", "dead letters").await?,
-            leases: bucket("L", "leases").await?,
+            known: bucket("T", "task ids", Duration::ZERO).await?,
+            acked: bucket("A", "acked tasks", Duration::ZERO).await?,
+            dead: bucket("D", "dead letters", Duration::ZERO).await?,
+            leases: bucket("L", "leases", lease_records).await?,
             held: Mutex::default(),
         })
     }
@@ -243,9 +248,7 @@ impl NatsWorkQueue {
 
     async fn dead_records(&self) -> Result<Vec<(u64, DeadRecord)>, QueueError> {
         let mut out = Vec::new();
-        for entry in
-            latest_values(&self.dead).await.map_err(|e| queue_error("listing dead letters", e))?
-        {
+        for entry in latest_values(&self.dead).await.map_err(|e| queue_error("listing dead letters", e))? {
             let record: DeadRecord = serde_json::from_slice(&entry.value)
                 .map_err(|e| QueueError::new(QueueErrorKind::Storage, format!("dead letter {}: {e}", entry.key)))?;
             out.push((entry.revision, record));
