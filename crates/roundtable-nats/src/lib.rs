@@ -13,8 +13,13 @@
 //! `roundtable-conformance`; where JetStream differs from them, the module of the part
 //! says how the difference is closed.
 //!
-//! [`NatsBackend::connect`] opens a connection; the client reconnects on its own when the
-//! server restarts, and calls made while it is away fail with an `Unavailable` kind.
+//! [`NatsBackend::connect`] (or [`NatsBackend::connect_with`], for credentials and TLS)
+//! opens a connection; the client reconnects on its own, forever, when the server
+//! restarts, and calls made while it is away fail with an `Unavailable` kind — unless
+//! the backend is [`NatsBackend::patient`], whose parts wait for the server instead (see
+//! [`patient`]): what peers use. Log tails reopen after their last entry on every
+//! reconnection either way. Messages on a log's subjects that are not envelopes of that
+//! session are read as `failure` envelopes in their place (see [`NatsLog`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
