@@ -624,3 +624,31 @@ fn tls_with_a_private_ca_and_a_client_certificate() {
     let o = bin().args(["sessions", "--nats", &url]).args(&mutual[2..]).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
+
+#[test]
+fn a_peer_that_starts_late_catches_up_from_the_log_and_the_outcome_is_the_same() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let team = examples().join("product-debate.toml");
+    let local =
+        bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(dir.path().join("local")).output();
+    let local = json(&local.unwrap());
+    let rt = rt();
+    let mut peers = Peers::new();
+    for id in ["pm", "cfo", "facilitator"] {
+        peers.start(&team, id, &url, "late-1", &dir.path().join(id));
+    }
+    // The engineer speaks second: the session waits at its turn until it starts.
+    wait_for_log(&rt, &url, "late-1", "the first turn", |log| by(log, Kind::Message, "pm") >= 1);
+    peers.start(&team, "eng", &url, "late-1", &dir.path().join("eng"));
+    for (id, o) in peers.wait_all() {
+        assert!(o.status.success(), "peer {id}: {}", stderr(&o));
+        let s = json(&o);
+        for field in ["stop_reason", "final_answer", "messages", "envelopes"] {
+            assert_eq!(s[field], local[field], "peer {id} disagrees with the one-process run on {field}");
+        }
+    }
+    let log = read_log(&rt, &url, "late-1");
+    assert!(log.iter().all(|e| e.kind != Kind::Absent), "started within the absence timeout: {:#?}", steps(&log));
+}
