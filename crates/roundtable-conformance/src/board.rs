@@ -40,10 +40,7 @@ async fn next_write(w: &mut Watch, what: &str) -> BoardEntry {
 /// value stays the winner's.
 pub async fn board_create_if_absent(board: Arc<dyn Blackboard>) {
     assert_eq!(ok("get of a never-written key", board.get("k").await), None);
-    let rev = ok(
-        "create of an absent key",
-        board.create("k", b"first".to_vec()).await,
-    );
+    let rev = ok("create of an absent key", board.create("k", b"first".to_vec()).await);
     assert!(rev > 0, "revisions start at 1");
     expect_kind(
         "create of an existing key",
@@ -51,10 +48,7 @@ pub async fn board_create_if_absent(board: Arc<dyn Blackboard>) {
         BoardErrorKind::AlreadyExists,
     );
     let e = ok("get", board.get("k").await).expect("created key has a value");
-    assert_eq!(
-        (e.key.as_str(), e.value.as_slice(), e.revision, e.op),
-        ("k", &b"first"[..], rev, BoardOp::Put)
-    );
+    assert_eq!((e.key.as_str(), e.value.as_slice(), e.revision, e.op), ("k", &b"first"[..], rev, BoardOp::Put));
     assert_eq!(ok("keys", board.keys().await), ["k"]);
 
     // Racing creates of one key: exactly one wins.
@@ -72,25 +66,13 @@ pub async fn board_create_if_absent(board: Arc<dyn Blackboard>) {
     for r in racers {
         match join(r).await {
             Ok(w) => winners.push(w),
-            Err(e) => assert_eq!(
-                e.kind(),
-                BoardErrorKind::AlreadyExists,
-                "a losing create: {e}"
-            ),
+            Err(e) => assert_eq!(e.kind(), BoardErrorKind::AlreadyExists, "a losing create: {e}"),
         }
     }
-    assert_eq!(
-        winners.len(),
-        1,
-        "six racing creates of one key: exactly one must win, won: {winners:?}"
-    );
+    assert_eq!(winners.len(), 1, "six racing creates of one key: exactly one must win, won: {winners:?}");
     let (i, rev) = winners[0];
     let e = ok("get", board.get("race").await).expect("the winner's value");
-    assert_eq!(
-        (e.value, e.revision),
-        (vec![i], rev),
-        "the value is the winner's"
-    );
+    assert_eq!((e.value, e.revision), (vec![i], rev), "the value is the winner's");
 }
 
 /// Revisions grow across the whole board, not per key, and `get` reports the revision
@@ -100,23 +82,12 @@ pub async fn board_revisions_grow_across_keys(board: Arc<dyn Blackboard>) {
     for i in 0..20 {
         let key = format!("k{}", i % 4);
         let rev = ok("put", board.put(&key, vec![i]).await);
-        assert!(
-            rev > last,
-            "write {i} got revision {rev} after {last}: revisions must grow across the board"
-        );
+        assert!(rev > last, "write {i} got revision {rev} after {last}: revisions must grow across the board");
         last = rev;
         let e = ok("get", board.get(&key).await).expect("a written key has a value");
-        assert_eq!(
-            (e.revision, e.value),
-            (rev, vec![i]),
-            "get({key}) after put"
-        );
+        assert_eq!((e.revision, e.value), (rev, vec![i]), "get({key}) after put");
     }
-    assert_eq!(
-        ok("keys", board.keys().await),
-        ["k0", "k1", "k2", "k3"],
-        "keys are sorted"
-    );
+    assert_eq!(ok("keys", board.keys().await), ["k0", "k1", "k2", "k3"], "keys are sorted");
 }
 
 /// Two tasks update one key from the same revision at once: exactly one wins, the other
@@ -131,12 +102,7 @@ pub async fn board_cas_race(board: Arc<dyn Blackboard>) {
                 let (board, start) = (board.clone(), start.clone());
                 tokio::spawn(async move {
                     start.wait().await;
-                    (
-                        who,
-                        board
-                            .update("cas", format!("{who}/{round}").into_bytes(), rev)
-                            .await,
-                    )
+                    (who, board.update("cas", format!("{who}/{round}").into_bytes(), rev).await)
                 })
             })
             .collect();
@@ -145,53 +111,29 @@ pub async fn board_cas_race(board: Arc<dyn Blackboard>) {
         for r in racers {
             match join(r).await {
                 (who, Ok(new_rev)) => {
-                    assert!(
-                        winner.is_none(),
-                        "round {round}: both updates from revision {rev} succeeded"
-                    );
+                    assert!(winner.is_none(), "round {round}: both updates from revision {rev} succeeded");
                     winner = Some((who, new_rev));
                 }
                 (who, Err(e)) => {
-                    assert_eq!(
-                        e.kind(),
-                        BoardErrorKind::WrongLastRevision,
-                        "round {round}: the loser's error: {e}"
-                    );
+                    assert_eq!(e.kind(), BoardErrorKind::WrongLastRevision, "round {round}: the loser's error: {e}");
                     loser = Some(who);
                 }
             }
         }
         let (Some((winner, won_rev)), Some(loser)) = (winner, loser) else {
-            panic!(
-                "round {round}: two updates from revision {rev}: exactly one must win and one lose"
-            )
+            panic!("round {round}: two updates from revision {rev}: exactly one must win and one lose")
         };
         assert!(won_rev > rev);
         let seen = ok("get", board.get("cas").await).expect("value");
-        assert_eq!(
-            seen.revision, won_rev,
-            "round {round}: the loser re-reads the winner's revision"
-        );
-        assert_eq!(
-            seen.value,
-            format!("{winner}/{round}").into_bytes(),
-            "round {round}: the value is the winner's"
-        );
+        assert_eq!(seen.revision, won_rev, "round {round}: the loser re-reads the winner's revision");
+        assert_eq!(seen.value, format!("{winner}/{round}").into_bytes(), "round {round}: the value is the winner's");
         expect_kind(
             "update from the stale revision",
             board.update("cas", vec![], rev).await,
             BoardErrorKind::WrongLastRevision,
         );
-        rev = ok(
-            "the loser's retry",
-            board
-                .update(
-                    "cas",
-                    format!("{loser}/{round}").into_bytes(),
-                    seen.revision,
-                )
-                .await,
-        );
+        rev =
+            ok("the loser's retry", board.update("cas", format!("{loser}/{round}").into_bytes(), seen.revision).await);
     }
 }
 
@@ -209,21 +151,13 @@ pub async fn board_cas_counter(board: Arc<dyn Blackboard>) {
                 for _ in 0..EACH {
                     loop {
                         let e = ok("get", board.get("counter").await).expect("counter exists");
-                        let n: u64 = String::from_utf8(e.value)
-                            .expect("utf-8")
-                            .parse()
-                            .expect("a number");
-                        match board
-                            .update("counter", (n + 1).to_string().into_bytes(), e.revision)
-                            .await
-                        {
+                        let n: u64 = String::from_utf8(e.value).expect("utf-8").parse().expect("a number");
+                        match board.update("counter", (n + 1).to_string().into_bytes(), e.revision).await {
                             Ok(rev) => {
                                 revs.push(rev);
                                 break;
                             }
-                            Err(err) if err.kind() == BoardErrorKind::WrongLastRevision => {
-                                conflicts += 1
-                            }
+                            Err(err) if err.kind() == BoardErrorKind::WrongLastRevision => conflicts += 1,
                             Err(err) => panic!("update failed: {err}"),
                         }
                     }
@@ -237,18 +171,10 @@ pub async fn board_cas_counter(board: Arc<dyn Blackboard>) {
         all_revs.extend(join(w).await.0);
     }
     let e = ok("get", board.get("counter").await).expect("counter exists");
-    assert_eq!(
-        e.value,
-        (TASKS * EACH).to_string().into_bytes(),
-        "{TASKS} tasks × {EACH} CAS increments"
-    );
+    assert_eq!(e.value, (TASKS * EACH).to_string().into_bytes(), "{TASKS} tasks × {EACH} CAS increments");
     all_revs.sort_unstable();
     all_revs.dedup();
-    assert_eq!(
-        all_revs.len() as u64,
-        TASKS * EACH,
-        "two successful updates returned one revision"
-    );
+    assert_eq!(all_revs.len() as u64, TASKS * EACH, "two successful updates returned one revision");
 }
 
 /// Delete writes a tombstone with its own revision: the key reads as absent, leaves
@@ -257,46 +183,22 @@ pub async fn board_delete_and_recreate(board: Arc<dyn Blackboard>) {
     let r1 = ok("put", board.put("d", b"v1".to_vec()).await);
     ok("put", board.put("other", b"x".to_vec()).await);
     let r2 = ok("delete", board.delete("d").await);
-    assert!(
-        r2 > r1,
-        "a delete gets a revision of its own, after the write it deletes"
-    );
+    assert!(r2 > r1, "a delete gets a revision of its own, after the write it deletes");
     assert_eq!(ok("get of a deleted key", board.get("d").await), None);
-    assert_eq!(
-        ok("keys", board.keys().await),
-        ["other"],
-        "a deleted key is not listed"
-    );
+    assert_eq!(ok("keys", board.keys().await), ["other"], "a deleted key is not listed");
     expect_kind(
         "update from the revision before the delete",
         board.update("d", b"v2".to_vec(), r1).await,
         BoardErrorKind::WrongLastRevision,
     );
-    assert_eq!(
-        ok("get", board.get("d").await),
-        None,
-        "a failed update writes nothing"
-    );
-    let r3 = ok(
-        "create of a deleted key",
-        board.create("d", b"v3".to_vec()).await,
-    );
+    assert_eq!(ok("get", board.get("d").await), None, "a failed update writes nothing");
+    let r3 = ok("create of a deleted key", board.create("d", b"v3".to_vec()).await);
     assert!(r3 > r2);
     let e = ok("get", board.get("d").await).expect("recreated");
-    assert_eq!(
-        (e.value.as_slice(), e.revision, e.op),
-        (&b"v3"[..], r3, BoardOp::Put)
-    );
+    assert_eq!((e.value.as_slice(), e.revision, e.op), (&b"v3"[..], r3, BoardOp::Put));
     assert_eq!(ok("keys", board.keys().await), ["d", "other"]);
-    expect_kind(
-        "create of a recreated key",
-        board.create("d", vec![]).await,
-        BoardErrorKind::AlreadyExists,
-    );
-    let r4 = ok(
-        "update after recreate",
-        board.update("d", b"v4".to_vec(), r3).await,
-    );
+    expect_kind("create of a recreated key", board.create("d", vec![]).await, BoardErrorKind::AlreadyExists);
+    let r4 = ok("update after recreate", board.update("d", b"v4".to_vec(), r3).await);
     assert!(r4 > r3);
 }
 
@@ -309,29 +211,17 @@ pub async fn board_watch_history_then_live(board: Arc<dyn Blackboard>) {
     let mut written: Vec<(String, u64, BoardOp)> = Vec::new();
     for i in 0..6 {
         let key = format!("h{i}");
-        written.push((
-            key.clone(),
-            ok("put", board.put(&key, vec![i]).await),
-            BoardOp::Put,
-        ));
+        written.push((key.clone(), ok("put", board.put(&key, vec![i]).await), BoardOp::Put));
     }
     let from = written[2].1;
     let mut w = ok("watch", board.watch(from).await);
     let mut w0 = ok("watch(0)", board.watch(0).await);
     for (key, rev, op) in &written[2..] {
         let e = next_write(&mut w, &format!("watch({from}), history write {key}")).await;
-        assert_eq!(
-            (&e.key, e.revision, e.op),
-            (key, *rev, *op),
-            "watch({from}) replays history in revision order"
-        );
+        assert_eq!((&e.key, e.revision, e.op), (key, *rev, *op), "watch({from}) replays history in revision order");
     }
     let first = next_write(&mut w0, "watch(0), first write").await;
-    assert_eq!(
-        (&first.key, first.revision),
-        (&written[0].0, written[0].1),
-        "watch(0) starts at the first write"
-    );
+    assert_eq!((&first.key, first.revision), (&written[0].0, written[0].1), "watch(0) starts at the first write");
 
     let writer = {
         let board = board.clone();
@@ -358,28 +248,17 @@ pub async fn board_watch_history_then_live(board: Arc<dyn Blackboard>) {
     let live = join(writer).await;
     assert_eq!(live.len(), watched.len());
     for ((key, rev, op, value), e) in live.iter().zip(watched) {
-        assert_eq!(
-            (&e.key, e.revision, e.op),
-            (key, *rev, *op),
-            "watch follows live writes in revision order"
-        );
+        assert_eq!((&e.key, e.revision, e.op), (key, *rev, *op), "watch follows live writes in revision order");
         if *op == BoardOp::Put {
             assert_eq!(&e.value, value, "the watched value of {key}");
         }
     }
     // The watch from 0 saw the same writes in the same order.
-    let mut expected: Vec<(String, u64)> = written[1..]
-        .iter()
-        .map(|(k, r, _)| (k.clone(), *r))
-        .collect();
+    let mut expected: Vec<(String, u64)> = written[1..].iter().map(|(k, r, _)| (k.clone(), *r)).collect();
     expected.extend(live.iter().map(|(k, r, _, _)| (k.clone(), *r)));
     for (key, rev) in expected {
         let e = next_write(&mut w0, &format!("watch(0), write {key}")).await;
-        assert_eq!(
-            (e.key, e.revision),
-            (key, rev),
-            "watch(0) yields every write in revision order"
-        );
+        assert_eq!((e.key, e.revision), (key, rev), "watch(0) yields every write in revision order");
     }
     // Writes that come while the watch is already waiting for them, one at a time.
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -402,23 +281,11 @@ pub async fn board_watch_history_then_live(board: Arc<dyn Blackboard>) {
     let mut pongs = Vec::new();
     for i in 0..5u8 {
         ready_tx.send(()).await.expect("writer is running");
-        let e = next_write(
-            &mut w,
-            &format!("watch({from}), a write made while it waits (#{i})"),
-        )
-        .await;
-        assert_eq!(
-            (e.key, e.value),
-            (format!("pong{i}"), vec![i]),
-            "the write made while waiting"
-        );
+        let e = next_write(&mut w, &format!("watch({from}), a write made while it waits (#{i})")).await;
+        assert_eq!((e.key, e.value), (format!("pong{i}"), vec![i]), "the write made while waiting");
         pongs.push(e.revision);
     }
-    assert_eq!(
-        pongs,
-        join(writer).await,
-        "the revisions of the writes made while waiting"
-    );
+    assert_eq!(pongs, join(writer).await, "the revisions of the writes made while waiting");
 }
 
 /// Many writes to one key while a watch follows: the watch never goes back in revision,
@@ -439,77 +306,33 @@ pub async fn board_watch_same_key_in_order(board: Arc<dyn Blackboard>) {
     let mut seen = start - 1;
     loop {
         let e = next_write(&mut w, "watch, waiting for the last write (value 99)").await;
-        assert!(
-            e.revision > seen,
-            "the watch went from revision {seen} back to {}",
-            e.revision
-        );
+        assert!(e.revision > seen, "the watch went from revision {seen} back to {}", e.revision);
         assert_eq!((e.key.as_str(), e.op), ("hot", BoardOp::Put));
         seen = e.revision;
         if e.value == b"99" {
             break;
         }
     }
-    assert_eq!(
-        seen,
-        join(writer).await,
-        "the watch ends on the revision of the last write"
-    );
+    assert_eq!(seen, join(writer).await, "the watch ends on the revision of the last write");
 }
 
 /// Keys outside letters, digits and `-_/=.`, empty, or starting or ending with `.` are
 /// rejected by every operation with `InvalidKey`; nothing is written.
 pub async fn board_invalid_keys_rejected(board: Arc<dyn Blackboard>) {
     let long = "k".repeat(257);
-    let bad = [
-        "",
-        ".start",
-        "end.",
-        "with space",
-        "star*",
-        "gt>",
-        "tab\t",
-        "ünïcode",
-        "semi;colon",
-        long.as_str(),
-    ];
+    let bad = ["", ".start", "end.", "with space", "star*", "gt>", "tab\t", "ünïcode", "semi;colon", long.as_str()];
     for key in bad {
         let kind = BoardErrorKind::InvalidKey;
         expect_kind(&format!("get({key:?})"), board.get(key).await, kind);
-        expect_kind(
-            &format!("put({key:?})"),
-            board.put(key, vec![1]).await,
-            kind,
-        );
-        expect_kind(
-            &format!("create({key:?})"),
-            board.create(key, vec![1]).await,
-            kind,
-        );
-        expect_kind(
-            &format!("update({key:?})"),
-            board.update(key, vec![1], 0).await,
-            kind,
-        );
+        expect_kind(&format!("put({key:?})"), board.put(key, vec![1]).await, kind);
+        expect_kind(&format!("create({key:?})"), board.create(key, vec![1]).await, kind);
+        expect_kind(&format!("update({key:?})"), board.update(key, vec![1], 0).await, kind);
         expect_kind(&format!("delete({key:?})"), board.delete(key).await, kind);
     }
-    assert!(
-        ok("keys", board.keys().await).is_empty(),
-        "rejected writes must write nothing"
-    );
-    let good = [
-        "a",
-        "A-b_c",
-        "path/to/key",
-        "x=y",
-        "dotted.key.name",
-        "0123456789",
-    ];
+    assert!(ok("keys", board.keys().await).is_empty(), "rejected writes must write nothing");
+    let good = ["a", "A-b_c", "path/to/key", "x=y", "dotted.key.name", "0123456789"];
     for key in good {
-        ok(
-            &format!("put({key:?})"),
-            board.put(key, key.as_bytes().to_vec()).await,
-        );
+        ok(&format!("put({key:?})"), board.put(key, key.as_bytes().to_vec()).await);
     }
     let mut sorted = good.to_vec();
     sorted.sort_unstable();
@@ -562,9 +385,7 @@ async fn run_model(board: &dyn Blackboard, prefix: &str, ops: &[ModelOp]) -> Res
     ) -> Result<(), String> {
         let rev = r.map_err(|e| format!("the write failed: {e}"))?;
         if rev <= *last_rev {
-            return Err(format!(
-                "the write got revision {rev}, not after {last_rev}"
-            ));
+            return Err(format!("the write got revision {rev}, not after {last_rev}"));
         }
         *last_rev = rev;
         model.insert(k, (v, rev));
@@ -573,18 +394,14 @@ async fn run_model(board: &dyn Blackboard, prefix: &str, ops: &[ModelOp]) -> Res
     let refused = |what: &str, r: Result<u64, BoardError>, kind: BoardErrorKind| match r {
         Err(e) if e.kind() == kind => Ok(()),
         Err(e) => Err(format!("{what}: expected {kind:?}, got {e}")),
-        Ok(rev) => Err(format!(
-            "{what}: expected {kind:?}, but it wrote revision {rev}"
-        )),
+        Ok(rev) => Err(format!("{what}: expected {kind:?}, but it wrote revision {rev}")),
     };
     for (i, op) in ops.iter().enumerate() {
         let at = format!("op {i} {op:?}");
         match *op {
             ModelOp::Get(k) => {
                 let got = board.get(&key(k)).await.map_err(|e| format!("{at}: {e}"))?;
-                let want = model
-                    .get(&key(k))
-                    .and_then(|(v, r)| v.clone().map(|v| (v, *r)));
+                let want = model.get(&key(k)).and_then(|(v, r)| v.clone().map(|v| (v, *r)));
                 let got = got.map(|e| (e.value, e.revision));
                 if got != want {
                     return Err(format!("{at}: got {got:?}, the model has {want:?}"));
@@ -592,38 +409,30 @@ async fn run_model(board: &dyn Blackboard, prefix: &str, ops: &[ModelOp]) -> Res
             }
             ModelOp::Put(k, v) => {
                 let r = board.put(&key(k), vec![v]).await;
-                wrote(&mut model, &mut last_rev, key(k), Some(vec![v]), r)
-                    .map_err(|e| format!("{at}: {e}"))?;
+                wrote(&mut model, &mut last_rev, key(k), Some(vec![v]), r).map_err(|e| format!("{at}: {e}"))?;
             }
             ModelOp::Create(k, v) => {
                 let r = board.create(&key(k), vec![v]).await;
                 if matches!(model.get(&key(k)), Some((Some(_), _))) {
                     refused(&at, r, BoardErrorKind::AlreadyExists)?;
                 } else {
-                    wrote(&mut model, &mut last_rev, key(k), Some(vec![v]), r)
-                        .map_err(|e| format!("{at}: {e}"))?;
+                    wrote(&mut model, &mut last_rev, key(k), Some(vec![v]), r).map_err(|e| format!("{at}: {e}"))?;
                 }
             }
             ModelOp::UpdateCurrent(k, v) => {
                 let expected = model.get(&key(k)).map_or(0, |(_, r)| *r);
                 let r = board.update(&key(k), vec![v], expected).await;
-                wrote(&mut model, &mut last_rev, key(k), Some(vec![v]), r)
-                    .map_err(|e| format!("{at}: {e}"))?;
+                wrote(&mut model, &mut last_rev, key(k), Some(vec![v]), r).map_err(|e| format!("{at}: {e}"))?;
             }
             ModelOp::UpdateStale(k, v) => {
                 // A revision that was never this key's last: last + 1 when it exists
                 // (never a revision of this key yet), or the newest board revision + 1.
                 let expected = model.get(&key(k)).map_or(last_rev + 1, |(_, r)| r + 1);
-                refused(
-                    &at,
-                    board.update(&key(k), vec![v], expected).await,
-                    BoardErrorKind::WrongLastRevision,
-                )?;
+                refused(&at, board.update(&key(k), vec![v], expected).await, BoardErrorKind::WrongLastRevision)?;
             }
             ModelOp::Delete(k) => {
                 let r = board.delete(&key(k)).await;
-                wrote(&mut model, &mut last_rev, key(k), None, r)
-                    .map_err(|e| format!("{at}: {e}"))?;
+                wrote(&mut model, &mut last_rev, key(k), None, r).map_err(|e| format!("{at}: {e}"))?;
             }
             ModelOp::Keys => {
                 let got: Vec<String> = board
@@ -633,11 +442,8 @@ async fn run_model(board: &dyn Blackboard, prefix: &str, ops: &[ModelOp]) -> Res
                     .into_iter()
                     .filter(|k| k.starts_with(&format!("{prefix}/")))
                     .collect();
-                let want: Vec<String> = model
-                    .iter()
-                    .filter(|(_, (v, _))| v.is_some())
-                    .map(|(k, _)| k.clone())
-                    .collect();
+                let want: Vec<String> =
+                    model.iter().filter(|(_, (v, _))| v.is_some()).map(|(k, _)| k.clone()).collect();
                 if got != want {
                     return Err(format!("{at}: keys {got:?}, the model has {want:?}"));
                 }
@@ -653,11 +459,7 @@ async fn run_model(board: &dyn Blackboard, prefix: &str, ops: &[ModelOp]) -> Res
 /// Each case writes under a prefix of its own, so the cases share the board.
 pub async fn board_matches_model(board: Arc<dyn Blackboard>) {
     let strategy = proptest::collection::vec(model_op(), 1..40);
-    let mut runner = TestRunner::new(Config {
-        cases: 48,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: 48, failure_persistence: None, ..Config::default() });
     let mut case = 0u32;
     let mut prefix = || {
         case += 1;
@@ -672,11 +474,7 @@ pub async fn board_matches_model(board: Arc<dyn Blackboard>) {
         let (mut failing, mut why) = (tree.current(), first);
         let mut passed = false;
         for _ in 0..512 {
-            if !(if passed {
-                tree.complicate()
-            } else {
-                tree.simplify()
-            }) {
+            if !(if passed { tree.complicate() } else { tree.simplify() }) {
                 break;
             }
             match run_model(&*board, &prefix(), &tree.current()).await {
@@ -687,9 +485,6 @@ pub async fn board_matches_model(board: Arc<dyn Blackboard>) {
                 }
             }
         }
-        panic!(
-            "the board differs from the model: {why}\nminimal operations ({} of them): {failing:#?}",
-            failing.len()
-        );
+        panic!("the board differs from the model: {why}\nminimal operations ({} of them): {failing:#?}", failing.len());
     }
 }

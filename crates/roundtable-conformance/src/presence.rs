@@ -13,29 +13,17 @@ use roundtable_core::envelope::PeerId;
 pub async fn presence_tracks_peers(presence: Arc<dyn Presence>) {
     let (a, b) = (PeerId::from("alice"), PeerId::from("bob"));
     let seen = presence.last_seen().await.expect("last_seen");
-    assert!(
-        seen.is_empty(),
-        "nobody has beaten in a new session: {seen:?}"
-    );
+    assert!(seen.is_empty(), "nobody has beaten in a new session: {seen:?}");
     presence.beat(&a).await.expect("beat");
     tokio::time::sleep(Duration::from_millis(20)).await;
     presence.beat(&b).await.expect("beat");
     let seen = presence.last_seen().await.expect("last_seen");
     assert_eq!(seen.len(), 2, "{seen:?}");
     let (age_a, age_b) = (seen[&a], seen[&b]);
-    assert!(
-        age_b <= age_a,
-        "bob beat after alice, so his last beat is younger: {seen:?}"
-    );
-    assert!(
-        age_a < Duration::from_secs(60),
-        "alice beat just now: {seen:?}"
-    );
+    assert!(age_b <= age_a, "bob beat after alice, so his last beat is younger: {seen:?}");
+    assert!(age_a < Duration::from_secs(60), "alice beat just now: {seen:?}");
     tokio::time::sleep(Duration::from_millis(20)).await;
     presence.beat(&a).await.expect("beat");
     let seen = presence.last_seen().await.expect("last_seen");
-    assert!(
-        seen[&a] <= seen[&b],
-        "alice beat again, after bob: {seen:?}"
-    );
+    assert!(seen[&a] <= seen[&b], "alice beat again, after bob: {seen:?}");
 }
