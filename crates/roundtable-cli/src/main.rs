@@ -230,7 +230,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 if no_persist || fsync {
                     return Err(Failure::Input("--no-persist and --fsync are for local sessions, not --nats".into()));
                 }
-                return nats::run(&team, topic, json, metrics, &remote).await;
+                return nats::run(&dir, &team, topic, json, metrics, &remote).await;
             }
             let plan = load_plan(&team)?;
             let topic = topic.or_else(|| plan.topic.clone()).ok_or_else(|| {
@@ -258,7 +258,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Resume { session, json, remote } => {
             if remote.url().is_some() {
-                return nats::resume(&session, json, &remote).await;
+                return nats::resume(&dir, &session, json, &remote).await;
             }
             let store = open_store(&dir, false, Durability::Normal)?;
             let log = store.open(&SessionId::from(session.as_str()), false).await?;

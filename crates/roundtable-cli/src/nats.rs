@@ -9,6 +9,8 @@
 //! start in any order: each that has a topic posts the task, whose id is derived from
 //! the session alone, so the first post wins and the others are duplicates the log drops.
 //! Whatever their team files say, every peer runs the plan in the task on the log.
+//! Votes are sealed with the data directory's secret (see `factory::local_secret`), so a
+//! peer restarted on the same machine can open the votes it sealed before.
 //!
 //! # Connections
 //! Credentials and TLS settings are passed to the client as given and never printed:
@@ -244,6 +246,7 @@ async fn parts(
 
 /// `run --nats`: every peer of the team in this process, on the server.
 pub(crate) async fn run(
+    dir: &Path,
     team: &Path,
     topic: Option<String>,
     json: bool,
@@ -263,7 +266,7 @@ pub(crate) async fn run(
     if !json {
         eprintln!("Session {session} on {}", args.shown());
     }
-    let (presence, extras) = parts(&backend, &session, &plan, random_secret()).await?;
+    let (presence, extras) = parts(&backend, &session, &plan, factory::local_secret(dir)?).await?;
     let summary = watch
         .session(&session, &plan, &log, async {
             open_session(log.as_ref(), &plan, &topic).await?;
@@ -274,7 +277,7 @@ pub(crate) async fn run(
 }
 
 /// `resume --nats`: every peer of the team in this process, on an open session.
-pub(crate) async fn resume(session: &str, json: bool, args: &NatsArgs) -> Result<ExitCode, Failure> {
+pub(crate) async fn resume(dir: &Path, session: &str, json: bool, args: &NatsArgs) -> Result<ExitCode, Failure> {
     let backend = args.connect(true).await?;
     let session = SessionId::from(session);
     let log = backend.logs().open(&session, false).await?;
@@ -290,7 +293,7 @@ pub(crate) async fn resume(session: &str, json: bool, args: &NatsArgs) -> Result
     if !json {
         println!("Resuming {session} from envelope {} …", current.envelopes);
     }
-    let (presence, extras) = parts(&backend, &session, &plan, random_secret()).await?;
+    let (presence, extras) = parts(&backend, &session, &plan, factory::local_secret(dir)?).await?;
     let summary = drive(log, &plan, models, json, presence, extras).await?;
     finish(&summary, json)
 }
@@ -363,59 +366,12 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
         eprintln!("warning: session {session} runs the plan in its task, which differs from {}", args.team.display());
     }
     let models = factory::models_for(&plan, Some(&me)).map_err(|e| Failure::Input(e.to_string()))?;
-    let secret = stored_secret(dir, &session)?;
-    let (presence, extras) = parts(&backend, &session, &plan, secret).await?;
+    let (presence, extras) = parts(&backend, &session, &plan, factory::local_secret(dir)?).await?;
     if !args.json {
         eprintln!("{me} joined session {session} on {}", args.nats.shown());
     }
     let summary = drive(log, &plan, models, args.json, presence, extras).await?;
     finish(&summary, args.json)
-}
-
-fn random_secret() -> Arc<[u8]> {
-    Arc::from(rand::random::<[u8; 32]>().to_vec())
-}
-
-/// This machine's master secret for a session, kept under the data directory so that a
-/// peer restarted here can open the votes it sealed before.
-fn stored_secret(dir: &Path, session: &SessionId) -> Result<Arc<[u8]>, Failure> {
-    let secrets = dir.join("secrets");
-    let path = secrets.join(format!("{}.key", roundtable_nats::token(session.as_str())));
-    if let Ok(hex) = std::fs::read_to_string(&path)
-        && let Some(bytes) = from_hex(hex.trim())
-    {
-        return Ok(Arc::from(bytes));
-    }
-    let fail = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", path.display()));
-    std::fs::create_dir_all(&secrets).map_err(fail)?;
-    let secret = rand::random::<[u8; 32]>();
-    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    write_private(&tmp, hex.as_bytes()).map_err(fail)?;
-    std::fs::rename(&tmp, &path).map_err(fail)?;
-    // Two peers of this machine may have raced: use what is there now.
-    let kept = std::fs::read_to_string(&path).map_err(fail)?;
-    Ok(Arc::from(from_hex(kept.trim()).unwrap_or_else(|| secret.to_vec())))
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(bytes)
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, bytes)
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() != 64 {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// Run this process's peers on the log, rendering as they go (as `run` does locally).
@@ -471,24 +427,5 @@ mod tests {
         );
         assert_eq!(split_credentials("tls://tok@h"), ("tls://h".into(), Some(("tok".into(), None))));
         assert_eq!(split_credentials("u:p@h:1").0, "h:1");
-    }
-
-    #[test]
-    fn secrets_round_trip_through_hex() {
-        let bytes: Vec<u8> = (0..32).collect();
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(from_hex(&hex), Some(bytes));
-        assert_eq!(from_hex("zz"), None);
-        assert_eq!(from_hex(&"g".repeat(64)), None);
-    }
-
-    #[test]
-    fn a_stored_secret_is_kept_for_restarts() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SessionId::from("s1");
-        let secret = |s: &SessionId| stored_secret(dir.path(), s).unwrap_or_else(|_| panic!("secret of {s}"));
-        let a = secret(&s);
-        assert_eq!(secret(&s), a);
-        assert_ne!(secret(&SessionId::from("s2")), a);
     }
 }
