@@ -652,3 +652,39 @@ fn a_peer_that_starts_late_catches_up_from_the_log_and_the_outcome_is_the_same()
     let log = read_log(&rt, &url, "late-1");
     assert!(log.iter().all(|e| e.kind != Kind::Absent), "started within the absence timeout: {:#?}", steps(&log));
 }
+
+#[test]
+fn protocols_with_shared_state_run_with_one_process_per_peer() {
+    // The blackboard (compare-and-set across processes), commit-reveal voting (each
+    // process seals with its own secret), the work queue and contract-net.
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let teams: [(&str, &[&str]); 4] = [
+        ("blackboard.toml", &["planner", "writer", "reviewer", "editor"]),
+        ("jury.toml", &["juror-1", "juror-2", "juror-3", "juror-4", "juror-5"]),
+        ("work-queue.toml", &["w1", "w2", "w3"]),
+        ("contract-net.toml", &["ana", "bo", "cy"]),
+    ];
+    for (file, ids) in teams {
+        let team = examples().join(file);
+        let local =
+            bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(dir.path().join(file)).output();
+        let local = json(&local.unwrap());
+        let mut peers = Peers::new();
+        for id in ids {
+            peers.start(&team, id, &server.url(), file.trim_end_matches(".toml"), &dir.path().join(id));
+        }
+        let outs = peers.wait_all();
+        let reasons: Vec<String> = outs
+            .iter()
+            .map(|(id, o)| {
+                assert!(o.status.success(), "{file}, peer {id}: {}", stderr(o));
+                json(o)["stop_reason"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert!(reasons.iter().all(|r| *r == reasons[0]), "{file}: the peers agree: {reasons:?}");
+        let kind = |r: &str| r.split(':').next().unwrap_or_default().to_owned();
+        assert_eq!(kind(&reasons[0]), kind(local["stop_reason"].as_str().unwrap()), "{file}: as in one process");
+        assert!(!reasons[0].starts_with("failures") && !reasons[0].starts_with("absent"), "{file}: {}", reasons[0]);
+    }
+}
