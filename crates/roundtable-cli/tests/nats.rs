@@ -688,3 +688,24 @@ fn protocols_with_shared_state_run_with_one_process_per_peer() {
         assert!(!reasons[0].starts_with("failures") && !reasons[0].starts_with("absent"), "{file}: {}", reasons[0]);
     }
 }
+
+#[test]
+fn an_nkey_seed_file_logs_in_and_a_wrong_one_is_refused_at_once() {
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("server.conf");
+    std::fs::write(&conf, format!("authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n", user.public_key())).unwrap();
+    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let seed = dir.path().join("user.nk");
+    std::fs::write(&seed, user.seed().unwrap()).unwrap();
+    let o = bin().args(["sessions", "--json", "--nats", &server.url(), "--nats-nkey", seed.to_str().unwrap()]).output();
+    let o = o.unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let other = dir.path().join("other.nk");
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+    std::fs::write(&other, &stranger).unwrap();
+    let o = bin().args(["sessions", "--nats", &server.url(), "--nats-nkey", other.to_str().unwrap()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("authorization"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains(&stranger), "the seed is never printed");
+}
