@@ -120,10 +120,10 @@ pub(crate) fn local_secret(dir: &std::path::Path) -> Result<Arc<[u8]>, crate::Fa
     let path = dir.join("secret");
     let err = |e: std::io::Error| crate::Failure::Runtime(format!("{}: {e}", path.display()));
     if let Ok(hex) = std::fs::read_to_string(&path) {
-        if let Ok(bytes) = hex::decode(hex.trim()) {
-            if bytes.len() == 32 {
-                return Ok(Arc::from(bytes));
-            }
+        if let Ok(bytes) = hex::decode(hex.trim())
+            && bytes.len() == 32
+        {
+            return Ok(Arc::from(bytes));
         }
         return Err(crate::Failure::Input(format!(
             "{}: not a secret this program wrote (32 bytes in hex); move it away to start a new one",

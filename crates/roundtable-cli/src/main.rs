@@ -251,7 +251,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             let summary = watch
                 .session(&session, &plan, &log, async {
                     open_session(log.as_ref(), &plan, &topic).await?;
-                    drive(log.clone(), &plan, models, json, extras).await
+                    drive(log.clone(), &plan, models, json, None, extras).await
                 })
                 .await?;
             finish(&summary, json)
@@ -282,7 +282,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             // The same secret as the run that was cut off: a juror that committed can
             // still open its sealed vote and reveal it.
             let extras = PeerExtras { secret: Some(factory::local_secret(&dir)?), ..PeerExtras::default() };
-            let summary = drive(log, &plan, models, json, extras).await?;
+            let summary = drive(log, &plan, models, json, None, extras).await?;
             finish(&summary, json)
         }
         Command::Sessions { json, remote } => {
@@ -415,15 +415,16 @@ fn describe_plan(team: &Path, plan: &TeamPlan) {
 }
 
 /// Run every peer of the plan on this log, rendering as it goes.
-async fn drive(
+pub(crate) async fn drive(
     log: Arc<dyn SessionLog>,
     plan: &TeamPlan,
     models: std::collections::HashMap<roundtable_core::PeerId, Arc<dyn roundtable_core::model::ChatModel>>,
     json: bool,
+    presence: Option<Arc<dyn roundtable_core::bus::Presence>>,
     extras: PeerExtras,
 ) -> Result<SessionSummary, Failure> {
     if json {
-        return run_peers_with(log, plan, models, None, None, extras).await.map_err(Failure::from);
+        return run_peers_with(log, plan, models, presence, None, extras).await.map_err(Failure::from);
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let events: EventSink = Arc::new(move |ev| {
@@ -448,7 +449,7 @@ async fn drive(
         }
         live.finish();
     });
-    let result = run_peers_with(log, plan, models, None, Some(events), extras).await;
+    let result = run_peers_with(log, plan, models, presence, Some(events), extras).await;
     let _ = show.await;
     result.map_err(Failure::from)
 }

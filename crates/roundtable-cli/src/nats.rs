@@ -21,7 +21,6 @@
 //! away, peers wait (see `roundtable_nats::patient`) and go on from the log when it is
 //! back.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,15 +28,14 @@ use std::sync::Arc;
 use futures::StreamExt;
 use roundtable_core::bus::{Backend, Presence};
 use roundtable_core::log::{LogStore, SessionLog};
-use roundtable_core::model::ChatModel;
-use roundtable_core::peer::{EventSink, PeerExtras};
-use roundtable_core::runner::{open_session, run_peers_with, summarize};
-use roundtable_core::session::{SessionSummary, new_session_id, plan_of};
+use roundtable_core::peer::PeerExtras;
+use roundtable_core::runner::{open_session, summarize};
+use roundtable_core::session::{new_session_id, plan_of};
 use roundtable_core::team::TeamPlan;
 use roundtable_core::{Kind, PeerId, SessionId};
 use roundtable_nats::{NatsBackend, redact_url};
 
-use crate::{Failure, factory, finish, load_plan, observe, render};
+use crate::{Failure, factory, finish, load_plan, observe};
 
 /// Where the NATS server is and how to log in. Without `--nats`, sessions are local.
 #[derive(clap::Args, Clone, Default)]
@@ -270,7 +268,7 @@ pub(crate) async fn run(
     let summary = watch
         .session(&session, &plan, &log, async {
             open_session(log.as_ref(), &plan, &topic).await?;
-            drive(log.clone(), &plan, models, json, presence, extras).await
+            crate::drive(log.clone(), &plan, models, json, Some(presence), extras).await
         })
         .await?;
     finish(&summary, json)
@@ -294,7 +292,7 @@ pub(crate) async fn resume(dir: &Path, session: &str, json: bool, args: &NatsArg
         println!("Resuming {session} from envelope {} …", current.envelopes);
     }
     let (presence, extras) = parts(&backend, &session, &plan, factory::local_secret(dir)?).await?;
-    let summary = drive(log, &plan, models, json, presence, extras).await?;
+    let summary = crate::drive(log, &plan, models, json, Some(presence), extras).await?;
     finish(&summary, json)
 }
 
@@ -370,48 +368,8 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
     if !args.json {
         eprintln!("{me} joined session {session} on {}", args.nats.shown());
     }
-    let summary = drive(log, &plan, models, args.json, presence, extras).await?;
+    let summary = crate::drive(log, &plan, models, args.json, Some(presence), extras).await?;
     finish(&summary, args.json)
-}
-
-/// Run this process's peers on the log, rendering as they go (as `run` does locally).
-async fn drive(
-    log: Arc<dyn SessionLog>,
-    plan: &TeamPlan,
-    models: HashMap<PeerId, Arc<dyn ChatModel>>,
-    json: bool,
-    presence: Arc<dyn Presence>,
-    extras: PeerExtras,
-) -> Result<SessionSummary, Failure> {
-    if json {
-        return run_peers_with(log, plan, models, Some(presence), None, extras).await.map_err(Failure::from);
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let events: EventSink = Arc::new(move |ev| {
-        let _ = tx.send(ev);
-    });
-    let mut tail = log.tail(1).await?;
-    let show = tokio::spawn(async move {
-        let mut live = render::Live::new();
-        loop {
-            tokio::select! {
-                Some(ev) = rx.recv() => live.event(ev),
-                next = tail.next() => match next {
-                    Some(Ok(e)) => {
-                        live.entry(&e);
-                        if e.env.kind == Kind::Stop {
-                            break;
-                        }
-                    }
-                    _ => break,
-                },
-            }
-        }
-        live.finish();
-    });
-    let result = run_peers_with(log, plan, models, Some(presence), Some(events), extras).await;
-    let _ = show.await;
-    result.map_err(Failure::from)
 }
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ pub(crate) async fn fork(dir: &Path, args: ForkArgs) -> Result<ExitCode, Failure
         secret: Some(factory::local_secret(dir)?),
         ..roundtable_core::peer::PeerExtras::default()
     };
-    let summary = crate::drive(log, &plan, models, args.json, extras).instrument(span).await?;
+    let summary = crate::drive(log, &plan, models, args.json, None, extras).instrument(span).await?;
     crate::finish(&summary, args.json)
 }
 

@@ -381,17 +381,17 @@ pub mod jsonl {
                 line: lineno,
                 error: e.to_string(),
             })?;
-            if let Some(first) = out.first() {
-                if first.session != env.session {
-                    return Err(ImportError {
-                        file: file.into(),
-                        line: lineno,
-                        error: format!(
-                            "field `session`: envelope of session {} in a file of session {}",
-                            env.session, first.session
-                        ),
-                    });
-                }
+            if let Some(first) = out.first()
+                && first.session != env.session
+            {
+                return Err(ImportError {
+                    file: file.into(),
+                    line: lineno,
+                    error: format!(
+                        "field `session`: envelope of session {} in a file of session {}",
+                        env.session, first.session
+                    ),
+                });
             }
             if !seen.insert(env.id.clone()) {
                 return Err(ImportError {

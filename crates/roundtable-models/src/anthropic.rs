@@ -11,9 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
 use reqwest::{Client, Url};
-use roundtable_core::model::{
-    ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind, Role, estimate_tokens,
-};
+use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind, Role, estimate_tokens};
 use serde_json::{Map, Value, json};
 
 use crate::http::{self, Ctx, Redactor, Reply};
@@ -113,11 +111,7 @@ impl AnthropicChat {
     /// A provider sharing `client` (see [`crate::http_client`]).
     pub fn with_client(cfg: AnthropicConfig, client: Client) -> Result<Self, ModelError> {
         let has_v1 = cfg.base_url.trim().trim_end_matches('/').ends_with("/v1");
-        let path: &[&str] = if has_v1 {
-            &["messages"]
-        } else {
-            &["v1", "messages"]
-        };
+        let path: &[&str] = if has_v1 { &["messages"] } else { &["v1", "messages"] };
         let url = http::endpoint(&cfg.base_url, path, &cfg.query)?;
         let mut headers = HeaderMap::new();
         if let Some(key) = cfg.api_key.as_ref().filter(|k| !k.is_empty()) {
@@ -125,9 +119,8 @@ impl AnthropicChat {
         }
         headers.insert(
             "anthropic-version",
-            HeaderValue::from_str(cfg.version.trim()).map_err(|_| {
-                ModelError::new(ModelErrorKind::Config, "invalid anthropic-version")
-            })?,
+            HeaderValue::from_str(cfg.version.trim())
+                .map_err(|_| ModelError::new(ModelErrorKind::Config, "invalid anthropic-version"))?,
         );
         headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
         http::extra_headers(&mut headers, &cfg.headers)?;
@@ -143,20 +136,13 @@ impl AnthropicChat {
     }
 
     fn ctx(&self) -> Ctx<'_> {
-        Ctx {
-            provider: "anthropic",
-            model: &self.model,
-            redact: &self.redact,
-        }
+        Ctx { provider: "anthropic", model: &self.model, redact: &self.redact }
     }
 
     fn body(&self, req: &ChatRequest) -> Value {
         let mut body = self.extra_body.clone();
         body.insert("model".into(), json!(self.model));
-        body.insert(
-            "max_tokens".into(),
-            json!(req.max_tokens.unwrap_or(self.default_max_tokens).max(1)),
-        );
+        body.insert("max_tokens".into(), json!(req.max_tokens.unwrap_or(self.default_max_tokens).max(1)));
         body.insert("stream".into(), json!(true));
         let mut system = req.system.as_deref().unwrap_or("").trim().to_owned();
         if req.json {
@@ -168,10 +154,8 @@ impl AnthropicChat {
         if !system.is_empty() {
             body.insert("system".into(), json!(system));
         }
-        let turns: Vec<Value> = turns(req)
-            .into_iter()
-            .map(|(role, content)| json!({"role": role_str(role), "content": content}))
-            .collect();
+        let turns: Vec<Value> =
+            turns(req).into_iter().map(|(role, content)| json!({"role": role_str(role), "content": content})).collect();
         body.insert("messages".into(), Value::Array(turns));
         if let Some(t) = req.temperature.filter(|t| t.is_finite()) {
             // Anthropic's range is 0..=1 where OpenAI's is 0..=2.
@@ -222,9 +206,7 @@ fn error_kind(ty: &str) -> ModelErrorKind {
     match ty {
         "rate_limit_error" => ModelErrorKind::RateLimited,
         "authentication_error" | "permission_error" | "billing_error" => ModelErrorKind::Auth,
-        "invalid_request_error" | "not_found_error" | "request_too_large" => {
-            ModelErrorKind::BadRequest
-        }
+        "invalid_request_error" | "not_found_error" | "request_too_large" => ModelErrorKind::BadRequest,
         "timeout_error" => ModelErrorKind::Timeout,
         // overloaded_error, api_error, and whatever comes next.
         _ => ModelErrorKind::Server,
@@ -245,10 +227,7 @@ struct Answer {
 fn input_tokens(u: &Value) -> Option<u64> {
     let n = |k: &str| u.get(k).and_then(Value::as_u64);
     let base = n("input_tokens")?;
-    Some(
-        base + n("cache_creation_input_tokens").unwrap_or(0)
-            + n("cache_read_input_tokens").unwrap_or(0),
-    )
+    Some(base + n("cache_creation_input_tokens").unwrap_or(0) + n("cache_read_input_tokens").unwrap_or(0))
 }
 
 impl Answer {
@@ -274,53 +253,29 @@ impl Answer {
 
     /// One streamed event. `name` is the SSE event name, used when the data has no
     /// `type`.
-    fn event(
-        &mut self,
-        ctx: &Ctx<'_>,
-        req: &ChatRequest,
-        name: Option<&str>,
-        v: &Value,
-    ) -> Result<(), ModelError> {
+    fn event(&mut self, ctx: &Ctx<'_>, req: &ChatRequest, name: Option<&str>, v: &Value) -> Result<(), ModelError> {
         let ty = v.get("type").and_then(Value::as_str).or(name).unwrap_or("");
         match ty {
             "message_start" => {
                 let m = v.get("message");
-                self.model = m
-                    .and_then(|m| m.get("model"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
+                self.model = m.and_then(|m| m.get("model")).and_then(Value::as_str).map(str::to_owned);
                 self.usage(m.and_then(|m| m.get("usage")));
             }
             "content_block_start" => {
                 let block = v.get("content_block");
                 if block.and_then(|b| b.get("type")).and_then(Value::as_str) == Some("text") {
-                    self.push(
-                        req,
-                        block
-                            .and_then(|b| b.get("text"))
-                            .and_then(Value::as_str)
-                            .unwrap_or(""),
-                    );
+                    self.push(req, block.and_then(|b| b.get("text")).and_then(Value::as_str).unwrap_or(""));
                 }
             }
             "content_block_delta" => {
                 let d = v.get("delta");
                 // Thinking, signatures and tool input are not part of the answer.
                 if d.and_then(|d| d.get("type")).and_then(Value::as_str) == Some("text_delta") {
-                    self.push(
-                        req,
-                        d.and_then(|d| d.get("text"))
-                            .and_then(Value::as_str)
-                            .unwrap_or(""),
-                    );
+                    self.push(req, d.and_then(|d| d.get("text")).and_then(Value::as_str).unwrap_or(""));
                 }
             }
             "message_delta" => {
-                if let Some(sr) = v
-                    .get("delta")
-                    .and_then(|d| d.get("stop_reason"))
-                    .and_then(Value::as_str)
-                {
+                if let Some(sr) = v.get("delta").and_then(|d| d.get("stop_reason")).and_then(Value::as_str) {
                     self.stop_reason = Some(sr.to_owned());
                 }
                 self.usage(v.get("usage"));
@@ -328,11 +283,7 @@ impl Answer {
             "message_stop" => self.stopped = true,
             "error" => {
                 let e = v.get("error");
-                let kind = error_kind(
-                    e.and_then(|e| e.get("type"))
-                        .and_then(Value::as_str)
-                        .unwrap_or(""),
-                );
+                let kind = error_kind(e.and_then(|e| e.get("type")).and_then(Value::as_str).unwrap_or(""));
                 let text = http::error_text(v).unwrap_or_else(|| v.to_string());
                 return Err(ctx.error(kind, &text));
             }
@@ -355,31 +306,18 @@ impl Answer {
             }
         }
         self.model = v.get("model").and_then(Value::as_str).map(str::to_owned);
-        for block in v
-            .get("content")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for block in v.get("content").and_then(Value::as_array).into_iter().flatten() {
             if block.get("type").and_then(Value::as_str) == Some("text") {
                 self.push(req, block.get("text").and_then(Value::as_str).unwrap_or(""));
             }
         }
-        self.stop_reason = v
-            .get("stop_reason")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        self.stop_reason = v.get("stop_reason").and_then(Value::as_str).map(str::to_owned);
         self.usage(v.get("usage"));
         self.stopped = true;
         Ok(())
     }
 
-    fn finish(
-        self,
-        ctx: &Ctx<'_>,
-        req: &ChatRequest,
-        configured: &str,
-    ) -> Result<ChatResponse, ModelError> {
+    fn finish(self, ctx: &Ctx<'_>, req: &ChatRequest, configured: &str) -> Result<ChatResponse, ModelError> {
         if self.text.trim().is_empty() {
             let why = match &self.stop_reason {
                 Some(sr) => format!("no text in the answer (stop_reason {sr})"),
@@ -388,19 +326,11 @@ impl Answer {
             return Err(ctx.error(ModelErrorKind::Empty, &why));
         }
         let prompt_tokens = self.input_tokens.unwrap_or_else(|| {
-            tracing::debug!(
-                provider = ctx.provider,
-                model = ctx.model,
-                "no input token count; estimating"
-            );
+            tracing::debug!(provider = ctx.provider, model = ctx.model, "no input token count; estimating");
             req.estimated_prompt_tokens()
         });
         let completion_tokens = self.output_tokens.unwrap_or_else(|| {
-            tracing::debug!(
-                provider = ctx.provider,
-                model = ctx.model,
-                "no output token count; estimating"
-            );
+            tracing::debug!(provider = ctx.provider, model = ctx.model, "no output token count; estimating");
             u64::from(estimate_tokens(&self.text))
         });
         Ok(ChatResponse {
@@ -430,14 +360,7 @@ impl ChatModel for AnthropicChat {
             messages = req.message_count(),
             "model call"
         );
-        let resp = http::post(
-            &ctx,
-            &self.client,
-            &self.url,
-            &self.headers,
-            &self.body(req),
-        )
-        .await?;
+        let resp = http::post(&ctx, &self.client, &self.url, &self.headers, &self.body(req)).await?;
         let mut answer = Answer::default();
         match http::open_reply(&ctx, resp).await? {
             Reply::Json(v) => answer.message(&ctx, req, &v)?,
@@ -506,16 +429,7 @@ mod tests {
         );
         let t = turns(&r);
         let roles: Vec<Role> = t.iter().map(|(r, _)| *r).collect();
-        assert_eq!(
-            roles,
-            [
-                Role::User,
-                Role::Assistant,
-                Role::User,
-                Role::Assistant,
-                Role::User
-            ]
-        );
+        assert_eq!(roles, [Role::User, Role::Assistant, Role::User, Role::Assistant, Role::User]);
         assert_eq!(t[0].1, OPENING);
         assert_eq!(t[1].1, "I think 4.");
         assert_eq!(t[2].1, "bob: I say 5.\n\ncarol: 6!");
@@ -548,9 +462,6 @@ mod tests {
     fn base_with_v1_is_not_doubled() {
         let mut cfg = AnthropicConfig::new("m", None);
         cfg.base_url = "https://gw.example/anthropic/v1/".into();
-        assert_eq!(
-            AnthropicChat::new(cfg).unwrap().url.as_str(),
-            "https://gw.example/anthropic/v1/messages"
-        );
+        assert_eq!(AnthropicChat::new(cfg).unwrap().url.as_str(), "https://gw.example/anthropic/v1/messages");
     }
 }

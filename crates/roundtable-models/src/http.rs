@@ -42,35 +42,18 @@ pub fn http_client(connect_timeout: Duration) -> Result<Client, ModelError> {
         .connect_timeout(connect_timeout)
         .user_agent(concat!("roundtable/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| {
-            ModelError::new(
-                ModelErrorKind::Config,
-                format!("cannot build HTTP client: {}", chain(&e)),
-            )
-        })
+        .map_err(|e| ModelError::new(ModelErrorKind::Config, format!("cannot build HTTP client: {}", chain(&e))))
 }
 
 /// `base` with `path` appended to its path (keeping any query `base` has) and `query`
 /// added.
-pub(crate) fn endpoint(
-    base: &str,
-    path: &[&str],
-    query: &[(String, String)],
-) -> Result<Url, ModelError> {
-    let bad = |why: &str| {
-        ModelError::new(
-            ModelErrorKind::Config,
-            format!("base URL {:?}: {why}", safe_url_str(base)),
-        )
-    };
+pub(crate) fn endpoint(base: &str, path: &[&str], query: &[(String, String)]) -> Result<Url, ModelError> {
+    let bad = |why: &str| ModelError::new(ModelErrorKind::Config, format!("base URL {:?}: {why}", safe_url_str(base)));
     let mut url = Url::parse(base.trim()).map_err(|e| bad(&e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(bad("not an http(s) URL"));
     }
-    url.path_segments_mut()
-        .map_err(|()| bad("cannot have a path"))?
-        .pop_if_empty()
-        .extend(path);
+    url.path_segments_mut().map_err(|()| bad("cannot have a path"))?.pop_if_empty().extend(path);
     if !query.is_empty() {
         let mut q = url.query_pairs_mut();
         for (k, v) in query {
@@ -99,26 +82,18 @@ fn safe_url_str(s: &str) -> String {
 
 /// Headers from config. Values are marked sensitive: they may hold credentials (Azure's
 /// `api-key`), and sensitive values are never indexed by HTTP/2 header compression.
-pub(crate) fn extra_headers(
-    into: &mut HeaderMap,
-    pairs: &[(String, String)],
-) -> Result<(), ModelError> {
+pub(crate) fn extra_headers(into: &mut HeaderMap, pairs: &[(String, String)]) -> Result<(), ModelError> {
     for (k, v) in pairs {
-        let name = HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| {
-            ModelError::new(ModelErrorKind::Config, format!("invalid header name {k:?}"))
-        })?;
+        let name = HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| ModelError::new(ModelErrorKind::Config, format!("invalid header name {k:?}")))?;
         into.insert(name, sensitive(v, k)?);
     }
     Ok(())
 }
 
 pub(crate) fn sensitive(value: &str, what: &str) -> Result<HeaderValue, ModelError> {
-    let mut v = HeaderValue::from_str(value.trim()).map_err(|_| {
-        ModelError::new(
-            ModelErrorKind::Config,
-            format!("invalid value for header {what:?}"),
-        )
-    })?;
+    let mut v = HeaderValue::from_str(value.trim())
+        .map_err(|_| ModelError::new(ModelErrorKind::Config, format!("invalid value for header {what:?}")))?;
     v.set_sensitive(true);
     Ok(v)
 }
@@ -129,25 +104,14 @@ pub(crate) fn sensitive(value: &str, what: &str) -> Result<HeaderValue, ModelErr
 pub(crate) struct Redactor(Vec<Secret>);
 
 impl Redactor {
-    pub(crate) fn new(
-        key: Option<&Secret>,
-        headers: &[(String, String)],
-        query: &[(String, String)],
-    ) -> Self {
+    pub(crate) fn new(key: Option<&Secret>, headers: &[(String, String)], query: &[(String, String)]) -> Self {
         let mut v: Vec<Secret> = key.into_iter().cloned().collect();
         v.extend(headers.iter().map(|(_, v)| Secret::new(v.trim())));
         let credential_like = |k: &str| {
             let k = k.to_ascii_lowercase();
-            ["key", "token", "secret", "sig", "auth", "password"]
-                .iter()
-                .any(|w| k.contains(w))
+            ["key", "token", "secret", "sig", "auth", "password"].iter().any(|w| k.contains(w))
         };
-        v.extend(
-            query
-                .iter()
-                .filter(|(k, _)| credential_like(k))
-                .map(|(_, v)| Secret::new(v)),
-        );
+        v.extend(query.iter().filter(|(k, _)| credential_like(k)).map(|(_, v)| Secret::new(v)));
         // Very short values would blank out ordinary words.
         v.retain(|s| s.expose().len() >= 6);
         Redactor(v)
@@ -173,25 +137,13 @@ pub(crate) struct Ctx<'a> {
 
 impl Ctx<'_> {
     pub(crate) fn error(&self, kind: ModelErrorKind, detail: &str) -> ModelError {
-        ModelError::new(
-            kind,
-            format!(
-                "{} {}: {}",
-                self.provider,
-                self.model,
-                excerpt(&self.redact.apply(detail))
-            ),
-        )
+        ModelError::new(kind, format!("{} {}: {}", self.provider, self.model, excerpt(&self.redact.apply(detail))))
     }
 }
 
 /// An `f32` as the decimal it was written as (`0.3`, not `0.30000001192092896`).
 pub(crate) fn f32_json(x: f32) -> Value {
-    x.to_string()
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
-        .map_or(Value::Null, Value::Number)
+    x.to_string().parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
 }
 
 /// `text` on one line, at most [`EXCERPT_CHARS`] characters.
@@ -264,18 +216,9 @@ pub(crate) fn status_kind(status: StatusCode) -> ModelErrorKind {
 /// `Retry-After` (seconds or an HTTP date), or `retry-after-ms` which OpenAI and
 /// Anthropic send with finer resolution and which wins when both are there.
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
-    let from_secs =
-        |s: f64| (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s.min(86_400.0)));
-    if let Some(ms) = get("retry-after-ms")
-        .and_then(|v| v.parse::<f64>().ok())
-        .and_then(|ms| from_secs(ms / 1000.0))
-    {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let from_secs = |s: f64| (s.is_finite() && s >= 0.0).then(|| Duration::from_secs_f64(s.min(86_400.0)));
+    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()).and_then(|ms| from_secs(ms / 1000.0)) {
         return Some(ms);
     }
     let v = get("retry-after")?;
@@ -283,10 +226,7 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return from_secs(secs);
     }
     let when = httpdate::parse_http_date(v).ok()?;
-    Some(
-        when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 /// The human part of a provider's error body, with its code or type when it has one:
@@ -299,18 +239,11 @@ pub(crate) fn error_text(v: &Value) -> Option<String> {
         Some(e @ Value::Object(_)) => e,
         _ => v,
     };
-    let message = obj
-        .get("message")
-        .or_else(|| obj.get("detail"))
-        .and_then(Value::as_str)?;
+    let message = obj.get("message").or_else(|| obj.get("detail")).and_then(Value::as_str)?;
     let tag = [obj.get("code"), obj.get("type")]
         .into_iter()
         .flatten()
-        .find_map(|t| {
-            t.as_str()
-                .map(str::to_owned)
-                .or_else(|| t.as_i64().map(|n| n.to_string()))
-        })
+        .find_map(|t| t.as_str().map(str::to_owned).or_else(|| t.as_i64().map(|n| n.to_string())))
         .filter(|t| !t.is_empty() && t != "error");
     Some(match tag {
         Some(t) => format!("{t}: {message}"),
@@ -330,18 +263,11 @@ pub(crate) async fn status_error(ctx: &Ctx<'_>, mut resp: reqwest::Response) -> 
         }
     }
     let text = String::from_utf8_lossy(&body);
-    let detail = serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|v| error_text(&v))
-        .unwrap_or_else(|| text.into_owned());
-    let detail = if detail.trim().is_empty() {
-        status.canonical_reason().unwrap_or("no details").to_owned()
-    } else {
-        detail
-    };
-    ctx.error(status_kind(status), &detail)
-        .with_status(status.as_u16())
-        .with_retry_after(wait)
+    let detail =
+        serde_json::from_str::<Value>(&text).ok().and_then(|v| error_text(&v)).unwrap_or_else(|| text.into_owned());
+    let detail =
+        if detail.trim().is_empty() { status.canonical_reason().unwrap_or("no details").to_owned() } else { detail };
+    ctx.error(status_kind(status), &detail).with_status(status.as_u16()).with_retry_after(wait)
 }
 
 /// POSTs `body` as JSON. Ok only for a 2xx response.
@@ -359,11 +285,7 @@ pub(crate) async fn post(
         .send()
         .await
         .map_err(|e| transport_error(ctx, e, false))?;
-    if resp.status().is_success() {
-        Ok(resp)
-    } else {
-        Err(status_error(ctx, resp).await)
-    }
+    if resp.status().is_success() { Ok(resp) } else { Err(status_error(ctx, resp).await) }
 }
 
 /// A successful response: an event stream, or (from servers that ignore `stream: true`,
@@ -377,10 +299,7 @@ type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Vec<u8>>> + Send>>;
 
 /// Reads a reply, deciding from the content type, or failing that from the first byte,
 /// whether it is JSON or an event stream.
-pub(crate) async fn open_reply(
-    ctx: &Ctx<'_>,
-    resp: reqwest::Response,
-) -> Result<Reply, ModelError> {
+pub(crate) async fn open_reply(ctx: &Ctx<'_>, resp: reqwest::Response) -> Result<Reply, ModelError> {
     let is_json = resp
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
@@ -409,18 +328,8 @@ pub(crate) async fn open_reply(
             head.extend_from_slice(&chunk.map_err(|e| transport_error(ctx, e, true))?);
         }
         return serde_json::from_slice(&head).map(Reply::Json).map_err(|e| {
-            let kind = if e.is_eof() {
-                ModelErrorKind::Truncated
-            } else {
-                ModelErrorKind::Malformed
-            };
-            ctx.error(
-                kind,
-                &format!(
-                    "response is not valid JSON ({e}): {}",
-                    String::from_utf8_lossy(&head)
-                ),
-            )
+            let kind = if e.is_eof() { ModelErrorKind::Truncated } else { ModelErrorKind::Malformed };
+            ctx.error(kind, &format!("response is not valid JSON ({e}): {}", String::from_utf8_lossy(&head)))
         });
     }
     let mut parser = SseParser::new();
@@ -454,15 +363,9 @@ impl EventReader {
     /// The error for a body that ended before the dialect's end marker.
     pub(crate) fn ended_early(&self, ctx: &Ctx<'_>, marker: &str) -> ModelError {
         if self.parser.looks_like_sse() || self.parser.bytes_seen() == 0 {
-            ctx.error(
-                ModelErrorKind::Truncated,
-                &format!("stream ended without {marker}"),
-            )
+            ctx.error(ModelErrorKind::Truncated, &format!("stream ended without {marker}"))
         } else {
-            ctx.error(
-                ModelErrorKind::Malformed,
-                &format!("response is not an event stream: {}", self.parser.head()),
-            )
+            ctx.error(ModelErrorKind::Malformed, &format!("response is not an event stream: {}", self.parser.head()))
         }
     }
 }
@@ -471,11 +374,7 @@ impl EventReader {
 /// Truncated; anything else unparseable is Malformed.
 pub(crate) fn event_json(ctx: &Ctx<'_>, ev: &SseEvent) -> Result<Value, ModelError> {
     serde_json::from_str(&ev.data).map_err(|e| {
-        let kind = if ev.at_eof {
-            ModelErrorKind::Truncated
-        } else {
-            ModelErrorKind::Malformed
-        };
+        let kind = if ev.at_eof { ModelErrorKind::Truncated } else { ModelErrorKind::Malformed };
         ctx.error(kind, &format!("event data is not JSON ({e}): {}", ev.data))
     })
 }
@@ -498,10 +397,7 @@ mod tests {
             u.as_str(),
             "https://r.openai.azure.com/openai/deployments/gpt4o/chat/completions?x=1&api-version=2024-10-21"
         );
-        assert_eq!(
-            endpoint("ftp://x", &["a"], &[]).unwrap_err().kind,
-            ModelErrorKind::Config
-        );
+        assert_eq!(endpoint("ftp://x", &["a"], &[]).unwrap_err().kind, ModelErrorKind::Config);
         let e = endpoint("nonsense", &["a"], &[]).unwrap_err();
         assert_eq!(e.kind, ModelErrorKind::Config);
     }
@@ -533,14 +429,8 @@ mod tests {
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
         h.insert("retry-after", HeaderValue::from_str(&later).unwrap());
         let d = retry_after(&h).unwrap();
-        assert!(
-            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
-            "{d:?}"
-        );
-        h.insert(
-            "retry-after",
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
@@ -571,17 +461,12 @@ mod tests {
             Some("rate_limit_exceeded: Rate limit reached")
         );
         assert_eq!(
-            t(r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#)
-                .as_deref(),
+            t(r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#).as_deref(),
             Some("overloaded_error: Overloaded")
         );
+        assert_eq!(t(r#"{"error":"model 'x' not found"}"#).as_deref(), Some("model 'x' not found"));
         assert_eq!(
-            t(r#"{"error":"model 'x' not found"}"#).as_deref(),
-            Some("model 'x' not found")
-        );
-        assert_eq!(
-            t(r#"{"object":"error","message":"bad","type":"BadRequestError","code":400}"#)
-                .as_deref(),
+            t(r#"{"object":"error","message":"bad","type":"BadRequestError","code":400}"#).as_deref(),
             Some("400: bad")
         );
         assert_eq!(t(r#"{"detail":"Not Found"}"#).as_deref(), Some("Not Found"));
@@ -602,10 +487,7 @@ mod tests {
         let r = Redactor::new(
             Some(&Secret::new("sk-abcdef123")),
             &[("api-key".into(), "azure-key-999".into())],
-            &[
-                ("api-version".into(), "2024-10-21".into()),
-                ("key".into(), "gemini-key-1".into()),
-            ],
+            &[("api-version".into(), "2024-10-21".into()), ("key".into(), "gemini-key-1".into())],
         );
         assert_eq!(
             r.apply("bad key sk-abcdef123 / azure-key-999 / gemini-key-1 at 2024-10-21"),

@@ -9,8 +9,7 @@ use async_trait::async_trait;
 use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Client, Url};
 use roundtable_core::model::{
-    ChatModel, ChatRequest, ChatResponse, Embedder, ModelError, ModelErrorKind, Role,
-    estimate_tokens,
+    ChatModel, ChatRequest, ChatResponse, Embedder, ModelError, ModelErrorKind, Role, estimate_tokens,
 };
 use serde_json::{Map, Value, json};
 
@@ -67,18 +66,12 @@ impl OpenAiConfig {
 
     /// OpenAI itself.
     pub fn openai(model: impl Into<String>, api_key: Secret) -> Self {
-        OpenAiConfig {
-            api_key: Some(api_key),
-            ..OpenAiConfig::new(Self::OPENAI_BASE_URL, model)
-        }
+        OpenAiConfig { api_key: Some(api_key), ..OpenAiConfig::new(Self::OPENAI_BASE_URL, model) }
     }
 
     /// An Azure OpenAI deployment: `endpoint` is `https://{resource}.openai.azure.com`.
     pub fn azure(endpoint: &str, deployment: &str, api_version: &str, api_key: Secret) -> Self {
-        let base = format!(
-            "{}/openai/deployments/{deployment}",
-            endpoint.trim_end_matches('/')
-        );
+        let base = format!("{}/openai/deployments/{deployment}", endpoint.trim_end_matches('/'));
         OpenAiConfig {
             api_key: Some(api_key),
             azure: true,
@@ -125,10 +118,7 @@ impl Conn {
             if cfg.azure {
                 headers.insert("api-key", http::sensitive(key.expose(), "api-key")?);
             } else {
-                headers.insert(
-                    AUTHORIZATION,
-                    http::sensitive(&format!("Bearer {}", key.expose()), "authorization")?,
-                );
+                headers.insert(AUTHORIZATION, http::sensitive(&format!("Bearer {}", key.expose()), "authorization")?);
             }
         }
         http::extra_headers(&mut headers, &cfg.headers)?;
@@ -141,11 +131,7 @@ impl Conn {
     }
 
     fn ctx(&self) -> Ctx<'_> {
-        Ctx {
-            provider: "openai",
-            model: &self.model,
-            redact: &self.redact,
-        }
+        Ctx { provider: "openai", model: &self.model, redact: &self.redact }
     }
 }
 
@@ -191,8 +177,7 @@ impl OpenAiChat {
         let mut messages = Vec::with_capacity(req.message_count() + 1);
         let mut system = req.system.as_deref().unwrap_or("").to_owned();
         // OpenAI refuses json_object mode unless the word "JSON" appears in the messages.
-        if req.json && !mentions_json(&system) && !req.messages().any(|m| mentions_json(&m.content))
-        {
+        if req.json && !mentions_json(&system) && !req.messages().any(|m| mentions_json(&m.content)) {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
@@ -222,11 +207,7 @@ impl OpenAiChat {
             body.insert("temperature".into(), http::f32_json(t));
         }
         if let Some(n) = req.max_tokens {
-            let field = if self.max_completion_tokens {
-                "max_completion_tokens"
-            } else {
-                "max_tokens"
-            };
+            let field = if self.max_completion_tokens { "max_completion_tokens" } else { "max_tokens" };
             body.insert(field.into(), json!(n));
         }
         if req.json {
@@ -244,9 +225,7 @@ fn role(r: Role) -> &'static str {
 }
 
 fn mentions_json(s: &str) -> bool {
-    s.as_bytes()
-        .windows(4)
-        .any(|w| w.eq_ignore_ascii_case(b"json"))
+    s.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"json"))
 }
 
 /// A peer id as OpenAI accepts a `name`: `[A-Za-z0-9_-]{1,64}`, other characters
@@ -255,13 +234,7 @@ pub(crate) fn sanitize_name(name: &str) -> Option<String> {
     let s: String = name
         .trim()
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
         .take(64)
         .collect();
     (!s.is_empty() && s.chars().any(|c| c != '_')).then_some(s)
@@ -283,28 +256,14 @@ impl Answer {
         if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
             return Err(in_band_error(ctx, v, e));
         }
-        if let Some(m) = v
-            .get("model")
-            .and_then(Value::as_str)
-            .filter(|m| !m.is_empty())
-        {
+        if let Some(m) = v.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()) {
             self.model = Some(m.to_owned());
         }
-        let choices = v
-            .get("choices")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        let choices = v.get("choices").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         // With n > 1 only the first choice is the answer.
-        if let Some(c) = choices
-            .iter()
-            .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
-        {
-            let part = c
-                .get("delta")
-                .or_else(|| c.get("message"))
-                .and_then(|d| d.get("content"))
-                .and_then(Value::as_str);
+        if let Some(c) = choices.iter().find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0) {
+            let part =
+                c.get("delta").or_else(|| c.get("message")).and_then(|d| d.get("content")).and_then(Value::as_str);
             if let Some(part) = part.filter(|p| !p.is_empty()) {
                 self.text.push_str(part);
                 if let Some(sink) = &req.on_token {
@@ -322,12 +281,7 @@ impl Answer {
         Ok(())
     }
 
-    fn finish(
-        self,
-        ctx: &Ctx<'_>,
-        req: &ChatRequest,
-        configured: &str,
-    ) -> Result<ChatResponse, ModelError> {
+    fn finish(self, ctx: &Ctx<'_>, req: &ChatRequest, configured: &str) -> Result<ChatResponse, ModelError> {
         if self.text.trim().is_empty() {
             let why = match &self.finish_reason {
                 Some(fr) => format!("no text in the answer (finish_reason {fr})"),
@@ -343,10 +297,7 @@ impl Answer {
                     model = ctx.model,
                     "server sent no usage; estimating tokens from text length"
                 );
-                (
-                    req.estimated_prompt_tokens(),
-                    u64::from(estimate_tokens(&self.text)),
-                )
+                (req.estimated_prompt_tokens(), u64::from(estimate_tokens(&self.text)))
             }
         };
         Ok(ChatResponse {
@@ -361,10 +312,7 @@ impl Answer {
 
 /// An `{"error": ...}` object inside a successful response.
 fn in_band_error(ctx: &Ctx<'_>, whole: &Value, e: &Value) -> ModelError {
-    let code = e.get("code").and_then(|c| {
-        c.as_u64()
-            .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
-    });
+    let code = e.get("code").and_then(|c| c.as_u64().or_else(|| c.as_str().and_then(|s| s.parse().ok())));
     let kind_str = [e.get("type"), e.get("code")]
         .into_iter()
         .flatten()
@@ -372,10 +320,7 @@ fn in_band_error(ctx: &Ctx<'_>, whole: &Value, e: &Value) -> ModelError {
         .collect::<Vec<_>>()
         .join(" ")
         .to_ascii_lowercase();
-    let kind = match code
-        .and_then(|c| u16::try_from(c).ok())
-        .and_then(|c| reqwest::StatusCode::from_u16(c).ok())
-    {
+    let kind = match code.and_then(|c| u16::try_from(c).ok()).and_then(|c| reqwest::StatusCode::from_u16(c).ok()) {
         Some(status) if !status.is_success() => http::status_kind(status),
         _ if kind_str.contains("rate_limit") => ModelErrorKind::RateLimited,
         _ => ModelErrorKind::Server,
@@ -401,14 +346,7 @@ impl ChatModel for OpenAiChat {
             messages = req.message_count(),
             "model call"
         );
-        let resp = http::post(
-            &ctx,
-            &self.conn.client,
-            &self.url,
-            &self.conn.headers,
-            &self.body(req),
-        )
-        .await?;
+        let resp = http::post(&ctx, &self.conn.client, &self.url, &self.conn.headers, &self.body(req)).await?;
         let mut answer = Answer::default();
         match http::open_reply(&ctx, resp).await? {
             Reply::Json(v) => answer.absorb(&ctx, &v, req)?,
@@ -464,11 +402,7 @@ impl OpenAiEmbedder {
 
     pub fn with_client(cfg: OpenAiConfig, client: Client) -> Result<Self, ModelError> {
         let url = http::endpoint(&cfg.base_url, &["embeddings"], &cfg.query)?;
-        Ok(OpenAiEmbedder {
-            conn: Conn::new(&cfg, client)?,
-            url,
-            batch: 128,
-        })
+        Ok(OpenAiEmbedder { conn: Conn::new(&cfg, client)?, url, batch: 128 })
     }
 
     /// At most `n` texts per request (OpenAI takes up to 2048; local servers often
@@ -481,68 +415,44 @@ impl OpenAiEmbedder {
     async fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ModelError> {
         let ctx = self.conn.ctx();
         let body = json!({"model": self.conn.model, "input": texts});
-        let resp = http::post(
-            &ctx,
-            &self.conn.client,
-            &self.url,
-            &self.conn.headers,
-            &body,
-        )
-        .await?;
+        let resp = http::post(&ctx, &self.conn.client, &self.url, &self.conn.headers, &body).await?;
         let v = match http::open_reply(&ctx, resp).await? {
             Reply::Json(v) => v,
             Reply::Events(_) => {
-                return Err(ctx.error(
-                    ModelErrorKind::Malformed,
-                    "expected a JSON body, got an event stream",
-                ));
+                return Err(ctx.error(ModelErrorKind::Malformed, "expected a JSON body, got an event stream"));
             }
         };
         if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
             return Err(in_band_error(&ctx, &v, e));
         }
-        let data = v.get("data").and_then(Value::as_array).ok_or_else(|| {
-            ctx.error(ModelErrorKind::Malformed, "no `data` array in the response")
-        })?;
+        let data = v
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ctx.error(ModelErrorKind::Malformed, "no `data` array in the response"))?;
         let mut slots: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         for (pos, item) in data.iter().enumerate() {
-            let index = item
-                .get("index")
-                .and_then(Value::as_u64)
-                .map_or(pos, |i| i as usize);
+            let index = item.get("index").and_then(Value::as_u64).map_or(pos, |i| i as usize);
             let vector: Option<Vec<f32>> = item
                 .get("embedding")
                 .and_then(Value::as_array)
                 .and_then(|xs| xs.iter().map(|x| x.as_f64().map(|f| f as f32)).collect());
             let vector = vector.filter(|v| !v.is_empty()).ok_or_else(|| {
-                ctx.error(
-                    ModelErrorKind::Malformed,
-                    &format!("embedding {index} is not a list of numbers"),
-                )
+                ctx.error(ModelErrorKind::Malformed, &format!("embedding {index} is not a list of numbers"))
             })?;
             match slots.get_mut(index) {
                 Some(slot @ None) => *slot = Some(vector),
                 _ => {
-                    return Err(ctx.error(
-                        ModelErrorKind::Malformed,
-                        &format!("unexpected or repeated embedding index {index}"),
-                    ));
+                    return Err(ctx
+                        .error(ModelErrorKind::Malformed, &format!("unexpected or repeated embedding index {index}")));
                 }
             }
         }
-        slots
-            .into_iter()
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                ctx.error(
-                    ModelErrorKind::Malformed,
-                    &format!(
-                        "{} texts sent, {} embeddings received",
-                        texts.len(),
-                        data.len()
-                    ),
-                )
-            })
+        slots.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| {
+            ctx.error(
+                ModelErrorKind::Malformed,
+                &format!("{} texts sent, {} embeddings received", texts.len(), data.len()),
+            )
+        })
     }
 }
 
@@ -598,10 +508,7 @@ mod tests {
         let mut req = ChatRequest::simple("p", "hi");
         req.max_tokens = Some(50);
         let body = chat.body(&req);
-        assert_eq!(
-            (body["seed"].clone(), body["stream"].clone()),
-            (json!(7), json!(true))
-        );
+        assert_eq!((body["seed"].clone(), body["stream"].clone()), (json!(7), json!(true)));
         assert_eq!(body["max_completion_tokens"], 50);
         assert!(body.get("max_tokens").is_none());
     }

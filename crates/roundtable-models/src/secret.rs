@@ -55,10 +55,7 @@ mod tests {
     #[test]
     fn never_prints_itself() {
         let s = Secret::new("sk-live-123");
-        assert_eq!(
-            format!("{s} {s:?} {:?}", Some(s.clone())),
-            "*** *** Some(***)"
-        );
+        assert_eq!(format!("{s} {s:?} {:?}", Some(s.clone())), "*** *** Some(***)");
         assert_eq!(s.expose(), "sk-live-123");
     }
 }

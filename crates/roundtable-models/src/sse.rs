@@ -39,10 +39,7 @@ pub(crate) struct SseParser {
 
 impl SseParser {
     pub(crate) fn new() -> Self {
-        SseParser {
-            first_line: true,
-            ..Default::default()
-        }
+        SseParser { first_line: true, ..Default::default() }
     }
 
     pub(crate) fn feed(&mut self, chunk: &[u8]) {
@@ -107,11 +104,7 @@ impl SseParser {
                     }
                     let line = self.buf[start..i].to_vec();
                     self.line(&line);
-                    i += if self.buf.get(i + 1) == Some(&b'\n') {
-                        2
-                    } else {
-                        1
-                    };
+                    i += if self.buf.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
                     start = i;
                 }
                 _ => i += 1,
@@ -165,11 +158,7 @@ impl SseParser {
     }
 
     fn dispatch(&mut self, at_eof: bool) {
-        self.ready.push_back(SseEvent {
-            event: self.event.take(),
-            data: std::mem::take(&mut self.data),
-            at_eof,
-        });
+        self.ready.push_back(SseEvent { event: self.event.take(), data: std::mem::take(&mut self.data), at_eof });
         self.has_data = false;
     }
 }
@@ -183,11 +172,7 @@ mod tests {
     }
 
     fn ev(event: Option<&str>, data: &str, at_eof: bool) -> SseEvent {
-        SseEvent {
-            event: event.map(str::to_owned),
-            data: data.to_owned(),
-            at_eof,
-        }
+        SseEvent { event: event.map(str::to_owned), data: data.to_owned(), at_eof }
     }
 
     const BODY: &str = "\u{feff}: keep-alive\r\nevent: a\r\ndata: {\"x\":1}\r\n\r\ndata: line1\ndata:line2\n\nid: 3\nretry: 10\ndata: héllo\r\r";
@@ -199,11 +184,7 @@ mod tests {
         p.finish();
         assert_eq!(
             all(&mut p),
-            vec![
-                ev(Some("a"), "{\"x\":1}", false),
-                ev(None, "line1\nline2", false),
-                ev(None, "héllo", false)
-            ]
+            vec![ev(Some("a"), "{\"x\":1}", false), ev(None, "line1\nline2", false), ev(None, "héllo", false)]
         );
         assert!(p.looks_like_sse());
     }
@@ -228,10 +209,7 @@ mod tests {
         p.feed(b"\n\r");
         p.feed(b"\ndata: b\n\n");
         p.finish();
-        assert_eq!(
-            all(&mut p),
-            vec![ev(None, "a", false), ev(None, "b", false)]
-        );
+        assert_eq!(all(&mut p), vec![ev(None, "a", false), ev(None, "b", false)]);
     }
 
     #[test]
@@ -239,10 +217,7 @@ mod tests {
         let mut p = SseParser::new();
         p.feed(b"data: {\"a\":1}\n\ndata: {\"b\":");
         p.finish();
-        assert_eq!(
-            all(&mut p),
-            vec![ev(None, "{\"a\":1}", false), ev(None, "{\"b\":", true)]
-        );
+        assert_eq!(all(&mut p), vec![ev(None, "{\"a\":1}", false), ev(None, "{\"b\":", true)]);
     }
 
     #[test]

@@ -25,11 +25,7 @@ fn chat(server: &MockServer) -> AnthropicChat {
 
 async fn serve(template: ResponseTemplate) -> MockServer {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/messages"))
-        .respond_with(template)
-        .mount(&server)
-        .await;
+    Mock::given(method("POST")).and(path("/v1/messages")).respond_with(template).mount(&server).await;
     server
 }
 
@@ -39,10 +35,7 @@ async fn streams_text_in_order_and_reports_usage() {
     let (req, got) = collecting(debate_request());
     let r = chat(&server).chat(&req).await.unwrap();
 
-    assert_eq!(
-        *got.lock().unwrap(),
-        ["I agree", " with Alice", ": the answer", " is 42."]
-    );
+    assert_eq!(*got.lock().unwrap(), ["I agree", " with Alice", ": the answer", " is 42."]);
     assert_eq!(r.text, "I agree with Alice: the answer is 42.");
     assert_eq!((r.prompt_tokens, r.completion_tokens), (472, 15));
     assert_eq!(r.model, "claude-sonnet-4-5-20250929");
@@ -77,35 +70,18 @@ async fn unauthorized_is_auth_and_the_key_never_shows() {
     let server = serve(json_body(401, "anthropic_401.json")).await;
     let cfg = config(&server);
     let model = AnthropicChat::new(cfg.clone()).unwrap();
-    let e = model
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let e = model.chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!((e.kind, e.status), (ModelErrorKind::Auth, Some(401)));
-    assert!(
-        e.message
-            .contains("authentication_error: invalid x-api-key"),
-        "{}",
-        e.message
-    );
-    for shown in [
-        e.to_string(),
-        format!("{e:?}"),
-        format!("{model:?}"),
-        format!("{cfg:?}"),
-    ] {
+    assert!(e.message.contains("authentication_error: invalid x-api-key"), "{}", e.message);
+    for shown in [e.to_string(), format!("{e:?}"), format!("{model:?}"), format!("{cfg:?}")] {
         assert!(!shown.contains("DO-NOT-LEAK"), "key leaked: {shown}");
     }
 }
 
 #[tokio::test]
 async fn rate_limited_carries_retry_after() {
-    let server =
-        serve(json_body(429, "anthropic_429.json").insert_header("retry-after", "7")).await;
-    let e = chat(&server)
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let server = serve(json_body(429, "anthropic_429.json").insert_header("retry-after", "7")).await;
+    let e = chat(&server).chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!((e.kind, e.status), (ModelErrorKind::RateLimited, Some(429)));
     assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
     assert!(e.message.contains("rate_limit_error"), "{}", e.message);
@@ -114,16 +90,9 @@ async fn rate_limited_carries_retry_after() {
 #[tokio::test]
 async fn overloaded_529_is_server() {
     let server = serve(json_body(529, "anthropic_529.json")).await;
-    let e = chat(&server)
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let e = chat(&server).chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!((e.kind, e.status), (ModelErrorKind::Server, Some(529)));
-    assert!(
-        e.message.contains("overloaded_error: Overloaded"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("overloaded_error: Overloaded"), "{}", e.message);
 }
 
 #[tokio::test]
@@ -140,53 +109,38 @@ async fn an_error_event_mid_stream_fails_the_call() {
 async fn a_rate_limit_error_event_is_rate_limited() {
     let body = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"Number of request tokens has exceeded your per-minute rate limit\"}}\n\n";
     let server = serve(ResponseTemplate::new(200).set_body_raw(body, "text/event-stream")).await;
-    let e = chat(&server)
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let e = chat(&server).chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!(e.kind, ModelErrorKind::RateLimited, "{e}");
 }
 
 #[tokio::test]
 async fn a_stream_without_message_stop_is_truncated() {
     let server = serve(sse("anthropic_stream_cut.sse")).await;
-    let e = chat(&server)
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let e = chat(&server).chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!(e.kind, ModelErrorKind::Truncated, "{e}");
 
     let mut body = fixture("anthropic_stream.sse");
     body.truncate(body.len() - 20);
     let server = serve(ResponseTemplate::new(200).set_body_raw(body, "text/event-stream")).await;
-    let e = chat(&server)
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let e = chat(&server).chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!(e.kind, ModelErrorKind::Truncated, "{e}");
 }
 
 #[tokio::test]
 async fn an_answer_without_text_is_empty() {
     let server = serve(sse("anthropic_stream_empty.sse")).await;
-    let e = chat(&server)
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let e = chat(&server).chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!(e.kind, ModelErrorKind::Empty, "{e}");
 }
 
 #[tokio::test]
 async fn a_non_json_body_is_malformed() {
-    let server = serve(ResponseTemplate::new(200).set_body_raw(
-        "upstream connect error or disconnect/reset before headers",
-        "text/plain",
-    ))
+    let server = serve(
+        ResponseTemplate::new(200)
+            .set_body_raw("upstream connect error or disconnect/reset before headers", "text/plain"),
+    )
     .await;
-    let e = chat(&server)
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let e = chat(&server).chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!(e.kind, ModelErrorKind::Malformed, "{e}");
 }
 
@@ -194,11 +148,7 @@ async fn a_non_json_body_is_malformed() {
 async fn an_unreachable_endpoint_is_transport() {
     let mut cfg = AnthropicConfig::new("claude-sonnet-4-5", None);
     cfg.base_url = dead_url("");
-    let e = AnthropicChat::new(cfg)
-        .unwrap()
-        .chat(&ChatRequest::simple("alice", "hi"))
-        .await
-        .unwrap_err();
+    let e = AnthropicChat::new(cfg).unwrap().chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
     assert_eq!(e.kind, ModelErrorKind::Transport, "{e}");
 }
 

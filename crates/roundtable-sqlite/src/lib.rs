@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use roundtable_core::blackboard::{BoardError, Blackboard};
+use roundtable_core::blackboard::{Blackboard, BoardError};
 use roundtable_core::bus::{Backend, BusError, MemParts, Presence};
 use roundtable_core::log::{Entry, LogError, LogErrorKind, LogStore, MemLog, SessionInfo, SessionLog, SharedMemLog};
 use roundtable_core::workqueue::{QueueConfig, QueueError, WorkQueue};
@@ -78,12 +78,9 @@ impl SqliteStore {
                 format!("no session database at {} (run a session first)", path.display()),
             ));
         }
-        if create {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    LogError::new(LogErrorKind::Storage, format!("creating {}: {e}", dir.display()))
-                })?;
-            }
+        if create && let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| LogError::new(LogErrorKind::Storage, format!("creating {}: {e}", dir.display())))?;
         }
         let flags = if create {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
@@ -172,7 +169,14 @@ impl SqliteStore {
         for (i, env) in envs.iter().enumerate() {
             tx.execute(
                 "INSERT INTO envelopes (session, seq, id, kind, time_ms, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![session.as_str(), i as i64 + 1, env.id.as_str(), env.kind.as_str(), env.time_ms as i64, env.to_json()],
+                params![
+                    session.as_str(),
+                    i as i64 + 1,
+                    env.id.as_str(),
+                    env.kind.as_str(),
+                    env.time_ms as i64,
+                    env.to_json()
+                ],
             )
             .map_err(|e| storage("importing", &self.path, e))?;
         }

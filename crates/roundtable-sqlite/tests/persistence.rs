@@ -8,7 +8,8 @@ use roundtable_core::{Body, Envelope, Kind, PeerId, Recipient, SessionId};
 use roundtable_sqlite::{Durability, SqliteStore};
 
 fn env(s: &SessionId, from: &str, step: &str, kind: Kind) -> Envelope {
-    let mut e = Envelope::new(s, &PeerId::from(from), step, kind, Recipient::All, Body::text(format!("{from} at {step}")));
+    let mut e =
+        Envelope::new(s, &PeerId::from(from), step, kind, Recipient::All, Body::text(format!("{from} at {step}")));
     if kind == Kind::Task {
         e.body.json = Some(serde_json::json!({"team_name": "trio"}));
     }
@@ -86,7 +87,8 @@ async fn export_then_import_reproduces_the_session_and_refuses_to_overwrite() {
     let text = String::from_utf8(out).unwrap();
     let envs = jsonl::parse("x.jsonl", &text).unwrap();
 
-    let other = SqliteStore::open(&SqliteStore::default_path(&dir.path().join("other")), true, Durability::Normal).unwrap();
+    let other =
+        SqliteStore::open(&SqliteStore::default_path(&dir.path().join("other")), true, Durability::Normal).unwrap();
     assert_eq!(other.import(&envs).unwrap(), s);
     let copy = other.open(&s, false).await.unwrap().read_all().await.unwrap();
     let orig = log.read_all().await.unwrap();

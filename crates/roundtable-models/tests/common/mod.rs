@@ -12,9 +12,7 @@ use roundtable_core::model::{ChatMessage, ChatRequest, Role, Transcript};
 use wiremock::ResponseTemplate;
 
 pub(crate) fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -29,13 +27,8 @@ pub(crate) fn json_body(status: u16, name: &str) -> ResponseTemplate {
 /// Alice's view of a short debate: the task, Bob, herself, Carol, then the instruction.
 pub(crate) fn debate_request() -> ChatRequest {
     let mut t = Transcript::default();
-    let mut push = |role, name: Option<&str>, text: &str| {
-        t.push(ChatMessage::new(
-            role,
-            name.map(PeerId::from),
-            Arc::from(text),
-        ))
-    };
+    let mut push =
+        |role, name: Option<&str>, text: &str| t.push(ChatMessage::new(role, name.map(PeerId::from), Arc::from(text)));
     push(Role::User, None, "What is 6 x 7?");
     push(Role::User, Some("bob"), "I think 42.");
     push(Role::Assistant, Some("alice"), "Probably 42.");
@@ -53,9 +46,7 @@ pub(crate) fn debate_request() -> ChatRequest {
 pub(crate) fn collecting(mut req: ChatRequest) -> (ChatRequest, Arc<Mutex<Vec<String>>>) {
     let got = Arc::new(Mutex::new(Vec::new()));
     let sink = got.clone();
-    req.on_token = Some(Arc::new(move |t: &str| {
-        sink.lock().unwrap().push(t.to_owned())
-    }));
+    req.on_token = Some(Arc::new(move |t: &str| sink.lock().unwrap().push(t.to_owned())));
     (req, got)
 }
 
