@@ -169,6 +169,9 @@ impl From<LogError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Behave like other Unix tools when the reader goes away (`roundtable log … | head`):
+    // end quietly on SIGPIPE instead of panicking on a failed print.
+    sigpipe::reset();
     let cli = Cli::parse();
     // Logs on stderr (ROUNDTABLE_LOG), spans over OTLP when OTEL_* ask for it; dropped
     // after the runtime, which flushes pending spans.

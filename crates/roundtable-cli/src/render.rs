@@ -112,6 +112,10 @@ pub(crate) struct Live {
     tty: bool,
     progress: bool,
     streaming: Option<(PeerId, std::sync::Arc<str>)>,
+    /// Whether any text of the current stream was printed.
+    streamed: bool,
+    /// (peer, step) of every envelope already printed.
+    shown: std::collections::HashSet<(PeerId, std::sync::Arc<str>)>,
     tally: Tally,
     round: u32,
     started: Instant,
@@ -125,6 +129,8 @@ impl Live {
             tty: std::io::stdout().is_terminal(),
             progress: std::io::stderr().is_terminal(),
             streaming: None,
+            streamed: false,
+            shown: Default::default(),
             tally: Tally::default(),
             round: 0,
             started: Instant::now(),
@@ -163,7 +169,8 @@ impl Live {
         let mut out = std::io::stdout().lock();
         match ev {
             PeerEvent::Thinking { peer, step, round } => {
-                if self.streaming.is_none() {
+                // Events travel apart from the log: one may arrive after its envelope.
+                if self.streaming.is_none() && !self.shown.contains(&(peer.clone(), step.clone())) {
                     self.clear_progress();
                     let _ = writeln!(
                         out,
@@ -172,12 +179,16 @@ impl Live {
                         self.st.bold(peer.as_str()),
                         self.st.dim("…")
                     );
-                    let _ = write!(out, "  ");
                     self.streaming = Some((peer, step));
+                    self.streamed = false;
                 }
             }
             PeerEvent::Token { peer, step, text } => {
                 if self.streaming.as_ref().is_some_and(|(p, s)| *p == peer && *s == step) {
+                    if !self.streamed {
+                        let _ = write!(out, "  ");
+                        self.streamed = true;
+                    }
                     let _ = write!(out, "{}", text.replace('\n', "\n  "));
                 }
             }
@@ -190,19 +201,33 @@ impl Live {
         self.round = self.round.max(e.env.round);
         self.clear_progress();
         let mut out = std::io::stdout().lock();
+        self.shown.insert((e.env.from.clone(), e.env.step.clone()));
         let streamed = self.streaming.as_ref().is_some_and(|(p, s)| *p == e.env.from && *s == e.env.step);
         if streamed {
+            // Its header is on screen; finish the text if none of it streamed.
             self.streaming = None;
-            let _ = writeln!(out);
             if e.env.kind == Kind::Failure {
+                if self.streamed {
+                    let _ = writeln!(out);
+                }
                 let _ = writeln!(out, "{}", format_entry(e, self.st));
-            } else if let Some(u) = usage_line(e, self.st) {
-                let _ = writeln!(out, "{u}");
+            } else {
+                if self.streamed {
+                    let _ = writeln!(out);
+                } else {
+                    let _ = writeln!(out, "{}", indent(&e.env.body.text));
+                }
+                if let Some(u) = usage_line(e, self.st) {
+                    let _ = writeln!(out, "{u}");
+                }
             }
         } else {
             if self.streaming.is_some() {
-                // Another peer is mid-stream: keep its line intact.
-                let _ = writeln!(out);
+                // Another peer is mid-stream: end its line, and let its envelope print
+                // whole when it lands.
+                if self.streamed {
+                    let _ = writeln!(out);
+                }
                 self.streaming = None;
             }
             let _ = writeln!(out, "{}", format_entry(e, self.st));

@@ -414,3 +414,25 @@ fn sigkill_mid_session_then_resume_loses_nothing_and_repeats_no_logged_step() {
     assert_eq!(messages, 10);
     assert_eq!(distinct, full.lines().count(), "no duplicates");
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly_not_with_a_panic() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let team = examples().join("product-debate.toml");
+    let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
+    let id = json(&o)["session"].as_str().unwrap().to_string();
+    let mut child = bin()
+        .args(["log", &id, "--data-dir"])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap(); // then the pipe closes
+    let out = child.wait_with_output().unwrap();
+    assert!(first.contains("Task"), "{first}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+}
