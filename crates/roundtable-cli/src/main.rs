@@ -126,6 +126,9 @@ enum Command {
         session: String,
         #[arg(long)]
         json: bool,
+        /// Serve Prometheus metrics of the session at http://ADDR/metrics while it runs.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         remote: nats::NatsArgs,
     },
@@ -259,9 +262,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 .await?;
             finish(&summary, json)
         }
-        Command::Resume { session, json, remote } => {
+        Command::Resume { session, json, metrics, remote } => {
             if remote.url().is_some() {
-                return nats::resume(&dir, &session, json, &remote).await;
+                return nats::resume(&dir, &session, json, metrics, &remote).await;
             }
             let store = open_store(&dir, false, Durability::Normal)?;
             let log = store.open(&SessionId::from(session.as_str()), false).await?;
@@ -278,14 +281,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 }
                 return finish(&current, json);
             }
-            let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
+            let watch = observe::RunWatch::start(metrics).await?;
+            let models = factory::models_observed(&plan, None, watch.retry_observer())
+                .map_err(|e| Failure::Input(e.to_string()))?;
             if !json {
                 println!("Resuming {session} from envelope {} …", current.envelopes);
             }
             // The same secret as the run that was cut off: a juror that committed can
             // still open its sealed vote and reveal it.
             let extras = PeerExtras { secret: Some(factory::local_secret(&dir)?), ..PeerExtras::default() };
-            let summary = drive(log, &plan, models, json, None, extras).await?;
+            let id = log.session().clone();
+            let summary =
+                watch.session(&id, &plan, &log, drive(log.clone(), &plan, models, json, None, extras)).await?;
             finish(&summary, json)
         }
         Command::Sessions { json, remote } => {

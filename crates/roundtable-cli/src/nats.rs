@@ -209,6 +209,9 @@ pub(crate) struct PeerArgs {
     /// Print only a JSON summary on stdout when the session ends.
     #[arg(long)]
     json: bool,
+    /// Serve Prometheus metrics of the session at http://ADDR/metrics while it runs.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -275,7 +278,13 @@ pub(crate) async fn run(
 }
 
 /// `resume --nats`: every peer of the team in this process, on an open session.
-pub(crate) async fn resume(dir: &Path, session: &str, json: bool, args: &NatsArgs) -> Result<ExitCode, Failure> {
+pub(crate) async fn resume(
+    dir: &Path,
+    session: &str,
+    json: bool,
+    metrics: Option<std::net::SocketAddr>,
+    args: &NatsArgs,
+) -> Result<ExitCode, Failure> {
     let backend = args.connect(true).await?;
     let session = SessionId::from(session);
     let log = backend.logs().open(&session, false).await?;
@@ -287,12 +296,16 @@ pub(crate) async fn resume(dir: &Path, session: &str, json: bool, args: &NatsArg
         }
         return finish(&current, json);
     }
-    let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
+    let watch = observe::RunWatch::start(metrics).await?;
+    let models =
+        factory::models_observed(&plan, None, watch.retry_observer()).map_err(|e| Failure::Input(e.to_string()))?;
     if !json {
         println!("Resuming {session} from envelope {} …", current.envelopes);
     }
     let (presence, extras) = parts(&backend, &session, &plan, factory::local_secret(dir)?).await?;
-    let summary = crate::drive(log, &plan, models, json, Some(presence), extras).await?;
+    let summary = watch
+        .session(&session, &plan, &log, crate::drive(log.clone(), &plan, models, json, Some(presence), extras))
+        .await?;
     finish(&summary, json)
 }
 
@@ -363,12 +376,16 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
     if serde_json::to_value(&plan).ok() != serde_json::to_value(&local).ok() {
         eprintln!("warning: session {session} runs the plan in its task, which differs from {}", args.team.display());
     }
-    let models = factory::models_for(&plan, Some(&me)).map_err(|e| Failure::Input(e.to_string()))?;
+    let watch = observe::RunWatch::start(args.metrics).await?;
+    let models = factory::models_observed(&plan, Some(&me), watch.retry_observer())
+        .map_err(|e| Failure::Input(e.to_string()))?;
     let (presence, extras) = parts(&backend, &session, &plan, factory::local_secret(dir)?).await?;
     if !args.json {
         eprintln!("{me} joined session {session} on {}", args.nats.shown());
     }
-    let summary = crate::drive(log, &plan, models, args.json, Some(presence), extras).await?;
+    let summary = watch
+        .session(&session, &plan, &log, crate::drive(log.clone(), &plan, models, args.json, Some(presence), extras))
+        .await?;
     finish(&summary, args.json)
 }
 

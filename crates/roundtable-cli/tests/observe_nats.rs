@@ -76,3 +76,59 @@ fn trace_replay_and_ui_read_a_session_from_nats() {
     drop(out);
     assert!(body.contains("product-debate"), "{body}");
 }
+
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(c, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut b = String::new();
+    c.read_to_string(&mut b).ok()?;
+    Some(b)
+}
+
+#[test]
+fn a_peer_process_serves_its_sessions_metrics() {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let team = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/product-debate.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let peer = |id: &str, extra: &[&str]| {
+        bin()
+            .args([
+                "peer",
+                team.to_str().unwrap(),
+                "--id",
+                id,
+                "--session",
+                "metrics-1",
+                "--json",
+                "--nats",
+                &server.url(),
+            ])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // pm alone: it posts the task and waits for the others, serving metrics meanwhile.
+    let pm = peer("pm", &["--metrics", &format!("127.0.0.1:{port}")]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        match scrape(port) {
+            Some(b) if b.contains("roundtable_envelopes_total") => break b,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            other => panic!("no metrics from the peer: {other:?}"),
+        }
+    };
+    assert!(body.contains("# TYPE roundtable_envelopes_total counter"), "{body}");
+    let others: Vec<_> = ["eng", "cfo", "facilitator"].iter().map(|id| peer(id, &[])).collect();
+    for child in std::iter::once(pm).chain(others) {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(s["messages"], 10);
+    }
+}
