@@ -3,6 +3,7 @@
 //! r-1, so the critical path is `rounds × latency`; whatever the wall time adds to it is
 //! the framework's.
 
+use roundtable_core::team::NoEnv;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use roundtable_core::log::{LogStore, MemStore};
 use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError};
 use roundtable_core::runner::{open_session, run_peers};
 use roundtable_core::session::new_session_id;
-use roundtable_core::team::{PlanEnv, TeamPlan, parse_team};
+use roundtable_core::team::{TeamPlan, parse_team};
 use serde::Serialize;
 
 use crate::mock::REPLY;
@@ -46,16 +47,6 @@ impl ChatModel for LatencyModel {
 }
 
 /// Plans are built from strings with no environment and no files.
-pub(crate) struct NoEnv;
-impl PlanEnv for NoEnv {
-    fn var_is_set(&self, _: &str) -> bool {
-        false
-    }
-    fn read(&self, p: &str) -> Result<String, String> {
-        Err(format!("no file {p}"))
-    }
-}
-
 /// A debate of `n` members over `rounds` rounds (round 0 included), decided by
 /// plurality, with no other stop condition.
 pub fn debate_plan(n: usize, rounds: u32) -> TeamPlan {

@@ -15,7 +15,7 @@ use roundtable_core::session::new_session_id;
 use roundtable_core::team::{TeamPlan, parse_team};
 use serde::Serialize;
 
-use crate::rounds::NoEnv;
+use roundtable_core::team::NoEnv;
 
 /// The words replies are made of (cycled, then cut to the reply's size).
 const FILLER: &str = "the proposal holds if the cache is warmed before the first request and the fallback path \

@@ -1,5 +1,6 @@
 //! The workloads.
 
+use roundtable_core::team::NoEnv;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,21 +10,11 @@ use roundtable_core::log::{LogStore, MemStore, SessionLog};
 use roundtable_core::model::ChatModel;
 use roundtable_core::runner::{open_session, run_peers};
 use roundtable_core::session::new_session_id;
-use roundtable_core::team::{PlanEnv, TeamPlan, parse_team};
+use roundtable_core::team::{TeamPlan, parse_team};
 use serde::Serialize;
 
 use crate::mock::MockModel;
 use crate::rss_kib;
-
-struct NoEnv;
-impl PlanEnv for NoEnv {
-    fn var_is_set(&self, _: &str) -> bool {
-        false
-    }
-    fn read(&self, p: &str) -> Result<String, String> {
-        Err(format!("no file {p}"))
-    }
-}
 
 /// A round-robin team of `n` peers that stops after `messages` messages (the task
 /// included), with full history in every peer's context.

@@ -25,6 +25,7 @@
 //! too); [`EvalModel::Custom`] hands every peer a model of the caller's (a real
 //! provider), graded the same way.
 
+use crate::team::NoEnv;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,7 +41,7 @@ use crate::model::simulated::{Oracle, Simulated, arithmetic};
 use crate::peer::PeerExtras;
 use crate::protocol::answers::{extract, normalize};
 use crate::runner::{open_session, run_peers_with};
-use crate::team::{PlanEnv, ProviderSpec, TeamPlan, VoteRule, parse_team};
+use crate::team::{ProviderSpec, TeamPlan, VoteRule, parse_team};
 
 /// One question with its known answer.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -375,16 +376,6 @@ pub fn binomial_majority(n: u32, p: f64) -> f64 {
 
 fn binomial(n: u32, k: u32) -> f64 {
     (0..k).fold(1.0, |acc, i| acc * f64::from(n - i) / f64::from(i + 1))
-}
-
-struct NoEnv;
-impl PlanEnv for NoEnv {
-    fn var_is_set(&self, _: &str) -> bool {
-        false
-    }
-    fn read(&self, path: &str) -> Result<String, String> {
-        Err(format!("no files in an evaluation ({path})"))
-    }
 }
 
 /// The team file of a pattern: N agents `a1…aN` (and roles), all on the model `m`.

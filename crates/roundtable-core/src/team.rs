@@ -67,6 +67,20 @@ pub trait PlanEnv {
     fn read(&self, path: &str) -> Result<String, String>;
 }
 
+/// A plan environment with no variables and no files: for plans written in code
+/// (evaluations, benchmarks, tests), which name no API-key variables or reply files.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoEnv;
+
+impl PlanEnv for NoEnv {
+    fn var_is_set(&self, _: &str) -> bool {
+        false
+    }
+    fn read(&self, path: &str) -> Result<String, String> {
+        Err(format!("no file {path}: this plan may name no files"))
+    }
+}
+
 // ----------------------------------------------------------------------------------
 // The validated plan.
 

@@ -1,5 +1,6 @@
 //! Sessions end to end, in memory: turn order, failures, limits, absence, resume.
 
+use roundtable_core::team::NoEnv;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -11,18 +12,8 @@ use roundtable_core::log::{MemLog, SessionLog, SharedMemLog};
 use roundtable_core::model::scripted::Scripted;
 use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError};
 use roundtable_core::runner::{open_session, run_peers};
-use roundtable_core::team::{PlanEnv, TeamPlan, parse_team};
+use roundtable_core::team::{TeamPlan, parse_team};
 use roundtable_core::{Kind, PeerId, SessionId};
-
-struct NoEnv;
-impl PlanEnv for NoEnv {
-    fn var_is_set(&self, _: &str) -> bool {
-        false
-    }
-    fn read(&self, p: &str) -> Result<String, String> {
-        Err(format!("no file {p}"))
-    }
-}
 
 fn plan(extra: &str) -> TeamPlan {
     let src = format!(

@@ -32,7 +32,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::consensus::read_approval;
+use super::consensus::{read_approval, record_vote};
 use super::{Duty, Facts, Finish, Reducer, View, rejection};
 use crate::envelope::{EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
@@ -201,23 +201,7 @@ impl Reducer for Adversarial {
                     && step == format!("r{r}/vote")
                     && !self.votes.contains_key(&env.from)
                 {
-                    match env.kind {
-                        Kind::Vote => {
-                            let v = read_approval(env, "valid");
-                            if v.is_none() {
-                                self.pending.push((
-                                    format!("r{r}/vote/{}/malformed", env.from),
-                                    env.from.clone(),
-                                    env.id.clone(),
-                                ));
-                            }
-                            self.votes.insert(env.from.clone(), v);
-                        }
-                        Kind::Failure => {
-                            self.votes.insert(env.from.clone(), None);
-                        }
-                        _ => {}
-                    }
+                    record_vote(&mut self.votes, &mut self.pending, env, r, "valid");
                 }
             }
             _ => {}

@@ -37,6 +37,32 @@ enum Phase {
     Done,
 }
 
+/// Record `env` as its sender's vote in round `r`: `Some(approve)` read from `field`,
+/// or `None` for a failed call or a malformed ballot — the latter also queued in
+/// `pending` for a recorded rejection. Shared by the consensus and adversarial
+/// protocols.
+pub(crate) fn record_vote(
+    votes: &mut BTreeMap<PeerId, Option<bool>>,
+    pending: &mut Vec<(String, PeerId, EnvelopeId)>,
+    env: &Envelope,
+    r: u32,
+    field: &str,
+) {
+    match env.kind {
+        Kind::Vote => {
+            let v = read_approval(env, field);
+            if v.is_none() {
+                pending.push((format!("r{r}/vote/{}/malformed", env.from), env.from.clone(), env.id.clone()));
+            }
+            votes.insert(env.from.clone(), v);
+        }
+        Kind::Failure => {
+            votes.insert(env.from.clone(), None);
+        }
+        _ => {}
+    }
+}
+
 /// A vote read from a reply: approve or not; `None` when it cannot be read.
 pub fn read_approval(env: &Envelope, field: &str) -> Option<bool> {
     if let Some(j) = &env.body.json {
@@ -175,23 +201,7 @@ impl Reducer for Consensus {
             && step == format!("r{r}/vote")
             && !self.votes.contains_key(&env.from)
         {
-            match env.kind {
-                Kind::Vote => {
-                    let v = read_approval(env, "approve");
-                    if v.is_none() {
-                        self.pending.push((
-                            format!("r{r}/vote/{}/malformed", env.from),
-                            env.from.clone(),
-                            env.id.clone(),
-                        ));
-                    }
-                    self.votes.insert(env.from.clone(), v);
-                }
-                Kind::Failure => {
-                    self.votes.insert(env.from.clone(), None);
-                }
-                _ => {}
-            }
+            record_vote(&mut self.votes, &mut self.pending, env, r, "approve");
         }
         if env.kind == Kind::Failure {
             self.pending.retain(|(s, ..)| s != step);

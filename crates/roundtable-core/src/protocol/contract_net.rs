@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use super::rounds::team_order;
-use super::work_queue::queue_order;
+use super::work_queue::{queue_order, tasks_answer};
 use super::{Duty, Facts, Finish, Reducer, View, rejection};
 use crate::envelope::{Body, EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
@@ -417,31 +417,9 @@ impl Reducer for ContractNet {
 
 impl ContractNet {
     fn answer(&self) -> (Option<Arc<str>>, Vec<EnvelopeId>) {
-        let result = |i: usize| match &self.status[i] {
+        tasks_answer(&self.spec.tasks, self.spec.answer_task.as_deref(), |i| match &self.status[i] {
             Status::Done { text, id, .. } => Some((text.clone(), id.clone())),
             _ => None,
-        };
-        if let Some(t) = &self.spec.answer_task {
-            let r = self.index(t).and_then(result);
-            return (r.as_ref().map(|r| r.0.clone()), r.into_iter().map(|r| r.1).collect());
-        }
-        let sinks: Vec<usize> = (0..self.spec.tasks.len())
-            .filter(|&i| !self.spec.tasks.iter().any(|t| t.depends_on.contains(&self.spec.tasks[i].id)))
-            .collect();
-        let done: Vec<(usize, (Arc<str>, EnvelopeId))> =
-            sinks.iter().filter_map(|&i| result(i).map(|r| (i, r))).collect();
-        match done.as_slice() {
-            [] => (None, Vec::new()),
-            [(_, (t, id))] => (Some(t.clone()), vec![id.clone()]),
-            many => (
-                Some(Arc::from(
-                    many.iter()
-                        .map(|(i, (t, _))| format!("[{}] {t}", self.spec.tasks[*i].id))
-                        .collect::<Vec<_>>()
-                        .join("\n\n"),
-                )),
-                many.iter().map(|(_, (_, id))| id.clone()).collect(),
-            ),
-        }
+        })
     }
 }

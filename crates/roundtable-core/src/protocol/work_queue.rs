@@ -74,6 +74,33 @@ pub struct WorkQueueProtocol {
     notices: BTreeSet<(usize, usize)>,
 }
 
+/// A task list's answer: the `answer_task`'s result when one is named, otherwise the
+/// results of the tasks nothing depends on (joined, each under its id). `result` reads
+/// a finished task's text and envelope by index. Shared by the work-queue and
+/// contract-net protocols.
+pub fn tasks_answer(
+    tasks: &[TaskSpec],
+    answer_task: Option<&str>,
+    result: impl Fn(usize) -> Option<(Arc<str>, EnvelopeId)>,
+) -> (Option<Arc<str>>, Vec<EnvelopeId>) {
+    if let Some(t) = answer_task {
+        let r = tasks.iter().position(|x| x.id == t).and_then(&result);
+        return (r.as_ref().map(|r| r.0.clone()), r.into_iter().map(|r| r.1).collect());
+    }
+    let done: Vec<(usize, (Arc<str>, EnvelopeId))> = (0..tasks.len())
+        .filter(|&i| !tasks.iter().any(|t| t.depends_on.contains(&tasks[i].id)))
+        .filter_map(|i| result(i).map(|r| (i, r)))
+        .collect();
+    match done.as_slice() {
+        [] => (None, Vec::new()),
+        [(_, (t, id))] => (Some(t.clone()), vec![id.clone()]),
+        many => {
+            let text: Vec<String> = many.iter().map(|(i, (t, _))| format!("[{}] {t}", tasks[*i].id)).collect();
+            (Some(Arc::from(text.join("\n\n"))), many.iter().map(|(_, (_, id))| id.clone()).collect())
+        }
+    }
+}
+
 /// Task indices in queue order: dependencies first, then priority, then file order.
 pub fn queue_order(tasks: &[TaskSpec]) -> Vec<usize> {
     let idx: BTreeMap<&str, usize> = tasks.iter().enumerate().map(|(i, t)| (t.id.as_str(), i)).collect();
@@ -333,27 +360,9 @@ impl Reducer for WorkQueueProtocol {
 impl WorkQueueProtocol {
     /// The answer task's result, or the results of the tasks nothing depends on.
     fn answer(&self) -> (Option<Arc<str>>, Vec<EnvelopeId>) {
-        let result = |i: usize| match &self.status[i] {
+        tasks_answer(&self.spec.tasks, self.spec.answer_task.as_deref(), |i| match &self.status[i] {
             Status::Done { text, id } => Some((text.clone(), id.clone())),
             _ => None,
-        };
-        if let Some(t) = &self.spec.answer_task {
-            let r = self.index(t).and_then(result);
-            return (r.as_ref().map(|r| r.0.clone()), r.into_iter().map(|r| r.1).collect());
-        }
-        let sinks: Vec<usize> = (0..self.spec.tasks.len())
-            .filter(|&i| !self.spec.tasks.iter().any(|t| t.depends_on.contains(&self.spec.tasks[i].id)))
-            .collect();
-        let done: Vec<(usize, (Arc<str>, EnvelopeId))> =
-            sinks.iter().filter_map(|&i| result(i).map(|r| (i, r))).collect();
-        match done.as_slice() {
-            [] => (None, Vec::new()),
-            [(_, (t, id))] => (Some(t.clone()), vec![id.clone()]),
-            many => {
-                let text: Vec<String> =
-                    many.iter().map(|(i, (t, _))| format!("[{}] {t}", self.spec.tasks[*i].id)).collect();
-                (Some(Arc::from(text.join("\n\n"))), many.iter().map(|(_, (_, id))| id.clone()).collect())
-            }
-        }
+        })
     }
 }

@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub use roundtable_core::team::NoEnv;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,17 +17,7 @@ use roundtable_core::peer::PeerExtras;
 use roundtable_core::protocol::{Action, Duty};
 use roundtable_core::runner::{open_session, run_peers_with};
 use roundtable_core::session::{SessionState, SessionSummary, task_envelope};
-use roundtable_core::team::{PlanEnv, TeamPlan, parse_team};
-
-pub struct NoEnv;
-impl PlanEnv for NoEnv {
-    fn var_is_set(&self, _: &str) -> bool {
-        false
-    }
-    fn read(&self, p: &str) -> Result<String, String> {
-        Err(format!("no file {p}"))
-    }
-}
+use roundtable_core::team::{TeamPlan, parse_team};
 
 pub fn plan(src: &str) -> TeamPlan {
     parse_team("t.toml", src, &NoEnv).unwrap_or_else(|e| panic!("{e}\n{src}"))
