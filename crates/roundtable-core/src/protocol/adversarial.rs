@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::consensus::{read_approval, record_vote};
-use super::{Duty, Facts, Finish, Reducer, View, rejection};
+use super::{Duty, Facts, Finish, Reducer, View, is_round_step, rejection};
 use crate::envelope::{EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::team::AdversarialSpec;
@@ -156,7 +156,7 @@ impl Reducer for Adversarial {
         let step = env.step.as_ref();
         let r = self.round;
         match self.phase {
-            Phase::Propose if env.from == self.spec.proposer && step == format!("r{r}/propose") => match env.kind {
+            Phase::Propose if env.from == self.spec.proposer && is_round_step(step, r, "propose") => match env.kind {
                 Kind::Proposal => {
                     self.proposal = Some((env.body.text.clone(), env.id.clone()));
                     self.phase = Phase::Object;
@@ -166,7 +166,7 @@ impl Reducer for Adversarial {
                 }
                 _ => {}
             },
-            Phase::Object if env.from == self.spec.advocate && step == format!("r{r}/object") => match env.kind {
+            Phase::Object if env.from == self.spec.advocate && is_round_step(step, r, "object") => match env.kind {
                 Kind::Message => {
                     let concede = read_approval(env, "concede") == Some(true)
                         && env.body.json.as_ref().and_then(|j| j.get("concede")).is_some();
@@ -182,7 +182,9 @@ impl Reducer for Adversarial {
                 _ => {}
             },
             Phase::Decide => {
-                if Some(&env.from) == self.spec.judge.as_ref() && step == format!("r{r}/rule") && self.ruling.is_none()
+                if Some(&env.from) == self.spec.judge.as_ref()
+                    && is_round_step(step, r, "rule")
+                    && self.ruling.is_none()
                 {
                     let v = match env.kind {
                         Kind::Verdict => {
@@ -198,7 +200,7 @@ impl Reducer for Adversarial {
                         self.ruling = Some(v);
                     }
                 } else if self.spec.voters.contains(&env.from)
-                    && step == format!("r{r}/vote")
+                    && is_round_step(step, r, "vote")
                     && !self.votes.contains_key(&env.from)
                 {
                     record_vote(&mut self.votes, &mut self.pending, env, r, "valid");

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Duty, Facts, Finish, Reducer, View, rejection};
+use super::{Duty, Facts, Finish, Reducer, View, is_round_step, rejection};
 use crate::envelope::{Envelope, EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::team::ConsensusSpec;
@@ -184,7 +184,7 @@ impl Reducer for Consensus {
         let env = &entry.env;
         let step = env.step.as_ref();
         let r = self.round;
-        if self.phase == Phase::Propose && env.from == self.spec.proposer && step == format!("r{r}/propose") {
+        if self.phase == Phase::Propose && env.from == self.spec.proposer && is_round_step(step, r, "propose") {
             match env.kind {
                 Kind::Proposal => {
                     self.proposal = Some((env.body.text.clone(), env.id.clone()));
@@ -198,7 +198,7 @@ impl Reducer for Consensus {
             }
         } else if self.phase == Phase::Vote
             && self.spec.voters.contains(&env.from)
-            && step == format!("r{r}/vote")
+            && is_round_step(step, r, "vote")
             && !self.votes.contains_key(&env.from)
         {
             record_vote(&mut self.votes, &mut self.pending, env, r, "approve");

@@ -29,7 +29,7 @@
 use std::sync::Arc;
 
 use super::rounds::{ANSWER_FIRST, ANSWER_UPDATE, Answered, Rounds};
-use super::{Action, Duty, Facts, Finish, Reducer, Shown};
+use super::{Action, Duty, Facts, Finish, Reducer, Shown, is_round_step};
 use crate::envelope::{EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::similarity::{Pairwise, lexical};
@@ -117,7 +117,7 @@ impl Reducer for Emergent {
         }
         let env = &entry.env;
         if self.measuring {
-            if env.step.as_ref() == format!("r{}/measure", self.rounds.round)
+            if is_round_step(&env.step, self.rounds.round, "measure")
                 && matches!(env.kind, Kind::Verdict | Kind::Failure)
             {
                 let recorded = (env.kind == Kind::Verdict)

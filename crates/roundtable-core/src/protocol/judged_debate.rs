@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use super::answers::{Ballot, Rule, answer_or_text, tally};
 use super::rounds::team_order;
-use super::{Duty, Facts, Finish, Reducer, View, rejection};
+use super::{Duty, Facts, Finish, Reducer, View, is_round_step, rejection};
 use crate::envelope::{Envelope, EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::team::JudgedDebateSpec;
@@ -155,7 +155,7 @@ impl Reducer for JudgedDebate {
         let r = self.round;
         match self.phase {
             Phase::Argue
-                if step == format!("r{r}/argue")
+                if is_round_step(step, r, "argue")
                     && self.spec.debaters.contains(&env.from)
                     && !self.argued.contains_key(&env.from) =>
             {
@@ -167,7 +167,7 @@ impl Reducer for JudgedDebate {
                     self.argued.insert(env.from.clone(), None);
                 }
             }
-            Phase::Judge if step == format!("r{r}/judge") && env.from == self.spec.judge => {
+            Phase::Judge if is_round_step(step, r, "judge") && env.from == self.spec.judge => {
                 if env.kind == Kind::Verdict {
                     match read_verdict(env, false) {
                         Some(v) if v.consensus_reached && v.conclusion.is_some() => {

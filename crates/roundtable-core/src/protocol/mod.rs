@@ -294,6 +294,20 @@ pub fn reducer_for(plan: &TeamPlan) -> Box<dyn Reducer> {
     }
 }
 
+/// Whether `step` is exactly `r{round}/{name}`, without building that string: reducers
+/// check steps for every folded entry of every peer.
+pub fn is_round_step(step: &str, round: u32, name: &str) -> bool {
+    let Some((n, rest)) = step.strip_prefix('r').and_then(|s| s.split_once('/')) else {
+        return false;
+    };
+    // Exactly the digits `format!` would write: no sign, no leading zero.
+    rest == name
+        && !n.is_empty()
+        && n.bytes().all(|b| b.is_ascii_digit())
+        && (n == "0" || !n.starts_with('0'))
+        && n.parse::<u32>() == Ok(round)
+}
+
 /// `{key}` substitutions in configurable instructions.
 pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
     let mut s = template.to_string();
@@ -301,4 +315,28 @@ pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
         s = s.replace(&format!("{{{k}}}"), v);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_round_step;
+
+    #[test]
+    fn round_steps_match_exactly_what_format_writes() {
+        for r in [0u32, 1, 7, 10, 123] {
+            assert!(is_round_step(&format!("r{r}/vote"), r, "vote"));
+        }
+        for (step, r) in [
+            ("r1/vote", 2),
+            ("r1/votes", 1),
+            ("r01/vote", 1),
+            ("r+1/vote", 1),
+            ("r/vote", 0),
+            ("1/vote", 1),
+            ("r1", 1),
+            ("x1/vote", 1),
+        ] {
+            assert!(!is_round_step(step, r, "vote"), "{step} for round {r}");
+        }
+    }
 }

@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Duty, Facts, Finish, Reducer, View};
+use super::{Duty, Facts, Finish, Reducer, View, is_round_step};
 use crate::envelope::{Envelope, EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::team::ProposerCriticSpec;
@@ -119,7 +119,7 @@ impl Reducer for ProposerCritic {
         let env = &entry.env;
         let step = env.step.as_ref();
         let r = self.round;
-        if self.phase == Phase::Propose && env.from == self.spec.proposer && step == format!("r{r}/propose") {
+        if self.phase == Phase::Propose && env.from == self.spec.proposer && is_round_step(step, r, "propose") {
             if env.kind == Kind::Proposal {
                 self.latest = Some((env.body.text.clone(), env.id.clone()));
                 self.phase = Phase::Critique;
@@ -129,7 +129,7 @@ impl Reducer for ProposerCritic {
             }
         } else if self.phase == Phase::Critique
             && self.spec.critics.contains(&env.from)
-            && step == format!("r{r}/critique")
+            && is_round_step(step, r, "critique")
             && !self.verdicts.contains_key(&env.from)
         {
             match env.kind {

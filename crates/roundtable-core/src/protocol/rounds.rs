@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use super::answers::{Ballot, Extracted, extract, normalize, whole_text};
-use super::{Duty, Facts, Shown, View};
+use super::{Duty, Facts, Shown, View, is_round_step};
 use crate::envelope::{Envelope, EnvelopeId, Kind, PeerId};
 use crate::team::TeamPlan;
 
@@ -92,7 +92,7 @@ impl Rounds {
         let Some(i) = self.index(&env.from) else {
             return false;
         };
-        if env.step.as_ref() != Self::step(self.round) || self.current[i].is_some() {
+        if !is_round_step(&env.step, self.round, "answer") || self.current[i].is_some() {
             return false;
         }
         match env.kind {
