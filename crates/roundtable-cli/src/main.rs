@@ -472,11 +472,10 @@ fn finish(summary: &SessionSummary, json: bool) -> Result<ExitCode, Failure> {
     } else {
         render::print_summary(summary);
     }
-    match summary.stop_reason.as_deref() {
-        Some(r) if r.starts_with("failures:") => {
-            eprintln!("error: the session stopped because its model calls failed: {r}");
-            Ok(ExitCode::from(1))
-        }
-        _ => Ok(ExitCode::SUCCESS),
+    if summary.failed {
+        let reason = summary.stop_reason.as_deref().unwrap_or("");
+        eprintln!("error: the session stopped because its model calls failed: {reason}");
+        return Ok(ExitCode::from(1));
     }
+    Ok(ExitCode::SUCCESS)
 }

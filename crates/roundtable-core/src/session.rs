@@ -32,6 +32,9 @@ use crate::termination::Tally;
 pub const TASK_STEP: &str = "task";
 /// The step of the stop envelope (collective: one per session).
 pub const STOP_STEP: &str = "stop";
+/// How the stop reason of a session that ended because its model calls failed begins
+/// (it ran on failures only, or every peer failed in a row).
+pub const FAILED_PREFIX: &str = "failures:";
 /// The peer id used for the task envelope.
 pub const USER: &str = "user";
 
@@ -158,7 +161,7 @@ impl SessionState {
             if self.tally.messages == 0 && self.tally.failures > 0 {
                 // The protocol ran its course, but on failures only: say so.
                 let last = self.last_failure.as_deref().unwrap_or("");
-                return Some((format!("failures: no peer produced an answer; last: {last}"), None, Vec::new()));
+                return Some((format!("{FAILED_PREFIX} no peer produced an answer; last: {last}"), None, Vec::new()));
             }
             return Some((f.reason, f.answer, f.decided_by));
         }
@@ -174,7 +177,7 @@ impl SessionState {
             let best = self.protocol.best_answer();
             let last = self.last_failure.as_deref().unwrap_or("");
             return Some((
-                format!("failures: {} model calls failed in a row; last: {last}", self.failure_streak),
+                format!("{FAILED_PREFIX} {} model calls failed in a row; last: {last}", self.failure_streak),
                 best.as_ref().map(|b| b.0.clone()),
                 Vec::new(),
             ));
@@ -378,6 +381,8 @@ pub struct SessionSummary {
     pub tokens: u64,
     pub cost_usd: f64,
     pub failures: u64,
+    /// The session stopped because its model calls failed (see [`FAILED_PREFIX`]).
+    pub failed: bool,
     pub duration_ms: u64,
     pub per_peer: std::collections::BTreeMap<PeerId, crate::termination::PeerTally>,
 }
@@ -417,6 +422,10 @@ impl SessionSummary {
             tokens: st.tally.tokens(),
             cost_usd: st.tally.cost_usd,
             failures: st.tally.failures,
+            failed: stop_json
+                .as_ref()
+                .and_then(|j| j.get("reason")?.as_str())
+                .is_some_and(|r| r.starts_with(FAILED_PREFIX)),
             duration_ms: last.saturating_sub(first),
             per_peer: st.tally.per_peer.clone(),
         })

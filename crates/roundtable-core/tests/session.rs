@@ -120,6 +120,7 @@ async fn round_robin_takes_turns_then_the_summarizer_closes() {
     assert!(summary.stop_reason.as_deref().unwrap().starts_with("completed: 3 rounds"), "{:?}", summary.stop_reason);
     assert_eq!(calls.load(Ordering::SeqCst), 10);
     assert_eq!((summary.messages, summary.calls), (10, 10));
+    assert!(!summary.failed);
     // Each turn answers the previous one.
     assert_eq!(entries[2].env.parents, vec![entries[1].env.id.clone()]);
     // Lamport clocks increase along the log.
@@ -270,6 +271,7 @@ async fn when_every_model_fails_the_session_stops_early_with_the_last_error() {
     assert!(reason.starts_with("failures: 4 model calls failed in a row"), "{reason}");
     assert!(reason.contains("authentication failed"), "{reason}");
     assert_eq!(s.failures, 4, "stopped after one failure per peer, not one per turn");
+    assert!(s.failed, "the summary says the session failed");
 }
 
 /// A model that takes longer than the absence timeout.
