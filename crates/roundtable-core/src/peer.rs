@@ -39,7 +39,7 @@ use crate::bus::{MemParts, Presence};
 use crate::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, Usage, now_ms};
 use crate::log::{LogError, LogErrorKind, SessionLog};
 use crate::model::{
-    ChatMessage, ChatModel, ChatRequest, Embedder, ModelError, Price, Role, Transcript, estimate_tokens,
+    ChatMessage, ChatModel, ChatRequest, Embedder, History, ModelError, Price, Role, Transcript, estimate_tokens,
 };
 use crate::protocol::{Action, BoardMark, Duty, QueueItem, View, seal};
 use crate::session::{SessionState, plan_of, summary_upto};
@@ -84,6 +84,11 @@ pub struct PeerExtras {
     /// peers in one process parses it once and shares it (each peer parsing its own
     /// copy costs O(peers) memory per peer). Must be the plan of this log's task.
     pub plan: Option<Arc<crate::team::TeamPlan>>,
+    /// The history of this session's in-context envelopes, shared by the peers of this
+    /// process that fold its log (see [`History`]); a runner starting many peers gives
+    /// them one, so that a message is held once, not once per peer. Must be of this
+    /// log's session.
+    pub history: Option<Arc<History>>,
 }
 
 /// Everything a peer needs to run.
@@ -175,7 +180,8 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     };
 
     let mut st = SessionState::for_peer(plan.clone(), session.clone(), &cfg.me);
-    let mut view = PeerView::new(cfg.me.clone(), me.spec.group.clone());
+    let history = me.extras.history.clone().unwrap_or_else(History::new);
+    let mut view = PeerView::over(cfg.me.clone(), me.spec.group.clone(), history);
     st.apply(&first);
     view.observe(&first.env);
 
@@ -810,7 +816,13 @@ pub struct PeerView {
 
 impl PeerView {
     pub fn new(me: PeerId, group: Option<String>) -> Self {
-        PeerView { me, group, transcript: Arc::new(Transcript::default()), task: None, summary: None }
+        PeerView::over(me, group, History::new())
+    }
+
+    /// A view whose transcript is over `history`, shared with the other peers of this
+    /// session in this process (see [`History`]).
+    pub fn over(me: PeerId, group: Option<String>, history: Arc<History>) -> Self {
+        PeerView { me, group, transcript: Arc::new(Transcript::over(history)), task: None, summary: None }
     }
 
     /// Add an envelope if it belongs in this peer's context.
@@ -826,23 +838,24 @@ impl PeerView {
         }
         let in_context =
             matches!(env.kind, Kind::Task | Kind::Message | Kind::Proposal | Kind::Vote | Kind::Reveal | Kind::Verdict);
-        if !in_context || !env.visible_to(&self.me, self.group.as_deref()) {
+        if !in_context {
             return;
         }
-        if env.kind == Kind::Task && self.task.is_none() {
+        let visible = env.visible_to(&self.me, self.group.as_deref());
+        if visible && env.kind == Kind::Task && self.task.is_none() {
             self.task = Some(ChatMessage::new(Role::User, None, env.body.text.clone()));
         }
-        // No copy when no model call holds the transcript (calls finish before the next
-        // entry is folded in). The envelope is shared with the log, not copied.
-        Arc::make_mut(&mut self.transcript).push_envelope(env.clone());
+        // Every in-context envelope is folded, visible or not, so that the history is
+        // the same for every peer; only the visible ones enter this transcript. A copy
+        // (of a few runs, never of the messages) only when a model call holds it.
+        Arc::make_mut(&mut self.transcript).fold(env, visible);
     }
 
     /// The index of the first message after the task with a round above `round`
     /// (rounds do not decrease along the log for the protocols that use history).
     fn after_round(&self, round: u32) -> usize {
-        let envs = self.transcript.envelopes();
-        let skip = usize::from(self.task.is_some()).min(envs.len());
-        skip + envs[skip..].partition_point(|e| e.round <= round)
+        let skip = usize::from(self.task.is_some()).min(self.transcript.len());
+        self.transcript.partition_point(skip, |e| e.round <= round)
     }
 
     /// The prelude, the history and the window of it a model call sees under a view.
@@ -895,5 +908,49 @@ impl PeerView {
                 (prelude, self.transcript.clone(), start..end)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Body, SessionId};
+
+    #[test]
+    fn views_over_one_history_hold_each_message_once_and_see_only_what_is_theirs() {
+        let s = SessionId::from("s");
+        let e = |from: &str, step: &str, kind: Kind, to: Recipient| {
+            Arc::new(Envelope::new(&s, &PeerId::from(from), step, kind, to, Body::text(step)))
+        };
+        let log = [
+            e("user", "task", Kind::Task, Recipient::All),
+            e("a", "hello", Kind::Message, Recipient::All),
+            e("c", "to-a", Kind::Message, Recipient::Peer("a".into())),
+            e("c", "claim", Kind::Work, Recipient::All),
+            e("c", "to-g1", Kind::Message, Recipient::Group("g1".into())),
+            e("a", "to-b", Kind::Message, Recipient::Peer("b".into())),
+            e("c", "to-c", Kind::Message, Recipient::Peer("c".into())),
+            e("b", "last", Kind::Message, Recipient::All),
+        ];
+        let history = History::new();
+        let mut a = PeerView::over("a".into(), Some("g1".into()), history.clone());
+        let mut b = PeerView::over("b".into(), None, history.clone());
+        for env in &log {
+            a.observe(env);
+            // b reads its own copies of the envelopes (as from another connection).
+            b.observe(&Arc::new((**env).clone()));
+        }
+        let steps = |v: &PeerView| -> Vec<String> {
+            let t = &v.transcript;
+            t.iter(0..t.len()).map(|e| e.step.to_string()).collect()
+        };
+        assert_eq!(steps(&a), ["task", "hello", "to-a", "to-g1", "to-b", "last"]);
+        assert_eq!(steps(&b), ["task", "hello", "to-b", "last"]);
+        assert_eq!(history.len(), 7, "every in-context envelope once, visible to these two or not; no work item");
+        assert!(Arc::ptr_eq(b.transcript.get(2).unwrap(), &log[5]), "b holds the shared envelope, not its copy");
+        let (_, t, window) = b.parts(&View::History, &ContextPolicy::Full);
+        assert_eq!(window, 0..4);
+        let want: u64 = ["task", "hello", "to-b", "last"].iter().map(|x| u64::from(estimate_tokens(x) + 4)).sum();
+        assert_eq!(t.tokens(window), want);
     }
 }

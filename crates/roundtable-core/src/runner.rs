@@ -52,12 +52,14 @@ pub async fn run_peers_with(
 ) -> Result<SessionSummary, LogError> {
     let mut tasks = tokio::task::JoinSet::new();
     let shared = extras.plan.clone().unwrap_or_else(|| Arc::new(plan.clone()));
+    let history = extras.history.clone().unwrap_or_else(crate::model::History::new);
     for p in &plan.peers {
         let Some(model) = models.get(&p.id) else {
             continue;
         };
         let mut mine = extras.clone();
         mine.plan = Some(shared.clone());
+        mine.history = Some(history.clone());
         mine.secret = extras.secret.as_ref().map(|s| peer_secret(s, &p.id));
         let cfg = PeerConfig {
             me: p.id.clone(),

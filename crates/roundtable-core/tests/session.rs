@@ -128,6 +128,24 @@ async fn round_robin_takes_turns_then_the_summarizer_closes() {
 }
 
 #[tokio::test]
+async fn the_peers_of_a_process_hold_one_history_and_each_model_call_sees_all_of_it() {
+    let plan = plan("");
+    let log = new_log();
+    open_session(log.as_ref(), &plan, "Should we build it?").await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let history = roundtable_core::model::History::new();
+    let extras = roundtable_core::peer::PeerExtras { history: Some(history.clone()), ..Default::default() };
+    let run =
+        roundtable_core::runner::run_peers_with(log.clone(), &plan, models(&plan, &calls, None), None, None, extras);
+    run.await.unwrap();
+    let entries = log.read_all().await.unwrap();
+    let in_context = entries.iter().filter(|e| matches!(e.env.kind, Kind::Task | Kind::Message)).count();
+    // Four peers, one copy: the task and every message, appended once.
+    assert_eq!(history.len(), in_context);
+    assert_eq!(in_context, 11);
+}
+
+#[tokio::test]
 async fn a_failing_peer_is_recorded_and_the_ring_moves_on() {
     let mut plan = plan("");
     // eng's model always fails.

@@ -499,12 +499,15 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         claims: Mutex::new(claims),
         next_missing: gate.next_missing.subscribe(),
     });
+    // One history for every peer of the replay, restarted ones included.
+    let history = roundtable_core::model::History::new();
     let extras = |p: &PeerId| PeerExtras {
         board: Some(parts.blackboard(&session)),
         queue: Some(queue.clone()),
         embedder: None,
         secret: Some(Arc::from(format!("replay secret of {p}").into_bytes())),
         plan: None,
+        history: Some(history.clone()),
     };
     let mut peers = tokio::task::JoinSet::new();
     let mut configs = HashMap::new();

@@ -9,6 +9,9 @@
 pub mod layers;
 pub mod scripted;
 pub mod simulated;
+mod transcript;
+
+pub use transcript::{History, Transcript};
 
 use std::fmt;
 use std::sync::Arc;
@@ -44,77 +47,28 @@ impl ChatMessage {
     }
 }
 
-/// A peer's visible history: the envelopes it can see, shared with the log (8 bytes a
-/// message per peer), plus running token sums so that any window's token count is
-/// O(1). Shared between a peer and its in-flight model call (`Arc`).
-///
-/// Chat roles are derived when the messages are read, relative to the calling peer:
-/// its own envelopes are `assistant`, everyone else's `user` (with the sender's name),
-/// and the task has no name.
-#[derive(Clone, Debug, Default)]
-pub struct Transcript {
-    envelopes: Vec<Arc<Envelope>>,
-    /// `prefix[i]` = tokens of envelopes[..i] (saturating).
-    prefix: Vec<u32>,
-}
-
-impl Transcript {
-    /// Add an envelope from the log.
-    pub fn push_envelope(&mut self, env: Arc<Envelope>) {
-        if self.prefix.is_empty() {
-            self.prefix.push(0);
-        }
-        let last = *self.prefix.last().expect("prefix");
-        self.prefix.push(last.saturating_add(estimate_tokens(&env.body.text) + 4));
-        self.envelopes.push(env);
-    }
-
-    /// Add a message that is not on the log (a view assembled for one call). Its role
-    /// is derived on reading like any other: `assistant` when `name` is the caller.
-    pub fn push(&mut self, m: ChatMessage) {
-        let (from, kind) = match &m.name {
-            Some(n) => (n.clone(), Kind::Message),
-            None => (PeerId::from(crate::session::USER), Kind::Task),
-        };
-        // Not on any log: no id to derive, no clock to read.
-        let env = Envelope {
-            v: crate::envelope::ENVELOPE_VERSION,
-            id: crate::envelope::EnvelopeId::from(""),
-            session: SessionId::from(""),
-            from,
-            to: crate::envelope::Recipient::All,
-            kind,
-            step: Arc::from(""),
-            body: Body::text(m.content),
-            parents: Vec::new(),
-            round: 0,
-            lamport: 0,
-            usage: None,
-            time_ms: 0,
-            trace: None,
-        };
-        self.push_envelope(Arc::new(env));
-    }
-
-    pub fn len(&self) -> usize {
-        self.envelopes.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.envelopes.is_empty()
-    }
-    pub fn envelopes(&self) -> &[Arc<Envelope>] {
-        &self.envelopes
-    }
-    /// The `i`th message as `viewer` sees it.
-    pub fn message(&self, i: usize, viewer: &PeerId) -> Option<ChatMessage> {
-        self.envelopes.get(i).map(|e| message_of(e, viewer))
-    }
-    /// Estimated tokens of `envelopes[range]`.
-    pub fn tokens(&self, range: std::ops::Range<usize>) -> u64 {
-        if self.prefix.is_empty() || range.is_empty() {
-            return 0;
-        }
-        u64::from(self.prefix[range.end] - self.prefix[range.start])
+/// A message that is not on any log, as an envelope (for a view assembled for one call):
+/// no id to derive, no clock to read.
+pub(crate) fn off_log_envelope(m: ChatMessage) -> Envelope {
+    let (from, kind) = match &m.name {
+        Some(n) => (n.clone(), Kind::Message),
+        None => (PeerId::from(crate::session::USER), Kind::Task),
+    };
+    Envelope {
+        v: crate::envelope::ENVELOPE_VERSION,
+        id: crate::envelope::EnvelopeId::from(""),
+        session: SessionId::from(""),
+        from,
+        to: crate::envelope::Recipient::All,
+        kind,
+        step: Arc::from(""),
+        body: Body::text(m.content),
+        parents: Vec::new(),
+        round: 0,
+        lamport: 0,
+        usage: None,
+        time_ms: 0,
+        trace: None,
     }
 }
 
@@ -188,7 +142,7 @@ impl ChatRequest {
         self.prelude
             .iter()
             .cloned()
-            .chain(self.history.envelopes()[self.window.clone()].iter().map(|e| message_of(e, &self.peer)))
+            .chain(self.history.iter(self.window.clone()).map(|e| message_of(e, &self.peer)))
             .chain(self.instruction.iter().map(|i| ChatMessage::new(Role::User, None, i.clone())))
     }
 

@@ -1,0 +1,338 @@
+//! Peers' visible histories, shared.
+//!
+//! Every peer of a session folds the same log in the same order, and which envelopes
+//! belong in a model's context at all (tasks, messages, proposals, votes, reveals,
+//! verdicts) does not depend on the peer. So the peers of one process keep one
+//! [`History`] of those envelopes, appended once, and each peer's [`Transcript`] is
+//! that history seen through its visibility: a list of runs of consecutive history
+//! items. While everything is a broadcast, a transcript is one run: a few bytes per
+//! peer, whatever the length of the session.
+//!
+//! A transcript is a snapshot: a model call holds one (`Arc<Transcript>`) while its
+//! peer folds new entries in. Items are never moved or changed once appended, so a
+//! snapshot's items stay valid and the history grows without copying.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::envelope::{Envelope, PeerId};
+use crate::model::{ChatMessage, estimate_tokens, message_of};
+
+/// One history item: an envelope and the running token total through it.
+#[derive(Debug)]
+struct Item {
+    env: Arc<Envelope>,
+    /// Estimated tokens of every item up to and including this one.
+    upto: u64,
+}
+
+/// The in-context envelopes of one session, in log order, appended once and shared by
+/// the transcripts of every peer that folds the log in this process.
+#[derive(Default)]
+pub struct History {
+    items: boxcar::Vec<Item>,
+    /// Serializes appends, so that item `i` is written by whichever peer gets there
+    /// first and every other peer finds it in place.
+    append: Mutex<()>,
+}
+
+impl fmt::Debug for History {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("History").field("items", &self.items.count()).finish()
+    }
+}
+
+impl History {
+    pub fn new() -> Arc<Self> {
+        Arc::new(History::default())
+    }
+
+    /// Items appended so far.
+    pub fn len(&self) -> usize {
+        self.items.count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, i: usize) -> Option<&Item> {
+        self.items.get(i)
+    }
+
+    fn upto(&self, i: usize) -> u64 {
+        self.get(i).map_or(0, |it| it.upto)
+    }
+
+    /// Make `env` item `at`: append it when the history ends at `at`, or confirm that
+    /// item `at` is already this envelope. `false` when neither holds (the caller's
+    /// sequence of envelopes is not this history's).
+    fn place(&self, at: usize, env: &Arc<Envelope>) -> bool {
+        let same = |it: &Item| Arc::ptr_eq(&it.env, env) || (it.env.id == env.id && it.env.session == env.session);
+        if let Some(it) = self.get(at) {
+            return same(it);
+        }
+        let _one = self.append.lock().expect("history lock");
+        if let Some(it) = self.get(at) {
+            return same(it);
+        }
+        if self.items.count() != at {
+            return false;
+        }
+        let before = if at == 0 { 0 } else { self.upto(at - 1) };
+        let upto = before + u64::from(estimate_tokens(&env.body.text) + 4);
+        self.items.push(Item { env: env.clone(), upto });
+        true
+    }
+}
+
+/// A run of consecutive history items in a transcript: transcript positions
+/// `start..start + len` are history items `at..at + len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Run {
+    start: usize,
+    at: usize,
+    len: usize,
+}
+
+/// A peer's visible history: envelopes shared with the log and with other peers'
+/// transcripts, plus running token totals so that any window's token count is cheap.
+/// Shared between a peer and its in-flight model call (`Arc`).
+///
+/// Chat roles are derived when the messages are read, relative to the calling peer:
+/// its own envelopes are `assistant`, everyone else's `user` (with the sender's name),
+/// and the task has no name.
+#[derive(Clone)]
+pub struct Transcript {
+    history: Arc<History>,
+    /// History items this transcript has accounted for (seen, visible or not).
+    cursor: usize,
+    runs: Vec<Run>,
+    len: usize,
+}
+
+impl Default for Transcript {
+    /// A transcript over a history of its own.
+    fn default() -> Self {
+        Transcript::over(History::new())
+    }
+}
+
+impl fmt::Debug for Transcript {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transcript").field("len", &self.len).field("runs", &self.runs.len()).finish()
+    }
+}
+
+impl Transcript {
+    /// An empty transcript over a history that other transcripts may share. Every
+    /// transcript over one history must be fed the same in-context envelopes in the
+    /// same order (the peers of one session do: they fold one log); one that is not
+    /// goes on over a private copy of what it holds.
+    pub fn over(history: Arc<History>) -> Self {
+        Transcript { history, cursor: 0, runs: Vec::new(), len: 0 }
+    }
+
+    /// The next in-context envelope of the log: add it, or only account for it when
+    /// this transcript's peer cannot see it.
+    pub fn fold(&mut self, env: &Arc<Envelope>, visible: bool) {
+        if !self.history.place(self.cursor, env) {
+            self.diverge();
+            let placed = self.history.place(self.cursor, env);
+            debug_assert!(placed, "a private history takes the next envelope");
+        }
+        let at = self.cursor;
+        self.cursor += 1;
+        if !visible {
+            return;
+        }
+        match self.runs.last_mut() {
+            Some(r) if r.at + r.len == at => r.len += 1,
+            _ => self.runs.push(Run { start: self.len, at, len: 1 }),
+        }
+        self.len += 1;
+    }
+
+    /// Add an envelope that this transcript's peer sees.
+    pub fn push_envelope(&mut self, env: Arc<Envelope>) {
+        self.fold(&env, true);
+    }
+
+    /// Add a message that is not on the log (a view assembled for one call). Its role
+    /// is derived on reading like any other: `assistant` when `name` is the caller.
+    pub fn push(&mut self, m: ChatMessage) {
+        self.push_envelope(Arc::new(crate::model::off_log_envelope(m)));
+    }
+
+    /// Go on over a private history holding this transcript's visible items (another
+    /// transcript over the shared one was fed something else).
+    fn diverge(&mut self) {
+        let own = History::new();
+        let mut mine = Transcript::over(own);
+        for i in 0..self.len {
+            if let Some(e) = self.get(i) {
+                mine.fold(&e.clone(), true);
+            }
+        }
+        *self = mine;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The run holding transcript position `i`.
+    fn run_of(&self, i: usize) -> Option<&Run> {
+        if i >= self.len {
+            return None;
+        }
+        let k = self.runs.partition_point(|r| r.start + r.len <= i);
+        self.runs.get(k)
+    }
+
+    /// The history item at transcript position `i`.
+    fn item(&self, i: usize) -> Option<&Item> {
+        let r = self.run_of(i)?;
+        self.history.get(r.at + (i - r.start))
+    }
+
+    /// The `i`th envelope.
+    pub fn get(&self, i: usize) -> Option<&Arc<Envelope>> {
+        self.item(i).map(|it| &it.env)
+    }
+
+    /// The envelopes at positions `range`, in order.
+    pub fn iter(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &Arc<Envelope>> + '_ {
+        range.filter_map(move |i| self.get(i))
+    }
+
+    /// The `i`th message as `viewer` sees it.
+    pub fn message(&self, i: usize, viewer: &PeerId) -> Option<ChatMessage> {
+        self.get(i).map(|e| message_of(e, viewer))
+    }
+
+    /// The first position in `from..len` whose envelope fails `pred`, for a `pred` that
+    /// holds for a prefix of the positions and then no more (a binary search).
+    pub fn partition_point(&self, from: usize, pred: impl Fn(&Envelope) -> bool) -> usize {
+        let (mut lo, mut hi) = (from.min(self.len), self.len);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.get(mid).is_some_and(|e| pred(e)) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// Estimated tokens of the messages at positions `range`: O(runs it spans).
+    pub fn tokens(&self, range: std::ops::Range<usize>) -> u64 {
+        let end = range.end.min(self.len);
+        let mut i = range.start;
+        let mut total = 0;
+        while i < end {
+            let Some(r) = self.run_of(i).copied() else { break };
+            let stop = end.min(r.start + r.len);
+            let (a, b) = (r.at + (i - r.start), r.at + (stop - r.start));
+            let before = if a == 0 { 0 } else { self.history.upto(a - 1) };
+            total += self.history.upto(b - 1) - before;
+            i = stop;
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Body, Kind, Recipient, SessionId};
+    use crate::model::Role;
+
+    fn env(n: usize, text: &str) -> Arc<Envelope> {
+        Arc::new(Envelope::new(
+            &SessionId::from("s"),
+            &PeerId::from(format!("p{}", n % 3)),
+            format!("turn/{n}"),
+            Kind::Message,
+            Recipient::All,
+            Body::text(text),
+        ))
+    }
+
+    fn texts(t: &Transcript) -> Vec<String> {
+        t.iter(0..t.len()).map(|e| e.body.text.to_string()).collect()
+    }
+
+    #[test]
+    fn transcripts_over_one_history_share_its_items_and_honour_visibility() {
+        let h = History::new();
+        let (mut a, mut b) = (Transcript::over(h.clone()), Transcript::over(h.clone()));
+        let log: Vec<_> = (0..10).map(|i| env(i, &format!("m{i} {}", "w ".repeat(i)))).collect();
+        for (i, e) in log.iter().enumerate() {
+            a.fold(e, true);
+            // b cannot see messages 3 and 4, nor 8.
+            b.fold(&Arc::new((**e).clone()), !matches!(i, 3 | 4 | 8));
+        }
+        assert_eq!(h.len(), 10, "each envelope is appended once");
+        assert!(Arc::ptr_eq(a.get(5).unwrap(), b.get(3).unwrap()), "b's items are the shared ones");
+        assert_eq!(a.len(), 10);
+        assert_eq!(
+            texts(&b),
+            [
+                "m0 ",
+                "m1 w ",
+                "m2 w w ",
+                "m5 w w w w w ",
+                "m6 w w w w w w ",
+                "m7 w w w w w w w ",
+                "m9 w w w w w w w w w "
+            ]
+        );
+        assert_eq!(b.runs.len(), 3);
+        // Token counts of any window equal the sum over the messages in it.
+        for t in [&a, &b] {
+            for s in 0..t.len() {
+                for e in s..=t.len() {
+                    let want: u64 = t.iter(s..e).map(|x| u64::from(estimate_tokens(&x.body.text) + 4)).sum();
+                    assert_eq!(t.tokens(s..e), want, "window {s}..{e}");
+                }
+            }
+        }
+        assert_eq!(b.message(3, &PeerId::from("p2")).unwrap().role, Role::Assistant);
+        assert_eq!(b.message(4, &PeerId::from("p2")).unwrap().role, Role::User);
+        assert!(b.get(7).is_none());
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_length_while_the_peer_folds_on() {
+        let h = History::new();
+        let mut t = Arc::new(Transcript::over(h.clone()));
+        Arc::make_mut(&mut t).push_envelope(env(0, "zero"));
+        let held = t.clone();
+        Arc::make_mut(&mut t).push_envelope(env(1, "one"));
+        assert_eq!((held.len(), t.len()), (1, 2));
+        assert_eq!(texts(&held), ["zero"]);
+        assert_eq!(held.tokens(0..5), t.tokens(0..1));
+    }
+
+    #[test]
+    fn a_transcript_fed_something_else_goes_on_alone() {
+        let h = History::new();
+        let (mut a, mut b) = (Transcript::over(h.clone()), Transcript::over(h.clone()));
+        a.push_envelope(env(0, "same"));
+        b.push_envelope(env(0, "same"));
+        a.push_envelope(env(1, "for a"));
+        b.push_envelope(env(2, "for b"));
+        b.push_envelope(env(3, "b again"));
+        assert_eq!(texts(&a), ["same", "for a"]);
+        assert_eq!(texts(&b), ["same", "for b", "b again"]);
+        assert_eq!(h.len(), 2, "the shared history is untouched by b's divergence");
+        let want: u64 = ["same", "for b", "b again"].iter().map(|t| u64::from(estimate_tokens(t) + 4)).sum();
+        assert_eq!(b.tokens(0..3), want);
+    }
+}
