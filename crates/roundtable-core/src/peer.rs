@@ -180,7 +180,7 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     };
 
     let mut st = SessionState::for_peer(plan.clone(), session.clone(), &cfg.me);
-    let history = me.extras.history.clone().unwrap_or_else(History::new);
+    let history = me.extras.history.clone().unwrap_or_default();
     let mut view = PeerView::over(cfg.me.clone(), me.spec.group.clone(), history);
     st.apply(&first);
     view.observe(&first.env);

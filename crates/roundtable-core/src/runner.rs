@@ -52,7 +52,7 @@ pub async fn run_peers_with(
 ) -> Result<SessionSummary, LogError> {
     let mut tasks = tokio::task::JoinSet::new();
     let shared = extras.plan.clone().unwrap_or_else(|| Arc::new(plan.clone()));
-    let history = extras.history.clone().unwrap_or_else(crate::model::History::new);
+    let history = extras.history.clone().unwrap_or_default();
     for p in &plan.peers {
         let Some(model) = models.get(&p.id) else {
             continue;
