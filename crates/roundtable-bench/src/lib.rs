@@ -10,8 +10,28 @@ pub mod rounds;
 pub mod tokens;
 pub mod workloads;
 
-/// Resident set size of this process, in KiB: (current, peak), from /proc.
-pub fn rss_kib() -> (u64, u64) {
+use serde::Serialize;
+
+/// This process's memory, in KiB, from /proc/self/status.
+///
+/// `anon` is what the process allocated (heap, stacks); `file` is pages mapped from
+/// files, chiefly the executable's code, paged in the first time it runs (the same for
+/// a session of 2 messages or 5,000, and shared with every other process running the
+/// binary). A session's memory is the growth of `anon`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Memory {
+    /// Resident set size (`VmRSS`): `anon` + `file` + shared memory.
+    pub rss: u64,
+    /// `RssAnon`.
+    pub anon: u64,
+    /// `RssFile`.
+    pub file: u64,
+    /// Peak resident set size (`VmHWM`).
+    pub peak: u64,
+}
+
+/// This process's memory now (zeros where /proc is not there).
+pub fn memory() -> Memory {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
@@ -21,7 +41,7 @@ pub fn rss_kib() -> (u64, u64) {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    Memory { rss: field("VmRSS:"), anon: field("RssAnon:"), file: field("RssFile:"), peak: field("VmHWM:") }
 }
 
 /// The median of some samples (0 when empty).

@@ -14,7 +14,7 @@ use roundtable_core::team::{TeamPlan, parse_team};
 use serde::Serialize;
 
 use crate::mock::MockModel;
-use crate::rss_kib;
+use crate::{Memory, memory};
 
 /// A round-robin team of `n` peers that stops after `messages` messages (the task
 /// included), with full history in every peer's context.
@@ -60,18 +60,26 @@ pub struct GroupChatResult {
     pub us_median_first100: f64,
     pub us_median_last100: f64,
     pub median_last_over_first: f64,
-    pub rss_before_kib: u64,
-    pub rss_after_kib: u64,
+    /// Memory before the session (the runtime already started) and after it stopped,
+    /// with every peer and the log still held.
+    pub memory_before: Memory,
+    pub memory_after: Memory,
     pub peak_rss_kib: u64,
+    /// What the session added: the growth of anonymous memory (see [`Memory`]).
+    pub added_kib: u64,
     /// Bytes of the session's envelopes as JSON (the payload).
     pub payload_bytes: u64,
-    pub added_kib_over_payload_kib: f64,
+    /// `added_kib` over the payload.
+    pub added_over_payload: f64,
+    /// Executable code paged in for the first time during the session (file-backed,
+    /// shared; not the session's data).
+    pub code_paged_in_kib: u64,
 }
 
 /// Run the group-chat overhead workload once.
 pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String> {
     let plan = group_chat_plan(cfg.peers, cfg.messages);
-    let (rss_before, _) = rss_kib();
+    let before = memory();
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let session = new_session_id();
     let log: Arc<dyn SessionLog> = if cfg.persist {
@@ -93,7 +101,7 @@ pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String>
     open_session(log.as_ref(), &plan, "Discuss the benchmark topic.").await.map_err(|e| e.to_string())?;
     let summary = run_peers(log.clone(), &plan, models, None, None).await.map_err(|e| e.to_string())?;
     let wall = start.elapsed();
-    let (rss_after, peak) = rss_kib();
+    let after = memory();
 
     let expected = cfg.messages.saturating_sub(1);
     if summary.messages != expected {
@@ -121,11 +129,13 @@ pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String>
         us_median_first100: med_first,
         us_median_last100: med_last,
         median_last_over_first: if med_first > 0.0 { med_last / med_first } else { 0.0 },
-        rss_before_kib: rss_before,
-        rss_after_kib: rss_after,
-        peak_rss_kib: peak,
+        memory_before: before,
+        memory_after: after,
+        peak_rss_kib: after.peak,
+        added_kib: after.anon.saturating_sub(before.anon),
         payload_bytes: payload,
-        added_kib_over_payload_kib: (rss_after.saturating_sub(rss_before)) as f64 / (payload as f64 / 1024.0),
+        added_over_payload: after.anon.saturating_sub(before.anon) as f64 / (payload as f64 / 1024.0),
+        code_paged_in_kib: after.file.saturating_sub(before.file),
     })
 }
 
@@ -145,14 +155,17 @@ pub struct ScaleResult {
     pub config: ScaleConfig,
     pub messages: u64,
     pub wall_ms: f64,
-    pub rss_added_kib: u64,
+    /// Anonymous memory added (see [`Memory`]), and per peer.
+    pub added_kib: u64,
     pub kib_per_peer: f64,
+    /// Resident set size added, executable code paged in included.
+    pub rss_added_kib: u64,
 }
 
 /// Hold `peers` peers in one process: idle (waiting for a task that never comes in
 /// rounds = 0), or active for some rounds of round robin.
 pub async fn scale(cfg: ScaleConfig) -> Result<ScaleResult, String> {
-    let (before, _) = rss_kib();
+    let before = memory();
     let start = Instant::now();
     let plan = group_chat_plan(cfg.peers, u64::from(cfg.rounds.max(1)) * cfg.peers as u64 + 1);
     let session = new_session_id();
@@ -174,31 +187,33 @@ pub async fn scale(cfg: ScaleConfig) -> Result<ScaleResult, String> {
             handles.push(tokio::spawn(roundtable_core::peer::run_peer(cfgp)));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let (after, _) = rss_kib();
+        let after = memory();
         for h in &handles {
             h.abort();
         }
-        let added = after.saturating_sub(before);
+        let added = after.anon.saturating_sub(before.anon);
         return Ok(ScaleResult {
             workload: "scale",
             config: cfg,
             messages: 0,
             wall_ms: start.elapsed().as_secs_f64() * 1e3,
-            rss_added_kib: added,
+            added_kib: added,
             kib_per_peer: added as f64 / cfg.peers as f64,
+            rss_added_kib: after.rss.saturating_sub(before.rss),
         });
     }
     open_session(log.as_ref(), &plan, "Scale test.").await.map_err(|e| e.to_string())?;
     let summary = run_peers(log.clone(), &plan, models, None, None).await.map_err(|e| e.to_string())?;
-    let (after, _) = rss_kib();
-    let added = after.saturating_sub(before);
+    let after = memory();
+    let added = after.anon.saturating_sub(before.anon);
     Ok(ScaleResult {
         workload: "scale",
         config: cfg,
         messages: summary.messages,
         wall_ms: start.elapsed().as_secs_f64() * 1e3,
-        rss_added_kib: added,
+        added_kib: added,
         kib_per_peer: added as f64 / cfg.peers as f64,
+        rss_added_kib: after.rss.saturating_sub(before.rss),
     })
 }
 
@@ -211,6 +226,7 @@ mod tests {
         for persist in [false, true] {
             let r = group_chat(GroupChatConfig { peers: 4, messages: 120, persist, walk_history: true }).await.unwrap();
             assert!(r.payload_bytes > 119 * 50, "{r:?}");
+            assert!(r.memory_after.anon > 0 && r.memory_after.rss >= r.memory_after.anon, "{r:?}");
             assert!(r.us_per_msg_first100 > 0.0 && r.us_per_msg_last100 > 0.0);
         }
     }

@@ -317,7 +317,7 @@ fn median_row(runs: &[serde_json::Value]) -> serde_json::Value {
 fn print_header(w: Workload) {
     match w {
         Workload::Groupchat => println!(
-            "{:>5} {:>6} {:>7} {:>12} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} {:>8}",
+            "{:>5} {:>6} {:>7} {:>12} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} {:>8} {:>9}",
             "peers",
             "msgs",
             "persist",
@@ -330,12 +330,13 @@ fn print_header(w: Workload) {
             "ratio",
             "peak MiB",
             "added MiB",
-            "×payload"
+            "×payload",
+            "code MiB"
         ),
         Workload::Scale => {
             println!(
-                "{:>6} {:>6} {:>9} {:>10} {:>11} {:>9}",
-                "peers", "rounds", "messages", "wall ms", "added KiB", "KiB/peer"
+                "{:>6} {:>6} {:>9} {:>10} {:>11} {:>9} {:>9}",
+                "peers", "rounds", "messages", "wall ms", "added KiB", "KiB/peer", "RSS+ KiB"
             )
         }
         Workload::Rounds => println!(
@@ -365,7 +366,7 @@ fn print_row(w: Workload, r: &serde_json::Value) {
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
     match w {
         Workload::Groupchat => println!(
-            "{:>5} {:>6} {:>7} {:>12.0} {:>10.2} {:>10.2} {:>6.2} {:>9.2} {:>9.2} {:>6.2} {:>10.1} {:>10.1} {:>8.2}",
+            "{:>5} {:>6} {:>7} {:>12.0} {:>10.2} {:>10.2} {:>6.2} {:>9.2} {:>9.2} {:>6.2} {:>10.1} {:>10.2} {:>8.2} {:>9.1}",
             f("peers"),
             f("messages"),
             if r["persist"].as_bool() == Some(true) { "on" } else { "off" },
@@ -377,17 +378,19 @@ fn print_row(w: Workload, r: &serde_json::Value) {
             f("us_median_last100"),
             f("median_last_over_first"),
             f("peak_rss_kib") / 1024.0,
-            (f("rss_after_kib") - f("rss_before_kib")) / 1024.0,
-            f("added_kib_over_payload_kib"),
+            f("added_kib") / 1024.0,
+            f("added_over_payload"),
+            f("code_paged_in_kib") / 1024.0,
         ),
         Workload::Scale => println!(
-            "{:>6} {:>6} {:>9} {:>10.1} {:>11} {:>9.1}",
+            "{:>6} {:>6} {:>9} {:>10.1} {:>11} {:>9.1} {:>9}",
             f("peers"),
             f("rounds"),
             f("messages"),
             f("wall_ms"),
-            f("rss_added_kib"),
-            f("kib_per_peer")
+            f("added_kib"),
+            f("kib_per_peer"),
+            f("rss_added_kib")
         ),
         Workload::Rounds => println!(
             "{:>5} {:>6} {:>6} {:>9.0} {:>9.1} {:>6.3} {:>9.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2} {:>9.2}",

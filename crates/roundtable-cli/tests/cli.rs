@@ -436,3 +436,43 @@ fn a_reader_that_goes_away_ends_the_output_quietly_not_with_a_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
 }
+
+#[test]
+fn bench_runs_each_configuration_in_its_own_process_and_reports_medians() {
+    let o = bin()
+        .args([
+            "bench",
+            "groupchat",
+            "--peers",
+            "2,3",
+            "--messages",
+            "30",
+            "--persist",
+            "off",
+            "--repeat",
+            "3",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "one row per configuration: {rows:?}");
+    for (row, peers) in rows.iter().zip([2, 3]) {
+        assert_eq!(
+            (row["peers"].as_u64(), row["messages"].as_u64(), row["runs"].as_u64()),
+            (Some(peers), Some(30), Some(3))
+        );
+        // 29 contributions of a 50-byte reply, each an envelope of a few hundred bytes.
+        assert!(row["payload_bytes"].as_f64().unwrap() > 29.0 * 200.0, "{row}");
+        assert!(row["memory_after"]["anon"].as_u64().unwrap() > 0, "anonymous memory is read from /proc: {row}");
+        assert!(row["messages_per_sec"].as_f64().unwrap() > 0.0);
+    }
+    let table =
+        bin().args(["bench", "groupchat", "--peers", "2", "--messages", "30", "--persist", "on"]).output().unwrap();
+    assert!(table.status.success(), "{}", stderr(&table));
+    let text = stdout(&table);
+    assert!(text.lines().next().unwrap().contains("×payload"), "{text}");
+    assert_eq!(text.lines().count(), 2, "a header and one row: {text}");
+    assert!(text.lines().nth(1).unwrap().split_whitespace().nth(2) == Some("on"), "{text}");
+}
