@@ -83,7 +83,9 @@ impl EnvelopeId {
         h.update([0u8]);
         h.update(step.as_bytes());
         let digest = h.finalize();
-        EnvelopeId::from(hex::encode(&digest[..16]))
+        let mut text = [0u8; 32];
+        hex::encode_to_slice(&digest[..16], &mut text).expect("16 bytes are 32 hex digits");
+        EnvelopeId::new(std::str::from_utf8(&text).expect("hex digits are ASCII"))
     }
 }
 
@@ -261,9 +263,22 @@ impl Envelope {
         body: Body,
     ) -> Self {
         let step = step.into();
+        Envelope::with_id(EnvelopeId::derive(session, from, &step), session, from, step, kind, to, body)
+    }
+
+    /// A new envelope with an id already derived (see [`EnvelopeId::derive`]).
+    pub fn with_id(
+        id: EnvelopeId,
+        session: &SessionId,
+        from: &PeerId,
+        step: Arc<str>,
+        kind: Kind,
+        to: Recipient,
+        body: Body,
+    ) -> Self {
         Envelope {
             v: ENVELOPE_VERSION,
-            id: EnvelopeId::derive(session, from, &step),
+            id,
             session: session.clone(),
             from: from.clone(),
             to,

@@ -225,13 +225,25 @@ impl MemLog {
     }
 
     pub fn read_now(&self, from: u64, max: usize) -> Vec<Entry> {
+        let mut out = Vec::new();
+        self.read_into(from, max, &mut out);
+        out
+    }
+
+    /// Up to `max` entries from `from` added to `out`; how many. Takes the lock only
+    /// when there is something to read.
+    pub fn read_into(&self, from: u64, max: usize, out: &mut impl Extend<Entry>) -> usize {
+        if self.len() < from.max(1) {
+            return 0;
+        }
         let inner = self.inner.read().expect("log lock");
         let start = (from.max(1) - 1) as usize;
         if start >= inner.entries.len() {
-            return Vec::new();
+            return 0;
         }
         let end = inner.entries.len().min(start.saturating_add(max));
-        inner.entries[start..end].to_vec()
+        out.extend(inner.entries[start..end].iter().cloned());
+        end - start
     }
 
     pub fn len(&self) -> u64 {
@@ -257,10 +269,9 @@ impl MemLog {
                 if let Some(e) = st.buf.pop_front() {
                     return Some((Ok(e), st));
                 }
-                let batch = st.log.read_now(st.next, 256);
-                if let Some(last) = batch.last() {
-                    st.next = last.seq + 1;
-                    st.buf.extend(batch);
+                let read = st.log.read_into(st.next, 256, &mut st.buf);
+                if read > 0 {
+                    st.next += read as u64;
                     continue;
                 }
                 // Nothing new: wait until the last sequence number moves past what we read.

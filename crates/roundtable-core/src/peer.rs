@@ -244,14 +244,21 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
         };
         // A duty whose envelope is already on the log, yet still a duty once that
         // envelope was folded in, would be retried forever: wait for something new.
-        let id = duty.envelope_id(&session, &cfg.me);
-        if stalled.as_ref() == Some(&(id.clone(), st.last_seq)) {
+        // (The id is derived only when there is something to compare it with.)
+        if let Some((id, seq)) = &stalled
+            && *seq == st.last_seq
+            && *id == duty.envelope_id(&session, &cfg.me)
+        {
             continue;
         }
         if let Some(seq) = perform(&me, &st, &view, &duty).await? {
             wait_for_seq = seq;
         }
-        if me.duplicate.lock().expect("duplicate lock").take().as_ref() == Some(&id) && wait_for_seq <= st.last_seq {
+        let duplicate = me.duplicate.lock().expect("duplicate lock").take();
+        if let Some(id) = duplicate
+            && wait_for_seq <= st.last_seq
+            && id == duty.envelope_id(&session, &cfg.me)
+        {
             tracing::warn!(peer = %cfg.me, step = %duty.step, "duty already on the log; waiting for new entries");
             stalled = Some((id, st.last_seq));
         }
@@ -446,10 +453,10 @@ async fn not_answered(me: &Me, st: &SessionState, duty: &Duty, called: Called) -
 
 /// The envelope a duty produces, with its id, round, parents and clock.
 fn envelope(me: &Me, st: &SessionState, duty: &Duty, kind: Kind, body: Body) -> Envelope {
-    let mut env = Envelope::new(&st.session, &me.cfg.me, duty.step.clone(), kind, duty.to.clone(), body)
+    let id = duty.envelope_id(&st.session, &me.cfg.me);
+    let mut env = Envelope::with_id(id, &st.session, &me.cfg.me, duty.step.clone(), kind, duty.to.clone(), body)
         .with_round(duty.round)
         .with_parents(duty.parents.clone());
-    env.id = duty.envelope_id(&st.session, &me.cfg.me);
     env.lamport = st.lamport + 1;
     env
 }
