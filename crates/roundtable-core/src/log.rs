@@ -28,7 +28,8 @@
 //! up there exactly once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -159,26 +160,32 @@ pub trait LogStore: Send + Sync + 'static {
 // ---------------------------------------------------------------------------------------
 // In-process implementation.
 
-#[derive(Default)]
-struct MemInner {
-    entries: Vec<Entry>,
-    ids: HashMap<EnvelopeId, u64>,
-}
-
-/// An in-process session log: a shared vector of entries and a watch channel that wakes
-/// tailing readers. Also the write-through cache of durable logs (SQLite).
+/// An in-process session log: entries in an append-only vector that readers read
+/// without a lock, and a watch channel that wakes tailing readers. Also the
+/// write-through cache of durable logs (SQLite).
 pub struct MemLog {
     session: SessionId,
-    inner: RwLock<MemInner>,
+    entries: boxcar::Vec<Entry>,
+    /// The ids on the log; its lock also serializes appends.
+    ids: Mutex<HashMap<EnvelopeId, u64>>,
+    /// Entries `1..=published` are readable.
+    published: AtomicU64,
     last: watch::Sender<u64>,
-    /// Called under the write lock for each new (non-duplicate) entry, before it is
+    /// Called under the append lock for each new (non-duplicate) entry, before it is
     /// visible: a durable backend writes it to storage there.
     sink: Option<Box<dyn Fn(&Entry) -> Result<(), LogError> + Send + Sync>>,
 }
 
 impl MemLog {
     pub fn new(session: SessionId) -> Self {
-        MemLog { session, inner: RwLock::new(MemInner::default()), last: watch::channel(0).0, sink: None }
+        MemLog {
+            session,
+            entries: boxcar::Vec::new(),
+            ids: Mutex::default(),
+            published: AtomicU64::new(0),
+            last: watch::channel(0).0,
+            sink: None,
+        }
     }
 
     /// A log that calls `sink` for every new entry before acknowledging it, and starts
@@ -188,14 +195,22 @@ impl MemLog {
         existing: Vec<Envelope>,
         sink: Box<dyn Fn(&Entry) -> Result<(), LogError> + Send + Sync>,
     ) -> Self {
-        let mut inner = MemInner::default();
-        for env in existing {
-            let seq = inner.entries.len() as u64 + 1;
-            inner.ids.insert(env.id.clone(), seq);
-            inner.entries.push(Entry { seq, env: Arc::new(env) });
+        let entries = boxcar::Vec::with_capacity(existing.len());
+        let mut ids = HashMap::with_capacity(existing.len());
+        for (i, env) in existing.into_iter().enumerate() {
+            let seq = i as u64 + 1;
+            ids.insert(env.id.clone(), seq);
+            entries.push(Entry { seq, env: Arc::new(env) });
         }
-        let n = inner.entries.len() as u64;
-        MemLog { session, inner: RwLock::new(inner), last: watch::channel(n).0, sink: Some(sink) }
+        let n = ids.len() as u64;
+        MemLog {
+            session,
+            entries,
+            ids: Mutex::new(ids),
+            published: AtomicU64::new(n),
+            last: watch::channel(n).0,
+            sink: Some(sink),
+        }
     }
 
     /// Append synchronously (the in-process log never waits).
@@ -206,21 +221,23 @@ impl MemLog {
                 format!("envelope of session {} appended to session {}", env.session, self.session),
             ));
         }
-        let mut inner = self.inner.write().expect("log lock");
-        if let Some(&seq) = inner.ids.get(&env.id) {
+        let mut ids = self.ids.lock().expect("log lock");
+        if let Some(&seq) = ids.get(&env.id) {
             return Ok(Appended { seq, duplicate: true });
         }
-        let seq = inner.entries.len() as u64 + 1;
+        let seq = self.published.load(Ordering::Relaxed) + 1;
         let entry = Entry { seq, env: Arc::new(env) };
         if let Some(sink) = &self.sink {
             sink(&entry)?;
         }
-        inner.ids.insert(entry.env.id.clone(), seq);
-        inner.entries.push(entry);
+        ids.insert(entry.env.id.clone(), seq);
+        // Appends are serialized by the lock: the entry lands at index seq - 1.
+        self.entries.push(entry);
+        self.published.store(seq, Ordering::Release);
         // Under the lock: published in append order, so the value never goes backwards
         // and a tail waiting for `seq` cannot miss it.
         self.last.send_replace(seq);
-        drop(inner);
+        drop(ids);
         Ok(Appended { seq, duplicate: false })
     }
 
@@ -230,24 +247,21 @@ impl MemLog {
         out
     }
 
-    /// Up to `max` entries from `from` added to `out`; how many. Takes the lock only
-    /// when there is something to read.
+    /// Up to `max` entries from `from` added to `out`; how many. Never waits for a
+    /// writer.
     pub fn read_into(&self, from: u64, max: usize, out: &mut impl Extend<Entry>) -> usize {
-        if self.len() < from.max(1) {
-            return 0;
-        }
-        let inner = self.inner.read().expect("log lock");
+        let last = self.published.load(Ordering::Acquire) as usize;
         let start = (from.max(1) - 1) as usize;
-        if start >= inner.entries.len() {
+        if start >= last {
             return 0;
         }
-        let end = inner.entries.len().min(start.saturating_add(max));
-        out.extend(inner.entries[start..end].iter().cloned());
+        let end = last.min(start.saturating_add(max));
+        out.extend((start..end).filter_map(|i| self.entries.get(i).cloned()));
         end - start
     }
 
     pub fn len(&self) -> u64 {
-        *self.last.borrow()
+        self.published.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -306,7 +320,7 @@ impl SessionLog for SharedMemLog {
         Ok(self.0.tail_now(from))
     }
     async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError> {
-        Ok(self.0.inner.read().expect("log lock").ids.get(id).copied())
+        Ok(self.0.ids.lock().expect("log lock").get(id).copied())
     }
 }
 
@@ -460,6 +474,39 @@ mod tests {
         });
         let e = t.next().await.unwrap().unwrap();
         assert_eq!((e.seq, &*e.env.step), (2, "b"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appenders_and_tails_agree_on_one_gapless_order() {
+        let s = SessionId::from("s");
+        let log = Arc::new(MemLog::new(s.clone()));
+        let tails: Vec<_> = (0..3).map(|_| log.tail_now(1)).collect();
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let (log, s) = (log.clone(), s.clone());
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        // Every step twice, by two writers: the second append is a duplicate.
+                        for step in [format!("{w}/{i}"), format!("{}/{i}", (w + 1) % 4)] {
+                            log.append_now(env(&s, &step)).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tails {
+            let seen: Vec<Entry> = t.take(2000).map(|e| e.unwrap()).collect().await;
+            assert!(seen.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1), "gapless, in order");
+            let steps: std::collections::HashSet<_> = seen.iter().map(|e| e.env.step.clone()).collect();
+            assert_eq!(steps.len(), 2000, "each step once");
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!(log.len(), 2000);
+        let again = log.read_now(1, usize::MAX);
+        assert_eq!(again.len(), 2000);
+        assert!(again.iter().all(|e| log.read_now(e.seq, 1)[0].env.id == e.env.id));
     }
 
     #[test]

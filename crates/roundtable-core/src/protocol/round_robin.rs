@@ -26,9 +26,9 @@ pub struct RoundRobin {
     spec: RoundRobinSpec,
     /// The next turn to be taken.
     turn: u64,
-    /// The last contribution: (text, id).
-    last: Option<(Arc<str>, EnvelopeId)>,
-    final_answer: Option<(Arc<str>, EnvelopeId)>,
+    /// The last contribution (its text and id: the envelope, shared with the log).
+    last: Option<Arc<crate::envelope::Envelope>>,
+    final_answer: Option<Arc<crate::envelope::Envelope>>,
     /// The summarizer's final step failed or it is absent: finish without it.
     final_skipped: bool,
 }
@@ -72,12 +72,12 @@ impl Reducer for RoundRobin {
             && &env.from == self.holder(self.turn)
         {
             if env.kind == Kind::Message {
-                self.last = Some((env.body.text.clone(), env.id.clone()));
+                self.last = Some(env.clone());
             }
             self.turn += 1;
         } else if env.step.as_ref() == FINAL_STEP && Some(&env.from) == self.spec.summarizer.as_ref() {
             if env.kind == Kind::Message {
-                self.final_answer = Some((env.body.text.clone(), env.id.clone()));
+                self.final_answer = Some(env.clone());
             } else {
                 self.final_skipped = true;
             }
@@ -103,7 +103,7 @@ impl Reducer for RoundRobin {
                 kind: Kind::Message,
                 to: Recipient::All,
                 round,
-                parents: self.last.iter().map(|(_, id)| id.clone()).collect(),
+                parents: self.last.iter().map(|e| e.id.clone()).collect(),
                 action: Action::Speak { instruction, json: false, view: View::History },
                 collective: false,
             }];
@@ -118,7 +118,7 @@ impl Reducer for RoundRobin {
                     kind: Kind::Message,
                     to: Recipient::All,
                     round: self.spec.rounds,
-                    parents: self.last.iter().map(|(_, id)| id.clone()).collect(),
+                    parents: self.last.iter().map(|e| e.id.clone()).collect(),
                     action: Action::Speak {
                         instruction: Some(Arc::from(instruction)),
                         json: false,
@@ -137,21 +137,21 @@ impl Reducer for RoundRobin {
         }
         let rounds = self.spec.rounds;
         match (&self.spec.summarizer, &self.final_answer) {
-            (Some(s), Some((text, id))) => Some(Finish {
+            (Some(s), Some(e)) => Some(Finish {
                 reason: format!("completed: {rounds} rounds, then {s}'s summary"),
-                answer: Some(text.clone()),
-                decided_by: vec![id.clone()],
+                answer: Some(e.body.text.clone()),
+                decided_by: vec![e.id.clone()],
             }),
             (Some(s), None) if self.final_skipped || facts.absent.contains(s) => Some(Finish {
                 reason: format!("completed: {rounds} rounds; the summarizer {s} could not answer"),
-                answer: self.last.as_ref().map(|(t, _)| t.clone()),
-                decided_by: self.last.iter().map(|(_, id)| id.clone()).collect(),
+                answer: self.last.as_ref().map(|e| e.body.text.clone()),
+                decided_by: self.last.iter().map(|e| e.id.clone()).collect(),
             }),
             (Some(_), None) => None,
             (None, _) => Some(Finish {
                 reason: format!("completed: {rounds} rounds"),
-                answer: self.last.as_ref().map(|(t, _)| t.clone()),
-                decided_by: self.last.iter().map(|(_, id)| id.clone()).collect(),
+                answer: self.last.as_ref().map(|e| e.body.text.clone()),
+                decided_by: self.last.iter().map(|e| e.id.clone()).collect(),
             }),
         }
     }
@@ -161,6 +161,6 @@ impl Reducer for RoundRobin {
     }
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {
-        self.final_answer.clone().or_else(|| self.last.clone())
+        self.final_answer.as_ref().or(self.last.as_ref()).map(|e| (e.body.text.clone(), e.id.clone()))
     }
 }
