@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use tokio::sync::watch;
+use futures::task::AtomicWaker;
 
 use crate::envelope::{Envelope, EnvelopeId, Kind, SessionId};
 use crate::error::Error;
@@ -161,7 +161,7 @@ pub trait LogStore: Send + Sync + 'static {
 // In-process implementation.
 
 /// An in-process session log: entries in an append-only vector that readers read
-/// without a lock, and a watch channel that wakes tailing readers. Also the
+/// without a lock, and the wakers of the tails waiting for more. Also the
 /// write-through cache of durable logs (SQLite).
 pub struct MemLog {
     session: SessionId,
@@ -170,7 +170,8 @@ pub struct MemLog {
     ids: Mutex<HashMap<EnvelopeId, u64>>,
     /// Entries `1..=published` are readable.
     published: AtomicU64,
-    last: watch::Sender<u64>,
+    /// Tails waiting for entries past what they read; woken after each append.
+    waiting: Mutex<Vec<std::sync::Weak<AtomicWaker>>>,
     /// Called under the append lock for each new (non-duplicate) entry, before it is
     /// visible: a durable backend writes it to storage there.
     sink: Option<Box<dyn Fn(&Entry) -> Result<(), LogError> + Send + Sync>>,
@@ -183,7 +184,7 @@ impl MemLog {
             entries: boxcar::Vec::new(),
             ids: Mutex::default(),
             published: AtomicU64::new(0),
-            last: watch::channel(0).0,
+            waiting: Mutex::default(),
             sink: None,
         }
     }
@@ -208,7 +209,7 @@ impl MemLog {
             entries,
             ids: Mutex::new(ids),
             published: AtomicU64::new(n),
-            last: watch::channel(n).0,
+            waiting: Mutex::default(),
             sink: Some(sink),
         }
     }
@@ -233,11 +234,10 @@ impl MemLog {
         ids.insert(entry.env.id.clone(), seq);
         // Appends are serialized by the lock: the entry lands at index seq - 1.
         self.entries.push(entry);
+        // Under the lock: published in append order, so the value never goes backwards.
         self.published.store(seq, Ordering::Release);
-        // Under the lock: published in append order, so the value never goes backwards
-        // and a tail waiting for `seq` cannot miss it.
-        self.last.send_replace(seq);
         drop(ids);
+        self.wake_tails();
         Ok(Appended { seq, duplicate: false })
     }
 
@@ -268,33 +268,62 @@ impl MemLog {
         self.len() == 0
     }
 
-    /// A live tail from `from`, reading in batches so that a reader that lags behind
-    /// takes one lock per batch, not per entry.
-    pub fn tail_now(self: &Arc<Self>, from: u64) -> EntryStream {
-        struct TailState {
-            log: Arc<MemLog>,
-            next: u64,
-            buf: std::collections::VecDeque<Entry>,
-            rx: watch::Receiver<u64>,
-        }
-        let st = TailState { log: self.clone(), next: from.max(1), buf: Default::default(), rx: self.last.subscribe() };
-        Box::pin(futures::stream::unfold(st, |mut st| async move {
-            loop {
-                if let Some(e) = st.buf.pop_front() {
-                    return Some((Ok(e), st));
-                }
-                let read = st.log.read_into(st.next, 256, &mut st.buf);
-                if read > 0 {
-                    st.next += read as u64;
-                    continue;
-                }
-                // Nothing new: wait until the last sequence number moves past what we read.
-                let next = st.next;
-                if st.rx.wait_for(|&last| last >= next).await.is_err() {
-                    return None;
-                }
+    /// Wake every tail that registered since it last read (a tail's waker is taken
+    /// when woken, so a tail that has not come back for more is not woken again), and
+    /// forget the tails that are gone.
+    fn wake_tails(&self) {
+        let mut waiting = self.waiting.lock().expect("tails lock");
+        waiting.retain(|w| match w.upgrade() {
+            Some(w) => {
+                w.wake();
+                true
             }
-        }))
+            None => false,
+        });
+    }
+
+    /// A live tail from `from`, reading in batches so that a reader that lags behind
+    /// copies many pointers at once, and never waiting for a writer.
+    pub fn tail_now(self: &Arc<Self>, from: u64) -> EntryStream {
+        let waker = Arc::new(AtomicWaker::new());
+        self.waiting.lock().expect("tails lock").push(Arc::downgrade(&waker));
+        Box::pin(MemTail { log: self.clone(), next: from.max(1), buf: Default::default(), waker })
+    }
+}
+
+/// A tail of a [`MemLog`].
+struct MemTail {
+    log: Arc<MemLog>,
+    next: u64,
+    buf: std::collections::VecDeque<Entry>,
+    waker: Arc<AtomicWaker>,
+}
+
+impl futures::Stream for MemTail {
+    type Item = Result<Entry, LogError>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(e) = this.buf.pop_front() {
+                return std::task::Poll::Ready(Some(Ok(e)));
+            }
+            let read = this.log.read_into(this.next, 256, &mut this.buf);
+            if read > 0 {
+                this.next += read as u64;
+                continue;
+            }
+            // Register, then look again: an append between the read and the register
+            // is seen here, one after it wakes this waker (the waker's own atomic
+            // orders the two sides).
+            this.waker.register(cx.waker());
+            if this.log.len() < this.next {
+                return std::task::Poll::Pending;
+            }
+        }
     }
 }
 

@@ -207,7 +207,14 @@ impl Transcript {
 
     /// The envelopes at positions `range`, in order.
     pub fn iter(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &Arc<Envelope>> + '_ {
-        range.filter_map(move |i| self.get(i))
+        let end = range.end.min(self.len);
+        let first = self.runs.partition_point(|r| r.start + r.len <= range.start);
+        // Run by run: no search per message.
+        self.runs[first.min(self.runs.len())..].iter().take_while(move |r| r.start < end).flat_map(move |r| {
+            let from = r.at + range.start.saturating_sub(r.start);
+            let to = r.at + (end.min(r.start + r.len) - r.start);
+            (from..to).filter_map(move |h| self.history.get(h).map(|it| &it.env))
+        })
     }
 
     /// The `i`th message as `viewer` sees it.
@@ -300,6 +307,15 @@ mod tests {
                 for e in s..=t.len() {
                     let want: u64 = t.iter(s..e).map(|x| u64::from(estimate_tokens(&x.body.text) + 4)).sum();
                     assert_eq!(t.tokens(s..e), want, "window {s}..{e}");
+                }
+            }
+        }
+        for t in [&a, &b] {
+            for s in 0..=t.len() {
+                for e in s..=t.len() + 1 {
+                    let by_get: Vec<_> = (s..e.min(t.len())).map(|i| t.get(i).unwrap().id.clone()).collect();
+                    let by_iter: Vec<_> = t.iter(s..e).map(|x| x.id.clone()).collect();
+                    assert_eq!(by_iter, by_get, "iter {s}..{e}");
                 }
             }
         }
