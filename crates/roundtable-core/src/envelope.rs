@@ -20,9 +20,22 @@ pub const MAX_ENVELOPE_BYTES: usize = 1 << 20;
 macro_rules! shared_str_id {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
         pub struct $name(Arc<str>);
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                // Ids are mostly clones of one another: the same pointer is the same id.
+                Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+            }
+        }
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                // As the string hashes, like equality (a `Borrow<str>` lookup relies on it).
+                self.0.hash(state)
+            }
+        }
 
         impl $name {
             pub fn new(s: impl AsRef<str>) -> Self {

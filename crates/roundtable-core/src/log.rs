@@ -171,7 +171,8 @@ pub struct MemLog {
     /// Entries `1..=published` are readable.
     published: AtomicU64,
     /// Tails waiting for entries past what they read; woken after each append.
-    waiting: Mutex<Vec<std::sync::Weak<AtomicWaker>>>,
+    /// A tail that is gone leaves its waker held here alone.
+    waiting: Mutex<Vec<Arc<AtomicWaker>>>,
     /// Called under the append lock for each new (non-duplicate) entry, before it is
     /// visible: a durable backend writes it to storage there.
     sink: Option<Box<dyn Fn(&Entry) -> Result<(), LogError> + Send + Sync>>,
@@ -273,12 +274,12 @@ impl MemLog {
     /// forget the tails that are gone.
     fn wake_tails(&self) {
         let mut waiting = self.waiting.lock().expect("tails lock");
-        waiting.retain(|w| match w.upgrade() {
-            Some(w) => {
+        waiting.retain(|w| {
+            let alive = Arc::strong_count(w) > 1;
+            if alive {
                 w.wake();
-                true
             }
-            None => false,
+            alive
         });
     }
 
@@ -286,7 +287,7 @@ impl MemLog {
     /// copies many pointers at once, and never waiting for a writer.
     pub fn tail_now(self: &Arc<Self>, from: u64) -> EntryStream {
         let waker = Arc::new(AtomicWaker::new());
-        self.waiting.lock().expect("tails lock").push(Arc::downgrade(&waker));
+        self.waiting.lock().expect("tails lock").push(waker.clone());
         Box::pin(MemTail { log: self.clone(), next: from.max(1), buf: Default::default(), waker })
     }
 }
