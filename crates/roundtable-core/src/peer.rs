@@ -182,8 +182,8 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let mut st = SessionState::for_peer(plan.clone(), session.clone(), &cfg.me);
     let history = me.extras.history.clone().unwrap_or_default();
     let mut view = PeerView::over(cfg.me.clone(), me.spec.group.clone(), history);
-    st.apply(&first);
     view.observe(&first.env);
+    st.take(first);
 
     let hb = Duration::from_millis(plan.presence.heartbeat_ms.max(10));
     // Heartbeats run on a task of their own: a peer waiting on a long model call is
@@ -214,12 +214,12 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
             next = tail.next() => {
                 let Some(e) = next else { return Err(LogError::new(LogErrorKind::Unavailable, "the log's tail ended")) };
                 let e = e?;
-                st.apply(&e);
                 view.observe(&e.env);
+                st.take(e);
                 while let Some(Some(more)) = tail.next().now_or_never() {
                     let more = more?;
-                    st.apply(&more);
                     view.observe(&more.env);
+                    st.take(more);
                 }
             }
             _ = tick.tick() => {

@@ -97,18 +97,37 @@ impl SessionState {
 
     /// Fold one entry in. Entries after the stop are recorded in the tally only.
     pub fn apply(&mut self, entry: &Entry) {
+        if self.fold_session(entry) {
+            let facts =
+                Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
+            self.protocol.apply(entry, &facts);
+        }
+    }
+
+    /// [`SessionState::apply`], owning the entry: a protocol that keeps the envelope
+    /// takes this reference instead of making another (see [`Reducer::take`]).
+    pub fn take(&mut self, entry: Entry) {
+        if self.fold_session(&entry) {
+            let facts =
+                Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
+            self.protocol.take(entry, &facts);
+        }
+    }
+
+    /// The session's own part of folding an entry; whether the protocol folds it too.
+    fn fold_session(&mut self, entry: &Entry) -> bool {
         let env = &entry.env;
         self.last_seq = self.last_seq.max(entry.seq);
         self.lamport = self.lamport.max(env.lamport);
         self.tally.observe(entry.seq, env, self.mention.as_deref());
         if self.stop.is_some() {
-            return;
+            return false;
         }
         match env.kind {
             Kind::Task if self.task.is_none() => self.task = Some(env.clone()),
             Kind::Stop => {
                 self.stop = Some(entry.clone());
-                return;
+                return false;
             }
             Kind::Absent => {
                 if let Some(p) = absent_peer(env) {
@@ -138,8 +157,7 @@ impl SessionState {
             _ if env.usage.is_some() => self.failure_streak = 0,
             _ => {}
         }
-        let facts = Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
-        self.protocol.apply(entry, &facts);
+        true
     }
 
     pub fn is_stopped(&self) -> bool {

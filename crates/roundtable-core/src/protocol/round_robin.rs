@@ -66,18 +66,22 @@ impl RoundRobin {
 
 impl Reducer for RoundRobin {
     fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
-        let env = &entry.env;
+        self.take(entry.clone(), facts);
+    }
+
+    fn take(&mut self, entry: Entry, facts: &Facts<'_>) {
+        let env = entry.env;
         if !self.rounds_done()
             && env.step.strip_prefix("turn/").and_then(|t| t.parse::<u64>().ok()) == Some(self.turn)
             && &env.from == self.holder(self.turn)
         {
             if env.kind == Kind::Message {
-                self.last = Some(env.clone());
+                self.last = Some(env);
             }
             self.turn += 1;
         } else if env.step.as_ref() == FINAL_STEP && Some(&env.from) == self.spec.summarizer.as_ref() {
             if env.kind == Kind::Message {
-                self.final_answer = Some(env.clone());
+                self.final_answer = Some(env);
             } else {
                 self.final_skipped = true;
             }
