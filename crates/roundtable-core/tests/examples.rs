@@ -51,6 +51,7 @@ async fn every_example_runs_offline_to_a_stop() {
         assert!(s.stopped && s.stop_reason.is_some(), "{name}");
         stop_of(&log);
         assert!(log.iter().all(|e| e.kind != Kind::Failure || e.usage.is_none()), "{name}: no model call failed");
+        folding_by_reference_and_by_value_agree(&plan, &log, name);
     }
     for kind in roundtable_core::team::ProtocolSpec::KINDS {
         assert!(kinds.contains(kind), "no example of {kind}");
@@ -95,4 +96,35 @@ async fn the_long_discussion_example_keeps_prompts_flat() {
     let base = per_round[2] as i64;
     assert!(per_round[2..].iter().all(|t| (*t as i64 - base).abs() <= 6), "{per_round:?}");
     assert!(log.iter().filter(|e| e.kind == Kind::Summary).count() >= 3);
+}
+
+/// Peers fold owned entries (`SessionState::take`), listings and tests borrowed ones
+/// (`apply`): after every entry of a real session, both give every peer the same duties.
+fn folding_by_reference_and_by_value_agree(
+    plan: &TeamPlan,
+    log: &[std::sync::Arc<roundtable_core::Envelope>],
+    name: &str,
+) {
+    use roundtable_core::log::Entry;
+    use roundtable_core::session::SessionState;
+    let plan = std::sync::Arc::new(plan.clone());
+    let session = log[0].session.clone();
+    let (mut by_ref, mut by_value) =
+        (SessionState::new(plan.clone(), session.clone()), SessionState::new(plan.clone(), session));
+    for (i, env) in log.iter().enumerate() {
+        let entry = Entry { seq: i as u64 + 1, env: env.clone() };
+        by_ref.apply(&entry);
+        by_value.take(entry);
+        for p in &plan.peers {
+            let now = env.time_ms;
+            assert_eq!(
+                by_ref.duties(&p.id, now),
+                by_value.duties(&p.id, now),
+                "{name}: {} after entry {}",
+                p.id,
+                i + 1
+            );
+        }
+        assert_eq!(by_ref.best_answer(), by_value.best_answer(), "{name}: best answer after entry {}", i + 1);
+    }
 }
