@@ -265,6 +265,12 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     }
 }
 
+/// Wall time since the task, for a wall-time budget; the clock is read only when the
+/// plan has one (a clock read per call is measurable on some hosts).
+fn elapsed_ms(me: &Me, st: &SessionState) -> u64 {
+    if me.plan.budget.max_wall_ms.is_some() { st.elapsed_ms(now_ms()) } else { 0 }
+}
+
 /// Aborts a background task when the peer that started it ends (or is dropped).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -389,8 +395,7 @@ async fn call_model(
         }),
     };
     let est = req.estimated_prompt_tokens();
-    if let Err((scope, why)) =
-        me.plan.budget.allows(&st.tally, &cfg.me, est, me.price.cost(est, 0), st.elapsed_ms(now_ms()))
+    if let Err((scope, why)) = me.plan.budget.allows(&st.tally, &cfg.me, est, me.price.cost(est, 0), elapsed_ms(me, st))
     {
         return Called::Refused { scope, why };
     }
@@ -503,7 +508,7 @@ async fn measure(me: &Me, st: &SessionState, duty: &Duty, texts: &[crate::protoc
     };
     let inputs: Vec<String> = texts.iter().map(|t| t.text.to_string()).collect();
     let est: u64 = inputs.iter().map(|t| u64::from(estimate_tokens(t))).sum();
-    if let Err((scope, why)) = me.plan.budget.allows(&st.tally, &me.cfg.me, est, 0.0, st.elapsed_ms(now_ms())) {
+    if let Err((scope, why)) = me.plan.budget.allows(&st.tally, &me.cfg.me, est, 0.0, elapsed_ms(me, st)) {
         return not_answered(me, st, duty, Called::Refused { scope, why }).await;
     }
     let t0 = Instant::now();

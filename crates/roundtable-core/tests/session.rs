@@ -187,6 +187,44 @@ async fn a_budget_stops_before_the_call_that_would_exceed_it_with_the_best_answe
     assert_eq!(summary.final_answer.as_deref(), Some("pm speaks (2)"), "the last contribution is the best so far");
 }
 
+/// Sleeps before answering, like a slow provider, and counts its calls.
+struct Paced(Counting, Duration);
+
+#[async_trait]
+impl ChatModel for Paced {
+    fn name(&self) -> &str {
+        "paced"
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        tokio::time::sleep(self.1).await;
+        self.0.chat(req).await
+    }
+}
+
+#[tokio::test]
+async fn a_wall_time_budget_refuses_the_next_call_once_the_time_is_spent() {
+    let plan = plan("[budget]\nmax_wall_secs = 0.3");
+    let log = new_log();
+    open_session(log.as_ref(), &plan, "topic").await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let models = models(&plan, &calls, None)
+        .into_keys()
+        .map(|id| {
+            let inner = Counting {
+                inner: Scripted::new("s", vec!["{peer} speaks ({n})".into()], HashMap::new()),
+                calls: calls.clone(),
+                hang_after: None,
+            };
+            (id, Arc::new(Paced(inner, Duration::from_millis(150))) as Arc<dyn ChatModel>)
+        })
+        .collect();
+    let summary = run_peers(log.clone(), &plan, models, None, None).await.unwrap();
+    let reason = summary.stop_reason.unwrap();
+    assert!(reason.starts_with("budget:") && reason.contains("wall time"), "{reason}");
+    // Ten calls of 150 ms would take 1.5 s: the budget stopped the ring well before.
+    assert!(calls.load(Ordering::SeqCst) < 10, "{} calls", calls.load(Ordering::SeqCst));
+}
+
 #[tokio::test]
 async fn termination_conditions_stop_the_session_with_a_reason() {
     let plan = plan("[termination]\nmax_messages = 5");
