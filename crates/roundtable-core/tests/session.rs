@@ -128,7 +128,7 @@ async fn round_robin_takes_turns_then_the_summarizer_closes() {
 }
 
 #[tokio::test]
-async fn the_peers_of_a_process_hold_one_history_and_each_model_call_sees_all_of_it() {
+async fn the_peers_of_a_process_hold_one_history_with_each_envelope_once() {
     let plan = plan("");
     let log = new_log();
     open_session(log.as_ref(), &plan, "Should we build it?").await.unwrap();
