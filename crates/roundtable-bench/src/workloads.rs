@@ -41,6 +41,10 @@ pub struct GroupChatConfig {
     pub persist: bool,
     /// The mock model reads the whole history on every call.
     pub walk_history: bool,
+    /// Messages of a session run first, in the same process and the same way, and not
+    /// timed (0: none): the measured session then runs in a warm process, its code
+    /// already paged in. Memory is still counted from before the warm-up.
+    pub warmup: u64,
 }
 
 /// What one group-chat run measured.
@@ -51,6 +55,11 @@ pub struct GroupChatResult {
     pub config: GroupChatConfig,
     pub wall_ms: f64,
     pub messages_per_sec: f64,
+    /// From posting the task to the first model call (peers starting and reading it).
+    pub start_us: f64,
+    /// From the last model call to the end (the stop agreed, every peer gone, the
+    /// summary read).
+    pub end_us: f64,
     /// Mean time between consecutive model calls over the first and the last 100 messages.
     pub us_per_msg_first100: f64,
     pub us_per_msg_last100: f64,
@@ -76,24 +85,29 @@ pub struct GroupChatResult {
     pub code_paged_in_kib: u64,
 }
 
-/// Run the group-chat overhead workload once.
-pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String> {
-    let plan = group_chat_plan(cfg.peers, cfg.messages);
-    let before = memory();
-    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+/// One group-chat session: its log (and the directory holding it), what the mock saw,
+/// when the task was posted and how long until the stop.
+struct Ran {
+    log: Arc<dyn SessionLog>,
+    mock: Arc<MockModel>,
+    start: Instant,
+    wall: Duration,
+    _dir: tempfile::TempDir,
+}
+
+async fn run_group_chat(cfg: &GroupChatConfig, messages: u64) -> Result<Ran, String> {
+    let plan = group_chat_plan(cfg.peers, messages);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let session = new_session_id();
     let log: Arc<dyn SessionLog> = if cfg.persist {
-        let store = roundtable_sqlite::SqliteStore::open(
-            &tmp.path().join("bench.db"),
-            true,
-            roundtable_sqlite::Durability::Normal,
-        )
-        .map_err(|e| e.to_string())?;
+        let store =
+            roundtable_sqlite::SqliteStore::open(&dir.path().join("bench.db"), true, roundtable_sqlite::Durability::Normal)
+                .map_err(|e| e.to_string())?;
         store.open(&session, true).await.map_err(|e| e.to_string())?
     } else {
         MemStore::new().open(&session, true).await.map_err(|e| e.to_string())?
     };
-    let mock = Arc::new(MockModel::new(None, cfg.walk_history, cfg.messages as usize));
+    let mock = Arc::new(MockModel::new(None, cfg.walk_history, messages as usize));
     let models: HashMap<PeerId, Arc<dyn ChatModel>> =
         plan.peers.iter().map(|p| (p.id.clone(), mock.clone() as Arc<dyn ChatModel>)).collect();
 
@@ -101,12 +115,22 @@ pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String>
     open_session(log.as_ref(), &plan, "Discuss the benchmark topic.").await.map_err(|e| e.to_string())?;
     let summary = run_peers(log.clone(), &plan, models, None, None).await.map_err(|e| e.to_string())?;
     let wall = start.elapsed();
-    let after = memory();
-
-    let expected = cfg.messages.saturating_sub(1);
+    let expected = messages.saturating_sub(1);
     if summary.messages != expected {
         return Err(format!("expected {expected} messages, the session has {}", summary.messages));
     }
+    Ok(Ran { log, mock, start, wall, _dir: dir })
+}
+
+/// Run the group-chat overhead workload once.
+pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String> {
+    let before = memory();
+    if cfg.warmup > 0 {
+        run_group_chat(&cfg, cfg.warmup).await?;
+    }
+    let Ran { log, mock, start, wall, _dir } = run_group_chat(&cfg, cfg.messages).await?;
+    let after = memory();
+
     let calls = mock.calls.lock().expect("calls lock").clone();
     let gaps: Vec<f64> = calls.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e6).collect();
     let mean = |xs: &[f64]| if xs.is_empty() { 0.0 } else { xs.iter().sum::<f64>() / xs.len() as f64 };
@@ -123,6 +147,8 @@ pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String>
         config: cfg,
         wall_ms: wall.as_secs_f64() * 1e3,
         messages_per_sec: cfg.messages as f64 / wall.as_secs_f64(),
+        start_us: calls.first().map_or(0.0, |c| (*c - start).as_secs_f64() * 1e6),
+        end_us: calls.last().map_or(0.0, |c| (start + wall).saturating_duration_since(*c).as_secs_f64() * 1e6),
         us_per_msg_first100: first,
         us_per_msg_last100: last,
         last_over_first: if first > 0.0 { last / first } else { 0.0 },
@@ -224,7 +250,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn group_chat_runs_exactly_the_messages_asked_for() {
         for persist in [false, true] {
-            let r = group_chat(GroupChatConfig { peers: 4, messages: 120, persist, walk_history: true }).await.unwrap();
+            let cfg = GroupChatConfig { peers: 4, messages: 120, persist, walk_history: true, warmup: 30 };
+            let r = group_chat(cfg).await.unwrap();
             assert!(r.payload_bytes > 119 * 50, "{r:?}");
             assert!(r.memory_after.anon > 0 && r.memory_after.rss >= r.memory_after.anon, "{r:?}");
             assert!(r.us_per_msg_first100 > 0.0 && r.us_per_msg_last100 > 0.0);

@@ -60,6 +60,10 @@ pub(crate) struct BenchArgs {
     /// serializing it would (groupchat).
     #[arg(long)]
     walk_history: bool,
+    /// Messages of an untimed session run first in the same process, so that the
+    /// measured one runs warm (groupchat; 0 for a cold start).
+    #[arg(long, default_value_t = 200)]
+    warmup: u64,
     /// Rounds, comma-separated [scale: 0,1 (rounds of round robin; 0 measures idle
     /// peers); rounds: 3 (debate rounds, round 0 included); tokens: 20].
     #[arg(long, value_delimiter = ',')]
@@ -128,6 +132,7 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
                     messages: a.messages[0],
                     persist: a.persist == Persist::On,
                     walk_history: a.walk_history,
+                    warmup: a.warmup,
                 })
                 .await?,
             ),
@@ -177,6 +182,7 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
                             format!("--peers={n}"),
                             format!("--messages={m}"),
                             format!("--persist={p}"),
+                            format!("--warmup={}", a.warmup),
                         ];
                         if a.walk_history {
                             args.push("--walk-history".into());
@@ -303,6 +309,7 @@ fn median_row(runs: &[serde_json::Value]) -> serde_json::Value {
                     | "claimers"
                     | "appends"
                     | "appenders"
+                    | "warmup"
             );
             if v.is_f64() || (v.is_u64() && !setting) {
                 let xs: Vec<f64> = runs.iter().filter_map(|r| r[k].as_f64()).collect();
@@ -317,11 +324,12 @@ fn median_row(runs: &[serde_json::Value]) -> serde_json::Value {
 fn print_header(w: Workload) {
     match w {
         Workload::Groupchat => println!(
-            "{:>5} {:>6} {:>7} {:>12} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} {:>8} {:>9}",
+            "{:>5} {:>6} {:>7} {:>12} {:>8} {:>10} {:>10} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} {:>8} {:>9}",
             "peers",
             "msgs",
             "persist",
             "msgs/s",
+            "start µs",
             "µs first",
             "µs last",
             "ratio",
@@ -366,11 +374,12 @@ fn print_row(w: Workload, r: &serde_json::Value) {
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
     match w {
         Workload::Groupchat => println!(
-            "{:>5} {:>6} {:>7} {:>12.0} {:>10.2} {:>10.2} {:>6.2} {:>9.2} {:>9.2} {:>6.2} {:>10.1} {:>10.2} {:>8.2} {:>9.1}",
+            "{:>5} {:>6} {:>7} {:>12.0} {:>8.0} {:>10.2} {:>10.2} {:>6.2} {:>9.2} {:>9.2} {:>6.2} {:>10.1} {:>10.2} {:>8.2} {:>9.1}",
             f("peers"),
             f("messages"),
             if r["persist"].as_bool() == Some(true) { "on" } else { "off" },
             f("messages_per_sec"),
+            f("start_us"),
             f("us_per_msg_first100"),
             f("us_per_msg_last100"),
             f("last_over_first"),
