@@ -100,9 +100,12 @@ async fn run_group_chat(cfg: &GroupChatConfig, messages: u64) -> Result<Ran, Str
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let session = new_session_id();
     let log: Arc<dyn SessionLog> = if cfg.persist {
-        let store =
-            roundtable_sqlite::SqliteStore::open(&dir.path().join("bench.db"), true, roundtable_sqlite::Durability::Normal)
-                .map_err(|e| e.to_string())?;
+        let store = roundtable_sqlite::SqliteStore::open(
+            &dir.path().join("bench.db"),
+            true,
+            roundtable_sqlite::Durability::Normal,
+        )
+        .map_err(|e| e.to_string())?;
         store.open(&session, true).await.map_err(|e| e.to_string())?
     } else {
         MemStore::new().open(&session, true).await.map_err(|e| e.to_string())?
