@@ -196,54 +196,52 @@ pub struct ScaleResult {
 pub async fn scale(cfg: ScaleConfig) -> Result<ScaleResult, String> {
     let before = memory();
     let start = Instant::now();
-    let plan = group_chat_plan(cfg.peers, u64::from(cfg.rounds.max(1)) * cfg.peers as u64 + 1);
-    let session = new_session_id();
-    let log = MemStore::new().open(&session, true).await.map_err(|e| e.to_string())?;
-    let mock = Arc::new(MockModel::new(None, false, 0));
-    let models: HashMap<PeerId, Arc<dyn ChatModel>> =
-        plan.peers.iter().map(|p| (p.id.clone(), mock.clone() as Arc<dyn ChatModel>)).collect();
-    if cfg.rounds == 0 {
-        // Idle: every peer is a task tailing an empty log.
-        let mut handles = Vec::new();
-        for p in &plan.peers {
-            let cfgp = roundtable_core::peer::PeerConfig {
-                me: p.id.clone(),
-                log: log.clone(),
-                model: models[&p.id].clone(),
-                presence: None,
-                events: None,
-            };
-            handles.push(tokio::spawn(roundtable_core::peer::run_peer(cfgp)));
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let after = memory();
-        for h in &handles {
-            h.abort();
-        }
-        let added = after.anon.saturating_sub(before.anon);
-        return Ok(ScaleResult {
-            workload: "scale",
-            config: cfg,
-            messages: 0,
-            wall_ms: start.elapsed().as_secs_f64() * 1e3,
-            added_kib: added,
-            kib_per_peer: added as f64 / cfg.peers as f64,
-            rss_added_kib: after.rss.saturating_sub(before.rss),
-        });
-    }
-    open_session(log.as_ref(), &plan, "Scale test.").await.map_err(|e| e.to_string())?;
-    let summary = run_peers(log.clone(), &plan, models, None, None).await.map_err(|e| e.to_string())?;
-    let after = memory();
+    let (messages, after) = if cfg.rounds == 0 {
+        (0, idle_peers(cfg.peers).await?)
+    } else {
+        let messages = u64::from(cfg.rounds) * cfg.peers as u64 + 1;
+        let chat = GroupChatConfig { peers: cfg.peers, messages, persist: false, walk_history: false, warmup: 0 };
+        // Measured while the session's log and peers' history are still held.
+        let _ran = run_group_chat(&chat, messages).await?;
+        (messages - 1, memory())
+    };
     let added = after.anon.saturating_sub(before.anon);
     Ok(ScaleResult {
         workload: "scale",
         config: cfg,
-        messages: summary.messages,
+        messages,
         wall_ms: start.elapsed().as_secs_f64() * 1e3,
         added_kib: added,
         kib_per_peer: added as f64 / cfg.peers as f64,
         rss_added_kib: after.rss.saturating_sub(before.rss),
     })
+}
+
+/// `peers` peers, each a task tailing a log that has no task yet; memory after 300 ms.
+async fn idle_peers(peers: usize) -> Result<Memory, String> {
+    let plan = group_chat_plan(peers, peers as u64 + 1);
+    let log = MemStore::new().open(&new_session_id(), true).await.map_err(|e| e.to_string())?;
+    let mock: Arc<dyn ChatModel> = Arc::new(MockModel::new(None, false, 0));
+    let handles: Vec<_> = plan
+        .peers
+        .iter()
+        .map(|p| {
+            let cfg = roundtable_core::peer::PeerConfig {
+                me: p.id.clone(),
+                log: log.clone(),
+                model: mock.clone(),
+                presence: None,
+                events: None,
+            };
+            tokio::spawn(roundtable_core::peer::run_peer(cfg))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = memory();
+    for h in &handles {
+        h.abort();
+    }
+    Ok(after)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::envelope::{Body, Envelope, Kind, PeerId, SessionId};
+use crate::envelope::{Envelope, Kind, PeerId};
 
 /// Who said a message, from the point of view of the peer that calls the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -44,31 +44,6 @@ impl ChatMessage {
     pub fn new(role: Role, name: Option<PeerId>, content: Arc<str>) -> Self {
         let tokens = estimate_tokens(&content) + 4;
         ChatMessage { role, name, content, tokens }
-    }
-}
-
-/// A message that is not on any log, as an envelope (for a view assembled for one call):
-/// no id to derive, no clock to read.
-pub(crate) fn off_log_envelope(m: ChatMessage) -> Envelope {
-    let (from, kind) = match &m.name {
-        Some(n) => (n.clone(), Kind::Message),
-        None => (PeerId::from(crate::session::USER), Kind::Task),
-    };
-    Envelope {
-        v: crate::envelope::ENVELOPE_VERSION,
-        id: crate::envelope::EnvelopeId::from(""),
-        session: SessionId::from(""),
-        from,
-        to: crate::envelope::Recipient::All,
-        kind,
-        step: Arc::from(""),
-        body: Body::text(m.content),
-        parents: Vec::new(),
-        round: 0,
-        lamport: 0,
-        usage: None,
-        time_ms: 0,
-        trace: None,
     }
 }
 

@@ -15,7 +15,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use crate::envelope::{Envelope, PeerId};
+use crate::envelope::{Body, ENVELOPE_VERSION, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use crate::model::{ChatMessage, estimate_tokens, message_of};
 
 /// One history item: an envelope and the running token total through it.
@@ -161,7 +161,7 @@ impl Transcript {
     /// Add a message that is not on the log (a view assembled for one call). Its role
     /// is derived on reading like any other: `assistant` when `name` is the caller.
     pub fn push(&mut self, m: ChatMessage) {
-        self.push_envelope(Arc::new(crate::model::off_log_envelope(m)));
+        self.push_envelope(Arc::new(off_log_envelope(m)));
     }
 
     /// Go on over a private history holding this transcript's visible items (another
@@ -254,10 +254,34 @@ impl Transcript {
     }
 }
 
+/// A message that is not on any log, as an envelope (for a view assembled for one call):
+/// no id to derive, no clock to read.
+fn off_log_envelope(m: ChatMessage) -> Envelope {
+    let (from, kind) = match &m.name {
+        Some(n) => (n.clone(), Kind::Message),
+        None => (PeerId::from(crate::session::USER), Kind::Task),
+    };
+    Envelope {
+        v: ENVELOPE_VERSION,
+        id: EnvelopeId::from(""),
+        session: SessionId::from(""),
+        from,
+        to: Recipient::All,
+        kind,
+        step: Arc::from(""),
+        body: Body::text(m.content),
+        parents: Vec::new(),
+        round: 0,
+        lamport: 0,
+        usage: None,
+        time_ms: 0,
+        trace: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{Body, Kind, Recipient, SessionId};
     use crate::model::Role;
 
     fn env(n: usize, text: &str) -> Arc<Envelope> {
