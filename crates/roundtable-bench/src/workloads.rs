@@ -83,6 +83,9 @@ pub struct GroupChatResult {
     /// Executable code paged in for the first time during the session (file-backed,
     /// shared; not the session's data).
     pub code_paged_in_kib: u64,
+    /// Every gap between consecutive model calls, in µs, in order (for `--gaps`).
+    #[serde(skip)]
+    pub gaps_us: Vec<f64>,
 }
 
 /// One group-chat session: its log (and the directory holding it), what the mock saw,
@@ -165,6 +168,7 @@ pub async fn group_chat(cfg: GroupChatConfig) -> Result<GroupChatResult, String>
         payload_bytes: payload,
         added_over_payload: after.anon.saturating_sub(before.anon) as f64 / (payload as f64 / 1024.0),
         code_paged_in_kib: after.file.saturating_sub(before.file),
+        gaps_us: gaps,
     })
 }
 

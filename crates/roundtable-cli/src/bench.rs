@@ -64,6 +64,11 @@ pub(crate) struct BenchArgs {
     /// measured one runs warm (groupchat; 0 for a cold start).
     #[arg(long, default_value_t = 200)]
     warmup: u64,
+    /// Append every measured session's gaps between consecutive model calls (µs, in
+    /// order) to this file, one JSON object per session (groupchat): where a slow
+    /// stretch or a lone stall sits in the session.
+    #[arg(long)]
+    gaps: Option<std::path::PathBuf>,
     /// Rounds, comma-separated [scale: 0,1 (rounds of round robin; 0 measures idle
     /// peers); rounds: 3 (debate rounds, round 0 included); tokens: 20].
     #[arg(long, value_delimiter = ',')]
@@ -126,16 +131,20 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
     }
     if a.single {
         let v = match a.workload {
-            Workload::Groupchat => serde_json::to_value(
-                group_chat(GroupChatConfig {
+            Workload::Groupchat => {
+                let r = group_chat(GroupChatConfig {
                     peers: a.peers[0],
                     messages: a.messages[0],
                     persist: a.persist == Persist::On,
                     walk_history: a.walk_history,
                     warmup: a.warmup,
                 })
-                .await?,
-            ),
+                .await?;
+                if let Some(path) = &a.gaps {
+                    write_gaps(path, &r)?;
+                }
+                serde_json::to_value(r)
+            }
             Workload::Scale => {
                 serde_json::to_value(scale(ScaleConfig { peers: a.peers[0], rounds: a.rounds[0] }).await?)
             }
@@ -186,6 +195,9 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
                         ];
                         if a.walk_history {
                             args.push("--walk-history".into());
+                        }
+                        if let Some(path) = &a.gaps {
+                            args.push(format!("--gaps={}", path.display()));
                         }
                         configs.push(args);
                     }
@@ -270,6 +282,22 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
         print_tokens_per_round(&rows);
     }
     Ok(())
+}
+
+/// Append one session's gaps to `path` as a JSON line.
+fn write_gaps(path: &std::path::Path, r: &roundtable_bench::workloads::GroupChatResult) -> Result<(), String> {
+    use std::io::Write;
+    let c = &r.config;
+    let line = serde_json::json!({
+        "peers": c.peers, "messages": c.messages, "persist": c.persist, "warmup": c.warmup,
+        "walk_history": c.walk_history, "gaps_us": r.gaps_us,
+    });
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Prompt tokens per round, one column per configuration (tokens).

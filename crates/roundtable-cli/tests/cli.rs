@@ -468,11 +468,29 @@ fn bench_runs_each_configuration_in_its_own_process_and_reports_medians() {
         assert!(row["memory_after"]["anon"].as_u64().unwrap() > 0, "anonymous memory is read from /proc: {row}");
         assert!(row["messages_per_sec"].as_f64().unwrap() > 0.0);
     }
-    let table =
-        bin().args(["bench", "groupchat", "--peers", "2", "--messages", "30", "--persist", "on"]).output().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gaps = dir.path().join("gaps.jsonl");
+    let table = bin()
+        .args(["bench", "groupchat", "--peers", "2", "--messages", "30", "--persist", "on", "--repeat", "2", "--gaps"])
+        .arg(&gaps)
+        .output()
+        .unwrap();
     assert!(table.status.success(), "{}", stderr(&table));
     let text = stdout(&table);
     assert!(text.lines().next().unwrap().contains("×payload"), "{text}");
     assert_eq!(text.lines().count(), 2, "a header and one row: {text}");
     assert!(text.lines().nth(1).unwrap().split_whitespace().nth(2) == Some("on"), "{text}");
+    // One line per measured session (not the warm-up): 29 model calls, 28 gaps.
+    let sessions: Vec<serde_json::Value> =
+        std::fs::read_to_string(&gaps).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    for s in &sessions {
+        assert_eq!(
+            (s["peers"].as_u64(), s["messages"].as_u64(), s["persist"].as_bool()),
+            (Some(2), Some(30), Some(true))
+        );
+        let g = s["gaps_us"].as_array().unwrap();
+        assert_eq!(g.len(), 28, "{s}");
+        assert!(g.iter().all(|x| x.as_f64().unwrap() > 0.0), "{s}");
+    }
 }

@@ -160,6 +160,11 @@ pub trait LogStore: Send + Sync + 'static {
 // ---------------------------------------------------------------------------------------
 // In-process implementation.
 
+/// The seq of each id on a [`MemLog`]. Hashed with foldhash (seeded per process): an
+/// id is 32 hex digits, which SipHash makes the bulk of the cost of growing the index,
+/// a pause proportional to the log's length at every doubling.
+type IdIndex = HashMap<EnvelopeId, u64, foldhash::fast::RandomState>;
+
 /// An in-process session log: entries in an append-only vector that readers read
 /// without a lock, and the wakers of the tails waiting for more. Also the
 /// write-through cache of durable logs (SQLite).
@@ -167,7 +172,7 @@ pub struct MemLog {
     session: SessionId,
     entries: boxcar::Vec<Entry>,
     /// The ids on the log; its lock also serializes appends.
-    ids: Mutex<HashMap<EnvelopeId, u64>>,
+    ids: Mutex<IdIndex>,
     /// Entries `1..=published` are readable.
     published: AtomicU64,
     /// Tails waiting for entries past what they read; woken after each append.
@@ -198,7 +203,7 @@ impl MemLog {
         sink: Box<dyn Fn(&Entry) -> Result<(), LogError> + Send + Sync>,
     ) -> Self {
         let entries = boxcar::Vec::with_capacity(existing.len());
-        let mut ids = HashMap::with_capacity(existing.len());
+        let mut ids = IdIndex::with_capacity_and_hasher(existing.len(), Default::default());
         for (i, env) in existing.into_iter().enumerate() {
             let seq = i as u64 + 1;
             ids.insert(env.id.clone(), seq);
