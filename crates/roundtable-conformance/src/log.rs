@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
+use roundtable_core::envelope::{Body, Envelope, EnvelopeId, SessionId};
 use roundtable_core::log::{Appended, Entry, EntryStream, LogErrorKind, LogStore, SessionLog};
 
 use crate::{envelope, fresh_session, join, within};
@@ -300,14 +300,7 @@ pub async fn log_seq_of(log: Arc<dyn SessionLog>) {
 }
 
 fn task_envelope(s: &SessionId, team: &str) -> Envelope {
-    Envelope::new(
-        s,
-        &PeerId::from("user"),
-        "task",
-        Kind::Task,
-        Recipient::All,
-        Body::text("the task").with_json(serde_json::json!({ "team_name": team })),
-    )
+    roundtable_core::session::opening_envelope(s, "the task", serde_json::json!({ "team_name": team }))
 }
 
 /// A store opens a session only when asked to create it or when it exists; every handle

@@ -338,15 +338,14 @@ fn absent_peer(env: &Envelope) -> Option<PeerId> {
 /// The opening envelope of a session: the topic, and the plan (so the session can be
 /// resumed from its log alone).
 pub fn task_envelope(session: &SessionId, plan: &TeamPlan, topic: &str) -> Envelope {
-    let json = serde_json::json!({ "team_name": plan.name, "plan": plan });
-    Envelope::new(
-        session,
-        &PeerId::from(USER),
-        TASK_STEP,
-        Kind::Task,
-        Recipient::All,
-        Body::text(topic).with_json(json),
-    )
+    opening_envelope(session, topic, serde_json::json!({ "team_name": plan.name, "plan": plan }))
+}
+
+/// An opening task envelope with this text and JSON (from the user, to everyone, at the
+/// task step): [`task_envelope`] for a team's plan, or what another kind of session
+/// (a test run, a conformance check) records instead.
+pub fn opening_envelope(session: &SessionId, text: &str, json: serde_json::Value) -> Envelope {
+    Envelope::new(session, &PeerId::from(USER), TASK_STEP, Kind::Task, Recipient::All, Body::text(text).with_json(json))
 }
 
 /// The plan stored in a task envelope.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::Entry;
-use roundtable_core::session::{TASK_STEP, USER};
+use roundtable_core::session::opening_envelope;
 use serde::{Deserialize, Serialize};
 
 /// The team name in the task envelope (what `roundtable sessions` shows).
@@ -103,15 +103,7 @@ impl Suite {
             self.duration_ms,
             self.workers.len()
         );
-        let json = serde_json::json!({ "team_name": TEAM, "worktest": self });
-        Envelope::new(
-            session,
-            &PeerId::from(USER),
-            TASK_STEP,
-            Kind::Task,
-            Recipient::All,
-            Body::text(text).with_json(json),
-        )
+        opening_envelope(session, &text, serde_json::json!({ "team_name": TEAM, "worktest": self }))
     }
 
     pub(crate) fn of_task(env: &Envelope) -> Option<Suite> {
