@@ -47,6 +47,7 @@ impl ChatModel for MockModel {
             prompt_tokens,
             completion_tokens: 12,
             finish_reason: Some("stop".into()),
+            tool_calls: Vec::new(),
         })
     }
 }

@@ -42,6 +42,7 @@ impl ChatModel for LatencyModel {
             prompt_tokens: req.estimated_prompt_tokens(),
             completion_tokens: 12,
             finish_reason: Some("stop".into()),
+            tool_calls: Vec::new(),
         })
     }
 }

@@ -75,6 +75,7 @@ impl ChatModel for ContextModel {
             prompt_tokens,
             completion_tokens,
             finish_reason: Some("stop".into()),
+            tool_calls: Vec::new(),
         })
     }
 }

@@ -146,10 +146,14 @@ pub enum Kind {
     Join,
     /// The session is closed: the recorded stop reason and the final answer.
     Stop,
+    /// A tool call, recorded before the tool runs (`json`: [`crate::tool::ToolCallBody`]).
+    ToolCall,
+    /// A tool call's result (`json`: [`crate::tool::ToolResultBody`]).
+    ToolResult,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Task,
         Kind::Message,
         Kind::Proposal,
@@ -164,6 +168,8 @@ impl Kind {
         Kind::Absent,
         Kind::Join,
         Kind::Stop,
+        Kind::ToolCall,
+        Kind::ToolResult,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -182,6 +188,8 @@ impl Kind {
             Kind::Absent => "absent",
             Kind::Join => "join",
             Kind::Stop => "stop",
+            Kind::ToolCall => "tool_call",
+            Kind::ToolResult => "tool_result",
         }
     }
 }

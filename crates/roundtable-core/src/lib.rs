@@ -31,6 +31,7 @@ pub mod similarity;
 pub mod team;
 pub mod telemetry;
 pub mod termination;
+pub mod tool;
 pub mod workqueue;
 
 pub use envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId, Usage};

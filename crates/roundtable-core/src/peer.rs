@@ -386,6 +386,10 @@ async fn call_model(
         temperature: me.spec.temperature,
         max_tokens: me.model_spec.as_ref().and_then(|m| m.max_tokens),
         json,
+        json_schema: None,
+        tools: Arc::from([]),
+        tool_choice: crate::tool::ToolChoice::Auto,
+        tool_turns: Vec::new(),
         on_token: cfg.events.as_ref().map(|ev| {
             let ev = ev.clone();
             let (peer, step) = (cfg.me.clone(), duty.step.clone());

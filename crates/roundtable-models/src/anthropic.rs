@@ -167,7 +167,7 @@ impl AnthropicChat {
 
 fn role_str(r: Role) -> &'static str {
     match r {
-        Role::User => "user",
+        Role::User | Role::Tool => "user",
         Role::Assistant => "assistant",
     }
 }
@@ -196,7 +196,7 @@ fn turns(req: &ChatRequest) -> Vec<(Role, String)> {
     match out.first() {
         None => out.push((Role::User, PROCEED.to_owned())),
         Some((Role::Assistant, _)) => out.insert(0, (Role::User, OPENING.to_owned())),
-        Some((Role::User, _)) => {}
+        Some((Role::User | Role::Tool, _)) => {}
     }
     out
 }
@@ -339,6 +339,7 @@ impl Answer {
             prompt_tokens,
             completion_tokens,
             finish_reason: self.stop_reason,
+            tool_calls: Vec::new(),
         })
     }
 }

@@ -221,6 +221,7 @@ fn role(r: Role) -> &'static str {
     match r {
         Role::User => "user",
         Role::Assistant => "assistant",
+        Role::Tool => "tool",
     }
 }
 
@@ -306,6 +307,7 @@ impl Answer {
             prompt_tokens,
             completion_tokens,
             finish_reason: self.finish_reason,
+            tool_calls: Vec::new(),
         })
     }
 }

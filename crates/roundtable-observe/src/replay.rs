@@ -209,6 +209,7 @@ fn recorded_output(env: &Envelope, reveals: &HashMap<&str, &str>) -> Option<Reco
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             finish_reason: None,
+            tool_calls: Vec::new(),
         }));
     }
     if env.kind == Kind::Failure {
@@ -226,6 +227,7 @@ fn recorded_output(env: &Envelope, reveals: &HashMap<&str, &str>) -> Option<Reco
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             finish_reason: None,
+            tool_calls: Vec::new(),
         }))
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::envelope::{Envelope, Kind, PeerId};
+use crate::tool::{ToolCall, ToolCallBody, ToolChoice, ToolDef, ToolResultBody};
 
 /// Who said a message, from the point of view of the peer that calls the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -27,6 +28,8 @@ use crate::envelope::{Envelope, Kind, PeerId};
 pub enum Role {
     User,
     Assistant,
+    /// The result of a tool call the model asked for (`tool_call_id` names the call).
+    Tool,
 }
 
 /// One message of a model's context. Content is shared with the envelope it came from.
@@ -38,12 +41,32 @@ pub struct ChatMessage {
     pub content: Arc<str>,
     /// Estimated tokens of this message (see [`estimate_tokens`]).
     pub tokens: u32,
+    /// Tool calls the model made in this (assistant) message.
+    pub tool_calls: Arc<[ToolCall]>,
+    /// For a [`Role::Tool`] message: the call it answers.
+    pub tool_call_id: Option<Arc<str>>,
 }
 
 impl ChatMessage {
     pub fn new(role: Role, name: Option<PeerId>, content: Arc<str>) -> Self {
         let tokens = estimate_tokens(&content) + 4;
-        ChatMessage { role, name, content, tokens }
+        ChatMessage { role, name, content, tokens, tool_calls: Arc::from([]), tool_call_id: None }
+    }
+
+    /// An assistant message that asks for tool calls.
+    pub fn tool_calls(name: Option<PeerId>, content: Arc<str>, calls: Vec<ToolCall>) -> Self {
+        let args: u32 = calls.iter().map(|c| estimate_tokens(&c.arguments) + estimate_tokens(&c.name)).sum();
+        let mut m = ChatMessage::new(Role::Assistant, name, content);
+        m.tokens += args;
+        m.tool_calls = calls.into();
+        m
+    }
+
+    /// The result of tool call `call_id`.
+    pub fn tool_result(call_id: Arc<str>, content: Arc<str>) -> Self {
+        let mut m = ChatMessage::new(Role::Tool, None, content);
+        m.tool_call_id = Some(call_id);
+        m
     }
 }
 
@@ -51,6 +74,26 @@ impl ChatMessage {
 pub fn message_of(env: &Envelope, viewer: &PeerId) -> ChatMessage {
     if env.kind == Kind::Task {
         return ChatMessage::new(Role::User, None, env.body.text.clone());
+    }
+    if &env.from == viewer {
+        match env.kind {
+            Kind::ToolCall => {
+                if let Some(call) =
+                    env.body.json.as_ref().and_then(|j| serde_json::from_value::<ToolCallBody>(j.clone()).ok())
+                {
+                    let call = ToolCall { id: call.call_id, name: call.tool, arguments: call.arguments };
+                    return ChatMessage::tool_calls(Some(env.from.clone()), Arc::from(""), vec![call]);
+                }
+            }
+            Kind::ToolResult => {
+                if let Some(r) =
+                    env.body.json.as_ref().and_then(|j| serde_json::from_value::<ToolResultBody>(j.clone()).ok())
+                {
+                    return ChatMessage::tool_result(Arc::from(r.call_id), env.body.text.clone());
+                }
+            }
+            _ => {}
+        }
     }
     let role = if &env.from == viewer { Role::Assistant } else { Role::User };
     ChatMessage::new(role, Some(env.from.clone()), env.body.text.clone())
@@ -80,6 +123,15 @@ pub struct ChatRequest {
     pub max_tokens: Option<u32>,
     /// Ask for a JSON object as the answer.
     pub json: bool,
+    /// The JSON Schema the answer must match, for providers that enforce one
+    /// (structured output); the answer is still parsed and checked by the protocol.
+    pub json_schema: Option<Arc<serde_json::Value>>,
+    /// Tools the model may call (empty: none offered).
+    pub tools: Arc<[ToolDef]>,
+    pub tool_choice: ToolChoice,
+    /// Messages after the instruction: this turn's tool calls and their results, in
+    /// order, while the model works through them.
+    pub tool_turns: Vec<ChatMessage>,
     pub on_token: Option<TokenSink>,
 }
 
@@ -108,25 +160,34 @@ impl ChatRequest {
             temperature: None,
             max_tokens: None,
             json: false,
+            json_schema: None,
+            tools: Arc::from([]),
+            tool_choice: ToolChoice::Auto,
+            tool_turns: Vec::new(),
             on_token: None,
         }
     }
 
-    /// The conversation, without the system prompt: prelude, window, instruction.
+    /// The conversation, without the system prompt: prelude, window, instruction, then
+    /// this turn's tool calls and results.
     pub fn messages(&self) -> impl Iterator<Item = ChatMessage> + '_ {
         self.prelude
             .iter()
             .cloned()
             .chain(self.history.iter(self.window.clone()).map(|e| message_of(e, &self.peer)))
             .chain(self.instruction.iter().map(|i| ChatMessage::new(Role::User, None, i.clone())))
+            .chain(self.tool_turns.iter().cloned())
     }
 
     pub fn message_count(&self) -> usize {
-        self.prelude.len() + self.window.len() + usize::from(self.instruction.is_some())
+        self.prelude.len() + self.window.len() + usize::from(self.instruction.is_some()) + self.tool_turns.len()
     }
 
     /// The last message of the conversation.
     pub fn last_message(&self) -> Option<ChatMessage> {
+        if let Some(m) = self.tool_turns.last() {
+            return Some(m.clone());
+        }
         if let Some(i) = &self.instruction {
             return Some(ChatMessage::new(Role::User, None, i.clone()));
         }
@@ -141,7 +202,13 @@ impl ChatRequest {
         let sys = self.system.as_deref().map_or(0, |s| u64::from(estimate_tokens(s)));
         let pre: u64 = self.prelude.iter().map(|m| u64::from(m.tokens)).sum();
         let ins = self.instruction.as_deref().map_or(0, |s| u64::from(estimate_tokens(s) + 4));
-        sys + pre + self.history.tokens(self.window.clone()) + ins
+        let tools: u64 = self
+            .tools
+            .iter()
+            .map(|t| u64::from(estimate_tokens(&t.description) + estimate_tokens(&t.parameters.to_string())))
+            .sum();
+        let turns: u64 = self.tool_turns.iter().map(|m| u64::from(m.tokens)).sum();
+        sys + pre + self.history.tokens(self.window.clone()) + ins + tools + turns
     }
 
     pub(crate) fn emit(&self, text: &str) {
@@ -160,6 +227,9 @@ pub struct ChatResponse {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub finish_reason: Option<String>,
+    /// Tool calls the model asked for, in the order it gave them (an answer may have
+    /// both text and calls, or calls only).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 crate::error_kind! {

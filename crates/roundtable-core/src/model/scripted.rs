@@ -86,6 +86,7 @@ impl ChatModel for Scripted {
             model: self.name.clone(),
             finish_reason: Some("stop".into()),
             text,
+            tool_calls: Vec::new(),
         })
     }
 }

@@ -361,6 +361,7 @@ impl ChatModel for Simulated {
             model: self.name.clone(),
             finish_reason: Some("stop".into()),
             text,
+            tool_calls: Vec::new(),
         })
     }
 }

@@ -1,0 +1,320 @@
+//! Tools: what a peer can do besides talking, and the record of what it did.
+//!
+//! A model sees a tool as a [`ToolDef`] (name, description, JSON Schema of its
+//! arguments) and asks for it with a [`ToolCall`]. The peer records the call as a
+//! `tool_call` envelope ([`ToolCallBody`]) *before* the tool runs and its result as a
+//! `tool_result` envelope ([`ToolResultBody`]) after, so the log says what was done,
+//! by whom, and whether it finished:
+//!
+//! - resume and replay never run a call whose result is on the log;
+//! - a call with no result after a crash runs again only if its tool is idempotent;
+//!   otherwise the peer records [`Outcome::Unknown`] and its model decides.
+//!
+//! What a tool needs to run (a command, a URL, a secret) comes from the peer's own team
+//! file ([`ToolSpec`]), never from the log or the wire. Tools that do I/O are
+//! implemented outside this crate (`roundtable-tools`) behind the [`Tool`] trait.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::PeerId;
+
+/// A tool as a model sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolDef {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments (an object schema).
+    pub parameters: serde_json::Value,
+}
+
+/// Whether and which tools the model may call in this request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// The model decides (the default when tools are offered).
+    #[default]
+    Auto,
+    /// No tool call: text only.
+    None,
+    /// At least one tool call.
+    Required,
+    /// This tool.
+    Named(String),
+}
+
+/// A tool call the model asked for. Provider wire types never leave the provider: this
+/// is what they become.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The provider's id for the call (echoed back with its result). Offline models
+    /// make one up.
+    pub id: String,
+    pub name: String,
+    /// The arguments as the model wrote them: JSON text, possibly invalid (the runtime
+    /// parses and validates them; an invalid one goes back to the model as an error).
+    pub arguments: String,
+}
+
+/// The body (`json`) of a `tool_call` envelope.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallBody {
+    pub tool: String,
+    /// The provider's call id.
+    pub call_id: String,
+    /// The arguments as written by the model (JSON text).
+    pub arguments: String,
+}
+
+/// How a tool call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The tool ran and reported success.
+    Ok,
+    /// The tool ran and reported failure (a non-zero exit, an HTTP error, an MCP error
+    /// result), or could not be started, or timed out.
+    Error,
+    /// The call was refused before anything ran: a tool the peer was not granted,
+    /// arguments that do not match the schema, a limit reached.
+    Refused,
+    /// The approving peer denied the call.
+    Denied,
+    /// The call was recorded but its result never was (the process died while it ran)
+    /// and the tool is not idempotent: it may or may not have taken effect.
+    Unknown,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Refused => "refused",
+            Outcome::Denied => "denied",
+            Outcome::Unknown => "outcome unknown",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body (`json`) of a `tool_result` envelope.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolResultBody {
+    pub tool: String,
+    pub call_id: String,
+    pub outcome: Outcome,
+    /// What the model is told: the tool's output, or why there is none.
+    pub output: String,
+    /// A command's exit status (`None` when killed by a signal or not a command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Whether output was cut at the tool's cap.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// What a tool returns when it ran (or could not run).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolOutput {
+    pub outcome: Outcome,
+    pub output: String,
+    pub exit_status: Option<i32>,
+    pub truncated: bool,
+}
+
+impl ToolOutput {
+    pub fn ok(output: impl Into<String>) -> Self {
+        ToolOutput { outcome: Outcome::Ok, output: output.into(), exit_status: None, truncated: false }
+    }
+    pub fn error(output: impl Into<String>) -> Self {
+        ToolOutput { outcome: Outcome::Error, output: output.into(), exit_status: None, truncated: false }
+    }
+    pub fn refused(output: impl Into<String>) -> Self {
+        ToolOutput { outcome: Outcome::Refused, output: output.into(), exit_status: None, truncated: false }
+    }
+}
+
+/// Who is calling, for tools that act on the session (the built-ins) and for logs.
+#[derive(Clone, Debug)]
+pub struct ToolContext {
+    pub peer: PeerId,
+    /// The protocol step of the call (its envelope's step).
+    pub step: Arc<str>,
+}
+
+/// A tool a peer can run. Implementations do the I/O; the peer records the call and
+/// the result and enforces grants and budgets.
+#[async_trait]
+pub trait Tool: Send + Sync + 'static {
+    fn def(&self) -> &ToolDef;
+    /// Whether running a call twice is harmless (then a call interrupted by a crash is
+    /// run again on resume; otherwise its outcome is recorded as unknown).
+    fn idempotent(&self) -> bool;
+    /// Run one call. `arguments` were validated against `def().parameters`. Never
+    /// panics on bad input; every failure is a [`ToolOutput`] with an error outcome.
+    async fn call(&self, arguments: &serde_json::Value, ctx: &ToolContext) -> ToolOutput;
+}
+
+/// A tool declared in a team file (`[tools.NAME]`): everything needed to run it comes
+/// from here, never from the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// A call interrupted by a crash may be run again.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// A peer that must approve each call before it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approve_by: Option<PeerId>,
+    #[serde(flatten)]
+    pub kind: ToolKind,
+}
+
+/// What a declared tool is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ToolKind {
+    /// A program run without a shell, its argv filled from validated arguments.
+    Command(CommandSpec),
+    /// An HTTP request.
+    Http(HttpSpec),
+    /// The tools of an MCP server.
+    Mcp(McpSpec),
+    /// A peer-to-peer mechanism of the runtime itself.
+    Builtin { builtin: Builtin },
+}
+
+/// A command tool: `argv` elements may contain `{arg}` placeholders filled from the
+/// call's arguments (validated against `parameters` first). An element that is exactly
+/// `{arg}` becomes exactly one argv element whatever the value; a value that would
+/// start an element with `-` is refused unless the template puts `--` before it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    /// JSON Schema (an object) of the arguments.
+    pub parameters: serde_json::Value,
+    /// Working directory (resolved against the team file's directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<std::path::PathBuf>,
+    /// Environment variables passed through from the runtime's environment; nothing
+    /// else is (but `PATH`, `HOME`, `LANG` and `TZ`).
+    #[serde(default)]
+    pub env: Vec<String>,
+    pub timeout_secs: f64,
+    /// Bytes of stdout kept (the rest is read and dropped; `truncated` is set).
+    pub max_stdout_bytes: u64,
+    pub max_stderr_bytes: u64,
+}
+
+/// An HTTP tool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HttpSpec {
+    /// GET, POST, PUT, PATCH or DELETE.
+    pub method: String,
+    /// `{arg}` placeholders are filled percent-encoded; the scheme and host must be
+    /// literal (never filled from arguments).
+    pub url: String,
+    /// Headers: a literal value, or the name of an environment variable holding it.
+    #[serde(default)]
+    pub headers: BTreeMap<String, HeaderValue>,
+    pub parameters: serde_json::Value,
+    /// Arguments not used in the URL are sent as a JSON body (POST, PUT, PATCH).
+    pub timeout_secs: f64,
+    pub max_response_bytes: u64,
+}
+
+/// A header's value: written in the file, or read from the environment when the call
+/// is made (and never logged).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderValue {
+    Value(String),
+    Env(String),
+}
+
+/// An MCP server whose tools a peer may call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct McpSpec {
+    pub transport: McpTransport,
+    /// Only these of the server's tools (all when empty).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    pub timeout_secs: f64,
+    pub max_output_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum McpTransport {
+    /// A server started as a child process, speaking over stdin/stdout.
+    Stdio {
+        command: Vec<String>,
+        #[serde(default)]
+        env: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<std::path::PathBuf>,
+    },
+    /// A server reached over streamable HTTP.
+    Http {
+        url: String,
+        #[serde(default)]
+        headers: BTreeMap<String, HeaderValue>,
+    },
+}
+
+/// The runtime's own mechanisms, offered to models as tools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Builtin {
+    Send,
+    Broadcast,
+    BoardRead,
+    BoardWrite,
+    QueuePush,
+    QueueClaim,
+    QueueDone,
+    Finish,
+}
+
+impl Builtin {
+    pub const ALL: [Builtin; 8] = [
+        Builtin::Send,
+        Builtin::Broadcast,
+        Builtin::BoardRead,
+        Builtin::BoardWrite,
+        Builtin::QueuePush,
+        Builtin::QueueClaim,
+        Builtin::QueueDone,
+        Builtin::Finish,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Builtin::Send => "send",
+            Builtin::Broadcast => "broadcast",
+            Builtin::BoardRead => "board_read",
+            Builtin::BoardWrite => "board_write",
+            Builtin::QueuePush => "queue_push",
+            Builtin::QueueClaim => "queue_claim",
+            Builtin::QueueDone => "queue_done",
+            Builtin::Finish => "finish",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Builtin> {
+        Builtin::ALL.into_iter().find(|b| b.as_str() == name)
+    }
+}
