@@ -242,10 +242,7 @@ async fn parts(
         Some(cfg) => Some(backend.work_queue(session, cfg).await.map_err(|e| runtime(&e))?),
         None => None,
     };
-    Ok((
-        presence,
-        PeerExtras { board: Some(board), queue, embedder: None, secret: Some(secret), plan: None, history: None },
-    ))
+    Ok((presence, PeerExtras { board: Some(board), queue, secret: Some(secret), ..PeerExtras::default() }))
 }
 
 /// `run --nats`: every peer of the team in this process, on the server.

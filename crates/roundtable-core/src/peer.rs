@@ -31,6 +31,9 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+mod acting;
+use acting::{Granted, InTurn, Ledger, call_with_tools};
+
 use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
 
@@ -89,6 +92,10 @@ pub struct PeerExtras {
     /// them one, so that a message is held once, not once per peer. Must be of this
     /// log's session.
     pub history: Option<Arc<History>>,
+    /// The tools this process built from the plan's `[tools]` (see
+    /// [`crate::tool::ToolBox`]). A peer granted a tool the box lacks has its calls to
+    /// it refused, on the record.
+    pub tools: Option<Arc<crate::tool::ToolBox>>,
 }
 
 /// Everything a peer needs to run.
@@ -126,6 +133,10 @@ struct Me {
     secret: Arc<[u8]>,
     /// The id of the last append that was a duplicate (its step was already done).
     duplicate: std::sync::Mutex<Option<EnvelopeId>>,
+    /// The tools this peer may call.
+    granted: Granted,
+    /// Work-queue tasks this peer claimed through `queue_claim` and holds.
+    claims: std::sync::Mutex<std::collections::HashMap<String, crate::workqueue::Claim>>,
 }
 
 impl Me {
@@ -177,7 +188,10 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
         plan: plan.clone(),
         cfg: cfg.clone(),
         duplicate: std::sync::Mutex::new(None),
+        granted: Granted::default(),
+        claims: Default::default(),
     };
+    let me = Me { granted: Granted::of(&me.spec, &plan, me.extras.tools.as_deref()), ..me };
 
     let mut st = SessionState::for_peer(plan.clone(), session.clone(), &cfg.me);
     let history = me.extras.history.clone().unwrap_or_default();
@@ -206,6 +220,7 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let uses_clock = plan.termination.timeout_ms().is_some() || plan.budget.max_wall_ms.is_some();
     let mut wait_for_seq = 0u64;
     let mut stalled: Option<(EnvelopeId, u64)> = None;
+    let mut ledger = Ledger::default();
 
     loop {
         // Take everything that is ready, then act once.
@@ -215,10 +230,12 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
                 let Some(e) = next else { return Err(LogError::new(LogErrorKind::Unavailable, "the log's tail ended")) };
                 let e = e?;
                 view.observe(&e.env);
+                ledger.observe(&cfg.me, &e.env);
                 st.take(e);
                 while let Some(Some(more)) = tail.next().now_or_never() {
                     let more = more?;
                     view.observe(&more.env);
+                    ledger.observe(&cfg.me, &more.env);
                     st.take(more);
                 }
             }
@@ -251,7 +268,7 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
         {
             continue;
         }
-        if let Some(seq) = perform(&me, &st, &view, &duty).await? {
+        if let Some(seq) = perform(&me, &st, &view, &duty, &ledger).await? {
             wait_for_seq = seq;
         }
         let duplicate = me.duplicate.lock().expect("duplicate lock").take();
@@ -288,24 +305,49 @@ fn body_of(duty: &Duty) -> Body {
 }
 
 /// Carry out one duty; the sequence number of what it appended, if anything.
-async fn perform(me: &Me, st: &SessionState, view: &PeerView, duty: &Duty) -> Result<Option<u64>, LogError> {
+async fn perform(
+    me: &Me,
+    st: &SessionState,
+    view: &PeerView,
+    duty: &Duty,
+    ledger: &Ledger,
+) -> Result<Option<u64>, LogError> {
     let seq = match &duty.action {
         Action::Post { body } => post(me, st, duty, body.clone()).await?,
+        Action::Turn { instruction, view: v, read_upto, reply_to } => {
+            match call_with_tools(me, st, view, duty, instruction, false, v, ledger.of(&duty.step)).await? {
+                Called::Answer { text, usage, turn, .. } => {
+                    let quiet = text.trim().is_empty();
+                    let body = Body::text(text.as_str()).with_json(serde_json::json!({ "read_upto": read_upto }));
+                    let mut env = envelope(me, st, duty, Kind::Message, body).with_usage(usage);
+                    env.to = if quiet { Recipient::Peer(me.cfg.me.clone()) } else { reply_to.clone() };
+                    append_traced(me, env, turn).await?
+                }
+                Called::Finished => {
+                    let body = Body::text("").with_json(serde_json::json!({ "read_upto": read_upto }));
+                    let mut env = envelope(me, st, duty, Kind::Message, body);
+                    env.to = Recipient::Peer(me.cfg.me.clone());
+                    append(me, env).await?
+                }
+                other => return not_answered(me, st, duty, other).await.map(Some),
+            }
+        }
         Action::Speak { instruction, json, view: v } => {
-            match call_model(me, st, view, duty, instruction, *json, v).await {
-                Called::Answer { text, usage, turn } => {
+            match call_with_tools(me, st, view, duty, instruction, *json, v, ledger.of(&duty.step)).await? {
+                Called::Answer { text, usage, turn, .. } => {
                     let mut body = Body::text(text.as_str());
                     if *json {
                         body.json = parse_json_answer(&text);
                     }
                     append_traced(me, envelope(me, st, duty, duty.kind, body).with_usage(usage), turn).await?
                 }
+                Called::Finished => post(me, st, duty, Body::text("")).await?,
                 other => return not_answered(me, st, duty, other).await.map(Some),
             }
         }
         Action::Commit { instruction, json, view: v } => {
-            match call_model(me, st, view, duty, instruction, *json, v).await {
-                Called::Answer { text, usage, turn } => {
+            match call_model(me, st, view, duty, instruction, *json, v, None).await {
+                Called::Answer { text, usage, turn, .. } => {
                     let salt = seal::salt(&me.secret, &st.session, &me.cfg.me, &duty.step);
                     let json = serde_json::json!({
                         "commitment": seal::commitment(&salt, &text),
@@ -350,7 +392,12 @@ enum Called {
         text: String,
         usage: Usage,
         turn: tracing::Span,
+        /// Tool calls the model asked for (only when tools were offered).
+        calls: Vec<crate::tool::ToolCall>,
     },
+    /// The duty's work ended with a tool call that ends the turn (`finish`), with no
+    /// further model call.
+    Finished,
     /// The budget does not allow the call; it was not made.
     Refused {
         scope: BudgetScope,
@@ -371,13 +418,15 @@ async fn call_model(
     instruction: &Option<Arc<str>>,
     json: bool,
     v: &View,
+    in_turn: Option<&InTurn>,
 ) -> Called {
     let cfg = &me.cfg;
     let (prelude, history, window) = view.parts(v, &me.plan.context);
+    let tally = in_turn.map_or(&st.tally, |t| &t.tally);
     let req = ChatRequest {
         peer: cfg.me.clone(),
         step: duty.step.clone(),
-        ordinal: st.ordinal(&cfg.me),
+        ordinal: st.ordinal(&cfg.me) + in_turn.map_or(0, |t| t.calls),
         system: Some(me.system.clone()),
         prelude,
         history,
@@ -387,9 +436,9 @@ async fn call_model(
         max_tokens: me.model_spec.as_ref().and_then(|m| m.max_tokens),
         json,
         json_schema: None,
-        tools: Arc::from([]),
-        tool_choice: crate::tool::ToolChoice::Auto,
-        tool_turns: Vec::new(),
+        tools: in_turn.map_or_else(|| Arc::from([]), |t| t.tools.clone()),
+        tool_choice: in_turn.map_or(crate::tool::ToolChoice::Auto, |t| t.choice.clone()),
+        tool_turns: in_turn.map_or_else(Vec::new, |t| t.turns.clone()),
         on_token: cfg.events.as_ref().map(|ev| {
             let ev = ev.clone();
             let (peer, step) = (cfg.me.clone(), duty.step.clone());
@@ -399,8 +448,7 @@ async fn call_model(
         }),
     };
     let est = req.estimated_prompt_tokens();
-    if let Err((scope, why)) = me.plan.budget.allows(&st.tally, &cfg.me, est, me.price.cost(est, 0), elapsed_ms(me, st))
-    {
+    if let Err((scope, why)) = me.plan.budget.allows(tally, &cfg.me, est, me.price.cost(est, 0), elapsed_ms(me, st)) {
         return Called::Refused { scope, why };
     }
     if let Some(ev) = &cfg.events {
@@ -426,6 +474,7 @@ async fn call_model(
                 calls: 1,
             },
             text: resp.text,
+            calls: resp.tool_calls,
         },
         Err(error) => {
             let usage =
@@ -439,7 +488,7 @@ async fn call_model(
 /// failure of the step (peer budget, model error).
 async fn not_answered(me: &Me, st: &SessionState, duty: &Duty, called: Called) -> Result<u64, LogError> {
     match called {
-        Called::Answer { .. } => unreachable!("answers are handled by the caller"),
+        Called::Answer { .. } | Called::Finished => unreachable!("answers are handled by the caller"),
         Called::Refused { scope: BudgetScope::Session, why } => {
             let stop = st.stop_duty(why, st.best_answer(), Vec::new());
             post(me, st, &stop, body_of(&stop)).await
@@ -641,8 +690,8 @@ async fn board_write(
     let Some(expected) = expected else {
         return append(me, record("conflict", None, "", Some("the board keeps changing"))).await;
     };
-    let (text, usage, turn) = match call_model(me, st, view, duty, instruction, false, &View::Task).await {
-        Called::Answer { text, usage, turn } => (text, usage, turn),
+    let (text, usage, turn) = match call_model(me, st, view, duty, instruction, false, &View::Task, None).await {
+        Called::Answer { text, usage, turn, .. } => (text, usage, turn),
         other => return not_answered(me, st, duty, other).await,
     };
     let value = BoardValue {

@@ -17,6 +17,7 @@ use crate::model::Price;
 use crate::termination::{Budget, PeerBudget, Termination};
 
 mod protocols;
+pub mod tools;
 pub use protocols::*;
 
 /// One problem in a team file.
@@ -65,6 +66,15 @@ pub trait PlanEnv {
     fn var_is_set(&self, name: &str) -> bool;
     /// Read a file named in the team file, relative to the team file's directory.
     fn read(&self, path: &str) -> Result<String, String>;
+    /// Whether a program a tool runs exists (on PATH, or as a path to an executable).
+    fn program_exists(&self, _program: &str) -> bool {
+        true
+    }
+    /// A path the team file names (a tool's working directory), resolved against the
+    /// team file's directory.
+    fn resolve(&self, path: &str) -> std::path::PathBuf {
+        std::path::PathBuf::from(path)
+    }
 }
 
 /// A plan environment with no variables and no files: for plans written in code
@@ -96,6 +106,9 @@ pub struct TeamPlan {
     pub budget: Budget,
     pub context: ContextPolicy,
     pub presence: PresenceSpec,
+    /// The tools declared in `[tools]`, by name (granted to peers by `PeerSpec::tools`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tools: BTreeMap<String, crate::tool::ToolSpec>,
 }
 
 impl TeamPlan {
@@ -182,6 +195,9 @@ pub struct PeerSpec {
     /// adds an agreement-intensity instruction to the system prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agreement: Option<f32>,
+    /// The tools this peer may call: names of `[tools]` tables or built-ins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
 }
 
 impl PeerSpec {
@@ -267,6 +283,8 @@ struct RawTeam {
     budget: Option<RawBudget>,
     context: Option<Spanned<RawContext>>,
     presence: Option<RawPresence>,
+    #[serde(default)]
+    tools: BTreeMap<String, Spanned<tools::RawTool>>,
 }
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq)]
@@ -315,6 +333,7 @@ struct RawPeer {
     temperature: Option<Spanned<f32>>,
     stance: Option<String>,
     agreement: Option<Spanned<f32>>,
+    tools: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -343,6 +362,8 @@ struct RawBudget {
     max_cost_usd: Option<f64>,
     max_calls: Option<u64>,
     max_wall_secs: Option<f64>,
+    max_tool_calls: Option<u64>,
+    max_tool_secs: Option<f64>,
     per_peer: Option<RawPeerBudget>,
 }
 
@@ -352,6 +373,7 @@ struct RawPeerBudget {
     max_tokens: Option<u64>,
     max_cost_usd: Option<f64>,
     max_calls: Option<u64>,
+    max_tool_calls: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -520,6 +542,12 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         }
     }
 
+    // Tools.
+    let declared_tools: Vec<String> = raw.tools.keys().cloned().collect();
+    let raw_peer_ids: Vec<PeerId> = raw.peers.iter().map(|p| PeerId::from(p.get_ref().id.get_ref().trim())).collect();
+    let tools = tools::validate_tools(&mut cx, raw.tools, &raw_peer_ids, env);
+    let conversation = raw.protocol.as_ref().is_some_and(|p| p.get_ref().kind.get_ref() == "conversation");
+
     // Peers.
     let mut peers = Vec::new();
     let mut ids = BTreeSet::new();
@@ -562,7 +590,34 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         {
             cx.err_at(a.span().start, format!("peers[{i}].agreement"), "agreement must be between 0.0 and 1.0");
         }
+        let mut granted = Vec::new();
+        for (j, name) in p.tools.iter().flatten().enumerate() {
+            let key = format!("peers[{i}].tools[{j}]");
+            let n = name.get_ref().as_str();
+            if !tools::check_grant(&mut cx, name.span().start, &key, n, &tools, &declared_tools) {
+                continue;
+            }
+            if let Some(b) = crate::tool::Builtin::parse(n)
+                && !conversation
+                && !matches!(b, crate::tool::Builtin::BoardRead | crate::tool::Builtin::BoardWrite)
+            {
+                cx.err_at(
+                    name.span().start,
+                    &key,
+                    format!(
+                        "the built-in `{n}` needs [protocol] kind = \"conversation\" (there the peers decide the flow); with other protocols only `board_read` and `board_write` may be granted"
+                    ),
+                );
+                continue;
+            }
+            if granted.contains(&n.to_string()) {
+                cx.err_at(name.span().start, &key, format!("tool `{n}` is granted twice"));
+                continue;
+            }
+            granted.push(n.to_string());
+        }
         peers.push(PeerSpec {
+            tools: granted,
             id: PeerId::from(id),
             persona: p.persona.unwrap_or_else(|| "You are a thoughtful member of a team.".into()),
             model,
@@ -657,7 +712,14 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             max_cost_usd: b.max_cost_usd,
             max_calls: b.max_calls,
             max_wall_ms: b.max_wall_secs.map(|s| (s * 1000.0) as u64),
-            per_peer: PeerBudget { max_tokens: pp.max_tokens, max_cost_usd: pp.max_cost_usd, max_calls: pp.max_calls },
+            max_tool_calls: b.max_tool_calls,
+            max_tool_ms: b.max_tool_secs.map(|s| (s * 1000.0) as u64),
+            per_peer: PeerBudget {
+                max_tokens: pp.max_tokens,
+                max_cost_usd: pp.max_cost_usd,
+                max_calls: pp.max_calls,
+                max_tool_calls: pp.max_tool_calls,
+            },
         }
     });
     let presence = raw.presence.map_or_else(PresenceSpec::default, |p| {
@@ -682,6 +744,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         budget,
         context,
         presence,
+        tools,
     })
 }
 
@@ -971,7 +1034,13 @@ max_calls = 20
             "contract_net",
             "capabilities = { a = [\"sql\"] }\n[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"\nneeds = [\"sql\"]",
         );
-        assert_eq!(ProtocolSpec::KINDS.len(), 12);
+        let ProtocolSpec::Conversation(cv) = with("conversation", "").protocol else { panic!() };
+        assert_eq!((cv.start.len(), cv.finish.clone(), cv.max_turns), (0, FinishRule::Any, 10));
+        let ProtocolSpec::Conversation(cv) = with("conversation", "start = [\"b\"]\nfinish = \"c\"").protocol else {
+            panic!()
+        };
+        assert_eq!((cv.start, cv.finish), (vec![PeerId::from("b")], FinishRule::Peer("c".into())));
+        assert_eq!(ProtocolSpec::KINDS.len(), 13);
         // A plan survives the trip through the task envelope.
         let plan = with("contract_net", "[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"");
         assert_eq!(serde_json::from_str::<TeamPlan>(&serde_json::to_string(&plan).unwrap()).unwrap(), plan);

@@ -27,6 +27,10 @@ pub struct Tally {
     pub completion_tokens: u64,
     pub cost_usd: f64,
     pub failures: u64,
+    /// Tool calls recorded (`tool_call` envelopes) and the time tools took (from their
+    /// results).
+    pub tool_calls: u64,
+    pub tool_ms: u64,
     pub per_peer: BTreeMap<PeerId, PeerTally>,
     /// The first contribution that mentioned the termination text, if any.
     pub mention: Option<(u64, PeerId)>,
@@ -47,6 +51,7 @@ pub struct PeerTally {
     pub completion_tokens: u64,
     pub cost_usd: f64,
     pub failures: u64,
+    pub tool_calls: u64,
 }
 
 impl Tally {
@@ -56,8 +61,10 @@ impl Tally {
 
     /// Fold one envelope in. `mention` is the termination text to look for, if any.
     pub fn observe(&mut self, seq: u64, env: &Envelope, mention: Option<&str>) {
-        let counts_as_message =
-            !matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure);
+        let counts_as_message = !matches!(
+            env.kind,
+            Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::ToolCall | Kind::ToolResult
+        );
         let mut scratch = PeerTally::default();
         let p = if self.only.as_ref().is_some_and(|o| o != &env.from) {
             &mut scratch
@@ -75,8 +82,20 @@ impl Tally {
             self.failures += 1;
             p.failures += 1;
         }
-        if counts_as_message && env.usage.is_some() {
+        // A model call's envelope: its answer, or the first call it asked for.
+        if (counts_as_message || env.kind == Kind::ToolCall) && env.usage.is_some() {
             p.messages_from_calls += 1;
+        }
+        match env.kind {
+            Kind::ToolCall => {
+                self.tool_calls += 1;
+                p.tool_calls += 1;
+            }
+            Kind::ToolResult => {
+                self.tool_ms +=
+                    env.body.json.as_ref().and_then(|j| j.get("duration_ms")).and_then(|d| d.as_u64()).unwrap_or(0);
+            }
+            _ => {}
         }
         if let Some(u) = &env.usage {
             let calls = u64::from(u.calls);
@@ -209,6 +228,12 @@ pub struct Budget {
     pub max_cost_usd: Option<f64>,
     pub max_calls: Option<u64>,
     pub max_wall_ms: Option<u64>,
+    /// Tool calls in the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_calls: Option<u64>,
+    /// Wall time spent in tools, summed over calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_ms: Option<u64>,
     #[serde(default)]
     pub per_peer: PeerBudget,
 }
@@ -219,6 +244,8 @@ pub struct PeerBudget {
     pub max_tokens: Option<u64>,
     pub max_cost_usd: Option<f64>,
     pub max_calls: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_calls: Option<u64>,
 }
 
 /// Whose budget a refused call ran into.
@@ -291,6 +318,31 @@ impl Budget {
             && p.cost_usd + prompt_cost > max
         {
             return Err((ps, format!("peer budget: {peer} spent ${:.4}, limit ${max:.4}", p.cost_usd)));
+        }
+        Ok(())
+    }
+
+    /// Whether `peer`'s latest recorded tool call may run: `t` already counts it (a call
+    /// is on the log before it runs). `Err` says which limit and whose.
+    pub fn allows_tool(&self, t: &Tally, peer: &PeerId) -> Result<(), (BudgetScope, String)> {
+        if let Some(max) = self.max_tool_calls
+            && t.tool_calls > max
+        {
+            return Err((BudgetScope::Session, format!("budget: {} tool calls made, limit {max}", t.tool_calls - 1)));
+        }
+        if let Some(max) = self.max_tool_ms
+            && t.tool_ms >= max
+        {
+            return Err((
+                BudgetScope::Session,
+                format!("budget: {:.1} s spent in tools, limit {:.1} s", t.tool_ms as f64 / 1e3, max as f64 / 1e3),
+            ));
+        }
+        let calls = t.per_peer.get(peer).map_or(0, |p| p.tool_calls);
+        if let Some(max) = self.per_peer.max_tool_calls
+            && calls > max
+        {
+            return Err((BudgetScope::Peer, format!("peer budget: {peer} made {} tool calls, limit {max}", calls - 1)));
         }
         Ok(())
     }

@@ -318,3 +318,83 @@ impl Builtin {
         Builtin::ALL.into_iter().find(|b| b.as_str() == name)
     }
 }
+
+/// The tools a process built from a plan's `[tools]`, by the name they are granted
+/// under (an MCP server's table name grants every tool it lists).
+#[derive(Clone, Default)]
+pub struct ToolBox {
+    grants: BTreeMap<String, Vec<Arc<dyn Tool>>>,
+}
+
+impl fmt::Debug for ToolBox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.grants.iter().map(|(k, v)| (k, v.iter().map(|t| &t.def().name).collect::<Vec<_>>())))
+            .finish()
+    }
+}
+
+impl ToolBox {
+    pub fn new() -> Self {
+        ToolBox::default()
+    }
+    /// Add a tool under a grant name.
+    pub fn insert(&mut self, grant: impl Into<String>, tool: Arc<dyn Tool>) {
+        self.grants.entry(grant.into()).or_default().push(tool);
+    }
+    /// The tools a grant name gives (empty when this process has none under it).
+    pub fn get(&self, grant: &str) -> &[Arc<dyn Tool>] {
+        self.grants.get(grant).map_or(&[], Vec::as_slice)
+    }
+    pub fn grants(&self) -> impl Iterator<Item = &str> {
+        self.grants.keys().map(String::as_str)
+    }
+}
+
+impl Builtin {
+    /// How a model sees this built-in.
+    pub fn def(self) -> ToolDef {
+        use serde_json::json;
+        let (description, parameters) = match self {
+            Builtin::Send => (
+                "Send a message to one peer or to a group, by name. They will see it in their inbox.",
+                json!({"type": "object", "properties": {
+                    "to": {"type": "string", "description": "a peer id or a group name"},
+                    "text": {"type": "string"}}, "required": ["to", "text"]}),
+            ),
+            Builtin::Broadcast => (
+                "Send a message to every other peer.",
+                json!({"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}),
+            ),
+            Builtin::BoardRead => (
+                "Read a key of the shared blackboard: its value and revision.",
+                json!({"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]}),
+            ),
+            Builtin::BoardWrite => (
+                "Write a key of the shared blackboard. With expected_revision the write happens only if the key is still at that revision; without it only if the key has no value yet.",
+                json!({"type": "object", "properties": {
+                    "key": {"type": "string"}, "value": {"type": "string"},
+                    "expected_revision": {"type": "integer", "minimum": 1}}, "required": ["key", "value"]}),
+            ),
+            Builtin::QueuePush => (
+                "Add a task to the shared work queue (a task with the same id is added once).",
+                json!({"type": "object", "properties": {
+                    "id": {"type": "string"}, "task": {"type": "string"}}, "required": ["id", "task"]}),
+            ),
+            Builtin::QueueClaim => (
+                "Take the next task from the shared work queue; nobody else gets it while you hold it.",
+                json!({"type": "object", "properties": {}}),
+            ),
+            Builtin::QueueDone => (
+                "Mark a task you claimed as done, with its result.",
+                json!({"type": "object", "properties": {
+                    "id": {"type": "string"}, "result": {"type": "string"}}, "required": ["id", "result"]}),
+            ),
+            Builtin::Finish => (
+                "Propose the team's final answer. The session ends when the team's finishing rule holds.",
+                json!({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}),
+            ),
+        };
+        ToolDef { name: self.as_str().to_string(), description: description.to_string(), parameters }
+    }
+}

@@ -510,6 +510,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         secret: Some(Arc::from(format!("replay secret of {p}").into_bytes())),
         plan: None,
         history: Some(history.clone()),
+        tools: None,
     };
     let mut peers = tokio::task::JoinSet::new();
     let mut configs = HashMap::new();

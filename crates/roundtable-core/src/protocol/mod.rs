@@ -44,12 +44,14 @@
 //! | `work_queue` | [`work_queue`] |
 //! | `contract_net` | [`contract_net`] |
 //! | `hybrid` | [`hybrid`] |
+//! | `conversation` | [`conversation`] |
 
 pub mod adversarial;
 pub mod answers;
 pub mod blackboard;
 pub mod consensus;
 pub mod contract_net;
+pub mod conversation;
 pub mod debate;
 pub mod emergent;
 pub mod hybrid;
@@ -177,6 +179,10 @@ pub enum Action {
     /// Push these items to the shared work queue (idempotent), claim one, and record
     /// the claim. Nothing is recorded when no item is handed out.
     Claim { items: Vec<QueueItem> },
+    /// A conversation turn: call the model with the peer's tools (the peer-to-peer
+    /// built-ins included) until it answers without a call; its text, if any, goes to
+    /// `reply_to`. The envelope records `read_upto`, how far the turn read its mail.
+    Turn { instruction: Option<Arc<str>>, view: View, read_upto: u64, reply_to: Recipient },
 }
 
 impl Duty {
@@ -297,6 +303,7 @@ pub fn reducer_for(plan: &TeamPlan) -> Box<dyn Reducer> {
         ProtocolSpec::WorkQueue(spec) => Box::new(work_queue::WorkQueueProtocol::new(spec.clone())),
         ProtocolSpec::ContractNet(spec) => Box::new(contract_net::ContractNet::new(spec.clone())),
         ProtocolSpec::Hybrid(spec) => Box::new(hybrid::Hybrid::new(spec.clone())),
+        ProtocolSpec::Conversation(spec) => Box::new(conversation::Conversation::new(spec.clone())),
     }
 }
 

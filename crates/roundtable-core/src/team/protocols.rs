@@ -30,6 +30,7 @@ pub enum ProtocolSpec {
     WorkQueue(WorkQueueSpec),
     ContractNet(ContractNetSpec),
     Hybrid(HybridSpec),
+    Conversation(ConversationSpec),
 }
 
 impl ProtocolSpec {
@@ -46,6 +47,7 @@ impl ProtocolSpec {
         "work_queue",
         "contract_net",
         "hybrid",
+        "conversation",
     ];
 
     pub fn kind(&self) -> &'static str {
@@ -62,6 +64,7 @@ impl ProtocolSpec {
             ProtocolSpec::WorkQueue(_) => "work_queue",
             ProtocolSpec::ContractNet(_) => "contract_net",
             ProtocolSpec::Hybrid(_) => "hybrid",
+            ProtocolSpec::Conversation(_) => "conversation",
         }
     }
 
@@ -125,6 +128,7 @@ impl ProtocolSpec {
                 "leader_instruction",
                 "decide_instruction",
             ],
+            "conversation" => &["start", "finish", "max_turns", "instruction"],
             _ => return None,
         })
     }
@@ -357,6 +361,33 @@ pub struct HybridSpec {
     pub decide_instruction: Option<String>,
 }
 
+/// Peers address each other by name and decide the flow. See
+/// [`crate::protocol::conversation`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConversationSpec {
+    /// The peers the task goes to (every peer when empty).
+    pub start: Vec<PeerId>,
+    pub finish: FinishRule,
+    /// Turns each peer may take.
+    pub max_turns: u32,
+    pub instruction: Option<String>,
+}
+
+/// Whose `finish` ends a conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishRule {
+    /// The first proposal of any peer.
+    Any,
+    /// More than half of the peers present proposed; their most common answer.
+    Majority,
+    /// This peer's proposal.
+    Peer(PeerId),
+}
+
+/// Most turns a conversation peer may be allowed.
+pub const MAX_CONVERSATION_TURNS: u32 = 10_000;
+
 // ----------------------------------------------------------------------------------
 // The raw table.
 
@@ -421,6 +452,9 @@ raw_protocol! {
     max_reannounce: u32,
     leader: String,
     deadlock_rounds: u32,
+    start: Vec<Spanned<String>>,
+    finish: String,
+    max_turns: u32,
 }
 
 #[derive(Deserialize)]
@@ -857,6 +891,47 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                 update_instruction: inner(&p.update_instruction),
                 leader_instruction: inner(&p.leader_instruction),
                 decide_instruction: inner(&p.decide_instruction),
+            })
+        }
+        "conversation" => {
+            let start = list(cx, &p.start, "start").unwrap_or_default();
+            let finish = match &p.finish {
+                None => FinishRule::Any,
+                Some(f) => match f.get_ref().as_str() {
+                    "any" => FinishRule::Any,
+                    "majority" => FinishRule::Majority,
+                    other => match known(cx, other, f.span().start, "finish") {
+                        Some(id) => FinishRule::Peer(id),
+                        None => {
+                            // `known` named the peers; say the rules too.
+                            if let Some(e) = cx.errors.last_mut() {
+                                e.message = format!(
+                                    "unknown finishing rule `{other}`; valid: `any`, `majority`, or a peer: {}",
+                                    choices(&ids)
+                                );
+                            }
+                            FinishRule::Any
+                        }
+                    },
+                },
+            };
+            let max_turns = match &p.max_turns {
+                Some(m) if !(1..=MAX_CONVERSATION_TURNS).contains(m.get_ref()) => {
+                    cx.err_at(
+                        m.span().start,
+                        "protocol.max_turns",
+                        format!("max_turns must be between 1 and {MAX_CONVERSATION_TURNS}"),
+                    );
+                    10
+                }
+                Some(m) => *m.get_ref(),
+                None => 10,
+            };
+            ProtocolSpec::Conversation(ConversationSpec {
+                start,
+                finish,
+                max_turns,
+                instruction: inner(&p.instruction),
             })
         }
         _ => unreachable!("keys() knows every kind"),

@@ -1,0 +1,518 @@
+//! The conversation protocol and tools: inboxes, batching, quiescence, finishing rules,
+//! loops stopped by no_progress, absent peers with mail, and side effects recorded once.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Recipient, SessionId};
+use roundtable_core::log::{MemLog, SessionLog, SharedMemLog};
+use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError, Role};
+use roundtable_core::peer::PeerExtras;
+use roundtable_core::protocol::Action;
+use roundtable_core::tool::{Outcome, Tool, ToolBox, ToolCall, ToolContext, ToolDef, ToolOutput, ToolResultBody};
+
+/// One scripted answer: text and tool calls `(name, arguments)`.
+#[derive(Clone, Debug)]
+struct Act {
+    text: &'static str,
+    calls: Vec<(&'static str, serde_json::Value)>,
+}
+
+fn say(text: &'static str) -> Act {
+    Act { text, calls: Vec::new() }
+}
+
+fn call(name: &'static str, args: serde_json::Value) -> Act {
+    Act { text: "", calls: vec![(name, args)] }
+}
+
+fn calls(list: Vec<(&'static str, serde_json::Value)>) -> Act {
+    Act { text: "", calls: list }
+}
+
+/// Answers each peer's n-th call with its n-th act (`ordinal`, from the log); past the
+/// end, an empty answer (stay quiet). Records every request.
+struct Acts {
+    script: HashMap<String, Vec<Act>>,
+    seen: Arc<Mutex<Vec<ChatRequest>>>,
+}
+
+#[async_trait]
+impl ChatModel for Acts {
+    fn name(&self) -> &str {
+        "acts"
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        self.seen.lock().unwrap().push(req.clone());
+        let act = self.script.get(req.peer.as_str()).and_then(|l| l.get(req.ordinal as usize)).cloned();
+        let act = act.unwrap_or(Act { text: "", calls: Vec::new() });
+        let tool_calls = act
+            .calls
+            .iter()
+            .enumerate()
+            .map(|(i, (name, args))| ToolCall {
+                id: format!("call_{}_{}_{i}", req.peer, req.ordinal),
+                name: name.to_string(),
+                arguments: args.to_string(),
+            })
+            .collect();
+        Ok(ChatResponse {
+            text: act.text.to_string(),
+            model: "acts".into(),
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            finish_reason: None,
+            tool_calls,
+        })
+    }
+}
+
+type Seen = Arc<Mutex<Vec<ChatRequest>>>;
+
+fn acts(
+    plan: &roundtable_core::team::TeamPlan,
+    script: Vec<(&str, Vec<Act>)>,
+) -> (HashMap<PeerId, Arc<dyn ChatModel>>, Seen) {
+    let seen: Seen = Arc::default();
+    let script: HashMap<String, Vec<Act>> = script.into_iter().map(|(p, a)| (p.to_string(), a)).collect();
+    let model: Arc<dyn ChatModel> = Arc::new(Acts { script, seen: seen.clone() });
+    (plan.peers.iter().map(|p| (p.id.clone(), model.clone())).collect(), seen)
+}
+
+fn team(peers_toml: &str, protocol: &str, extra: &str) -> roundtable_core::team::TeamPlan {
+    plan(&format!(
+        "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n{peers_toml}\n[protocol]\nkind = \"conversation\"\n{protocol}\n{extra}"
+    ))
+}
+
+fn mem_log() -> Arc<dyn SessionLog> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let s = SessionId::from(format!("conv-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    Arc::new(SharedMemLog(Arc::new(MemLog::new(s))))
+}
+
+fn texts(log: &[Arc<Envelope>], kind: Kind) -> Vec<String> {
+    log.iter()
+        .filter(|e| e.kind == kind && !e.body.text.is_empty())
+        .map(|e| format!("{}: {}", e.from, e.body.text))
+        .collect()
+}
+
+#[tokio::test]
+async fn peers_message_each_other_by_name_and_a_finish_ends_the_session() {
+    let plan = team(&peers(&["api", "tester"]), "start = [\"api\"]\nfinish = \"api\"", "");
+    let (models, seen) = acts(
+        &plan,
+        vec![
+            (
+                "api",
+                vec![
+                    call("send", serde_json::json!({"to": "tester", "text": "POST /users is ready, please test it"})),
+                    say(""),
+                    call("finish", serde_json::json!({"answer": "POST /users shipped; tests pass"})),
+                ],
+            ),
+            ("tester", vec![call("send", serde_json::json!({"to": "api", "text": "all 12 tests pass"})), say("")]),
+        ],
+    );
+    let (log, summary) =
+        run_with(&plan, "Design and ship POST /users", models, PeerExtras::default(), None, None).await;
+    assert_eq!(summary.stop_reason.as_deref(), Some("finished: api proposed the answer"), "{log:#?}");
+    assert_eq!(summary.final_answer.as_deref(), Some("POST /users shipped; tests pass"));
+    let sends: Vec<(String, Recipient, String)> = log
+        .iter()
+        .filter(|e| e.kind == Kind::Message && e.step.contains("/send/"))
+        .map(|e| (e.from.to_string(), e.to.clone(), e.body.text.to_string()))
+        .collect();
+    assert_eq!(
+        sends,
+        vec![
+            ("api".into(), Recipient::Peer("tester".into()), "POST /users is ready, please test it".into()),
+            ("tester".into(), Recipient::Peer("api".into()), "all 12 tests pass".into()),
+        ]
+    );
+    // Every call is recorded before its result, and the result answers it.
+    for (i, e) in log.iter().enumerate() {
+        if e.kind == Kind::ToolResult {
+            let parent = &e.parents[0];
+            let at = log.iter().position(|c| &c.id == parent).expect("the call is on the log");
+            assert!(at < i && log[at].kind == Kind::ToolCall);
+        }
+    }
+    // The tester only ever saw the message meant for it, and the model was shown the
+    // send's result after its call.
+    let seen = seen.lock().unwrap();
+    let tester_first = seen.iter().find(|r| r.peer.as_str() == "tester").unwrap();
+    let shown: Vec<String> = tester_first.messages().map(|m| m.content.to_string()).collect();
+    assert!(shown.iter().any(|m| m.contains("please test it")), "{shown:?}");
+    let api_second = seen.iter().filter(|r| r.peer.as_str() == "api").nth(1).unwrap();
+    let last = api_second.messages().last().unwrap();
+    assert_eq!((last.role, last.content.as_ref()), (Role::Tool, "sent to tester"));
+    assert!(api_second.tools.iter().any(|t| t.name == "finish"));
+}
+
+#[test]
+fn a_turn_takes_everything_unread_at_once() {
+    let plan = team(&peers(&["a", "b", "c"]), "start = [\"a\"]", "");
+    let mut f = Fold::new(&plan, "topic");
+    let steps = f.steps("c");
+    assert!(steps.is_empty(), "c has no mail yet: {steps:?}");
+    for (i, from) in ["a", "b", "a"].iter().enumerate() {
+        let mut e =
+            f.env(from, &format!("conv/{from}/{}/send/{i}", i + 1), Kind::Message, Body::text(format!("nudge {i}")));
+        e.to = Recipient::Peer("c".into());
+        f.push(e);
+    }
+    let duties = f.duties("c");
+    assert_eq!(duties.len(), 1, "three nudges, one turn");
+    let Action::Turn { read_upto, reply_to, .. } = &duties[0].action else { panic!("{duties:?}") };
+    assert_eq!(*read_upto, f.seq, "the turn reads up to the last nudge");
+    assert_eq!(*reply_to, Recipient::All, "two senders: a reply goes to everyone");
+    assert_eq!(&*duties[0].step, "conv/c/1");
+    // The turn lands: nothing unread, no further duty.
+    let read = *read_upto;
+    let mut turn =
+        f.env("c", "conv/c/1", Kind::Message, Body::text("").with_json(serde_json::json!({"read_upto": read})));
+    turn.to = Recipient::Peer("c".into());
+    f.push(turn);
+    assert!(f.steps("c").is_empty());
+    // Mail that arrived while c was thinking is still unread, for a second turn.
+    let mut late = f.env("b", "conv/b/2/send/0", Kind::Message, Body::text("late"));
+    late.to = Recipient::Peer("c".into());
+    f.push(late);
+    assert_eq!(f.steps("c"), ["conv/c/2"]);
+}
+
+#[test]
+fn group_messages_reach_the_group_and_broadcasts_everyone_else() {
+    let peers = "[[peers]]\nid = \"a\"\nmodel = \"m\"\n[[peers]]\nid = \"b\"\nmodel = \"m\"\ngroup = \"ops\"\n[[peers]]\nid = \"c\"\nmodel = \"m\"\ngroup = \"ops\"\n[[peers]]\nid = \"d\"\nmodel = \"m\"\n";
+    let plan = team(peers, "start = [\"a\"]", "");
+    let mut f = Fold::new(&plan, "topic");
+    let mut g = f.env("a", "conv/a/1/send/0", Kind::Message, Body::text("ops, deploy"));
+    g.to = Recipient::Group("ops".into());
+    f.push(g);
+    assert_eq!(f.steps("b"), ["conv/b/1"]);
+    assert_eq!(f.steps("c"), ["conv/c/1"]);
+    assert!(f.steps("d").is_empty());
+    let all = f.env("d", "conv/d/1/send/0", Kind::Message, Body::text("hello all"));
+    f.push(all);
+    assert!(f.steps("d").is_empty(), "a broadcast is not mail to its sender");
+    assert_eq!(f.steps("a"), ["conv/a/1"], "a's task was never read, plus the broadcast");
+}
+
+#[test]
+fn an_absent_peer_with_unread_mail_does_not_keep_the_team_from_quiescence() {
+    let plan = team(&peers(&["a", "b"]), "start = [\"a\"]", "");
+    let mut f = Fold::new(&plan, "topic");
+    let mut m = f.env("a", "conv/a/1/send/0", Kind::Message, Body::text("b, check this"));
+    m.to = Recipient::Peer("b".into());
+    f.push(m);
+    let mut t = f.env("a", "conv/a/1", Kind::Message, Body::text("").with_json(serde_json::json!({"read_upto": 1})));
+    t.to = Recipient::Peer("a".into());
+    f.push(t);
+    assert_eq!(f.stop(), None, "b has mail to read");
+    f.absent("b");
+    let (reason, answer) = f.stop().expect("quiescent once b is absent");
+    assert!(reason.starts_with("quiescent"), "{reason}");
+    assert!(reason.contains("unread mail waits for absent b"), "{reason}");
+    assert!(reason.contains("no answer was accepted"), "{reason}");
+    assert_eq!(answer, None);
+}
+
+#[tokio::test]
+async fn a_quiet_team_is_quiescent_with_no_answer() {
+    let plan = team(&peers(&["a", "b"]), "", "");
+    let (models, _) = acts(&plan, vec![("a", vec![say("")]), ("b", vec![say("")])]);
+    let (log, summary) = run_with(&plan, "anything?", models, PeerExtras::default(), None, None).await;
+    let reason = summary.stop_reason.unwrap();
+    assert!(reason.starts_with("quiescent"), "{reason}");
+    assert_eq!(summary.final_answer, None);
+    let mut turns = steps_of(&log, Kind::Message);
+    turns.sort();
+    assert_eq!(turns, ["a:conv/a/1", "b:conv/b/1"], "one quiet turn each, then nothing");
+}
+
+#[tokio::test]
+async fn the_finishing_rules_any_named_and_majority() {
+    // any: the first proposal ends it.
+    let plan = team(&peers(&["a", "b", "c"]), "finish = \"any\"", "");
+    let (models, _) = acts(&plan, vec![("b", vec![call("finish", serde_json::json!({"answer": "42"}))])]);
+    let (_, s) = run_with(&plan, "q", models, PeerExtras::default(), None, None).await;
+    assert_eq!(
+        (s.stop_reason.as_deref(), s.final_answer.as_deref()),
+        (Some("finished: b proposed the answer"), Some("42"))
+    );
+
+    // A named peer: another's proposal does not end it.
+    let plan = team(&peers(&["a", "b", "c"]), "finish = \"c\"", "");
+    let (models, _) = acts(
+        &plan,
+        vec![
+            ("a", vec![call("finish", serde_json::json!({"answer": "from a"}))]),
+            (
+                "c",
+                vec![
+                    call("send", serde_json::json!({"to": "a", "text": "hold on"})),
+                    call("finish", serde_json::json!({"answer": "from c"})),
+                ],
+            ),
+            // a answers c's message with nothing
+        ],
+    );
+    let (_, s) = run_with(&plan, "q", models, PeerExtras::default(), None, None).await;
+    assert_eq!(s.final_answer.as_deref(), Some("from c"), "{:?}", s.stop_reason);
+    assert_eq!(s.stop_reason.as_deref(), Some("finished: c proposed the answer"));
+
+    // Majority: one of three is not enough; quiescence without a majority accepts nothing.
+    let plan = team(&peers(&["a", "b", "c"]), "finish = \"majority\"", "");
+    let (models, _) = acts(&plan, vec![("a", vec![call("finish", serde_json::json!({"answer": "7"}))])]);
+    let (_, s) = run_with(&plan, "q", models, PeerExtras::default(), None, None).await;
+    assert!(s.stop_reason.as_deref().unwrap().starts_with("quiescent"), "{:?}", s.stop_reason);
+    assert_eq!(s.final_answer, None);
+
+    let plan = team(&peers(&["a", "b", "c"]), "finish = \"majority\"", "");
+    let (models, _) = acts(
+        &plan,
+        vec![
+            ("a", vec![call("finish", serde_json::json!({"answer": "7"}))]),
+            ("c", vec![call("finish", serde_json::json!({"answer": "7"}))]),
+        ],
+    );
+    let (_, s) = run_with(&plan, "q", models, PeerExtras::default(), None, None).await;
+    assert_eq!(s.final_answer.as_deref(), Some("7"));
+    assert!(s.stop_reason.as_deref().unwrap().starts_with("finished: 2 of 3 peers present"), "{:?}", s.stop_reason);
+}
+
+#[tokio::test]
+async fn two_peers_bouncing_the_same_thing_are_stopped_by_no_progress() {
+    let plan = team(&peers(&["a", "b"]), "start = [\"a\"]\nmax_turns = 50", "[termination]\nno_progress = 4\n");
+    let ping: Vec<Act> =
+        (0..50).map(|_| call("send", serde_json::json!({"to": "b", "text": "Are you sure?"}))).collect();
+    let pong: Vec<Act> =
+        (0..50).map(|_| call("send", serde_json::json!({"to": "a", "text": "Are you sure?"}))).collect();
+    // Each peer sends, then its turn ends quietly: the acts list alternates call/quiet.
+    let ping: Vec<Act> = ping.into_iter().flat_map(|a| [a, say("")]).collect();
+    let pong: Vec<Act> = pong.into_iter().flat_map(|a| [a, say("")]).collect();
+    let (models, _) = acts(&plan, vec![("a", ping), ("b", pong)]);
+    let (log, s) = run_with(&plan, "q", models, PeerExtras::default(), None, None).await;
+    let reason = s.stop_reason.unwrap();
+    assert!(reason.starts_with("no_progress"), "{reason}");
+    let sent = log.iter().filter(|e| e.step.contains("/send/")).count();
+    assert!((5..=8).contains(&sent), "stopped after a few repeats, not 50 turns each: {sent}");
+}
+
+#[tokio::test]
+async fn max_turns_bounds_every_peer_whatever_the_models_do() {
+    let plan = team(&peers(&["a", "b"]), "start = [\"a\"]\nmax_turns = 3", "");
+    let (models, _) = acts(
+        &plan,
+        vec![
+            ("a", (0..20).map(|_| say("again")).collect()),
+            ("b", (0..20).map(|_| say("again, differently")).collect()),
+        ],
+    );
+    let (log, s) = run_with(&plan, "q", models, PeerExtras::default(), None, None).await;
+    let turns = log.iter().filter(|e| e.kind == Kind::Message && !e.step.contains("/send/")).count();
+    assert_eq!(turns, 6, "three turns each");
+    let reason = s.stop_reason.unwrap();
+    assert!(reason.contains("used all 3 turns"), "{reason}");
+    assert_eq!(texts(&log, Kind::Message).len(), 6);
+}
+
+/// A tool that counts its runs and can hang (standing in for a process that dies).
+struct Counter {
+    def: ToolDef,
+    runs: Arc<AtomicU32>,
+    idempotent: bool,
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Tool for Counter {
+    fn def(&self) -> &ToolDef {
+        &self.def
+    }
+    fn idempotent(&self) -> bool {
+        self.idempotent
+    }
+    async fn call(&self, args: &serde_json::Value, _: &ToolContext) -> ToolOutput {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        ToolOutput::ok(format!("deployed {} (run {n})", args["version"]))
+    }
+}
+
+fn counter(idempotent: bool) -> (ToolBox, Arc<AtomicU32>, Arc<std::sync::atomic::AtomicBool>) {
+    let runs = Arc::new(AtomicU32::new(0));
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let def = ToolDef {
+        name: "deploy".into(),
+        description: "Deploy a version".into(),
+        parameters: serde_json::json!({"type": "object", "properties": {"version": {"type": "string"}}}),
+    };
+    let mut b = ToolBox::new();
+    b.insert("deploy", Arc::new(Counter { def, runs: runs.clone(), idempotent, hang: hang.clone() }));
+    (b, runs, hang)
+}
+
+fn tool_team(idempotent: bool) -> roundtable_core::team::TeamPlan {
+    let _ = idempotent;
+    plan(&format!(
+        "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n[[peers]]\nid = \"ops\"\nmodel = \"m\"\ntools = [\"deploy\"]\n[protocol]\nkind = \"conversation\"\nstart = [\"ops\"]\n[tools.deploy]\nkind = \"command\"\nargv = [\"true\"]\nidempotent = {idempotent}\n"
+    ))
+}
+
+fn results(log: &[Arc<Envelope>]) -> Vec<ToolResultBody> {
+    log.iter()
+        .filter(|e| e.kind == Kind::ToolResult)
+        .map(|e| serde_json::from_value(e.body.json.clone().unwrap()).unwrap())
+        .collect()
+}
+
+/// Run until the deploy call is on the log and the tool hangs, then drop the peers (as a
+/// SIGKILL would), and resume on the same log.
+async fn crash_in_the_middle_of_a_deploy(idempotent: bool) -> (Vec<Arc<Envelope>>, u32, Seen) {
+    let plan = tool_team(idempotent);
+    let script = || {
+        vec![(
+            "ops",
+            vec![
+                call("deploy", serde_json::json!({"version": "v2"})),
+                call("finish", serde_json::json!({"answer": "v2 is out"})),
+            ],
+        )]
+    };
+    let (tools, runs, hang) = counter(idempotent);
+    hang.store(true, Ordering::SeqCst);
+    let log = mem_log();
+    roundtable_core::runner::open_session(log.as_ref(), &plan, "ship v2").await.unwrap();
+    let (models, _) = acts(&plan, script());
+    let extras = PeerExtras { tools: Some(Arc::new(tools.clone())), ..Default::default() };
+    let run = roundtable_core::runner::run_peers_with(log.clone(), &plan, models, None, None, extras);
+    let cut = tokio::time::timeout(Duration::from_millis(500), run).await;
+    assert!(cut.is_err(), "the deploy hangs, so the session cannot stop");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let before = log.read_all().await.unwrap();
+    assert!(before.iter().any(|e| e.env.kind == Kind::ToolCall), "the call was recorded before it ran");
+    assert!(!before.iter().any(|e| e.env.kind == Kind::ToolResult));
+
+    hang.store(false, Ordering::SeqCst);
+    let (models, seen) = acts(&plan, script());
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, summary) = run_with(&plan, "ship v2", models, extras, None, Some(log)).await;
+    assert_eq!(summary.final_answer.as_deref(), Some("v2 is out"));
+    (log, runs.load(Ordering::SeqCst), seen)
+}
+
+#[tokio::test]
+async fn a_non_idempotent_call_interrupted_by_a_crash_is_never_run_again_and_its_outcome_is_unknown() {
+    let (log, runs, seen) = crash_in_the_middle_of_a_deploy(false).await;
+    assert_eq!(runs, 1, "the deploy ran at most once");
+    let r = results(&log);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(r[0].tool, "deploy");
+    assert_eq!(r[0].outcome, Outcome::Unknown);
+    // The model was told, and was not asked again for the call it had already made.
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "one model call after the restart");
+    assert_eq!(seen[0].ordinal, 1);
+    let last = seen[0].messages().last().unwrap();
+    assert_eq!(last.role, Role::Tool);
+    assert!(last.content.contains("outcome unknown"), "{}", last.content);
+}
+
+#[tokio::test]
+async fn an_idempotent_call_interrupted_by_a_crash_is_run_again_once() {
+    let (log, runs, _) = crash_in_the_middle_of_a_deploy(true).await;
+    assert_eq!(runs, 2);
+    let r = results(&log);
+    assert_eq!((r[0].outcome, r[0].output.as_str()), (Outcome::Ok, "deployed \"v2\" (run 2)"));
+}
+
+#[tokio::test]
+async fn a_finished_call_is_never_run_again_on_resume() {
+    let plan = tool_team(false);
+    let (tools, runs, _) = counter(false);
+    let log = mem_log();
+    let (models, _) =
+        acts(&plan, vec![("ops", vec![call("deploy", serde_json::json!({"version": "v3"})), say("done")])]);
+    let extras = PeerExtras { tools: Some(Arc::new(tools.clone())), ..Default::default() };
+    let (first, _) = run_with(&plan, "ship v3", models, extras, None, Some(log.clone())).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Resume from a copy of the log without its last entries (the turn and the stop).
+    let cut = mem_log();
+    let upto = first.iter().position(|e| e.kind == Kind::ToolResult).unwrap();
+    for e in &first[..=upto] {
+        let mut e = (**e).clone();
+        let copy = cut.session().clone();
+        e.session = copy.clone();
+        // Ids are derived from the session: re-derive so the copy is a log of its own.
+        e.id = roundtable_core::envelope::EnvelopeId::derive(&copy, &e.from, &e.step);
+        cut.append(e).await.unwrap();
+    }
+    let (models, seen) =
+        acts(&plan, vec![("ops", vec![call("deploy", serde_json::json!({"version": "v3"})), say("done")])]);
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, s) = run_with(&plan, "ship v3", models, extras, None, Some(cut)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the recorded call did not run again");
+    assert_eq!(results(&log).len(), 1);
+    assert_eq!(seen.lock().unwrap().len(), 1, "only the model call after the result");
+    assert!(s.stopped);
+}
+
+#[tokio::test]
+async fn refusals_are_recorded_and_told_to_the_model() {
+    let plan = tool_team(false);
+    let (tools, runs, _) = counter(false);
+    let (models, seen) = acts(
+        &plan,
+        vec![(
+            "ops",
+            vec![
+                calls(vec![
+                    ("rm_rf", serde_json::json!({})),
+                    ("send", serde_json::json!({"to": "nobody", "text": "hi"})),
+                ]),
+                Act { text: "", calls: vec![("deploy", serde_json::json!("not an object"))] },
+                say("giving up"),
+            ],
+        )],
+    );
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, _) = run_with(&plan, "q", models, extras, None, None).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing refused ran");
+    let r = results(&log);
+    assert_eq!(r.iter().map(|r| r.outcome).collect::<Vec<_>>(), [Outcome::Refused; 3]);
+    assert!(r[0].output.contains("not granted"), "{}", r[0].output);
+    assert!(r[1].output.contains("no peer or group is called `nobody`"), "{}", r[1].output);
+    assert!(r[2].output.contains("JSON object"), "{}", r[2].output);
+    let seen = seen.lock().unwrap();
+    let told: Vec<String> =
+        seen[1].messages().filter(|m| m.role == Role::Tool).map(|m| m.content.to_string()).collect();
+    assert_eq!(told.len(), 2);
+    assert!(told[0].starts_with("[refused]"));
+}
+
+#[tokio::test]
+async fn tool_budgets_are_checked_before_every_call() {
+    let plan = plan(
+        "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n[[peers]]\nid = \"ops\"\nmodel = \"m\"\ntools = [\"deploy\"]\n[protocol]\nkind = \"conversation\"\n[tools.deploy]\nkind = \"command\"\nargv = [\"true\"]\n[budget]\nmax_tool_calls = 2\n",
+    );
+    let (tools, runs, _) = counter(false);
+    let deploys: Vec<Act> = (0..5).map(|i| call("deploy", serde_json::json!({"version": format!("v{i}")}))).collect();
+    let (models, _) = acts(&plan, vec![("ops", deploys)]);
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, s) = run_with(&plan, "q", models, extras, None, None).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let reason = s.stop_reason.unwrap();
+    assert!(reason.contains("2 tool calls made, limit 2"), "{reason}");
+    assert_eq!(results(&log).last().unwrap().outcome, Outcome::Refused);
+}
