@@ -17,7 +17,7 @@
 //! send a schema to it again; the answer is then checked by the protocol's parsing as
 //! for any JSON answer.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -349,8 +349,10 @@ struct Answer {
     model: Option<String>,
     finish_reason: Option<String>,
     usage: Option<(u64, u64)>,
-    /// Tool calls by their `index`.
-    calls: BTreeMap<u64, PartialCall>,
+    /// Tool calls in the order they began.
+    calls: Vec<PartialCall>,
+    /// Which of `calls` each delta `index` is adding to now.
+    slots: HashMap<u64, usize>,
 }
 
 impl Answer {
@@ -391,12 +393,23 @@ impl Answer {
 
     /// One piece of a tool call: a whole call (non-streamed), or a streamed delta
     /// whose id and name come first and whose arguments come in pieces. Servers that
-    /// leave out `index` (each call whole in one chunk) are placed by position.
+    /// leave out `index` (each call whole in one chunk) are placed by position; a delta
+    /// with a new id at an index already taken starts a new call (Ollama gives every
+    /// call index 0).
     fn tool_call_part(&mut self, pos: usize, tc: &Value) {
         let index = tc.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
-        let call = self.calls.entry(index).or_default();
         let text = |v: Option<&Value>| v.and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
-        if let Some(id) = text(tc.get("id")).filter(|_| call.id.is_empty()) {
+        let id = text(tc.get("id"));
+        let slot = match self.slots.get(&index) {
+            Some(&k) if id.as_ref().is_none_or(|id| self.calls[k].id.is_empty() || *id == self.calls[k].id) => k,
+            _ => {
+                self.calls.push(PartialCall::default());
+                self.slots.insert(index, self.calls.len() - 1);
+                self.calls.len() - 1
+            }
+        };
+        let call = &mut self.calls[slot];
+        if let Some(id) = id {
             call.id = id;
         }
         let f = tc.get("function");
@@ -413,7 +426,7 @@ impl Answer {
 
     fn finish(self, ctx: &Ctx<'_>, req: &ChatRequest, configured: &str) -> Result<ChatResponse, ModelError> {
         let mut tool_calls = Vec::with_capacity(self.calls.len());
-        for (index, c) in self.calls {
+        for (index, c) in self.calls.into_iter().enumerate() {
             if c.name.is_empty() {
                 return Err(ctx.error(ModelErrorKind::Malformed, &format!("tool call {index} has no function name")));
             }

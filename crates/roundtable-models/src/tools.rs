@@ -7,7 +7,8 @@
 //! recorded one envelope each. So before a request is written, [`arrange`]:
 //!
 //! - merges consecutive assistant tool-call messages with no text of their own into one
-//!   (the model's parallel calls);
+//!   (the model's parallel calls), with the assistant text right before them (the
+//!   answer's text, when it was recorded apart from its calls);
 //! - moves each call's result right after the message that made it, in call order, and
 //!   whatever came between after them;
 //! - answers a call with no result in the conversation with an error result saying so
@@ -70,6 +71,17 @@ pub(crate) fn arrange(req: &ChatRequest) -> Vec<ChatMessage> {
             fresh_calls(next, &mut seen, &mut calls);
         }
         let mut group = m.clone();
+        // The answer's text, recorded before its calls, is the calls' message's text.
+        if group.content.trim().is_empty()
+            && !calls.is_empty()
+            && let Some(prev) = out.last()
+            && prev.role == Role::Assistant
+            && prev.tool_calls.is_empty()
+            && prev.name == group.name
+        {
+            group.content = prev.content.clone();
+            out.pop();
+        }
         if calls.is_empty() {
             if !group.content.trim().is_empty() {
                 group.tool_calls = Arc::from([]);
@@ -212,6 +224,15 @@ mod tests {
                 (Role::User, "hi".into(), vec![], None),
             ]
         );
+    }
+
+    #[test]
+    fn the_text_recorded_before_the_calls_is_their_message_s_text() {
+        let text = ChatMessage::new(Role::Assistant, Some(PeerId::from("me")), Arc::from("Checking."));
+        let r = request(vec![user("bob", "go"), text, calls(&["a"]), result("a")], true);
+        let s = shape(&arrange(&r));
+        assert_eq!(s[1], (Role::Assistant, "Checking.".into(), vec!["a".into()], None));
+        assert_eq!(s.len(), 3);
     }
 
     #[test]

@@ -545,3 +545,17 @@ async fn another_bad_request_with_a_schema_is_not_asked_again() {
         .filter(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["response_format"]["type"] == "json_schema");
     assert_eq!((reqs.len(), schema_asks.count()), (2, 2));
 }
+
+#[tokio::test]
+async fn calls_that_share_an_index_but_not_an_id_stay_apart() {
+    // Ollama numbers every call of a streamed answer 0.
+    let server = serve(sse("openai_stream_tools_ollama.sse")).await;
+    let mut req = ChatRequest::simple("qa", "Read both.");
+    req.tools = tool_defs();
+    let r = chat(&server).chat(&req).await.unwrap();
+    assert_eq!(
+        call_triples(&r),
+        [("call_u8n2kq1v", "read_file", r#"{"path":"a.rs"}"#), ("call_7hd0w3xe", "read_file", r#"{"path":"b.rs"}"#),]
+    );
+    assert_eq!((r.prompt_tokens, r.completion_tokens), (181, 44));
+}
