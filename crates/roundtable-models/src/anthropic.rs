@@ -4,19 +4,40 @@
 //! with the user, while a peer's history is many speakers in any order. So other peers'
 //! words are prefixed with `name: `, consecutive same-role messages are merged, and a
 //! placeholder user turn opens a history that starts with the peer's own words.
+//!
+//! Tools go out as `tools` (`{name, description, input_schema}`) and `tool_choice`
+//! (`auto`, `any`, `tool` with a name, `none`), only when the request offers some. A
+//! streamed `tool_use` block opens with its id and name; its input arrives as
+//! `input_json_delta` pieces, put together per block index into the call's arguments.
+//! An answer with calls and no text (`stop_reason: "tool_use"`) is an answer.
+//!
+//! In a request, the model's calls are `tool_use` blocks of its assistant turn, their
+//! input the call's arguments parsed as a JSON object; arguments the model wrote that
+//! are not a JSON object are sent as `{}` (the API takes nothing else, and the call's
+//! result already told the model what was wrong). Results are `tool_result` blocks
+//! (`is_error` when the call did not succeed) opening the next user turn, before any
+//! text of that turn, arranged as [`crate::tools`] describes. The API has no structured
+//! output of its own here: a request's JSON schema is given to the model in the system
+//! prompt.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::header::{ACCEPT, HeaderMap, HeaderValue};
 use reqwest::{Client, Url};
-use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind, Role, estimate_tokens};
+use roundtable_core::model::{
+    ChatMessage, ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind, Role, estimate_tokens,
+    tool_call_tokens,
+};
+use roundtable_core::tool::{ToolCall, ToolChoice};
 use serde_json::{Map, Value, json};
 
 use crate::http::{self, Ctx, Redactor, Reply};
 use crate::openai::names;
 use crate::secret::Secret;
+use crate::tools;
 
 /// Where and how to reach the Anthropic Messages API.
 #[derive(Clone)]
@@ -145,18 +166,38 @@ impl AnthropicChat {
         body.insert("max_tokens".into(), json!(req.max_tokens.unwrap_or(self.default_max_tokens).max(1)));
         body.insert("stream".into(), json!(true));
         let mut system = req.system.as_deref().unwrap_or("").trim().to_owned();
-        if req.json {
+        if req.json || req.json_schema.is_some() {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
             system.push_str(JSON_HINT);
+            if let Some(schema) = &req.json_schema {
+                system.push_str(&format!(" It must match this JSON Schema: {schema}"));
+            }
         }
         if !system.is_empty() {
             body.insert("system".into(), json!(system));
         }
-        let turns: Vec<Value> =
-            turns(req).into_iter().map(|(role, content)| json!({"role": role_str(role), "content": content})).collect();
+        let turns: Vec<Value> = turns(req)
+            .into_iter()
+            .map(|(role, blocks)| json!({"role": role_str(role), "content": content(blocks)}))
+            .collect();
         body.insert("messages".into(), Value::Array(turns));
+        if !req.tools.is_empty() {
+            let defs: Vec<Value> = req
+                .tools
+                .iter()
+                .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+                .collect();
+            body.insert("tools".into(), Value::Array(defs));
+            let choice = match &req.tool_choice {
+                ToolChoice::Auto => json!({"type": "auto"}),
+                ToolChoice::None => json!({"type": "none"}),
+                ToolChoice::Required => json!({"type": "any"}),
+                ToolChoice::Named(name) => json!({"type": "tool", "name": name}),
+            };
+            body.insert("tool_choice".into(), choice);
+        }
         if let Some(t) = req.temperature.filter(|t| t.is_finite()) {
             // Anthropic's range is 0..=1 where OpenAI's is 0..=2.
             body.insert("temperature".into(), http::f32_json(t.clamp(0.0, 1.0)));
@@ -172,33 +213,89 @@ fn role_str(r: Role) -> &'static str {
     }
 }
 
-/// The request's messages as alternating turns, starting with the user.
-fn turns(req: &ChatRequest) -> Vec<(Role, String)> {
-    let mut out: Vec<(Role, String)> = Vec::new();
-    for m in req.messages() {
-        // The API rejects empty text blocks.
-        let content = m.content.trim();
-        if content.is_empty() {
+/// The request's messages as alternating turns of content blocks, starting with the
+/// user.
+fn turns(req: &ChatRequest) -> Vec<(Role, Vec<Value>)> {
+    let mut out: Vec<(Role, Vec<Value>)> = Vec::new();
+    for m in tools::arrange(req) {
+        let role = if m.role == Role::Tool { Role::User } else { m.role };
+        let blocks = blocks(req, &m);
+        if blocks.is_empty() {
             continue;
         }
-        let text = match &m.name {
-            Some(name) if *name != req.peer => format!("{name}: {content}"),
-            _ => content.to_owned(),
-        };
         match out.last_mut() {
-            Some((role, acc)) if *role == m.role => {
-                acc.push_str("\n\n");
-                acc.push_str(&text);
+            Some((r, acc)) if *r == role => {
+                for b in blocks {
+                    add_block(acc, b);
+                }
             }
-            _ => out.push((m.role, text)),
+            _ => out.push((role, blocks)),
         }
     }
     match out.first() {
-        None => out.push((Role::User, PROCEED.to_owned())),
-        Some((Role::Assistant, _)) => out.insert(0, (Role::User, OPENING.to_owned())),
+        None => out.push((Role::User, vec![text_block(PROCEED)])),
+        Some((Role::Assistant, _)) => out.insert(0, (Role::User, vec![text_block(OPENING)])),
         Some((Role::User | Role::Tool, _)) => {}
     }
     out
+}
+
+/// One message's blocks: its text (other peers' words prefixed with their name), then
+/// its tool calls; or a tool result.
+fn blocks(req: &ChatRequest, m: &ChatMessage) -> Vec<Value> {
+    if m.role == Role::Tool {
+        let mut b = Map::new();
+        b.insert("type".into(), json!("tool_result"));
+        b.insert("tool_use_id".into(), json!(m.tool_call_id.as_deref().unwrap_or("")));
+        if !m.content.trim().is_empty() {
+            b.insert("content".into(), json!(&*m.content));
+        }
+        if m.tool_error {
+            b.insert("is_error".into(), json!(true));
+        }
+        return vec![Value::Object(b)];
+    }
+    let mut out = Vec::new();
+    // The API rejects empty text blocks.
+    let content = m.content.trim();
+    if !content.is_empty() {
+        out.push(text_block(&match &m.name {
+            Some(name) if *name != req.peer => format!("{name}: {content}"),
+            _ => content.to_owned(),
+        }));
+    }
+    out.extend(m.tool_calls.iter().map(
+        |c| json!({"type": "tool_use", "id": c.id, "name": c.name, "input": tools::arguments_object(&c.arguments)}),
+    ));
+    out
+}
+
+fn text_block(text: &str) -> Value {
+    json!({"type": "text", "text": text})
+}
+
+/// Adds `b` to a turn: text that follows text joins it.
+fn add_block(acc: &mut Vec<Value>, b: Value) {
+    let is_text = |v: &Value| v.get("type").and_then(Value::as_str) == Some("text");
+    if let (Some(last), true) = (acc.last_mut(), is_text(&b))
+        && is_text(last)
+    {
+        let more = b.get("text").and_then(Value::as_str).unwrap_or("");
+        if let Some(Value::String(t)) = last.get_mut("text") {
+            t.push_str("\n\n");
+            t.push_str(more);
+        }
+        return;
+    }
+    acc.push(b);
+}
+
+/// A turn's content: a plain string when it is one text block.
+fn content(blocks: Vec<Value>) -> Value {
+    match blocks.as_slice() {
+        [b] if b.get("type").and_then(Value::as_str) == Some("text") => b.get("text").cloned().unwrap_or(Value::Null),
+        _ => Value::Array(blocks),
+    }
 }
 
 /// The kind of an Anthropic error type, whether it came as an event or a body.
@@ -213,6 +310,17 @@ fn error_kind(ty: &str) -> ModelErrorKind {
     }
 }
 
+/// A `tool_use` block being put together.
+#[derive(Default)]
+struct PartialCall {
+    id: String,
+    name: String,
+    /// `input_json_delta` pieces.
+    json: String,
+    /// The block's `input` as it opened (the whole input in a non-streamed message).
+    input: Option<Value>,
+}
+
 #[derive(Default)]
 struct Answer {
     text: String,
@@ -221,6 +329,8 @@ struct Answer {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     stopped: bool,
+    /// `tool_use` blocks by index.
+    calls: BTreeMap<u64, PartialCall>,
 }
 
 /// All tokens of the prompt, cached or not.
@@ -262,16 +372,26 @@ impl Answer {
                 self.usage(m.and_then(|m| m.get("usage")));
             }
             "content_block_start" => {
-                let block = v.get("content_block");
-                if block.and_then(|b| b.get("type")).and_then(Value::as_str) == Some("text") {
-                    self.push(req, block.and_then(|b| b.get("text")).and_then(Value::as_str).unwrap_or(""));
+                let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                if let Some(block) = v.get("content_block") {
+                    self.block(req, index, block);
                 }
             }
             "content_block_delta" => {
                 let d = v.get("delta");
-                // Thinking, signatures and tool input are not part of the answer.
-                if d.and_then(|d| d.get("type")).and_then(Value::as_str) == Some("text_delta") {
-                    self.push(req, d.and_then(|d| d.get("text")).and_then(Value::as_str).unwrap_or(""));
+                let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                // Thinking and signatures are not part of the answer.
+                match d.and_then(|d| d.get("type")).and_then(Value::as_str) {
+                    Some("text_delta") => {
+                        self.push(req, d.and_then(|d| d.get("text")).and_then(Value::as_str).unwrap_or(""))
+                    }
+                    Some("input_json_delta") => {
+                        if let Some(call) = self.calls.get_mut(&index) {
+                            call.json
+                                .push_str(d.and_then(|d| d.get("partial_json")).and_then(Value::as_str).unwrap_or(""));
+                        }
+                    }
+                    _ => {}
                 }
             }
             "message_delta" => {
@@ -306,10 +426,8 @@ impl Answer {
             }
         }
         self.model = v.get("model").and_then(Value::as_str).map(str::to_owned);
-        for block in v.get("content").and_then(Value::as_array).into_iter().flatten() {
-            if block.get("type").and_then(Value::as_str) == Some("text") {
-                self.push(req, block.get("text").and_then(Value::as_str).unwrap_or(""));
-            }
+        for (index, block) in v.get("content").and_then(Value::as_array).into_iter().flatten().enumerate() {
+            self.block(req, index as u64, block);
         }
         self.stop_reason = v.get("stop_reason").and_then(Value::as_str).map(str::to_owned);
         self.usage(v.get("usage"));
@@ -317,8 +435,39 @@ impl Answer {
         Ok(())
     }
 
+    /// A content block as it opens (streamed) or whole (non-streamed): text, or a
+    /// `tool_use`.
+    fn block(&mut self, req: &ChatRequest, index: u64, block: &Value) {
+        let field = |k: &str| block.get(k).and_then(Value::as_str).unwrap_or("");
+        match field("type") {
+            "text" => self.push(req, field("text")),
+            "tool_use" => {
+                let call = PartialCall {
+                    id: field("id").to_owned(),
+                    name: field("name").to_owned(),
+                    json: String::new(),
+                    input: block.get("input").cloned(),
+                };
+                self.calls.insert(index, call);
+            }
+            _ => {}
+        }
+    }
+
     fn finish(self, ctx: &Ctx<'_>, req: &ChatRequest, configured: &str) -> Result<ChatResponse, ModelError> {
-        if self.text.trim().is_empty() {
+        let mut tool_calls = Vec::with_capacity(self.calls.len());
+        for (index, c) in self.calls {
+            if c.name.is_empty() || c.id.is_empty() {
+                return Err(ctx.error(ModelErrorKind::Malformed, &format!("tool_use block {index} has no id or name")));
+            }
+            let arguments = if !c.json.trim().is_empty() {
+                c.json
+            } else {
+                c.input.filter(|i| i.is_object()).map_or_else(|| "{}".to_owned(), |i| i.to_string())
+            };
+            tool_calls.push(ToolCall { id: c.id, name: c.name, arguments });
+        }
+        if self.text.trim().is_empty() && tool_calls.is_empty() {
             let why = match &self.stop_reason {
                 Some(sr) => format!("no text in the answer (stop_reason {sr})"),
                 None => "no text in the answer".to_owned(),
@@ -331,7 +480,8 @@ impl Answer {
         });
         let completion_tokens = self.output_tokens.unwrap_or_else(|| {
             tracing::debug!(provider = ctx.provider, model = ctx.model, "no output token count; estimating");
-            u64::from(estimate_tokens(&self.text))
+            let text = if self.text.is_empty() { 0 } else { estimate_tokens(&self.text) };
+            u64::from(text + tool_call_tokens(&tool_calls))
         });
         Ok(ChatResponse {
             model: self.model.unwrap_or_else(|| configured.to_owned()),
@@ -339,7 +489,7 @@ impl Answer {
             prompt_tokens,
             completion_tokens,
             finish_reason: self.stop_reason,
-            tool_calls: Vec::new(),
+            tool_calls,
         })
     }
 }
@@ -431,17 +581,18 @@ mod tests {
         let t = turns(&r);
         let roles: Vec<Role> = t.iter().map(|(r, _)| *r).collect();
         assert_eq!(roles, [Role::User, Role::Assistant, Role::User, Role::Assistant, Role::User]);
-        assert_eq!(t[0].1, OPENING);
-        assert_eq!(t[1].1, "I think 4.");
-        assert_eq!(t[2].1, "bob: I say 5.\n\ncarol: 6!");
-        assert_eq!(t[4].1, "Your final answer?");
+        let text = |i: usize| content(t[i].1.clone());
+        assert_eq!(text(0), OPENING);
+        assert_eq!(text(1), "I think 4.");
+        assert_eq!(text(2), "bob: I say 5.\n\ncarol: 6!");
+        assert_eq!(text(4), "Your final answer?");
     }
 
     #[test]
     fn nothing_but_a_system_prompt_still_sends_a_message() {
         let mut r = req_with(vec![], None);
         r.system = Some("You are terse.".into());
-        assert_eq!(turns(&r), vec![(Role::User, PROCEED.to_owned())]);
+        assert_eq!(turns(&r), vec![(Role::User, vec![text_block(PROCEED)])]);
     }
 
     #[test]

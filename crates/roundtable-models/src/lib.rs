@@ -23,6 +23,7 @@ mod http;
 mod openai;
 mod secret;
 mod sse;
+mod tools;
 
 pub use anthropic::{AnthropicChat, AnthropicConfig};
 pub use http::{ensure_crypto_provider, http_client};

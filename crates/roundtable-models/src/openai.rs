@@ -1,20 +1,39 @@
 //! The OpenAI-compatible dialect: streamed chat completions and embeddings, as spoken by
 //! OpenAI, Azure OpenAI, OpenRouter, Ollama (`/v1`), vLLM, llama.cpp's server and LM
 //! Studio.
+//!
+//! Tools go out as `tools` (`{"type":"function","function":{...}}`) and `tool_choice`,
+//! only when the request offers some; streamed `tool_calls` deltas are assembled by
+//! their `index` (id and name in a call's first delta, its `arguments` in pieces, several
+//! calls interleaved). An answer with calls and no text is an answer, not an empty one.
+//! A request's tool calls and results are written as an assistant message with
+//! `tool_calls` (content `null` when it has no text) followed by `role: "tool"` messages,
+//! arranged as [`crate::tools`] describes.
+//!
+//! Structured output: a request with a JSON schema asks for `response_format:
+//! {"type":"json_schema",...}` (not strict: the protocol checks the answer anyway). A
+//! server that rejects that with a 400 or 422 naming `response_format` or `json_schema`
+//! is asked again, once, with `{"type":"json_object"}`, and the provider remembers not to
+//! send a schema to it again; the answer is then checked by the protocol's parsing as
+//! for any JSON answer.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::header::{AUTHORIZATION, HeaderMap};
 use reqwest::{Client, Url};
 use roundtable_core::model::{
-    ChatModel, ChatRequest, ChatResponse, Embedder, ModelError, ModelErrorKind, Role, estimate_tokens,
+    ChatModel, ChatRequest, ChatResponse, Embedder, ModelError, ModelErrorKind, Role, estimate_tokens, tool_call_tokens,
 };
+use roundtable_core::tool::{ToolCall, ToolChoice};
 use serde_json::{Map, Value, json};
 
 use crate::http::{self, Ctx, Redactor, Reply};
 use crate::secret::Secret;
+use crate::tools;
 
 /// Where and how to reach an OpenAI-compatible server.
 #[derive(Clone)]
@@ -142,6 +161,8 @@ pub struct OpenAiChat {
     include_usage: bool,
     max_completion_tokens: bool,
     extra_body: Map<String, Value>,
+    /// The server refused `response_format: json_schema` once: ask for `json_object`.
+    no_json_schema: AtomicBool,
 }
 
 impl fmt::Debug for OpenAiChat {
@@ -170,14 +191,18 @@ impl OpenAiChat {
             include_usage: cfg.include_usage,
             max_completion_tokens: cfg.max_completion_tokens,
             extra_body: cfg.extra_body,
+            no_json_schema: AtomicBool::new(false),
         })
     }
 
-    fn body(&self, req: &ChatRequest) -> Value {
+    /// The request body; `schema`: ask for `json_schema` output when the request has a
+    /// schema (else `json_object`).
+    fn body(&self, req: &ChatRequest, schema: bool) -> Value {
+        let wants_json = req.json || req.json_schema.is_some();
         let mut messages = Vec::with_capacity(req.message_count() + 1);
         let mut system = req.system.as_deref().unwrap_or("").to_owned();
         // OpenAI refuses json_object mode unless the word "JSON" appears in the messages.
-        if req.json && !mentions_json(&system) && !req.messages().any(|m| mentions_json(&m.content)) {
+        if wants_json && !mentions_json(&system) && !req.messages().any(|m| mentions_json(&m.content)) {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
@@ -186,11 +211,33 @@ impl OpenAiChat {
         if !system.is_empty() {
             messages.push(json!({"role": "system", "content": system}));
         }
-        for m in req.messages() {
+        for m in tools::arrange(req) {
             let mut msg = Map::new();
             msg.insert("role".into(), json!(role(m.role)));
-            msg.insert("content".into(), json!(&*m.content));
-            if let Some(name) = m.name.as_ref().and_then(|n| sanitize_name(n.as_str())) {
+            match m.role {
+                Role::Tool => {
+                    msg.insert("tool_call_id".into(), json!(m.tool_call_id.as_deref().unwrap_or("")));
+                    msg.insert("content".into(), json!(&*m.content));
+                }
+                Role::Assistant if !m.tool_calls.is_empty() => {
+                    let content = if m.content.trim().is_empty() { Value::Null } else { json!(&*m.content) };
+                    msg.insert("content".into(), content);
+                    let calls: Vec<Value> = m
+                        .tool_calls
+                        .iter()
+                        .map(|c| {
+                            json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+                        })
+                        .collect();
+                    msg.insert("tool_calls".into(), Value::Array(calls));
+                }
+                _ => {
+                    msg.insert("content".into(), json!(&*m.content));
+                }
+            }
+            if m.role != Role::Tool
+                && let Some(name) = m.name.as_ref().and_then(|n| sanitize_name(n.as_str()))
+            {
                 msg.insert("name".into(), json!(name));
             }
             messages.push(Value::Object(msg));
@@ -210,11 +257,57 @@ impl OpenAiChat {
             let field = if self.max_completion_tokens { "max_completion_tokens" } else { "max_tokens" };
             body.insert(field.into(), json!(n));
         }
-        if req.json {
-            body.insert("response_format".into(), json!({"type": "json_object"}));
+        if !req.tools.is_empty() {
+            let defs: Vec<Value> = req
+                .tools
+                .iter()
+                .map(|t| {
+                    json!({"type": "function", "function": {
+                        "name": t.name, "description": t.description, "parameters": t.parameters,
+                    }})
+                })
+                .collect();
+            body.insert("tools".into(), Value::Array(defs));
+            let choice = match &req.tool_choice {
+                ToolChoice::Auto => json!("auto"),
+                ToolChoice::None => json!("none"),
+                ToolChoice::Required => json!("required"),
+                ToolChoice::Named(name) => json!({"type": "function", "function": {"name": name}}),
+            };
+            body.insert("tool_choice".into(), choice);
+        }
+        match req.json_schema.as_deref() {
+            Some(s) if schema => {
+                let format = json!({"name": schema_name(s), "schema": s, "strict": false});
+                body.insert("response_format".into(), json!({"type": "json_schema", "json_schema": format}));
+            }
+            _ if wants_json => {
+                body.insert("response_format".into(), json!({"type": "json_object"}));
+            }
+            _ => {}
         }
         Value::Object(body)
     }
+}
+
+impl OpenAiChat {
+    async fn send(&self, ctx: &Ctx<'_>, req: &ChatRequest, schema: bool) -> Result<reqwest::Response, ModelError> {
+        http::post(ctx, &self.conn.client, &self.url, &self.conn.headers, &self.body(req, schema)).await
+    }
+}
+
+/// The `name` of a JSON schema for `response_format`: its title as OpenAI accepts a
+/// name, else `answer`.
+fn schema_name(schema: &Value) -> String {
+    schema.get("title").and_then(Value::as_str).and_then(sanitize_name).unwrap_or_else(|| "answer".to_owned())
+}
+
+/// Whether `e` is a server saying it does not do `response_format: json_schema`.
+fn rejects_json_schema(e: &ModelError) -> bool {
+    let m = e.message.to_ascii_lowercase();
+    e.kind == ModelErrorKind::BadRequest
+        && matches!(e.status, Some(400 | 422))
+        && (m.contains("response_format") || m.contains("json_schema"))
 }
 
 fn role(r: Role) -> &'static str {
@@ -241,6 +334,14 @@ pub(crate) fn sanitize_name(name: &str) -> Option<String> {
     (!s.is_empty() && s.chars().any(|c| c != '_')).then_some(s)
 }
 
+/// A tool call being put together from deltas.
+#[derive(Default)]
+struct PartialCall {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
 /// The answer being put together from chunks (or from one non-streamed body).
 #[derive(Default)]
 struct Answer {
@@ -248,6 +349,10 @@ struct Answer {
     model: Option<String>,
     finish_reason: Option<String>,
     usage: Option<(u64, u64)>,
+    /// Tool calls in the order they began.
+    calls: Vec<PartialCall>,
+    /// Which of `calls` each delta `index` is adding to now.
+    slots: HashMap<u64, usize>,
 }
 
 impl Answer {
@@ -271,6 +376,10 @@ impl Answer {
                     sink(part);
                 }
             }
+            let calls = c.get("delta").or_else(|| c.get("message")).and_then(|d| d.get("tool_calls"));
+            for (pos, tc) in calls.and_then(Value::as_array).into_iter().flatten().enumerate() {
+                self.tool_call_part(pos, tc);
+            }
             if let Some(fr) = c.get("finish_reason").and_then(Value::as_str) {
                 self.finish_reason = Some(fr.to_owned());
             }
@@ -282,8 +391,49 @@ impl Answer {
         Ok(())
     }
 
+    /// One piece of a tool call: a whole call (non-streamed), or a streamed delta
+    /// whose id and name come first and whose arguments come in pieces. Servers that
+    /// leave out `index` (each call whole in one chunk) are placed by position; a delta
+    /// with a new id at an index already taken starts a new call (Ollama gives every
+    /// call index 0).
+    fn tool_call_part(&mut self, pos: usize, tc: &Value) {
+        let index = tc.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+        let id = text(tc.get("id"));
+        let slot = match self.slots.get(&index) {
+            Some(&k) if id.as_ref().is_none_or(|id| self.calls[k].id.is_empty() || *id == self.calls[k].id) => k,
+            _ => {
+                self.calls.push(PartialCall::default());
+                self.slots.insert(index, self.calls.len() - 1);
+                self.calls.len() - 1
+            }
+        };
+        let call = &mut self.calls[slot];
+        if let Some(id) = id {
+            call.id = id;
+        }
+        let f = tc.get("function");
+        if let Some(name) = text(f.and_then(|f| f.get("name"))).filter(|_| call.name.is_empty()) {
+            call.name = name;
+        }
+        match f.and_then(|f| f.get("arguments")) {
+            Some(Value::String(piece)) => call.arguments.push_str(piece),
+            // Some servers send the arguments as an object.
+            Some(v @ Value::Object(_)) => call.arguments = v.to_string(),
+            _ => {}
+        }
+    }
+
     fn finish(self, ctx: &Ctx<'_>, req: &ChatRequest, configured: &str) -> Result<ChatResponse, ModelError> {
-        if self.text.trim().is_empty() {
+        let mut tool_calls = Vec::with_capacity(self.calls.len());
+        for (index, c) in self.calls.into_iter().enumerate() {
+            if c.name.is_empty() {
+                return Err(ctx.error(ModelErrorKind::Malformed, &format!("tool call {index} has no function name")));
+            }
+            let id = if c.id.is_empty() { format!("call_{index}") } else { c.id };
+            tool_calls.push(ToolCall { id, name: c.name, arguments: c.arguments });
+        }
+        if self.text.trim().is_empty() && tool_calls.is_empty() {
             let why = match &self.finish_reason {
                 Some(fr) => format!("no text in the answer (finish_reason {fr})"),
                 None => "no text in the answer".to_owned(),
@@ -298,7 +448,8 @@ impl Answer {
                     model = ctx.model,
                     "server sent no usage; estimating tokens from text length"
                 );
-                (req.estimated_prompt_tokens(), u64::from(estimate_tokens(&self.text)))
+                let text = if self.text.is_empty() { 0 } else { estimate_tokens(&self.text) };
+                (req.estimated_prompt_tokens(), u64::from(text + tool_call_tokens(&tool_calls)))
             }
         };
         Ok(ChatResponse {
@@ -307,7 +458,7 @@ impl Answer {
             prompt_tokens,
             completion_tokens,
             finish_reason: self.finish_reason,
-            tool_calls: Vec::new(),
+            tool_calls,
         })
     }
 }
@@ -348,7 +499,20 @@ impl ChatModel for OpenAiChat {
             messages = req.message_count(),
             "model call"
         );
-        let resp = http::post(&ctx, &self.conn.client, &self.url, &self.conn.headers, &self.body(req)).await?;
+        let schema = req.json_schema.is_some() && !self.no_json_schema.load(Ordering::Relaxed);
+        let resp = match self.send(&ctx, req, schema).await {
+            Err(e) if schema && rejects_json_schema(&e) => {
+                tracing::warn!(
+                    provider = "openai",
+                    model = %self.conn.model,
+                    error = %e,
+                    "server refused a JSON schema; asking for a JSON object instead from now on"
+                );
+                self.no_json_schema.store(true, Ordering::Relaxed);
+                self.send(&ctx, req, false).await?
+            }
+            r => r?,
+        };
         let mut answer = Answer::default();
         match http::open_reply(&ctx, resp).await? {
             Reply::Json(v) => answer.absorb(&ctx, &v, req)?,
@@ -492,11 +656,11 @@ mod tests {
         let chat = OpenAiChat::new(OpenAiConfig::new("http://127.0.0.1:1/v1", "m")).unwrap();
         let mut req = ChatRequest::simple("p", "Pick a number.");
         req.json = true;
-        let body = chat.body(&req);
+        let body = chat.body(&req, true);
         assert_eq!(body["messages"][0]["role"], "system");
         assert_eq!(body["response_format"]["type"], "json_object");
         req.instruction = Some("Reply in JSON.".into());
-        let body = chat.body(&req);
+        let body = chat.body(&req, true);
         assert_eq!(body["messages"][0]["role"], "user");
     }
 
@@ -509,7 +673,7 @@ mod tests {
         let chat = OpenAiChat::new(cfg).unwrap();
         let mut req = ChatRequest::simple("p", "hi");
         req.max_tokens = Some(50);
-        let body = chat.body(&req);
+        let body = chat.body(&req, true);
         assert_eq!((body["seed"].clone(), body["stream"].clone()), (json!(7), json!(true)));
         assert_eq!(body["max_completion_tokens"], 50);
         assert!(body.get("max_tokens").is_none());

@@ -5,9 +5,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{collecting, dead_url, debate_request, fixture, json_body, sse};
+use common::{collecting, dead_url, debate_request, fixture, json_body, sse, tool_defs, tool_request};
 use roundtable_core::model::layers::{Retry, RetryPolicy};
-use roundtable_core::model::{ChatModel, ChatRequest, Embedder, ModelErrorKind};
+use roundtable_core::model::{ChatModel, ChatRequest, Embedder, ModelErrorKind, estimate_tokens};
+use roundtable_core::tool::ToolChoice;
 use roundtable_models::{OpenAiChat, OpenAiConfig, OpenAiEmbedder, Secret};
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
@@ -25,7 +26,7 @@ fn chat(server: &MockServer) -> OpenAiChat {
     OpenAiChat::new(config(server)).unwrap()
 }
 
-async fn serve(template: ResponseTemplate) -> MockServer {
+async fn serve(template: impl Respond + 'static) -> MockServer {
     let server = MockServer::start().await;
     Mock::given(method("POST")).and(path("/v1/chat/completions")).respond_with(template).mount(&server).await;
     server
@@ -327,4 +328,234 @@ async fn providers_share_one_client() {
     let (ra, rb) = tokio::join!(a.chat(&req), b.chat(&req));
     assert_eq!(ra.unwrap().text, rb.unwrap().text);
     assert_eq!(a.name(), "gpt-4o-mini");
+}
+
+// Tool calls and structured output.
+
+fn call_triples(r: &roundtable_core::model::ChatResponse) -> Vec<(&str, &str, &str)> {
+    r.tool_calls.iter().map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str())).collect()
+}
+
+#[tokio::test]
+async fn parallel_tool_calls_streamed_in_pieces_come_back_whole_after_the_text() {
+    let server = serve(sse("openai_stream_tools.sse")).await;
+    let (req, got) = collecting(tool_request());
+    let r = chat(&server).chat(&req).await.unwrap();
+
+    assert_eq!(r.text, "I'll run the tests and read the spec.");
+    // Only the text streams; arguments are not words for the reader.
+    assert_eq!(got.lock().unwrap().concat(), r.text);
+    assert_eq!(
+        call_triples(&r),
+        [
+            ("call_Xq3bWm8KfV2nR7tYpL0sJ4aD", "run_tests", r#"{"suite":"api","fail_fast":true}"#),
+            ("call_9TfHc2LpQ6zN1vEwR8kBy3Ms", "read_file", r#"{"path":"docs/api.md"}"#),
+        ]
+    );
+    assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
+    assert_eq!((r.prompt_tokens, r.completion_tokens), (212, 58));
+
+    let body = only_body(&server).await;
+    assert_eq!(
+        body["tools"],
+        json!([
+            {"type": "function", "function": {"name": "run_tests", "description": "Run a test suite.",
+                "parameters": tool_defs()[0].parameters}},
+            {"type": "function", "function": {"name": "read_file", "description": "Read a file of the project.",
+                "parameters": tool_defs()[1].parameters}},
+        ])
+    );
+    assert_eq!(body["tool_choice"], "auto");
+    // The two calls (one envelope each) are one assistant message; their results follow
+    // it in call order; backend's message, which landed between, comes after them.
+    assert_eq!(
+        body["messages"],
+        json!([
+            {"role": "user", "content": "Check the API."},
+            {"role": "assistant", "content": null, "name": "qa", "tool_calls": [
+                {"id": "call_A", "type": "function", "function": {"name": "run_tests", "arguments": "{\"suite\": \"api\""}},
+                {"id": "call_B", "type": "function", "function": {"name": "read_file", "arguments": "{\"path\": \"docs/api.md\"}"}},
+            ]},
+            {"role": "tool", "tool_call_id": "call_A", "content": "arguments are not valid JSON"},
+            {"role": "tool", "tool_call_id": "call_B", "content": "# API\nGET /users"},
+            {"role": "user", "content": "Pushed a fix.", "name": "backend"},
+            {"role": "user", "content": "Your turn."},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn interleaved_calls_are_assembled_by_index_and_invalid_arguments_kept_as_written() {
+    let server = serve(sse("openai_stream_tools_interleaved.sse")).await;
+    let mut req = ChatRequest::simple("qa", "Tell backend.");
+    req.tools = tool_defs();
+    req.tool_choice = ToolChoice::Named("send".into());
+    let r = chat(&server).chat(&req).await.unwrap();
+    assert_eq!(r.text, "");
+    assert_eq!(
+        call_triples(&r),
+        [
+            ("Kp3sV9aQ1xLm", "send", r#"{"to": "backend", "text": "2 tests fail in auth"}"#),
+            ("Zr8TbN2yWq5e", "board_write", r#"{"key": "status", "value": tests failing}"#),
+        ]
+    );
+    assert_eq!(r.model, "qwen2.5-7b-instruct");
+    // No usage from this server: the estimate counts the calls' names and arguments.
+    let args: u64 =
+        r.tool_calls.iter().map(|c| u64::from(estimate_tokens(&c.arguments) + estimate_tokens(&c.name))).sum();
+    assert_eq!(r.completion_tokens, args);
+    assert_eq!(r.prompt_tokens, req.estimated_prompt_tokens());
+    let body = only_body(&server).await;
+    assert_eq!(body["tool_choice"], json!({"type": "function", "function": {"name": "send"}}));
+}
+
+#[tokio::test]
+async fn an_answer_of_only_tool_calls_through_the_retry_layer_is_one_call() {
+    let server = serve(sse("openai_stream_tools_interleaved.sse")).await;
+    let policy =
+        RetryPolicy { max_retries: 3, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(10) };
+    let model = Retry::new(chat(&server), policy);
+    let mut req = ChatRequest::simple("qa", "Tell backend.");
+    req.tools = tool_defs();
+    let r = model.chat(&req).await.unwrap();
+    assert_eq!(r.tool_calls.len(), 2);
+    assert_eq!(server.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_non_streamed_completion_with_tool_calls_is_accepted() {
+    let server = serve(json_body(200, "openai_completion_tools.json")).await;
+    let mut req = ChatRequest::simple("qa", "Plan?");
+    req.tools = tool_defs();
+    let r = chat(&server).chat(&req).await.unwrap();
+    assert_eq!(call_triples(&r), [("call_Hn4kQ0rT7vBz2mXc5yLp8sWd", "board_read", r#"{"key":"plan"}"#)]);
+    assert_eq!((r.text.as_str(), r.prompt_tokens, r.completion_tokens), ("", 140, 17));
+}
+
+#[tokio::test]
+async fn tool_choices_are_spelled_as_the_api_wants() {
+    for (choice, want) in [(ToolChoice::Required, json!("required")), (ToolChoice::None, json!("none"))] {
+        let server = serve(sse("openai_stream.sse")).await;
+        let mut req = ChatRequest::simple("qa", "Go.");
+        req.tools = tool_defs();
+        req.tool_choice = choice;
+        chat(&server).chat(&req).await.unwrap();
+        assert_eq!(only_body(&server).await["tool_choice"], want);
+    }
+}
+
+#[tokio::test]
+async fn without_tools_offered_no_tool_fields_are_sent_and_past_calls_are_text() {
+    let server = serve(sse("openai_stream.sse")).await;
+    let mut req = tool_request();
+    req.tools = Arc::from([]);
+    req.tool_choice = ToolChoice::Required;
+    chat(&server).chat(&req).await.unwrap();
+    let body = only_body(&server).await;
+    assert!(body.get("tools").is_none() && body.get("tool_choice").is_none(), "{body}");
+    let msgs = body["messages"].as_array().unwrap();
+    assert!(msgs.iter().all(|m| m.get("tool_calls").is_none() && m["role"] != "tool"), "{body}");
+    assert_eq!(msgs[1]["role"], "assistant");
+    assert_eq!(
+        msgs[1]["content"],
+        "(tool call run_tests {\"suite\": \"api\")\n(tool call read_file {\"path\": \"docs/api.md\"})"
+    );
+    assert_eq!(msgs[2]["content"], "(tool result of run_tests, failed) arguments are not valid JSON");
+}
+
+fn verdict_schema() -> Arc<Value> {
+    Arc::new(json!({
+        "title": "Verdict",
+        "type": "object",
+        "properties": {"answer": {"type": "string"}, "confidence": {"type": "number"}},
+        "required": ["answer"],
+    }))
+}
+
+#[tokio::test]
+async fn a_json_schema_asks_for_structured_output() {
+    let server = serve(sse("openai_stream.sse")).await;
+    let mut req = ChatRequest::simple("alice", "Your verdict?");
+    req.json = true;
+    req.json_schema = Some(verdict_schema());
+    chat(&server).chat(&req).await.unwrap();
+    let body = only_body(&server).await;
+    assert_eq!(
+        body["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "Verdict", "schema": *verdict_schema(), "strict": false}})
+    );
+    // The word JSON is there for the fallback's sake.
+    assert_eq!(body["messages"][0], json!({"role": "system", "content": "Answer with a single JSON object."}));
+}
+
+/// A server without structured output: refuses `json_schema`, answers `json_object`.
+struct NoSchemas;
+
+impl Respond for NoSchemas {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&req.body).unwrap();
+        if body["messages"].to_string().contains("too long") {
+            ResponseTemplate::new(400).set_body_json(json!({"error": {
+                "message": "This model's maximum context length is 8192 tokens.",
+                "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}))
+        } else if body["response_format"]["type"] == "json_schema" {
+            ResponseTemplate::new(400).set_body_json(json!({"error": {
+                "message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+                "type": "invalid_request_error", "param": "response_format", "code": null}}))
+        } else {
+            sse("openai_stream.sse")
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_server_refusing_json_schema_is_asked_for_a_json_object_from_then_on() {
+    let server = serve(NoSchemas).await;
+    let model = chat(&server);
+    let mut req = ChatRequest::simple("alice", "Your verdict?");
+    req.json_schema = Some(verdict_schema());
+    let r = model.chat(&req).await.unwrap();
+    assert_eq!(r.text, "The answer is 42, Bob.");
+    let formats = |reqs: Vec<Request>| -> Vec<Value> {
+        reqs.iter()
+            .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["response_format"]["type"].clone())
+            .collect()
+    };
+    assert_eq!(formats(server.received_requests().await.unwrap()), [json!("json_schema"), json!("json_object")]);
+    // Remembered: the next call goes straight to json_object.
+    model.chat(&req).await.unwrap();
+    assert_eq!(formats(server.received_requests().await.unwrap())[2..], [json!("json_object")]);
+}
+
+#[tokio::test]
+async fn another_bad_request_with_a_schema_is_not_asked_again() {
+    let server = serve(NoSchemas).await;
+    let model = chat(&server);
+    let mut req = ChatRequest::simple("alice", "This prompt is too long.");
+    req.json_schema = Some(verdict_schema());
+    for _ in 0..2 {
+        let e = model.chat(&req).await.unwrap_err();
+        assert_eq!((e.kind, e.status), (ModelErrorKind::BadRequest, Some(400)));
+        assert!(e.message.contains("maximum context length"), "{}", e.message);
+    }
+    // One request per call, each still asking for the schema.
+    let reqs = server.received_requests().await.unwrap();
+    let schema_asks = reqs
+        .iter()
+        .filter(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["response_format"]["type"] == "json_schema");
+    assert_eq!((reqs.len(), schema_asks.count()), (2, 2));
+}
+
+#[tokio::test]
+async fn calls_that_share_an_index_but_not_an_id_stay_apart() {
+    // Ollama numbers every call of a streamed answer 0.
+    let server = serve(sse("openai_stream_tools_ollama.sse")).await;
+    let mut req = ChatRequest::simple("qa", "Read both.");
+    req.tools = tool_defs();
+    let r = chat(&server).chat(&req).await.unwrap();
+    assert_eq!(
+        call_triples(&r),
+        [("call_u8n2kq1v", "read_file", r#"{"path":"a.rs"}"#), ("call_7hd0w3xe", "read_file", r#"{"path":"b.rs"}"#),]
+    );
+    assert_eq!((r.prompt_tokens, r.completion_tokens), (181, 44));
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::envelope::{Envelope, Kind, PeerId};
-use crate::tool::{ToolCall, ToolCallBody, ToolChoice, ToolDef, ToolResultBody};
+use crate::tool::{Outcome, ToolCall, ToolCallBody, ToolChoice, ToolDef, ToolResultBody};
 
 /// Who said a message, from the point of view of the peer that calls the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -45,19 +45,22 @@ pub struct ChatMessage {
     pub tool_calls: Arc<[ToolCall]>,
     /// For a [`Role::Tool`] message: the call it answers.
     pub tool_call_id: Option<Arc<str>>,
+    /// For a [`Role::Tool`] message: the call did not succeed (an error, a refusal, a
+    /// denial, an unknown outcome). Providers that can say so tell the model
+    /// (Anthropic's `is_error`).
+    pub tool_error: bool,
 }
 
 impl ChatMessage {
     pub fn new(role: Role, name: Option<PeerId>, content: Arc<str>) -> Self {
         let tokens = estimate_tokens(&content) + 4;
-        ChatMessage { role, name, content, tokens, tool_calls: Arc::from([]), tool_call_id: None }
+        ChatMessage { role, name, content, tokens, tool_calls: Arc::from([]), tool_call_id: None, tool_error: false }
     }
 
     /// An assistant message that asks for tool calls.
     pub fn tool_calls(name: Option<PeerId>, content: Arc<str>, calls: Vec<ToolCall>) -> Self {
-        let args: u32 = calls.iter().map(|c| estimate_tokens(&c.arguments) + estimate_tokens(&c.name)).sum();
         let mut m = ChatMessage::new(Role::Assistant, name, content);
-        m.tokens += args;
+        m.tokens += tool_call_tokens(&calls);
         m.tool_calls = calls.into();
         m
     }
@@ -68,6 +71,18 @@ impl ChatMessage {
         m.tool_call_id = Some(call_id);
         m
     }
+
+    /// The result of tool call `call_id`, which did not succeed.
+    pub fn tool_failure(call_id: Arc<str>, content: Arc<str>) -> Self {
+        let mut m = ChatMessage::tool_result(call_id, content);
+        m.tool_error = true;
+        m
+    }
+}
+
+/// Estimated tokens of tool calls: their names and arguments.
+pub fn tool_call_tokens(calls: &[ToolCall]) -> u32 {
+    calls.iter().map(|c| estimate_tokens(&c.arguments) + estimate_tokens(&c.name)).sum()
 }
 
 /// An envelope as a chat message seen by `viewer`.
@@ -89,7 +104,11 @@ pub fn message_of(env: &Envelope, viewer: &PeerId) -> ChatMessage {
                 if let Some(r) =
                     env.body.json.as_ref().and_then(|j| serde_json::from_value::<ToolResultBody>(j.clone()).ok())
                 {
-                    return ChatMessage::tool_result(Arc::from(r.call_id), env.body.text.clone());
+                    let id = Arc::from(r.call_id);
+                    return match r.outcome {
+                        Outcome::Ok => ChatMessage::tool_result(id, env.body.text.clone()),
+                        _ => ChatMessage::tool_failure(id, env.body.text.clone()),
+                    };
                 }
             }
             _ => {}
@@ -97,6 +116,17 @@ pub fn message_of(env: &Envelope, viewer: &PeerId) -> ChatMessage {
     }
     let role = if &env.from == viewer { Role::Assistant } else { Role::User };
     ChatMessage::new(role, Some(env.from.clone()), env.body.text.clone())
+}
+
+/// Estimated tokens of an envelope in a model's context: its text, and for a
+/// `tool_call` the tool's name and arguments (as [`ChatMessage::tool_calls`] counts them).
+pub(crate) fn envelope_tokens(env: &Envelope) -> u32 {
+    let call = match env.kind {
+        Kind::ToolCall => env.body.json.as_ref().and_then(|j| serde_json::from_value::<ToolCallBody>(j.clone()).ok()),
+        _ => None,
+    };
+    let args = call.map_or(0, |c| estimate_tokens(&c.arguments) + estimate_tokens(&c.tool));
+    estimate_tokens(&env.body.text) + 4 + args
 }
 
 /// Called with each piece of text as it streams in.

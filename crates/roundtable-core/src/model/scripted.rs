@@ -8,13 +8,23 @@
 //! A reply of the form `!error KIND message` fails the call with that error kind
 //! (`server`, `rate_limited`, `timeout`, `empty`, `auth`, …), to rehearse failures
 //! offline.
+//!
+//! A reply whose lines include `!tool NAME {json arguments}` asks for tool calls, one a
+//! line, in order; plain lines before the first of them are the answer's text (blank
+//! lines anywhere are ignored, text after a `!tool` line is a configuration error). The
+//! arguments are the rest of the line, kept as written (invalid JSON included, to
+//! rehearse a model that writes it; nothing means `{}`). A call's id is derived from
+//! the peer, step, ordinal and the call's index in the reply
+//! (`call-{peer}-{step}-{ordinal}-{index}`, characters other than `[A-Za-z0-9_-]`
+//! replaced by `_`), so a resumed or replayed session sees the same ids.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 
-use super::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind, estimate_tokens};
+use super::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind, estimate_tokens, tool_call_tokens};
 use crate::envelope::PeerId;
+use crate::tool::ToolCall;
 
 /// A model that answers from a script.
 #[derive(Clone, Debug)]
@@ -55,6 +65,50 @@ pub(crate) fn parse_error_directive(reply: &str) -> Option<ModelError> {
     Some(ModelError::new(kind, msg))
 }
 
+/// The text and tool calls of a reply with `!tool` lines; `None` when it has none.
+pub(crate) fn parse_tool_directives(
+    reply: &str,
+    req: &ChatRequest,
+) -> Result<Option<(String, Vec<ToolCall>)>, ModelError> {
+    const TOOL: &str = "!tool";
+    let is_directive =
+        |l: &str| l.trim_start().strip_prefix(TOOL).is_some_and(|r| r.is_empty() || r.starts_with([' ', '\t']));
+    if !reply.lines().any(is_directive) {
+        return Ok(None);
+    }
+    let bad = |n: usize, why: &str| {
+        ModelError::new(ModelErrorKind::Config, format!("scripted reply for peer {}, line {n}: {why}", req.peer))
+    };
+    let mut text: Vec<&str> = Vec::new();
+    let mut calls = Vec::new();
+    for (i, line) in reply.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !is_directive(line) {
+            if !calls.is_empty() {
+                return Err(bad(i + 1, "text after a `!tool` line (text goes before the calls)"));
+            }
+            text.push(line);
+            continue;
+        }
+        let rest = line.trim_start()[TOOL.len()..].trim();
+        let (name, arguments) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        if name.is_empty() {
+            return Err(bad(i + 1, "`!tool` needs a tool name: `!tool NAME {json arguments}`"));
+        }
+        let arguments = arguments.trim();
+        let id = format!("call-{}-{}-{}-{}", req.peer, req.step, req.ordinal, calls.len());
+        let id = id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+        calls.push(ToolCall {
+            id,
+            name: name.to_owned(),
+            arguments: if arguments.is_empty() { "{}".to_owned() } else { arguments.to_owned() },
+        });
+    }
+    Ok(Some((text.join("\n"), calls)))
+}
+
 #[async_trait]
 impl ChatModel for Scripted {
     fn name(&self) -> &str {
@@ -75,18 +129,22 @@ impl ChatModel for Scripted {
             .replace("{peer}", req.peer.as_str())
             .replace("{step}", &req.step)
             .replace("{n}", &(req.ordinal + 1).to_string());
+        let (text, tool_calls) = match parse_tool_directives(&text, req)? {
+            Some(answer) => answer,
+            None => (text, Vec::new()),
+        };
         if req.on_token.is_some() {
             for piece in text.split_inclusive(' ') {
                 req.emit(piece);
             }
         }
         Ok(ChatResponse {
-            completion_tokens: u64::from(estimate_tokens(&text)),
+            completion_tokens: u64::from(estimate_tokens(&text) + tool_call_tokens(&tool_calls)),
             prompt_tokens: req.estimated_prompt_tokens(),
             model: self.name.clone(),
-            finish_reason: Some("stop".into()),
+            finish_reason: Some(if tool_calls.is_empty() { "stop" } else { "tool_calls" }.into()),
             text,
-            tool_calls: Vec::new(),
+            tool_calls,
         })
     }
 }
@@ -117,6 +175,58 @@ mod tests {
         let e = m.chat(&ChatRequest::simple("p", "x")).await.unwrap_err();
         assert_eq!(e.kind, ModelErrorKind::RateLimited);
         assert_eq!(e.message, "too fast");
+    }
+
+    #[tokio::test]
+    async fn tool_directives_become_tool_calls_with_stable_ids() {
+        let reply = "Let me check both.\n\n!tool read_file {\"path\": \"a.txt\"}\n  !tool send {\"to\": \"{peer}\", \"text\": \"hi\"}\n!tool finish\n!tool bad {not json";
+        let m = Scripted::new("s", vec![reply.into()], HashMap::new());
+        let mut r = ChatRequest::simple("qa", "go");
+        r.step = "turn/3".into();
+        r.ordinal = 2;
+        let a = m.chat(&r).await.unwrap();
+        assert_eq!(a.text, "Let me check both.");
+        assert_eq!(a.finish_reason.as_deref(), Some("tool_calls"));
+        let got: Vec<(&str, &str, &str)> =
+            a.tool_calls.iter().map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("call-qa-turn_3-2-0", "read_file", "{\"path\": \"a.txt\"}"),
+                ("call-qa-turn_3-2-1", "send", "{\"to\": \"qa\", \"text\": \"hi\"}"),
+                ("call-qa-turn_3-2-2", "finish", "{}"),
+                ("call-qa-turn_3-2-3", "bad", "{not json"),
+            ]
+        );
+        // The same call again (a resume, a replay) gets the same ids.
+        assert_eq!(m.chat(&r).await.unwrap().tool_calls, a.tool_calls);
+        // Arguments count toward the completion estimate.
+        let plain = Scripted::new("s", vec!["Let me check both.".into()], HashMap::new());
+        assert!(a.completion_tokens > plain.chat(&r).await.unwrap().completion_tokens + 10);
+    }
+
+    #[tokio::test]
+    async fn a_reply_of_only_tool_calls_has_no_text() {
+        let m = Scripted::new("s", vec!["!tool board_read".into()], HashMap::new());
+        let a = m.chat(&ChatRequest::simple("p", "x")).await.unwrap();
+        assert_eq!((a.text.as_str(), a.tool_calls.len()), ("", 1));
+        // A word that only starts like the directive is text.
+        let m = Scripted::new("s", vec!["!toolbox is a word".into()], HashMap::new());
+        let a = m.chat(&ChatRequest::simple("p", "x")).await.unwrap();
+        assert_eq!((a.text.as_str(), a.tool_calls.len()), ("!toolbox is a word", 0));
+    }
+
+    #[tokio::test]
+    async fn bad_tool_directives_are_config_errors_naming_the_line() {
+        for (reply, why) in [
+            ("!tool send {}\nand then some text", "line 2: text after"),
+            ("thinking\n!tool   ", "line 2: `!tool` needs a tool name"),
+        ] {
+            let m = Scripted::new("s", vec![reply.into()], HashMap::new());
+            let e = m.chat(&ChatRequest::simple("p", "x")).await.unwrap_err();
+            assert_eq!(e.kind, ModelErrorKind::Config, "{reply:?}");
+            assert!(e.message.contains(why), "{reply:?}: {}", e.message);
+        }
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use crate::envelope::{Body, ENVELOPE_VERSION, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
-use crate::model::{ChatMessage, estimate_tokens, message_of};
+use crate::model::{ChatMessage, envelope_tokens, message_of};
 
 /// One history item: an envelope and the running token total through it.
 #[derive(Debug)]
@@ -80,7 +80,7 @@ impl History {
             return false;
         }
         let before = if at == 0 { 0 } else { self.upto(at - 1) };
-        let upto = before + u64::from(estimate_tokens(&env.body.text) + 4);
+        let upto = before + u64::from(envelope_tokens(env));
         self.items.push(Item { env: env.clone(), upto });
         true
     }
@@ -282,7 +282,7 @@ fn off_log_envelope(m: ChatMessage) -> Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Role;
+    use crate::model::{Role, estimate_tokens};
 
     fn env(n: usize, text: &str) -> Arc<Envelope> {
         Arc::new(Envelope::new(

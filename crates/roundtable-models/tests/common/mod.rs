@@ -57,3 +57,82 @@ pub(crate) fn dead_url(path: &str) -> String {
     drop(l);
     format!("http://127.0.0.1:{port}{path}")
 }
+
+/// Envelopes of one peer's tool use, as the peer runtime writes them.
+pub(crate) mod tool_log {
+    use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Recipient, SessionId};
+    use roundtable_core::tool::{Outcome, ToolCallBody, ToolResultBody};
+
+    fn env(peer: &str, step: &str, kind: Kind, text: &str, json: serde_json::Value) -> std::sync::Arc<Envelope> {
+        let body = Body::text(text).with_json(json);
+        std::sync::Arc::new(Envelope::new(&SessionId::from("s"), &PeerId::from(peer), step, kind, Recipient::All, body))
+    }
+
+    pub(crate) fn call(peer: &str, step: &str, id: &str, tool: &str, arguments: &str) -> std::sync::Arc<Envelope> {
+        let body = ToolCallBody { tool: tool.into(), call_id: id.into(), arguments: arguments.into() };
+        env(peer, step, Kind::ToolCall, &format!("calls {tool}"), serde_json::to_value(body).unwrap())
+    }
+
+    pub(crate) fn result(
+        peer: &str,
+        step: &str,
+        id: &str,
+        tool: &str,
+        outcome: Outcome,
+        output: &str,
+    ) -> std::sync::Arc<Envelope> {
+        let body = ToolResultBody {
+            tool: tool.into(),
+            call_id: id.into(),
+            outcome,
+            output: output.into(),
+            exit_status: None,
+            duration_ms: 3,
+            truncated: false,
+        };
+        env(peer, step, Kind::ToolResult, output, serde_json::to_value(body).unwrap())
+    }
+}
+
+/// Tools offered to a peer in the tool tests.
+pub(crate) fn tool_defs() -> Arc<[roundtable_core::tool::ToolDef]> {
+    use roundtable_core::tool::ToolDef;
+    Arc::from([
+        ToolDef {
+            name: "run_tests".into(),
+            description: "Run a test suite.".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {"suite": {"type": "string"}, "fail_fast": {"type": "boolean"}}, "required": ["suite"]}),
+        },
+        ToolDef {
+            name: "read_file".into(),
+            description: "Read a file of the project.".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+        },
+    ])
+}
+
+/// QA's view after its last turn: the task, its two parallel calls (one envelope each),
+/// a message from backend that landed before the results, the results (the second a
+/// failure, the first's arguments not valid JSON), then the instruction; tools offered.
+pub(crate) fn tool_request() -> ChatRequest {
+    use roundtable_core::tool::Outcome;
+    let mut t = Transcript::default();
+    t.push(ChatMessage::new(Role::User, None, Arc::from("Check the API.")));
+    t.push_envelope(tool_log::call("qa", "turn/1/call/0", "call_A", "run_tests", "{\"suite\": \"api\""));
+    t.push_envelope(tool_log::call("qa", "turn/1/call/1", "call_B", "read_file", "{\"path\": \"docs/api.md\"}"));
+    t.push(ChatMessage::new(Role::User, Some(PeerId::from("backend")), Arc::from("Pushed a fix.")));
+    t.push_envelope(tool_log::result(
+        "qa",
+        "turn/1/result/0",
+        "call_A",
+        "run_tests",
+        Outcome::Refused,
+        "arguments are not valid JSON",
+    ));
+    t.push_envelope(tool_log::result("qa", "turn/1/result/1", "call_B", "read_file", Outcome::Ok, "# API\nGET /users"));
+    let mut r = ChatRequest::simple("qa", "Your turn.");
+    r.window = 0..t.len();
+    r.history = Arc::new(t);
+    r.tools = tool_defs();
+    r
+}
