@@ -25,6 +25,19 @@ impl PlanEnv for ProcessEnv {
     fn read(&self, path: &str) -> Result<String, String> {
         std::fs::read_to_string(self.base.join(path)).map_err(|e| e.to_string())
     }
+    fn program_exists(&self, program: &str) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        let executable =
+            |p: &std::path::Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if program.contains('/') {
+            return executable(&self.base.join(program));
+        }
+        std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| executable(&d.join(program))))
+    }
+    fn resolve(&self, path: &str) -> std::path::PathBuf {
+        let p = self.base.join(path);
+        std::path::absolute(&p).unwrap_or(p)
+    }
 }
 
 fn key_from_env(var: &Option<String>) -> Result<Option<Secret>, ModelError> {

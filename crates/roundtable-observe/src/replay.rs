@@ -63,6 +63,9 @@ use roundtable_core::peer::{PeerConfig, PeerExtras, run_peer_with};
 use roundtable_core::session::plan_of;
 use roundtable_core::team::TeamPlan;
 use roundtable_core::termination::Termination;
+use roundtable_core::tool::{
+    Builtin, Tool, ToolBox, ToolCall, ToolCallBody, ToolContext, ToolDef, ToolKind, ToolOutput, ToolResultBody,
+};
 use roundtable_core::workqueue::{Claim, DeadLetter, QueueConfig, QueueError, QueueStats, WorkQueue};
 use roundtable_core::{Envelope, EnvelopeId, Kind, PeerId, SessionId};
 use serde::Serialize;
@@ -237,7 +240,9 @@ fn recorded_output(env: &Envelope, reveals: &HashMap<&str, &str>) -> Option<Reco
 /// never returns (the replay notes it; a live model would have been needed).
 pub struct ReplayModel {
     name: String,
-    answers: Arc<HashMap<(PeerId, String), (Recorded, u64)>>,
+    /// By peer, duty step and the model call's index within the duty (a duty working
+    /// through tool calls makes several).
+    answers: Arc<HashMap<(PeerId, String, usize), (Recorded, u64)>>,
     asked: Arc<Mutex<ReplayCalls>>,
     next_missing: watch::Receiver<u64>,
 }
@@ -256,7 +261,7 @@ impl ChatModel for ReplayModel {
         &self.name
     }
     async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
-        match self.answers.get(&(req.peer.clone(), req.step.to_string())) {
+        match self.answers.get(&(req.peer.clone(), req.step.to_string(), model_calls_before(req))) {
             Some((rec, seq)) => {
                 let _ = self.next_missing.clone().wait_for(|&m| m >= *seq).await;
                 self.asked.lock().expect("replay calls").answered += 1;
@@ -275,6 +280,89 @@ impl ChatModel for ReplayModel {
             }
         }
     }
+}
+
+/// How many model calls of this duty came before this one: one for each run of
+/// assistant tool-call messages among this turn's tool messages.
+fn model_calls_before(req: &ChatRequest) -> usize {
+    let mut n = 0;
+    let mut in_run = false;
+    for m in &req.tool_turns {
+        let calls = m.role == roundtable_core::model::Role::Assistant && !m.tool_calls.is_empty();
+        if calls && !in_run {
+            n += 1;
+        }
+        in_run = calls;
+    }
+    n
+}
+
+/// The duty step of a tool envelope (`{duty}/call/{k}` or `{duty}/result/{k}`).
+fn tool_duty(step: &str) -> Option<&str> {
+    step.rsplit_once("/call/").or_else(|| step.rsplit_once("/result/")).map(|(d, _)| d)
+}
+
+/// A tool that answers from the recording: the result recorded for the call's step.
+/// Replay runs no tool.
+struct RecordedTool {
+    def: ToolDef,
+    results: Arc<HashMap<(PeerId, String), ToolResultBody>>,
+}
+
+#[async_trait]
+impl Tool for RecordedTool {
+    fn def(&self) -> &ToolDef {
+        &self.def
+    }
+    fn idempotent(&self) -> bool {
+        true
+    }
+    async fn call(&self, _: &serde_json::Value, cx: &ToolContext) -> ToolOutput {
+        let result_step = cx.step.replacen("/call/", "/result/", 1);
+        match self.results.get(&(cx.peer.clone(), result_step)) {
+            Some(r) => ToolOutput {
+                outcome: r.outcome,
+                output: r.output.clone(),
+                exit_status: r.exit_status,
+                truncated: r.truncated,
+            },
+            // The recording has no result for this call: never answer (the replay is
+            // judged stalled, and reports the difference).
+            None => futures::future::pending().await,
+        }
+    }
+}
+
+/// Every tool of the plan, answering from the recording. An MCP server's tools are
+/// the ones the log shows called.
+fn recorded_toolbox(
+    plan: &TeamPlan,
+    results: HashMap<(PeerId, String), ToolResultBody>,
+    called: &BTreeSet<String>,
+) -> ToolBox {
+    let results = Arc::new(results);
+    let mut b = ToolBox::new();
+    let tool = |name: &str, description: &str, parameters: serde_json::Value| {
+        Arc::new(RecordedTool {
+            def: ToolDef { name: name.to_string(), description: description.to_string(), parameters },
+            results: results.clone(),
+        }) as Arc<dyn Tool>
+    };
+    for (grant, spec) in &plan.tools {
+        match &spec.kind {
+            ToolKind::Command(c) => b.insert(grant, tool(grant, &spec.description, c.parameters.clone())),
+            ToolKind::Http(h) => b.insert(grant, tool(grant, &spec.description, h.parameters.clone())),
+            _ => {
+                for name in called {
+                    let declared = plan.tools.get(name).is_some_and(|t| !matches!(t.kind, ToolKind::Mcp(_)));
+                    if Builtin::parse(name).is_none() && !declared {
+                        b.insert(grant, tool(name, "", serde_json::json!({"type": "object"})));
+                    }
+                }
+            }
+        }
+    }
+    b
 }
 
 /// Holds each append until the original's order allows it (see the module docs).
@@ -440,8 +528,44 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         .filter_map(|e| Some((e.env.body.json.as_ref()?.get("commit")?.as_str()?, &*e.env.body.text)))
         .collect();
     let mut claims: HashMap<PeerId, std::collections::VecDeque<(u64, Claim)>> = HashMap::new();
+    // Model calls per (peer, duty) so far, and the answer being built from a batch of
+    // tool calls.
+    let mut duty_calls: HashMap<(PeerId, String), usize> = HashMap::new();
+    let mut tool_results: HashMap<(PeerId, String), ToolResultBody> = HashMap::new();
+    let mut tool_names: BTreeSet<String> = BTreeSet::new();
     for e in entries.iter().skip(1) {
         let env = &e.env;
+        if env.kind == Kind::ToolResult
+            && let Some(b) = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolResultBody>(j).ok())
+        {
+            tool_results.insert((env.from.clone(), env.step.to_string()), b);
+        }
+        if env.kind == Kind::ToolCall
+            && let Some(duty) = tool_duty(&env.step)
+            && let Some(b) = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolCallBody>(j).ok())
+        {
+            tool_names.insert(b.tool.clone());
+            let call = ToolCall { id: b.call_id, name: b.tool, arguments: b.arguments };
+            let key = (env.from.clone(), duty.to_string());
+            let n = duty_calls.entry(key.clone()).or_default();
+            if let Some(u) = &env.usage {
+                // The first call of a model answer carries the answer's usage.
+                let answer = ChatResponse {
+                    text: String::new(),
+                    model: u.model.to_string(),
+                    prompt_tokens: u.prompt_tokens,
+                    completion_tokens: u.completion_tokens,
+                    finish_reason: Some("tool_calls".into()),
+                    tool_calls: vec![call],
+                };
+                answers.insert((key.0, key.1, *n), (Recorded::Answer(answer), e.seq));
+                *n += 1;
+            } else if *n > 0
+                && let Some((Recorded::Answer(a), _)) = answers.get_mut(&(key.0, key.1, *n - 1))
+            {
+                a.tool_calls.push(call);
+            }
+        }
         original.insert(key_of(&session, env), e.seq);
         if let Some(c) = recorded_claim(env) {
             claims.entry(env.from.clone()).or_default().push_back((e.seq, c));
@@ -450,8 +574,11 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         if is_input {
             inputs.insert(e.seq, (*env.as_ref()).clone());
         }
-        if let Some(rec) = recorded_output(env, &reveals) {
-            answers.insert((env.from.clone(), env.step.to_string()), (rec, e.seq));
+        if env.kind != Kind::ToolCall
+            && let Some(rec) = recorded_output(env, &reveals)
+        {
+            let n = duty_calls.get(&(env.from.clone(), env.step.to_string())).copied().unwrap_or(0);
+            answers.insert((env.from.clone(), env.step.to_string(), n), (rec, e.seq));
             if env.kind == Kind::Failure
                 && let Some(u) = &env.usage
             {
@@ -503,6 +630,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
     });
     // One history for every peer of the replay, restarted ones included.
     let history = roundtable_core::model::History::new();
+    let recorded_tools = Arc::new(recorded_toolbox(&plan, tool_results, &tool_names));
     let extras = |p: &PeerId| PeerExtras {
         board: Some(parts.blackboard(&session)),
         queue: Some(queue.clone()),
@@ -510,7 +638,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         secret: Some(Arc::from(format!("replay secret of {p}").into_bytes())),
         plan: None,
         history: Some(history.clone()),
-        tools: None,
+        tools: Some(recorded_tools.clone()),
     };
     let mut peers = tokio::task::JoinSet::new();
     let mut configs = HashMap::new();
@@ -687,6 +815,8 @@ fn comparable_json(env: &Envelope) -> Option<serde_json::Value> {
     let secret_derived: &[&str] = match env.kind {
         Kind::Commit => &["commitment", "sealed"],
         Kind::Reveal => &["salt"],
+        // How long a tool took is the clock's, not a decision.
+        Kind::ToolResult => &["duration_ms"],
         _ => &[],
     };
     if let Some(m) = j.as_object_mut() {

@@ -284,6 +284,7 @@ fn protocol_teams() -> Vec<(&'static str, String)> {
         ("work_queue", t(&["w1", "w2", "w3"], &format!("kind = \"work_queue\"\n{tasks}"))),
         ("contract_net", t(&["ana", "bo"], &format!("kind = \"contract_net\"\n{tasks}"))),
         ("hybrid", t(&["lead", "a", "b", "c"], "kind = \"hybrid\"\nleader = \"lead\"\ndeadlock_rounds = 2")),
+        ("conversation", t(&["a", "b", "c"], "kind = \"conversation\"\nfinish = \"majority\"")),
     ]
 }
 

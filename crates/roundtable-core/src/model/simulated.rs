@@ -260,6 +260,9 @@ impl ChatModel for Simulated {
         let confidence = if answer == correct { rng.random_range(0.6..0.95) } else { rng.random_range(0.3..0.8) };
         let confidence = (confidence * 100.0f64).round() / 100.0;
         let json = |v: serde_json::Value| v.to_string();
+        if req.tools.iter().any(|t| t.name == "finish" || t.name == "broadcast") {
+            return Ok(self.converse(req, &msgs, &others, &answer));
+        }
         let text = match ask {
             Ask::Answer if req.json => {
                 json(serde_json::json!({ "answer": answer, "confidence": confidence }))
@@ -363,6 +366,55 @@ impl ChatModel for Simulated {
             text,
             tool_calls: Vec::new(),
         })
+    }
+}
+
+impl Simulated {
+    /// In a conversation (the peer-to-peer tools are offered): state an answer to
+    /// everyone, finish once every other answer in view agrees with it, say it again
+    /// only when it changed, and otherwise stay quiet. One action a turn.
+    fn converse(
+        &self,
+        req: &ChatRequest,
+        msgs: &[super::ChatMessage],
+        others: &[String],
+        answer: &str,
+    ) -> ChatResponse {
+        let quiet = ChatResponse { model: self.name.clone(), finish_reason: Some("stop".into()), ..Default::default() };
+        if !req.tool_turns.is_empty() {
+            return quiet;
+        }
+        let mine = msgs
+            .iter()
+            .filter(|m| m.name.as_ref() == Some(&req.peer))
+            .filter_map(|m| stated_answer(&m.content))
+            .next_back();
+        let offered = |n: &str| req.tools.iter().any(|t| t.name == n);
+        let call = match mine {
+            Some(prev)
+                if prev == answer && !others.is_empty() && others.iter().all(|o| o == answer) && offered("finish") =>
+            {
+                ("finish", serde_json::json!({ "answer": answer }))
+            }
+            Some(prev) if prev == answer => return quiet,
+            _ if offered("broadcast") => {
+                ("broadcast", serde_json::json!({ "text": format!("I get {answer}. Answer: {answer}") }))
+            }
+            _ => return quiet,
+        };
+        let arguments = call.1.to_string();
+        ChatResponse {
+            model: self.name.clone(),
+            prompt_tokens: req.estimated_prompt_tokens(),
+            completion_tokens: u64::from(estimate_tokens(&arguments)),
+            finish_reason: Some("tool_calls".into()),
+            text: String::new(),
+            tool_calls: vec![crate::tool::ToolCall {
+                id: format!("sim-{}-{}", req.peer, req.ordinal),
+                name: call.0.to_string(),
+                arguments,
+            }],
+        }
     }
 }
 
