@@ -6,7 +6,8 @@
 //! - [`AnthropicChat`]: the Anthropic Messages API.
 //!
 //! Providers stream: text reaches `ChatRequest::on_token` as it arrives, and the call
-//! returns the whole answer with its token usage. Failures come back as [`ModelError`]s
+//! returns the whole answer with its token usage and the tool calls it asked for (core
+//! [`ToolCall`]s; the dialects' wire types stay in here). Failures come back as [`ModelError`]s
 //! whose kind says whether a retry can help; retrying, timeouts and concurrency limits
 //! are the core layers' job, not the providers'.
 //!
@@ -17,6 +18,7 @@
 //! [`ChatModel`]: roundtable_core::model::ChatModel
 //! [`Embedder`]: roundtable_core::model::Embedder
 //! [`ModelError`]: roundtable_core::model::ModelError
+//! [`ToolCall`]: roundtable_core::tool::ToolCall
 
 mod anthropic;
 mod http;

@@ -118,15 +118,18 @@ pub fn message_of(env: &Envelope, viewer: &PeerId) -> ChatMessage {
     ChatMessage::new(role, Some(env.from.clone()), env.body.text.clone())
 }
 
-/// Estimated tokens of an envelope in a model's context: its text, and for a
-/// `tool_call` the tool's name and arguments (as [`ChatMessage::tool_calls`] counts them).
+/// Estimated tokens of an envelope in a model's context: its text, or for a
+/// `tool_call` what the caller's model is sent, the tool's name and arguments (as
+/// [`ChatMessage::tool_calls`] counts them).
 pub(crate) fn envelope_tokens(env: &Envelope) -> u32 {
     let call = match env.kind {
         Kind::ToolCall => env.body.json.as_ref().and_then(|j| serde_json::from_value::<ToolCallBody>(j.clone()).ok()),
         _ => None,
     };
-    let args = call.map_or(0, |c| estimate_tokens(&c.arguments) + estimate_tokens(&c.tool));
-    estimate_tokens(&env.body.text) + 4 + args
+    match call {
+        Some(c) => estimate_tokens("") + 4 + estimate_tokens(&c.arguments) + estimate_tokens(&c.tool),
+        None => estimate_tokens(&env.body.text) + 4,
+    }
 }
 
 /// Called with each piece of text as it streams in.

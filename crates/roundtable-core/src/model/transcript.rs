@@ -300,6 +300,35 @@ mod tests {
     }
 
     #[test]
+    fn tool_calls_count_their_arguments_and_failed_results_say_so() {
+        use crate::tool::{Outcome, ToolCallBody, ToolResultBody};
+        let me = PeerId::from("qa");
+        let mk = |step: &str, kind, text: &str, json: serde_json::Value| {
+            let body = Body::text(text).with_json(json);
+            Arc::new(Envelope::new(&SessionId::from("s"), &me, step, kind, Recipient::All, body))
+        };
+        let args = format!("{{\"path\": \"{}\"}}", "x".repeat(400));
+        let call = ToolCallBody { tool: "read_file".into(), call_id: "c1".into(), arguments: args.clone() };
+        let result = ToolResultBody {
+            tool: "read_file".into(),
+            call_id: "c1".into(),
+            outcome: Outcome::Error,
+            output: "no such file".into(),
+            exit_status: None,
+            duration_ms: 1,
+            truncated: false,
+        };
+        let mut t = Transcript::default();
+        t.push_envelope(mk("t/1/call/0", Kind::ToolCall, "calls read_file", serde_json::to_value(call).unwrap()));
+        t.push_envelope(mk("t/1/result/0", Kind::ToolResult, "no such file", serde_json::to_value(result).unwrap()));
+        let (c, r) = (t.message(0, &me).unwrap(), t.message(1, &me).unwrap());
+        assert_eq!((c.role, c.tool_calls.len(), c.tool_calls[0].arguments.as_str()), (Role::Assistant, 1, &*args));
+        assert!(t.tokens(0..1) > 100, "the arguments count: {}", t.tokens(0..1));
+        assert_eq!(t.tokens(0..1), u64::from(c.tokens));
+        assert_eq!((r.role, r.tool_call_id.as_deref(), r.tool_error), (Role::Tool, Some("c1"), true));
+    }
+
+    #[test]
     fn transcripts_over_one_history_share_its_items_and_honour_visibility() {
         let h = History::new();
         let (mut a, mut b) = (Transcript::over(h.clone()), Transcript::over(h.clone()));
