@@ -202,7 +202,12 @@ pub(super) async fn call_with_tools(
             }
             Kind::ToolResult => {
                 if let Some(b) = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolResultBody>(j).ok()) {
-                    turn.turns.push(ChatMessage::tool_result(Arc::from(b.call_id), env.body.text.clone()));
+                    let (id, text) = (Arc::from(b.call_id), env.body.text.clone());
+                    turn.turns.push(if b.outcome == Outcome::Ok {
+                        ChatMessage::tool_result(id, text)
+                    } else {
+                        ChatMessage::tool_failure(id, text)
+                    });
                     answered.push(k);
                 }
             }
@@ -360,7 +365,12 @@ async fn record_result(
     env.parents = vec![crate::envelope::EnvelopeId::derive(&st.session, &me.cfg.me, &call_step(duty, k))];
     tally.observe(0, &env, None);
     append(me, env).await?;
-    Ok(ChatMessage::tool_result(Arc::from(call.id.as_str()), Arc::from(text)))
+    let ok = matches!(body.outcome, Outcome::Ok);
+    Ok(if ok {
+        ChatMessage::tool_result(Arc::from(call.id.as_str()), Arc::from(text))
+    } else {
+        ChatMessage::tool_failure(Arc::from(call.id.as_str()), Arc::from(text))
+    })
 }
 
 fn json_of<T: serde::Serialize>(v: &T) -> serde_json::Value {
