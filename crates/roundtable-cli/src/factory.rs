@@ -73,6 +73,9 @@ pub(crate) fn provider(key: &str, spec: &ModelSpec) -> Result<Arc<dyn ChatModel>
             replies.clone(),
             per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect(),
         )),
+        ProviderSpec::Program { command, cwd } => {
+            Arc::new(roundtable_models::CommandProgram::new(format!("program:{key}"), command.clone(), cwd.clone()))
+        }
         ProviderSpec::Simulated { p_correct, susceptibility, seed } => {
             Arc::new(Simulated::new(format!("simulated:{key}"), *p_correct, *susceptibility, *seed))
         }

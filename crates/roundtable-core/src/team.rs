@@ -160,6 +160,13 @@ pub enum ProviderSpec {
         susceptibility: f64,
         seed: u64,
     },
+    /// A program takes the peer's turns: it reads its inbox as JSON lines on stdin and
+    /// writes actions as JSON lines on stdout (see [`crate::model::program`]).
+    Program {
+        command: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<std::path::PathBuf>,
+    },
 }
 
 impl ProviderSpec {
@@ -169,6 +176,7 @@ impl ProviderSpec {
             ProviderSpec::Anthropic { .. } => "anthropic",
             ProviderSpec::Scripted { .. } => "scripted",
             ProviderSpec::Simulated { .. } => "simulated",
+            ProviderSpec::Program { .. } => "program",
         }
     }
     /// The model name for usage records.
@@ -177,6 +185,7 @@ impl ProviderSpec {
             ProviderSpec::Openai { model, .. } | ProviderSpec::Anthropic { model, .. } => model.clone(),
             ProviderSpec::Scripted { .. } => format!("scripted:{key}"),
             ProviderSpec::Simulated { .. } => format!("simulated:{key}"),
+            ProviderSpec::Program { .. } => format!("program:{key}"),
         }
     }
 }
@@ -294,6 +303,7 @@ enum ProviderKind {
     Anthropic,
     Scripted,
     Simulated,
+    Program,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +331,9 @@ struct RawModel {
     p_correct: Option<f64>,
     susceptibility: Option<f64>,
     seed: Option<u64>,
+    // program
+    command: Option<Spanned<Vec<String>>>,
+    cwd: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -828,6 +841,37 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
                 cx.err_at(at, format!("{path}.susceptibility"), "susceptibility must be between 0 and 1");
             }
             ProviderSpec::Simulated { p_correct: p, susceptibility: s, seed: m.seed.unwrap_or(0) }
+        }
+        ProviderKind::Program => {
+            let command = match &m.command {
+                Some(c) if c.get_ref().first().is_some_and(|p| !p.trim().is_empty()) => {
+                    if !env.program_exists(&c.get_ref()[0]) {
+                        cx.err_at(
+                            c.span().start,
+                            format!("{path}.command"),
+                            format!("program `{}` is not on PATH (or not an executable file)", c.get_ref()[0]),
+                        );
+                    }
+                    c.get_ref().clone()
+                }
+                Some(c) => {
+                    cx.err_at(
+                        c.span().start,
+                        format!("{path}.command"),
+                        "command needs a program as its first element",
+                    );
+                    Vec::new()
+                }
+                None => {
+                    cx.err_at(
+                        at,
+                        format!("{path}.command"),
+                        "provider `program` needs `command` (program and arguments)",
+                    );
+                    Vec::new()
+                }
+            };
+            ProviderSpec::Program { command, cwd: m.cwd.as_deref().map(|c| env.resolve(c)) }
         }
     };
     if cx.errors.len() > before {

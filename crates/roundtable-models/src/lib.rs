@@ -23,6 +23,7 @@
 mod anthropic;
 mod http;
 mod openai;
+mod program;
 mod secret;
 mod sse;
 mod tools;
@@ -30,5 +31,6 @@ mod tools;
 pub use anthropic::{AnthropicChat, AnthropicConfig};
 pub use http::{ensure_crypto_provider, http_client};
 pub use openai::{OpenAiChat, OpenAiConfig, OpenAiEmbedder};
+pub use program::CommandProgram;
 pub use reqwest;
 pub use secret::Secret;

@@ -7,6 +7,7 @@
 //! envelope the call produced.
 
 pub mod layers;
+pub mod program;
 pub mod scripted;
 pub mod simulated;
 mod transcript;

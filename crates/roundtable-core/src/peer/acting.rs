@@ -234,7 +234,13 @@ pub(super) async fn call_with_tools(
     }
 
     let mut rounds = recorded.iter().filter(|e| e.kind == Kind::ToolCall && e.usage.is_some()).count() as u32;
+    let mut checked = st.last_seq;
     loop {
+        // The session may have stopped while this duty worked (another peer's finish, a
+        // budget): no model call and no tool call after the stop.
+        if turn.calls > 0 && stopped_since(me, &mut checked).await? {
+            return Ok(Called::Finished);
+        }
         if rounds + 1 >= MAX_MODEL_CALLS_PER_DUTY {
             turn.choice = ToolChoice::None;
             turn.tools = Arc::from([]);
@@ -260,7 +266,6 @@ pub(super) async fn call_with_tools(
             let d = Duty { step: Arc::from(call_step(duty, k)), ..duty.clone() };
             let mut env = envelope(me, st, &d, Kind::ToolCall, Body::text(text).with_json(json_of(&body)));
             env.to = Recipient::Peer(me.cfg.me.clone());
-            env.parents = Vec::new();
             if i == 0 {
                 env = env.with_usage(usage.clone());
                 env.trace = crate::telemetry::traceparent(&span);
@@ -284,6 +289,18 @@ pub(super) async fn call_with_tools(
         if finished {
             // Proposing the answer ends the turn: nothing is left to say.
             return Ok(Called::Finished);
+        }
+    }
+}
+
+/// Whether the log has a stop after `checked` (which moves on to what was read).
+async fn stopped_since(me: &Me, checked: &mut u64) -> Result<bool, LogError> {
+    loop {
+        let entries = me.cfg.log.read(*checked + 1, 256).await?;
+        let Some(last) = entries.last() else { return Ok(false) };
+        *checked = last.seq;
+        if entries.iter().any(|e| e.env.kind == Kind::Stop) {
+            return Ok(true);
         }
     }
 }

@@ -71,7 +71,7 @@ struct Seat {
     read_upto: u64,
     /// Sequence numbers and senders of mail to this peer, oldest first, unread or not
     /// (trimmed to what is unread when a turn is folded).
-    mail: VecDeque<(u64, PeerId)>,
+    mail: VecDeque<(u64, PeerId, EnvelopeId)>,
 }
 
 pub struct Conversation {
@@ -110,7 +110,7 @@ impl Conversation {
     }
 
     fn unread(&self, p: &PeerId) -> usize {
-        self.seats.get(p).map_or(0, |s| s.mail.iter().filter(|(seq, _)| *seq > s.read_upto).count())
+        self.seats.get(p).map_or(0, |s| s.mail.iter().filter(|(seq, _, _)| *seq > s.read_upto).count())
     }
 
     fn can_act(&self, p: &PeerId, facts: &Facts<'_>) -> bool {
@@ -136,7 +136,7 @@ impl Conversation {
                 .collect(),
         };
         for p in to {
-            self.seat(&p).mail.push_back((seq, env.from.clone()));
+            self.seat(&p).mail.push_back((seq, env.from.clone(), env.id.clone()));
         }
     }
 
@@ -204,7 +204,7 @@ impl Reducer for Conversation {
                     self.spec.start.clone()
                 };
                 for p in starters {
-                    self.seat(&p).mail.push_back((entry.seq, PeerId::from("user")));
+                    self.seat(&p).mail.push_back((entry.seq, PeerId::from("user"), env.id.clone()));
                 }
             }
             Kind::ToolCall => {
@@ -248,7 +248,7 @@ impl Reducer for Conversation {
                     seat.turns = seat.turns.max(n);
                     seat.read_upto = seat.read_upto.max(read);
                     let upto = seat.read_upto;
-                    seat.mail.retain(|(seq, _)| *seq > upto);
+                    seat.mail.retain(|(seq, _, _)| *seq > upto);
                     self.any_turn = true;
                 }
                 if env.kind == Kind::Message && (tail.is_empty() || tail.starts_with("send/")) {
@@ -265,10 +265,11 @@ impl Reducer for Conversation {
             return Vec::new();
         }
         let seat = self.seats.get(me).cloned().unwrap_or_default();
-        let unread: Vec<&(u64, PeerId)> = seat.mail.iter().filter(|(seq, _)| *seq > seat.read_upto).collect();
-        let read_upto = unread.iter().map(|(s, _)| *s).max().unwrap_or(seat.read_upto);
+        let unread: Vec<&(u64, PeerId, EnvelopeId)> =
+            seat.mail.iter().filter(|(seq, _, _)| *seq > seat.read_upto).collect();
+        let read_upto = unread.iter().map(|(s, _, _)| *s).max().unwrap_or(seat.read_upto);
         let mut senders: Vec<&PeerId> = Vec::new();
-        for (_, s) in &unread {
+        for (_, s, _) in &unread {
             if !senders.contains(&s) {
                 senders.push(s);
             }
@@ -298,7 +299,7 @@ impl Reducer for Conversation {
             kind: Kind::Message,
             to: reply_to.clone(),
             round: seat.turns,
-            parents: Vec::new(),
+            parents: unread.iter().map(|(_, _, id)| id.clone()).collect(),
             action: Action::Turn {
                 instruction: Some(Arc::from(instruction)),
                 view: View::History,
