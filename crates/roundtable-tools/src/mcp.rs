@@ -483,47 +483,44 @@ async fn connect(name: &str, spec: &McpSpec, timeout: Duration) -> Result<Connec
             else {
                 return Err(McpError::new(McpErrorKind::Start, format!("MCP server {name}: its pipes are missing")));
             };
-            let guard = ChildGuard { child, pgid };
+            let mut guard = ChildGuard { child, pgid };
             let seen_out = Arc::new(StdMutex::new(Vec::new()));
             let seen_err = Arc::new(StdMutex::new(Vec::new()));
-            {
-                // stderr is drained for as long as the server runs, keeping its start.
+            // stderr is drained for as long as the server runs, keeping its start.
+            let stderr_task = {
                 let seen_err = Arc::clone(&seen_err);
                 tokio::spawn(async move {
-                    let sniff = Sniff { inner: stderr, seen: seen_err };
-                    let mut sink = tokio::io::sink();
-                    let mut sniff = sniff;
-                    let _ = tokio::io::copy(&mut sniff, &mut sink).await;
-                });
-            }
+                    let mut sniff = Sniff { inner: stderr, seen: seen_err };
+                    let _ = tokio::io::copy(&mut sniff, &mut tokio::io::sink()).await;
+                })
+            };
             let read = Sniff { inner: stdout, seen: Arc::clone(&seen_out) };
             let served = tokio::time::timeout(timeout, ().serve((read, stdin))).await;
-            let explain = |what: String| {
-                let out = seen_out.lock().map(|s| excerpt(&s)).unwrap_or_default();
-                let err = seen_err.lock().map(|s| excerpt(&s)).unwrap_or_default();
-                let mut msg = format!("MCP server {name}: {what}");
-                if !out.is_empty() {
-                    msg.push_str(&format!("; it printed {out}"));
-                }
-                if !err.is_empty() {
-                    msg.push_str(&format!("; its stderr: {err}"));
-                }
-                msg
+            let what = match served {
+                Ok(Ok(service)) => return Ok(Connection { service, child: Some(StdMutex::new(guard)) }),
+                Ok(Err(
+                    rmcp::service::ClientInitializeError::ConnectionClosed(_)
+                    | rmcp::service::ClientInitializeError::TransportError { .. },
+                )) => match guard.child.try_wait() {
+                    Ok(Some(status)) => format!("it exited ({status}) before answering initialize"),
+                    _ => "it closed its connection before answering initialize".to_owned(),
+                },
+                Ok(Err(e)) => format!("initialize failed: {e}"),
+                Err(_) => format!("no MCP answer to initialize within {}s", spec.timeout_secs),
             };
-            match served {
-                Ok(Ok(service)) => Ok(Connection { service, child: Some(StdMutex::new(guard)) }),
-                Ok(Err(e)) => {
-                    drop(guard);
-                    Err(McpError::new(McpErrorKind::Initialize, explain(format!("initialize failed: {e}"))))
-                }
-                Err(_) => {
-                    drop(guard);
-                    Err(McpError::new(
-                        McpErrorKind::Initialize,
-                        explain(format!("no MCP answer to initialize within {}s", spec.timeout_secs)),
-                    ))
-                }
+            drop(guard);
+            // The group is dead, so stderr ends: let its reader finish to quote it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), stderr_task).await;
+            let out = seen_out.lock().map(|s| excerpt(&s)).unwrap_or_default();
+            let err = seen_err.lock().map(|s| excerpt(&s)).unwrap_or_default();
+            let mut msg = format!("MCP server {name}: {what}");
+            if !out.is_empty() {
+                msg.push_str(&format!("; it printed {out}"));
             }
+            if !err.is_empty() {
+                msg.push_str(&format!("; its stderr: {err}"));
+            }
+            Err(McpError::new(McpErrorKind::Initialize, msg))
         }
         McpTransport::Http { url, headers } => {
             let client = crate::http::http_client().map_err(|m| McpError::new(McpErrorKind::Start, m))?;

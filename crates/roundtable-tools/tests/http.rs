@@ -29,8 +29,10 @@ async fn echo(req: Request) -> Response {
     let plain = req.headers().get("x-plain").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap_or_default();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    axum::Json(json!({"method": method, "path": path, "query": query, "authorization": auth, "plain": plain, "body": body}))
-        .into_response()
+    axum::Json(
+        json!({"method": method, "path": path, "query": query, "authorization": auth, "plain": plain, "body": body}),
+    )
+    .into_response()
 }
 
 async fn server() -> String {

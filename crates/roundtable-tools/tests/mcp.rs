@@ -148,6 +148,7 @@ async fn a_server_that_will_not_start_is_a_clear_error() {
     let err = McpServer::start(&tool, &spec).await.unwrap_err();
     assert_eq!(err.kind(), McpErrorKind::Initialize);
     assert!(err.message().contains("broken"), "stderr is quoted: {err}");
+    assert!(err.message().starts_with("MCP server exits: it "), "{err}");
 }
 
 #[tokio::test]
@@ -207,11 +208,8 @@ async fn the_registry_starts_a_server_once_and_shares_it() {
     let everything_tool = ToolSpec { kind: ToolKind::Mcp(everything_spec), ..everything_tool };
     let fs_root = tempfile::tempdir().unwrap();
     std::fs::write(fs_root.path().join("note.txt"), "the fact").unwrap();
-    let (fs_tool, mut fs_spec) = decl(
-        "files",
-        vec![npm_bin("mcp-server-filesystem"), fs_root.path().display().to_string()],
-        30.0,
-    );
+    let (fs_tool, mut fs_spec) =
+        decl("files", vec![npm_bin("mcp-server-filesystem"), fs_root.path().display().to_string()], 30.0);
     fs_spec.allow = vec!["read_text_file".into()];
     let fs_tool = ToolSpec { kind: ToolKind::Mcp(fs_spec), ..fs_tool };
     let command = ToolSpec {

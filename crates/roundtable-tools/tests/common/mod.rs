@@ -14,13 +14,16 @@ pub fn ctx() -> ToolContext {
     ToolContext { peer: PeerId::from("tester"), step: Arc::from("1") }
 }
 
-/// Whether process `pid` is gone (or a zombie: dead, waiting to be reaped).
+/// Whether process `pid` is gone, or a zombie whose every thread has exited (so its
+/// parent can reap it and its files are closed). A multi-threaded process's leader shows
+/// as a zombie while its other threads are still exiting; that is not gone yet.
 pub fn process_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => {
             // The state follows the command name in parentheses.
-            stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false)
+            let zombie = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(false);
+            zombie && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |d| d.count() <= 1)
         }
     }
 }
