@@ -322,13 +322,12 @@ impl McpServer {
 
     /// A live connection: the current one, or a restarted one when it died and the
     /// restart is still unused.
-    async fn live(&self, force_dead: bool) -> Result<Arc<Connection>, String> {
+    async fn live(&self) -> Result<Arc<Connection>, String> {
         let mut state = self.state.lock().await;
         if let Some(why) = &state.gone {
             return Err(why.clone());
         }
         if let Some(conn) = &state.conn
-            && !force_dead
             && !conn.is_dead()
         {
             return Ok(Arc::clone(conn));
@@ -383,7 +382,7 @@ impl McpServer {
     ) -> ToolOutput {
         let mut resent = false;
         loop {
-            let conn = match self.live(false).await {
+            let conn = match self.live().await {
                 Ok(c) => c,
                 Err(why) => return ToolOutput::error(why),
             };
