@@ -504,7 +504,7 @@ async fn connect(name: &str, spec: &McpSpec, timeout: Duration) -> Result<Connec
                     Ok(Some(status)) => format!("it exited ({status}) before answering initialize"),
                     _ => "it closed its connection before answering initialize".to_owned(),
                 },
-                Ok(Err(e)) => format!("initialize failed: {e}"),
+                Ok(Err(e)) => format!("initialize failed: {}", init_error(&e)),
                 Err(_) => format!("no MCP answer to initialize within {}s", spec.timeout_secs),
             };
             drop(guard);
@@ -552,9 +552,10 @@ async fn connect(name: &str, spec: &McpSpec, timeout: Duration) -> Result<Connec
             let transport = StreamableHttpClientTransport::with_client(client, config);
             match tokio::time::timeout(timeout, ().serve(transport)).await {
                 Ok(Ok(service)) => Ok(Connection { service, child: None }),
-                Ok(Err(e)) => {
-                    Err(McpError::new(McpErrorKind::Initialize, format!("MCP server {name}: initialize failed: {e}")))
-                }
+                Ok(Err(e)) => Err(McpError::new(
+                    McpErrorKind::Initialize,
+                    format!("MCP server {name}: initialize failed: {}", init_error(&e)),
+                )),
                 Err(_) => Err(McpError::new(
                     McpErrorKind::Initialize,
                     format!("MCP server {name}: no MCP answer to initialize within {}s", spec.timeout_secs),
@@ -562,6 +563,29 @@ async fn connect(name: &str, spec: &McpSpec, timeout: Duration) -> Result<Connec
             }
         }
     }
+}
+
+/// Why `initialize` failed, without the transport's type names.
+fn init_error(e: &rmcp::service::ClientInitializeError) -> String {
+    match e {
+        rmcp::service::ClientInitializeError::TransportError { error, .. } => chain(error.error.as_ref()),
+        other => other.to_string(),
+    }
+}
+
+/// An error and its sources.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
 }
 
 /// One tool of an MCP server.

@@ -254,3 +254,72 @@ async fn two_tools_of_the_same_name_are_refused() {
     let err = Registry::build(&[a, b]).await.unwrap_err();
     assert_eq!(err.to_string(), "tools.everything and tools.again both offer a tool named \"echo\"");
 }
+
+#[tokio::test]
+async fn the_reference_server_over_streamable_http() {
+    use tokio::io::AsyncBufReadExt;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = tokio::process::Command::new(npm_bin("mcp-server-everything"))
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start mcp-server-everything");
+    // Ready when it says it listens (it prints nothing else first that matters).
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        match lines.next_line().await.unwrap() {
+            Some(line) if line.contains("listening on port") => break,
+            Some(_) => {}
+            None => panic!("mcp-server-everything exited before listening"),
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let spec = McpSpec {
+        transport: McpTransport::Http { url: format!("http://127.0.0.1:{port}/mcp"), headers: Default::default() },
+        allow: vec!["echo".into()],
+        timeout_secs: 30.0,
+        max_output_bytes: 1024,
+    };
+    let tool = ToolSpec {
+        name: "remote".into(),
+        description: String::new(),
+        idempotent: false,
+        approve_by: None,
+        kind: ToolKind::Mcp(spec.clone()),
+    };
+    let server = McpServer::start(&tool, &spec).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(server.tools().len(), 1);
+    let out = server.into_tools()[0].call(&json!({"message": "over http"}), &ctx()).await;
+    assert_eq!(out.outcome, Outcome::Ok, "{}", out.output);
+    assert_eq!(out.output, "Echo: over http");
+    drop(server);
+    let _ = child.kill().await;
+}
+
+#[tokio::test]
+async fn an_http_server_that_is_not_there_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spec = McpSpec {
+        transport: McpTransport::Http { url: format!("http://127.0.0.1:{port}/mcp"), headers: Default::default() },
+        allow: Vec::new(),
+        timeout_secs: 5.0,
+        max_output_bytes: 1024,
+    };
+    let tool = ToolSpec {
+        name: "nowhere".into(),
+        description: String::new(),
+        idempotent: false,
+        approve_by: None,
+        kind: ToolKind::Mcp(spec.clone()),
+    };
+    let err = McpServer::start(&tool, &spec).await.unwrap_err();
+    assert_eq!(err.kind(), McpErrorKind::Initialize);
+    assert!(err.message().starts_with("MCP server nowhere: initialize failed"), "{err}");
+    assert!(err.message().contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(!err.message().contains("rmcp::"), "no type names: {err}");
+}
