@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use roundtable_core::tool::{Builtin, Tool, ToolDef, ToolKind, ToolSpec};
+use roundtable_core::tool::{Builtin, Tool, ToolBox, ToolDef, ToolKind, ToolSpec};
 
 use crate::Problem;
 use crate::command::CommandTool;
@@ -135,6 +135,17 @@ impl Registry {
     /// A tool by the name the model sees.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
         self.tools().find(|t| t.def().name == name)
+    }
+
+    /// The tools by grant name, as peers take them.
+    pub fn tool_box(&self) -> ToolBox {
+        let mut tool_box = ToolBox::new();
+        for (declared, tools) in &self.by_declared {
+            for tool in tools {
+                tool_box.insert(declared.clone(), Arc::clone(tool));
+            }
+        }
+        tool_box
     }
 
     /// Each MCP server's declared name and the tools it listed at start (allowed

@@ -233,6 +233,10 @@ async fn the_registry_starts_a_server_once_and_shares_it() {
     assert_eq!(registry.granted("say").len(), 1);
     assert!(registry.granted("say")[0].idempotent());
     assert!(registry.granted("nothing").is_empty());
+    let tool_box = registry.tool_box();
+    let boxed: Vec<&str> = tool_box.get("everything").iter().map(|t| t.def().name.as_str()).collect();
+    assert_eq!(boxed, vec!["echo", "get-sum"]);
+    assert_eq!(tool_box.grants().collect::<Vec<_>>(), vec!["everything", "files", "say"]);
     let listings = registry.mcp_listings();
     assert_eq!(listings.len(), 2);
     assert_eq!(listings[1].0, "files");
