@@ -118,6 +118,9 @@ pub struct ToolResultBody {
     /// A command's exit status (`None` when killed by a signal or not a command).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// The signal that ended a command (a timeout kills with `SIGKILL`, 9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
     #[serde(default)]
     pub duration_ms: u64,
     /// Whether output was cut at the tool's cap.
@@ -130,19 +133,28 @@ pub struct ToolResultBody {
 pub struct ToolOutput {
     pub outcome: Outcome,
     pub output: String,
+    /// A command's exit status.
     pub exit_status: Option<i32>,
+    /// The signal that ended a command.
+    pub signal: Option<i32>,
+    /// How long the tool itself ran, when it measured that (the runtime measures the
+    /// call otherwise).
+    pub duration_ms: Option<u64>,
     pub truncated: bool,
 }
 
 impl ToolOutput {
+    fn with(outcome: Outcome, output: String) -> Self {
+        ToolOutput { outcome, output, exit_status: None, signal: None, duration_ms: None, truncated: false }
+    }
     pub fn ok(output: impl Into<String>) -> Self {
-        ToolOutput { outcome: Outcome::Ok, output: output.into(), exit_status: None, truncated: false }
+        ToolOutput::with(Outcome::Ok, output.into())
     }
     pub fn error(output: impl Into<String>) -> Self {
-        ToolOutput { outcome: Outcome::Error, output: output.into(), exit_status: None, truncated: false }
+        ToolOutput::with(Outcome::Error, output.into())
     }
     pub fn refused(output: impl Into<String>) -> Self {
-        ToolOutput { outcome: Outcome::Refused, output: output.into(), exit_status: None, truncated: false }
+        ToolOutput::with(Outcome::Refused, output.into())
     }
 }
 

@@ -226,6 +226,8 @@ pub(super) async fn call_with_tools(
                     call.name
                 ),
                 exit_status: None,
+                signal: None,
+                duration_ms: None,
                 truncated: false,
             };
             record_result(me, st, duty, call, *k, out, 0, &mut turn.tally).await?
@@ -373,6 +375,7 @@ async fn record_result(
         outcome: out.outcome,
         output: out.output,
         exit_status: out.exit_status,
+        signal: out.signal,
         duration_ms,
         truncated: out.truncated,
     };

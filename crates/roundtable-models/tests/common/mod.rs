@@ -87,6 +87,7 @@ pub(crate) mod tool_log {
             outcome,
             output: output.into(),
             exit_status: None,
+            signal: None,
             duration_ms: 3,
             truncated: false,
         };
