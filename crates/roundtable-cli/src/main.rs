@@ -407,8 +407,21 @@ pub(crate) fn load_plan_for_eval(team: &Path) -> Result<TeamPlan, String> {
 fn load_plan(team: &Path) -> Result<TeamPlan, Failure> {
     let src = std::fs::read_to_string(team).map_err(|e| Failure::Input(format!("{}: {e}", team.display())))?;
     let base = team.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse_team(&team.display().to_string(), &src, &factory::ProcessEnv { base })
-        .map_err(|e| Failure::Input(e.to_string()))
+    let plan = parse_team(&team.display().to_string(), &src, &factory::ProcessEnv { base })
+        .map_err(|e| Failure::Input(e.to_string()))?;
+    // What the tools' own checks find (schemas, templates), at the line of each table.
+    let mut problems = Vec::new();
+    for (name, spec) in &plan.tools {
+        let at = src.find(&format!("[tools.{name}]")).unwrap_or(0);
+        let (line, col) = roundtable_core::team::line_col(&src, at);
+        for p in roundtable_tools::registry::validate(spec) {
+            problems.push(format!("error: {}:{line}:{col}: `tools.{name}.{}`: {}", team.display(), p.key, p.message));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Failure::Input(problems.join("\n")));
+    }
+    Ok(plan)
 }
 
 fn describe_plan(team: &Path, plan: &TeamPlan) {
@@ -433,6 +446,20 @@ pub(crate) async fn drive(
     presence: Option<Arc<dyn roundtable_core::bus::Presence>>,
     extras: PeerExtras,
 ) -> Result<SessionSummary, Failure> {
+    // The team's tools, built once for every peer of this process (MCP servers started
+    // and listed); kept alive until the session ends.
+    let mut extras = extras;
+    let _tools = match (&extras.tools, plan.tools.is_empty()) {
+        (None, false) => {
+            let specs: Vec<_> = plan.tools.values().cloned().collect();
+            let registry = roundtable_tools::Registry::build(&specs)
+                .await
+                .map_err(|e| Failure::Runtime(format!("the team's tools could not be started: {e}")))?;
+            extras.tools = Some(Arc::new(registry.tool_box()));
+            Some(registry)
+        }
+        _ => None,
+    };
     if json {
         return run_peers_with(log, plan, models, presence, None, extras).await.map_err(Failure::from);
     }
