@@ -22,6 +22,9 @@ impl PlanEnv for FilesNextTo {
     fn read(&self, p: &str) -> Result<String, String> {
         std::fs::read_to_string(self.0.join(p)).map_err(|e| e.to_string())
     }
+    fn resolve(&self, p: &str) -> std::path::PathBuf {
+        self.0.join(p)
+    }
 }
 
 pub fn examples_dir() -> PathBuf {
@@ -72,6 +75,11 @@ pub fn offline_models(plan: &TeamPlan) -> HashMap<PeerId, Arc<dyn ChatModel>> {
                 ProviderSpec::Simulated { p_correct, susceptibility, seed } => {
                     Arc::new(Simulated::new(format!("simulated:{}", p.model), *p_correct, *susceptibility, *seed))
                 }
+                ProviderSpec::Program { command, cwd } => Arc::new(roundtable_models::CommandProgram::new(
+                    format!("program:{}", p.model),
+                    command.clone(),
+                    cwd.clone(),
+                )),
                 other => panic!("{} needs a live provider ({})", p.id, other.kind()),
             };
             (p.id.clone(), m)

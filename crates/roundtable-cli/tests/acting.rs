@@ -1,0 +1,199 @@
+//! Peers that act, end to end through the binary: a command tool in the conversation
+//! example, a program peer reporting to the peers a failure concerns, and a SIGKILL in
+//! the middle of a non-idempotent command, then `resume`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_roundtable"));
+    c.env_remove("ROUNDTABLE_DIR").env("NO_COLOR", "1");
+    c
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn run(args: &[&str], data: &Path) -> Output {
+    bin().args(args).arg("--data-dir").arg(data).output().expect("the binary runs")
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!("not JSON ({e}): {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    })
+}
+
+/// Every envelope of a session, from `export`.
+fn envelopes(id: &str, data: &Path) -> Vec<serde_json::Value> {
+    let o = run(&["export", id], data);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn of_kind<'a>(log: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    log.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+#[test]
+fn the_conversation_example_runs_its_command_tool_and_replays_without_running_it() {
+    let data = tempfile::tempdir().unwrap();
+    let team = examples().join("conversation.toml");
+    let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = json(&o);
+    assert_eq!(s["stop_reason"], "finished: architect proposed the answer");
+    let id = s["session"].as_str().unwrap();
+    let log = envelopes(id, data.path());
+    let results = of_kind(&log, "tool_result");
+    let checks: Vec<&&serde_json::Value> =
+        results.iter().filter(|r| r["body"]["json"]["tool"] == "run_checks").collect();
+    assert_eq!(checks.len(), 1);
+    let r = &checks[0]["body"]["json"];
+    assert_eq!((r["outcome"].as_str(), r["exit_status"].as_i64()), (Some("ok"), Some(0)), "{r}");
+    assert!(r["output"].as_str().unwrap().contains("5 passed, 0 failed"), "{r}");
+    // The tester's report went to the backend by name.
+    let report = log
+        .iter()
+        .find(|e| e["from"] == "tester" && e["kind"] == "message" && e["to"]["id"] == "backend")
+        .expect("a direct message from the tester to the backend");
+    assert!(report["body"]["text"].as_str().unwrap().contains("5 passed"));
+
+    let o = run(&["replay", id], data.path());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let o = run(&["trace", id], data.path());
+    let trace = String::from_utf8_lossy(&o.stdout);
+    assert!(trace.contains("run_checks({\"spec\": \"POST /users 201 409 422\"})"), "{trace}");
+}
+
+#[test]
+fn a_program_peer_reports_a_failing_check_to_the_two_peers_it_concerns() {
+    let data = tempfile::tempdir().unwrap();
+    let team = examples().join("failing-check.toml");
+    let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = json(&o);
+    assert_eq!(s["stop_reason"], "finished: backend proposed the answer");
+    let log = envelopes(s["session"].as_str().unwrap(), data.path());
+    let mut told: Vec<&str> = log
+        .iter()
+        .filter(|e| {
+            e["from"] == "ci"
+                && e["kind"] == "message"
+                && e["body"]["text"].as_str().unwrap_or("").contains("contract check failed")
+        })
+        .map(|e| e["to"]["id"].as_str().unwrap())
+        .collect();
+    told.sort();
+    assert_eq!(told, ["backend", "frontend"], "directly to the two peers, nobody else");
+    assert!(of_kind(&log, "failure").is_empty());
+}
+
+fn effect_team(dir: &Path, idempotent: bool) -> PathBuf {
+    std::fs::write(
+        dir.join("deploy.sh"),
+        "#!/bin/sh\n# Records the effect, then takes its time.\necho \"$1\" >> effects.txt\nsleep 20\n",
+    )
+    .unwrap();
+    let team = dir.join("team.toml");
+    std::fs::write(
+        &team,
+        format!(
+            r#"topic = "Ship v2"
+[models.m]
+provider = "scripted"
+[models.m.per_peer]
+ops = ['!tool deploy {{"version": "v2"}}', '!tool finish {{"answer": "v2 checked and out"}}']
+[[peers]]
+id = "ops"
+model = "m"
+tools = ["deploy"]
+[tools.deploy]
+kind = "command"
+argv = ["sh", "deploy.sh", "{{version}}"]
+parameters = {{ type = "object", properties = {{ version = {{ type = "string" }} }}, required = ["version"] }}
+cwd = "."
+timeout_secs = 60
+idempotent = {idempotent}
+[protocol]
+kind = "conversation"
+"#
+        ),
+    )
+    .unwrap();
+    team
+}
+
+#[test]
+fn sigkill_in_the_middle_of_a_non_idempotent_command_then_resume_runs_it_at_most_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = effect_team(dir.path(), false);
+    let data = dir.path().join("d");
+    let effects = dir.path().join("effects.txt");
+    let mut child = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&effects).is_ok_and(|s| s.lines().count() == 1) {
+        assert!(Instant::now() < deadline, "the deploy never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL, while the deploy sleeps
+    child.wait().unwrap();
+    let list = json(&run(&["sessions", "--json"], &data));
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let before = envelopes(&id, &data);
+    assert_eq!(of_kind(&before, "tool_call").len(), 1, "the call was recorded before it ran");
+    assert!(of_kind(&before, "tool_result").is_empty(), "and killed before its result");
+
+    let o = bin().args(["resume", &id, "--json", "--data-dir"]).arg(&data).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["final_answer"], "v2 checked and out");
+    assert_eq!(std::fs::read_to_string(&effects).unwrap().lines().count(), 1, "the deploy ran once, not twice");
+    let after = envelopes(&id, &data);
+    let results = of_kind(&after, "tool_result");
+    let deploy: Vec<_> = results.iter().filter(|r| r["body"]["json"]["tool"] == "deploy").collect();
+    assert_eq!(deploy.len(), 1);
+    assert_eq!(deploy[0]["body"]["json"]["outcome"], "unknown");
+    assert!(deploy[0]["body"]["text"].as_str().unwrap().contains("outcome unknown"));
+    // What was acknowledged before the kill is intact, in place.
+    assert_eq!(&after[..before.len()], &before[..]);
+}
+
+#[test]
+fn an_idempotent_command_interrupted_by_sigkill_runs_again_once_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = effect_team(dir.path(), true);
+    // Quick on the second run: the effect is recorded, then the script returns.
+    let data = dir.path().join("d");
+    let effects = dir.path().join("effects.txt");
+    let mut child = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&effects).is_ok_and(|s| s.lines().count() == 1) {
+        assert!(Instant::now() < deadline, "the deploy never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::write(dir.path().join("deploy.sh"), "#!/bin/sh\necho \"$1\" >> effects.txt\n").unwrap();
+    let id = json(&run(&["sessions", "--json"], &data))[0]["id"].as_str().unwrap().to_string();
+    let o = bin().args(["resume", &id, "--json", "--data-dir"]).arg(&data).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&effects).unwrap().lines().count(), 2, "run again, once");
+    let after = envelopes(&id, &data);
+    let r = of_kind(&after, "tool_result");
+    assert_eq!(r.len(), 2, "the deploy and the finish");
+    assert_eq!(r[0]["body"]["json"]["outcome"], "ok");
+}
