@@ -39,7 +39,14 @@ impl ChatModel for Mock {
             Vec::new()
         };
         let text = if calls.is_empty() { format!("note {}", req.ordinal) } else { String::new() };
-        Ok(ChatResponse { text, model: "mock".into(), prompt_tokens: 10, completion_tokens: 3, finish_reason: None, tool_calls: calls })
+        Ok(ChatResponse {
+            text,
+            model: "mock".into(),
+            prompt_tokens: 10,
+            completion_tokens: 3,
+            finish_reason: None,
+            tool_calls: calls,
+        })
     }
 }
 
@@ -66,11 +73,16 @@ async fn once(tool: bool) -> f64 {
     );
     let plan = parse_team("bench.toml", &src, &NoEnv).expect("valid");
     let model: Arc<dyn ChatModel> = Arc::new(Mock { tool });
-    let models: HashMap<PeerId, Arc<dyn ChatModel>> = plan.peers.iter().map(|p| (p.id.clone(), model.clone())).collect();
+    let models: HashMap<PeerId, Arc<dyn ChatModel>> =
+        plan.peers.iter().map(|p| (p.id.clone(), model.clone())).collect();
     let mut tools = ToolBox::new();
     tools.insert(
         "noop",
-        Arc::new(Noop(ToolDef { name: "noop".into(), description: String::new(), parameters: serde_json::json!({"type": "object"}) })),
+        Arc::new(Noop(ToolDef {
+            name: "noop".into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object"}),
+        })),
     );
     let log: Arc<dyn SessionLog> = Arc::new(SharedMemLog(Arc::new(MemLog::new(SessionId::from("bench")))));
     open_session(log.as_ref(), &plan, "pass the note").await.unwrap();

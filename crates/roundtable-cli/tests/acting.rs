@@ -197,3 +197,41 @@ fn an_idempotent_command_interrupted_by_sigkill_runs_again_once_on_resume() {
     assert_eq!(r.len(), 2, "the deploy and the finish");
     assert_eq!(r[0]["body"]["json"]["outcome"], "ok");
 }
+
+/// The reference MCP filesystem server, as `scripts/test.sh` installs it.
+fn filesystem_server() -> PathBuf {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/npm/node_modules/.bin/mcp-server-filesystem");
+    assert!(
+        bin.exists(),
+        "the fact-check test needs the MCP filesystem server: run ./scripts/test.sh, or `npm install --prefix target/npm @modelcontextprotocol/server-filesystem@2026.8.31` from the repository root"
+    );
+    bin.canonicalize().unwrap()
+}
+
+#[test]
+fn the_fact_check_example_reads_documents_through_the_mcp_filesystem_server() {
+    let server = filesystem_server();
+    let dir = tempfile::tempdir().unwrap();
+    // The example as it is, but with the server already installed (no download).
+    let src = std::fs::read_to_string(examples().join("fact-check.toml")).unwrap();
+    let npx = "\"npx\", \"-y\", \"@modelcontextprotocol/server-filesystem@2026.8.31\"";
+    assert!(src.contains(npx), "the example starts the server with npx");
+    let team = dir.path().join("fact-check.toml");
+    let here = examples().canonicalize().unwrap();
+    let src = src.replace(npx, &format!("{:?}", server.display().to_string()));
+    std::fs::write(&team, src.replace("cwd = \".\"", &format!("cwd = {:?}", here.display().to_string()))).unwrap();
+    let o = run(&["run", team.to_str().unwrap(), "--json"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = json(&o);
+    assert!(s["final_answer"].as_str().unwrap().starts_with("False on both counts"), "{s}");
+    let log = envelopes(s["session"].as_str().unwrap(), dir.path());
+    let read = log
+        .iter()
+        .find(|e| e["kind"] == "tool_result" && e["body"]["json"]["tool"] == "read_text_file")
+        .expect("the reader read a file");
+    assert_eq!(read["body"]["json"]["outcome"], "ok", "{read}");
+    assert!(read["body"]["json"]["output"].as_str().unwrap().contains("Launch date: Tuesday 14 April"));
+    let listed =
+        log.iter().find(|e| e["kind"] == "tool_result" && e["body"]["json"]["tool"] == "list_directory").unwrap();
+    assert!(listed["body"]["text"].as_str().unwrap().contains("launch-notes.md"));
+}
