@@ -4,15 +4,17 @@
 //! # Durability
 //! `append` returns only once the envelope's row is committed: once acknowledged, it
 //! survives the process being killed (SIGKILL) at any instant. Appends are group
-//! committed (see [`writer`](crate::writer)): an envelope is visible to the session's
-//! readers in this process as soon as it is appended, its row is written by the store's
-//! writer thread, and appends that overlap share one transaction. Rows are committed in
+//! committed (see [`commit`](crate::commit)): an envelope is visible to the session's
+//! readers in this process as soon as it is appended, its row is written by an appender
+//! whose row is not yet committed, and appends that overlap share one transaction. Rows are committed in
 //! sequence order, so whatever a killed process leaves is a prefix of its log that holds
 //! every acknowledged envelope; an envelope a peer saw but that was never acknowledged
 //! may be missing after a crash, together with everything after it.
 //! The database runs with `journal_mode=WAL` and `synchronous=NORMAL`, which is durable
 //! against process crashes; against power loss the last transactions may be lost (use
-//! [`Durability::Full`] to sync every commit).
+//! [`Durability::Full`] to sync every commit). Checkpoints (copying the WAL back into
+//! the database, which syncs both files) run every second on a thread of their own,
+//! never inside an append.
 //!
 //! # Reading
 //! An open session's log is cached in memory ([`MemLog`]), so peers share one copy of
@@ -39,10 +41,10 @@ use roundtable_core::workqueue::{QueueConfig, QueueError, WorkQueue};
 use roundtable_core::{Envelope, EnvelopeId, SessionId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+mod commit;
 mod reader;
-mod writer;
+use commit::{Checkpointer, Durable};
 pub use reader::SqliteReader;
-use writer::{Durable, Writer};
 
 /// How hard the database syncs to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -71,7 +73,7 @@ fn storage(context: &str, path: &Path, e: rusqlite::Error) -> LogError {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
-    writer: Arc<Writer>,
+    _checkpoints: Arc<Checkpointer>,
     open: Arc<Mutex<HashMap<SessionId, Arc<SqliteLog>>>>,
 }
 
@@ -107,6 +109,7 @@ impl SqliteStore {
         conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous={sync};
+             PRAGMA wal_autocheckpoint=0;
              CREATE TABLE IF NOT EXISTS envelopes (
                  session TEXT NOT NULL,
                  seq INTEGER NOT NULL,
@@ -120,8 +123,9 @@ impl SqliteStore {
         ))
         .map_err(|e| storage("preparing the database", path, e))?;
         let conn = Arc::new(Mutex::new(conn));
-        let writer = Arc::new(Writer::start(conn.clone(), path.to_path_buf())?);
-        Ok(SqliteStore { path: path.to_path_buf(), conn, writer, open: Default::default() })
+        // After the table exists: the checkpointer's connection needs the file in WAL mode.
+        let checkpoints = Checkpointer::start(path)?;
+        Ok(SqliteStore { path: path.to_path_buf(), conn, _checkpoints: checkpoints, open: Default::default() })
     }
 
     pub fn path(&self) -> &Path {
@@ -181,7 +185,7 @@ impl SqliteStore {
         let tx = conn.transaction().map_err(|e| storage("importing", &self.path, e))?;
         for (i, env) in envs.iter().enumerate() {
             tx.execute(
-                writer::INSERT,
+                commit::INSERT,
                 params![
                     session.as_str(),
                     i as i64 + 1,
@@ -219,9 +223,9 @@ impl LogStore for SqliteStore {
             })?;
         }
         let log = Arc::new(SqliteLog {
-            durable: Arc::new(Durable::new(mem.clone())),
+            durable: Arc::new(Durable::new(mem.clone(), self.conn.clone(), self.path.clone())),
             mem: SharedMemLog(mem),
-            writer: self.writer.clone(),
+            _checkpoints: self._checkpoints.clone(),
         });
         let mut open = self.open.lock().expect("open lock");
         let log = open.entry(session.clone()).or_insert(log).clone();
@@ -269,12 +273,12 @@ impl LogStore for SqliteStore {
     }
 }
 
-/// An open session of a [`SqliteStore`]: read from memory, appended through the
-/// store's writer (see the crate docs on durability).
+/// An open session of a [`SqliteStore`]: read from memory, made durable by group
+/// commit (see the crate docs on durability).
 struct SqliteLog {
     mem: SharedMemLog,
     durable: Arc<Durable>,
-    writer: Arc<Writer>,
+    _checkpoints: Arc<Checkpointer>,
 }
 
 #[async_trait]
@@ -287,11 +291,8 @@ impl SessionLog for SqliteLog {
             return Err(e);
         }
         let appended = self.durable.mem.append_now(env)?;
-        // A duplicate is acknowledged once the first append of its id is durable.
-        if !appended.duplicate {
-            self.writer.schedule(&self.durable);
-        }
-        self.durable.committed(appended.seq).await?;
+        // A duplicate too is acknowledged once the first append of its id is durable.
+        self.durable.commit(appended.seq).await?;
         Ok(appended)
     }
     async fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>, LogError> {
