@@ -1,5 +1,5 @@
-"""Medians of run.sh's JSON lines, as a Markdown table with ratios to Roundtable
-(persistence off) at the same message count."""
+"""Medians of run.sh's JSON lines, as a Markdown table with each row's messages/s
+against Roundtable's (persistence off) at the same message count."""
 
 import json
 import statistics
@@ -38,7 +38,7 @@ for line in open(sys.argv[1]):
 med = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]} | {"n": len(rs)} for k, rs in runs.items()}
 print(f"peers: {', '.join(map(str, sorted(peers)))}; medians of the runs counted in the last column")
 print()
-print("| framework | M | msgs/s | × Roundtable | µs/msg first 100 | µs/msg last 100 | last/first | added MiB | runs |")
+print("| framework | M | msgs/s | Roundtable (off) ÷ this | µs/msg first 100 | µs/msg last 100 | last/first | added MiB | runs |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 order = ["roundtable", "roundtable (persisted)", "autogen", "langgraph"]
 for m in sorted({m for m, _ in med}):
@@ -47,7 +47,7 @@ for m in sorted({m for m, _ in med}):
         r = med.get((m, name))
         if r is None:
             continue
-        times = f"{r['msgs_per_s'] / base:.4g}" if base else "–"
+        times = f"{base / r['msgs_per_s']:,.1f}" if base else "–"
         print(
             f"| {name} | {m:,} | {r['msgs_per_s']:,.0f} | {times} | {r['first']:.1f} | {r['last']:.1f} "
             f"| {r['ratio']:.2f} | {r['added']:.2f} | {r['n']} |"
