@@ -69,6 +69,8 @@ pub struct RoundsConfig {
     pub rounds: u32,
     /// The mock model's latency per call.
     pub latency_ms: u64,
+    /// Persist the log in SQLite (in a temporary directory), as a user's run does.
+    pub persist: bool,
 }
 
 /// What one parallel-rounds run measured.
@@ -106,7 +108,15 @@ pub async fn rounds(cfg: RoundsConfig) -> Result<RoundsResult, String> {
     let plan = debate_plan(cfg.peers, cfg.rounds);
     let latency = Duration::from_millis(cfg.latency_ms);
     let expected = cfg.peers * cfg.rounds as usize;
-    let log = MemStore::new().open(&new_session_id(), true).await.map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let log = if cfg.persist {
+        let path = dir.path().join("bench.db");
+        let store = roundtable_sqlite::SqliteStore::open(&path, true, roundtable_sqlite::Durability::Normal)
+            .map_err(|e| e.to_string())?;
+        store.open(&new_session_id(), true).await.map_err(|e| e.to_string())?
+    } else {
+        MemStore::new().open(&new_session_id(), true).await.map_err(|e| e.to_string())?
+    };
     let mock = Arc::new(LatencyModel { latency, calls: std::sync::Mutex::new(Vec::with_capacity(expected)) });
     let models: HashMap<PeerId, Arc<dyn ChatModel>> =
         plan.peers.iter().map(|p| (p.id.clone(), mock.clone() as Arc<dyn ChatModel>)).collect();
@@ -167,7 +177,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_debate_makes_every_call_of_every_round() {
-        let r = rounds(RoundsConfig { peers: 4, rounds: 3, latency_ms: 5 }).await.unwrap();
+        let r = rounds(RoundsConfig { peers: 4, rounds: 3, latency_ms: 5, persist: false }).await.unwrap();
         assert_eq!(r.calls, 12);
         assert_eq!(r.critical_path_ms, 15.0);
         assert!(r.wall_ms > 0.0 && r.ratio > 0.0);

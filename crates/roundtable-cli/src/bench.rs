@@ -53,7 +53,7 @@ pub(crate) struct BenchArgs {
     /// Messages per session (the task included), comma-separated (groupchat).
     #[arg(long, value_delimiter = ',', default_values_t = vec![200, 1000, 5000])]
     messages: Vec<u64>,
-    /// Persist the session log in SQLite (groupchat).
+    /// Persist the session log in SQLite (groupchat, rounds).
     #[arg(long, value_enum, default_value = "both")]
     persist: Persist,
     /// Have the mock model read the whole history on every call, as a provider
@@ -149,7 +149,13 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
                 serde_json::to_value(scale(ScaleConfig { peers: a.peers[0], rounds: a.rounds[0] }).await?)
             }
             Workload::Rounds => serde_json::to_value(
-                rounds(RoundsConfig { peers: a.peers[0], rounds: a.rounds[0], latency_ms: a.latency_ms }).await?,
+                rounds(RoundsConfig {
+                    peers: a.peers[0],
+                    rounds: a.rounds[0],
+                    latency_ms: a.latency_ms,
+                    persist: a.persist == Persist::On,
+                })
+                .await?,
             ),
             Workload::Tokens => {
                 let policy = match a.policy[0] {
@@ -176,13 +182,13 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
         return Ok(());
     }
     let mut configs: Vec<Vec<String>> = Vec::new();
+    let persists: &[&str] = match a.persist {
+        Persist::On => &["on"],
+        Persist::Off => &["off"],
+        Persist::Both => &["off", "on"],
+    };
     match a.workload {
         Workload::Groupchat => {
-            let persists: &[&str] = match a.persist {
-                Persist::On => &["on"],
-                Persist::Off => &["off"],
-                Persist::Both => &["off", "on"],
-            };
             for &m in &a.messages {
                 for &n in &a.peers {
                     for p in persists {
@@ -214,12 +220,15 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
         Workload::Rounds => {
             for &r in &a.rounds {
                 for &n in &a.peers {
-                    configs.push(vec![
-                        "rounds".into(),
-                        format!("--peers={n}"),
-                        format!("--rounds={r}"),
-                        format!("--latency-ms={}", a.latency_ms),
-                    ]);
+                    for p in persists {
+                        configs.push(vec![
+                            "rounds".into(),
+                            format!("--peers={n}"),
+                            format!("--rounds={r}"),
+                            format!("--latency-ms={}", a.latency_ms),
+                            format!("--persist={p}"),
+                        ]);
+                    }
                 }
             }
         }
@@ -376,9 +385,10 @@ fn print_header(w: Workload) {
             )
         }
         Workload::Rounds => println!(
-            "{:>5} {:>6} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}",
+            "{:>5} {:>6} {:>7} {:>6} {:>9} {:>9} {:>6} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9}",
             "peers",
             "rounds",
+            "persist",
             "L ms",
             "R×L ms",
             "wall ms",
@@ -430,9 +440,10 @@ fn print_row(w: Workload, r: &serde_json::Value) {
             f("rss_added_kib")
         ),
         Workload::Rounds => println!(
-            "{:>5} {:>6} {:>6} {:>9.0} {:>9.1} {:>6.3} {:>9.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2} {:>9.2}",
+            "{:>5} {:>6} {:>7} {:>6} {:>9.0} {:>9.1} {:>6.3} {:>9.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2} {:>9.2}",
             f("peers"),
             f("rounds"),
+            if r["persist"].as_bool() == Some(true) { "on" } else { "off" },
             f("latency_ms"),
             f("critical_path_ms"),
             f("wall_ms"),

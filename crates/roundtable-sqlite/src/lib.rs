@@ -2,17 +2,25 @@
 //! file (`.roundtable/roundtable.db` under the working directory by default).
 //!
 //! # Durability
-//! An envelope is written to the database inside `append`, before `append` returns:
-//! once acknowledged, it survives the process being killed (SIGKILL) at any instant.
+//! `append` returns only once the envelope's row is committed: once acknowledged, it
+//! survives the process being killed (SIGKILL) at any instant. Appends are group
+//! committed (see [`commit`](crate::commit)): an envelope is visible to the session's
+//! readers in this process as soon as it is appended, its row is written by an appender
+//! whose row is not yet committed, and appends that overlap share one transaction. Rows are committed in
+//! sequence order, so whatever a killed process leaves is a prefix of its log that holds
+//! every acknowledged envelope; an envelope a peer saw but that was never acknowledged
+//! may be missing after a crash, together with everything after it.
 //! The database runs with `journal_mode=WAL` and `synchronous=NORMAL`, which is durable
 //! against process crashes; against power loss the last transactions may be lost (use
-//! [`Durability::Full`] to sync every commit).
+//! [`Durability::Full`] to sync every commit). Checkpoints (copying the WAL back into
+//! the database, which syncs both files) run every second on a thread of their own,
+//! never inside an append.
 //!
 //! # Reading
-//! An open session's log is cached in memory ([`MemLog`] with a write-through sink), so
-//! peers share one copy of the history and tailing never touches the disk. Other
-//! processes (e.g. `roundtable sessions` while a session runs) read the database
-//! directly; WAL lets them read while the writer writes.
+//! An open session's log is cached in memory ([`MemLog`]), so peers share one copy of
+//! the history and tailing never touches the disk. Other processes (e.g.
+//! `roundtable sessions` while a session runs) read the database directly; WAL lets them
+//! read while the writer writes, and they see committed rows only.
 //!
 //! # One writer per session
 //! The in-process backend runs a session's peers in one process. Two processes
@@ -26,12 +34,16 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use roundtable_core::blackboard::{Blackboard, BoardError};
 use roundtable_core::bus::{Backend, BusError, MemParts, Presence};
-use roundtable_core::log::{Entry, LogError, LogErrorKind, LogStore, MemLog, SessionInfo, SessionLog, SharedMemLog};
+use roundtable_core::log::{
+    Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, MemLog, SessionInfo, SessionLog, SharedMemLog,
+};
 use roundtable_core::workqueue::{QueueConfig, QueueError, WorkQueue};
-use roundtable_core::{Envelope, SessionId};
+use roundtable_core::{Envelope, EnvelopeId, SessionId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+mod commit;
 mod reader;
+use commit::{Checkpointer, Durable};
 pub use reader::SqliteReader;
 
 /// How hard the database syncs to disk.
@@ -61,7 +73,8 @@ fn storage(context: &str, path: &Path, e: rusqlite::Error) -> LogError {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
-    open: Arc<Mutex<HashMap<SessionId, SharedMemLog>>>,
+    _checkpoints: Arc<Checkpointer>,
+    open: Arc<Mutex<HashMap<SessionId, Arc<SqliteLog>>>>,
 }
 
 impl SqliteStore {
@@ -96,6 +109,7 @@ impl SqliteStore {
         conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous={sync};
+             PRAGMA wal_autocheckpoint=0;
              CREATE TABLE IF NOT EXISTS envelopes (
                  session TEXT NOT NULL,
                  seq INTEGER NOT NULL,
@@ -108,7 +122,10 @@ impl SqliteStore {
              ) WITHOUT ROWID;"
         ))
         .map_err(|e| storage("preparing the database", path, e))?;
-        Ok(SqliteStore { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)), open: Default::default() })
+        let conn = Arc::new(Mutex::new(conn));
+        // After the table exists: the checkpointer's connection needs the file in WAL mode.
+        let checkpoints = Checkpointer::start(path)?;
+        Ok(SqliteStore { path: path.to_path_buf(), conn, _checkpoints: checkpoints, open: Default::default() })
     }
 
     pub fn path(&self) -> &Path {
@@ -168,7 +185,7 @@ impl SqliteStore {
         let tx = conn.transaction().map_err(|e| storage("importing", &self.path, e))?;
         for (i, env) in envs.iter().enumerate() {
             tx.execute(
-                "INSERT INTO envelopes (session, seq, id, kind, time_ms, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                commit::INSERT,
                 params![
                     session.as_str(),
                     i as i64 + 1,
@@ -189,7 +206,7 @@ impl SqliteStore {
 impl LogStore for SqliteStore {
     async fn open(&self, session: &SessionId, create: bool) -> Result<Arc<dyn SessionLog>, LogError> {
         if let Some(l) = self.open.lock().expect("open lock").get(session) {
-            return Ok(Arc::new(l.clone()));
+            return Ok(l.clone());
         }
         let existing = self.load(session)?;
         if existing.is_empty() && !create {
@@ -198,30 +215,21 @@ impl LogStore for SqliteStore {
                 format!("no session {session} in {} (see `roundtable sessions`)", self.path.display()),
             ));
         }
-        let conn = self.conn.clone();
-        let path = self.path.clone();
-        let sink = Box::new(move |e: &Entry| -> Result<(), LogError> {
-            let conn = conn.lock().expect("db lock");
-            let mut stmt = conn
-                .prepare_cached(
-                    "INSERT INTO envelopes (session, seq, id, kind, time_ms, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .map_err(|err| storage("appending", &path, err))?;
-            stmt.execute(params![
-                e.env.session.as_str(),
-                e.seq as i64,
-                e.env.id.as_str(),
-                e.env.kind.as_str(),
-                e.env.time_ms as i64,
-                e.env.to_json()
-            ])
-            .map_err(|err| storage("appending", &path, err))?;
-            Ok(())
+        let mem = Arc::new(MemLog::new(session.clone()));
+        for env in existing {
+            // `load` checked the sequence; the rows are the session's and distinct.
+            mem.append_now(env).map_err(|e| {
+                LogError::new(LogErrorKind::Corrupt, format!("session {session} in {}: {e}", self.path.display()))
+            })?;
+        }
+        let log = Arc::new(SqliteLog {
+            durable: Arc::new(Durable::new(mem.clone(), self.conn.clone(), self.path.clone())),
+            mem: SharedMemLog(mem),
+            _checkpoints: self._checkpoints.clone(),
         });
-        let log = SharedMemLog(Arc::new(MemLog::with_sink(session.clone(), existing, sink)));
         let mut open = self.open.lock().expect("open lock");
         let log = open.entry(session.clone()).or_insert(log).clone();
-        Ok(Arc::new(log))
+        Ok(log)
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, LogError> {
@@ -262,6 +270,42 @@ impl LogStore for SqliteStore {
             out.push(info);
         }
         Ok(out)
+    }
+}
+
+/// An open session of a [`SqliteStore`]: read from memory, made durable by group
+/// commit (see the crate docs on durability).
+struct SqliteLog {
+    mem: SharedMemLog,
+    durable: Arc<Durable>,
+    _checkpoints: Arc<Checkpointer>,
+}
+
+#[async_trait]
+impl SessionLog for SqliteLog {
+    fn session(&self) -> &SessionId {
+        self.mem.session()
+    }
+    async fn append(&self, env: Envelope) -> Result<Appended, LogError> {
+        if let Some(e) = self.durable.failure() {
+            return Err(e);
+        }
+        let appended = self.durable.mem.append_now(env)?;
+        // A duplicate too is acknowledged once the first append of its id is durable.
+        self.durable.commit(appended.seq).await?;
+        Ok(appended)
+    }
+    async fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>, LogError> {
+        self.mem.read(from, max).await
+    }
+    async fn last_seq(&self) -> Result<u64, LogError> {
+        self.mem.last_seq().await
+    }
+    async fn tail(&self, from: u64) -> Result<EntryStream, LogError> {
+        self.mem.tail(from).await
+    }
+    async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError> {
+        self.mem.seq_of(id).await
     }
 }
 
