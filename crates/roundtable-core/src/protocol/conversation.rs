@@ -83,6 +83,9 @@ pub struct Conversation {
     proposals: BTreeMap<PeerId, Arc<Envelope>>,
     /// Order in which proposals arrived (for `any`).
     first_proposal: Option<Arc<Envelope>>,
+    /// Proposals whose turn has not closed yet: they count once it has, so the stop
+    /// always follows the proposer's whole turn.
+    pending: Vec<(PeerId, u32, Arc<Envelope>)>,
     last_message: Option<Arc<Envelope>>,
     /// The last messages' (sender, addressee set key, normalized text).
     recent: VecDeque<(PeerId, String)>,
@@ -98,6 +101,7 @@ impl Conversation {
             open_calls: BTreeMap::new(),
             proposals: BTreeMap::new(),
             first_proposal: None,
+            pending: Vec::new(),
             last_message: None,
             recent: VecDeque::new(),
             repeats: 0,
@@ -217,10 +221,11 @@ impl Reducer for Conversation {
                 }
             }
             Kind::Proposal if env.step.starts_with(TURN_PREFIX) && facts.plan.peer(&env.from).is_some() => {
-                if self.first_proposal.is_none() {
-                    self.first_proposal = Some(env.clone());
+                if let Some((peer, n, _)) = parse_turn_step(&env.step)
+                    && peer == env.from.as_str()
+                {
+                    self.pending.push((env.from.clone(), n, env.clone()));
                 }
-                self.proposals.insert(env.from.clone(), env.clone());
             }
             Kind::Message | Kind::Failure => {
                 let Some((peer, n, tail)) = parse_turn_step(&env.step) else { return };
@@ -250,6 +255,16 @@ impl Reducer for Conversation {
                     let upto = seat.read_upto;
                     seat.mail.retain(|(seq, _, _)| *seq > upto);
                     self.any_turn = true;
+                    // The turn closed: its proposals count now.
+                    let (closed, open): (Vec<_>, Vec<_>) =
+                        std::mem::take(&mut self.pending).into_iter().partition(|(p, t, _)| *p == owner && *t <= n);
+                    self.pending = open;
+                    for (_, _, p) in closed {
+                        if self.first_proposal.is_none() {
+                            self.first_proposal = Some(p.clone());
+                        }
+                        self.proposals.insert(owner.clone(), p);
+                    }
                 }
                 if env.kind == Kind::Message && (tail.is_empty() || tail.starts_with("send/")) {
                     self.deliver(entry.seq, env, facts);
