@@ -391,9 +391,14 @@ pub fn estimate_tokens(text: &str) -> u32 {
 }
 
 /// Price per million tokens, for turning usage into money.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Price {
+    /// US dollars per million prompt tokens.
+    #[schemars(range(min = 0.0))]
     pub prompt_per_mtok: f64,
+    /// US dollars per million completion tokens.
+    #[schemars(range(min = 0.0))]
     pub completion_per_mtok: f64,
 }
 
