@@ -88,6 +88,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the team file's JSON Schema (for editors: a `#:schema PATH` first line in a
+    /// team file lets Even Better TOML complete and check it), or its reference page.
+    ///
+    /// `--write DIR` writes both, as DIR/team-file.schema.json and DIR/team-file.md
+    /// (the committed copies are regenerated with `roundtable schema --write docs`).
+    Schema {
+        /// Print the Markdown reference page instead of the schema.
+        #[arg(long)]
+        reference: bool,
+        /// Write team-file.schema.json and team-file.md into DIR instead of printing.
+        #[arg(long, value_name = "DIR", conflicts_with = "reference")]
+        write: Option<PathBuf>,
+    },
     /// List recorded sessions, newest first.
     Sessions {
         #[arg(long)]
@@ -220,6 +233,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Bench(args) => {
             bench::run(args).await.map_err(Failure::Runtime)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema { reference, write } => {
+            match write {
+                Some(dir) => {
+                    let write = |name: &str, text: String| {
+                        let path = dir.join(name);
+                        std::fs::write(&path, text).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))
+                    };
+                    write("team-file.schema.json", roundtable_core::team::schema::team_schema_text())?;
+                    write("team-file.md", roundtable_core::team::reference::reference_markdown())?;
+                }
+                None if reference => print!("{}", roundtable_core::team::reference::reference_markdown()),
+                None => print!("{}", roundtable_core::team::schema::team_schema_text()),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { team, json } => {
@@ -435,6 +463,28 @@ fn describe_plan(team: &Path, plan: &TeamPlan) {
     if let Some(t) = &plan.topic {
         println!("  topic     {t}");
     }
+    let termination = plan.termination.describe();
+    println!("  stop      {}", if termination.is_empty() { "when the protocol finishes".into() } else { termination });
+    let b = &plan.budget;
+    let mut limits = Vec::new();
+    let mut add = |name: &str, v: Option<String>| limits.extend(v.map(|v| format!("{name} {v}")));
+    add("max_tokens", b.max_tokens.map(|n| n.to_string()));
+    add("max_cost_usd", b.max_cost_usd.map(|n| n.to_string()));
+    add("max_calls", b.max_calls.map(|n| n.to_string()));
+    add("max_wall_secs", b.max_wall_ms.map(|n| (n as f64 / 1000.0).to_string()));
+    add("per peer max_tokens", b.per_peer.max_tokens.map(|n| n.to_string()));
+    add("per peer max_cost_usd", b.per_peer.max_cost_usd.map(|n| n.to_string()));
+    add("per peer max_calls", b.per_peer.max_calls.map(|n| n.to_string()));
+    println!("  budget    {}", if limits.is_empty() { "none".to_string() } else { limits.join(", ") });
+    let context = match &plan.context {
+        roundtable_core::team::ContextPolicy::Full => "full".to_string(),
+        roundtable_core::team::ContextPolicy::LastK { k } => format!("last_k (k {k})"),
+        roundtable_core::team::ContextPolicy::Summary { keep_rounds, summarizer, .. } => format!(
+            "summary (keep_rounds {keep_rounds}, summarizer {})",
+            summarizer.as_ref().map_or("the first present peer", |p| p.as_str())
+        ),
+    };
+    println!("  context   {context}");
 }
 
 /// Run every peer of the plan on this log, rendering as it goes.

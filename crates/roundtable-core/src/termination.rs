@@ -202,6 +202,37 @@ impl Termination {
         }
     }
 
+    /// The conditions in the team file's words (`max_rounds 4 or text_mention "DONE"`);
+    /// empty when there are none.
+    pub fn describe(&self) -> String {
+        match self {
+            Termination::Any(cs) | Termination::All(cs) => {
+                let sep = if matches!(self, Termination::Any(_)) { " or " } else { " and " };
+                let parts: Vec<String> = cs
+                    .iter()
+                    .map(|c| {
+                        let d = c.describe();
+                        if d.contains(" or ") || d.contains(" and ") { format!("({d})") } else { d }
+                    })
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                parts.join(sep)
+            }
+            Termination::MaxRounds(n) => format!("max_rounds {n}"),
+            Termination::MaxMessages(n) => format!("max_messages {n}"),
+            Termination::TokenBudget(n) => format!("token_budget {n}"),
+            Termination::CostBudget(c) => format!("cost_budget {c}"),
+            Termination::MaxCalls(n) => format!("max_calls {n}"),
+            Termination::TimeoutMs(ms) => format!("timeout_secs {}", *ms as f64 / 1000.0),
+            Termination::TextMention(m) => format!("text_mention {m:?}"),
+            Termination::JudgeVerdict => "judge_verdict".into(),
+            Termination::Confidence(c) => format!("confidence {c}"),
+            Termination::Convergence(c) => format!("convergence {c}"),
+            Termination::ConsensusReached => "consensus_reached".into(),
+            Termination::NoProgress(k) => format!("no_progress {k}"),
+        }
+    }
+
     /// The text to watch for, if a `text_mention` condition is present.
     pub fn mention(&self) -> Option<&str> {
         match self {

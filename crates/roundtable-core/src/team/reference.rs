@@ -110,28 +110,32 @@ pub fn reference_markdown() -> String {
          Values in TOML have no null: leave a key out to get its default.\n\n\
          ## Contents\n\n",
     );
+    // (title, key path prefix, schema)
     let sections: Vec<(&str, &str, Value)> = vec![
         ("Top level", "", schema.clone()),
-        ("`[models.NAME]`", "models.NAME", def(&defs, "RawModel")),
-        ("`price` (in `[models.NAME]`)", "models.NAME.price", def(&defs, "Price")),
-        ("`[[peers]]`", "peers[]", def(&defs, "RawPeer")),
-        ("`[protocol]`", "protocol", def(&defs, "RawProtocol")),
-        ("`[[protocol.sources]]`", "protocol.sources[]", def(&defs, "RawSource")),
-        ("`[[protocol.tasks]]`", "protocol.tasks[]", def(&defs, "RawTask")),
-        ("`[termination]`", "termination", def(&defs, "RawTermination")),
-        ("`[budget]`", "budget", def(&defs, "RawBudget")),
-        ("`[budget.per_peer]`", "budget.per_peer", def(&defs, "RawPeerBudget")),
-        ("`[context]`", "context", def(&defs, "RawContext")),
-        ("`[presence]`", "presence", def(&defs, "RawPresence")),
+        ("models.NAME", "models.NAME", def(&defs, "RawModel")),
+        ("models.NAME.price", "models.NAME.price", def(&defs, "Price")),
+        ("peers", "peers[]", def(&defs, "RawPeer")),
+        ("protocol", "protocol", def(&defs, "RawProtocol")),
+        ("protocol.sources", "protocol.sources[]", def(&defs, "RawSource")),
+        ("protocol.tasks", "protocol.tasks[]", def(&defs, "RawTask")),
+        ("termination", "termination", def(&defs, "RawTermination")),
+        ("budget", "budget", def(&defs, "RawBudget")),
+        ("budget.per_peer", "budget.per_peer", def(&defs, "RawPeerBudget")),
+        ("context", "context", def(&defs, "RawContext")),
+        ("presence", "presence", def(&defs, "RawPresence")),
     ];
     for (title, _, _) in &sections {
-        let _ = writeln!(out, "- [{}](#{})", title.replace('`', ""), anchor(title));
+        let _ = writeln!(out, "- [{title}](#{})", anchor(title));
     }
     let _ = writeln!(out, "- [Protocols and their keys](#protocols-and-their-keys)");
     let _ = writeln!(out, "- [Answer formats](#answer-formats)");
     let _ = writeln!(out, "- [Names that look alike](#names-that-look-alike)");
     for (title, path, s) in &sections {
-        let _ = writeln!(out, "\n## {}\n", title.replace('`', ""));
+        let _ = writeln!(out, "\n## {title}\n");
+        if let Some(h) = header(title) {
+            let _ = writeln!(out, "Written as `{h}`.\n");
+        }
         if let Some(d) = s.get("description").and_then(Value::as_str) {
             let _ = writeln!(out, "{}\n", one_paragraph(d));
         }
@@ -185,6 +189,24 @@ pub fn reference_markdown() -> String {
     out
 }
 
+/// How a section's table is written in a file.
+fn header(title: &str) -> Option<&'static str> {
+    Some(match title {
+        "models.NAME" => "[models.NAME]",
+        "models.NAME.price" => "price = { prompt_per_mtok = …, completion_per_mtok = … } inside [models.NAME]",
+        "peers" => "[[peers]] (one table per peer)",
+        "protocol" => "[protocol]",
+        "protocol.sources" => "[[protocol.sources]]",
+        "protocol.tasks" => "[[protocol.tasks]]",
+        "termination" => "[termination]",
+        "budget" => "[budget]",
+        "budget.per_peer" => "[budget.per_peer]",
+        "context" => "[context]",
+        "presence" => "[presence]",
+        _ => return None,
+    })
+}
+
 fn def(defs: &Value, name: &str) -> Value {
     defs.get(name).cloned().unwrap_or(Value::Null)
 }
@@ -202,7 +224,10 @@ fn one_paragraph(s: &str) -> String {
     s.split("\n\n").map(|p| p.replace('\n', " ")).collect::<Vec<_>>().join("\n\n")
 }
 
-fn resolve<'a>(defs: &'a Value, s: &'a Value) -> &'a Value {
+fn resolve<'a>(defs: &'a Value, mut s: &'a Value) -> &'a Value {
+    if let Some([one]) = s.get("allOf").and_then(Value::as_array).map(Vec::as_slice) {
+        s = one;
+    }
     match s.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/definitions/")) {
         Some(n) => defs.get(n).unwrap_or(s),
         None => s,
@@ -296,6 +321,7 @@ fn example(defs: &Value, key: &str, p: &Value) -> Option<String> {
 /// A JSON value written as TOML.
 fn toml_value(v: &Value) -> String {
     match v {
+        Value::Object(o) if o.is_empty() => "{}".into(),
         Value::Object(o) => {
             let parts: Vec<String> = o.iter().map(|(k, v)| format!("{k} = {}", toml_value(v))).collect();
             format!("{{ {} }}", parts.join(", "))

@@ -43,6 +43,13 @@ pub fn team_schema() -> Value {
     v
 }
 
+/// The schema as committed in `docs/team-file.schema.json`: pretty JSON and a newline.
+pub fn team_schema_text() -> String {
+    let mut s = serde_json::to_string_pretty(&team_schema()).expect("a schema is JSON");
+    s.push('\n');
+    s
+}
+
 /// The schema, built once per process (validation reads it for every file).
 pub(super) fn cached() -> &'static Value {
     static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
@@ -142,6 +149,9 @@ struct Walker {
 
 impl Walker {
     fn resolve<'a>(&'a self, mut s: &'a Value) -> &'a Value {
+        if let Some([one]) = s.get("allOf").and_then(Value::as_array).map(Vec::as_slice) {
+            s = one;
+        }
         while let Some(r) = s.get("$ref").and_then(Value::as_str) {
             match r.strip_prefix("#/definitions/").and_then(|n| self.defs.get(n)) {
                 Some(d) => s = d,
