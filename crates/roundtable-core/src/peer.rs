@@ -490,7 +490,7 @@ async fn not_answered(me: &Me, st: &SessionState, duty: &Duty, called: Called) -
     match called {
         Called::Answer { .. } | Called::Finished => unreachable!("answers are handled by the caller"),
         Called::Refused { scope: BudgetScope::Session, why } => {
-            let stop = st.stop_duty(why, st.best_answer(), Vec::new());
+            let stop = st.budget_stop(why);
             post(me, st, &stop, body_of(&stop)).await
         }
         Called::Refused { scope: BudgetScope::Peer, why } => {

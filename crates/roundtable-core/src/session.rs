@@ -170,7 +170,11 @@ impl SessionState {
     }
 
     /// Why the session should stop now, with the answer and what decided it.
-    pub fn stop_decision(&self, now_ms: u64) -> Option<(String, Option<Arc<str>>, Vec<EnvelopeId>)> {
+    ///
+    /// The answer is *accepted* only when the protocol finished by its own rule with an
+    /// answer. A termination condition, a budget, a timeout, failures or absence stop
+    /// the session with the leading candidate, not accepted.
+    pub fn stop_decision(&self, now_ms: u64) -> Option<StopDecision> {
         if self.stop.is_some() || self.task.is_none() {
             return None;
         }
@@ -179,14 +183,24 @@ impl SessionState {
             if self.tally.messages == 0 && self.tally.failures > 0 {
                 // The protocol ran its course, but on failures only: say so.
                 let last = self.last_failure.as_deref().unwrap_or("");
-                return Some((format!("{FAILED_PREFIX} no peer produced an answer; last: {last}"), None, Vec::new()));
+                return Some(StopDecision::not_accepted(
+                    format!("{FAILED_PREFIX} no peer produced an answer; last: {last}"),
+                    None,
+                    Vec::new(),
+                ));
             }
-            return Some((f.reason, f.answer, f.decided_by));
+            let accepted = f.answer.is_some();
+            return Some(StopDecision { reason: f.reason, answer: f.answer, decided_by: f.decided_by, accepted });
         }
         let signals = self.protocol.signals();
         if let Some(reason) = self.plan.termination.check(&self.tally, &signals, self.elapsed_ms(now_ms)) {
             let best = self.protocol.best_answer();
-            return Some((reason, best.as_ref().map(|b| b.0.clone()), best.into_iter().map(|b| b.1).collect()));
+            // The condition was reached by the latest contribution (or the best answer's).
+            let mut decided_by: Vec<EnvelopeId> = self.tally.last_call.iter().cloned().collect();
+            if decided_by.is_empty() {
+                decided_by.extend(best.as_ref().map(|b| b.1.clone()));
+            }
+            return Some(StopDecision::not_accepted(reason, best.map(|b| b.0), decided_by));
         }
         // Every peer failed once in a row (at least 3 failures): the models are down or
         // misconfigured, and going on would only record more failures.
@@ -194,18 +208,30 @@ impl SessionState {
         if self.failure_streak >= streak_limit {
             let best = self.protocol.best_answer();
             let last = self.last_failure.as_deref().unwrap_or("");
-            return Some((
+            return Some(StopDecision::not_accepted(
                 format!("{FAILED_PREFIX} {} model calls failed in a row; last: {last}", self.failure_streak),
-                best.as_ref().map(|b| b.0.clone()),
+                best.map(|b| b.0),
                 Vec::new(),
             ));
         }
         let everyone_absent = self.plan.peers.iter().all(|p| self.absent.contains(&p.id));
         if everyone_absent {
             let best = self.protocol.best_answer();
-            return Some(("absent: every peer is absent".into(), best.as_ref().map(|b| b.0.clone()), Vec::new()));
+            return Some(StopDecision::not_accepted(
+                "absent: every peer is absent".into(),
+                best.map(|b| b.0),
+                Vec::new(),
+            ));
         }
         None
+    }
+
+    /// The stop for a model call the session budget refused: it names the call that
+    /// reached the limit (the latest call on the log) and leaves the leading
+    /// candidate not accepted.
+    pub fn budget_stop(&self, why: String) -> Duty {
+        let decided_by = self.tally.last_call.iter().cloned().collect();
+        self.stop_duty(StopDecision::not_accepted(why, self.best_answer(), decided_by))
     }
 
     /// What `me` must do now.
@@ -213,8 +239,8 @@ impl SessionState {
         if self.stop.is_some() || self.task.is_none() {
             return Vec::new();
         }
-        if let Some((reason, answer, decided_by)) = self.stop_decision(now_ms) {
-            return vec![self.stop_duty(reason, answer, decided_by)];
+        if let Some(decision) = self.stop_decision(now_ms) {
+            return vec![self.stop_duty(decision)];
         }
         if self.absent.contains(me) {
             let n = self.absences.get(me).copied().unwrap_or(0);
@@ -270,10 +296,12 @@ impl SessionState {
     }
 
     /// The duty of recording the stop, for any peer.
-    pub fn stop_duty(&self, reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Duty {
+    pub fn stop_duty(&self, decision: StopDecision) -> Duty {
+        let StopDecision { reason, answer, decided_by, accepted } = decision;
         let json = serde_json::json!({
             "reason": reason,
             "answer": answer.as_deref(),
+            "accepted": accepted,
             "decided_by": decided_by.iter().map(EnvelopeId::as_str).collect::<Vec<_>>(),
             "round": self.round(),
             "messages": self.tally.messages,
@@ -320,6 +348,23 @@ impl SessionState {
 
     pub fn best_answer(&self) -> Option<Arc<str>> {
         self.protocol.best_answer().map(|b| b.0)
+    }
+}
+
+/// Why a session stops, with its answer, the envelopes that decided it, and whether
+/// the answer was accepted by the protocol's own rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StopDecision {
+    pub reason: String,
+    pub answer: Option<Arc<str>>,
+    pub decided_by: Vec<EnvelopeId>,
+    pub accepted: bool,
+}
+
+impl StopDecision {
+    /// A stop that leaves the leading candidate (if any) not accepted.
+    pub fn not_accepted(reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Self {
+        StopDecision { reason, answer, decided_by, accepted: false }
     }
 }
 
@@ -388,7 +433,13 @@ pub struct SessionSummary {
     pub topic: String,
     pub stopped: bool,
     pub stop_reason: Option<String>,
+    /// The answer the session ended with: the accepted answer when `answer_accepted`,
+    /// else the leading candidate when a limit stopped the session (or none).
     pub final_answer: Option<String>,
+    /// Whether the protocol accepted `final_answer` by its own rule. False when a
+    /// budget, a termination condition, a timeout, failures or absence stopped the
+    /// session first, and while it runs.
+    pub answer_accepted: bool,
     pub envelopes: u64,
     pub messages: u64,
     pub rounds: u32,
@@ -430,6 +481,12 @@ impl SessionSummary {
                     .or_else(|| (!s.env.body.text.is_empty()).then(|| s.env.body.text.to_string())),
                 None => st.best_answer().map(|a| a.to_string()),
             },
+            // Logs from before `accepted` was recorded: an answer in the stop counted.
+            answer_accepted: stop_json.as_ref().is_some_and(|j| {
+                j.get("accepted")
+                    .and_then(|a| a.as_bool())
+                    .unwrap_or_else(|| j.get("answer").is_some_and(|a| a.is_string()))
+            }),
             envelopes: entries.len() as u64,
             messages: st.tally.messages,
             rounds: st.round(),

@@ -34,6 +34,9 @@ pub struct Tally {
     pub per_peer: BTreeMap<PeerId, PeerTally>,
     /// The first contribution that mentioned the termination text, if any.
     pub mention: Option<(u64, PeerId)>,
+    /// The latest envelope that carries a model call's usage: the call a budget or a
+    /// total-based stop is decided by.
+    pub last_call: Option<crate::envelope::EnvelopeId>,
     /// Keep `per_peer` for this peer only. A peer reads only its own totals (its call
     /// ordinal, its budget); keeping everyone's in every peer would cost O(peers²).
     #[serde(skip)]
@@ -98,6 +101,7 @@ impl Tally {
             _ => {}
         }
         if let Some(u) = &env.usage {
+            self.last_call = Some(env.id.clone());
             let calls = u64::from(u.calls);
             self.calls += calls;
             self.prompt_tokens += u.prompt_tokens;

@@ -129,7 +129,7 @@ impl Fold {
 
     /// The stop decision: (reason, answer).
     pub fn stop(&self) -> Option<(String, Option<String>)> {
-        self.st.stop_decision(roundtable_core::envelope::now_ms()).map(|(r, a, _)| (r, a.map(|a| a.to_string())))
+        self.st.stop_decision(roundtable_core::envelope::now_ms()).map(|d| (d.reason, d.answer.map(|a| a.to_string())))
     }
 
     /// Record every collective post (rejections, announcements, awards) any peer owes.
