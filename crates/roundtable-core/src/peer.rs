@@ -426,7 +426,8 @@ async fn call_model(
     let req = ChatRequest {
         peer: cfg.me.clone(),
         step: duty.step.clone(),
-        ordinal: st.ordinal(&cfg.me) + in_turn.map_or(0, |t| t.calls),
+        ordinal: st.call_ordinal(&cfg.me, &duty.step) + in_turn.map_or(0, |t| t.calls),
+        round: duty.round + 1,
         system: Some(me.system.clone()),
         prelude,
         history,

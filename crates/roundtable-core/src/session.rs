@@ -58,6 +58,9 @@ pub struct SessionState {
     /// The last round covered by a summary, and summaries that failed.
     summary_upto: Option<u32>,
     summary_failed: BTreeSet<u32>,
+    /// Summaries of older rounds attempted (written or failed), in all and per peer.
+    summaries: u32,
+    summaries_by: std::collections::BTreeMap<PeerId, u32>,
 }
 
 impl SessionState {
@@ -88,6 +91,8 @@ impl SessionState {
             mention,
             summary_upto: None,
             summary_failed: BTreeSet::new(),
+            summaries: 0,
+            summaries_by: Default::default(),
         }
     }
 
@@ -139,12 +144,14 @@ impl SessionState {
                 self.absent.remove(&env.from);
             }
             Kind::Summary => {
+                self.count_summary(&env.from);
                 if let Some(upto) = summary_upto(&env.step) {
                     self.summary_upto = Some(self.summary_upto.map_or(upto, |c| c.max(upto)));
                 }
             }
             Kind::Failure => {
                 if let Some(upto) = summary_upto(&env.step) {
+                    self.count_summary(&env.from);
                     self.summary_failed.insert(upto);
                 }
                 // A failed model call carries the attempts' usage; a rejection recorded
@@ -344,6 +351,23 @@ impl SessionState {
     /// of its next call, which scripted replies are chosen by.
     pub fn ordinal(&self, me: &PeerId) -> u32 {
         self.tally.per_peer.get(me).map_or(0, |p| (p.messages_from_calls + p.failures) as u32)
+    }
+
+    /// The ordinal of `me`'s next call for `step`: summaries of older rounds are
+    /// counted apart from turns (the n-th summary of the session, whoever wrote the
+    /// earlier ones; the n-th turn of this peer), so a scripted summarizer's summary
+    /// never consumes one of its turn replies.
+    pub fn call_ordinal(&self, me: &PeerId, step: &str) -> u32 {
+        if summary_upto(step).is_some() {
+            self.summaries
+        } else {
+            self.ordinal(me).saturating_sub(self.summaries_by.get(me).copied().unwrap_or(0))
+        }
+    }
+
+    fn count_summary(&mut self, from: &PeerId) {
+        self.summaries += 1;
+        *self.summaries_by.entry(from.clone()).or_default() += 1;
     }
 
     pub fn best_answer(&self) -> Option<Arc<str>> {

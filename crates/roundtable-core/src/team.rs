@@ -158,6 +158,12 @@ pub enum ProviderSpec {
     Scripted {
         replies: Vec<String>,
         per_peer: BTreeMap<String, Vec<String>>,
+        /// Replies for summaries of older rounds, apart from turns.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        summary_replies: Vec<String>,
+        /// Start a list over when it runs out (plans stored before this existed did).
+        #[serde(default = "yes")]
+        cycle: bool,
     },
     Simulated {
         p_correct: f64,
@@ -171,6 +177,10 @@ pub enum ProviderSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cwd: Option<std::path::PathBuf>,
     },
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ProviderSpec {
@@ -1013,11 +1023,13 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
         ProviderKind::Scripted => {
             let mut replies = m.replies.unwrap_or_default();
             let mut per_peer = m.per_peer;
+            let mut summary_replies = m.summary_replies.unwrap_or_default();
             if let Some(f) = &m.replies_file {
                 match env.read(f.get_ref()) {
                     Ok(text) => match parse_replies_file(f.get_ref(), &text) {
-                        Ok((r, p)) => {
+                        Ok((r, p, sr)) => {
                             replies.extend(r);
+                            summary_replies.extend(sr);
                             for (k, v) in p {
                                 per_peer.entry(k).or_default().extend(v);
                             }
@@ -1038,7 +1050,7 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
                     "a scripted model needs `replies`, `per_peer` or `replies_file`",
                 );
             }
-            ProviderSpec::Scripted { replies, per_peer }
+            ProviderSpec::Scripted { replies, per_peer, summary_replies, cycle: m.cycle.unwrap_or(false) }
         }
         ProviderKind::Simulated => {
             let p = m.p_correct.unwrap_or(0.7);
@@ -1096,9 +1108,10 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
     })
 }
 
-/// A replies file: TOML with `replies = [...]` and `[per_peer]`, or plain text with
-/// replies separated by lines holding only `---`.
-fn parse_replies_file(name: &str, text: &str) -> Result<(Vec<String>, BTreeMap<String, Vec<String>>), String> {
+/// A replies file: TOML with `replies = [...]`, `summary_replies = [...]` and
+/// `[per_peer]`, or plain text with replies separated by lines holding only `---`.
+type Replies = (Vec<String>, BTreeMap<String, Vec<String>>, Vec<String>);
+fn parse_replies_file(name: &str, text: &str) -> Result<Replies, String> {
     if name.ends_with(".toml") {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -1107,16 +1120,18 @@ fn parse_replies_file(name: &str, text: &str) -> Result<(Vec<String>, BTreeMap<S
             replies: Vec<String>,
             #[serde(default)]
             per_peer: BTreeMap<String, Vec<String>>,
+            #[serde(default)]
+            summary_replies: Vec<String>,
         }
         let f: F = toml::from_str(text).map_err(|e| {
             let (l, c) = line_col(text, e.span().map_or(0, |s| s.start));
             format!("{name}:{l}:{c}: {}", e.message().trim())
         })?;
-        Ok((f.replies, f.per_peer))
+        Ok((f.replies, f.per_peer, f.summary_replies))
     } else {
         let replies: Vec<String> =
             text.split("\n---\n").map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        Ok((replies, BTreeMap::new()))
+        Ok((replies, BTreeMap::new(), Vec::new()))
     }
 }
 

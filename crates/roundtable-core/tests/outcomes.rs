@@ -15,8 +15,7 @@ fn review(extra: &str) -> roundtable_core::team::TeamPlan {
         ("security", &[r#"{"approve": false, "reason": "SQL built by string concatenation"}"#]),
         ("perf", &[r#"{"approve": false, "reason": "N+1 queries"}"#]),
         ("style", &[r#"{"approve": true, "reason": "fine"}"#]),
-    ])
-    .replace("replies = [\"(no script)\"]", "replies = [\"(no script)\"]\ncycle = true");
+    ]);
     plan(&format!(
         "{model}{}[protocol]\nkind = \"consensus\"\nproposer = \"author\"\nrounds = 3\n{extra}\n",
         peers(&["author", "security", "perf", "style"])
@@ -57,4 +56,34 @@ async fn a_termination_stop_is_not_an_acceptance_and_the_protocols_rule_is() {
     let (_, s) = run(&review("threshold = 0.3"), "Review PR 42").await;
     assert!(s.answer_accepted, "{:?}", s.stop_reason);
     assert_eq!(s.final_answer.as_deref(), Some("Approve the patch as written."));
+}
+
+/// Scripted models are predictable: a summarizer's summaries come from its own list
+/// and never consume its turns' replies, `{round}` is filled in (from 1), and a list
+/// that runs out fails the call instead of starting over.
+#[tokio::test]
+async fn scripted_summaries_are_apart_rounds_are_filled_in_and_running_out_is_an_error() {
+    let src = |rounds: u32| {
+        format!(
+            "[models.m]\nprovider = \"scripted\"\nsummary_replies = [\"S{{n}} (round {{round}})\", \"S{{n}} (round {{round}})\"]\n\
+             [models.m.per_peer]\na = [\"a1 r{{round}}\", \"a2 r{{round}}\", \"a3 r{{round}}\"]\n\
+             b = [\"b1 r{{round}}\", \"b2 r{{round}}\", \"b3 r{{round}}\"]\n{}\
+             [protocol]\nkind = \"round_robin\"\nrounds = {rounds}\n\
+             [context]\npolicy = \"summary\"\nkeep_rounds = 1\nsummarizer = \"b\"\n",
+            peers(&["a", "b"])
+        )
+    };
+    let plan = common::plan(&src(3));
+    let (log, s) = run(&plan, "topic").await;
+    assert_eq!(s.failures, 0, "{:?}", s.stop_reason);
+    let texts = |kind: Kind| -> Vec<String> {
+        log.iter().filter(|e| e.kind == kind).map(|e| e.body.text.to_string()).collect()
+    };
+    assert_eq!(texts(Kind::Message), ["a1 r1", "b1 r1", "a2 r2", "b2 r2", "a3 r3", "b3 r3"]);
+    assert_eq!(texts(Kind::Summary), ["S1 (round 3)"], "one summary, before round 3, from its own list");
+
+    // A fourth round needs a fourth reply: the call fails, naming the peer.
+    let (log, _) = run(&common::plan(&src(4)), "topic").await;
+    let failure = log.iter().find(|e| e.kind == Kind::Failure && e.usage.is_some()).expect("a failed call");
+    assert!(failure.body.text.contains("ran out of replies for peer a"), "{}", failure.body.text);
 }

@@ -143,8 +143,11 @@ pub struct ChatRequest {
     /// seeding, tracing).
     pub peer: PeerId,
     pub step: Arc<str>,
-    /// How many calls this peer made before this one in the session (from the log).
+    /// How many calls of this kind (turns, or summaries of older rounds) this peer made
+    /// before this one in the session (from the log).
     pub ordinal: u32,
+    /// The protocol round the call is for, counted from 1 (0 when there is none).
+    pub round: u32,
     pub system: Option<Arc<str>>,
     /// Messages before the window (a summary of older rounds).
     pub prelude: Vec<ChatMessage>,
@@ -186,6 +189,7 @@ impl ChatRequest {
             peer: PeerId::from(peer),
             step: Arc::from("call"),
             ordinal: 0,
+            round: 0,
             system: None,
             prelude: Vec::new(),
             history: Arc::new(Transcript::default()),

@@ -59,7 +59,7 @@ pub const ANSWER_FORMATS: &[AnswerFormat] = &[
         kind: "consensus",
         who: "voters",
         format: r#"{"approve": true|false, "reason": "<why; what would change your mind>"}"#,
-        fallback: "`{\"vote\": \"approve\"|\"reject\"}`, or free text whose first word is APPROVE or REJECT (case and punctuation ignored); anything else is recorded as malformed and counts as no approval",
+        fallback: "`{\"vote\": \"approve\"|\"reject\"}`, or free text read by its words, case and punctuation ignored: `approve`, `approved`, `approves`, `lgtm` approve (`not approve` and the like reject), `reject`, `rejected`, `rejects` reject; a reply with both or neither is recorded as malformed and counts as no approval",
     },
     AnswerFormat {
         kind: "adversarial",
@@ -71,13 +71,13 @@ pub const ANSWER_FORMATS: &[AnswerFormat] = &[
         kind: "adversarial",
         who: "the judge",
         format: r#"{"objection_valid": true|false, "reason": "<why>"}"#,
-        fallback: "anything else is recorded as malformed",
+        fallback: "free text read by its words as for consensus votes (approving words mean valid); else malformed",
     },
     AnswerFormat {
         kind: "adversarial",
         who: "voters",
         format: r#"{"valid": true|false, "reason": "<why>"}"#,
-        fallback: "anything else is recorded as malformed",
+        fallback: "free text read by its words as for consensus votes (approving words mean valid); else malformed",
     },
     AnswerFormat {
         kind: "contract_net",

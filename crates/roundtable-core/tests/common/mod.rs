@@ -34,9 +34,10 @@ pub fn simulated(p: f64, s: f64, seed: u64) -> String {
 }
 
 /// A scripted model `m` with per-peer replies (TOML literal strings, so JSON needs no
-/// escaping).
+/// escaping), each list starting over when it runs out.
 pub fn scripted(per_peer: &[(&str, &[&str])]) -> String {
-    let mut s = "[models.m]\nprovider = \"scripted\"\nreplies = [\"(no script)\"]\n[models.m.per_peer]\n".to_string();
+    let mut s = "[models.m]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"(no script)\"]\n[models.m.per_peer]\n"
+        .to_string();
     for (peer, replies) in per_peer {
         let list: Vec<String> = replies.iter().map(|r| format!("'''{r}'''")).collect();
         s.push_str(&format!("{peer} = [{}]\n", list.join(", ")));
