@@ -426,7 +426,7 @@ fn team_file(p: Pattern, agents: usize, rounds: u32, vote: VoteRule) -> String {
         }
     };
     format!(
-        "name = \"eval-{}\"\n[models.m]\nprovider = \"scripted\"\nreplies = [\"unused\"]\n\n{}\n[protocol]\n{protocol}\n",
+        "name = \"eval-{}\"\n[models.m]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"unused\"]\n\n{}\n[protocol]\n{protocol}\n",
         p.name(),
         peers(&members)
     )

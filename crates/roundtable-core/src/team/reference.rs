@@ -155,9 +155,8 @@ pub fn reference_markdown() -> String {
     }
     out.push_str(
         "\n## Answer formats\n\n\
-         What each protocol asks models to answer. Providers that offer structured output are asked for\n\
-         the JSON object; every reply is parsed the same way whatever the provider, and a reply that is\n\
-         not the JSON object is read by the fallback.\n\n\
+         What each protocol asks models to answer. Every reply is parsed the same way whatever the\n\
+         provider: the JSON object first (anywhere in the reply), then the fallback.\n\n\
          | protocol | who | asked for | otherwise |\n|---|---|---|---|\n",
     );
     for f in ANSWER_FORMATS {
@@ -183,8 +182,9 @@ pub fn reference_markdown() -> String {
          - **`group` is not a role.** A peer's `group` names a visibility group: a message addressed to the\n  \
          group is seen by its members and its sender only. Protocol keys (`members`, `voters`, `judge`,\n  \
          `order`, …) take peer ids, never group names.\n\
-         - **Rounds count from 1** everywhere people read them: `rounds`, `max_rounds`, `{round}` in\n  \
-         scripted replies, and the summary's \"in round N\".\n",
+         - **Rounds in the file count from 1**: `rounds`, `max_rounds`, `{round}` in scripted replies\n  \
+         and the stop reasons (\"consensus in round 2\") do. Step names on the log (`r0/answer`,\n  \
+         `jury/r0/commit`) are ids and count from 0.\n",
     );
     out
 }
