@@ -135,10 +135,20 @@ enum Command {
     /// per context policy, NATS latency and throughput (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Continue a session that was cut off, from its log.
+    ///
+    /// `--extend` continues a session that already stopped (on a budget, say) with a
+    /// larger budget: its log is append-only and its stop is a fact, so it goes on as a
+    /// new session made of everything before the stop (like `fork`), under the new
+    /// limits.
     Resume {
         session: String,
         #[arg(long)]
         json: bool,
+        /// Continue a stopped session as a new one, with the budget flags given.
+        #[arg(long)]
+        extend: bool,
+        #[command(flatten)]
+        budget: observe::BudgetArgs,
         /// Serve Prometheus metrics of the session at http://ADDR/metrics while it runs.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
@@ -290,7 +300,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 .await?;
             finish(&summary, json)
         }
-        Command::Resume { session, json, metrics, remote } => {
+        Command::Resume { session, json, metrics, remote, extend, budget } => {
+            if extend {
+                if remote.url().is_some() {
+                    return Err(Failure::Input("--extend is for local sessions, not --nats".into()));
+                }
+                return observe::extend(&dir, &session, json, budget).await;
+            }
+            if budget.any() {
+                return Err(Failure::Input(
+                    "budget flags apply with --extend (to continue a stopped session) or to `fork`".into(),
+                ));
+            }
             if remote.url().is_some() {
                 return nats::resume(&dir, &session, json, metrics, &remote).await;
             }
@@ -344,12 +365,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             } else if list.is_empty() {
                 println!("No sessions yet.");
             } else {
-                println!("{:<24} {:<22} {:>9}  {:<20} STATUS", "SESSION", "TEAM", "ENVELOPES", "STARTED (UTC)");
+                // Columns as wide as their widest cell (ids and names are padded as
+                // strings: a Display impl may ignore the width).
+                let wid = list.iter().map(|s| s.id.to_string().chars().count()).max().unwrap_or(0).max(7);
+                let wteam =
+                    list.iter().map(|s| s.team.as_deref().unwrap_or("?").chars().count()).max().unwrap_or(0).max(4);
+                println!(
+                    "{:<wid$}  {:<wteam$}  {:>9}  {:<19}  STATUS",
+                    "SESSION", "TEAM", "ENVELOPES", "STARTED (UTC)"
+                );
                 for s in list {
                     let (y, mo, d, h, mi, sec) = roundtable_core::session::civil(s.first_ms / 1000);
                     println!(
-                        "{:<24} {:<22} {:>9}  {y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02}  {}",
-                        s.id,
+                        "{:<wid$}  {:<wteam$}  {:>9}  {y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02}  {}",
+                        s.id.to_string(),
                         s.team.as_deref().unwrap_or("?"),
                         s.envelopes,
                         s.stop.as_deref().map_or_else(|| "open (resume it)".to_string(), |r| format!("stopped: {r}"))

@@ -566,6 +566,11 @@ fn a_budget_stop_shows_the_leading_candidate_as_not_accepted() {
     let out = stdout(&o);
     assert!(out.contains("Leading candidate, not accepted"), "{out}");
     assert!(!out.contains("Final answer"), "{out}");
-    let o = run(&["run", team.to_str().unwrap(), "--no-persist", "--json"], &data);
-    assert_eq!(json(&o)["answer_accepted"], false);
+    let o = run(&["run", team.to_str().unwrap(), "--json"], &data);
+    let s = json(&o);
+    assert_eq!(s["answer_accepted"], false);
+    // The trace names the call that reached the budget and labels the candidate.
+    let t = stdout(&run(&["trace", s["session"].as_str().unwrap()], &data));
+    assert!(t.contains("leading candidate, not accepted: \"Approve the patch as written.\""), "{t}");
+    assert!(t.contains("decided by #") && !t.contains("It names no envelope"), "{t}");
 }
