@@ -375,6 +375,23 @@ impl SessionState {
     }
 }
 
+/// The rounds a session reached, counted from 1 as people count them: the latest round
+/// any contribution was made in, plus one (envelopes stamp rounds from 0), and never more
+/// than the protocol's configured rounds (a round robin's final summary is stamped with
+/// the round after the last).
+fn rounds_reached(plan: &TeamPlan, entries: &[Entry]) -> u32 {
+    let latest = entries
+        .iter()
+        .filter(|e| {
+            !matches!(e.env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::Summary)
+        })
+        .map(|e| e.env.round)
+        .max();
+    let reached = latest.map_or(0, |r| r + 1);
+    let configured = serde_json::to_value(&plan.protocol).ok().and_then(|p| p.get("rounds")?.as_u64());
+    configured.map_or(reached, |n| reached.min(n as u32))
+}
+
 /// Why a session stops, with its answer, the envelopes that decided it, and whether
 /// the answer was accepted by the protocol's own rule.
 #[derive(Clone, Debug, PartialEq)]
@@ -466,6 +483,7 @@ pub struct SessionSummary {
     pub answer_accepted: bool,
     pub envelopes: u64,
     pub messages: u64,
+    /// Rounds reached, counted from 1.
     pub rounds: u32,
     pub calls: u64,
     pub prompt_tokens: u64,
@@ -513,7 +531,7 @@ impl SessionSummary {
             }),
             envelopes: entries.len() as u64,
             messages: st.tally.messages,
-            rounds: st.round(),
+            rounds: rounds_reached(&plan, entries),
             calls: st.tally.calls,
             prompt_tokens: st.tally.prompt_tokens,
             completion_tokens: st.tally.completion_tokens,

@@ -51,10 +51,12 @@ async fn a_termination_stop_is_not_an_acceptance_and_the_protocols_rule_is() {
     let (_, s) = run(&review(""), "Review PR 42").await;
     assert!(!s.answer_accepted);
     assert_eq!(s.final_answer, None, "{:?}", s.stop_reason);
+    assert_eq!(s.rounds, 3, "rounds are counted from 1: {:?}", s.stop_reason);
 
     // With the threshold met, the answer is accepted.
     let (_, s) = run(&review("threshold = 0.3"), "Review PR 42").await;
     assert!(s.answer_accepted, "{:?}", s.stop_reason);
+    assert_eq!((s.stop_reason.as_deref().unwrap().contains("in round 1"), s.rounds), (true, 1), "{:?}", s.stop_reason);
     assert_eq!(s.final_answer.as_deref(), Some("Approve the patch as written."));
 }
 
