@@ -131,6 +131,7 @@ pub fn reference_markdown() -> String {
     let _ = writeln!(out, "- [Protocols and their keys](#protocols-and-their-keys)");
     let _ = writeln!(out, "- [Answer formats](#answer-formats)");
     let _ = writeln!(out, "- [Names that look alike](#names-that-look-alike)");
+    let _ = writeln!(out, "- [Which runs repeat exactly](#which-runs-repeat-exactly)");
     for (title, path, s) in &sections {
         let _ = writeln!(out, "\n## {title}\n");
         if let Some(h) = header(title) {
@@ -184,7 +185,17 @@ pub fn reference_markdown() -> String {
          `order`, …) take peer ids, never group names.\n\
          - **Rounds in the file count from 1**: `rounds`, `max_rounds`, `{round}` in scripted replies\n  \
          and the stop reasons (\"consensus in round 2\") do. Step names on the log (`r0/answer`,\n  \
-         `jury/r0/commit`) are ids and count from 0.\n",
+         `jury/r0/commit`) are ids and count from 0.\n\
+         \n## Which runs repeat exactly\n\n\
+         Two runs of a team with `scripted` models (or `simulated` ones) make the same decisions and the same\n\
+         answers. Their logs are the same apart from times and ids, prompt tokens included, for the\n\
+         protocols where each peer sees a fixed view: `round_robin` (one speaker at a time), the\n\
+         simultaneous rounds of `debate`, `emergent`, `hybrid` and `jury` (each member sees exactly the\n\
+         previous round), `blackboard`, `work_queue` and `contract_net`. Where several peers act at once\n\
+         while reading the history as it stands — `consensus` and `adversarial` voters, several critics in\n\
+         `proposer_critic` — a peer's prompt may or may not hold a same-round reply that landed just\n\
+         before its call, so prompt tokens (and what a real model answers) can differ between runs;\n\
+         the decision rules do not read that order.\n",
     );
     out
 }
