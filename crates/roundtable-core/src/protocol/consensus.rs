@@ -116,24 +116,6 @@ pub fn free_text_approval(text: &str) -> Option<bool> {
     }
 }
 
-#[cfg(test)]
-mod free_text_tests {
-    use super::free_text_approval as read;
-
-    #[test]
-    fn free_text_votes_read_the_same_wherever_the_word_stands() {
-        assert_eq!(read("Approve - simpler now, fine to merge."), Some(true));
-        assert_eq!(read("LGTM from security, approve."), Some(true));
-        assert_eq!(read("lgtm"), Some(true));
-        assert_eq!(read("REJECT: string concatenation into SQL"), Some(false));
-        assert_eq!(read("I do not approve this patch."), Some(false));
-        assert_eq!(read("I can\u{2019}t approve it yet."), Some(false));
-        assert_eq!(read("Approve the idea, reject the patch."), None, "both: cannot be read");
-        assert_eq!(read("Looks fine to me."), None, "neither");
-        assert_eq!(read("Disapprove."), None, "a word, not a substring");
-    }
-}
-
 pub struct Consensus {
     spec: ConsensusSpec,
     round: u32,
@@ -326,5 +308,23 @@ impl Reducer for Consensus {
             return Some((t.clone(), id.clone()));
         }
         self.proposal.clone()
+    }
+}
+
+#[cfg(test)]
+mod free_text_tests {
+    use super::free_text_approval as read;
+
+    #[test]
+    fn free_text_votes_read_the_same_wherever_the_word_stands() {
+        assert_eq!(read("Approve - simpler now, fine to merge."), Some(true));
+        assert_eq!(read("LGTM from security, approve."), Some(true));
+        assert_eq!(read("lgtm"), Some(true));
+        assert_eq!(read("REJECT: string concatenation into SQL"), Some(false));
+        assert_eq!(read("I do not approve this patch."), Some(false));
+        assert_eq!(read("I can\u{2019}t approve it yet."), Some(false));
+        assert_eq!(read("Approve the idea, reject the patch."), None, "both: cannot be read");
+        assert_eq!(read("Looks fine to me."), None, "neither");
+        assert_eq!(read("Disapprove."), None, "a word, not a substring");
     }
 }

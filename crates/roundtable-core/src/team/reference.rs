@@ -124,6 +124,7 @@ pub fn reference_markdown() -> String {
         ("budget.per_peer", "budget.per_peer", def(&defs, "RawPeerBudget")),
         ("context", "context", def(&defs, "RawContext")),
         ("presence", "presence", def(&defs, "RawPresence")),
+        ("tools.NAME", "tools.NAME", def(&defs, "RawTool")),
     ];
     for (title, _, _) in &sections {
         let _ = writeln!(out, "- [{title}](#{})", anchor(title));
@@ -214,6 +215,7 @@ fn header(title: &str) -> Option<&'static str> {
         "budget.per_peer" => "[budget.per_peer]",
         "context" => "[context]",
         "presence" => "[presence]",
+        "tools.NAME" => "[tools.NAME]",
         _ => return None,
     })
 }

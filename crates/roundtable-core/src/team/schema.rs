@@ -237,16 +237,16 @@ impl Walker {
         let at = v.span().start;
         let ty = expected_type(&schema);
         let found = v.get_ref().type_str();
-        let fits = match (ty.as_deref(), v.get_ref()) {
-            (None, _) => true,
-            (Some("string"), DeValue::String(_)) => true,
-            (Some("integer"), DeValue::Integer(_)) => true,
-            (Some("number"), DeValue::Integer(_) | DeValue::Float(_)) => true,
-            (Some("boolean"), DeValue::Boolean(_)) => true,
-            (Some("array"), DeValue::Array(_)) => true,
-            (Some("object"), DeValue::Table(_)) => true,
-            _ => false,
-        };
+        let fits = matches!(
+            (ty.as_deref(), v.get_ref()),
+            (None, _)
+                | (Some("string"), DeValue::String(_))
+                | (Some("integer"), DeValue::Integer(_))
+                | (Some("number"), DeValue::Integer(_) | DeValue::Float(_))
+                | (Some("boolean"), DeValue::Boolean(_))
+                | (Some("array"), DeValue::Array(_))
+                | (Some("object"), DeValue::Table(_))
+        );
         if !fits {
             let want = match ty.as_deref() {
                 Some("object") => "a table",
