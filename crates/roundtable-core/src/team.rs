@@ -347,6 +347,7 @@ enum ProviderKind {
     Scripted,
     /// A seeded noisy oracle for tasks with known answers (arithmetic, multiple choice).
     Simulated,
+    /// A program of your own that answers for the peer (JSON lines on stdin and stdout).
     Program,
 }
 
@@ -420,8 +421,10 @@ struct RawModel {
     /// simulated: the random seed (answers are a function of seed, peer and step).
     #[schemars(extend("default" = 0))]
     seed: Option<u64>,
-    // program
+    /// program: the command that answers for the peer (JSON lines on stdin and stdout).
+    #[schemars(with = "Option<Vec<String>>")]
     command: Option<Spanned<Vec<String>>>,
+    /// program: the command's working directory, relative to the team file.
     cwd: Option<String>,
 }
 
