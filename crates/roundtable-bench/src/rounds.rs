@@ -51,7 +51,8 @@ impl ChatModel for LatencyModel {
 /// A debate of `n` members over `rounds` rounds (round 0 included), decided by
 /// plurality, with no other stop condition.
 pub fn debate_plan(n: usize, rounds: u32) -> TeamPlan {
-    let mut src = String::from("name = \"rounds\"\n[models.mock]\nprovider = \"scripted\"\nreplies = [\"-\"]\n");
+    let mut src =
+        String::from("name = \"rounds\"\n[models.mock]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"-\"]\n");
     for i in 0..n {
         src.push_str(&format!("[[peers]]\nid = \"p{i}\"\nmodel = \"mock\"\n"));
     }

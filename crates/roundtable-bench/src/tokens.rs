@@ -111,7 +111,8 @@ impl Policy {
 
 /// Round robin among `n` peers for `rounds` rounds under a context policy.
 pub fn tokens_plan(n: usize, rounds: u32, policy: Policy) -> TeamPlan {
-    let mut src = String::from("name = \"tokens\"\n[models.mock]\nprovider = \"scripted\"\nreplies = [\"-\"]\n");
+    let mut src =
+        String::from("name = \"tokens\"\n[models.mock]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"-\"]\n");
     for i in 0..n {
         src.push_str(&format!("[[peers]]\nid = \"p{i}\"\nmodel = \"mock\"\n"));
     }

@@ -19,7 +19,8 @@ use crate::{Memory, memory};
 /// A round-robin team of `n` peers that stops after `messages` messages (the task
 /// included), with full history in every peer's context.
 pub fn group_chat_plan(n: usize, messages: u64) -> TeamPlan {
-    let mut src = String::from("name = \"groupchat\"\n[models.mock]\nprovider = \"scripted\"\nreplies = [\"-\"]\n");
+    let mut src =
+        String::from("name = \"groupchat\"\n[models.mock]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"-\"]\n");
     for i in 0..n {
         src.push_str(&format!("[[peers]]\nid = \"p{i}\"\nmodel = \"mock\"\n"));
     }

@@ -68,11 +68,9 @@ pub(crate) fn provider(key: &str, spec: &ModelSpec) -> Result<Arc<dyn ChatModel>
             cfg.base_url = base_url.clone();
             Arc::new(AnthropicChat::new(cfg)?)
         }
-        ProviderSpec::Scripted { replies, per_peer } => Arc::new(Scripted::new(
-            format!("scripted:{key}"),
-            replies.clone(),
-            per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect(),
-        )),
+        ProviderSpec::Scripted { .. } => {
+            Arc::new(Scripted::from_spec(format!("scripted:{key}"), &spec.provider).expect("a scripted spec"))
+        }
         ProviderSpec::Program { command, cwd } => {
             Arc::new(roundtable_models::CommandProgram::new(format!("program:{key}"), command.clone(), cwd.clone()))
         }

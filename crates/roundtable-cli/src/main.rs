@@ -88,6 +88,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the team file's JSON Schema (for editors: a `#:schema PATH` first line in a
+    /// team file lets Even Better TOML complete and check it), or its reference page.
+    ///
+    /// `--write DIR` writes both, as DIR/team-file.schema.json and DIR/team-file.md
+    /// (the committed copies are regenerated with `roundtable schema --write docs`).
+    Schema {
+        /// Print the Markdown reference page instead of the schema.
+        #[arg(long)]
+        reference: bool,
+        /// Write team-file.schema.json and team-file.md into DIR instead of printing.
+        #[arg(long, value_name = "DIR", conflicts_with = "reference")]
+        write: Option<PathBuf>,
+    },
     /// List recorded sessions, newest first.
     Sessions {
         #[arg(long)]
@@ -122,10 +135,20 @@ enum Command {
     /// per context policy, NATS latency and throughput (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Continue a session that was cut off, from its log.
+    ///
+    /// `--extend` continues a session that already stopped (on a budget, say) with a
+    /// larger budget: its log is append-only and its stop is a fact, so it goes on as a
+    /// new session made of everything before the stop (like `fork`), under the new
+    /// limits.
     Resume {
         session: String,
         #[arg(long)]
         json: bool,
+        /// Continue a stopped session as a new one, with the budget flags given.
+        #[arg(long)]
+        extend: bool,
+        #[command(flatten)]
+        budget: observe::BudgetArgs,
         /// Serve Prometheus metrics of the session at http://ADDR/metrics while it runs.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
@@ -222,6 +245,21 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             bench::run(args).await.map_err(Failure::Runtime)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Schema { reference, write } => {
+            match write {
+                Some(dir) => {
+                    let write = |name: &str, text: String| {
+                        let path = dir.join(name);
+                        std::fs::write(&path, text).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))
+                    };
+                    write("team-file.schema.json", roundtable_core::team::schema::team_schema_text())?;
+                    write("team-file.md", roundtable_core::team::reference::reference_markdown())?;
+                }
+                None if reference => print!("{}", roundtable_core::team::reference::reference_markdown()),
+                None => print!("{}", roundtable_core::team::schema::team_schema_text()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { team, json } => {
             let plan = load_plan(&team)?;
             if json {
@@ -262,7 +300,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 .await?;
             finish(&summary, json)
         }
-        Command::Resume { session, json, metrics, remote } => {
+        Command::Resume { session, json, metrics, remote, extend, budget } => {
+            if extend {
+                if remote.url().is_some() {
+                    return Err(Failure::Input("--extend is for local sessions, not --nats".into()));
+                }
+                return observe::extend(&dir, &session, json, budget).await;
+            }
+            if budget.any() {
+                return Err(Failure::Input(
+                    "budget flags apply with --extend (to continue a stopped session) or to `fork`".into(),
+                ));
+            }
             if remote.url().is_some() {
                 return nats::resume(&dir, &session, json, metrics, &remote).await;
             }
@@ -316,12 +365,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             } else if list.is_empty() {
                 println!("No sessions yet.");
             } else {
-                println!("{:<24} {:<22} {:>9}  {:<20} STATUS", "SESSION", "TEAM", "ENVELOPES", "STARTED (UTC)");
+                // Columns as wide as their widest cell (ids and names are padded as
+                // strings: a Display impl may ignore the width).
+                let wid = list.iter().map(|s| s.id.to_string().chars().count()).max().unwrap_or(0).max(7);
+                let wteam =
+                    list.iter().map(|s| s.team.as_deref().unwrap_or("?").chars().count()).max().unwrap_or(0).max(4);
+                println!(
+                    "{:<wid$}  {:<wteam$}  {:>9}  {:<19}  STATUS",
+                    "SESSION", "TEAM", "ENVELOPES", "STARTED (UTC)"
+                );
                 for s in list {
                     let (y, mo, d, h, mi, sec) = roundtable_core::session::civil(s.first_ms / 1000);
                     println!(
-                        "{:<24} {:<22} {:>9}  {y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02}  {}",
-                        s.id,
+                        "{:<wid$}  {:<wteam$}  {:>9}  {y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{sec:02}  {}",
+                        s.id.to_string(),
                         s.team.as_deref().unwrap_or("?"),
                         s.envelopes,
                         s.stop.as_deref().map_or_else(|| "open (resume it)".to_string(), |r| format!("stopped: {r}"))
@@ -435,6 +492,28 @@ fn describe_plan(team: &Path, plan: &TeamPlan) {
     if let Some(t) = &plan.topic {
         println!("  topic     {t}");
     }
+    let termination = plan.termination.describe();
+    println!("  stop      {}", if termination.is_empty() { "when the protocol finishes".into() } else { termination });
+    let b = &plan.budget;
+    let mut limits = Vec::new();
+    let mut add = |name: &str, v: Option<String>| limits.extend(v.map(|v| format!("{name} {v}")));
+    add("max_tokens", b.max_tokens.map(|n| n.to_string()));
+    add("max_cost_usd", b.max_cost_usd.map(|n| n.to_string()));
+    add("max_calls", b.max_calls.map(|n| n.to_string()));
+    add("max_wall_secs", b.max_wall_ms.map(|n| (n as f64 / 1000.0).to_string()));
+    add("per peer max_tokens", b.per_peer.max_tokens.map(|n| n.to_string()));
+    add("per peer max_cost_usd", b.per_peer.max_cost_usd.map(|n| n.to_string()));
+    add("per peer max_calls", b.per_peer.max_calls.map(|n| n.to_string()));
+    println!("  budget    {}", if limits.is_empty() { "none".to_string() } else { limits.join(", ") });
+    let context = match &plan.context {
+        roundtable_core::team::ContextPolicy::Full => "full".to_string(),
+        roundtable_core::team::ContextPolicy::LastK { k } => format!("last_k (k {k})"),
+        roundtable_core::team::ContextPolicy::Summary { keep_rounds, summarizer, .. } => format!(
+            "summary (keep_rounds {keep_rounds}, summarizer {})",
+            summarizer.as_ref().map_or("the first present peer", |p| p.as_str())
+        ),
+    };
+    println!("  context   {context}");
 }
 
 /// Run every peer of the plan on this log, rendering as it goes.

@@ -72,6 +72,53 @@ pub(crate) struct ForkArgs {
     /// Print only a JSON summary when the new session ends.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    budget: BudgetArgs,
+}
+
+/// A new budget for a forked session (each flag replaces that limit of the plan's
+/// `[budget]`; the rest is kept).
+#[derive(Args, Debug, Default)]
+pub(crate) struct BudgetArgs {
+    /// Model calls for the whole session.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_calls: Option<u64>,
+    /// Tokens (prompt + completion) for the whole session.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens: Option<u64>,
+    /// US dollars for the whole session.
+    #[arg(long, value_name = "USD", value_parser = non_negative)]
+    max_cost_usd: Option<f64>,
+    /// Seconds of wall time from the forked session's start.
+    #[arg(long, value_name = "SECS", value_parser = non_negative)]
+    max_wall_secs: Option<f64>,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a finite number of at least 0")),
+    }
+}
+
+impl BudgetArgs {
+    /// Whether any limit was given.
+    pub(crate) fn any(&self) -> bool {
+        self.max_calls.is_some()
+            || self.max_tokens.is_some()
+            || self.max_cost_usd.is_some()
+            || self.max_wall_secs.is_some()
+    }
+
+    /// Apply the flags given to a budget; whether any was given.
+    fn apply(&self, b: &mut roundtable_core::termination::Budget) -> bool {
+        let before = b.clone();
+        b.max_calls = self.max_calls.or(b.max_calls);
+        b.max_tokens = self.max_tokens.or(b.max_tokens);
+        b.max_cost_usd = self.max_cost_usd.or(b.max_cost_usd);
+        b.max_wall_ms = self.max_wall_secs.map(|s| (s * 1000.0) as u64).or(b.max_wall_ms);
+        *b != before
+    }
 }
 
 #[derive(Args)]
@@ -161,13 +208,39 @@ pub(crate) async fn replay_cmd(dir: &Path, args: ReplayArgs) -> Result<ExitCode,
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+/// `resume --extend`: a stopped session goes on as a new session made of everything
+/// before its stop, under a new budget.
+pub(crate) async fn extend(dir: &Path, session: &str, json: bool, budget: BudgetArgs) -> Result<ExitCode, Failure> {
+    if !budget.any() {
+        return Err(Failure::Input(
+            "--extend needs a new limit: --max-calls, --max-tokens, --max-cost-usd or --max-wall-secs".into(),
+        ));
+    }
+    let (id, entries) = load(dir, session).await?;
+    let Some(stop) = entries.iter().find(|e| e.env.kind == Kind::Stop) else {
+        return Err(Failure::Input(format!(
+            "session {id} has not stopped; continue it with `roundtable resume {id}` (no --extend)"
+        )));
+    };
+    if !json {
+        println!("Session {id} stopped at #{}; continuing from #{} as a new session.", stop.seq, stop.seq - 1);
+    }
+    fork(dir, ForkArgs { session: session.to_string(), at: stop.seq - 1, edit: None, json, budget }).await
+}
+
 pub(crate) async fn fork(dir: &Path, args: ForkArgs) -> Result<ExitCode, Failure> {
     let (old, entries) = load(dir, &args.session).await?;
-    let plan = plan_of(&entries[0].env).map_err(|e| Failure::Input(format!("session {old}: {e}")))?;
+    let mut plan = plan_of(&entries[0].env).map_err(|e| Failure::Input(format!("session {old}: {e}")))?;
     let new = new_session_id();
     // Every check before anything is written.
     let mut envs =
         fork_envelopes(&entries, &new, args.at, args.edit.as_ref()).map_err(|e| Failure::Input(e.to_string()))?;
+    if args.budget.apply(&mut plan.budget) {
+        // The new budget is part of the new session's plan, on its task envelope.
+        if let Some(serde_json::Value::Object(m)) = envs[0].body.json.as_mut() {
+            m.insert("plan".into(), serde_json::to_value(&plan).expect("a plan serializes"));
+        }
+    }
     let models = factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
     let store = crate::open_store(dir, true, Durability::Normal)?;
     let span = session_span(&new, &plan.name, plan.protocol.kind());

@@ -257,9 +257,19 @@ pub(crate) fn print_summary(s: &SessionSummary) {
         if s.cost_usd > 0.0 { format!(" · ${:.4}", s.cost_usd) } else { String::new() },
         s.duration_ms as f64 / 1000.0
     );
-    if let Some(a) = &s.final_answer {
-        println!("{}", st.bold("Final answer"));
-        println!("{}", indent(a));
+    match (&s.final_answer, s.answer_accepted) {
+        (Some(a), true) => {
+            println!("{}", st.bold("Final answer"));
+            println!("{}", indent(a));
+        }
+        (Some(a), false) => {
+            println!(
+                "{}",
+                st.bold("Leading candidate, not accepted (the session stopped before the team accepted an answer)")
+            );
+            println!("{}", indent(a));
+        }
+        (None, _) => {}
     }
     println!(
         "{}",

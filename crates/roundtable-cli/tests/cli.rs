@@ -494,3 +494,83 @@ fn bench_runs_each_configuration_in_its_own_process_and_reports_medians() {
         assert!(g.iter().all(|x| x.as_f64().unwrap() > 0.0), "{s}");
     }
 }
+
+#[test]
+fn schema_prints_the_committed_schema_and_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+    let o = run(&["schema"], &data);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), std::fs::read_to_string(docs.join("team-file.schema.json")).unwrap());
+    let schema = json(&o);
+    assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");
+    let o = run(&["schema", "--reference"], &data);
+    assert_eq!(stdout(&o), std::fs::read_to_string(docs.join("team-file.md")).unwrap());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let o = run(&["schema", "--write", out.to_str().unwrap()], &data);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(out.join("team-file.schema.json").is_file() && out.join("team-file.md").is_file());
+    assert!(!data.exists());
+}
+
+#[test]
+fn validate_shows_stop_budget_and_context_and_reads_reply_files_next_to_the_team_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let teams = dir.path().join("teams");
+    std::fs::create_dir(&teams).unwrap();
+    write(&teams, "replies.txt", "first\n---\nsecond\n");
+    let team = write(
+        &teams,
+        "t.toml",
+        "topic = \"x\"\n[models.s]\nprovider = \"scripted\"\ncycle = true\nreplies_file = \"replies.txt\"\n[[peers]]\nid = \"a\"\nmodel = \"s\"\n\
+         [protocol]\nkind = \"round_robin\"\nrounds = 2\n[termination]\nmax_messages = 9\n[budget]\nmax_calls = 5\n\
+         [context]\npolicy = \"last_k\"\nk = 4\n",
+    );
+    // Run from elsewhere: the replies file is found next to the team file.
+    let o = bin()
+        .current_dir(dir.path())
+        .args(["validate", team.to_str().unwrap(), "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    for needle in ["stop      max_messages 9", "budget    max_calls 5", "context   last_k (k 4)"] {
+        assert!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
+    let o = run(&["run", team.to_str().unwrap(), "--json", "--no-persist"], &data);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(json(&o)["final_answer"], "second");
+}
+
+#[test]
+fn a_budget_stop_shows_the_leading_candidate_as_not_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let team = write(
+        dir.path(),
+        "review.toml",
+        "topic = \"Review PR 42\"\n[models.s]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"x\"]\n\
+         [models.s.per_peer]\nauthor = [\"Approve the patch as written.\"]\n\
+         security = ['{\"approve\": false, \"reason\": \"SQL by concatenation\"}']\n\
+         perf = ['{\"approve\": false, \"reason\": \"N+1\"}']\nstyle = ['{\"approve\": true, \"reason\": \"ok\"}']\n\
+         [[peers]]\nid = \"author\"\nmodel = \"s\"\n[[peers]]\nid = \"security\"\nmodel = \"s\"\n\
+         [[peers]]\nid = \"perf\"\nmodel = \"s\"\n[[peers]]\nid = \"style\"\nmodel = \"s\"\n\
+         [protocol]\nkind = \"consensus\"\nproposer = \"author\"\n[budget]\nmax_calls = 6\n",
+    );
+    let o = run(&["run", team.to_str().unwrap(), "--no-persist"], &data);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("Leading candidate, not accepted"), "{out}");
+    assert!(!out.contains("Final answer"), "{out}");
+    let o = run(&["run", team.to_str().unwrap(), "--json"], &data);
+    let s = json(&o);
+    assert_eq!(s["answer_accepted"], false);
+    // The trace names the call that reached the budget and labels the candidate.
+    let t = stdout(&run(&["trace", s["session"].as_str().unwrap()], &data));
+    assert!(t.contains("leading candidate, not accepted: \"Approve the patch as written.\""), "{t}");
+    assert!(t.contains("decided by #") && !t.contains("It names no envelope"), "{t}");
+}

@@ -133,6 +133,26 @@ fn a_fork_continues_from_a_prefix_with_one_message_edited() {
     assert!(t.contains(&format!("Forked from session {id} at #5, with envelope #4 edited")), "{t}");
     // A fork replays like any session.
     assert_eq!(run(&["replay", &new], d).status.code(), Some(0));
+    // A fork may take a new budget: it is the new session's plan.
+    let o = run(&["fork", &id, "--at", "5", "--max-calls", "5", "--json"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("budget: 5 model calls made, limit 5"), "{s}");
+    assert_eq!(s["answer_accepted"], false);
+    let o = run(&["fork", &id, "--at", "5", "--max-calls", "0"], d);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // A session stopped by its budget continues with a larger one (as a new session).
+    let short = s["session"].as_str().unwrap().to_string();
+    let o = run(&["resume", &short, "--extend", "--max-calls", "50", "--json"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 3 rounds"), "{s}");
+    assert_eq!(s["answer_accepted"], true);
+    assert_ne!(s["session"].as_str().unwrap(), short);
+    let o = run(&["resume", &short, "--extend"], d);
+    assert_eq!(o.status.code(), Some(2), "--extend needs a limit: {}", stderr(&o));
+    let o = run(&["resume", &short, "--max-calls", "9"], d);
+    assert_eq!(o.status.code(), Some(2), "budget flags need --extend: {}", stderr(&o));
 }
 
 #[test]

@@ -426,7 +426,7 @@ fn team_file(p: Pattern, agents: usize, rounds: u32, vote: VoteRule) -> String {
         }
     };
     format!(
-        "name = \"eval-{}\"\n[models.m]\nprovider = \"scripted\"\nreplies = [\"unused\"]\n\n{}\n[protocol]\n{protocol}\n",
+        "name = \"eval-{}\"\n[models.m]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"unused\"]\n\n{}\n[protocol]\n{protocol}\n",
         p.name(),
         peers(&members)
     )
@@ -442,11 +442,9 @@ pub fn offline_models(plan: &TeamPlan, oracle: Option<Oracle>) -> HashMap<PeerId
             continue;
         };
         let m: Arc<dyn ChatModel> = match &spec.provider {
-            ProviderSpec::Scripted { replies, per_peer } => Arc::new(Scripted::new(
-                format!("scripted:{}", p.model),
-                replies.clone(),
-                per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect(),
-            )),
+            ProviderSpec::Scripted { .. } => {
+                Arc::new(Scripted::from_spec(format!("scripted:{}", p.model), &spec.provider).expect("a scripted spec"))
+            }
             ProviderSpec::Simulated { p_correct, susceptibility, seed } => {
                 let s = Simulated::new(format!("simulated:{}", p.model), *p_correct, *susceptibility, *seed);
                 Arc::new(match &oracle {

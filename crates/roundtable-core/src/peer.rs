@@ -426,7 +426,8 @@ async fn call_model(
     let req = ChatRequest {
         peer: cfg.me.clone(),
         step: duty.step.clone(),
-        ordinal: st.ordinal(&cfg.me) + in_turn.map_or(0, |t| t.calls),
+        ordinal: st.call_ordinal(&cfg.me, &duty.step) + in_turn.map_or(0, |t| t.calls),
+        round: duty.round + 1,
         system: Some(me.system.clone()),
         prelude,
         history,
@@ -490,7 +491,7 @@ async fn not_answered(me: &Me, st: &SessionState, duty: &Duty, called: Called) -
     match called {
         Called::Answer { .. } | Called::Finished => unreachable!("answers are handled by the caller"),
         Called::Refused { scope: BudgetScope::Session, why } => {
-            let stop = st.stop_duty(why, st.best_answer(), Vec::new());
+            let stop = st.budget_stop(why);
             post(me, st, &stop, body_of(&stop)).await
         }
         Called::Refused { scope: BudgetScope::Peer, why } => {

@@ -58,6 +58,9 @@ pub struct SessionState {
     /// The last round covered by a summary, and summaries that failed.
     summary_upto: Option<u32>,
     summary_failed: BTreeSet<u32>,
+    /// Summaries of older rounds attempted (written or failed), in all and per peer.
+    summaries: u32,
+    summaries_by: std::collections::BTreeMap<PeerId, u32>,
 }
 
 impl SessionState {
@@ -88,6 +91,8 @@ impl SessionState {
             mention,
             summary_upto: None,
             summary_failed: BTreeSet::new(),
+            summaries: 0,
+            summaries_by: Default::default(),
         }
     }
 
@@ -139,12 +144,14 @@ impl SessionState {
                 self.absent.remove(&env.from);
             }
             Kind::Summary => {
+                self.count_summary(&env.from);
                 if let Some(upto) = summary_upto(&env.step) {
                     self.summary_upto = Some(self.summary_upto.map_or(upto, |c| c.max(upto)));
                 }
             }
             Kind::Failure => {
                 if let Some(upto) = summary_upto(&env.step) {
+                    self.count_summary(&env.from);
                     self.summary_failed.insert(upto);
                 }
                 // A failed model call carries the attempts' usage; a rejection recorded
@@ -170,7 +177,11 @@ impl SessionState {
     }
 
     /// Why the session should stop now, with the answer and what decided it.
-    pub fn stop_decision(&self, now_ms: u64) -> Option<(String, Option<Arc<str>>, Vec<EnvelopeId>)> {
+    ///
+    /// The answer is *accepted* only when the protocol finished by its own rule with an
+    /// answer. A termination condition, a budget, a timeout, failures or absence stop
+    /// the session with the leading candidate, not accepted.
+    pub fn stop_decision(&self, now_ms: u64) -> Option<StopDecision> {
         if self.stop.is_some() || self.task.is_none() {
             return None;
         }
@@ -179,14 +190,24 @@ impl SessionState {
             if self.tally.messages == 0 && self.tally.failures > 0 {
                 // The protocol ran its course, but on failures only: say so.
                 let last = self.last_failure.as_deref().unwrap_or("");
-                return Some((format!("{FAILED_PREFIX} no peer produced an answer; last: {last}"), None, Vec::new()));
+                return Some(StopDecision::not_accepted(
+                    format!("{FAILED_PREFIX} no peer produced an answer; last: {last}"),
+                    None,
+                    Vec::new(),
+                ));
             }
-            return Some((f.reason, f.answer, f.decided_by));
+            let accepted = f.answer.is_some();
+            return Some(StopDecision { reason: f.reason, answer: f.answer, decided_by: f.decided_by, accepted });
         }
         let signals = self.protocol.signals();
         if let Some(reason) = self.plan.termination.check(&self.tally, &signals, self.elapsed_ms(now_ms)) {
             let best = self.protocol.best_answer();
-            return Some((reason, best.as_ref().map(|b| b.0.clone()), best.into_iter().map(|b| b.1).collect()));
+            // The condition was reached by the latest contribution (or the best answer's).
+            let mut decided_by: Vec<EnvelopeId> = self.tally.last_call.iter().cloned().collect();
+            if decided_by.is_empty() {
+                decided_by.extend(best.as_ref().map(|b| b.1.clone()));
+            }
+            return Some(StopDecision::not_accepted(reason, best.map(|b| b.0), decided_by));
         }
         // Every peer failed once in a row (at least 3 failures): the models are down or
         // misconfigured, and going on would only record more failures.
@@ -194,18 +215,30 @@ impl SessionState {
         if self.failure_streak >= streak_limit {
             let best = self.protocol.best_answer();
             let last = self.last_failure.as_deref().unwrap_or("");
-            return Some((
+            return Some(StopDecision::not_accepted(
                 format!("{FAILED_PREFIX} {} model calls failed in a row; last: {last}", self.failure_streak),
-                best.as_ref().map(|b| b.0.clone()),
+                best.map(|b| b.0),
                 Vec::new(),
             ));
         }
         let everyone_absent = self.plan.peers.iter().all(|p| self.absent.contains(&p.id));
         if everyone_absent {
             let best = self.protocol.best_answer();
-            return Some(("absent: every peer is absent".into(), best.as_ref().map(|b| b.0.clone()), Vec::new()));
+            return Some(StopDecision::not_accepted(
+                "absent: every peer is absent".into(),
+                best.map(|b| b.0),
+                Vec::new(),
+            ));
         }
         None
+    }
+
+    /// The stop for a model call the session budget refused: it names the call that
+    /// reached the limit (the latest call on the log) and leaves the leading
+    /// candidate not accepted.
+    pub fn budget_stop(&self, why: String) -> Duty {
+        let decided_by = self.tally.last_call.iter().cloned().collect();
+        self.stop_duty(StopDecision::not_accepted(why, self.best_answer(), decided_by))
     }
 
     /// What `me` must do now.
@@ -213,8 +246,8 @@ impl SessionState {
         if self.stop.is_some() || self.task.is_none() {
             return Vec::new();
         }
-        if let Some((reason, answer, decided_by)) = self.stop_decision(now_ms) {
-            return vec![self.stop_duty(reason, answer, decided_by)];
+        if let Some(decision) = self.stop_decision(now_ms) {
+            return vec![self.stop_duty(decision)];
         }
         if self.absent.contains(me) {
             let n = self.absences.get(me).copied().unwrap_or(0);
@@ -270,10 +303,12 @@ impl SessionState {
     }
 
     /// The duty of recording the stop, for any peer.
-    pub fn stop_duty(&self, reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Duty {
+    pub fn stop_duty(&self, decision: StopDecision) -> Duty {
+        let StopDecision { reason, answer, decided_by, accepted } = decision;
         let json = serde_json::json!({
             "reason": reason,
             "answer": answer.as_deref(),
+            "accepted": accepted,
             "decided_by": decided_by.iter().map(EnvelopeId::as_str).collect::<Vec<_>>(),
             "round": self.round(),
             "messages": self.tally.messages,
@@ -318,8 +353,59 @@ impl SessionState {
         self.tally.per_peer.get(me).map_or(0, |p| (p.messages_from_calls + p.failures) as u32)
     }
 
+    /// The ordinal of `me`'s next call for `step`: summaries of older rounds are
+    /// counted apart from turns (the n-th summary of the session, whoever wrote the
+    /// earlier ones; the n-th turn of this peer), so a scripted summarizer's summary
+    /// never consumes one of its turn replies.
+    pub fn call_ordinal(&self, me: &PeerId, step: &str) -> u32 {
+        if summary_upto(step).is_some() {
+            self.summaries
+        } else {
+            self.ordinal(me).saturating_sub(self.summaries_by.get(me).copied().unwrap_or(0))
+        }
+    }
+
+    fn count_summary(&mut self, from: &PeerId) {
+        self.summaries += 1;
+        *self.summaries_by.entry(from.clone()).or_default() += 1;
+    }
+
     pub fn best_answer(&self) -> Option<Arc<str>> {
         self.protocol.best_answer().map(|b| b.0)
+    }
+}
+
+/// The rounds a session reached, counted from 1 as people count them: the latest round
+/// any contribution was made in, plus one (envelopes stamp rounds from 0), and never more
+/// than the protocol's configured rounds (a round robin's final summary is stamped with
+/// the round after the last).
+fn rounds_reached(plan: &TeamPlan, entries: &[Entry]) -> u32 {
+    let latest = entries
+        .iter()
+        .filter(|e| {
+            !matches!(e.env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::Summary)
+        })
+        .map(|e| e.env.round)
+        .max();
+    let reached = latest.map_or(0, |r| r + 1);
+    let configured = serde_json::to_value(&plan.protocol).ok().and_then(|p| p.get("rounds")?.as_u64());
+    configured.map_or(reached, |n| reached.min(n as u32))
+}
+
+/// Why a session stops, with its answer, the envelopes that decided it, and whether
+/// the answer was accepted by the protocol's own rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StopDecision {
+    pub reason: String,
+    pub answer: Option<Arc<str>>,
+    pub decided_by: Vec<EnvelopeId>,
+    pub accepted: bool,
+}
+
+impl StopDecision {
+    /// A stop that leaves the leading candidate (if any) not accepted.
+    pub fn not_accepted(reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Self {
+        StopDecision { reason, answer, decided_by, accepted: false }
     }
 }
 
@@ -388,9 +474,16 @@ pub struct SessionSummary {
     pub topic: String,
     pub stopped: bool,
     pub stop_reason: Option<String>,
+    /// The answer the session ended with: the accepted answer when `answer_accepted`,
+    /// else the leading candidate when a limit stopped the session (or none).
     pub final_answer: Option<String>,
+    /// Whether the protocol accepted `final_answer` by its own rule. False when a
+    /// budget, a termination condition, a timeout, failures or absence stopped the
+    /// session first, and while it runs.
+    pub answer_accepted: bool,
     pub envelopes: u64,
     pub messages: u64,
+    /// Rounds reached, counted from 1.
     pub rounds: u32,
     pub calls: u64,
     pub prompt_tokens: u64,
@@ -430,9 +523,15 @@ impl SessionSummary {
                     .or_else(|| (!s.env.body.text.is_empty()).then(|| s.env.body.text.to_string())),
                 None => st.best_answer().map(|a| a.to_string()),
             },
+            // Logs from before `accepted` was recorded: an answer in the stop counted.
+            answer_accepted: stop_json.as_ref().is_some_and(|j| {
+                j.get("accepted")
+                    .and_then(|a| a.as_bool())
+                    .unwrap_or_else(|| j.get("answer").is_some_and(|a| a.is_string()))
+            }),
             envelopes: entries.len() as u64,
             messages: st.tally.messages,
-            rounds: st.round(),
+            rounds: rounds_reached(&plan, entries),
             calls: st.tally.calls,
             prompt_tokens: st.tally.prompt_tokens,
             completion_tokens: st.tally.completion_tokens,

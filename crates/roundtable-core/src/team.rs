@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -17,8 +18,11 @@ use crate::model::Price;
 use crate::termination::{Budget, PeerBudget, Termination};
 
 mod protocols;
+pub mod reference;
+pub mod schema;
 pub mod tools;
 pub use protocols::*;
+pub use schema::team_schema;
 
 /// One problem in a team file.
 #[derive(Clone, Debug, PartialEq)]
@@ -154,6 +158,12 @@ pub enum ProviderSpec {
     Scripted {
         replies: Vec<String>,
         per_peer: BTreeMap<String, Vec<String>>,
+        /// Replies for summaries of older rounds, apart from turns.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        summary_replies: Vec<String>,
+        /// Start a list over when it runs out (plans stored before this existed did).
+        #[serde(default = "yes")]
+        cycle: bool,
     },
     Simulated {
         p_correct: f64,
@@ -167,6 +177,10 @@ pub enum ProviderSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cwd: Option<std::path::PathBuf>,
     },
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ProviderSpec {
@@ -278,131 +292,303 @@ impl Default for PresenceSpec {
 // ----------------------------------------------------------------------------------
 // The raw file.
 
-#[derive(Deserialize)]
+/// A team file: the models, the peers, the protocol, when to stop and the budget.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "Roundtable team file")]
 struct RawTeam {
+    /// The team's name, shown in listings.
+    #[schemars(extend("x-default" = "the file's name without `.toml`"), example = &"code-review")]
     name: Option<String>,
+    /// The task every peer works on: the text of the session's opening envelope.
+    #[schemars(example = &"Review the patch in PR 42 and decide whether to merge it.")]
     topic: Option<String>,
+    /// The models peers may use, each under a name of your choice (`[models.NAME]`);
+    /// a peer names one in its `model` key.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, RawModel>")]
     models: BTreeMap<String, Spanned<RawModel>>,
+    /// The peers, in team order (`[[peers]]`, one table each). Team order breaks ties and
+    /// is the default speaking order.
     #[serde(default)]
+    #[schemars(with = "Vec<RawPeer>")]
     peers: Vec<Spanned<RawPeer>>,
+    /// The collaboration protocol: `kind` and the keys of that kind.
+    #[schemars(with = "Option<protocols::RawProtocol>")]
     protocol: Option<Spanned<protocols::RawProtocol>>,
+    /// Conditions that stop the session (any one of them holds, unless combined with
+    /// `all`). A stop by one of these ends the session with the leading candidate
+    /// *not accepted* unless the protocol had already accepted an answer.
     termination: Option<RawTermination>,
+    /// Hard limits checked before every model call: a call that would exceed one is not
+    /// made, and the session stops naming the call that reached the limit.
     budget: Option<RawBudget>,
+    /// What each peer's model sees of the history.
+    #[schemars(with = "Option<RawContext>")]
     context: Option<Spanned<RawContext>>,
+    /// Heartbeats and absence detection (for peers in other processes).
     presence: Option<RawPresence>,
+    /// Tools peers may call, each under a name (`[tools.NAME]`); a peer's `tools`
+    /// grants them, with the built-in ones.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, tools::RawTool>")]
     tools: BTreeMap<String, Spanned<tools::RawTool>>,
 }
 
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq)]
+#[derive(Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq)]
 #[serde(rename_all = "snake_case")]
 enum ProviderKind {
+    /// Any OpenAI-compatible chat completions endpoint (OpenAI, Azure, Ollama `/v1`,
+    /// vLLM, llama.cpp server, LM Studio, OpenRouter).
     Openai,
+    /// Anthropic Messages.
     Anthropic,
+    /// Replies listed in the file or in `replies_file`: offline demos and tests.
     Scripted,
+    /// A seeded noisy oracle for tasks with known answers (arithmetic, multiple choice).
     Simulated,
+    /// A program of your own that answers for the peer (JSON lines on stdin and stdout).
     Program,
 }
 
-#[derive(Deserialize)]
+/// A model and the layers around it (`[models.NAME]`).
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
+    /// Which provider serves this model.
     provider: ProviderKind,
+    /// The provider's model name (openai, anthropic; required there).
+    #[schemars(example = &"gpt-4o-mini")]
     model: Option<String>,
+    /// The endpoint (openai, anthropic).
+    #[schemars(extend("x-default" = "https://api.openai.com/v1 (openai), https://api.anthropic.com (anthropic)"))]
     base_url: Option<String>,
+    /// The *name* of the environment variable holding the API key (openai, anthropic);
+    /// the key itself never goes in the file. Validation fails when it is not set.
+    #[schemars(with = "Option<String>", example = &"OPENAI_API_KEY")]
     api_key_env: Option<Spanned<String>>,
+    /// Extra HTTP headers sent with every request (openai).
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    /// Extra URL query parameters (openai; e.g. Azure's `api-version`).
     #[serde(default)]
     query: BTreeMap<String, String>,
+    /// Seconds before one call is abandoned (and retried).
+    #[schemars(range(min = 0.001), extend("default" = 120))]
     timeout_secs: Option<f64>,
+    /// Retries of a failed call (429 honouring Retry-After, 5xx, timeouts, cut streams).
+    #[schemars(extend("default" = 3))]
     max_retries: Option<u32>,
+    /// Calls to this model in flight at once, shared by every peer using it.
+    #[schemars(range(min = 1), extend("default" = 8))]
     max_concurrency: Option<usize>,
+    /// The longest answer one call may produce (sent to the provider as its
+    /// `max_tokens`). Not a budget: `budget.max_tokens` caps the session's total and
+    /// `termination.token_budget` stops the session softly after a total.
+    #[schemars(range(min = 1))]
     max_tokens: Option<u32>,
+    /// Price per million tokens, for cost accounting and `max_cost_usd` budgets.
+    #[schemars(extend("default" = { "prompt_per_mtok": 0.0, "completion_per_mtok": 0.0 }))]
     price: Option<Price>,
-    // scripted
+    /// scripted: the replies, in order, for every peer using this model without its
+    /// own `per_peer` list. A peer's n-th call gets the n-th reply. Placeholders:
+    /// `{peer}`, `{step}`, `{n}` (the call's number for this peer, from 1), `{round}`
+    /// (the protocol round, from 1). `!error KIND message` fails the call instead.
+    #[schemars(example = &["{peer} proposes plan A.", "{peer} agrees. Answer: A"])]
     replies: Option<Vec<String>>,
+    /// scripted: replies for one peer (`per_peer.ID = [...]`), used instead of `replies`.
     #[serde(default)]
     per_peer: BTreeMap<String, Vec<String>>,
+    /// scripted: a file of replies, relative to the team file's directory: TOML with
+    /// `replies = [...]`, `summary_replies = [...]` and `[per_peer]`, or plain text
+    /// with replies separated by lines holding only `---`. Added after `replies`.
+    #[schemars(with = "Option<String>", example = &"replies/review.toml")]
     replies_file: Option<Spanned<String>>,
-    // simulated
+    /// scripted: replies for context summaries (`[context] policy = "summary"`), kept
+    /// apart from turns so a summary never consumes a turn's reply. Without it a
+    /// summary is a fixed sentence naming the rounds it covers.
+    summary_replies: Option<Vec<String>>,
+    /// scripted: start the list over when a peer has used every reply. Without it,
+    /// running out of replies is an error naming the peer and the call.
+    #[schemars(extend("default" = false))]
+    cycle: Option<bool>,
+    /// simulated: the probability that an answer is correct.
+    #[schemars(range(min = 0.0, max = 1.0), extend("default" = 0.7))]
     p_correct: Option<f64>,
+    /// simulated: the chance of adopting the majority answer the peer sees.
+    #[schemars(range(min = 0.0, max = 1.0), extend("default" = 0.0))]
     susceptibility: Option<f64>,
+    /// simulated: the random seed (answers are a function of seed, peer and step).
+    #[schemars(extend("default" = 0))]
     seed: Option<u64>,
-    // program
+    /// program: the command that answers for the peer (JSON lines on stdin and stdout).
+    #[schemars(with = "Option<Vec<String>>")]
     command: Option<Spanned<Vec<String>>>,
+    /// program: the command's working directory, relative to the team file.
     cwd: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// One peer of the team (`[[peers]]`).
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawPeer {
+    /// The peer's id: 1-64 letters, digits, `-` or `_`, unique, not `user`. Protocol
+    /// keys that name peers (`members`, `judge`, …) use it.
+    #[schemars(with = "String", example = &"security")]
     id: Spanned<String>,
+    /// The system prompt.
+    #[schemars(extend("default" = "You are a thoughtful member of a team."))]
     persona: Option<String>,
+    /// The name of a `[models.NAME]` table.
+    #[schemars(with = "String", example = &"reviewer")]
     model: Spanned<String>,
+    /// A visibility group: a message addressed to the group (by a protocol or a tool)
+    /// is seen only by its members and its sender. Protocol keys take peer ids, never
+    /// group names.
+    #[schemars(example = &"red")]
     group: Option<String>,
+    /// Sampling temperature sent to the provider.
+    #[schemars(with = "Option<f32>", range(min = 0.0, max = 2.0))]
     temperature: Option<Spanned<f32>>,
+    /// An assigned stance (for debates), appended to the persona.
+    #[schemars(example = &"Argue for shipping this quarter.")]
     stance: Option<String>,
+    /// How readily the peer agrees with the others, 0 (hold your ground) to 1 (lean
+    /// towards agreeing): adds an agreement instruction to the system prompt.
+    #[schemars(with = "Option<f32>", range(min = 0.0, max = 1.0))]
     agreement: Option<Spanned<f32>>,
+    /// The tools this peer may call: names of `[tools.NAME]` tables or built-in tools
+    /// (`send`, `broadcast`, `board_read`, `board_write`, `queue_push`, `queue_claim`,
+    /// `queue_done`, `finish`).
+    #[schemars(with = "Option<Vec<String>>")]
     tools: Option<Vec<Spanned<String>>>,
 }
 
-#[derive(Deserialize, Default)]
+/// Stop conditions. Keys in one table are alternatives (any one stops the session);
+/// `any = [{...}, ...]` and `all = [{...}, ...]` combine nested tables.
+#[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct RawTermination {
+    /// Stop after this many protocol rounds (counted from 1).
+    #[schemars(range(min = 1))]
     max_rounds: Option<u32>,
+    /// Stop after this many messages from peers.
+    #[schemars(range(min = 1))]
     max_messages: Option<u64>,
+    /// Stop once the session has used this many tokens (prompt + completion) in all.
+    /// Checked after calls; `budget.max_tokens` is the hard limit checked before them.
+    #[schemars(range(min = 1))]
     token_budget: Option<u64>,
+    /// Stop once the session has cost this many US dollars (see `price`).
+    #[schemars(range(min = 0.0))]
     cost_budget: Option<f64>,
+    /// Stop after this many model calls.
+    #[schemars(range(min = 1))]
     max_calls: Option<u64>,
+    /// Stop after this many seconds of wall time.
+    #[schemars(range(min = 0.001))]
     timeout_secs: Option<f64>,
+    /// Stop when a message contains this text.
+    #[schemars(example = &"APPROVED")]
     text_mention: Option<String>,
+    /// Stop when a judge's verdict declares a winner (judged debate).
     judge_verdict: Option<bool>,
+    /// Stop when the leading answer's share of confidence reaches this fraction.
+    #[schemars(range(min = 0.0, max = 1.0))]
     confidence: Option<f64>,
+    /// Stop when the answers' similarity reaches this fraction.
+    #[schemars(range(min = 0.0, max = 1.0))]
     convergence: Option<f64>,
+    /// Stop when the protocol reports consensus.
     consensus_reached: Option<bool>,
+    /// Stop after this many rounds in which the leading answer did not change.
+    #[schemars(range(min = 1))]
     no_progress: Option<u32>,
+    /// Stop when any of these tables holds.
     any: Option<Vec<RawTermination>>,
+    /// Stop when all of these tables hold.
     all: Option<Vec<RawTermination>>,
 }
 
-#[derive(Deserialize, Default)]
+/// Hard limits, checked before every model call.
+#[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct RawBudget {
+    /// Tokens (prompt + completion) for the whole session. A call whose estimated prompt
+    /// would pass it is not made. (A model's `max_tokens` caps one answer instead.)
+    #[schemars(range(min = 1))]
     max_tokens: Option<u64>,
+    /// US dollars for the whole session (see the models' `price`).
+    #[schemars(range(min = 0.0))]
     max_cost_usd: Option<f64>,
+    /// Model calls for the whole session.
+    #[schemars(range(min = 1))]
     max_calls: Option<u64>,
+    /// Seconds of wall time from the session's start.
+    #[schemars(range(min = 0.001))]
     max_wall_secs: Option<f64>,
+    /// Tool calls for the whole session.
+    #[schemars(range(min = 1))]
     max_tool_calls: Option<u64>,
+    /// Seconds spent in tools, summed over calls.
+    #[schemars(range(min = 0.001))]
     max_tool_secs: Option<f64>,
+    /// The same limits for each peer separately.
     per_peer: Option<RawPeerBudget>,
 }
 
-#[derive(Deserialize, Default)]
+/// Limits for each peer separately.
+#[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct RawPeerBudget {
+    /// Tokens per peer.
+    #[schemars(range(min = 1))]
     max_tokens: Option<u64>,
+    /// US dollars per peer.
+    #[schemars(range(min = 0.0))]
     max_cost_usd: Option<f64>,
+    /// Model calls per peer.
+    #[schemars(range(min = 1))]
     max_calls: Option<u64>,
+    /// Tool calls per peer.
+    #[schemars(range(min = 1))]
     max_tool_calls: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// What each peer's model sees.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawContext {
+    /// `full`: everything visible to the peer; `last_k`: the task and the last `k`
+    /// messages; `summary`: the task, one shared summary of older rounds and the last
+    /// `keep_rounds` rounds in full.
+    #[schemars(with = "String", extend("enum" = ContextPolicy::KINDS, "default" = "full"))]
     policy: Spanned<String>,
+    /// last_k: how many of the latest visible messages a peer sees.
+    #[schemars(with = "Option<usize>", range(min = 1), extend("default" = 6))]
     k: Option<Spanned<usize>>,
+    /// summary: how many of the latest rounds are kept in full.
+    #[schemars(with = "Option<u32>", extend("default" = 1))]
     keep_rounds: Option<Spanned<u32>>,
+    /// summary: the peer id that writes the summaries.
+    #[schemars(with = "Option<String>", extend("x-default" = "the first present peer in team order"))]
     summarizer: Option<Spanned<String>>,
+    /// summary: the instruction given to the summarizer. (Under `[protocol]`,
+    /// round robin's `summary_instruction` is a different thing: it asks for the
+    /// session's final answer.)
+    #[schemars(with = "Option<String>")]
     instruction: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+/// Heartbeats and absence detection.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawPresence {
+    /// Seconds between a peer's heartbeats.
+    #[schemars(range(min = 0.01), extend("default" = 1))]
     heartbeat_secs: Option<f64>,
+    /// Seconds of silence before a peer is recorded absent and its turns are skipped.
+    #[schemars(range(min = 0.05), extend("default" = 10))]
     absent_after_secs: Option<f64>,
 }
 
@@ -512,38 +698,67 @@ pub fn key_path_at(src: &str, offset: usize) -> String {
     }
 }
 
+/// A syntax error: where it is, what is wrong, and the file's line as written (never a
+/// fragment of a parsed value).
+fn syntax_error(file: &str, src: &str, offset: usize, message: &str) -> TeamError {
+    let (line, col) = line_col(src, offset);
+    let text = src.lines().nth(line - 1).unwrap_or("");
+    let shown: String = text.chars().take(120).collect();
+    let more = if text.chars().count() > 120 { " …" } else { "" };
+    let message = message.trim().replace('\n', " ");
+    TeamError {
+        file: file.into(),
+        line,
+        col,
+        key: String::new(),
+        message: format!(
+            "invalid TOML: {message}\n    {line} | {shown}{more}\n    {}^",
+            " ".repeat(line.to_string().len() + 3 + col - 1)
+        ),
+    }
+}
+
 fn choices<I: IntoIterator<Item = S>, S: fmt::Display>(it: I) -> String {
     let v: Vec<String> = it.into_iter().map(|s| format!("`{s}`")).collect();
     if v.is_empty() { "(none defined)".into() } else { v.join(", ") }
 }
 
 /// Parse and validate a team file. `file` is the name used in error messages.
+///
+/// Every problem is reported at once: syntax errors (each quoting its line), then the
+/// structural check against the schema (unknown keys, types, ranges, choices, missing
+/// keys; see [`schema`]) and the checks that need the whole file (peer and model
+/// references, roles, tasks, API-key variables).
 pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, TeamErrors> {
-    let raw: RawTeam = match toml::from_str(src) {
+    let (mut doc, syntax) = toml::de::DeTable::parse_recoverable(src);
+    if !syntax.is_empty() {
+        let errors = syntax.iter().map(|e| syntax_error(file, src, e.span().map_or(0, |s| s.start), e.message()));
+        return Err(TeamErrors(errors.collect()));
+    }
+    let problems = schema::check_document(&mut doc, schema::cached());
+    let mut errors: Vec<TeamError> = problems
+        .into_iter()
+        .map(|p| {
+            let (line, col) = line_col(src, p.at);
+            TeamError { file: file.into(), line, col, key: p.key, message: p.message }
+        })
+        .collect();
+    let raw = match RawTeam::deserialize(toml::de::Deserializer::from(doc)) {
         Ok(r) => r,
+        Err(_) if !errors.is_empty() => {
+            errors.sort_by_key(|e| (e.line, e.col));
+            return Err(TeamErrors(errors));
+        }
         Err(e) => {
             let offset = e.span().map_or(0, |s| s.start);
             let (line, col) = line_col(src, offset);
             let key = key_path_at(src, offset);
-            let mut message = e.message().trim().replace('\n', " ");
-            // An unknown key of [protocol]: name the keys of the kind chosen, not the
-            // union of every kind's keys.
-            if let Some(name) = key.strip_prefix("protocol.").filter(|k| !k.contains(['.', '[']))
-                && message.starts_with("unknown field")
-                && let Some(kind) = protocols::kind_in(src)
-            {
-                message = match ProtocolSpec::keys(&kind) {
-                    Some(keys) => format!(
-                        "`{name}` is not a key of protocol `{kind}`; its keys: {}",
-                        choices(std::iter::once(&"kind").chain(keys.iter()))
-                    ),
-                    None => format!("unknown protocol `{kind}`; valid: {}", choices(ProtocolSpec::KINDS)),
-                };
-            }
+            let message = e.message().trim().replace('\n', " ");
             return Err(TeamErrors(vec![TeamError { file: file.into(), line, col, key, message }]));
         }
     };
-    let mut cx = Ctx { file, src, errors: Vec::new() };
+    let structural = errors.len();
+    let mut cx = Ctx { file, src, errors };
 
     // Models.
     let mut models = BTreeMap::new();
@@ -744,6 +959,13 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
     });
 
     if !cx.errors.is_empty() {
+        // A key the structural check reported is not reported again by a later check.
+        let reported: BTreeSet<String> = cx.errors[..structural].iter().map(|e| e.key.clone()).collect();
+        let mut i = 0;
+        cx.errors.retain(|e| {
+            i += 1;
+            i <= structural || !reported.contains(&e.key)
+        });
         cx.errors.sort_by_key(|e| (e.line, e.col));
         return Err(TeamErrors(cx.errors));
     }
@@ -804,11 +1026,13 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
         ProviderKind::Scripted => {
             let mut replies = m.replies.unwrap_or_default();
             let mut per_peer = m.per_peer;
+            let mut summary_replies = m.summary_replies.unwrap_or_default();
             if let Some(f) = &m.replies_file {
                 match env.read(f.get_ref()) {
                     Ok(text) => match parse_replies_file(f.get_ref(), &text) {
-                        Ok((r, p)) => {
+                        Ok((r, p, sr)) => {
                             replies.extend(r);
+                            summary_replies.extend(sr);
                             for (k, v) in p {
                                 per_peer.entry(k).or_default().extend(v);
                             }
@@ -829,7 +1053,7 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
                     "a scripted model needs `replies`, `per_peer` or `replies_file`",
                 );
             }
-            ProviderSpec::Scripted { replies, per_peer }
+            ProviderSpec::Scripted { replies, per_peer, summary_replies, cycle: m.cycle.unwrap_or(false) }
         }
         ProviderKind::Simulated => {
             let p = m.p_correct.unwrap_or(0.7);
@@ -887,9 +1111,10 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
     })
 }
 
-/// A replies file: TOML with `replies = [...]` and `[per_peer]`, or plain text with
-/// replies separated by lines holding only `---`.
-fn parse_replies_file(name: &str, text: &str) -> Result<(Vec<String>, BTreeMap<String, Vec<String>>), String> {
+/// A replies file: TOML with `replies = [...]`, `summary_replies = [...]` and
+/// `[per_peer]`, or plain text with replies separated by lines holding only `---`.
+type Replies = (Vec<String>, BTreeMap<String, Vec<String>>, Vec<String>);
+fn parse_replies_file(name: &str, text: &str) -> Result<Replies, String> {
     if name.ends_with(".toml") {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -898,16 +1123,18 @@ fn parse_replies_file(name: &str, text: &str) -> Result<(Vec<String>, BTreeMap<S
             replies: Vec<String>,
             #[serde(default)]
             per_peer: BTreeMap<String, Vec<String>>,
+            #[serde(default)]
+            summary_replies: Vec<String>,
         }
         let f: F = toml::from_str(text).map_err(|e| {
             let (l, c) = line_col(text, e.span().map_or(0, |s| s.start));
             format!("{name}:{l}:{c}: {}", e.message().trim())
         })?;
-        Ok((f.replies, f.per_peer))
+        Ok((f.replies, f.per_peer, f.summary_replies))
     } else {
         let replies: Vec<String> =
             text.split("\n---\n").map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        Ok((replies, BTreeMap::new()))
+        Ok((replies, BTreeMap::new(), Vec::new()))
     }
 }
 
@@ -1184,5 +1411,95 @@ max_calls = 20
             .replace("id = \"a\"\nmodel = \"s\"", "id = \"a\"\nmodel = \"s\"\nagreement = 1.5");
         let e = parse_team("t.toml", &src, &Env(vec![])).unwrap_err().0;
         assert_eq!(e[0].key, "peers[0].agreement");
+    }
+
+    #[test]
+    fn every_unknown_key_at_once_with_a_guess() {
+        let src = GOOD
+            .replace("rounds = 2", "round = 2")
+            .replace("max_messages = 10", "max_mesages = 10")
+            .replace("max_calls = 20", "max_calls = 20\nmax_cost = 1.0");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err().0;
+        let keys: Vec<&str> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["protocol.round", "termination.max_mesages", "budget.max_cost"], "{e:?}");
+        assert!(e[0].message.contains("did you mean `rounds`?") && e[0].message.contains("protocol `round_robin`"));
+        assert!(e[1].message.contains("did you mean `max_messages`?"), "{}", e[1].message);
+        assert!(e[2].message.contains("did you mean `max_cost_usd`?"), "{}", e[2].message);
+        // A misspelled key and a problem only the whole file shows come in one run.
+        let src = src.replace("model = \"script\"", "model = \"scirpt\"");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err().0;
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(e.iter().any(|e| e.key == "peers[0].model" && e.message.contains("unknown model `scirpt`")));
+    }
+
+    #[test]
+    fn ranges_types_and_nan_come_from_the_schema() {
+        let src = GOOD.replace("temperature = 0.3", "temperature = nan").replace("max_calls = 20", "max_calls = -1");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err().0;
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[0].key, "peers[1].temperature");
+        assert!(e[0].message.contains("not a finite number; valid 0 to 2"), "{}", e[0].message);
+        assert_eq!(e[1].key, "budget.max_calls");
+        assert!(e[1].message.contains("valid at least 1"), "{}", e[1].message);
+        let src = GOOD.replace("rounds = 2", "rounds = \"two\"");
+        let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err().0;
+        assert_eq!(
+            (e[0].key.as_str(), e[0].message.as_str()),
+            ("protocol.rounds", "expected an integer, found a string")
+        );
+        let e =
+            parse_team("t.toml", "[[peers]]\nid = \"a\"\n[protocol]\nkind = \"debate\"\n", &Env(vec![])).unwrap_err().0;
+        assert_eq!((e[0].key.as_str(), e[0].line), ("peers[0].model", 1), "{e:?}");
+    }
+
+    #[test]
+    fn a_syntax_error_quotes_the_files_line() {
+        let src = "[models.m]\nprovider = \"scripted\"\nper_peer.a = ['{\"approve\": false, \"reason\": \"SQL: username' \"x\"]\n";
+        let e = parse_team("t.toml", src, &Env(vec![])).unwrap_err().0;
+        assert_eq!((e[0].line, e[0].key.as_str()), (3, ""), "{e:?}");
+        assert!(e[0].message.starts_with("invalid TOML: "), "{}", e[0].message);
+        assert!(e[0].message.contains("3 | per_peer.a = ['{\"approve\""), "{}", e[0].message);
+        assert!(!e[0].to_string().contains("`models.m.per_peer"), "{}", e[0]);
+    }
+
+    #[test]
+    fn the_schema_knows_every_key_the_validator_reads() {
+        let s = team_schema();
+        let props = |d: &str| -> Vec<String> {
+            s["definitions"][d]["properties"].as_object().unwrap().keys().cloned().collect()
+        };
+        let protocol = props("RawProtocol");
+        for kind in ProtocolSpec::KINDS {
+            for key in ProtocolSpec::keys(kind).unwrap() {
+                assert!(protocol.contains(&key.to_string()), "{kind}.{key}");
+            }
+        }
+        assert!(props("RawPeer").contains(&"group".to_string()));
+        assert_eq!(s["definitions"]["RawPeer"]["properties"]["temperature"]["maximum"], 2.0);
+        assert_eq!(
+            s["definitions"]["RawContext"]["properties"]["policy"]["enum"],
+            serde_json::json!(ContextPolicy::KINDS)
+        );
+        assert_eq!(
+            s["definitions"]["RawProtocol"]["properties"]["kind"]["enum"],
+            serde_json::json!(ProtocolSpec::KINDS)
+        );
+    }
+
+    #[test]
+    fn documented_round_defaults_are_the_validators() {
+        let s = team_schema();
+        let d = s["definitions"]["RawProtocol"]["properties"]["rounds"]["x-defaults"].as_object().unwrap().clone();
+        for (kind, n) in d {
+            let extra = match kind.as_str() {
+                "judged_debate" => "judge = \"c\"",
+                "adversarial" => "advocate = \"b\"",
+                _ => "",
+            };
+            let src = format!("{TRIO}[protocol]\nkind = \"{kind}\"\n{extra}\n");
+            let plan = parse_team("t.toml", &src, &Env(vec![])).unwrap();
+            let rounds = serde_json::to_value(&plan.protocol).unwrap()["rounds"].clone();
+            assert_eq!(rounds, n, "{kind}");
+        }
     }
 }

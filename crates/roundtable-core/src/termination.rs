@@ -34,6 +34,9 @@ pub struct Tally {
     pub per_peer: BTreeMap<PeerId, PeerTally>,
     /// The first contribution that mentioned the termination text, if any.
     pub mention: Option<(u64, PeerId)>,
+    /// The latest envelope that carries a model call's usage: the call a budget or a
+    /// total-based stop is decided by.
+    pub last_call: Option<crate::envelope::EnvelopeId>,
     /// Keep `per_peer` for this peer only. A peer reads only its own totals (its call
     /// ordinal, its budget); keeping everyone's in every peer would cost O(peers²).
     #[serde(skip)]
@@ -98,6 +101,7 @@ impl Tally {
             _ => {}
         }
         if let Some(u) = &env.usage {
+            self.last_call = Some(env.id.clone());
             let calls = u64::from(u.calls);
             self.calls += calls;
             self.prompt_tokens += u.prompt_tokens;
@@ -199,6 +203,37 @@ impl Termination {
             Termination::NoProgress(k) => {
                 (s.rounds_without_change >= *k).then(|| format!("no_progress: answers unchanged for {k} rounds"))
             }
+        }
+    }
+
+    /// The conditions in the team file's words (`max_rounds 4 or text_mention "DONE"`);
+    /// empty when there are none.
+    pub fn describe(&self) -> String {
+        match self {
+            Termination::Any(cs) | Termination::All(cs) => {
+                let sep = if matches!(self, Termination::Any(_)) { " or " } else { " and " };
+                let parts: Vec<String> = cs
+                    .iter()
+                    .map(|c| {
+                        let d = c.describe();
+                        if d.contains(" or ") || d.contains(" and ") { format!("({d})") } else { d }
+                    })
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                parts.join(sep)
+            }
+            Termination::MaxRounds(n) => format!("max_rounds {n}"),
+            Termination::MaxMessages(n) => format!("max_messages {n}"),
+            Termination::TokenBudget(n) => format!("token_budget {n}"),
+            Termination::CostBudget(c) => format!("cost_budget {c}"),
+            Termination::MaxCalls(n) => format!("max_calls {n}"),
+            Termination::TimeoutMs(ms) => format!("timeout_secs {}", *ms as f64 / 1000.0),
+            Termination::TextMention(m) => format!("text_mention {m:?}"),
+            Termination::JudgeVerdict => "judge_verdict".into(),
+            Termination::Confidence(c) => format!("confidence {c}"),
+            Termination::Convergence(c) => format!("convergence {c}"),
+            Termination::ConsensusReached => "consensus_reached".into(),
+            Termination::NoProgress(k) => format!("no_progress {k}"),
         }
     }
 

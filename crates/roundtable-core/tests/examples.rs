@@ -128,3 +128,66 @@ fn folding_by_reference_and_by_value_agree(
         assert_eq!(by_ref.best_answer(), by_value.best_answer(), "{name}: best answer after entry {}", i + 1);
     }
 }
+
+/// The variants the examples' own comments suggest are valid, and those that run
+/// offline run to a stop.
+#[tokio::test]
+async fn the_variants_the_examples_comments_suggest_work() {
+    let source = |name: &str| std::fs::read_to_string(examples().join(name)).unwrap();
+    let parse = |name: &str, src: &str| {
+        parse_team(name, src, &Dir(examples())).unwrap_or_else(|e| panic!("{name}, as its comment suggests: {e}"))
+    };
+
+    // long-discussion: the [context] table replaced by `policy = "full"` alone.
+    let src = source("long-discussion.toml");
+    let at = src.find("\n[context]\n").expect("a [context] table") + 1;
+    let full = format!("{}[context]\npolicy = \"full\"\n", &src[..at]);
+    let plan = parse("long-discussion.toml", &full);
+    assert_eq!(plan.context, roundtable_core::team::ContextPolicy::Full);
+    let (log, s) = run(&plan, plan.topic.as_deref().unwrap()).await;
+    assert!(s.stopped && s.failures == 0, "{:?}", s.stop_reason);
+    assert!(log.iter().all(|e| e.kind != Kind::Summary), "no summaries under the full policy");
+    // Its prompts grow with the rounds, unlike the summarized original's.
+    let (summarized, _) = run(&example("long-discussion.toml"), "topic").await;
+    let last_prompt = |log: &[std::sync::Arc<roundtable_core::Envelope>]| {
+        log.iter().rfind(|e| e.kind == Kind::Message).and_then(|e| e.usage.as_ref()).unwrap().prompt_tokens
+    };
+    assert!(last_prompt(&log) > last_prompt(&summarized), "full history costs more prompt tokens by the last turn");
+
+    // work-queue: `on_dependency_failure = "continue"`.
+    let src =
+        source("work-queue.toml").replace("on_dependency_failure = \"skip\"", "on_dependency_failure = \"continue\"");
+    assert!(src.contains("on_dependency_failure = \"continue\""));
+    let plan = parse("work-queue.toml", &src);
+    let (_, s) = run(&plan, plan.topic.as_deref().unwrap()).await;
+    assert!(s.stopped, "{:?}", s.stop_reason);
+
+    // emergent: `similarity = "embedding"` (without an embedder, lexical decides).
+    let src = source("emergent.toml").replace("similarity = \"lexical\"", "similarity = \"embedding\"");
+    assert!(src.contains("similarity = \"embedding\""));
+    let plan = parse("emergent.toml", &src);
+    let (_, s) = run(&plan, plan.topic.as_deref().unwrap()).await;
+    assert!(s.stopped, "{:?}", s.stop_reason);
+
+    // product-debate: the [models.debater] table replaced by each commented one.
+    let src = source("product-debate.toml");
+    let blocks: Vec<String> = src
+        .split("\n#\n")
+        .filter(|b| b.contains("#   provider = "))
+        .flat_map(|b| b.split("#   [models.debater]").skip(1).map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    assert!(blocks.len() >= 2, "two commented model tables");
+    let table_at = src.find("\n[models.debater]\n").unwrap() + 1;
+    let table_end = src[table_at..].find("\n[[peers]]").map(|i| table_at + i).unwrap();
+    for b in blocks {
+        let lines: Vec<String> = b
+            .lines()
+            .filter_map(|l| l.strip_prefix("#   "))
+            .take_while(|l| !l.starts_with('['))
+            .map(|l| l.split("  #").next().unwrap().trim_end().to_string())
+            .collect();
+        let table = format!("[models.debater]\n{}\n", lines.join("\n"));
+        let variant = format!("{}{}{}", &src[..table_at], table, &src[table_end..]);
+        parse("product-debate.toml", &variant);
+    }
+}

@@ -124,7 +124,7 @@ fn long_discussion(context: &str) -> roundtable_core::team::TeamPlan {
     let reply =
         "This is a contribution of a fixed length so that every turn adds the same number of tokens to the history.";
     plan(&format!(
-        "[models.m]\nprovider = \"scripted\"\nreplies = [\"{reply}\"]\n{}[protocol]\nkind = \"round_robin\"\nrounds = 8\n{context}\n",
+        "[models.m]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"{reply}\"]\n{}[protocol]\nkind = \"round_robin\"\nrounds = 8\n{context}\n",
         peers(&["a", "b"])
     ))
 }

@@ -155,6 +155,8 @@ async fn a_failing_peer_is_recorded_and_the_ring_moves_on() {
             provider: roundtable_core::team::ProviderSpec::Scripted {
                 replies: vec!["!error server boom".into()],
                 per_peer: Default::default(),
+                summary_replies: Vec::new(),
+                cycle: true,
             },
             ..plan.models["s"].clone()
         },

@@ -76,6 +76,9 @@ pub struct StopExplanation {
     pub recorded_by: String,
     pub reason: String,
     pub answer: Option<String>,
+    /// Whether the protocol accepted `answer` by its own rule (false when a limit
+    /// stopped the session first).
+    pub accepted: bool,
     /// The envelopes the decision was made from (the stop's parents).
     pub decided_by: Vec<u64>,
     /// Every envelope that led to the decision: `decided_by` and their causal ancestors,
@@ -254,6 +257,12 @@ impl Trace {
                 answer: j
                     .and_then(|j| j.get("answer")?.as_str().map(str::to_owned))
                     .or_else(|| (!s.env.body.text.is_empty()).then(|| s.env.body.text.to_string())),
+                // Logs from before `accepted` was recorded: an answer in the stop counted.
+                accepted: j.is_some_and(|j| {
+                    j.get("accepted")
+                        .and_then(|a| a.as_bool())
+                        .unwrap_or_else(|| j.get("answer").is_some_and(|a| a.is_string()))
+                }),
                 last_round: if decided_by.is_empty() { last_round(entries, s.seq) } else { Vec::new() },
                 ballots: nodes
                     .iter()
@@ -394,7 +403,8 @@ impl Trace {
                     let _ = writeln!(o, "  which came from {} envelopes: {}", s.led_by.len(), chain.join(", "));
                 }
                 if let Some(a) = &s.answer {
-                    let _ = writeln!(o, "  final answer: \"{}\"", one_line(a, 160));
+                    let label = if s.accepted { "final answer" } else { "leading candidate, not accepted" };
+                    let _ = writeln!(o, "  {label}: \"{}\"", one_line(a, 160));
                 }
             }
         }
@@ -469,15 +479,19 @@ impl Trace {
         }
 
         let _ = writeln!(o, "\nCost per peer");
+        // The first column is as wide as the longest peer id.
+        let w =
+            self.peers.iter().chain(std::iter::once(&self.total)).map(|p| p.peer.chars().count()).max().unwrap_or(0);
+        let w = w.max(14);
         let _ = writeln!(
             o,
-            "  {:<14} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8} {:>10} {:>9}",
+            "  {:<w$} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8} {:>10} {:>9}",
             "PEER", "MSGS", "CALLS", "FAILS", "PROMPT", "COMPL", "TOKENS", "COST", "LATENCY"
         );
         for p in self.peers.iter().chain(std::iter::once(&self.total)) {
             let _ = writeln!(
                 o,
-                "  {:<14} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8} {:>10} {:>7}ms",
+                "  {:<w$} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8} {:>10} {:>7}ms",
                 p.peer,
                 p.messages,
                 p.calls,

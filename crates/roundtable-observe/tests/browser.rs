@@ -32,6 +32,7 @@ const CONSENSUS: &str = r#"
 name = "db-choice"
 [models.m]
 provider = "scripted"
+cycle = true
 replies = ["(no script)"]
 [models.m.per_peer]
 lead = ["Use Postgres for the order store. Answer: postgres", "Use Postgres with a read replica for reporting. Answer: postgres"]

@@ -26,6 +26,7 @@ name = "pair"
 topic = "name the product"
 [models.s]
 provider = "scripted"
+cycle = true
 replies = ["{peer} says {n}"]
 [[peers]]
 id = "alice"

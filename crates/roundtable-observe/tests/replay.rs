@@ -26,6 +26,7 @@ name = "trio"
 topic = "pick a name"
 [models.s]
 provider = "scripted"
+cycle = true
 replies = ["{peer} speaks ({n})"]
 [[peers]]
 id = "pm"

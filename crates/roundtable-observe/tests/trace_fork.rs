@@ -183,6 +183,7 @@ fn consensus(b_second: &str) -> roundtable_core::team::TeamPlan {
 name = "db-choice"
 [models.m]
 provider = "scripted"
+cycle = true
 replies = ["(no script)"]
 [models.m.per_peer]
 lead = ["Use Postgres. Answer: postgres", "Use Postgres with a replica. Answer: postgres"]

@@ -143,8 +143,11 @@ pub struct ChatRequest {
     /// seeding, tracing).
     pub peer: PeerId,
     pub step: Arc<str>,
-    /// How many calls this peer made before this one in the session (from the log).
+    /// How many calls of this kind (turns, or summaries of older rounds) this peer made
+    /// before this one in the session (from the log).
     pub ordinal: u32,
+    /// The protocol round the call is for, counted from 1 (0 when there is none).
+    pub round: u32,
     pub system: Option<Arc<str>>,
     /// Messages before the window (a summary of older rounds).
     pub prelude: Vec<ChatMessage>,
@@ -186,6 +189,7 @@ impl ChatRequest {
             peer: PeerId::from(peer),
             step: Arc::from("call"),
             ordinal: 0,
+            round: 0,
             system: None,
             prelude: Vec::new(),
             history: Arc::new(Transcript::default()),
@@ -391,9 +395,14 @@ pub fn estimate_tokens(text: &str) -> u32 {
 }
 
 /// Price per million tokens, for turning usage into money.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Price {
+    /// US dollars per million prompt tokens.
+    #[schemars(range(min = 0.0))]
     pub prompt_per_mtok: f64,
+    /// US dollars per million completion tokens.
+    #[schemars(range(min = 0.0))]
     pub completion_per_mtok: f64,
 }
 

@@ -1,9 +1,17 @@
 //! `scripted`: replies listed in the team file or a file, for demos and tests.
 //!
 //! The reply for a call is chosen from the log, not from the model's own state: the
-//! calling peer's list (or the shared list) at index `ordinal % len`, where `ordinal`
-//! counts the peer's earlier calls in the session. So a resumed or replayed session
-//! gets the same replies. `{peer}`, `{step}` and `{n}` (ordinal + 1) are substituted.
+//! calling peer's list (or the shared list) at index `ordinal`, where `ordinal` counts
+//! the peer's earlier turns in the session. So a resumed or replayed session gets the
+//! same replies. A summary of older rounds (step `summary/…`) takes the n-th of the
+//! `summary_replies` instead (n counting the session's summaries), so summaries never
+//! consume a turn's reply; without summary replies it is a fixed sentence naming the
+//! rounds it covers.
+//!
+//! A list that runs out is an error naming the peer and the call, unless the model
+//! cycles (`cycle = true`), when it starts over. Placeholders filled in: `{peer}`,
+//! `{step}`, `{n}` (the call's number for this peer, from 1) and `{round}` (the
+//! protocol round, from 1).
 //!
 //! A reply of the form `!error KIND message` fails the call with that error kind
 //! (`server`, `rate_limited`, `timeout`, `empty`, `auth`, …), to rehearse failures
@@ -32,19 +40,64 @@ pub struct Scripted {
     name: String,
     shared: Vec<String>,
     per_peer: HashMap<PeerId, Vec<String>>,
+    summaries: Vec<String>,
+    cycle: bool,
+}
+
+/// What a call gets from the script.
+enum Pick<'a> {
+    Reply(&'a str),
+    /// A summary with no summary replies scripted.
+    DefaultSummary,
+    /// No list for the peer.
+    Nothing,
+    /// The list ran out (and the model does not cycle): its length.
+    RanOut(usize),
 }
 
 impl Scripted {
+    /// A script that cycles through its lists (see [`Scripted::cycling`]).
     pub fn new(name: impl Into<String>, shared: Vec<String>, per_peer: HashMap<PeerId, Vec<String>>) -> Self {
-        Scripted { name: name.into(), shared, per_peer }
+        Scripted { name: name.into(), shared, per_peer, summaries: Vec::new(), cycle: true }
     }
 
-    fn pick(&self, req: &ChatRequest) -> Option<&str> {
-        let list = self.per_peer.get(&req.peer).filter(|l| !l.is_empty()).unwrap_or(&self.shared);
-        if list.is_empty() {
+    /// The scripted model of a team file's `[models.NAME]`, if it is one.
+    pub fn from_spec(name: impl Into<String>, spec: &crate::team::ProviderSpec) -> Option<Self> {
+        let crate::team::ProviderSpec::Scripted { replies, per_peer, summary_replies, cycle } = spec else {
             return None;
+        };
+        let per_peer = per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect();
+        Some(Scripted::new(name, replies.clone(), per_peer).with_summaries(summary_replies.clone()).cycling(*cycle))
+    }
+
+    /// Whether a list that runs out starts over (true) or fails the call (false).
+    pub fn cycling(mut self, cycle: bool) -> Self {
+        self.cycle = cycle;
+        self
+    }
+
+    /// Replies for summaries of older rounds.
+    pub fn with_summaries(mut self, summaries: Vec<String>) -> Self {
+        self.summaries = summaries;
+        self
+    }
+
+    fn pick(&self, req: &ChatRequest) -> Pick<'_> {
+        let list = if crate::session::summary_upto(&req.step).is_some() {
+            if self.summaries.is_empty() {
+                return Pick::DefaultSummary;
+            }
+            &self.summaries
+        } else {
+            self.per_peer.get(&req.peer).filter(|l| !l.is_empty()).unwrap_or(&self.shared)
+        };
+        let i = req.ordinal as usize;
+        match (list.len(), self.cycle) {
+            (0, _) => Pick::Nothing,
+            (n, true) => Pick::Reply(&list[i % n]),
+            (n, false) if i < n => Pick::Reply(&list[i]),
+            (n, false) => Pick::RanOut(n),
         }
-        Some(&list[req.ordinal as usize % list.len()])
     }
 }
 
@@ -116,11 +169,35 @@ impl ChatModel for Scripted {
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
-        let Some(template) = self.pick(req) else {
-            return Err(ModelError::new(
-                ModelErrorKind::Config,
-                format!("scripted model {:?} has no replies for peer {}", self.name, req.peer),
-            ));
+        let default_summary;
+        let template = match self.pick(req) {
+            Pick::Reply(t) => t,
+            Pick::DefaultSummary => {
+                let upto = crate::session::summary_upto(&req.step).unwrap_or(0) + 1;
+                default_summary = format!("Summary of rounds 1 to {upto}.");
+                &default_summary
+            }
+            Pick::Nothing => {
+                return Err(ModelError::new(
+                    ModelErrorKind::Config,
+                    format!("scripted model {:?} has no replies for peer {}", self.name, req.peer),
+                ));
+            }
+            Pick::RanOut(n) => {
+                let what =
+                    if crate::session::summary_upto(&req.step).is_some() { "summary replies" } else { "replies" };
+                return Err(ModelError::new(
+                    ModelErrorKind::Config,
+                    format!(
+                        "scripted model {:?} ran out of {what} for peer {} at step {} (call {} of a list of {n}); \
+                         add replies, or set `cycle = true` to start the list over",
+                        self.name,
+                        req.peer,
+                        req.step,
+                        req.ordinal + 1
+                    ),
+                ));
+            }
         };
         if let Some(e) = parse_error_directive(template) {
             return Err(e);
@@ -128,7 +205,8 @@ impl ChatModel for Scripted {
         let text = template
             .replace("{peer}", req.peer.as_str())
             .replace("{step}", &req.step)
-            .replace("{n}", &(req.ordinal + 1).to_string());
+            .replace("{n}", &(req.ordinal + 1).to_string())
+            .replace("{round}", &req.round.to_string());
         let (text, tool_calls) = match parse_tool_directives(&text, req)? {
             Some(answer) => answer,
             None => (text, Vec::new()),
@@ -167,6 +245,33 @@ mod tests {
         assert_eq!(m.chat(&r).await.unwrap().text, "a from pm");
         r.peer = "cfo".into();
         assert_eq!(m.chat(&r).await.unwrap().text, "money 3");
+    }
+
+    #[tokio::test]
+    async fn running_out_is_an_error_unless_the_script_cycles_and_summaries_are_apart() {
+        let m = Scripted::new("s", vec!["one at round {round}".into()], HashMap::new()).cycling(false);
+        let mut r = ChatRequest::simple("pm", "go");
+        r.round = 3;
+        assert_eq!(m.chat(&r).await.unwrap().text, "one at round 3");
+        r.ordinal = 1;
+        let e = m.chat(&r).await.unwrap_err();
+        assert_eq!(e.kind, ModelErrorKind::Config);
+        assert!(
+            e.message.contains("ran out of replies for peer pm") && e.message.contains("cycle = true"),
+            "{}",
+            e.message
+        );
+        let m = m.cycling(true).with_summaries(vec!["S{n}".into()]);
+        assert_eq!(m.chat(&r).await.unwrap().text, "one at round 3");
+        r.step = "summary/4".into();
+        r.ordinal = 0;
+        assert_eq!(m.chat(&r).await.unwrap().text, "S1");
+        let plain = Scripted::new("s", vec!["turn".into()], HashMap::new());
+        assert_eq!(
+            plain.chat(&r).await.unwrap().text,
+            "Summary of rounds 1 to 5.",
+            "a summary never takes a turn's reply"
+        );
     }
 
     #[tokio::test]

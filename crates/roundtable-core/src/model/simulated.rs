@@ -31,7 +31,9 @@
 //! - "State the objective" (a hybrid leader): an objective that states no answer.
 //!
 //! A question with no known answer is treated as a multiple choice whose right answer
-//! is `A` (wrong ones: `B`, `C`, `D`), so protocols on open topics still run.
+//! is `A` (wrong ones: `B`, `C`, `D`), so protocols on open topics still run — except
+//! arithmetic outside the family it evaluates (parentheses, division, powers,
+//! decimals): that gets [`CANNOT_ANSWER`], with no answer in it, never a guess.
 
 use std::sync::Arc;
 
@@ -41,6 +43,9 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
 use super::{ChatModel, ChatRequest, ChatResponse, ModelError, estimate_tokens};
+
+/// The reply to arithmetic the model cannot evaluate (it states no answer).
+pub const CANNOT_ANSWER: &str = "I cannot answer this: the simulated model evaluates integer arithmetic with + - * only (no parentheses, division, powers or decimals).";
 
 /// Knows the right answer to a question, when it can.
 pub type Oracle = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -220,6 +225,7 @@ impl ChatModel for Simulated {
         // message that is not a peer's (the task), else any message.
         let instruction = req.instruction.as_deref().unwrap_or("");
         let known = |t: &str| (self.oracle)(t).map(|a| (t.to_string(), a));
+        let mut generic = false;
         let (question, correct) = known(instruction)
             .or_else(|| msgs.iter().find(|m| m.name.is_none()).and_then(|m| known(&m.content)))
             .or_else(|| msgs.iter().find_map(|m| known(&m.content)))
@@ -229,8 +235,23 @@ impl ChatModel for Simulated {
                     .iter()
                     .find(|m| m.name.is_none())
                     .map_or_else(|| instruction.to_string(), |m| m.content.to_string());
+                generic = true;
                 (q, GENERIC_CORRECT.to_string())
             });
+        if generic
+            && (arithmetic::unsupported_in(instruction) || msgs.iter().any(|m| arithmetic::unsupported_in(&m.content)))
+        {
+            // Arithmetic it cannot evaluate: say so rather than guess.
+            let text = CANNOT_ANSWER.to_string();
+            return Ok(ChatResponse {
+                completion_tokens: u64::from(estimate_tokens(&text)),
+                prompt_tokens: req.estimated_prompt_tokens(),
+                model: self.name.clone(),
+                finish_reason: Some("stop".into()),
+                text,
+                tool_calls: Vec::new(),
+            });
+        }
         let mut rng = self.rng(req, &question);
 
         // Others' latest stated answers in view, in the order they were said.
@@ -449,29 +470,39 @@ pub mod arithmetic {
     }
 
     /// Evaluate the first arithmetic expression (integers, + - *, at least one
-    /// operator) found in `text`.
+    /// operator) found in `text`. An expression with parentheses, division, powers or
+    /// decimals is outside the family and is never evaluated in part.
     pub fn answer_in(text: &str) -> Option<i64> {
-        let b = text.as_bytes();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i].is_ascii_digit() {
-                let start = i;
-                let mut j = i;
-                while j < b.len() && (b[j].is_ascii_digit() || b"+-* ".contains(&b[j])) {
-                    j += 1;
-                }
-                let cand = text[start..j].trim_end_matches([' ', '+', '-', '*']);
-                if cand.contains(['+', '-', '*'])
-                    && let Some(v) = eval(cand)
+        expressions(text).find(|c| !c.contains(UNSUPPORTED)).and_then(eval)
+    }
+
+    /// Whether `text` holds an arithmetic expression outside the family `answer_in`
+    /// evaluates (parentheses, division, powers, decimals).
+    pub fn unsupported_in(text: &str) -> bool {
+        expressions(text).any(|c| c.contains(UNSUPPORTED))
+    }
+
+    const UNSUPPORTED: [char; 7] = ['(', ')', '/', '^', '.', '×', '÷'];
+
+    /// Runs of digits, operators and brackets with at least one digit and one operator.
+    fn expressions(text: &str) -> impl Iterator<Item = &str> {
+        let is_expr = |c: char| c.is_ascii_digit() || "+-* ()/^.×÷".contains(c);
+        let mut rest = text;
+        std::iter::from_fn(move || {
+            loop {
+                let start = rest.find(|c: char| c.is_ascii_digit() || c == '(')?;
+                let run = &rest[start..];
+                let end = run.find(|c: char| !is_expr(c)).unwrap_or(run.len());
+                let cand = run[..end].trim_end_matches([' ', '+', '-', '*', '.', '/', '^']);
+                rest = &run[end.max(1)..];
+                let cand = cand.trim_start_matches(' ');
+                if cand.contains(|c: char| c.is_ascii_digit())
+                    && cand.trim_start_matches('(').contains(['+', '-', '*', '/', '^', '×', '÷'])
                 {
-                    return Some(v);
+                    return Some(cand);
                 }
-                i = j.max(i + 1);
-            } else {
-                i += 1;
             }
-        }
-        None
+        })
     }
 
     /// Evaluate `n (op n)*` with the usual precedence of `*` over `+` and `-`.
@@ -526,6 +557,20 @@ pub mod arithmetic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn arithmetic_it_cannot_evaluate_gets_cannot_answer_not_a_guess() {
+        assert_eq!(arithmetic::answer_in("Compute (3+4)*5"), None, "never in part");
+        assert_eq!(arithmetic::answer_in("What is 3+4*5?"), Some(23));
+        assert!(arithmetic::unsupported_in("Compute (3+4)*5") && arithmetic::unsupported_in("What is 10/4+1?"));
+        assert!(!arithmetic::unsupported_in("What is 3+4*5? Answer: 23."));
+        let m = Simulated::new("s", 1.0, 0.0, 1);
+        let r = m.chat(&ChatRequest::simple("p", "Compute (3+4)*5")).await.unwrap();
+        assert_eq!(r.text, CANNOT_ANSWER);
+        assert_eq!(extract_answer(&r.text), None);
+        let r = m.chat(&ChatRequest::simple("p", "What is 3+4*5?")).await.unwrap();
+        assert!(r.text.ends_with("Answer: 23"), "{}", r.text);
+    }
 
     #[test]
     fn arithmetic_evaluates_with_precedence() {

@@ -5,8 +5,8 @@
 //!   voter's `r{r}/vote` (a vote).
 //! - **Duties.** The proposer speaks with its visible history (in later rounds it has
 //!   the reasons of the rejections). A voter answers with JSON
-//!   `{"approve": true|false, "reason": "..."}`; `{"vote": "approve"|"reject"}` or a
-//!   reply whose first word is APPROVE or REJECT is read too.
+//!   `{"approve": true|false, "reason": "..."}`; `{"vote": "approve"|"reject"}` is
+//!   read too, and a free-text reply by its words (see [`free_text_approval`]).
 //! - **Decision.** The approval share is the approvals over the voters present (a
 //!   failed or malformed vote is not an approval). At or above `threshold` the
 //!   proposal is adopted and the session ends with it. Below it, the proposer revises;
@@ -83,11 +83,35 @@ pub fn read_approval(env: &Envelope, field: &str) -> Option<bool> {
             }
         }
     }
-    let first: String =
-        env.body.text.trim_start().chars().take_while(|c| c.is_alphabetic()).collect::<String>().to_ascii_uppercase();
-    match first.as_str() {
-        "APPROVE" | "APPROVED" => Some(true),
-        "REJECT" | "REJECTED" => Some(false),
+    free_text_approval(&env.body.text)
+}
+
+/// A free-text vote: the words of the reply, case and punctuation ignored. `approve`,
+/// `approved`, `approves` and `lgtm` approve; `reject`, `rejected`, `rejects` reject,
+/// and so does an approving word right after a negation (`not`, `don't`, `cannot`,
+/// `can't`, `won't`, `never`). A reply with approving and rejecting words both, or
+/// neither, cannot be read (`None`). So "LGTM, approve" and "Approve - fine to merge"
+/// read the same, wherever the word stands.
+pub fn free_text_approval(text: &str) -> Option<bool> {
+    let words: Vec<String> = text
+        .split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '\u{2019}'))
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_lowercase().replace('\u{2019}', "'"))
+        .collect();
+    let (mut yes, mut no) = (false, false);
+    for (i, w) in words.iter().enumerate() {
+        let negated =
+            i > 0 && matches!(words[i - 1].as_str(), "not" | "don't" | "cannot" | "can't" | "won't" | "never");
+        match w.as_str() {
+            "approve" | "approved" | "approves" | "lgtm" if negated => no = true,
+            "approve" | "approved" | "approves" | "lgtm" => yes = true,
+            "reject" | "rejected" | "rejects" => no = true,
+            _ => {}
+        }
+    }
+    match (yes, no) {
+        (true, false) => Some(true),
+        (false, true) => Some(false),
         _ => None,
     }
 }
@@ -284,5 +308,23 @@ impl Reducer for Consensus {
             return Some((t.clone(), id.clone()));
         }
         self.proposal.clone()
+    }
+}
+
+#[cfg(test)]
+mod free_text_tests {
+    use super::free_text_approval as read;
+
+    #[test]
+    fn free_text_votes_read_the_same_wherever_the_word_stands() {
+        assert_eq!(read("Approve - simpler now, fine to merge."), Some(true));
+        assert_eq!(read("LGTM from security, approve."), Some(true));
+        assert_eq!(read("lgtm"), Some(true));
+        assert_eq!(read("REJECT: string concatenation into SQL"), Some(false));
+        assert_eq!(read("I do not approve this patch."), Some(false));
+        assert_eq!(read("I can\u{2019}t approve it yet."), Some(false));
+        assert_eq!(read("Approve the idea, reject the patch."), None, "both: cannot be read");
+        assert_eq!(read("Looks fine to me."), None, "neither");
+        assert_eq!(read("Disapprove."), None, "a word, not a substring");
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -392,12 +393,15 @@ pub const MAX_CONVERSATION_TURNS: u32 = 10_000;
 // The raw table.
 
 macro_rules! raw_protocol {
-    ($($field:ident : $ty:ty),* $(,)?) => {
-        #[derive(Deserialize)]
+    ($($(#[$doc:meta])* $field:ident : $ty:ty as $plain:tt),* $(,)?) => {
+        /// The collaboration protocol (`[protocol]`): `kind`, then the keys of that kind.
+        #[derive(Deserialize, JsonSchema)]
         #[serde(deny_unknown_fields)]
         pub(super) struct RawProtocol {
+            /// Which protocol the team follows.
+            #[schemars(with = "String", extend("enum" = ProtocolSpec::KINDS))]
             pub(super) kind: Spanned<String>,
-            $($field: Option<Spanned<$ty>>,)*
+            $($(#[$doc])* #[schemars(with = $plain)] $field: Option<Spanned<$ty>>,)*
         }
         impl RawProtocol {
             /// Every key given, with where it is.
@@ -410,72 +414,183 @@ macro_rules! raw_protocol {
     };
 }
 
+/// The choices of `[protocol]` keys whose value is one of a fixed set.
+pub const VOTE_CHOICES: &[&str] = &["plurality", "majority"];
+pub const AGGREGATION_CHOICES: &[&str] = &["plurality", "approval", "confidence"];
+pub const SIMILARITY_CHOICES: &[&str] = &["lexical", "embedding"];
+pub const COMPARE_CHOICES: &[&str] = &["text", "answer"];
+pub const ON_DEPENDENCY_FAILURE_CHOICES: &[&str] = &["skip", "continue"];
+pub const BIDS_CHOICES: &[&str] = &["skills", "model"];
+
 raw_protocol! {
-    rounds: u32,
-    order: Vec<Spanned<String>>,
-    summarizer: String,
-    instruction: String,
-    summary_instruction: String,
-    update_instruction: String,
-    critic_instruction: String,
-    final_instruction: String,
-    judge_instruction: String,
-    vote_instruction: String,
-    advocate_instruction: String,
-    leader_instruction: String,
-    decide_instruction: String,
-    members: Vec<Spanned<String>>,
-    vote: String,
-    json: bool,
-    proposer: String,
-    critics: Vec<Spanned<String>>,
-    satisfied_phrase: String,
-    judge: String,
-    aggregation: String,
-    threshold: f64,
-    voters: Vec<Spanned<String>>,
-    similarity: String,
-    compare: String,
-    measurer: String,
-    advocate: String,
-    sources: Vec<Spanned<RawSource>>,
-    answer_key: String,
-    done_phrase: String,
-    max_writes: u32,
-    tasks: Vec<Spanned<RawTask>>,
-    on_dependency_failure: String,
-    answer_task: String,
-    lease_secs: f64,
-    max_deliver: u32,
-    capabilities: BTreeMap<String, Vec<String>>,
-    bids: String,
-    max_reannounce: u32,
-    leader: String,
-    deadlock_rounds: u32,
-    start: Vec<Spanned<String>>,
-    finish: String,
-    max_turns: u32,
+    /// Rounds in all, counted from 1. For proposer/critic, consensus and adversarial:
+    /// the proposals (and revisions) allowed.
+    #[schemars(range(min = 1), extend("x-defaults" = {
+        "round_robin": 3, "debate": 2, "proposer_critic": 3, "judged_debate": 3, "jury": 1,
+        "consensus": 3, "emergent": 5, "adversarial": 3
+    }))]
+    rounds: u32 as "Option<u32>",
+    /// The speaking order, as peer ids.
+    #[schemars(extend("x-default" = "every peer but the summarizer, in team order"))]
+    order: Vec<Spanned<String>> as "Option<Vec<String>>",
+    /// The peer that writes the final answer after the last round (round robin);
+    /// without one, the last turn is the answer.
+    summarizer: String as "Option<String>",
+    /// What every peer is asked to do on its turn (added after the topic).
+    instruction: String as "Option<String>",
+    /// Round robin: what the summarizer is asked for when it writes the final answer.
+    /// (Not `[context] instruction`, which asks for a summary of older rounds.)
+    summary_instruction: String as "Option<String>",
+    /// What members are asked in rounds after the first (they see the others' answers).
+    update_instruction: String as "Option<String>",
+    /// What critics are asked (proposer/critic).
+    critic_instruction: String as "Option<String>",
+    /// What the proposer (proposer/critic) or the judge (judged debate) is asked for
+    /// the final answer.
+    final_instruction: String as "Option<String>",
+    /// What the judge is asked each round (judged debate).
+    judge_instruction: String as "Option<String>",
+    /// What voters are asked (consensus, adversarial).
+    vote_instruction: String as "Option<String>",
+    /// What the devil's advocate is asked (adversarial).
+    advocate_instruction: String as "Option<String>",
+    /// What the leader is told while it waits (hybrid).
+    leader_instruction: String as "Option<String>",
+    /// What the leader is asked when it must decide (hybrid).
+    decide_instruction: String as "Option<String>",
+    /// The peers that take part, as peer ids.
+    #[schemars(extend("x-default" = "every peer (debate, jury, emergent, work_queue, contract_net); every peer but the judge (judged_debate) or the leader (hybrid)"))]
+    members: Vec<Spanned<String>> as "Option<Vec<String>>",
+    /// How a debate's final answers are counted.
+    #[schemars(extend("enum" = VOTE_CHOICES, "default" = "plurality"))]
+    vote: String as "Option<String>",
+    /// Debate: ask for JSON answers `{"answer", "confidence", "reason"}`.
+    #[schemars(extend("default" = false))]
+    json: bool as "Option<bool>",
+    /// The peer that proposes and revises.
+    #[schemars(extend("x-default" = "the first peer"))]
+    proposer: String as "Option<String>",
+    /// The critics, as peer ids.
+    #[schemars(extend("x-default" = "every peer but the proposer"))]
+    critics: Vec<Spanned<String>> as "Option<Vec<String>>",
+    /// The phrase a critic's free-text answer contains when it is satisfied (its JSON
+    /// `satisfied` field is read first).
+    #[schemars(extend("default" = "SATISFIED"))]
+    satisfied_phrase: String as "Option<String>",
+    /// The judge (judged debate: required; adversarial: rules on objections instead of
+    /// voters).
+    judge: String as "Option<String>",
+    /// How the jury's ballots are counted.
+    #[schemars(extend("enum" = AGGREGATION_CHOICES, "default" = "plurality"))]
+    aggregation: String as "Option<String>",
+    /// The fraction needed: approvals (consensus, default 2/3), approval aggregation
+    /// (jury, default 0.6), similarity (emergent, default 0.8), agreement before the
+    /// leader is needed (hybrid, default 1.0).
+    #[schemars(range(min = 0.0, max = 1.0), extend("x-defaults" = {
+        "consensus": 0.6667, "jury": 0.6, "emergent": 0.8, "hybrid": 1.0
+    }))]
+    threshold: f64 as "Option<f64>",
+    /// The voters, as peer ids.
+    #[schemars(extend("x-default" = "every peer but the proposer (and the advocate)"))]
+    voters: Vec<Spanned<String>> as "Option<Vec<String>>",
+    /// How answers' similarity is measured (emergent).
+    #[schemars(extend("enum" = SIMILARITY_CHOICES, "default" = "lexical"))]
+    similarity: String as "Option<String>",
+    /// What is compared: whole texts, or the stated answers (`Answer: …`).
+    #[schemars(extend("enum" = COMPARE_CHOICES, "default" = "text"))]
+    compare: String as "Option<String>",
+    /// Who measures embedding similarity (emergent, `similarity = "embedding"`).
+    #[schemars(extend("x-default" = "the first present member"))]
+    measurer: String as "Option<String>",
+    /// The devil's advocate (adversarial; required).
+    advocate: String as "Option<String>",
+    /// The knowledge sources (blackboard; required): `[[protocol.sources]]`.
+    sources: Vec<Spanned<RawSource>> as "Option<Vec<RawSource>>",
+    /// The board key holding the answer (blackboard).
+    #[schemars(extend("x-default" = "the key the last source writes"))]
+    answer_key: String as "Option<String>",
+    /// A phrase that ends the blackboard session when a write contains it.
+    done_phrase: String as "Option<String>",
+    /// Board writes allowed in all (blackboard).
+    #[schemars(range(min = 1), extend("default" = 20))]
+    max_writes: u32 as "Option<u32>",
+    /// The tasks (work_queue, contract_net; required): `[[protocol.tasks]]`.
+    tasks: Vec<Spanned<RawTask>> as "Option<Vec<RawTask>>",
+    /// What a task's holder does when a dependency failed (work queue).
+    #[schemars(extend("enum" = ON_DEPENDENCY_FAILURE_CHOICES, "default" = "skip"))]
+    on_dependency_failure: String as "Option<String>",
+    /// The task whose result is the session's answer.
+    #[schemars(extend("x-default" = "every task's result, in order"))]
+    answer_task: String as "Option<String>",
+    /// Seconds a claimed task is held before it is offered again (work queue).
+    #[schemars(range(min = 0.01), extend("default" = 30))]
+    lease_secs: f64 as "Option<f64>",
+    /// Deliveries of a task before it is dead-lettered (work queue).
+    #[schemars(range(min = 1), extend("default" = 5))]
+    max_deliver: u32 as "Option<u32>",
+    /// Each member's skills (contract net): `capabilities = { alice = ["sql"] }`.
+    capabilities: BTreeMap<String, Vec<String>> as "Option<BTreeMap<String, Vec<String>>>",
+    /// How bids are made: from declared skills, or by asking the bidder's model.
+    #[schemars(extend("enum" = BIDS_CHOICES, "default" = "skills"))]
+    bids: String as "Option<String>",
+    /// Times a task with no bids is announced again (contract net).
+    #[schemars(extend("default" = 2))]
+    max_reannounce: u32 as "Option<u32>",
+    /// The peer that decides when the members deadlock (hybrid; required).
+    leader: String as "Option<String>",
+    /// Rounds without agreement before the leader decides (hybrid).
+    #[schemars(range(min = 1), extend("default" = 2))]
+    deadlock_rounds: u32 as "Option<u32>",
+    /// The peers the task goes to first (conversation).
+    #[schemars(extend("x-default" = "every peer"))]
+    start: Vec<Spanned<String>> as "Option<Vec<String>>",
+    /// Whose `finish` ends a conversation: `any` (the first proposal), `majority` (more
+    /// than half of the peers present proposed), or a peer id (that peer's proposal).
+    #[schemars(extend("default" = "any"))]
+    finish: String as "Option<String>",
+    /// Turns each peer may take (conversation).
+    #[schemars(range(min = 1, max = MAX_CONVERSATION_TURNS), extend("default" = 10))]
+    max_turns: u32 as "Option<u32>",
 }
 
-#[derive(Deserialize)]
+/// A knowledge source (`[[protocol.sources]]`): a peer that writes one board key when
+/// the keys it reads change.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSource {
+    /// The peer id of the source.
+    #[schemars(with = "String")]
     peer: Spanned<String>,
+    /// Board keys that trigger it (`task` is the topic).
     #[serde(default)]
+    #[schemars(with = "Vec<String>", example = &["task"])]
     reads: Vec<Spanned<String>>,
+    /// The board key it writes.
+    #[schemars(with = "String", example = &"notes")]
     writes: Spanned<String>,
 }
 
-#[derive(Deserialize)]
+/// A unit of work (`[[protocol.tasks]]`).
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTask {
+    /// The task id: 1-64 letters, digits, `-` or `_`.
+    #[schemars(with = "String", example = &"schema")]
     id: Spanned<String>,
+    /// What to do.
     description: String,
+    /// Task ids that must finish first.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     depends_on: Vec<Spanned<String>>,
+    /// Lower runs first among ready tasks.
+    #[schemars(extend("default" = 0))]
     priority: Option<i64>,
+    /// Skills a bidder needs (contract net).
     #[serde(default)]
     needs: Vec<String>,
+    /// Load the task adds to its holder (contract net).
+    #[schemars(range(min = 1), extend("default" = 1))]
     size: Option<u32>,
 }
 
@@ -603,7 +718,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         "debate" => {
             let members = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
             need(cx, &members, 1, "members", "member");
-            let vote = match pick(cx, &p.vote, "vote", &["plurality", "majority"], "plurality") {
+            let vote = match pick(cx, &p.vote, "vote", VOTE_CHOICES, "plurality") {
                 "majority" => VoteRule::Majority,
                 _ => VoteRule::Plurality,
             };
@@ -657,12 +772,11 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         "jury" => {
             let jurors = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
             need(cx, &jurors, 1, "members", "juror");
-            let rule =
-                match pick(cx, &p.aggregation, "aggregation", &["plurality", "approval", "confidence"], "plurality") {
-                    "approval" => Rule::Approval { threshold: fraction(cx, &p.threshold, "threshold", 0.6) },
-                    "confidence" => Rule::Confidence,
-                    _ => Rule::Plurality,
-                };
+            let rule = match pick(cx, &p.aggregation, "aggregation", AGGREGATION_CHOICES, "plurality") {
+                "approval" => Rule::Approval { threshold: fraction(cx, &p.threshold, "threshold", 0.6) },
+                "confidence" => Rule::Confidence,
+                _ => Rule::Plurality,
+            };
             if p.threshold.is_some() && !matches!(rule, Rule::Approval { .. }) {
                 let at = p.threshold.as_ref().map_or(kind_at, |t| t.span().start);
                 cx.err_at(at, "protocol.threshold", "threshold applies to aggregation = \"approval\" only");
@@ -685,11 +799,11 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         "emergent" => {
             let members = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
             need(cx, &members, 2, "members", "members");
-            let similarity = match pick(cx, &p.similarity, "similarity", &["lexical", "embedding"], "lexical") {
+            let similarity = match pick(cx, &p.similarity, "similarity", SIMILARITY_CHOICES, "lexical") {
                 "embedding" => SimilarityKind::Embedding,
                 _ => SimilarityKind::Lexical,
             };
-            let compare = match pick(cx, &p.compare, "compare", &["text", "answer"], "text") {
+            let compare = match pick(cx, &p.compare, "compare", COMPARE_CHOICES, "text") {
                 "answer" => Compare::Answer,
                 _ => Compare::Text,
             };
@@ -830,11 +944,16 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                 t => inner(t),
             };
             if kind == "work_queue" {
-                let on =
-                    match pick(cx, &p.on_dependency_failure, "on_dependency_failure", &["skip", "continue"], "skip") {
-                        "continue" => OnDependencyFailure::Continue,
-                        _ => OnDependencyFailure::Skip,
-                    };
+                let on = match pick(
+                    cx,
+                    &p.on_dependency_failure,
+                    "on_dependency_failure",
+                    ON_DEPENDENCY_FAILURE_CHOICES,
+                    "skip",
+                ) {
+                    "continue" => OnDependencyFailure::Continue,
+                    _ => OnDependencyFailure::Skip,
+                };
                 let lease_ms = p.lease_secs.as_ref().map_or(30_000, |s| (s.get_ref() * 1000.0).max(10.0) as u64);
                 let max_deliver = inner(&p.max_deliver).unwrap_or(5).max(1);
                 ProtocolSpec::WorkQueue(WorkQueueSpec {
@@ -855,7 +974,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                         }
                     }
                 }
-                let bids = match pick(cx, &p.bids, "bids", &["skills", "model"], "skills") {
+                let bids = match pick(cx, &p.bids, "bids", BIDS_CHOICES, "skills") {
                     "model" => BidMode::Model,
                     _ => BidMode::Skills,
                 };
@@ -1019,10 +1138,4 @@ fn validate_tasks(
         cx.err_at(raw.span().start, "protocol.tasks", "task dependencies form a cycle");
     }
     tasks
-}
-
-/// The kind named in a team file, read loosely (for error messages about its keys).
-pub(super) fn kind_in(src: &str) -> Option<String> {
-    let t: toml::Table = toml::from_str(src).ok()?;
-    t.get("protocol")?.get("kind")?.as_str().map(str::to_owned)
 }

@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -37,33 +38,64 @@ pub const MAX_TOOL_TIMEOUT_SECS: f64 = 24.0 * 3600.0;
 pub const DEFAULT_OUTPUT_BYTES: u64 = 64 * 1024;
 pub const MAX_OUTPUT_BYTES: u64 = 16 * 1024 * 1024;
 
-#[derive(Deserialize)]
+/// A tool a peer may call (`[tools.NAME]`), granted to peers by name in their `tools`.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTool {
+    /// What runs the tool.
+    #[schemars(with = "String", extend("enum" = KINDS))]
     kind: Spanned<String>,
+    /// What the tool does, for the model.
     description: Option<String>,
+    /// Whether running it twice is harmless: an interrupted call is run again on resume
+    /// only when it is.
+    #[schemars(extend("default" = false))]
     idempotent: Option<bool>,
+    /// The peer id that must approve each call before it runs.
+    #[schemars(with = "Option<String>")]
     approve_by: Option<Spanned<String>>,
+    /// Seconds a call may take.
+    #[schemars(with = "Option<f64>", range(min = 0.001, max = MAX_TOOL_TIMEOUT_SECS), extend("default" = DEFAULT_TOOL_TIMEOUT_SECS))]
     timeout_secs: Option<Spanned<f64>>,
-    // command
+    /// command: the program and its arguments; `{name}` is filled from the call's arguments.
+    #[schemars(with = "Option<Vec<String>>")]
     argv: Option<Spanned<Vec<String>>>,
+    /// command: the working directory, relative to the team file.
     cwd: Option<String>,
+    /// command: environment variables passed through to the program (names only).
     env: Option<Vec<String>>,
+    /// command: stdout kept per call.
+    #[schemars(with = "Option<u64>", range(min = 1, max = MAX_OUTPUT_BYTES), extend("default" = DEFAULT_OUTPUT_BYTES))]
     max_stdout_bytes: Option<Spanned<u64>>,
+    /// command: stderr kept per call.
+    #[schemars(with = "Option<u64>", range(min = 1, max = MAX_OUTPUT_BYTES), extend("default" = DEFAULT_OUTPUT_BYTES))]
     max_stderr_bytes: Option<Spanned<u64>>,
+    /// command, http: the JSON Schema of the call's arguments.
+    #[schemars(with = "Option<serde_json::Value>")]
     parameters: Option<Spanned<toml::Value>>,
-    // http
+    /// http: the method.
+    #[schemars(with = "Option<String>")]
     method: Option<Spanned<String>>,
+    /// http: the URL; `{name}` is filled from the call's arguments.
+    #[schemars(with = "Option<String>")]
     url: Option<Spanned<String>>,
+    /// http: headers, each a value or `{ env = "VAR" }` (read from the environment).
     headers: Option<BTreeMap<String, RawHeader>>,
+    /// http: response bytes kept per call.
+    #[schemars(with = "Option<u64>", range(min = 1, max = MAX_OUTPUT_BYTES), extend("default" = DEFAULT_OUTPUT_BYTES))]
     max_response_bytes: Option<Spanned<u64>>,
-    // mcp
+    /// mcp: the server's command line.
+    #[schemars(with = "Option<Vec<String>>")]
     command: Option<Spanned<Vec<String>>>,
+    /// mcp: the server's tools the peers may call (all by default).
     allow: Option<Vec<String>>,
+    /// mcp: output bytes kept per call.
+    #[schemars(with = "Option<u64>", range(min = 1, max = MAX_OUTPUT_BYTES), extend("default" = DEFAULT_OUTPUT_BYTES))]
     max_output_bytes: Option<Spanned<u64>>,
 }
 
-#[derive(Deserialize)]
+/// A header value: the text, or the environment variable holding it.
+#[derive(Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub(super) enum RawHeader {
     Value(String),

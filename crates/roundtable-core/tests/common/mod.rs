@@ -34,9 +34,10 @@ pub fn simulated(p: f64, s: f64, seed: u64) -> String {
 }
 
 /// A scripted model `m` with per-peer replies (TOML literal strings, so JSON needs no
-/// escaping).
+/// escaping), each list starting over when it runs out.
 pub fn scripted(per_peer: &[(&str, &[&str])]) -> String {
-    let mut s = "[models.m]\nprovider = \"scripted\"\nreplies = [\"(no script)\"]\n[models.m.per_peer]\n".to_string();
+    let mut s = "[models.m]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"(no script)\"]\n[models.m.per_peer]\n"
+        .to_string();
     for (peer, replies) in per_peer {
         let list: Vec<String> = replies.iter().map(|r| format!("'''{r}'''")).collect();
         s.push_str(&format!("{peer} = [{}]\n", list.join(", ")));
@@ -129,7 +130,7 @@ impl Fold {
 
     /// The stop decision: (reason, answer).
     pub fn stop(&self) -> Option<(String, Option<String>)> {
-        self.st.stop_decision(roundtable_core::envelope::now_ms()).map(|(r, a, _)| (r, a.map(|a| a.to_string())))
+        self.st.stop_decision(roundtable_core::envelope::now_ms()).map(|d| (d.reason, d.answer.map(|a| a.to_string())))
     }
 
     /// Record every collective post (rejections, announcements, awards) any peer owes.

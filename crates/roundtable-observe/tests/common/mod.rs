@@ -67,11 +67,9 @@ pub fn offline_models(plan: &TeamPlan) -> HashMap<PeerId, Arc<dyn ChatModel>> {
         .map(|p| {
             let spec = &plan.models[&p.model];
             let m: Arc<dyn ChatModel> = match &spec.provider {
-                ProviderSpec::Scripted { replies, per_peer } => Arc::new(Scripted::new(
-                    format!("scripted:{}", p.model),
-                    replies.clone(),
-                    per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect(),
-                )),
+                ProviderSpec::Scripted { .. } => Arc::new(
+                    Scripted::from_spec(format!("scripted:{}", p.model), &spec.provider).expect("a scripted spec"),
+                ),
                 ProviderSpec::Simulated { p_correct, susceptibility, seed } => {
                     Arc::new(Simulated::new(format!("simulated:{}", p.model), *p_correct, *susceptibility, *seed))
                 }
