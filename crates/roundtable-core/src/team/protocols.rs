@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{Ctx, choices};
+use super::{Ctx, choices, ranges};
 use crate::envelope::PeerId;
 use crate::protocol::answers::Rule;
 
@@ -517,8 +517,20 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
     let one = |cx: &mut Ctx<'_>, s: &Option<Spanned<String>>, key: &str| -> Option<PeerId> {
         s.as_ref().and_then(|s| known(cx, s.get_ref(), s.span().start, key))
     };
+    // A list of peers: each known, none twice (a repeated peer would take another's place).
     let list = |cx: &mut Ctx<'_>, s: &Option<Spanned<Vec<Spanned<String>>>>, key: &str| -> Option<Vec<PeerId>> {
-        s.as_ref().map(|v| v.get_ref().iter().filter_map(|s| known(cx, s.get_ref(), s.span().start, key)).collect())
+        s.as_ref().map(|v| {
+            let mut out: Vec<PeerId> = Vec::new();
+            for s in v.get_ref() {
+                let Some(id) = known(cx, s.get_ref(), s.span().start, key) else { continue };
+                if out.contains(&id) {
+                    cx.err_at(s.span().start, format!("protocol.{key}"), format!("peer `{id}` is listed twice"));
+                } else {
+                    out.push(id);
+                }
+            }
+            out
+        })
     };
     let pick = |cx: &mut Ctx<'_>,
                 s: &Option<Spanned<String>>,
@@ -542,14 +554,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         }
     };
     let rounds = |cx: &mut Ctx<'_>, default: u32| -> u32 {
-        match &p.rounds {
-            Some(r) if *r.get_ref() == 0 => {
-                cx.err_at(r.span().start, "protocol.rounds", "rounds must be at least 1");
-                default
-            }
-            Some(r) => *r.get_ref(),
-            None => default,
-        }
+        cx.count(p.rounds.clone(), "protocol.rounds", ranges::ROUNDS).unwrap_or(default)
     };
     let fraction = |cx: &mut Ctx<'_>, s: &Option<Spanned<f64>>, key: &str, default: f64| -> f64 {
         match s {
@@ -602,7 +607,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         }
         "debate" => {
             let members = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
-            need(cx, &members, 1, "members", "member");
+            need(cx, &members, 2, "members", "members (a debate of one is one model answering)");
             let vote = match pick(cx, &p.vote, "vote", &["plurality", "majority"], "plurality") {
                 "majority" => VoteRule::Majority,
                 _ => VoteRule::Plurality,
@@ -656,7 +661,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         }
         "jury" => {
             let jurors = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
-            need(cx, &jurors, 1, "members", "juror");
+            need(cx, &jurors, 2, "members", "jurors (a jury of one is one model answering)");
             let rule =
                 match pick(cx, &p.aggregation, "aggregation", &["plurality", "approval", "confidence"], "plurality") {
                     "approval" => Rule::Approval { threshold: fraction(cx, &p.threshold, "threshold", 0.6) },
@@ -673,6 +678,10 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
             let proposer = one(cx, &p.proposer, "proposer").unwrap_or_else(|| first.clone());
             let voters = list(cx, &p.voters, "voters").unwrap_or_else(|| others(&[&proposer]));
             need(cx, &voters, 1, "voters", "voter");
+            if voters.contains(&proposer) {
+                let at = p.voters.as_ref().map_or(kind_at, |v| v.span().start);
+                cx.err_at(at, "protocol.voters", format!("the proposer `{proposer}` cannot vote on its own proposal"));
+            }
             ProtocolSpec::Consensus(ConsensusSpec {
                 proposer,
                 voters,
@@ -802,10 +811,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                 }
                 None => sources.last().map(|s| s.writes.clone()).unwrap_or_default(),
             };
-            let max_writes = inner(&p.max_writes).unwrap_or(20);
-            if max_writes == 0 {
-                cx.err_at(kind_at, "protocol.max_writes", "max_writes must be at least 1");
-            }
+            let max_writes = cx.count(p.max_writes.clone(), "protocol.max_writes", ranges::ROUNDS).unwrap_or(20);
             ProtocolSpec::Blackboard(BlackboardSpec {
                 sources,
                 answer_key,
@@ -835,8 +841,11 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                         "continue" => OnDependencyFailure::Continue,
                         _ => OnDependencyFailure::Skip,
                     };
-                let lease_ms = p.lease_secs.as_ref().map_or(30_000, |s| (s.get_ref() * 1000.0).max(10.0) as u64);
-                let max_deliver = inner(&p.max_deliver).unwrap_or(5).max(1);
+                let lease_ms = cx
+                    .real(p.lease_secs.clone(), "protocol.lease_secs", ranges::LEASE_SECS)
+                    .map_or(30_000, ranges::millis);
+                let max_deliver =
+                    cx.count(p.max_deliver.clone(), "protocol.max_deliver", ranges::DELIVERIES).unwrap_or(5);
                 ProtocolSpec::WorkQueue(WorkQueueSpec {
                     tasks,
                     members,
@@ -864,7 +873,9 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                     members,
                     capabilities,
                     bids,
-                    max_reannounce: inner(&p.max_reannounce).unwrap_or(2),
+                    max_reannounce: cx
+                        .count(p.max_reannounce.clone(), "protocol.max_reannounce", ranges::REANNOUNCE)
+                        .unwrap_or(2),
                     answer_task,
                     instruction: inner(&p.instruction),
                 })
@@ -878,10 +889,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
             if members.contains(&leader) {
                 cx.err_at(kind_at, "protocol.members", format!("the leader `{leader}` cannot also be a member"));
             }
-            let k = inner(&p.deadlock_rounds).unwrap_or(2);
-            if k == 0 {
-                cx.err_at(kind_at, "protocol.deadlock_rounds", "deadlock_rounds must be at least 1");
-            }
+            let k = cx.count(p.deadlock_rounds.clone(), "protocol.deadlock_rounds", ranges::ROUNDS).unwrap_or(2);
             ProtocolSpec::Hybrid(HybridSpec {
                 leader,
                 members,
