@@ -64,7 +64,9 @@ impl std::error::Error for TeamErrors {}
 /// the team file names (scripted replies).
 pub trait PlanEnv {
     fn var_is_set(&self, name: &str) -> bool;
-    /// Read a file named in the team file, relative to the team file's directory.
+    /// Read a file named in the team file, relative to the team file's directory. Only
+    /// files under that directory may be read (no absolute paths, no `..`, no symbolic
+    /// link out of it): a team file from elsewhere reads nothing else on the machine.
     fn read(&self, path: &str) -> Result<String, String>;
     /// Whether a program a tool runs exists (on PATH, or as a path to an executable).
     fn program_exists(&self, _program: &str) -> bool {
@@ -1382,11 +1384,19 @@ max_calls = 20
         assert!(e[0].message.contains("`a` is listed twice"), "{}", e[0].message);
         let e = errors("kind = \"consensus\"\nproposer = \"a\"\nvoters = [\"a\", \"b\"]");
         assert!(e[0].message.contains("cannot vote on its own proposal"), "{e:?}");
-        for kind in ["debate", "jury"] {
-            let e = errors(&format!("kind = \"{kind}\"\nmembers = [\"a\"]"));
-            assert_eq!(e[0].key, "protocol.members", "{kind}: {e:?}");
-            assert!(e[0].message.contains("at least 2"), "{kind}: {}", e[0].message);
-        }
+        let e = errors("kind = \"jury\"\nmembers = [\"a\"]");
+        assert_eq!(e[0].key, "protocol.members", "{e:?}");
+        assert!(e[0].message.contains("at least 2"), "{}", e[0].message);
+        // A debate of one is defined: one answer (the single-agent baseline), one round.
+        let e = errors("kind = \"debate\"\nmembers = [\"a\"]\nrounds = 3");
+        assert_eq!((e[0].line, e[0].key.as_str()), (15, "protocol.rounds"), "{e:?}");
+        assert!(e[0].message.contains("rounds must be 1"), "{}", e[0].message);
+        parse_team(
+            "t.toml",
+            &format!("{TRIO}[protocol]\nkind = \"debate\"\nmembers = [\"a\"]\nrounds = 1\n"),
+            &Env(vec![]),
+        )
+        .expect("a debate of one, one round");
         let e = errors("kind = \"work_queue\"\nlease_secs = nan\n[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"");
         assert_eq!(e[0].key, "protocol.lease_secs", "{e:?}");
         let e = errors("kind = \"blackboard\"\nmax_writes = 0\n[[protocol.sources]]\npeer = \"a\"\nwrites = \"x\"");

@@ -127,6 +127,31 @@ async fn round_robin_takes_turns_then_the_summarizer_closes() {
     assert!(entries.windows(2).all(|w| w[0].env.lamport < w[1].env.lamport));
 }
 
+/// Issue 12: a facilitator whose every call fails must not leave another peer's
+/// message standing as the team's final answer, nor a session that looks successful.
+#[tokio::test]
+async fn issue_12_a_summarizer_that_fails_every_call_ends_failed_with_no_final_answer() {
+    let plan = plan("");
+    let log = new_log();
+    open_session(log.as_ref(), &plan, "Should we build it?").await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut ms = models(&plan, &calls, None);
+    ms.insert(
+        "facilitator".into(),
+        Arc::new(Scripted::new("bad", vec!["!error auth rejected".into()], HashMap::new())),
+    );
+    let summary = run_peers(log.clone(), &plan, ms, None, None).await.unwrap();
+    let entries = log.read_all().await.unwrap();
+    let last_turn = entries.iter().rev().find(|e| e.env.kind == Kind::Message).unwrap();
+    assert_eq!(last_turn.env.step.as_ref(), "turn/8", "every turn was taken");
+    let failure = entries.iter().find(|e| e.env.kind == Kind::Failure).expect("the final step failed");
+    assert_eq!((failure.env.from.as_str(), failure.env.step.as_ref()), ("facilitator", "final"));
+    assert!(summary.failed, "{:?}", summary.stop_reason);
+    assert_eq!(summary.final_answer, None, "cfo's last turn is not the team's answer");
+    let stop = entries.iter().find(|e| e.env.kind == Kind::Stop).unwrap();
+    assert_eq!(stop.env.parents, vec![failure.env.id.clone()], "the stop names the failed final step");
+}
+
 #[tokio::test]
 async fn the_peers_of_a_process_hold_one_history_with_each_envelope_once() {
     let plan = plan("");

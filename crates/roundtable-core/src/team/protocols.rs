@@ -607,14 +607,24 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         }
         "debate" => {
             let members = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
-            need(cx, &members, 2, "members", "members (a debate of one is one model answering)");
+            need(cx, &members, 1, "members", "member");
+            let rounds = rounds(cx, 2);
+            // A debate of one is defined as one answer: the single-agent baseline.
+            if members.len() == 1 && rounds > 1 {
+                let at = p.rounds.as_ref().map_or(kind_at, |r| r.span().start);
+                cx.err_at(
+                    at,
+                    "protocol.rounds",
+                    "a debate of one member has no one to debate: rounds must be 1 (a single answer), or add members",
+                );
+            }
             let vote = match pick(cx, &p.vote, "vote", &["plurality", "majority"], "plurality") {
                 "majority" => VoteRule::Majority,
                 _ => VoteRule::Plurality,
             };
             ProtocolSpec::Debate(DebateSpec {
                 members,
-                rounds: rounds(cx, 2),
+                rounds,
                 vote,
                 json: inner(&p.json).unwrap_or(false),
                 instruction: inner(&p.instruction),
