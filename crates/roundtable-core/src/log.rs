@@ -486,8 +486,10 @@ pub mod jsonl {
     /// - every id is derived from (session, author, step), or (session, `*`, step) for a
     ///   collective decision, so an id cannot be invented and an author cannot be changed;
     /// - every parent is an envelope earlier in the file;
-    /// - there is at most one stop. Envelopes may follow it (a peer's duty that was under
-    ///   way when the stop landed), but none of them may have it as a parent.
+    /// - there is at most one stop. Envelopes may follow it — a peer's duty that was under
+    ///   way when the stop landed — but a peer does one duty at a time, so at most one
+    ///   per author (besides rejections of garbage, `rejected/…` failures), and none may
+    ///   have the stop as a parent.
     pub fn check_session(
         file: &str,
         lines: &[(usize, Envelope)],
@@ -513,8 +515,19 @@ pub mod jsonl {
         let star = PeerId::from("*");
         let mut earlier = std::collections::HashSet::new();
         let mut stop: Option<&EnvelopeId> = None;
+        let mut after_stop = std::collections::HashSet::new();
         for (i, (line, env)) in lines.iter().enumerate() {
             let line = *line;
+            let rejection = env.kind == Kind::Failure && env.step.starts_with("rejected/");
+            if stop.is_some() && !rejection && !after_stop.insert(&env.from) {
+                return Err(err(
+                    line,
+                    format!(
+                        "field `kind`: a second envelope from `{}` after the stop; the stop is out of place",
+                        env.from
+                    ),
+                ));
+            }
             if i > 0 && env.kind == Kind::Task {
                 return Err(err(line, "field `kind`: a second task; the task is the first envelope only".into()));
             }
