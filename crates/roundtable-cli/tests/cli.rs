@@ -102,10 +102,21 @@ fn the_api_design_trio_runs_and_the_backend_writes_the_final_design() {
 fn the_live_transcript_is_readable_when_piped() {
     let data = tempfile::tempdir().unwrap();
     let team = examples().join("product-debate.toml");
-    let o = run(&["run", team.to_str().unwrap()], data.path());
-    assert!(o.status.success());
+    // Without NO_COLOR, and with a terminal type that has colours: a pipe alone turns
+    // styling and progress lines off.
+    let o = Command::new(env!("CARGO_BIN_EXE_roundtable"))
+        .env_remove("ROUNDTABLE_DIR")
+        .env_remove("NO_COLOR")
+        .env("TERM", "xterm-256color")
+        .args(["run", team.to_str().unwrap(), "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     let t = stdout(&o);
     assert!(t.contains("[round 1] pm → all") && t.contains("Final answer") && t.contains("roundtable log "), "{t}");
+    assert!(!t.contains('\x1b'), "escape codes in piped output: {t:?}");
+    assert!(!stderr(&o).contains('\x1b'), "a progress line on a piped stderr: {:?}", stderr(&o));
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -418,9 +429,20 @@ fn sigkill_mid_session_then_resume_loses_nothing_and_repeats_no_logged_step() {
 #[test]
 fn a_reader_that_goes_away_ends_the_output_quietly_not_with_a_panic() {
     use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
     let data = tempfile::tempdir().unwrap();
-    let team = examples().join("product-debate.toml");
+    // A transcript of about 1.2 MB: far more than any pipe buffers, so the writer is
+    // still writing when the reader goes away.
+    let long = "x".repeat(30_000);
+    let team = write(
+        data.path(),
+        "long.toml",
+        &format!(
+            "topic = \"t\"\n[models.s]\nprovider = \"scripted\"\nreplies = [\"{{peer}} {{n}} {long}\"]\n[[peers]]\nid = \"a\"\nmodel = \"s\"\n[[peers]]\nid = \"b\"\nmodel = \"s\"\n[protocol]\nkind = \"round_robin\"\nrounds = 20\n"
+        ),
+    );
     let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
+    assert!(o.status.success(), "{}", stderr(&o));
     let id = json(&o)["session"].as_str().unwrap().to_string();
     let mut child = bin()
         .args(["log", &id, "--data-dir"])
@@ -435,6 +457,8 @@ fn a_reader_that_goes_away_ends_the_output_quietly_not_with_a_panic() {
     assert!(first.contains("Task"), "{first}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    // Ended by SIGPIPE, as `cat` would be: not a panic (101), not an error exit (1).
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {err}", out.status);
 }
 
 #[test]
