@@ -212,25 +212,32 @@ async fn a_budget_stops_before_the_call_that_would_exceed_it_with_the_best_answe
     assert_eq!(summary.final_answer.as_deref(), Some("pm speaks (2)"), "the last contribution is the best so far");
 }
 
-/// Sleeps before answering, like a slow provider, and counts its calls.
-struct Paced(Counting, Duration);
+/// Answers only once the session's wall-time budget is spent (it waits for the clock to
+/// pass `deadline_ms`), and counts its calls: the call after it must be refused, however
+/// fast or slow the machine runs.
+struct SpendsTheBudget(Counting, u64);
 
 #[async_trait]
-impl ChatModel for Paced {
+impl ChatModel for SpendsTheBudget {
     fn name(&self) -> &str {
-        "paced"
+        "spends-the-budget"
     }
     async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
-        tokio::time::sleep(self.1).await;
+        while roundtable_core::envelope::now_ms() <= self.1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.0.chat(req).await
     }
 }
 
 #[tokio::test]
 async fn a_wall_time_budget_refuses_the_next_call_once_the_time_is_spent() {
-    let plan = plan("[budget]\nmax_wall_secs = 0.3");
+    // A second: only a machine that stalls this long before the first call could
+    // refuse it too.
+    let plan = plan("[budget]\nmax_wall_secs = 1");
     let log = new_log();
     open_session(log.as_ref(), &plan, "topic").await.unwrap();
+    let task_ms = log.read(1, 1).await.unwrap()[0].env.time_ms;
     let calls = Arc::new(AtomicU32::new(0));
     let models = models(&plan, &calls, None)
         .into_keys()
@@ -240,14 +247,67 @@ async fn a_wall_time_budget_refuses_the_next_call_once_the_time_is_spent() {
                 calls: calls.clone(),
                 hang_after: None,
             };
-            (id, Arc::new(Paced(inner, Duration::from_millis(150))) as Arc<dyn ChatModel>)
+            (id, Arc::new(SpendsTheBudget(inner, task_ms + 1000)) as Arc<dyn ChatModel>)
         })
         .collect();
     let summary = run_peers(log.clone(), &plan, models, None, None).await.unwrap();
     let reason = summary.stop_reason.unwrap();
     assert!(reason.starts_with("budget:") && reason.contains("wall time"), "{reason}");
-    // Ten calls of 150 ms would take 1.5 s: the budget stopped the ring well before.
-    assert!(calls.load(Ordering::SeqCst) < 10, "{} calls", calls.load(Ordering::SeqCst));
+    // The first call spent the budget: the second is never made.
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let entries = log.read_all().await.unwrap();
+    assert_eq!(speakers(&entries), ["pm:turn/0"]);
+    assert_eq!(summary.final_answer.as_deref(), Some("pm speaks (1)"));
+}
+
+/// The tokens and cost the log shows after each call of an unbudgeted run.
+async fn spent_after_each_call(plan: &TeamPlan) -> Vec<(u64, f64)> {
+    let log = new_log();
+    open_session(log.as_ref(), plan, "topic").await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    run_peers(log.clone(), plan, models(plan, &calls, None), None, None).await.unwrap();
+    let mut spent = Vec::new();
+    let (mut tokens, mut cost) = (0, 0.0);
+    for e in log.read_all().await.unwrap() {
+        if let Some(u) = &e.env.usage {
+            tokens += u.total_tokens();
+            cost += u.cost_usd;
+            spent.push((tokens, cost));
+        }
+    }
+    spent
+}
+
+#[tokio::test]
+async fn token_and_cost_budgets_stop_a_running_session_before_the_call_that_would_exceed_them() {
+    let priced = |extra: &str| {
+        let mut p = plan(extra);
+        // A dollar per million tokens either way, so cost follows tokens.
+        p.models.get_mut("s").unwrap().price =
+            roundtable_core::model::Price { prompt_per_mtok: 1.0, completion_per_mtok: 1.0 };
+        p
+    };
+    let spent = spent_after_each_call(&priced("")).await;
+    assert_eq!(spent.len(), 10, "unbudgeted, all ten calls are made");
+    // A limit of exactly what four calls spend: the fifth call's prompt does not fit.
+    let (tokens4, cost4) = spent[3];
+    for (extra, what) in [
+        (format!("[budget]\nmax_tokens = {tokens4}"), "tokens used"),
+        (format!("[budget]\nmax_cost_usd = {cost4}"), "spent"),
+    ] {
+        let plan = priced(&extra);
+        let log = new_log();
+        open_session(log.as_ref(), &plan, "topic").await.unwrap();
+        let calls = Arc::new(AtomicU32::new(0));
+        let summary = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "{extra}");
+        let reason = summary.stop_reason.unwrap();
+        assert!(reason.starts_with("budget:") && reason.contains(what), "{extra}: {reason}");
+        assert_eq!((summary.tokens, summary.calls), (tokens4, 4), "{extra}");
+        let entries = log.read_all().await.unwrap();
+        assert_eq!(speakers(&entries), ["pm:turn/0", "eng:turn/1", "cfo:turn/2", "pm:turn/3"], "{extra}");
+        assert_eq!(summary.final_answer.as_deref(), Some("pm speaks (2)"), "the best answer so far");
+    }
 }
 
 #[tokio::test]
