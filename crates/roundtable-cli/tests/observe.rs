@@ -619,3 +619,29 @@ fn the_web_view_follows_a_session_run_by_another_process_and_both_serve_metrics(
     let (_, again) = get(&ui_metrics, "/metrics");
     assert_eq!(metric(&again, "roundtable_messages_total{team=\"live\",peer=\"a\"}"), Some(1.0));
 }
+
+#[test]
+fn replay_exits_1_at_a_divergence_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let id = run_session(&examples().join("api-design.toml"), d);
+    let o = run(&["export", &id], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // The faithful recording replays with exit 0.
+    let faithful = d.join("faithful.jsonl");
+    std::fs::write(&faithful, lines.iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
+    let o = run(&["replay", faithful.to_str().unwrap()], d);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    // A stop whose reason the log does not support: the replay decides otherwise.
+    let stop = lines.iter_mut().find(|e| e["kind"] == "stop").unwrap();
+    stop["body"]["json"]["reason"] = serde_json::json!("completed: 99 rounds");
+    let altered = d.join("altered.jsonl");
+    std::fs::write(&altered, lines.iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
+    let o = run(&["replay", altered.to_str().unwrap()], d);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("DIVERGENCE") && stdout(&o).contains("99 rounds"), "{}", stdout(&o));
+    let o = run(&["replay", altered.to_str().unwrap(), "--json"], d);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!json(&o)["divergence"].is_null(), "{}", stdout(&o));
+}
