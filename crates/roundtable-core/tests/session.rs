@@ -333,7 +333,8 @@ fn plan_with_mention() -> TeamPlan {
     p
 }
 
-#[tokio::test]
+// On a paused clock: absence follows the heartbeats, not the machine's scheduling.
+#[tokio::test(start_paused = true)]
 async fn an_absent_peer_is_noticed_recorded_once_and_skipped() {
     let plan = plan("[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.3");
     let log = new_log();
@@ -429,7 +430,8 @@ impl ChatModel for Slow {
     }
 }
 
-#[tokio::test]
+// On a paused clock: absence follows the heartbeats, not the machine's scheduling.
+#[tokio::test(start_paused = true)]
 async fn a_peer_inside_a_long_model_call_is_not_taken_for_absent() {
     let plan = plan("[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.2");
     let mut plan = plan;
@@ -447,4 +449,46 @@ async fn a_peer_inside_a_long_model_call_is_not_taken_for_absent() {
     assert!(entries.iter().all(|e| e.env.kind != Kind::Absent), "a slow peer was declared absent");
     assert_eq!(speakers(&entries)[0], "pm:turn/0");
     assert!(summary.stopped);
+}
+
+/// Never answers: the session stays open while presence is watched.
+struct Hangs;
+
+#[async_trait]
+impl ChatModel for Hangs {
+    fn name(&self) -> &str {
+        "hangs"
+    }
+    async fn chat(&self, _: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        futures::future::pending().await
+    }
+}
+
+/// The whole process stops running for five seconds (the clock jumps with no task
+/// run in between, as a suspended or starved process sees it): every peer is alive, and
+/// none may be recorded absent for a silence that was the observer's own. On a paused
+/// clock, so nothing here depends on how the machine schedules.
+#[tokio::test(start_paused = true)]
+async fn a_stall_of_the_observing_process_does_not_make_live_peers_absent() {
+    let plan = plan("[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.3");
+    let log = new_log();
+    open_session(log.as_ref(), &plan, "topic").await.unwrap();
+    let ms: HashMap<PeerId, Arc<dyn ChatModel>> =
+        plan.peers.iter().map(|p| (p.id.clone(), Arc::new(Hangs) as Arc<dyn ChatModel>)).collect();
+    let presence: Arc<dyn Presence> = Arc::new(MemPresence::default());
+    let run = tokio::spawn({
+        let (log, plan) = (log.clone(), plan.clone());
+        async move { run_peers(log, &plan, ms, Some(presence), None).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let entries = log.read_all().await.unwrap();
+    let absent: Vec<_> =
+        entries.iter().filter(|e| e.env.kind == Kind::Absent).map(|e| e.env.body.text.clone()).collect();
+    assert!(absent.is_empty(), "live peers recorded absent after a stall: {absent:?}");
+    assert!(!run.is_finished(), "the session is still open, pm inside its call");
+    run.abort();
 }
