@@ -346,15 +346,24 @@ fn otlp_export_carries_session_turn_and_model_call_spans_in_one_trace() {
 #[test]
 fn an_unsupported_otlp_protocol_is_reported_and_export_stays_off() {
     let data = tempfile::tempdir().unwrap();
+    // A collector that listens and is never answered: any connection the run makes stays
+    // in its backlog, to be found after the process ended.
+    let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
     let o = bin()
         .args(["run", examples().join("api-design.toml").to_str().unwrap(), "--json", "--data-dir"])
         .arg(data.path())
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc is not supported"), "{}", stderr(&o));
+    collector.set_nonblocking(true).unwrap();
+    match collector.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the run connected to the collector: {other:?}"),
+    }
 }
 
 // ------------------------------------------------------------------------------------
