@@ -518,3 +518,78 @@ fn bench_runs_each_configuration_in_its_own_process_and_reports_medians() {
         assert!(g.iter().all(|x| x.as_f64().unwrap() > 0.0), "{s}");
     }
 }
+
+/// The messages of a session on a NATS server, through `export --nats`.
+fn nats_messages(url: &str, id: &str, data: &Path) -> (usize, String) {
+    let o = bin().args(["export", id, "--nats", url, "--data-dir"]).arg(data).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    (text.lines().filter(|l| l.contains("\"kind\":\"message\"")).count(), text)
+}
+
+#[test]
+fn a_session_on_nats_killed_mid_run_resumes_with_resume_nats() {
+    let rt = rt();
+    let server = rt.block_on(MockServer::start());
+    rt.block_on(
+        Mock::given(method("POST"))
+            .respond_with(sse(fixture("openai_stream.sse")).set_delay(Duration::from_millis(150)))
+            .mount(&server),
+    );
+    let nats = roundtable_nats::testing::NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let team = openai_team(dir.path(), &server.uri(), 5); // 10 turns
+    let data = dir.path().join("d");
+    let mut child = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--nats", &url, "--data-dir"])
+        .arg(&data)
+        .env("RT_TEST_KEY", "k")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The session's id, once it is on the server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        assert!(std::time::Instant::now() < deadline, "the session never started");
+        let o = bin().args(["sessions", "--json", "--nats", &url]).output().unwrap();
+        if o.status.success()
+            && let Some(id) = json(&o).as_array().and_then(|l| l.first()).and_then(|s| s["id"].as_str())
+        {
+            break id.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while nats_messages(&url, &id, &data).0 < 3 {
+        assert!(std::time::Instant::now() < deadline, "the session never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let (done_before, prefix) = nats_messages(&url, &id, &data);
+    assert!(done_before < 10, "killed mid-session");
+    let calls_before = rt.block_on(server.received_requests()).unwrap().len();
+
+    let o = bin()
+        .args(["resume", &id, "--json", "--nats", &url, "--data-dir"])
+        .arg(&data)
+        .env("RT_TEST_KEY", "k")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert_eq!(s["messages"], 10, "{s}");
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("completed"), "{s}");
+    let calls_after = rt.block_on(server.received_requests()).unwrap().len();
+    assert_eq!(calls_after - calls_before, 10 - done_before, "only the missing turns were called");
+    let (messages, full) = nats_messages(&url, &id, &data);
+    assert_eq!(messages, 10);
+    assert!(full.starts_with(&prefix), "every acknowledged envelope is intact, in place");
+    let mut ids: Vec<&str> =
+        full.lines().map(|l| l.split("\"id\":\"").nth(1).unwrap().split('"').next().unwrap()).collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "no duplicates");
+}
