@@ -507,3 +507,24 @@ fn print_row(w: Workload, r: &serde_json::Value) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_holds_the_median_of_every_measure_and_the_settings_as_given() {
+        let runs = [
+            serde_json::json!({"workload": "groupchat", "peers": 3, "messages_per_sec": 100.0, "wall_us": 9}),
+            serde_json::json!({"workload": "groupchat", "peers": 3, "messages_per_sec": 300.0, "wall_us": 1}),
+            serde_json::json!({"workload": "groupchat", "peers": 3, "messages_per_sec": 200.0, "wall_us": 5}),
+        ];
+        let row = median_row(&runs);
+        assert_eq!(row["messages_per_sec"], 200.0, "the middle run, not the first or the mean");
+        assert_eq!(row["wall_us"], 5.0);
+        assert_eq!((row["peers"].as_u64(), row["runs"].as_u64()), (Some(3), Some(3)));
+        assert_eq!(row["workload"], "groupchat");
+        let even = median_row(&runs[..2]);
+        assert_eq!(even["messages_per_sec"], 200.0, "the mean of the middle two");
+    }
+}

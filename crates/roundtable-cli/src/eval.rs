@@ -67,9 +67,15 @@ pub(crate) struct EvalArgs {
     json: bool,
 }
 
-/// Bad arguments are `Err(Input)`; the evaluation itself never fails (sessions that
-/// could not run are counted in their row).
-pub(crate) async fn run(a: EvalArgs) -> Result<(), String> {
+/// Bad arguments are `Err(Input)`; sessions that could not run, or whose model calls all
+/// failed, are counted in their row's `errors`. When every session of every row is an
+/// error (an unreachable endpoint, a rejected key), the report is printed and the result
+/// is a runtime failure naming the count: a total failure must not look like a bad model.
+pub(crate) async fn run(a: EvalArgs) -> Result<(), crate::Failure> {
+    run_checked(a).await.map_err(crate::Failure::Input)?.map_err(crate::Failure::Runtime)
+}
+
+async fn run_checked(a: EvalArgs) -> Result<Result<(), String>, String> {
     let task = task_from_arg(&a.task, &|f| std::fs::read_to_string(f).map_err(|e| e.to_string()))?;
     let team = match &a.team {
         Some(t) => Some(crate::load_plan_for_eval(t)?),
@@ -129,12 +135,22 @@ pub(crate) async fn run(a: EvalArgs) -> Result<(), String> {
         concurrency: a.concurrency.max(1),
     })
     .await;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json()).expect("serializes"));
+    let written = if a.json {
+        crate::print_out(&serde_json::to_string_pretty(&report.to_json()).expect("serializes"))
     } else {
-        print!("{}", report.table());
+        crate::print_out(report.table().trim_end())
+    };
+    if let Err(e) = written {
+        return Ok(Err(format!("writing the report to stdout: {e}")));
     }
-    Ok(())
+    let sessions: usize = report.results.iter().map(|r| r.questions).sum();
+    let errors: usize = report.results.iter().map(|r| r.errors).sum();
+    if sessions > 0 && errors == sessions {
+        return Ok(Err(format!(
+            "all {errors} sessions failed (no model call was answered); see the errors above, or check the endpoint and key"
+        )));
+    }
+    Ok(Ok(()))
 }
 
 /// What `--team` contributes when a flag is not given: the team's protocol (when it is

@@ -1,6 +1,7 @@
 //! Turning a plan's model specs into layered `ChatModel`s.
 
 use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ impl PlanEnv for ProcessEnv {
         std::env::var_os(name).is_some_and(|v| !v.is_empty())
     }
     fn read(&self, path: &str) -> Result<String, String> {
-        std::fs::read_to_string(self.base.join(path)).map_err(|e| e.to_string())
+        std::fs::read_to_string(under_team_dir(&self.base, path)?).map_err(|e| e.to_string())
     }
     fn program_exists(&self, program: &str) -> bool {
         use std::os::unix::fs::PermissionsExt;
@@ -38,6 +39,25 @@ impl PlanEnv for ProcessEnv {
         let p = self.base.join(path);
         std::path::absolute(&p).unwrap_or(p)
     }
+}
+
+/// The one rule for files a team file names (scripted `replies_file`): a relative path
+/// to a file under the team file's directory, `base`. An absolute path, a `..`
+/// component, or a symbolic link that leads out of the directory is refused, so a team
+/// file received from someone else can read nothing else on the machine.
+pub(crate) fn under_team_dir(base: &Path, path: &str) -> Result<PathBuf, String> {
+    let rel = Path::new(path);
+    let outside = || format!("{path:?} is outside the team file's directory; a team file may read only files under it");
+    if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(outside());
+    }
+    let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+    let dir = base.canonicalize().map_err(|e| format!("{}: {e}", base.display()))?;
+    let file = base.join(rel).canonicalize().map_err(|e| e.to_string())?;
+    if !file.starts_with(&dir) {
+        return Err(outside());
+    }
+    Ok(file)
 }
 
 fn key_from_env(var: &Option<String>) -> Result<Option<Secret>, ModelError> {

@@ -9,6 +9,7 @@ mod observe;
 mod render;
 mod worktest;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -84,6 +85,9 @@ enum Command {
     /// Check a team file and print the plan it becomes; runs nothing.
     Validate {
         team: PathBuf,
+        /// The task or topic `run` would be given (the team file's `topic` otherwise).
+        #[arg(long)]
+        topic: Option<String>,
         /// Print the validated plan as JSON.
         #[arg(long)]
         json: bool,
@@ -238,7 +242,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     let dir = data_dir(&cli.data_dir);
     match cli.command {
         Command::Eval(args) => {
-            eval::run(args).await.map_err(Failure::Input)?;
+            eval::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
@@ -260,8 +264,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { team, json } => {
+        Command::Validate { team, topic, json } => {
+            // Everything `run` checks before it starts: the plan, a topic, the models.
             let plan = load_plan(&team)?;
+            topic_of(&team, topic, &plan)?;
+            factory::models_for(&plan, None).map_err(|e| Failure::Input(e.to_string()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&plan).expect("plan serializes"));
             } else {
@@ -277,9 +284,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                 return nats::run(&dir, &team, topic, json, metrics, &remote).await;
             }
             let plan = load_plan(&team)?;
-            let topic = topic.or_else(|| plan.topic.clone()).ok_or_else(|| {
-                Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
-            })?;
+            let topic = topic_of(&team, topic, &plan)?;
             let watch = observe::RunWatch::start(metrics).await?;
             let models = factory::models_observed(&plan, None, watch.retry_observer())
                 .map_err(|e| Failure::Input(e.to_string()))?;
@@ -390,30 +395,29 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Log { session, json, remote } => {
             let log = open_log(&dir, &remote, &session).await?;
             let entries = log.read_all().await?;
-            if json {
+            let written = if json {
                 let s = SessionSummary::from_entries(log.session(), &entries).map_err(Failure::Input)?;
-                println!("{}", serde_json::to_string_pretty(&s).expect("serializes"));
+                print_out(&serde_json::to_string_pretty(&s).expect("serializes"))
             } else {
                 let st = render::Style::for_stdout();
-                for e in &entries {
-                    println!("{}", render::format_entry(e, st));
-                }
-                if let Ok(s) = SessionSummary::from_entries(log.session(), &entries) {
-                    render::print_summary(&s);
-                }
-            }
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                entries
+                    .iter()
+                    .try_for_each(|e| writeln!(out, "{}", render::format_entry(e, st)))
+                    .and_then(|()| out.flush())
+                    .and_then(|()| match SessionSummary::from_entries(log.session(), &entries) {
+                        Ok(s) => render::print_summary(&s),
+                        Err(_) => Ok(()),
+                    })
+            };
+            written.map_err(|e| Failure::Runtime(format!("writing the transcript to stdout: {e}")))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { session, output, remote } => {
             let log = open_log(&dir, &remote, &session).await?;
             match output {
                 Some(path) => {
-                    // Write to a temporary file and rename, so a failed export leaves nothing.
-                    let tmp = path.with_extension("jsonl.partial");
-                    let mut f =
-                        std::fs::File::create(&tmp).map_err(|e| Failure::Input(format!("{}: {e}", tmp.display())))?;
-                    let n = jsonl::export(log.as_ref(), &mut f).await?;
-                    std::fs::rename(&tmp, &path).map_err(|e| Failure::Runtime(format!("{}: {e}", path.display())))?;
+                    let n = export_to(log.as_ref(), &path).await?;
                     eprintln!("Wrote {n} envelopes to {}", path.display());
                 }
                 None => {
@@ -432,16 +436,83 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Import { file } => {
             let text =
                 std::fs::read_to_string(&file).map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
-            let envs = jsonl::parse(&file.display().to_string(), &text).map_err(|e| Failure::Input(e.to_string()))?;
-            if !envs.iter().any(|e| e.kind == Kind::Task) {
-                return Err(Failure::Input(format!("{}: no task envelope; not a session export", file.display())));
-            }
+            let name = file.display().to_string();
+            let lines = jsonl::parse_lines(&name, &text).map_err(|e| Failure::Input(e.to_string()))?;
+            jsonl::check_session(&name, &lines, roster_of).map_err(|e| Failure::Input(e.to_string()))?;
+            let envs: Vec<_> = lines.into_iter().map(|(_, e)| e).collect();
             let store = open_store(&dir, true, Durability::Normal)?;
             let session = store.import(&envs)?;
             println!("Imported session {session} ({} envelopes).", envs.len());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Who may author a session's envelopes, from its task: the plan's peers (a test run's
+/// workers), and the NATS reader that records garbage on the subjects as a failure.
+fn roster_of(task: &roundtable_core::Envelope) -> Result<std::collections::BTreeSet<roundtable_core::PeerId>, String> {
+    let mut roster: std::collections::BTreeSet<_> = match worktest::suite_of(task) {
+        Some(workers) => workers.into_iter().map(roundtable_core::PeerId::from).collect(),
+        None => plan_of(task)?.peer_ids().into_iter().collect(),
+    };
+    roster.insert(roundtable_core::PeerId::from(roundtable_nats::REJECTED_FROM));
+    Ok(roster)
+}
+
+/// Export a session to `path`: written to a temporary file beside it, then renamed over
+/// it, so a failed export leaves nothing behind and a reader never sees half a file.
+/// Only a regular file is replaced: a directory, symlink, FIFO or device at `path` is
+/// refused before anything is written.
+async fn export_to(log: &dyn SessionLog, path: &Path) -> Result<u64, Failure> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => {
+            let t = m.file_type();
+            let what = if t.is_dir() {
+                "a directory"
+            } else if t.is_symlink() {
+                "a symbolic link"
+            } else if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_char_device() || t.is_block_device() {
+                "a device"
+            } else {
+                "not a regular file"
+            };
+            return Err(Failure::Input(format!(
+                "{}: is {what}; export -o writes a regular file only (use stdout to write elsewhere)",
+                path.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Failure::Input(format!("{}: {e}", path.display()))),
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let io = |e: std::io::Error| Failure::Runtime(format!("{}: {e}", path.display()));
+    // Removed when dropped, so every early return below leaves nothing.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".roundtable-export-")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|e| Failure::Input(format!("{}: {e}", dir.display())))?;
+    let mut out = std::io::BufWriter::new(tmp.as_file_mut());
+    let n = jsonl::export(log, &mut out).await?;
+    out.flush().map_err(io)?;
+    drop(out);
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(n)
+}
+
+/// A line on stdout; a failed write (a full disk) is an error, not a panic.
+pub(crate) fn print_out(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
 }
 
 /// A recorded session's log: on the NATS server with --nats, else in the local store.
@@ -479,6 +550,14 @@ fn load_plan(team: &Path) -> Result<TeamPlan, Failure> {
         return Err(Failure::Input(problems.join("\n")));
     }
     Ok(plan)
+}
+
+/// The topic a run of `plan` is given: `--topic`, else the team file's (bad input when
+/// neither is set, or when it is blank).
+fn topic_of(team: &Path, topic: Option<String>, plan: &TeamPlan) -> Result<String, Failure> {
+    topic.or_else(|| plan.topic.clone()).filter(|t| !t.trim().is_empty()).ok_or_else(|| {
+        Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
+    })
 }
 
 fn describe_plan(team: &Path, plan: &TeamPlan) {
@@ -573,11 +652,12 @@ pub(crate) async fn drive(
 /// Print the outcome. A session that ended because its models kept failing is a
 /// runtime failure (exit 1), though it is recorded and closed like any other.
 fn finish(summary: &SessionSummary, json: bool) -> Result<ExitCode, Failure> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(summary).expect("summary serializes"));
+    let written = if json {
+        print_out(&serde_json::to_string_pretty(summary).expect("summary serializes"))
     } else {
-        render::print_summary(summary);
-    }
+        render::print_summary(summary)
+    };
+    written.map_err(|e| Failure::Runtime(format!("writing the summary to stdout: {e}")))?;
     if summary.failed {
         let reason = summary.stop_reason.as_deref().unwrap_or("");
         eprintln!("error: the session stopped because its model calls failed: {reason}");

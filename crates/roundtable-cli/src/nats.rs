@@ -134,6 +134,7 @@ impl NatsArgs {
     /// commands fail instead.
     pub(crate) async fn connect(&self, patient: bool) -> Result<NatsBackend, Failure> {
         let url = self.nats.as_deref().ok_or_else(|| Failure::Input("--nats URL is required".into()))?;
+        check_url(url)?;
         let backend =
             NatsBackend::connect_with(url, self.options()?).await.map_err(|e| Failure::Runtime(e.to_string()))?;
         Ok(if patient { backend.patient() } else { backend })
@@ -219,6 +220,23 @@ pub(crate) struct PeerArgs {
 /// The sessions on the server.
 pub(crate) async fn store(args: &NatsArgs) -> Result<Arc<dyn LogStore>, Failure> {
     Ok(args.connect(false).await?.logs())
+}
+
+/// Check a `--nats` value before connecting: every comma-separated address must be a
+/// URL with a host and a scheme of `nats`, `tls`, `ws` or `wss` (bad input, exit 2).
+pub(crate) fn check_url(url: &str) -> Result<(), Failure> {
+    for one in url.split(',').map(str::trim) {
+        let bad = |why: String| {
+            Failure::Input(format!(
+                "--nats {one:?}: {why}; valid: nats://HOST:PORT, tls://HOST:PORT, ws://… or wss://… (several separated by commas)"
+            ))
+        };
+        let addr: async_nats::ServerAddr = one.parse().map_err(|e: std::io::Error| bad(e.to_string()))?;
+        if addr.host().is_empty() {
+            return Err(bad("no host".into()));
+        }
+    }
+    Ok(())
 }
 
 /// An existing session's log on the server.

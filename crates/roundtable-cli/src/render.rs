@@ -242,12 +242,20 @@ impl Live {
     }
 }
 
-/// The closing lines after a session.
-pub(crate) fn print_summary(s: &SessionSummary) {
+/// The closing lines after a session, on stdout. A failed write (a full disk, a closed
+/// reader) is an error for the caller to report, never a panic.
+pub(crate) fn print_summary(s: &SessionSummary) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    write_summary(&mut out, s)?;
+    out.flush()
+}
+
+fn write_summary(out: &mut dyn Write, s: &SessionSummary) -> std::io::Result<()> {
     let st = Style::for_stdout();
-    println!();
-    println!("{} {}", st.bold("Session"), s.session);
-    println!(
+    writeln!(out)?;
+    writeln!(out, "{} {}", st.bold("Session"), s.session)?;
+    writeln!(
+        out,
         "  {} · {} messages · {} rounds · {} model calls · {} tokens{} · {:.1} s",
         s.stop_reason.as_deref().unwrap_or("not stopped"),
         s.messages,
@@ -256,23 +264,25 @@ pub(crate) fn print_summary(s: &SessionSummary) {
         s.tokens,
         if s.cost_usd > 0.0 { format!(" · ${:.4}", s.cost_usd) } else { String::new() },
         s.duration_ms as f64 / 1000.0
-    );
+    )?;
     match (&s.final_answer, s.answer_accepted) {
         (Some(a), true) => {
-            println!("{}", st.bold("Final answer"));
-            println!("{}", indent(a));
+            writeln!(out, "{}", st.bold("Final answer"))?;
+            writeln!(out, "{}", indent(a))?;
         }
         (Some(a), false) => {
-            println!(
+            writeln!(
+                out,
                 "{}",
                 st.bold("Leading candidate, not accepted (the session stopped before the team accepted an answer)")
-            );
-            println!("{}", indent(a));
+            )?;
+            writeln!(out, "{}", indent(a))?;
         }
         (None, _) => {}
     }
-    println!(
+    writeln!(
+        out,
         "{}",
         st.dim(&format!("See it again with `roundtable log {0}`; save it with `roundtable export {0}`.", s.session))
-    );
+    )
 }

@@ -102,10 +102,21 @@ fn the_api_design_trio_runs_and_the_backend_writes_the_final_design() {
 fn the_live_transcript_is_readable_when_piped() {
     let data = tempfile::tempdir().unwrap();
     let team = examples().join("product-debate.toml");
-    let o = run(&["run", team.to_str().unwrap()], data.path());
-    assert!(o.status.success());
+    // Without NO_COLOR, and with a terminal type that has colours: a pipe alone turns
+    // styling and progress lines off.
+    let o = Command::new(env!("CARGO_BIN_EXE_roundtable"))
+        .env_remove("ROUNDTABLE_DIR")
+        .env_remove("NO_COLOR")
+        .env("TERM", "xterm-256color")
+        .args(["run", team.to_str().unwrap(), "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
     let t = stdout(&o);
     assert!(t.contains("[round 1] pm → all") && t.contains("Final answer") && t.contains("roundtable log "), "{t}");
+    assert!(!t.contains('\x1b'), "escape codes in piped output: {t:?}");
+    assert!(!stderr(&o).contains('\x1b'), "a progress line on a piped stderr: {:?}", stderr(&o));
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -418,9 +429,20 @@ fn sigkill_mid_session_then_resume_loses_nothing_and_repeats_no_logged_step() {
 #[test]
 fn a_reader_that_goes_away_ends_the_output_quietly_not_with_a_panic() {
     use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
     let data = tempfile::tempdir().unwrap();
-    let team = examples().join("product-debate.toml");
+    // A transcript of about 1.2 MB: far more than any pipe buffers, so the writer is
+    // still writing when the reader goes away.
+    let long = "x".repeat(30_000);
+    let team = write(
+        data.path(),
+        "long.toml",
+        &format!(
+            "topic = \"t\"\n[models.s]\nprovider = \"scripted\"\nreplies = [\"{{peer}} {{n}} {long}\"]\n[[peers]]\nid = \"a\"\nmodel = \"s\"\n[[peers]]\nid = \"b\"\nmodel = \"s\"\n[protocol]\nkind = \"round_robin\"\nrounds = 20\n"
+        ),
+    );
     let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
+    assert!(o.status.success(), "{}", stderr(&o));
     let id = json(&o)["session"].as_str().unwrap().to_string();
     let mut child = bin()
         .args(["log", &id, "--data-dir"])
@@ -435,6 +457,8 @@ fn a_reader_that_goes_away_ends_the_output_quietly_not_with_a_panic() {
     assert!(first.contains("Task"), "{first}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    // Ended by SIGPIPE, as `cat` would be: not a panic (101), not an error exit (1).
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {err}", out.status);
 }
 
 #[test]
@@ -573,4 +597,79 @@ fn a_budget_stop_shows_the_leading_candidate_as_not_accepted() {
     let t = stdout(&run(&["trace", s["session"].as_str().unwrap()], &data));
     assert!(t.contains("leading candidate, not accepted: \"Approve the patch as written.\""), "{t}");
     assert!(t.contains("decided by #") && !t.contains("It names no envelope"), "{t}");
+}
+
+/// The messages of a session on a NATS server, through `export --nats`.
+fn nats_messages(url: &str, id: &str, data: &Path) -> (usize, String) {
+    let o = bin().args(["export", id, "--nats", url, "--data-dir"]).arg(data).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    (text.lines().filter(|l| l.contains("\"kind\":\"message\"")).count(), text)
+}
+
+#[test]
+fn a_session_on_nats_killed_mid_run_resumes_with_resume_nats() {
+    let rt = rt();
+    let server = rt.block_on(MockServer::start());
+    rt.block_on(
+        Mock::given(method("POST"))
+            .respond_with(sse(fixture("openai_stream.sse")).set_delay(Duration::from_millis(150)))
+            .mount(&server),
+    );
+    let nats = roundtable_nats::testing::NatsServer::start();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let team = openai_team(dir.path(), &server.uri(), 5); // 10 turns
+    let data = dir.path().join("d");
+    let mut child = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--nats", &url, "--data-dir"])
+        .arg(&data)
+        .env("RT_TEST_KEY", "k")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The session's id, once it is on the server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        assert!(std::time::Instant::now() < deadline, "the session never started");
+        let o = bin().args(["sessions", "--json", "--nats", &url]).output().unwrap();
+        if o.status.success()
+            && let Some(id) = json(&o).as_array().and_then(|l| l.first()).and_then(|s| s["id"].as_str())
+        {
+            break id.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while nats_messages(&url, &id, &data).0 < 3 {
+        assert!(std::time::Instant::now() < deadline, "the session never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let (done_before, prefix) = nats_messages(&url, &id, &data);
+    assert!(done_before < 10, "killed mid-session");
+    let calls_before = rt.block_on(server.received_requests()).unwrap().len();
+
+    let o = bin()
+        .args(["resume", &id, "--json", "--nats", &url, "--data-dir"])
+        .arg(&data)
+        .env("RT_TEST_KEY", "k")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert_eq!(s["messages"], 10, "{s}");
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("completed"), "{s}");
+    let calls_after = rt.block_on(server.received_requests()).unwrap().len();
+    assert_eq!(calls_after - calls_before, 10 - done_before, "only the missing turns were called");
+    let (messages, full) = nats_messages(&url, &id, &data);
+    assert_eq!(messages, 10);
+    assert!(full.starts_with(&prefix), "every acknowledged envelope is intact, in place");
+    let mut ids: Vec<&str> =
+        full.lines().map(|l| l.split("\"id\":\"").nth(1).unwrap().split('"').next().unwrap()).collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "no duplicates");
 }

@@ -675,16 +675,21 @@ fn protocols_with_shared_state_run_with_one_process_per_peer() {
             peers.start(&team, id, &server.url(), file.trim_end_matches(".toml"), &dir.path().join(id));
         }
         let outs = peers.wait_all();
-        let reasons: Vec<String> = outs
+        let (reasons, answers): (Vec<String>, Vec<String>) = outs
             .iter()
             .map(|(id, o)| {
                 assert!(o.status.success(), "{file}, peer {id}: {}", stderr(o));
-                json(o)["stop_reason"].as_str().unwrap().to_owned()
+                let s = json(o);
+                let answer = s["final_answer"].as_str().unwrap_or_else(|| panic!("{file}, {id}: no answer: {s}"));
+                (s["stop_reason"].as_str().unwrap().to_owned(), answer.to_owned())
             })
-            .collect();
+            .unzip();
         assert!(reasons.iter().all(|r| *r == reasons[0]), "{file}: the peers agree: {reasons:?}");
+        assert!(answers.iter().all(|a| *a == answers[0]), "{file}: the peers agree on the answer: {answers:?}");
         let kind = |r: &str| r.split(':').next().unwrap_or_default().to_owned();
         assert_eq!(kind(&reasons[0]), kind(local["stop_reason"].as_str().unwrap()), "{file}: as in one process");
+        // Scripted replies make the decision the same however the work was spread.
+        assert_eq!(Some(answers[0].as_str()), local["final_answer"].as_str(), "{file}: the answer of one process");
         assert!(!reasons[0].starts_with("failures") && !reasons[0].starts_with("absent"), "{file}: {}", reasons[0]);
     }
 }

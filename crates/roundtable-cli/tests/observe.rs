@@ -366,15 +366,24 @@ fn otlp_export_carries_session_turn_and_model_call_spans_in_one_trace() {
 #[test]
 fn an_unsupported_otlp_protocol_is_reported_and_export_stays_off() {
     let data = tempfile::tempdir().unwrap();
+    // A collector that listens and is never answered: any connection the run makes stays
+    // in its backlog, to be found after the process ended.
+    let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
     let o = bin()
         .args(["run", examples().join("api-design.toml").to_str().unwrap(), "--json", "--data-dir"])
         .arg(data.path())
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc is not supported"), "{}", stderr(&o));
+    collector.set_nonblocking(true).unwrap();
+    match collector.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the run connected to the collector: {other:?}"),
+    }
 }
 
 // ------------------------------------------------------------------------------------
@@ -638,4 +647,30 @@ fn the_web_view_follows_a_session_run_by_another_process_and_both_serve_metrics(
     // Scraping again counts nothing twice.
     let (_, again) = get(&ui_metrics, "/metrics");
     assert_eq!(metric(&again, "roundtable_messages_total{team=\"live\",peer=\"a\"}"), Some(1.0));
+}
+
+#[test]
+fn replay_exits_1_at_a_divergence_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let id = run_session(&examples().join("api-design.toml"), d);
+    let o = run(&["export", &id], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // The faithful recording replays with exit 0.
+    let faithful = d.join("faithful.jsonl");
+    std::fs::write(&faithful, lines.iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
+    let o = run(&["replay", faithful.to_str().unwrap()], d);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    // A stop whose reason the log does not support: the replay decides otherwise.
+    let stop = lines.iter_mut().find(|e| e["kind"] == "stop").unwrap();
+    stop["body"]["json"]["reason"] = serde_json::json!("completed: 99 rounds");
+    let altered = d.join("altered.jsonl");
+    std::fs::write(&altered, lines.iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
+    let o = run(&["replay", altered.to_str().unwrap()], d);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("DIVERGENCE") && stdout(&o).contains("99 rounds"), "{}", stdout(&o));
+    let o = run(&["replay", altered.to_str().unwrap(), "--json"], d);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!json(&o)["divergence"].is_null(), "{}", stdout(&o));
 }

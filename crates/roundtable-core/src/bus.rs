@@ -12,7 +12,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 
@@ -43,6 +45,11 @@ pub trait Presence: Send + Sync + 'static {
     async fn beat(&self, peer: &PeerId) -> Result<(), BusError>;
     /// Peers heard from, with the time since their last beat.
     async fn last_seen(&self) -> Result<HashMap<PeerId, Duration>, BusError>;
+    /// How long, from now, ages are still held down because this handle has only just
+    /// (re)connected and could not yet hear everyone (zero for in-process presence).
+    fn settling(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Opens the parts of a session on one transport.
@@ -56,7 +63,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn presence(&self, session: &SessionId) -> Result<Arc<dyn Presence>, BusError>;
 }
 
-/// In-process presence: a shared map of last beats.
+/// In-process presence: a shared map of last beats, on tokio's clock (so a test with a
+/// paused clock controls ages).
 #[derive(Default)]
 pub struct MemPresence {
     seen: Mutex<HashMap<PeerId, Instant>>,

@@ -373,6 +373,32 @@ impl Envelope {
     }
 }
 
+/// The longest session id accepted from outside.
+pub const MAX_SESSION_ID_LEN: usize = 128;
+
+/// Whether a session id from outside (a file, a flag) is safe to name a session by: 1 to
+/// [`MAX_SESSION_ID_LEN`] ASCII letters, digits, `-`, `_` and `.`, not starting with `.`
+/// and without `..` — so it can never be a path, a NATS subject wildcard, or hold a
+/// control character or NUL.
+pub fn check_session_id(id: &str) -> Result<(), String> {
+    let shown: String = id.chars().take(40).collect::<String>().escape_debug().to_string();
+    if id.is_empty() {
+        return Err("the session id is empty".into());
+    }
+    if id.len() > MAX_SESSION_ID_LEN {
+        return Err(format!("the session id \"{shown}…\" is {} bytes, over {MAX_SESSION_ID_LEN}", id.len()));
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        || id.starts_with('.')
+        || id.contains("..")
+    {
+        return Err(format!(
+            "the session id \"{shown}\" may hold only letters, digits, '-', '_' and '.' (not first, never '..')"
+        ));
+    }
+    Ok(())
+}
+
 /// Why an envelope from outside was rejected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EnvelopeError {

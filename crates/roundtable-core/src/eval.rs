@@ -396,8 +396,8 @@ fn team_file(p: Pattern, agents: usize, rounds: u32, vote: VoteRule) -> String {
             let k = k.map_or(n * rounds as usize, |k| k as usize).max(1);
             (ids(k, "a"), format!("kind = \"debate\"\nrounds = 1\nvote = \"{vote}\""))
         }
-        Pattern::Debate => (ids(n, "a"), format!("kind = \"debate\"\nrounds = {rounds}\nvote = \"{vote}\"")),
-        Pattern::Jury => (ids(n, "a"), "kind = \"jury\"".to_string()),
+        Pattern::Debate => (ids(n.max(2), "a"), format!("kind = \"debate\"\nrounds = {rounds}\nvote = \"{vote}\"")),
+        Pattern::Jury => (ids(n.max(2), "a"), "kind = \"jury\"".to_string()),
         Pattern::JudgedDebate => {
             let mut m = ids(n.max(2), "a");
             m.push("judge".into());
@@ -518,7 +518,9 @@ async fn run_one(
                 prompt_tokens: s.prompt_tokens,
                 completion_tokens: s.completion_tokens,
                 cost_usd: s.cost_usd,
-                error: false,
+                // A session that stopped because its model calls kept failing is an
+                // error, not a wrong answer: a dead endpoint must not look like a bad model.
+                error: s.failed,
             }
         }
         Err(_) => failed,

@@ -407,7 +407,7 @@ impl LogStore for MemStore {
 /// JSONL export and import: one envelope per line, in log order.
 pub mod jsonl {
     use super::*;
-    use crate::envelope::EnvelopeError;
+    use crate::envelope::{EnvelopeError, PeerId};
 
     /// Write every entry of `log` as one JSON line.
     pub async fn export(log: &dyn SessionLog, out: &mut dyn std::io::Write) -> Result<u64, LogError> {
@@ -432,7 +432,12 @@ pub mod jsonl {
     /// Parse a JSONL file into envelopes, checking every line before anything is used:
     /// all envelopes belong to one session and no id repeats.
     pub fn parse(file: &str, text: &str) -> Result<Vec<Envelope>, ImportError> {
-        let mut out: Vec<Envelope> = Vec::new();
+        Ok(parse_lines(file, text)?.into_iter().map(|(_, env)| env).collect())
+    }
+
+    /// [`parse`], each envelope with its line number.
+    pub fn parse_lines(file: &str, text: &str) -> Result<Vec<(usize, Envelope)>, ImportError> {
+        let mut out: Vec<(usize, Envelope)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for (i, line) in text.lines().enumerate() {
             let lineno = i + 1;
@@ -444,7 +449,7 @@ pub mod jsonl {
                 line: lineno,
                 error: e.to_string(),
             })?;
-            if let Some(first) = out.first()
+            if let Some((_, first)) = out.first()
                 && first.session != env.session
             {
                 return Err(ImportError {
@@ -463,12 +468,103 @@ pub mod jsonl {
                     error: format!("field `id`: envelope {} appears twice", env.id),
                 });
             }
-            out.push(env);
+            out.push((lineno, env));
         }
         if out.is_empty() {
             return Err(ImportError { file: file.into(), line: 0, error: "no envelopes in file".into() });
         }
         Ok(out)
+    }
+
+    /// Check that parsed lines are one session as a log would have written it, before
+    /// anything is imported. A forged or edited file is refused with its line:
+    ///
+    /// - the session id is safe to name a session by ([`crate::envelope::check_session_id`]);
+    /// - the first envelope is the session's task, from `user`, and no other is a task;
+    /// - `roster(task)` gives the authors the task admits (its plan's peers): every other
+    ///   envelope is from one of them, and a task with no readable roster is refused;
+    /// - every id is derived from (session, author, step), or (session, `*`, step) for a
+    ///   collective decision, so an id cannot be invented and an author cannot be changed;
+    /// - every parent is an envelope earlier in the file;
+    /// - there is at most one stop. Envelopes may follow it — a peer's duty that was under
+    ///   way when the stop landed — but a peer does one duty at a time, so at most one
+    ///   per author (besides rejections of garbage, `rejected/…` failures), and none may
+    ///   have the stop as a parent.
+    pub fn check_session(
+        file: &str,
+        lines: &[(usize, Envelope)],
+        roster: impl Fn(&Envelope) -> Result<std::collections::BTreeSet<PeerId>, String>,
+    ) -> Result<(), ImportError> {
+        let err = |line: usize, error: String| ImportError { file: file.into(), line, error };
+        let Some((first_line, task)) = lines.first() else {
+            return Err(err(0, "no envelopes in file".into()));
+        };
+        crate::envelope::check_session_id(task.session.as_str())
+            .map_err(|e| err(*first_line, format!("field `session`: {e}")))?;
+        let user = PeerId::from(crate::session::USER);
+        if task.kind != Kind::Task || task.from != user {
+            return Err(err(
+                *first_line,
+                format!(
+                    "the first envelope must be the session's task from `{user}`, not a {} from `{}`",
+                    task.kind, task.from
+                ),
+            ));
+        }
+        let roster = roster(task).map_err(|e| err(*first_line, format!("field `body.json`: {e}")))?;
+        let star = PeerId::from("*");
+        let mut earlier = std::collections::HashSet::new();
+        let mut stop: Option<&EnvelopeId> = None;
+        let mut after_stop = std::collections::HashSet::new();
+        for (i, (line, env)) in lines.iter().enumerate() {
+            let line = *line;
+            let rejection = env.kind == Kind::Failure && env.step.starts_with("rejected/");
+            if stop.is_some() && !rejection && !after_stop.insert(&env.from) {
+                return Err(err(
+                    line,
+                    format!(
+                        "field `kind`: a second envelope from `{}` after the stop; the stop is out of place",
+                        env.from
+                    ),
+                ));
+            }
+            if i > 0 && env.kind == Kind::Task {
+                return Err(err(line, "field `kind`: a second task; the task is the first envelope only".into()));
+            }
+            if i > 0 && !roster.contains(&env.from) {
+                let names: Vec<&str> = roster.iter().map(PeerId::as_str).collect();
+                return Err(err(
+                    line,
+                    format!("field `from`: `{}` is not a peer of this session (peers: {})", env.from, names.join(", ")),
+                ));
+            }
+            let own = EnvelopeId::derive(&env.session, &env.from, &env.step);
+            if env.id != own && env.id != EnvelopeId::derive(&env.session, &star, &env.step) {
+                return Err(err(
+                    line,
+                    format!(
+                        "field `id`: {} is not derived from the session, `from` ({}) and `step` ({:?}); the envelope was altered",
+                        env.id, env.from, env.step
+                    ),
+                ));
+            }
+            if let Some(p) = env.parents.iter().find(|p| !earlier.contains(*p)) {
+                return Err(err(line, format!("field `parents`: {p} is not an earlier envelope of the file")));
+            }
+            if let Some(s) = stop
+                && env.parents.contains(s)
+            {
+                return Err(err(line, "field `parents`: nothing follows from the stop".into()));
+            }
+            if env.kind == Kind::Stop {
+                if stop.is_some() {
+                    return Err(err(line, "field `kind`: a second stop".into()));
+                }
+                stop = Some(&env.id);
+            }
+            earlier.insert(env.id.clone());
+        }
+        Ok(())
     }
 }
 

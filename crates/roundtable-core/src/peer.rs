@@ -160,7 +160,7 @@ pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
 pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerExit, LogError> {
     let mut tail = cfg.log.tail(1).await?;
     let session = cfg.log.session().clone();
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
 
     // The first entry is the task, which carries the plan.
     let first = match tail.next().await {
@@ -200,15 +200,19 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     st.take(first);
 
     let hb = Duration::from_millis(plan.presence.heartbeat_ms.max(10));
+    let stalls = Arc::new(Stalls::new(Duration::from_millis(plan.presence.absent_after_ms) * 4));
     // Heartbeats run on a task of their own: a peer waiting on a long model call is
-    // alive, and must not be noticed absent for it.
+    // alive, and must not be noticed absent for it. Their lateness measures this
+    // process's own stalls (see [`Stalls`]).
     let _beats = cfg.presence.clone().map(|p| {
         let me = cfg.me.clone();
+        let stalls = stalls.clone();
         AbortOnDrop(tokio::spawn(async move {
             let mut beat = tokio::time::interval(hb);
             beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                beat.tick().await;
+                let due = beat.tick().await;
+                stalls.note(due, hb);
                 if let Err(e) = p.beat(&me).await {
                     tracing::warn!(peer = %me, error = %e, "heartbeat failed");
                 }
@@ -239,9 +243,12 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
                     st.take(more);
                 }
             }
-            _ = tick.tick() => {
-                if st.last_seq >= wait_for_seq && !st.is_stopped()
-                    && let Some(duty) = absence_duty(&st, &cfg, started, &plan).await {
+            due = tick.tick() => {
+                // A late tick means this peer was not running (a stall, or a duty that
+                // took long): let the heartbeat task note a stall before judging others.
+                let on_time = due.elapsed() <= hb;
+                if on_time && st.last_seq >= wait_for_seq && !st.is_stopped()
+                    && let Some(duty) = absence_duty(&st, &cfg, started, &stalls, &plan).await {
                         wait_for_seq = post(&me, &st, &duty, body_of(&duty)).await?;
                         continue;
                     }
@@ -750,9 +757,61 @@ async fn claim(me: &Me, st: &SessionState, duty: &Duty, items: &[QueueItem]) -> 
     Ok(Some(seq))
 }
 
-/// A peer that has not beaten within the absence timeout, if any (and it is not this
-/// peer and not already recorded absent).
-async fn absence_duty(st: &SessionState, cfg: &PeerConfig, started: Instant, plan: &TeamPlan) -> Option<Duty> {
+/// The stalls of this process, as its heartbeat task saw them: when a beat was due and
+/// how much later it ran. A process that was not running (suspended, starved of CPU, a
+/// paused VM) heard nothing in that time, whatever the others did, so an observer never
+/// blames another peer for it: a silence counts only the time the observer was running
+/// (as a server outage does not count, see the NATS presence).
+struct Stalls {
+    /// (when the late beat ran, how late it was), oldest first.
+    seen: std::sync::Mutex<std::collections::VecDeque<(tokio::time::Instant, Duration)>>,
+    /// How far back stalls are kept: ages longer than this are not reduced further.
+    horizon: Duration,
+}
+
+impl Stalls {
+    fn new(horizon: Duration) -> Self {
+        Stalls { seen: std::sync::Mutex::new(std::collections::VecDeque::new()), horizon }
+    }
+
+    /// A beat due at `due` runs now: lateness beyond one period is a stall.
+    fn note(&self, due: tokio::time::Instant, period: Duration) {
+        let now = tokio::time::Instant::now();
+        let late = now.saturating_duration_since(due);
+        let mut seen = self.seen.lock().expect("stalls lock");
+        while seen.front().is_some_and(|(at, _)| now.saturating_duration_since(*at) > self.horizon) {
+            seen.pop_front();
+        }
+        if late > period {
+            seen.push_back((now, late));
+        }
+    }
+
+    /// `age` less the time this process stalled within it.
+    fn running(&self, age: Duration) -> Duration {
+        let now = tokio::time::Instant::now();
+        let stalled: Duration = self
+            .seen
+            .lock()
+            .expect("stalls lock")
+            .iter()
+            .filter(|(at, _)| now.saturating_duration_since(*at) < age)
+            .map(|(_, late)| *late)
+            .sum();
+        age.saturating_sub(stalled)
+    }
+}
+
+/// A peer that has not beaten within the absence timeout, counting only the time this
+/// peer was running ([`Stalls`]), if any (and it is not this peer and not already
+/// recorded absent).
+async fn absence_duty(
+    st: &SessionState,
+    cfg: &PeerConfig,
+    started: tokio::time::Instant,
+    stalls: &Stalls,
+    plan: &TeamPlan,
+) -> Option<Duty> {
     let presence = cfg.presence.as_ref()?;
     let seen = presence.last_seen().await.ok()?;
     let limit = Duration::from_millis(plan.presence.absent_after_ms);
@@ -760,11 +819,12 @@ async fn absence_duty(st: &SessionState, cfg: &PeerConfig, started: Instant, pla
         if p.id == cfg.me || st.absent.contains(&p.id) {
             continue;
         }
-        let gone = match seen.get(&p.id) {
-            Some(since) => *since > limit,
+        let silent = match seen.get(&p.id) {
+            Some(since) => *since,
             // Never heard from: give it the timeout from when this peer started.
-            None => started.elapsed() > limit,
+            None => started.elapsed(),
         };
+        let gone = stalls.running(silent) > limit;
         if gone {
             return Some(st.absent_duty(&p.id));
         }

@@ -68,7 +68,9 @@ impl std::error::Error for TeamErrors {}
 /// the team file names (scripted replies).
 pub trait PlanEnv {
     fn var_is_set(&self, name: &str) -> bool;
-    /// Read a file named in the team file, relative to the team file's directory.
+    /// Read a file named in the team file, relative to the team file's directory. Only
+    /// files under that directory may be read (no absolute paths, no `..`, no symbolic
+    /// link out of it): a team file from elsewhere reads nothing else on the machine.
     fn read(&self, path: &str) -> Result<String, String>;
     /// Whether a program a tool runs exists (on PATH, or as a path to an executable).
     fn program_exists(&self, _program: &str) -> bool {
@@ -374,22 +376,22 @@ struct RawModel {
     #[serde(default)]
     query: BTreeMap<String, String>,
     /// Seconds before one call is abandoned (and retried).
-    #[schemars(range(min = 0.001), extend("default" = 120))]
-    timeout_secs: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.001, max = 604800.0), extend("default" = 120))]
+    timeout_secs: Option<Spanned<f64>>,
     /// Retries of a failed call (429 honouring Retry-After, 5xx, timeouts, cut streams).
-    #[schemars(extend("default" = 3))]
-    max_retries: Option<u32>,
+    #[schemars(with = "Option<u32>", range(max = 100), extend("default" = 3))]
+    max_retries: Option<Spanned<u32>>,
     /// Calls to this model in flight at once, shared by every peer using it.
-    #[schemars(range(min = 1), extend("default" = 8))]
-    max_concurrency: Option<usize>,
+    #[schemars(with = "Option<usize>", range(min = 1, max = 1024), extend("default" = 8))]
+    max_concurrency: Option<Spanned<usize>>,
     /// The longest answer one call may produce (sent to the provider as its
     /// `max_tokens`). Not a budget: `budget.max_tokens` caps the session's total and
     /// `termination.token_budget` stops the session softly after a total.
-    #[schemars(range(min = 1))]
-    max_tokens: Option<u32>,
+    #[schemars(with = "Option<u32>", range(min = 1, max = 10000000))]
+    max_tokens: Option<Spanned<u32>>,
     /// Price per million tokens, for cost accounting and `max_cost_usd` budgets.
-    #[schemars(extend("default" = { "prompt_per_mtok": 0.0, "completion_per_mtok": 0.0 }))]
-    price: Option<Price>,
+    #[schemars(with = "Option<Price>", extend("default" = { "prompt_per_mtok": 0.0, "completion_per_mtok": 0.0 }))]
+    price: Option<Spanned<Price>>,
     /// scripted: the replies, in order, for every peer using this model without its
     /// own `per_peer` list. A peer's n-th call gets the n-th reply. Placeholders:
     /// `{peer}`, `{step}`, `{n}` (the call's number for this peer, from 1), `{round}`
@@ -470,40 +472,40 @@ struct RawPeer {
 #[serde(deny_unknown_fields)]
 struct RawTermination {
     /// Stop after this many protocol rounds (counted from 1).
-    #[schemars(range(min = 1))]
-    max_rounds: Option<u32>,
+    #[schemars(with = "Option<u32>", range(min = 1, max = 10000))]
+    max_rounds: Option<Spanned<u32>>,
     /// Stop after this many messages from peers.
-    #[schemars(range(min = 1))]
-    max_messages: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    max_messages: Option<Spanned<u64>>,
     /// Stop once the session has used this many tokens (prompt + completion) in all.
     /// Checked after calls; `budget.max_tokens` is the hard limit checked before them.
-    #[schemars(range(min = 1))]
-    token_budget: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    token_budget: Option<Spanned<u64>>,
     /// Stop once the session has cost this many US dollars (see `price`).
-    #[schemars(range(min = 0.0))]
-    cost_budget: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.000001, max = 1000000.0))]
+    cost_budget: Option<Spanned<f64>>,
     /// Stop after this many model calls.
-    #[schemars(range(min = 1))]
-    max_calls: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    max_calls: Option<Spanned<u64>>,
     /// Stop after this many seconds of wall time.
-    #[schemars(range(min = 0.001))]
-    timeout_secs: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.001, max = 604800.0))]
+    timeout_secs: Option<Spanned<f64>>,
     /// Stop when a message contains this text.
-    #[schemars(example = &"APPROVED")]
-    text_mention: Option<String>,
+    #[schemars(with = "Option<String>", example = &"APPROVED")]
+    text_mention: Option<Spanned<String>>,
     /// Stop when a judge's verdict declares a winner (judged debate).
     judge_verdict: Option<bool>,
     /// Stop when the leading answer's share of confidence reaches this fraction.
-    #[schemars(range(min = 0.0, max = 1.0))]
-    confidence: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.0, max = 1.0))]
+    confidence: Option<Spanned<f64>>,
     /// Stop when the answers' similarity reaches this fraction.
-    #[schemars(range(min = 0.0, max = 1.0))]
-    convergence: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.0, max = 1.0))]
+    convergence: Option<Spanned<f64>>,
     /// Stop when the protocol reports consensus.
     consensus_reached: Option<bool>,
     /// Stop after this many rounds in which the leading answer did not change.
-    #[schemars(range(min = 1))]
-    no_progress: Option<u32>,
+    #[schemars(with = "Option<u32>", range(min = 1, max = 10000))]
+    no_progress: Option<Spanned<u32>>,
     /// Stop when any of these tables holds.
     any: Option<Vec<RawTermination>>,
     /// Stop when all of these tables hold.
@@ -516,23 +518,23 @@ struct RawTermination {
 struct RawBudget {
     /// Tokens (prompt + completion) for the whole session. A call whose estimated prompt
     /// would pass it is not made. (A model's `max_tokens` caps one answer instead.)
-    #[schemars(range(min = 1))]
-    max_tokens: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    max_tokens: Option<Spanned<u64>>,
     /// US dollars for the whole session (see the models' `price`).
-    #[schemars(range(min = 0.0))]
-    max_cost_usd: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.000001, max = 1000000.0))]
+    max_cost_usd: Option<Spanned<f64>>,
     /// Model calls for the whole session.
-    #[schemars(range(min = 1))]
-    max_calls: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    max_calls: Option<Spanned<u64>>,
     /// Seconds of wall time from the session's start.
-    #[schemars(range(min = 0.001))]
-    max_wall_secs: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.001, max = 604800.0))]
+    max_wall_secs: Option<Spanned<f64>>,
     /// Tool calls for the whole session.
-    #[schemars(range(min = 1))]
-    max_tool_calls: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    max_tool_calls: Option<Spanned<u64>>,
     /// Seconds spent in tools, summed over calls.
-    #[schemars(range(min = 0.001))]
-    max_tool_secs: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.001, max = 604800.0))]
+    max_tool_secs: Option<Spanned<f64>>,
     /// The same limits for each peer separately.
     per_peer: Option<RawPeerBudget>,
 }
@@ -542,17 +544,17 @@ struct RawBudget {
 #[serde(deny_unknown_fields)]
 struct RawPeerBudget {
     /// Tokens per peer.
-    #[schemars(range(min = 1))]
-    max_tokens: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    max_tokens: Option<Spanned<u64>>,
     /// US dollars per peer.
-    #[schemars(range(min = 0.0))]
-    max_cost_usd: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.000001, max = 1000000.0))]
+    max_cost_usd: Option<Spanned<f64>>,
     /// Model calls per peer.
-    #[schemars(range(min = 1))]
-    max_calls: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    max_calls: Option<Spanned<u64>>,
     /// Tool calls per peer.
-    #[schemars(range(min = 1))]
-    max_tool_calls: Option<u64>,
+    #[schemars(with = "Option<u64>", range(min = 1, max = 1000000000000u64))]
+    max_tool_calls: Option<Spanned<u64>>,
 }
 
 /// What each peer's model sees.
@@ -565,10 +567,10 @@ struct RawContext {
     #[schemars(with = "String", extend("enum" = ContextPolicy::KINDS, "default" = "full"))]
     policy: Spanned<String>,
     /// last_k: how many of the latest visible messages a peer sees.
-    #[schemars(with = "Option<usize>", range(min = 1), extend("default" = 6))]
+    #[schemars(with = "Option<usize>", range(min = 1, max = 10000), extend("default" = 6))]
     k: Option<Spanned<usize>>,
     /// summary: how many of the latest rounds are kept in full.
-    #[schemars(with = "Option<u32>", extend("default" = 1))]
+    #[schemars(with = "Option<u32>", range(min = 1, max = 10000), extend("default" = 1))]
     keep_rounds: Option<Spanned<u32>>,
     /// summary: the peer id that writes the summaries.
     #[schemars(with = "Option<String>", extend("x-default" = "the first present peer in team order"))]
@@ -585,59 +587,113 @@ struct RawContext {
 #[serde(deny_unknown_fields)]
 struct RawPresence {
     /// Seconds between a peer's heartbeats.
-    #[schemars(range(min = 0.01), extend("default" = 1))]
-    heartbeat_secs: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.01, max = 86400.0), extend("default" = 1))]
+    heartbeat_secs: Option<Spanned<f64>>,
     /// Seconds of silence before a peer is recorded absent and its turns are skipped.
-    #[schemars(range(min = 0.05), extend("default" = 10))]
-    absent_after_secs: Option<f64>,
+    #[schemars(with = "Option<f64>", range(min = 0.05, max = 86400.0), extend("default" = 10))]
+    absent_after_secs: Option<Spanned<f64>>,
 }
 
 impl RawTermination {
-    fn into_termination(self) -> Termination {
+    /// The conditions, each checked against its range (see [`ranges`]) as it is taken.
+    fn into_termination(self, cx: &mut Ctx<'_>, path: &str) -> Termination {
+        let key = |k: &str| format!("{path}.{k}");
         let mut cs = Vec::new();
-        if let Some(n) = self.max_rounds {
+        if let Some(n) = cx.count(self.max_rounds, &key("max_rounds"), ranges::ROUNDS) {
             cs.push(Termination::MaxRounds(n));
         }
-        if let Some(n) = self.max_messages {
+        if let Some(n) = cx.count(self.max_messages, &key("max_messages"), ranges::COUNT) {
             cs.push(Termination::MaxMessages(n));
         }
-        if let Some(n) = self.token_budget {
+        if let Some(n) = cx.count(self.token_budget, &key("token_budget"), ranges::COUNT) {
             cs.push(Termination::TokenBudget(n));
         }
-        if let Some(c) = self.cost_budget {
+        if let Some(c) = cx.real(self.cost_budget, &key("cost_budget"), ranges::USD) {
             cs.push(Termination::CostBudget(c));
         }
-        if let Some(n) = self.max_calls {
+        if let Some(n) = cx.count(self.max_calls, &key("max_calls"), ranges::COUNT) {
             cs.push(Termination::MaxCalls(n));
         }
-        if let Some(s) = self.timeout_secs {
-            cs.push(Termination::TimeoutMs((s * 1000.0) as u64));
+        if let Some(s) = cx.real(self.timeout_secs, &key("timeout_secs"), ranges::SECS) {
+            cs.push(Termination::TimeoutMs(ranges::millis(s)));
         }
         if let Some(m) = self.text_mention {
-            cs.push(Termination::TextMention(Arc::from(m)));
+            if m.get_ref().trim().is_empty() {
+                cx.err_at(
+                    m.span().start,
+                    key("text_mention"),
+                    "text_mention must not be empty (it would match every message)",
+                );
+            } else {
+                cs.push(Termination::TextMention(Arc::from(m.into_inner())));
+            }
         }
         if self.judge_verdict == Some(true) {
             cs.push(Termination::JudgeVerdict);
         }
-        if let Some(c) = self.confidence {
+        if let Some(c) = cx.real(self.confidence, &key("confidence"), ranges::FRACTION) {
             cs.push(Termination::Confidence(c));
         }
-        if let Some(c) = self.convergence {
+        if let Some(c) = cx.real(self.convergence, &key("convergence"), ranges::FRACTION) {
             cs.push(Termination::Convergence(c));
         }
         if self.consensus_reached == Some(true) {
             cs.push(Termination::ConsensusReached);
         }
-        if let Some(k) = self.no_progress {
+        if let Some(k) = cx.count(self.no_progress, &key("no_progress"), ranges::ROUNDS) {
             cs.push(Termination::NoProgress(k));
         }
         if let Some(any) = self.any {
-            cs.push(Termination::Any(any.into_iter().map(RawTermination::into_termination).collect()));
+            let any = any.into_iter().enumerate().map(|(i, t)| t.into_termination(cx, &format!("{path}.any[{i}]")));
+            cs.push(Termination::Any(any.collect()));
         }
         if let Some(all) = self.all {
-            cs.push(Termination::All(all.into_iter().map(RawTermination::into_termination).collect()));
+            let all = all.into_iter().enumerate().map(|(i, t)| t.into_termination(cx, &format!("{path}.all[{i}]")));
+            cs.push(Termination::All(all.collect()));
         }
         Termination::Any(cs)
+    }
+}
+
+/// The valid range of every number a team file may hold. A value outside its range is
+/// an error naming the file, line, key and range: nothing that parses may later be
+/// unwritable (NaN and infinities are outside every range) or unbounded (a count that
+/// would never be reached, a pool of permits no semaphore holds).
+pub mod ranges {
+    /// Inclusive bounds.
+    pub type Range<T> = (T, T);
+    /// Rounds of a protocol, `max_rounds`, `no_progress`, deadlock rounds.
+    pub const ROUNDS: Range<u64> = (1, 10_000);
+    /// Message, call and token limits.
+    pub const COUNT: Range<u64> = (1, 1_000_000_000_000);
+    /// Money in US dollars (budgets).
+    pub const USD: Range<f64> = (0.000_001, 1_000_000.0);
+    /// A price in US dollars per million tokens (0 for free models).
+    pub const PRICE: Range<f64> = (0.0, 100_000.0);
+    /// Durations in seconds: timeouts, wall-time budgets, leases (a millisecond to a week).
+    pub const SECS: Range<f64> = (0.001, 604_800.0);
+    /// A work-queue lease in seconds (the server needs some time to redeliver).
+    pub const LEASE_SECS: Range<f64> = (0.01, 604_800.0);
+    /// Deliveries of one work-queue task.
+    pub const DELIVERIES: Range<u64> = (1, 1000);
+    /// Re-announcements of one contract-net task.
+    pub const REANNOUNCE: Range<u64> = (0, 1000);
+    /// Heartbeat and absence intervals in seconds.
+    pub const PRESENCE_SECS: Range<f64> = (0.01, 86_400.0);
+    /// Fractions: confidence, convergence, thresholds, probabilities.
+    pub const FRACTION: Range<f64> = (0.0, 1.0);
+    /// Concurrent calls to one model.
+    pub const CONCURRENCY: Range<u64> = (1, 1024);
+    /// Retries of one call.
+    pub const RETRIES: Range<u64> = (0, 100);
+    /// Tokens of one answer.
+    pub const ANSWER_TOKENS: Range<u64> = (1, 10_000_000);
+    /// Messages kept by `last_k`, rounds kept by `summary`.
+    pub const CONTEXT: Range<u64> = (1, 10_000);
+
+    /// Seconds in range as whole milliseconds (at least 1).
+    pub fn millis(secs: f64) -> u64 {
+        ((secs * 1000.0).round() as u64).max(1)
     }
 }
 
@@ -654,6 +710,43 @@ impl Ctx<'_> {
     fn err_at(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
         let (line, col) = line_col(self.src, offset);
         self.errors.push(TeamError { file: self.file.into(), line, col, key: key.into(), message: message.into() });
+    }
+
+    /// A whole number given for `key`, if it is in range; else an error naming the range.
+    fn count<T: Copy + Into<u64>>(
+        &mut self,
+        v: Option<Spanned<T>>,
+        key: &str,
+        (lo, hi): ranges::Range<u64>,
+    ) -> Option<T> {
+        let v = v?;
+        let n: u64 = (*v.get_ref()).into();
+        if (lo..=hi).contains(&n) {
+            Some(*v.get_ref())
+        } else {
+            self.err_at(v.span().start, key, format!("{key} is {n}; valid: {lo} to {hi}"));
+            None
+        }
+    }
+
+    /// A `usize` given for `key`, if it is in range.
+    fn size(&mut self, v: Option<Spanned<usize>>, key: &str, range: ranges::Range<u64>) -> Option<usize> {
+        let v = v?;
+        let n = u64::try_from(*v.get_ref()).unwrap_or(u64::MAX);
+        let span = v.span();
+        self.count(Some(Spanned::new(span, n)), key, range).map(|n| n as usize)
+    }
+
+    /// A real number given for `key`, if it is finite and in range.
+    fn real(&mut self, v: Option<Spanned<f64>>, key: &str, (lo, hi): ranges::Range<f64>) -> Option<f64> {
+        let v = v?;
+        let x = *v.get_ref();
+        if (lo..=hi).contains(&x) {
+            Some(x)
+        } else {
+            self.err_at(v.span().start, key, format!("{key} is {x}; valid: a number from {lo} to {hi}"));
+            None
+        }
     }
 }
 
@@ -901,7 +994,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             }
             match policy {
                 "full" => ContextPolicy::Full,
-                "last_k" => ContextPolicy::LastK { k: c.k.map_or(6, Spanned::into_inner).max(1) },
+                "last_k" => ContextPolicy::LastK { k: cx.size(c.k, "context.k", ranges::CONTEXT).unwrap_or(6) },
                 "summary" => {
                     let summarizer = c.summarizer.as_ref().and_then(|s| {
                         if peer_ids.iter().any(|p| p.as_str() == s.get_ref()) {
@@ -916,7 +1009,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
                         }
                     });
                     ContextPolicy::Summary {
-                        keep_rounds: c.keep_rounds.map_or(1, Spanned::into_inner),
+                        keep_rounds: cx.count(c.keep_rounds, "context.keep_rounds", ranges::CONTEXT).unwrap_or(1),
                         summarizer,
                         instruction: c.instruction.map(Spanned::into_inner),
                     }
@@ -936,27 +1029,38 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
     let budget = raw.budget.map_or_else(Budget::default, |b| {
         let pp = b.per_peer.unwrap_or_default();
         Budget {
-            max_tokens: b.max_tokens,
-            max_cost_usd: b.max_cost_usd,
-            max_calls: b.max_calls,
-            max_wall_ms: b.max_wall_secs.map(|s| (s * 1000.0) as u64),
-            max_tool_calls: b.max_tool_calls,
-            max_tool_ms: b.max_tool_secs.map(|s| (s * 1000.0) as u64),
+            max_tokens: cx.count(b.max_tokens, "budget.max_tokens", ranges::COUNT),
+            max_cost_usd: cx.real(b.max_cost_usd, "budget.max_cost_usd", ranges::USD),
+            max_calls: cx.count(b.max_calls, "budget.max_calls", ranges::COUNT),
+            max_wall_ms: cx.real(b.max_wall_secs, "budget.max_wall_secs", ranges::SECS).map(ranges::millis),
+            max_tool_calls: cx.count(b.max_tool_calls, "budget.max_tool_calls", ranges::COUNT),
+            max_tool_ms: cx.real(b.max_tool_secs, "budget.max_tool_secs", ranges::SECS).map(ranges::millis),
             per_peer: PeerBudget {
-                max_tokens: pp.max_tokens,
-                max_cost_usd: pp.max_cost_usd,
-                max_calls: pp.max_calls,
-                max_tool_calls: pp.max_tool_calls,
+                max_tokens: cx.count(pp.max_tokens, "budget.per_peer.max_tokens", ranges::COUNT),
+                max_cost_usd: cx.real(pp.max_cost_usd, "budget.per_peer.max_cost_usd", ranges::USD),
+                max_calls: cx.count(pp.max_calls, "budget.per_peer.max_calls", ranges::COUNT),
+                max_tool_calls: cx.count(pp.max_tool_calls, "budget.per_peer.max_tool_calls", ranges::COUNT),
             },
         }
     });
     let presence = raw.presence.map_or_else(PresenceSpec::default, |p| {
         let d = PresenceSpec::default();
-        PresenceSpec {
-            heartbeat_ms: p.heartbeat_secs.map_or(d.heartbeat_ms, |s| (s * 1000.0).max(10.0) as u64),
-            absent_after_ms: p.absent_after_secs.map_or(d.absent_after_ms, |s| (s * 1000.0).max(50.0) as u64),
+        let after_at = p.absent_after_secs.as_ref().map(|a| a.span().start);
+        let heartbeat = cx.real(p.heartbeat_secs, "presence.heartbeat_secs", ranges::PRESENCE_SECS);
+        let after = cx.real(p.absent_after_secs, "presence.absent_after_secs", ranges::PRESENCE_SECS);
+        let spec = PresenceSpec {
+            heartbeat_ms: heartbeat.map_or(d.heartbeat_ms, ranges::millis),
+            absent_after_ms: after.map_or(d.absent_after_ms, ranges::millis),
+        };
+        if let Some(at) = after_at
+            && after.is_some()
+            && spec.absent_after_ms <= spec.heartbeat_ms
+        {
+            cx.err_at(at, "presence.absent_after_secs", "absent_after_secs must be longer than heartbeat_secs");
         }
+        spec
     });
+    let termination = raw.termination.map_or_else(Termination::default, |t| t.into_termination(&mut cx, "termination"));
 
     if !cx.errors.is_empty() {
         // A key the structural check reported is not reported again by a later check.
@@ -975,7 +1079,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         models,
         peers,
         protocol: protocol.expect("no errors means a protocol"),
-        termination: raw.termination.map_or_else(Termination::default, RawTermination::into_termination),
+        termination,
         budget,
         context,
         presence,
@@ -1098,16 +1202,27 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
             ProviderSpec::Program { command, cwd: m.cwd.as_deref().map(|c| env.resolve(c)) }
         }
     };
+    let timeout_ms = cx.real(m.timeout_secs, &format!("{path}.timeout_secs"), ranges::SECS).map(ranges::millis);
+    let max_retries = cx.count(m.max_retries, &format!("{path}.max_retries"), ranges::RETRIES);
+    let max_concurrency = cx.size(m.max_concurrency, &format!("{path}.max_concurrency"), ranges::CONCURRENCY);
+    let max_tokens = cx.count(m.max_tokens, &format!("{path}.max_tokens"), ranges::ANSWER_TOKENS);
+    let price = m.price.map(|p| {
+        let (span, price) = (p.span(), p.into_inner());
+        let at = |x| Some(Spanned::new(span.clone(), x));
+        cx.real(at(price.prompt_per_mtok), &format!("{path}.price.prompt_per_mtok"), ranges::PRICE);
+        cx.real(at(price.completion_per_mtok), &format!("{path}.price.completion_per_mtok"), ranges::PRICE);
+        price
+    });
     if cx.errors.len() > before {
         return None;
     }
     Some(ModelSpec {
         provider,
-        timeout_ms: m.timeout_secs.map_or(120_000, |s| (s * 1000.0) as u64),
-        max_retries: m.max_retries.unwrap_or(3),
-        max_concurrency: m.max_concurrency.unwrap_or(8).max(1),
-        price: m.price.unwrap_or_default(),
-        max_tokens: m.max_tokens,
+        timeout_ms: timeout_ms.unwrap_or(120_000),
+        max_retries: max_retries.unwrap_or(3),
+        max_concurrency: max_concurrency.unwrap_or(8),
+        price: price.unwrap_or_default(),
+        max_tokens,
     })
 }
 
@@ -1440,7 +1555,7 @@ max_calls = 20
         assert_eq!(e[0].key, "peers[1].temperature");
         assert!(e[0].message.contains("not a finite number; valid 0 to 2"), "{}", e[0].message);
         assert_eq!(e[1].key, "budget.max_calls");
-        assert!(e[1].message.contains("valid at least 1"), "{}", e[1].message);
+        assert!(e[1].message.contains("valid 1 to 1000000000000"), "{}", e[1].message);
         let src = GOOD.replace("rounds = 2", "rounds = \"two\"");
         let e = parse_team("t.toml", &src, &Env(vec!["OPENAI_API_KEY"])).unwrap_err().0;
         assert_eq!(
@@ -1501,5 +1616,122 @@ max_calls = 20
             let rounds = serde_json::to_value(&plan.protocol).unwrap()["rounds"].clone();
             assert_eq!(rounds, n, "{kind}");
         }
+    }
+
+    /// One value of the file replaced: the error it gives, as (line, key, message).
+    fn refused(src: &str) -> Vec<(usize, String, String)> {
+        let e = parse_team("t.toml", src, &Env(vec![])).expect_err("out of range");
+        e.0.into_iter().map(|e| (e.line, e.key, e.message)).collect()
+    }
+
+    #[test]
+    fn issue_12_every_number_has_a_range_named_with_file_line_and_key() {
+        let debate = format!("{TRIO}[protocol]\nkind = \"debate\"\n");
+        // (the line to add to a table, its table, the key the error must name, the range's text)
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("max_concurrency = 18446744073709551615", "models.s", "models.s.max_concurrency", "1 to 1024"),
+            ("max_concurrency = 0", "models.s", "models.s.max_concurrency", "1 to 1024"),
+            ("timeout_secs = -1.0", "models.s", "models.s.timeout_secs", "0.001 to 604800"),
+            ("timeout_secs = nan", "models.s", "models.s.timeout_secs", "0.001 to 604800"),
+            ("timeout_secs = inf", "models.s", "models.s.timeout_secs", "0.001 to 604800"),
+            ("max_retries = 1000", "models.s", "models.s.max_retries", "0 to 100"),
+            ("max_tokens = 0", "models.s", "models.s.max_tokens", "1 to 10000000"),
+            (
+                "price = { prompt_per_mtok = 1.0, completion_per_mtok = nan }",
+                "models.s",
+                "models.s.price.completion_per_mtok",
+                "0 to 100000",
+            ),
+            (
+                "price = { prompt_per_mtok = -1.0, completion_per_mtok = 1.0 }",
+                "models.s",
+                "models.s.price.prompt_per_mtok",
+                "0 to 100000",
+            ),
+            ("timeout_secs = -5.0", "termination", "termination.timeout_secs", "0.001 to 604800"),
+            ("timeout_secs = nan", "termination", "termination.timeout_secs", "0.001 to 604800"),
+            ("confidence = 5.0", "termination", "termination.confidence", "0 to 1"),
+            ("convergence = -3.0", "termination", "termination.convergence", "0 to 1"),
+            ("max_rounds = 0", "termination", "termination.max_rounds", "1 to 10000"),
+            ("cost_budget = -1.0", "termination", "termination.cost_budget", "0.000001 to 1000000"),
+            ("text_mention = \"\"", "termination", "termination.text_mention", "must not be empty"),
+            ("any = [{ confidence = nan }]", "termination", "termination.any[0].confidence", "0 to 1"),
+            ("max_cost_usd = -2.0", "budget", "budget.max_cost_usd", "0.000001 to 1000000"),
+            ("max_wall_secs = nan", "budget", "budget.max_wall_secs", "0.001 to 604800"),
+            ("max_tokens = 0", "budget", "budget.max_tokens", "1 to 1000000000000"),
+            ("heartbeat_secs = -1.0", "presence", "presence.heartbeat_secs", "0.01 to 86400"),
+            ("k = 0\npolicy = \"last_k\"", "context", "context.k", "1 to 10000"),
+            ("keep_rounds = 0\npolicy = \"summary\"", "context", "context.keep_rounds", "1 to 10000"),
+        ];
+        for (line, table, key, range) in cases {
+            let src = if table.starts_with("models.") {
+                debate.replace("provider = \"simulated\"\n", &format!("provider = \"simulated\"\n{line}\n"))
+            } else {
+                format!("{debate}[{table}]\n{line}\n")
+            };
+            let want = src.lines().position(|l| l == line.lines().next().unwrap()).unwrap() + 1;
+            let e = refused(&src);
+            assert!(
+                e.iter().any(|(l, k, m)| *l == want && k == key && m.contains(range)),
+                "{line}: expected line {want} `{key}` with {range:?}, got {e:?}"
+            );
+        }
+        // The values that would run for ever or never stop.
+        let e = refused(&format!("{TRIO}[protocol]\nkind = \"round_robin\"\nrounds = 4294967295\n"));
+        assert_eq!((e[0].0, e[0].1.as_str()), (14, "protocol.rounds"), "{e:?}");
+        assert!(e[0].2.contains("1 to 10000"), "{e:?}");
+        let e = refused(&format!(
+            "{TRIO}[presence]\nheartbeat_secs = 2.0\nabsent_after_secs = 1.0\n[protocol]\nkind = \"debate\"\n"
+        ));
+        assert_eq!(e[0].1, "presence.absent_after_secs", "{e:?}");
+        // And the edges of each range are valid.
+        let ok = format!(
+            "{}[termination]\nconfidence = 1.0\nconvergence = 0.0\nmax_rounds = 10000\n[budget]\nmax_cost_usd = 0.5\n",
+            debate.replace("provider = \"simulated\"\n", "provider = \"simulated\"\nmax_concurrency = 1024\ntimeout_secs = 0.001\nprice = { prompt_per_mtok = 0.0, completion_per_mtok = 100000.0 }\n")
+        );
+        let plan = parse_team("t.toml", &ok, &Env(vec![])).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((plan.models["s"].max_concurrency, plan.models["s"].timeout_ms), (1024, 1));
+    }
+
+    #[test]
+    fn issue_12_roles_that_would_silence_a_peer_are_refused() {
+        // An order that repeats a peer: another never speaks.
+        let e = errors("kind = \"round_robin\"\norder = [\"a\", \"b\", \"a\"]");
+        assert_eq!((e[0].line, e[0].key.as_str()), (14, "protocol.order"), "{e:?}");
+        assert!(e[0].message.contains("`a` is listed twice"), "{}", e[0].message);
+        let e = errors("kind = \"consensus\"\nproposer = \"a\"\nvoters = [\"a\", \"b\"]");
+        assert!(e[0].message.contains("cannot vote on its own proposal"), "{e:?}");
+        let e = errors("kind = \"jury\"\nmembers = [\"a\"]");
+        assert_eq!(e[0].key, "protocol.members", "{e:?}");
+        assert!(e[0].message.contains("at least 2"), "{}", e[0].message);
+        // A debate of one is defined: one answer (the single-agent baseline), one round.
+        let e = errors("kind = \"debate\"\nmembers = [\"a\"]\nrounds = 3");
+        assert_eq!((e[0].line, e[0].key.as_str()), (15, "protocol.rounds"), "{e:?}");
+        assert!(e[0].message.contains("rounds must be 1"), "{}", e[0].message);
+        parse_team(
+            "t.toml",
+            &format!("{TRIO}[protocol]\nkind = \"debate\"\nmembers = [\"a\"]\nrounds = 1\n"),
+            &Env(vec![]),
+        )
+        .expect("a debate of one, one round");
+        let e = errors("kind = \"work_queue\"\nlease_secs = nan\n[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"");
+        assert_eq!(e[0].key, "protocol.lease_secs", "{e:?}");
+        let e = errors("kind = \"blackboard\"\nmax_writes = 0\n[[protocol.sources]]\npeer = \"a\"\nwrites = \"x\"");
+        assert_eq!((e[0].line, e[0].key.as_str()), (14, "protocol.max_writes"), "{e:?}");
+    }
+
+    #[test]
+    fn issue_12_a_valid_plan_is_always_writable_and_reads_back_the_same() {
+        // What validation accepts, the task envelope can hold: no NaN becomes `null`.
+        let src = format!(
+            "{}[termination]\nconfidence = 0.5\ntimeout_secs = 3.5\n[budget]\nmax_cost_usd = 0.25\n",
+            TRIO.replace(
+                "provider = \"simulated\"\n",
+                "provider = \"simulated\"\nprice = { prompt_per_mtok = 0.15, completion_per_mtok = 0.6 }\n"
+            )
+        ) + "[protocol]\nkind = \"debate\"\n";
+        let plan = parse_team("t.toml", &src, &Env(vec![])).unwrap();
+        let back: TeamPlan = serde_json::from_str(&serde_json::to_string(&plan).unwrap()).unwrap();
+        assert_eq!(back, plan);
     }
 }

@@ -127,6 +127,31 @@ async fn round_robin_takes_turns_then_the_summarizer_closes() {
     assert!(entries.windows(2).all(|w| w[0].env.lamport < w[1].env.lamport));
 }
 
+/// Issue 12: a facilitator whose every call fails must not leave another peer's
+/// message standing as the team's final answer, nor a session that looks successful.
+#[tokio::test]
+async fn issue_12_a_summarizer_that_fails_every_call_ends_failed_with_no_final_answer() {
+    let plan = plan("");
+    let log = new_log();
+    open_session(log.as_ref(), &plan, "Should we build it?").await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut ms = models(&plan, &calls, None);
+    ms.insert(
+        "facilitator".into(),
+        Arc::new(Scripted::new("bad", vec!["!error auth rejected".into()], HashMap::new())),
+    );
+    let summary = run_peers(log.clone(), &plan, ms, None, None).await.unwrap();
+    let entries = log.read_all().await.unwrap();
+    let last_turn = entries.iter().rev().find(|e| e.env.kind == Kind::Message).unwrap();
+    assert_eq!(last_turn.env.step.as_ref(), "turn/8", "every turn was taken");
+    let failure = entries.iter().find(|e| e.env.kind == Kind::Failure).expect("the final step failed");
+    assert_eq!((failure.env.from.as_str(), failure.env.step.as_ref()), ("facilitator", "final"));
+    assert!(summary.failed, "{:?}", summary.stop_reason);
+    assert_eq!(summary.final_answer, None, "cfo's last turn is not the team's answer");
+    let stop = entries.iter().find(|e| e.env.kind == Kind::Stop).unwrap();
+    assert_eq!(stop.env.parents, vec![failure.env.id.clone()], "the stop names the failed final step");
+}
+
 #[tokio::test]
 async fn the_peers_of_a_process_hold_one_history_with_each_envelope_once() {
     let plan = plan("");
@@ -189,25 +214,32 @@ async fn a_budget_stops_before_the_call_that_would_exceed_it_with_the_best_answe
     assert_eq!(summary.final_answer.as_deref(), Some("pm speaks (2)"), "the last contribution is the best so far");
 }
 
-/// Sleeps before answering, like a slow provider, and counts its calls.
-struct Paced(Counting, Duration);
+/// Answers only once the session's wall-time budget is spent (it waits for the clock to
+/// pass `deadline_ms`), and counts its calls: the call after it must be refused, however
+/// fast or slow the machine runs.
+struct SpendsTheBudget(Counting, u64);
 
 #[async_trait]
-impl ChatModel for Paced {
+impl ChatModel for SpendsTheBudget {
     fn name(&self) -> &str {
-        "paced"
+        "spends-the-budget"
     }
     async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
-        tokio::time::sleep(self.1).await;
+        while roundtable_core::envelope::now_ms() <= self.1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.0.chat(req).await
     }
 }
 
 #[tokio::test]
 async fn a_wall_time_budget_refuses_the_next_call_once_the_time_is_spent() {
-    let plan = plan("[budget]\nmax_wall_secs = 0.3");
+    // A second: only a machine that stalls this long before the first call could
+    // refuse it too.
+    let plan = plan("[budget]\nmax_wall_secs = 1");
     let log = new_log();
     open_session(log.as_ref(), &plan, "topic").await.unwrap();
+    let task_ms = log.read(1, 1).await.unwrap()[0].env.time_ms;
     let calls = Arc::new(AtomicU32::new(0));
     let models = models(&plan, &calls, None)
         .into_keys()
@@ -217,14 +249,67 @@ async fn a_wall_time_budget_refuses_the_next_call_once_the_time_is_spent() {
                 calls: calls.clone(),
                 hang_after: None,
             };
-            (id, Arc::new(Paced(inner, Duration::from_millis(150))) as Arc<dyn ChatModel>)
+            (id, Arc::new(SpendsTheBudget(inner, task_ms + 1000)) as Arc<dyn ChatModel>)
         })
         .collect();
     let summary = run_peers(log.clone(), &plan, models, None, None).await.unwrap();
     let reason = summary.stop_reason.unwrap();
     assert!(reason.starts_with("budget:") && reason.contains("wall time"), "{reason}");
-    // Ten calls of 150 ms would take 1.5 s: the budget stopped the ring well before.
-    assert!(calls.load(Ordering::SeqCst) < 10, "{} calls", calls.load(Ordering::SeqCst));
+    // The first call spent the budget: the second is never made.
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let entries = log.read_all().await.unwrap();
+    assert_eq!(speakers(&entries), ["pm:turn/0"]);
+    assert_eq!(summary.final_answer.as_deref(), Some("pm speaks (1)"));
+}
+
+/// The tokens and cost the log shows after each call of an unbudgeted run.
+async fn spent_after_each_call(plan: &TeamPlan) -> Vec<(u64, f64)> {
+    let log = new_log();
+    open_session(log.as_ref(), plan, "topic").await.unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    run_peers(log.clone(), plan, models(plan, &calls, None), None, None).await.unwrap();
+    let mut spent = Vec::new();
+    let (mut tokens, mut cost) = (0, 0.0);
+    for e in log.read_all().await.unwrap() {
+        if let Some(u) = &e.env.usage {
+            tokens += u.total_tokens();
+            cost += u.cost_usd;
+            spent.push((tokens, cost));
+        }
+    }
+    spent
+}
+
+#[tokio::test]
+async fn token_and_cost_budgets_stop_a_running_session_before_the_call_that_would_exceed_them() {
+    let priced = |extra: &str| {
+        let mut p = plan(extra);
+        // A dollar per million tokens either way, so cost follows tokens.
+        p.models.get_mut("s").unwrap().price =
+            roundtable_core::model::Price { prompt_per_mtok: 1.0, completion_per_mtok: 1.0 };
+        p
+    };
+    let spent = spent_after_each_call(&priced("")).await;
+    assert_eq!(spent.len(), 10, "unbudgeted, all ten calls are made");
+    // A limit of exactly what four calls spend: the fifth call's prompt does not fit.
+    let (tokens4, cost4) = spent[3];
+    for (extra, what) in [
+        (format!("[budget]\nmax_tokens = {tokens4}"), "tokens used"),
+        (format!("[budget]\nmax_cost_usd = {cost4}"), "spent"),
+    ] {
+        let plan = priced(&extra);
+        let log = new_log();
+        open_session(log.as_ref(), &plan, "topic").await.unwrap();
+        let calls = Arc::new(AtomicU32::new(0));
+        let summary = run_peers(log.clone(), &plan, models(&plan, &calls, None), None, None).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "{extra}");
+        let reason = summary.stop_reason.unwrap();
+        assert!(reason.starts_with("budget:") && reason.contains(what), "{extra}: {reason}");
+        assert_eq!((summary.tokens, summary.calls), (tokens4, 4), "{extra}");
+        let entries = log.read_all().await.unwrap();
+        assert_eq!(speakers(&entries), ["pm:turn/0", "eng:turn/1", "cfo:turn/2", "pm:turn/3"], "{extra}");
+        assert_eq!(summary.final_answer.as_deref(), Some("pm speaks (2)"), "the best answer so far");
+    }
 }
 
 #[tokio::test]
@@ -250,7 +335,8 @@ fn plan_with_mention() -> TeamPlan {
     p
 }
 
-#[tokio::test]
+// On a paused clock: absence follows the heartbeats, not the machine's scheduling.
+#[tokio::test(start_paused = true)]
 async fn an_absent_peer_is_noticed_recorded_once_and_skipped() {
     let plan = plan("[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.3");
     let log = new_log();
@@ -346,7 +432,8 @@ impl ChatModel for Slow {
     }
 }
 
-#[tokio::test]
+// On a paused clock: absence follows the heartbeats, not the machine's scheduling.
+#[tokio::test(start_paused = true)]
 async fn a_peer_inside_a_long_model_call_is_not_taken_for_absent() {
     let plan = plan("[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.2");
     let mut plan = plan;
@@ -364,4 +451,46 @@ async fn a_peer_inside_a_long_model_call_is_not_taken_for_absent() {
     assert!(entries.iter().all(|e| e.env.kind != Kind::Absent), "a slow peer was declared absent");
     assert_eq!(speakers(&entries)[0], "pm:turn/0");
     assert!(summary.stopped);
+}
+
+/// Never answers: the session stays open while presence is watched.
+struct Hangs;
+
+#[async_trait]
+impl ChatModel for Hangs {
+    fn name(&self) -> &str {
+        "hangs"
+    }
+    async fn chat(&self, _: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        futures::future::pending().await
+    }
+}
+
+/// The whole process stops running for five seconds (the clock jumps with no task
+/// run in between, as a suspended or starved process sees it): every peer is alive, and
+/// none may be recorded absent for a silence that was the observer's own. On a paused
+/// clock, so nothing here depends on how the machine schedules.
+#[tokio::test(start_paused = true)]
+async fn a_stall_of_the_observing_process_does_not_make_live_peers_absent() {
+    let plan = plan("[presence]\nheartbeat_secs = 0.02\nabsent_after_secs = 0.3");
+    let log = new_log();
+    open_session(log.as_ref(), &plan, "topic").await.unwrap();
+    let ms: HashMap<PeerId, Arc<dyn ChatModel>> =
+        plan.peers.iter().map(|p| (p.id.clone(), Arc::new(Hangs) as Arc<dyn ChatModel>)).collect();
+    let presence: Arc<dyn Presence> = Arc::new(MemPresence::default());
+    let run = tokio::spawn({
+        let (log, plan) = (log.clone(), plan.clone());
+        async move { run_peers(log, &plan, ms, Some(presence), None).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let entries = log.read_all().await.unwrap();
+    let absent: Vec<_> =
+        entries.iter().filter(|e| e.env.kind == Kind::Absent).map(|e| e.env.body.text.clone()).collect();
+    assert!(absent.is_empty(), "live peers recorded absent after a stall: {absent:?}");
+    assert!(!run.is_finished(), "the session is still open, pm inside its call");
+    run.abort();
 }

@@ -69,6 +69,12 @@ impl Presence for NatsPresence {
         }
     }
 
+    fn settling(&self) -> Duration {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let heard_from = Duration::from_millis(self.connected_ms.load(Ordering::Relaxed)) + MAX_RECONNECT_DELAY;
+        heard_from.saturating_sub(now)
+    }
+
     async fn last_seen(&self) -> Result<HashMap<PeerId, Duration>, BusError> {
         let beats = latest_values(&self.kv).await.map_err(|e| bus_error("reading heartbeats", e))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);

@@ -140,6 +140,11 @@ fn runtime(e: impl std::fmt::Display) -> Failure {
     Failure::Runtime(e.to_string())
 }
 
+/// The workers of a test run, if `task` is a test run's task.
+pub(crate) fn suite_of(task: &roundtable_core::Envelope) -> Option<Vec<String>> {
+    Suite::of_task(task).map(|s| s.workers)
+}
+
 pub(crate) async fn run(dir: &Path, args: WorktestArgs) -> Result<ExitCode, Failure> {
     if let Some(id) = &args.worker {
         let session = SessionId::from(args.session.as_deref().unwrap_or_default());

@@ -399,10 +399,10 @@ pub fn estimate_tokens(text: &str) -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct Price {
     /// US dollars per million prompt tokens.
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 100000.0))]
     pub prompt_per_mtok: f64,
     /// US dollars per million completion tokens.
-    #[schemars(range(min = 0.0))]
+    #[schemars(range(min = 0.0, max = 100000.0))]
     pub completion_per_mtok: f64,
 }
 

@@ -6,10 +6,14 @@
 //! - **Duties.** The holder of the current turn speaks with its visible history under
 //!   the team's context policy; everyone else waits. After the last round the
 //!   summarizer writes the final answer.
-//! - **Decision.** The summarizer's answer, or without one the last contribution.
+//! - **Decision.** The summarizer's answer, or without a summarizer the last
+//!   contribution. When the summarizer cannot answer, no one else's message stands in
+//!   for it (a limit or budget that stops the ring early ends with the best so far).
 //! - **Failures.** A failure envelope for a turn consumes it, so one failing peer
-//!   cannot stall the ring; a failed final step finishes with the last contribution.
-//! - **Absent peers.** Their turns are skipped; an absent summarizer is done without.
+//!   cannot stall the ring; a failed final step ends the session as failed (the stop
+//!   reason begins with [`crate::session::FAILED_PREFIX`]) with no final answer.
+//! - **Absent peers.** Their turns are skipped; an absent summarizer ends the session
+//!   with no final answer.
 //!
 //! Team-file keys: `rounds` (3), `order` (every peer but the summarizer), `summarizer`,
 //! `instruction` (`{round}`, `{rounds}`, `{peer}` are filled in), `summary_instruction`.
@@ -29,15 +33,15 @@ pub struct RoundRobin {
     /// The last contribution (its text and id: the envelope, shared with the log).
     last: Option<Arc<crate::envelope::Envelope>>,
     final_answer: Option<Arc<crate::envelope::Envelope>>,
-    /// The summarizer's final step failed or it is absent: finish without it.
-    final_skipped: bool,
+    /// The summarizer's final step failed (the failure's id): finish with no answer.
+    final_failed: Option<EnvelopeId>,
 }
 
 const FINAL_STEP: &str = "final";
 
 impl RoundRobin {
     pub fn new(spec: RoundRobinSpec) -> Self {
-        RoundRobin { spec, turn: 0, last: None, final_answer: None, final_skipped: false }
+        RoundRobin { spec, turn: 0, last: None, final_answer: None, final_failed: None }
     }
 
     fn n(&self) -> u64 {
@@ -83,7 +87,7 @@ impl Reducer for RoundRobin {
             if env.kind == Kind::Message {
                 self.final_answer = Some(env);
             } else {
-                self.final_skipped = true;
+                self.final_failed = Some(env.id.clone());
             }
         }
         self.skip_absent(facts);
@@ -113,7 +117,12 @@ impl Reducer for RoundRobin {
             }];
         }
         match &self.spec.summarizer {
-            Some(s) if s == me && self.final_answer.is_none() && !self.final_skipped && !facts.absent.contains(me) => {
+            Some(s)
+                if s == me
+                    && self.final_answer.is_none()
+                    && self.final_failed.is_none()
+                    && !facts.absent.contains(me) =>
+            {
                 let instruction = self.spec.summary_instruction.clone().unwrap_or_else(|| {
                     "The discussion is over. Summarize the trade-offs raised and give the team's recommendation.".into()
                 });
@@ -146,10 +155,18 @@ impl Reducer for RoundRobin {
                 answer: Some(e.body.text.clone()),
                 decided_by: vec![e.id.clone()],
             }),
-            (Some(s), None) if self.final_skipped || facts.absent.contains(s) => Some(Finish {
-                reason: format!("completed: {rounds} rounds; the summarizer {s} could not answer"),
-                answer: self.last.as_ref().map(|e| e.body.text.clone()),
-                decided_by: self.last.iter().map(|e| e.id.clone()).collect(),
+            (Some(s), None) if self.final_failed.is_some() => Some(Finish {
+                reason: format!(
+                    "{} {rounds} rounds, then the summarizer {s}'s final answer failed: no final answer",
+                    crate::session::FAILED_PREFIX
+                ),
+                answer: None,
+                decided_by: self.final_failed.iter().cloned().collect(),
+            }),
+            (Some(s), None) if facts.absent.contains(s) => Some(Finish {
+                reason: format!("no answer: {rounds} rounds, and the summarizer {s} is absent"),
+                answer: None,
+                decided_by: Vec::new(),
             }),
             (Some(_), None) => None,
             (None, _) => Some(Finish {

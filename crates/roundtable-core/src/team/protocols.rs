@@ -11,7 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::{Ctx, choices};
+use super::{Ctx, choices, ranges};
 use crate::envelope::PeerId;
 use crate::protocol::answers::Rule;
 
@@ -425,7 +425,7 @@ pub const BIDS_CHOICES: &[&str] = &["skills", "model"];
 raw_protocol! {
     /// Rounds in all, counted from 1. For proposer/critic, consensus and adversarial:
     /// the proposals (and revisions) allowed.
-    #[schemars(range(min = 1), extend("x-defaults" = {
+    #[schemars(range(min = 1, max = 10000), extend("x-defaults" = {
         "round_robin": 3, "debate": 2, "proposer_critic": 3, "judged_debate": 3, "jury": 1,
         "consensus": 3, "emergent": 5, "adversarial": 3
     }))]
@@ -523,10 +523,10 @@ raw_protocol! {
     #[schemars(extend("x-default" = "every task's result, in order"))]
     answer_task: String as "Option<String>",
     /// Seconds a claimed task is held before it is offered again (work queue).
-    #[schemars(range(min = 0.01), extend("default" = 30))]
+    #[schemars(range(min = 0.01, max = 604800.0), extend("default" = 30))]
     lease_secs: f64 as "Option<f64>",
     /// Deliveries of a task before it is dead-lettered (work queue).
-    #[schemars(range(min = 1), extend("default" = 5))]
+    #[schemars(range(min = 1, max = 1000), extend("default" = 5))]
     max_deliver: u32 as "Option<u32>",
     /// Each member's skills (contract net): `capabilities = { alice = ["sql"] }`.
     capabilities: BTreeMap<String, Vec<String>> as "Option<BTreeMap<String, Vec<String>>>",
@@ -539,7 +539,7 @@ raw_protocol! {
     /// The peer that decides when the members deadlock (hybrid; required).
     leader: String as "Option<String>",
     /// Rounds without agreement before the leader decides (hybrid).
-    #[schemars(range(min = 1), extend("default" = 2))]
+    #[schemars(range(min = 1, max = 10000), extend("default" = 2))]
     deadlock_rounds: u32 as "Option<u32>",
     /// The peers the task goes to first (conversation).
     #[schemars(extend("x-default" = "every peer"))]
@@ -632,8 +632,20 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
     let one = |cx: &mut Ctx<'_>, s: &Option<Spanned<String>>, key: &str| -> Option<PeerId> {
         s.as_ref().and_then(|s| known(cx, s.get_ref(), s.span().start, key))
     };
+    // A list of peers: each known, none twice (a repeated peer would take another's place).
     let list = |cx: &mut Ctx<'_>, s: &Option<Spanned<Vec<Spanned<String>>>>, key: &str| -> Option<Vec<PeerId>> {
-        s.as_ref().map(|v| v.get_ref().iter().filter_map(|s| known(cx, s.get_ref(), s.span().start, key)).collect())
+        s.as_ref().map(|v| {
+            let mut out: Vec<PeerId> = Vec::new();
+            for s in v.get_ref() {
+                let Some(id) = known(cx, s.get_ref(), s.span().start, key) else { continue };
+                if out.contains(&id) {
+                    cx.err_at(s.span().start, format!("protocol.{key}"), format!("peer `{id}` is listed twice"));
+                } else {
+                    out.push(id);
+                }
+            }
+            out
+        })
     };
     let pick = |cx: &mut Ctx<'_>,
                 s: &Option<Spanned<String>>,
@@ -657,14 +669,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         }
     };
     let rounds = |cx: &mut Ctx<'_>, default: u32| -> u32 {
-        match &p.rounds {
-            Some(r) if *r.get_ref() == 0 => {
-                cx.err_at(r.span().start, "protocol.rounds", "rounds must be at least 1");
-                default
-            }
-            Some(r) => *r.get_ref(),
-            None => default,
-        }
+        cx.count(p.rounds.clone(), "protocol.rounds", ranges::ROUNDS).unwrap_or(default)
     };
     let fraction = |cx: &mut Ctx<'_>, s: &Option<Spanned<f64>>, key: &str, default: f64| -> f64 {
         match s {
@@ -718,13 +723,23 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         "debate" => {
             let members = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
             need(cx, &members, 1, "members", "member");
+            let rounds = rounds(cx, 2);
+            // A debate of one is defined as one answer: the single-agent baseline.
+            if members.len() == 1 && rounds > 1 {
+                let at = p.rounds.as_ref().map_or(kind_at, |r| r.span().start);
+                cx.err_at(
+                    at,
+                    "protocol.rounds",
+                    "a debate of one member has no one to debate: rounds must be 1 (a single answer), or add members",
+                );
+            }
             let vote = match pick(cx, &p.vote, "vote", VOTE_CHOICES, "plurality") {
                 "majority" => VoteRule::Majority,
                 _ => VoteRule::Plurality,
             };
             ProtocolSpec::Debate(DebateSpec {
                 members,
-                rounds: rounds(cx, 2),
+                rounds,
                 vote,
                 json: inner(&p.json).unwrap_or(false),
                 instruction: inner(&p.instruction),
@@ -771,7 +786,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
         }
         "jury" => {
             let jurors = list(cx, &p.members, "members").unwrap_or_else(|| peers.to_vec());
-            need(cx, &jurors, 1, "members", "juror");
+            need(cx, &jurors, 2, "members", "jurors (a jury of one is one model answering)");
             let rule = match pick(cx, &p.aggregation, "aggregation", AGGREGATION_CHOICES, "plurality") {
                 "approval" => Rule::Approval { threshold: fraction(cx, &p.threshold, "threshold", 0.6) },
                 "confidence" => Rule::Confidence,
@@ -787,6 +802,10 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
             let proposer = one(cx, &p.proposer, "proposer").unwrap_or_else(|| first.clone());
             let voters = list(cx, &p.voters, "voters").unwrap_or_else(|| others(&[&proposer]));
             need(cx, &voters, 1, "voters", "voter");
+            if voters.contains(&proposer) {
+                let at = p.voters.as_ref().map_or(kind_at, |v| v.span().start);
+                cx.err_at(at, "protocol.voters", format!("the proposer `{proposer}` cannot vote on its own proposal"));
+            }
             ProtocolSpec::Consensus(ConsensusSpec {
                 proposer,
                 voters,
@@ -916,10 +935,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                 }
                 None => sources.last().map(|s| s.writes.clone()).unwrap_or_default(),
             };
-            let max_writes = inner(&p.max_writes).unwrap_or(20);
-            if max_writes == 0 {
-                cx.err_at(kind_at, "protocol.max_writes", "max_writes must be at least 1");
-            }
+            let max_writes = cx.count(p.max_writes.clone(), "protocol.max_writes", ranges::ROUNDS).unwrap_or(20);
             ProtocolSpec::Blackboard(BlackboardSpec {
                 sources,
                 answer_key,
@@ -954,8 +970,11 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                     "continue" => OnDependencyFailure::Continue,
                     _ => OnDependencyFailure::Skip,
                 };
-                let lease_ms = p.lease_secs.as_ref().map_or(30_000, |s| (s.get_ref() * 1000.0).max(10.0) as u64);
-                let max_deliver = inner(&p.max_deliver).unwrap_or(5).max(1);
+                let lease_ms = cx
+                    .real(p.lease_secs.clone(), "protocol.lease_secs", ranges::LEASE_SECS)
+                    .map_or(30_000, ranges::millis);
+                let max_deliver =
+                    cx.count(p.max_deliver.clone(), "protocol.max_deliver", ranges::DELIVERIES).unwrap_or(5);
                 ProtocolSpec::WorkQueue(WorkQueueSpec {
                     tasks,
                     members,
@@ -983,7 +1002,9 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
                     members,
                     capabilities,
                     bids,
-                    max_reannounce: inner(&p.max_reannounce).unwrap_or(2),
+                    max_reannounce: cx
+                        .count(p.max_reannounce.clone(), "protocol.max_reannounce", ranges::REANNOUNCE)
+                        .unwrap_or(2),
                     answer_task,
                     instruction: inner(&p.instruction),
                 })
@@ -997,10 +1018,7 @@ pub(super) fn validate_protocol(cx: &mut Ctx<'_>, p: RawProtocol, peers: &[PeerI
             if members.contains(&leader) {
                 cx.err_at(kind_at, "protocol.members", format!("the leader `{leader}` cannot also be a member"));
             }
-            let k = inner(&p.deadlock_rounds).unwrap_or(2);
-            if k == 0 {
-                cx.err_at(kind_at, "protocol.deadlock_rounds", "deadlock_rounds must be at least 1");
-            }
+            let k = cx.count(p.deadlock_rounds.clone(), "protocol.deadlock_rounds", ranges::ROUNDS).unwrap_or(2);
             ProtocolSpec::Hybrid(HybridSpec {
                 leader,
                 members,
