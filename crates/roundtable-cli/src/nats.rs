@@ -8,7 +8,11 @@
 //! others are started with `--session ID`. Peers started with the same `--session` may
 //! start in any order: each that has a topic posts the task, whose id is derived from
 //! the session alone, so the first post wins and the others are duplicates the log drops.
-//! Whatever their team files say, every peer runs the plan in the task on the log.
+//! Every peer runs the plan in the task on the log, but what a peer executes (its
+//! model's endpoint, API-key variable, headers, replies) must be what its own team file
+//! says: a peer refuses (exit 2, the differences listed) a session whose task says
+//! otherwise, since whoever can publish a task could otherwise send a peer's
+//! transcript and key anywhere (see `roundtable_core::trust`).
 //! Votes are sealed with the data directory's secret (see `factory::local_secret`), so a
 //! peer restarted on the same machine can open the votes it sealed before.
 //!
@@ -373,8 +377,13 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
     if !known(&plan) {
         return Err(Failure::Input(format!("session {session} has no peer {me:?}; its peers are {}", ids(&plan))));
     }
-    if serde_json::to_value(&plan).ok() != serde_json::to_value(&local).ok() {
-        eprintln!("warning: session {session} runs the plan in its task, which differs from {}", args.team.display());
+    let differences = roundtable_core::trust::executable_differences(&plan, &local);
+    if !differences.is_empty() {
+        return Err(Failure::Input(format!(
+            "session {session}: its task would have this peer run what {} does not say; refusing to join:\n  {}",
+            args.team.display(),
+            differences.join("\n  ")
+        )));
     }
     let watch = observe::RunWatch::start(args.metrics).await?;
     let models = factory::models_observed(&plan, Some(&me), watch.retry_observer())
