@@ -262,7 +262,8 @@ pub(crate) async fn run(
     let topic = topic.or_else(|| plan.topic.clone()).ok_or_else(|| {
         Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
     })?;
-    let backend = args.connect(true).await?;
+    let signers = crate::keys::signers(dir, &plan, &plan.peer_ids())?;
+    let backend = args.connect(true).await?.with_signers(signers);
     let watch = observe::RunWatch::start(metrics).await?;
     let models =
         factory::models_observed(&plan, None, watch.retry_observer()).map_err(|e| Failure::Input(e.to_string()))?;
@@ -293,6 +294,9 @@ pub(crate) async fn resume(
     let session = SessionId::from(session);
     let log = backend.logs().open(&session, false).await?;
     let plan = task_plan(&log).await?;
+    // Signed sessions: every peer's key, from this machine's data directory.
+    let backend = backend.with_signers(crate::keys::signers(dir, &plan, &plan.peer_ids())?);
+    let log = backend.logs().open(&session, false).await?;
     let current = summarize(log.as_ref()).await?;
     if current.stopped {
         if !json {
@@ -344,7 +348,8 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
         )));
     }
     let topic = args.topic.clone().or_else(|| local.topic.clone());
-    let backend = args.nats.connect(true).await?;
+    let signers = crate::keys::signers(dir, &local, std::slice::from_ref(&me))?;
+    let backend = args.nats.connect(true).await?.with_signers(signers);
     let (session, starting) = match &args.session {
         Some(s) => (SessionId::from(s.as_str()), false),
         None => (new_session_id(), true),

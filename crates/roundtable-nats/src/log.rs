@@ -29,6 +29,17 @@
 //! every reader, in every process, at every read: the rejection is recorded once, at
 //! the place of the message, and the session goes on. (An append whose own subject was
 //! taken that way fails with a `Rejected` error naming the message.)
+//!
+//! # Signed envelopes
+//! When the session's task names the peers' public keys (see
+//! [`roundtable_core::trust`]), the task fixes the roster and an envelope also has to
+//! be signed by its own author with a key on it: one that is not signed, signed by a
+//! key off the roster, or signed by one peer in another's name is read, like garbage,
+//! as the `failure` at its place, and so can never take a step, a stop, a vote or the
+//! final answer. A log signs what it appends with the keys of the peers its process
+//! runs ([`NatsLogStore::with_signers`]). Each process verifies each message once:
+//! the outcome is kept by sequence number and shared by every reader and tail of the
+//! log opened from the same store.
 
 use std::sync::Arc;
 
@@ -40,7 +51,8 @@ use futures::StreamExt;
 use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog};
 
-use roundtable_core::session::{STOP_STEP, TASK_STEP, USER};
+use roundtable_core::session::{STOP_STEP, TASK_STEP, USER, plan_of};
+use roundtable_core::trust::{Roster, Signers};
 
 use crate::{is_unavailable, token};
 
@@ -80,13 +92,72 @@ pub const REJECTED_FROM: &str = "nats";
 
 /// The envelope a reader sees at `seq` for the stored message (`subject`, `payload`,
 /// stored at `time_ns`): the envelope itself, or the `failure` that records why it was
-/// rejected (see the module docs).
-fn entry_of(session: &SessionId, prefix: &str, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Entry {
-    let env = match check(session, prefix, subject, payload) {
+/// rejected (see the module docs). `roster` is the session's, when its task names one.
+fn entry_of(
+    session: &SessionId,
+    prefix: &str,
+    roster: Option<&Roster>,
+    seq: u64,
+    subject: &str,
+    payload: &[u8],
+    time_ns: i128,
+) -> Entry {
+    let checked = check(session, prefix, subject, payload).and_then(|env| match roster.map(|r| r.verify(&env)) {
+        Some(Err(why)) => Err(format!("rejected as not the session's: {why}")),
+        _ => Ok(env),
+    });
+    let env = match checked {
         Ok(env) => env,
         Err(reason) => rejected(session, seq, subject, payload.len(), &reason, time_ns),
     };
     Entry { seq, env: Arc::new(env) }
+}
+
+/// The roster fixed by a session's first message, if it is a task whose plan names one.
+fn roster_of(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -> Option<Roster> {
+    let task = check(session, prefix, subject, payload).ok().filter(|e| e.kind == Kind::Task)?;
+    let plan = plan_of(&task).ok()?;
+    let roster = Roster::of_plan(&plan).ok()??;
+    // The task itself must be signed by a peer on the roster it names.
+    roster.verify(&task).ok().map(|()| roster)
+}
+
+/// What the readers of one session's log in this process share: the roster, and the
+/// entry read at each sequence number, so that each message is checked once.
+struct Reader {
+    session: SessionId,
+    prefix: String,
+    stream: stream::Stream,
+    roster: tokio::sync::OnceCell<Option<Roster>>,
+    seen: std::sync::Mutex<std::collections::HashMap<u64, Arc<Envelope>>>,
+}
+
+impl Reader {
+    /// The session's roster (known once its first message is on the stream).
+    async fn roster(&self) -> Result<Option<&Roster>, LogError> {
+        if let Some(r) = self.roster.get() {
+            return Ok(r.as_ref());
+        }
+        let m = match self.stream.get_raw_message(1).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(log_error(&format!("reading the task of session {}", self.session), e)),
+        };
+        let roster = roster_of(&self.session, &self.prefix, &m.subject, &m.payload);
+        // A task without a valid roster: none (the session's envelopes are unsigned).
+        let _ = self.roster.set(roster);
+        Ok(self.roster.get().and_then(Option::as_ref))
+    }
+
+    async fn entry(&self, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Result<Entry, LogError> {
+        if let Some(env) = self.seen.lock().expect("reader lock").get(&seq) {
+            return Ok(Entry { seq, env: env.clone() });
+        }
+        let roster = self.roster().await?;
+        let entry = entry_of(&self.session, &self.prefix, roster, seq, subject, payload, time_ns);
+        self.seen.lock().expect("reader lock").insert(seq, entry.env.clone());
+        Ok(entry)
+    }
 }
 
 fn check(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -> Result<Envelope, String> {
@@ -128,6 +199,8 @@ pub struct NatsLog {
     js: jetstream::Context,
     stream: stream::Stream,
     prefix: String,
+    reader: Arc<Reader>,
+    signers: Arc<Signers>,
 }
 
 /// Reads of at most this many entries fetch them one by one rather than creating a
@@ -139,8 +212,8 @@ impl NatsLog {
         format!("{}{}", self.prefix, token(id.as_str()))
     }
 
-    fn entry(&self, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Entry {
-        entry_of(&self.session, &self.prefix, seq, subject, payload, time_ns)
+    async fn entry(&self, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Result<Entry, LogError> {
+        self.reader.entry(seq, subject, payload, time_ns).await
     }
 
     /// The stored message on the subject of `id`, if any.
@@ -189,7 +262,7 @@ struct Tail {
     js: jetstream::Context,
     stream: stream::Stream,
     session: SessionId,
-    prefix: String,
+    reader: Arc<Reader>,
     next: u64,
     messages: Option<consumer::push::Ordered>,
     connects: u64,
@@ -245,7 +318,7 @@ impl Tail {
             }
             let time_ns = info.published.unix_timestamp_nanos();
             self.next = info.stream_sequence + 1;
-            return Ok(entry_of(&self.session, &self.prefix, info.stream_sequence, &m.subject, &m.payload, time_ns));
+            return self.reader.entry(info.stream_sequence, &m.subject, &m.payload, time_ns).await;
         }
     }
 }
@@ -263,6 +336,16 @@ impl SessionLog for NatsLog {
                 format!("envelope of session {} appended to session {}", env.session, self.session),
             ));
         }
+        let mut env = env;
+        if !self.signers.sign(&mut env) && self.reader.roster().await?.is_some() {
+            return Err(LogError::new(
+                LogErrorKind::Rejected,
+                format!(
+                    "session {} takes signed envelopes only, and this process holds no key of {}'s (see `roundtable keys new`)",
+                    self.session, env.from
+                ),
+            ));
+        }
         let mut headers = HeaderMap::new();
         headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let what = || format!("appending {} to session {}", env.id, self.session);
@@ -277,7 +360,7 @@ impl SessionLog for NatsLog {
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match self.stored(&env.id).await? {
                 Some(m) => {
                     let time_ns = m.time.unix_timestamp_nanos();
-                    let entry = self.entry(m.sequence, &m.subject, &m.payload, time_ns);
+                    let entry = self.entry(m.sequence, &m.subject, &m.payload, time_ns).await?;
                     if entry.env.id != env.id {
                         return Err(LogError::new(
                             LogErrorKind::Rejected,
@@ -307,7 +390,7 @@ impl SessionLog for NatsLog {
         if end - from < FEW {
             for seq in from..=end {
                 let m = self.stream.get_raw_message(seq).await.map_err(|e| log_error(&what(), e))?;
-                out.push(self.entry(seq, &m.subject, &m.payload, m.time.unix_timestamp_nanos()));
+                out.push(self.entry(seq, &m.subject, &m.payload, m.time.unix_timestamp_nanos()).await?);
             }
             return Ok(out);
         }
@@ -319,7 +402,7 @@ impl SessionLog for NatsLog {
             if seq > end {
                 break;
             }
-            out.push(self.entry(seq, &m.subject, &m.payload, time_ns));
+            out.push(self.entry(seq, &m.subject, &m.payload, time_ns).await?);
             if seq == end || pending == 0 {
                 break;
             }
@@ -341,7 +424,7 @@ impl SessionLog for NatsLog {
             js: self.js.clone(),
             stream: self.stream.clone(),
             session: self.session.clone(),
-            prefix: self.prefix.clone(),
+            reader: self.reader.clone(),
             next: from,
             messages: None,
             connects: 0,
@@ -357,10 +440,11 @@ impl SessionLog for NatsLog {
 
     async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError> {
         // Only the envelope itself counts, not a rejected message on its subject.
-        Ok(self.stored(id).await?.and_then(|m| {
-            let entry = self.entry(m.sequence, &m.subject, &m.payload, 0);
-            (entry.env.id == *id).then_some(m.sequence)
-        }))
+        let Some(m) = self.stored(id).await? else {
+            return Ok(None);
+        };
+        let entry = self.entry(m.sequence, &m.subject, &m.payload, m.time.unix_timestamp_nanos()).await?;
+        Ok((entry.env.id == *id).then_some(m.sequence))
     }
 }
 
@@ -368,11 +452,18 @@ impl SessionLog for NatsLog {
 #[derive(Clone)]
 pub struct NatsLogStore {
     js: jetstream::Context,
+    signers: Arc<Signers>,
 }
 
 impl NatsLogStore {
     pub fn new(js: jetstream::Context) -> Self {
-        NatsLogStore { js }
+        NatsLogStore { js, signers: Arc::default() }
+    }
+
+    /// Sign what is appended with these keys (see the module docs).
+    pub fn with_signers(mut self, signers: Arc<Signers>) -> Self {
+        self.signers = signers;
+        self
     }
 
     async fn summary(&self, name: &str) -> Result<Option<SessionInfo>, LogError> {
@@ -412,9 +503,12 @@ impl NatsLogStore {
             }
             let last = stream.get_raw_message(state.last_sequence).await.map_err(|e| log_error(&what(), e))?;
             found.push(last);
+            let roster = (found[0].sequence == 1)
+                .then(|| roster_of(&session, &prefix, &found[0].subject, &found[0].payload))
+                .flatten();
             for m in found {
-                let entry =
-                    entry_of(&session, &prefix, m.sequence, &m.subject, &m.payload, m.time.unix_timestamp_nanos());
+                let (subject, time_ns) = (&m.subject, m.time.unix_timestamp_nanos());
+                let entry = entry_of(&session, &prefix, roster.as_ref(), m.sequence, subject, &m.payload, time_ns);
                 summary.observe(&entry.env);
             }
         }
@@ -438,7 +532,21 @@ impl LogStore for NatsLogStore {
                 Err(e) => return Err(log_error(&what(), e)),
             }
         };
-        Ok(Arc::new(NatsLog { session: session.clone(), js: self.js.clone(), stream, prefix: subject_prefix(session) }))
+        let reader = Arc::new(Reader {
+            session: session.clone(),
+            prefix: subject_prefix(session),
+            stream: stream.clone(),
+            roster: tokio::sync::OnceCell::new(),
+            seen: Default::default(),
+        });
+        Ok(Arc::new(NatsLog {
+            session: session.clone(),
+            js: self.js.clone(),
+            stream,
+            prefix: subject_prefix(session),
+            reader,
+            signers: self.signers.clone(),
+        }))
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, LogError> {
