@@ -319,3 +319,96 @@ fn a_peer_of_a_signed_team_without_its_key_is_refused_with_how_to_make_one() {
     );
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// Kills the process when the test ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port` with extra header lines: the status and the response
+/// head and body as text.
+fn http_get(port: u16, path: &str, headers: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the view listens");
+    // One write: a server that answers before the request is complete resets the rest.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n");
+    s.write_all(request.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// Start `roundtable ui` with `args`; its port and the first line it printed. Its
+/// output goes to a file, so that it never writes to a closed pipe.
+fn start_ui(args: &[&str], data: &Path) -> (Running, u16, String) {
+    let out = data.join(format!("ui-{}.out", args.join("_").replace(['/', ':', ' '], "-")));
+    let child = bin()
+        .arg("ui")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    let start = Instant::now();
+    let line = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some((line, _)) = text.split_once('\n') {
+            break line.to_owned();
+        }
+        assert!(start.elapsed() < DEADLINE, "the view printed no address");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let port = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (running, port, line)
+}
+
+#[test]
+fn the_web_view_off_loopback_requires_the_token_it_prints_on_every_request() {
+    let data = tempfile::tempdir().unwrap();
+    let (_ui, port, line) = start_ui(&["--addr", "0.0.0.0:0"], data.path());
+    let token = line
+        .split("?token=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no token printed: {line}"))
+        .to_owned();
+    assert!(token.len() >= 32, "{token}");
+    for path in ["/", "/assets/app.js", "/api/sessions", "/api/sessions/x/trace", "/api/sessions/x/events"] {
+        assert_eq!(http_get(port, path, "").0, 401, "{path} without the token");
+        assert_eq!(http_get(port, &format!("{path}?token=nope"), "").0, 401, "{path} with a wrong token");
+        assert_eq!(http_get(port, path, "Authorization: Bearer nope\r\n").0, 401, "{path}");
+        assert_eq!(http_get(port, path, "Cookie: rt_token=nope\r\n").0, 401, "{path}");
+    }
+    // The printed URL opens the page and sets the cookie its script's requests carry.
+    let (status, page) = http_get(port, &format!("/?token={token}"), "");
+    assert_eq!(status, 200, "{page}");
+    let cookie = format!("set-cookie: rt_token={token}; HttpOnly; SameSite=Strict; Path=/");
+    assert!(page.to_ascii_lowercase().contains(&cookie.to_ascii_lowercase()), "{page}");
+    let (status, list) = http_get(port, "/api/sessions", &format!("Cookie: other=1; rt_token={token}\r\n"));
+    assert_eq!(status, 200, "{list}");
+    assert!(list.ends_with("[]"), "{list}");
+    assert_eq!(http_get(port, "/api/sessions", &format!("Authorization: Bearer {token}\r\n")).0, 200);
+
+    // A token of the user's own is required and never printed.
+    let (_ui, port, line) = start_ui(&["--addr", "0.0.0.0:0", "--token", "my-own-token"], data.path());
+    assert!(!line.contains("my-own-token"), "{line}");
+    assert_eq!(http_get(port, "/api/sessions", "").0, 401);
+    assert_eq!(http_get(port, "/api/sessions", "Authorization: Bearer my-own-token\r\n").0, 200);
+    let o = bin().args(["ui", "--addr", "0.0.0.0:0", "--token", "a b"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
