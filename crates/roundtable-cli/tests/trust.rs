@@ -412,3 +412,69 @@ fn the_web_view_off_loopback_requires_the_token_it_prints_on_every_request() {
     let o = bin().args(["ui", "--addr", "0.0.0.0:0", "--token", "a b"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+/// Publish `payload` on `subject` as a plain client would.
+fn publish_raw(rt: &tokio::runtime::Runtime, url: &str, subject: String, payload: Vec<u8>) {
+    rt.block_on(async {
+        let client = async_nats::connect(url).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        js.publish(subject, payload.into()).await.expect("publish").await.expect("the server stores it");
+    });
+}
+
+#[test]
+fn squatted_steps_and_replayed_envelopes_stall_no_one() {
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let team = signed_team(dir.path());
+    let session = SessionId::from("squatted");
+    let subject = |id: &roundtable_core::EnvelopeId, suffix: &str| {
+        format!("rt.{}.log.{}{suffix}", token(session.as_str()), token(id.as_str()))
+    };
+
+    let a = start_peer(&team, "a", &url, session.as_str(), dir.path());
+    let start = Instant::now();
+    let first_turn = loop {
+        let log = read_log(&rt, &url, session.as_str());
+        if let Some(t) = log.iter().find(|e| e.kind == Kind::Message && e.from.as_str() == "a") {
+            break t.clone();
+        }
+        assert!(start.elapsed() < DEADLINE, "no first turn");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Before b joins: junk on the subject of b's turn and on the next one, a forged
+    // envelope with the id of a's next turn on its subject, junk on the stop's subject
+    // (a decision any peer records), and a's first turn, signed and all, published
+    // again on a subject it may take.
+    let b_turn = roundtable_core::EnvelopeId::derive(&session, &PeerId::from("b"), "turn/1");
+    publish_raw(&rt, &url, subject(&b_turn, ""), b"junk".to_vec());
+    publish_raw(&rt, &url, subject(&b_turn, "-1"), b"more junk".to_vec());
+    let mut a_turn =
+        Envelope::new(&session, &PeerId::from("a"), "turn/2", Kind::Message, Recipient::All, Body::text("x"));
+    a_turn.body.text = "FORGED: squatting a's next turn".into();
+    publish(&rt, &url, &a_turn);
+    let stop = roundtable_core::EnvelopeId::derive(&session, &PeerId::from("*"), "stop");
+    publish_raw(&rt, &url, subject(&stop, ""), b"{\"v\":1}".to_vec());
+    publish_raw(&rt, &url, subject(&first_turn.id, "-1"), first_turn.to_json().into_bytes());
+
+    let b = start_peer(&team, "b", &url, session.as_str(), dir.path());
+    let (a, b) = (finish(a, "a"), finish(b, "b"));
+    for (id, o) in [("a", &a), ("b", &b)] {
+        assert!(o.status.success(), "peer {id}: {}", stderr(o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON summary");
+        assert!(summary["stop_reason"].as_str().unwrap().starts_with("completed"), "{id}: {summary}");
+        assert_eq!(summary["final_answer"], "b says two", "{id}: {summary}");
+        assert_eq!(summary["messages"], 4, "{id}: {summary}");
+    }
+    let log = read_log(&rt, &url, session.as_str());
+    let rejections: Vec<&Arc<Envelope>> =
+        log.iter().filter(|e| e.kind == Kind::Failure && e.from.as_str() == REJECTED_FROM).collect();
+    assert_eq!(rejections.len(), 5, "{rejections:#?}");
+    assert!(rejections.iter().any(|r| r.body.text.contains("a second copy of envelope")), "{rejections:#?}");
+    let turns: Vec<&str> = log.iter().filter(|e| e.kind == Kind::Message).map(|e| e.body.text.as_ref()).collect();
+    assert_eq!(turns, ["a says one", "b says one", "a says two", "b says two"]);
+    assert_eq!(log.iter().filter(|e| e.kind == Kind::Stop).count(), 1);
+    assert!(log.iter().all(|e| e.kind != Kind::Absent), "no live peer is taken for absent");
+}
