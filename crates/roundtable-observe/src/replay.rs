@@ -324,6 +324,8 @@ impl Tool for RecordedTool {
                 outcome: r.outcome,
                 output: r.output.clone(),
                 exit_status: r.exit_status,
+                signal: r.signal,
+                duration_ms: Some(r.duration_ms),
                 truncated: r.truncated,
             },
             // The recording has no result for this call: never answer (the replay is
