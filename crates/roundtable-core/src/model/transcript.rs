@@ -316,6 +316,7 @@ mod tests {
             outcome: Outcome::Error,
             output: "no such file".into(),
             exit_status: None,
+            signal: None,
             duration_ms: 1,
             truncated: false,
         };
