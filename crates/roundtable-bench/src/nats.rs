@@ -21,6 +21,7 @@ use futures::StreamExt;
 use roundtable_core::bus::Backend;
 use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::SessionLog;
+use roundtable_core::trust::{SecretKey, Signers};
 use roundtable_core::workqueue::{QueueConfig, WorkQueue};
 use roundtable_nats::NatsBackend;
 use roundtable_nats::testing::NatsServer;
@@ -42,6 +43,10 @@ pub struct NatsConfig {
     pub appends: usize,
     /// Concurrent appenders.
     pub appenders: usize,
+    /// Sessions whose peers sign every envelope and whose readers verify each one
+    /// (a task naming the peers' public keys opens every session).
+    #[serde(default)]
+    pub signed: bool,
 }
 
 /// What one NATS run measured. Latencies are in µs.
@@ -77,6 +82,10 @@ pub struct NatsResult {
     pub queue_tasks_per_sec: f64,
     pub append_sequential_per_sec: f64,
     pub append_concurrent_per_sec: f64,
+    /// Signing one direct-message envelope (canonical encoding and Ed25519), in µs.
+    pub sign_us: f64,
+    /// Verifying one (canonical encoding of the parsed envelope and Ed25519), in µs.
+    pub verify_us: f64,
 }
 
 /// The `q`-quantile of samples (nearest rank), in µs.
@@ -105,9 +114,69 @@ pub async fn nats(cfg: NatsConfig) -> Result<NatsResult, String> {
     result
 }
 
+/// The keys of the benchmark's peers (`a`, `b` and the concurrent appenders `p…`) and
+/// the plan whose task names them.
+struct Keys {
+    plan: roundtable_core::team::TeamPlan,
+    signers: Signers,
+}
+
+fn keys(cfg: NatsConfig) -> Result<Keys, String> {
+    let mut signers = Signers::default();
+    let mut peers = String::new();
+    let ids = ["a".to_owned(), "b".to_owned()].into_iter().chain((0..cfg.appenders.max(1)).map(|w| format!("p{w}")));
+    for id in ids {
+        let key = SecretKey::generate();
+        peers.push_str(&format!(
+            "[[peers]]\nid = \"{id}\"\nmodel = \"s\"\npublic_key = \"{}\"\n",
+            key.public().to_hex()
+        ));
+        signers.insert(PeerId::from(id), key);
+    }
+    let src = format!(
+        "name = \"bench\"\n[models.s]\nprovider = \"scripted\"\nreplies = [\"x\"]\n{peers}[protocol]\nkind = \"round_robin\"\n"
+    );
+    let plan = roundtable_core::team::parse_team("bench.toml", &src, &roundtable_core::team::NoEnv)
+        .map_err(|e| e.to_string())?;
+    Ok(Keys { plan, signers })
+}
+
+/// Open `session` for the benchmark: with a signed task first when `keys` are given.
+async fn open(backend: &NatsBackend, session: &SessionId, keys: Option<&Keys>) -> Result<Arc<dyn SessionLog>, String> {
+    let log = backend.logs().open(session, true).await.map_err(|e| err("opening the log")(&e))?;
+    if let Some(k) = keys {
+        roundtable_core::runner::open_session(log.as_ref(), &k.plan, "bench").await.map_err(|e| err("the task")(&e))?;
+    }
+    Ok(log)
+}
+
+/// Sign and verify `n` direct messages: the µs each takes.
+fn sign_verify(keys: &Keys, n: usize) -> (f64, f64) {
+    let session = SessionId::from("sign-bench");
+    let (pa, pb) = (PeerId::from("a"), PeerId::from("b"));
+    let roster = roundtable_core::trust::Roster::of_plan(&keys.plan).ok().flatten().expect("the plan names keys");
+    let mut envs: Vec<Envelope> = (0..n).map(|i| dm(&session, &pa, &pb, format!("dm/{i}"))).collect();
+    let t0 = Instant::now();
+    for env in &mut envs {
+        keys.signers.sign(env);
+    }
+    let signing = t0.elapsed();
+    let wire: Vec<Envelope> =
+        envs.iter().map(|e| Envelope::from_json(e.to_json().as_bytes()).expect("parses")).collect();
+    let t0 = Instant::now();
+    for env in &wire {
+        roster.verify(env).expect("verifies");
+    }
+    let verifying = t0.elapsed();
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n.max(1) as f64;
+    (per(signing), per(verifying))
+}
+
 async fn run(url: &str, cfg: NatsConfig) -> Result<NatsResult, String> {
-    let a = NatsBackend::connect(url).await.map_err(|e| err("connecting")(&e))?;
-    let b = NatsBackend::connect(url).await.map_err(|e| err("connecting")(&e))?;
+    let keys = if cfg.signed { Some(keys(cfg)?) } else { None };
+    let signers = keys.as_ref().map(|k| k.signers.clone()).unwrap_or_default();
+    let a = NatsBackend::connect(url).await.map_err(|e| err("connecting")(&e))?.with_signers(signers.clone());
+    let b = NatsBackend::connect(url).await.map_err(|e| err("connecting")(&e))?.with_signers(signers);
     let warmup = (cfg.samples / 10).max(1);
     let session = roundtable_core::session::new_session_id();
     let (pa, pb) = (PeerId::from("a"), PeerId::from("b"));
@@ -193,7 +262,7 @@ async fn run(url: &str, cfg: NatsConfig) -> Result<NatsResult, String> {
     }
 
     // Roundtable direct messages: a appends, b's tail sees it (and answers on pong/i).
-    let log_a = a.logs().open(&session, true).await.map_err(|e| err("opening the log")(&e))?;
+    let log_a = open(&a, &session, keys.as_ref()).await?;
     let log_b = b.logs().open(&session, false).await.map_err(|e| err("opening the log")(&e))?;
     let (seen_b, mut at_b) = mpsc::unbounded_channel::<(Arc<str>, Instant)>();
     let (seen_a, mut at_a) = mpsc::unbounded_channel::<(Arc<str>, Instant)>();
@@ -248,7 +317,8 @@ async fn run(url: &str, cfg: NatsConfig) -> Result<NatsResult, String> {
     tail_b.abort();
 
     let (pushes, claim_acks) = work_queue(url, cfg).await?;
-    let (sequential, concurrent) = log_appends(&a, cfg).await?;
+    let (sequential, concurrent) = log_appends(&a, cfg, keys.as_ref()).await?;
+    let (sign_us, verify_us) = keys.as_ref().map_or((0.0, 0.0), |k| sign_verify(k, cfg.samples.max(1000)));
 
     let raw_request_p50 = quantile_us(&mut request, 0.5);
     let dm_p50 = quantile_us(&mut dms, 0.5);
@@ -276,6 +346,8 @@ async fn run(url: &str, cfg: NatsConfig) -> Result<NatsResult, String> {
         queue_tasks_per_sec: cfg.tasks as f64 / secs(pushes + claim_acks),
         append_sequential_per_sec: cfg.appends as f64 / secs(sequential),
         append_concurrent_per_sec: cfg.appends as f64 / secs(concurrent),
+        sign_us,
+        verify_us,
     })
 }
 
@@ -349,20 +421,25 @@ async fn work_queue(url: &str, cfg: NatsConfig) -> Result<(Duration, Duration), 
 
 /// Append `appends` envelopes one at a time, then with `appenders` concurrent appenders
 /// on one connection (each to a fresh session). The two durations.
-async fn log_appends(backend: &NatsBackend, cfg: NatsConfig) -> Result<(Duration, Duration), String> {
+async fn log_appends(
+    backend: &NatsBackend,
+    cfg: NatsConfig,
+    keys: Option<&Keys>,
+) -> Result<(Duration, Duration), String> {
     let from = PeerId::from("a");
+    let task = usize::from(keys.is_some());
     let session = roundtable_core::session::new_session_id();
-    let log = backend.logs().open(&session, true).await.map_err(|e| err("opening the log")(&e))?;
+    let log = open(backend, &session, keys).await?;
     let start = Instant::now();
     for i in 0..cfg.appends {
         let env = Envelope::new(&session, &from, format!("s/{i}"), Kind::Message, Recipient::All, Body::text(REPLY));
         log.append(env).await.map_err(|e| err("appending")(&e))?;
     }
     let sequential = start.elapsed();
-    check_last(log.as_ref(), cfg.appends).await?;
+    check_last(log.as_ref(), cfg.appends + task).await?;
 
     let session = roundtable_core::session::new_session_id();
-    let log = backend.logs().open(&session, true).await.map_err(|e| err("opening the log")(&e))?;
+    let log = open(backend, &session, keys).await?;
     let n = cfg.appenders.max(1);
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -383,7 +460,7 @@ async fn log_appends(backend: &NatsBackend, cfg: NatsConfig) -> Result<(Duration
         r.map_err(|e| e.to_string())??;
     }
     let concurrent = start.elapsed();
-    check_last(log.as_ref(), cfg.appends).await?;
+    check_last(log.as_ref(), cfg.appends + task).await?;
     Ok((sequential, concurrent))
 }
 
@@ -401,7 +478,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_nats_measurement_runs_and_counts_what_it_claims() {
-        let r = nats(NatsConfig { samples: 20, tasks: 30, claimers: 4, appends: 40, appenders: 4 }).await.unwrap();
+        let r = nats(NatsConfig { samples: 20, tasks: 30, claimers: 4, appends: 40, appenders: 4, signed: false })
+            .await
+            .unwrap();
         assert!(r.message_bytes > REPLY.len());
         for v in [r.raw_pubsub_p50_us, r.raw_request_p50_us, r.js_publish_p50_us, r.append_p50_us, r.dm_p50_us] {
             assert!(v > 0.0, "{r:?}");

@@ -103,6 +103,10 @@ pub(crate) struct BenchArgs {
     /// Concurrent appenders on one connection (nats).
     #[arg(long, default_value_t = 20)]
     appenders: usize,
+    /// Signed sessions: every envelope signed by its author and verified by each
+    /// reading process (nats).
+    #[arg(long)]
+    signed: bool,
     /// Runs per configuration; medians are reported.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -173,6 +177,7 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
                     claimers: a.claimers,
                     appends: a.appends,
                     appenders: a.appenders,
+                    signed: a.signed,
                 })
                 .await?,
             ),
@@ -257,6 +262,7 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
             format!("--claimers={}", a.claimers),
             format!("--appends={}", a.appends),
             format!("--appenders={}", a.appenders),
+            format!("--signed={}", a.signed),
         ]),
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -346,6 +352,7 @@ fn median_row(runs: &[serde_json::Value]) -> serde_json::Value {
                     | "claimers"
                     | "appends"
                     | "appenders"
+                    | "signed"
                     | "warmup"
             );
             if v.is_f64() || (v.is_u64() && !setting) {
@@ -493,6 +500,9 @@ fn print_row(w: Workload, r: &serde_json::Value) {
                 println!("{what:<42} {:>9.0} {:>9.0}", f(&format!("{k}_p50_us")), f(&format!("{k}_p99_us")));
             }
             println!("direct message p50 / raw request/reply p50: {:.2} (target ≤ 2)", f("dm_over_raw_request_p50"));
+            if r["signed"].as_bool() == Some(true) {
+                println!("signed sessions: sign {:.1} µs, verify {:.1} µs per envelope", f("sign_us"), f("verify_us"));
+            }
             println!("{:<42} {:>9}", "throughput", "per s");
             let c = f("claimers");
             for (what, k) in [

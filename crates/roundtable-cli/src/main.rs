@@ -4,6 +4,7 @@
 mod bench;
 mod eval;
 mod factory;
+mod keys;
 mod nats;
 mod observe;
 mod render;
@@ -179,6 +180,9 @@ enum Command {
     Fork(observe::ForkArgs),
     /// Serve the live web view of the sessions (loopback only by default).
     Ui(observe::UiArgs),
+    /// Peers' signing keys: `keys new --peer ID` makes one (see the team file's
+    /// `public_key`).
+    Keys(keys::KeysArgs),
 }
 
 /// A failure, with the exit code it maps to.
@@ -241,6 +245,7 @@ fn open_store(dir: &Path, create: bool, durability: Durability) -> Result<Sqlite
 async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     let dir = data_dir(&cli.data_dir);
     match cli.command {
+        Command::Keys(args) => keys::run(&dir, args),
         Command::Eval(args) => {
             eval::run(args).await?;
             Ok(ExitCode::SUCCESS)

@@ -8,7 +8,11 @@
 //! others are started with `--session ID`. Peers started with the same `--session` may
 //! start in any order: each that has a topic posts the task, whose id is derived from
 //! the session alone, so the first post wins and the others are duplicates the log drops.
-//! Whatever their team files say, every peer runs the plan in the task on the log.
+//! Every peer runs the plan in the task on the log, but what a peer executes (its
+//! model's endpoint, API-key variable, headers, replies) must be what its own team file
+//! says: a peer refuses (exit 2, the differences listed) a session whose task says
+//! otherwise, since whoever can publish a task could otherwise send a peer's
+//! transcript and key anywhere (see `roundtable_core::trust`).
 //! Votes are sealed with the data directory's secret (see `factory::local_secret`), so a
 //! peer restarted on the same machine can open the votes it sealed before.
 //!
@@ -276,7 +280,8 @@ pub(crate) async fn run(
     let topic = topic.or_else(|| plan.topic.clone()).ok_or_else(|| {
         Failure::Input(format!("{}: no topic: set `topic` in the team file or pass --topic", team.display()))
     })?;
-    let backend = args.connect(true).await?;
+    let signers = crate::keys::signers(dir, &plan, &plan.peer_ids())?;
+    let backend = args.connect(true).await?.with_signers(signers);
     let watch = observe::RunWatch::start(metrics).await?;
     let models =
         factory::models_observed(&plan, None, watch.retry_observer()).map_err(|e| Failure::Input(e.to_string()))?;
@@ -307,6 +312,9 @@ pub(crate) async fn resume(
     let session = SessionId::from(session);
     let log = backend.logs().open(&session, false).await?;
     let plan = task_plan(&log).await?;
+    // Signed sessions: every peer's key, from this machine's data directory.
+    let backend = backend.with_signers(crate::keys::signers(dir, &plan, &plan.peer_ids())?);
+    let log = backend.logs().open(&session, false).await?;
     let current = summarize(log.as_ref()).await?;
     if current.stopped {
         if !json {
@@ -358,7 +366,8 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
         )));
     }
     let topic = args.topic.clone().or_else(|| local.topic.clone());
-    let backend = args.nats.connect(true).await?;
+    let signers = crate::keys::signers(dir, &local, std::slice::from_ref(&me))?;
+    let backend = args.nats.connect(true).await?.with_signers(signers);
     let (session, starting) = match &args.session {
         Some(s) => (SessionId::from(s.as_str()), false),
         None => (new_session_id(), true),
@@ -391,8 +400,13 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
     if !known(&plan) {
         return Err(Failure::Input(format!("session {session} has no peer {me:?}; its peers are {}", ids(&plan))));
     }
-    if serde_json::to_value(&plan).ok() != serde_json::to_value(&local).ok() {
-        eprintln!("warning: session {session} runs the plan in its task, which differs from {}", args.team.display());
+    let differences = roundtable_core::trust::executable_differences(&plan, &local);
+    if !differences.is_empty() {
+        return Err(Failure::Input(format!(
+            "session {session}: its task would have this peer run what {} does not say; refusing to join:\n  {}",
+            args.team.display(),
+            differences.join("\n  ")
+        )));
     }
     let watch = observe::RunWatch::start(args.metrics).await?;
     let models = factory::models_observed(&plan, Some(&me), watch.retry_observer())

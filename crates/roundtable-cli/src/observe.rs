@@ -127,6 +127,11 @@ pub(crate) struct UiArgs {
     /// sessions said.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7600")]
     addr: SocketAddr,
+    /// Require this token on every request (`?token=` in the URL, a bearer header or
+    /// the cookie the page sets). On an address other than loopback a token is always
+    /// required: without this option one is generated and printed.
+    #[arg(long, env = "ROUNDTABLE_UI_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
     /// Also serve Prometheus metrics of every session at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -264,13 +269,36 @@ pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
         Some(_) => crate::nats::store(&args.remote).await?,
         None => Arc::new(SqliteReader::new(&crate::db_path(dir), Duration::from_millis(200))),
     };
-    let bound = roundtable_observe::ui::serve(args.addr, store.clone())
+    if let Some(t) = &args.token
+        && (t.is_empty() || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        return Err(Failure::Input("--token: a token is letters, digits, '-' and '_' (it goes in a URL)".into()));
+    }
+    let token = match args.token.clone() {
+        Some(t) => Some(t),
+        None if !args.addr.ip().is_loopback() => Some(hex::encode(rand::random::<[u8; 24]>())),
+        None => None,
+    };
+    let access = token.as_deref().map_or(roundtable_observe::ui::Access::Open, |t| {
+        roundtable_observe::ui::Access::Token(std::sync::Arc::from(t))
+    });
+    let bound = roundtable_observe::ui::serve_with(args.addr, store.clone(), access)
         .await
         .map_err(|e| Failure::Input(format!("--addr {}: {e}", args.addr)))?;
     let source = args.remote.url().map_or_else(|| dir.display().to_string(), str::to_owned);
-    println!("Roundtable web view: http://{bound}/ (sessions in {source})");
+    match &token {
+        // Printed only when generated: a token given by the user is the user's.
+        Some(t) if args.token.is_none() => {
+            println!("Roundtable web view: http://{bound}/?token={t} (sessions in {source})")
+        }
+        Some(_) => println!("Roundtable web view: http://{bound}/?token=… (the token given; sessions in {source})"),
+        None => println!("Roundtable web view: http://{bound}/ (sessions in {source})"),
+    }
     if !bound.ip().is_loopback() {
-        eprintln!("warning: {bound} is reachable from other machines, and the page shows everything the sessions said");
+        eprintln!(
+            "warning: {bound} is reachable from other machines; every request needs the token, but it travels \
+             unencrypted over http"
+        );
     }
     if let Some(addr) = args.metrics {
         let m = metrics::serve(addr, Source::Store(Metrics::new(), store))

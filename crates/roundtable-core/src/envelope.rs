@@ -271,6 +271,11 @@ pub struct Envelope {
     /// W3C trace context (`traceparent`) of the span that produced this envelope.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<Arc<str>>,
+    /// The author's signature over every other field (see [`crate::trust`]):
+    /// `<signer peer id>:<128 hex digits>`. Envelopes are signed across processes;
+    /// inside one process the log is trusted and they carry none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<Arc<str>>,
 }
 
 impl Envelope {
@@ -312,6 +317,7 @@ impl Envelope {
             usage: None,
             time_ms: now_ms(),
             trace: None,
+            sig: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`team`]: team files, validated into plans before anything runs.
 //! - [`protocol`], [`session`], [`termination`]: decisions as pure functions of the log.
 //! - [`peer`], [`runner`]: peers as tasks, each with its own view of the log.
+//! - [`trust`]: what a peer takes from the wire and what it never does.
 //! - [`similarity`]: answer similarity for emergent consensus.
 //! - [`eval`]: the evaluation harness (protocols against single-agent and
 //!   sample-and-vote baselines).
@@ -32,6 +33,7 @@ pub mod team;
 pub mod telemetry;
 pub mod termination;
 pub mod tool;
+pub mod trust;
 pub mod workqueue;
 
 pub use envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId, Usage};

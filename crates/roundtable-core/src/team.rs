@@ -223,6 +223,11 @@ pub struct PeerSpec {
     /// The tools this peer may call: names of `[tools]` tables or built-ins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tools: Vec<String>,
+    /// The peer's Ed25519 public key, 64 hex digits (`roundtable keys new` prints it).
+    /// When the peers have keys, every envelope of a session across processes must be
+    /// signed by its author (see [`crate::trust`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 impl PeerSpec {
@@ -464,6 +469,10 @@ struct RawPeer {
     /// `queue_done`, `finish`).
     #[schemars(with = "Option<Vec<String>>")]
     tools: Option<Vec<Spanned<String>>>,
+    /// The peer's Ed25519 public key (from `roundtable keys new --peer ID`): over NATS its
+    /// envelopes must carry its signature. Give every peer one, or none.
+    #[schemars(with = "Option<String>")]
+    public_key: Option<Spanned<String>>,
 }
 
 /// Stop conditions. Keys in one table are alternatives (any one stops the session);
@@ -937,6 +946,12 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             }
             granted.push(n.to_string());
         }
+        if let Some(k) = &p.public_key
+            && let Err(why) = crate::trust::PublicKey::parse(k.get_ref())
+        {
+            cx.err_at(k.span().start, format!("peers[{i}].public_key"), why);
+        }
+        let public_key = p.public_key.map(Spanned::into_inner);
         peers.push(PeerSpec {
             tools: granted,
             id: PeerId::from(id),
@@ -946,7 +961,20 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             temperature: p.temperature.map(Spanned::into_inner),
             stance: p.stance,
             agreement: p.agreement.map(Spanned::into_inner),
+            public_key,
         });
+    }
+    let keyed = peers.iter().filter(|p| p.public_key.is_some()).count();
+    if keyed > 0 && keyed < peers.len() {
+        let missing: Vec<&str> = peers.iter().filter(|p| p.public_key.is_none()).map(|p| p.id.as_str()).collect();
+        cx.err_at(
+            src.len(),
+            "peers",
+            format!(
+                "some peers have a public_key and {} do not: give every peer one (`roundtable keys new --peer ID`) or none",
+                missing.join(", ")
+            ),
+        );
     }
 
     // Protocol.

@@ -79,6 +79,7 @@ pub struct NatsBackend {
     /// When this process last (re)connected, in ms since the epoch (see [`NatsPresence`]).
     connected_ms: Arc<AtomicU64>,
     patient: bool,
+    signers: Arc<roundtable_core::trust::Signers>,
 }
 
 #[derive(Default)]
@@ -183,6 +184,7 @@ impl NatsBackend {
             parts: Arc::default(),
             connected_ms: Arc::new(AtomicU64::new(now_ms())),
             patient: false,
+            signers: Arc::default(),
         }
     }
 
@@ -190,6 +192,13 @@ impl NatsBackend {
     /// [`patient`]. What peers want; tests of failure behaviour want the default.
     pub fn patient(mut self) -> NatsBackend {
         self.patient = true;
+        self
+    }
+
+    /// Sign every envelope this backend's logs append with its author's key, from
+    /// `signers` (the keys of the peers this process runs; see `NatsLog`).
+    pub fn with_signers(mut self, signers: roundtable_core::trust::Signers) -> NatsBackend {
+        self.signers = Arc::new(signers);
         self
     }
 
@@ -226,7 +235,7 @@ impl Backend for NatsBackend {
     }
 
     fn logs(&self) -> Arc<dyn LogStore> {
-        let store = NatsLogStore::new(self.js.clone());
+        let store = NatsLogStore::new(self.js.clone()).with_signers(self.signers.clone());
         if self.patient { Arc::new(patient::PatientStore::new(Arc::new(store))) } else { Arc::new(store) }
     }
 

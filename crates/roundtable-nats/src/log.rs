@@ -27,8 +27,30 @@
 //! `nats`, step `rejected/<seq>`, the reason in its text and in `json.reason`, its time
 //! the server's. It is derived from the stored message alone, so it is the same for
 //! every reader, in every process, at every read: the rejection is recorded once, at
-//! the place of the message, and the session goes on. (An append whose own subject was
-//! taken that way fails with a `Rejected` error naming the message.)
+//! the place of the message, and the session goes on.
+//!
+//! # Squatted subjects and copies
+//! A message published on the subject of an envelope that is not there yet would take
+//! that subject for good. So an envelope may also land on the next subjects of its id,
+//! `<id>-1` … `<id>-7`: an appender whose subject holds a rejected message tries the
+//! next one, and every appender walks them in the same order, stopping at the first
+//! that is free (it appends) or holds this very envelope (a duplicate). Junk on a future
+//! step therefore stalls no one. And since anyone may publish a copy of an envelope
+//! already on the log (or a second message on its subject, without the header), the
+//! readers of a process take messages strictly in sequence order: an envelope whose id
+//! is already on the log is rejected at its place as a second copy, the same way in
+//! every process.
+//!
+//! # Signed envelopes
+//! When the session's task names the peers' public keys (see
+//! [`roundtable_core::trust`]), the task fixes the roster and an envelope also has to
+//! be signed by its own author with a key on it: one that is not signed, signed by a
+//! key off the roster, or signed by one peer in another's name is read, like garbage,
+//! as the `failure` at its place, and so can never take a step, a stop, a vote or the
+//! final answer. A log signs what it appends with the keys of the peers its process
+//! runs ([`NatsLogStore::with_signers`]). Each process verifies each message once:
+//! the outcome is kept by sequence number and shared by every reader and tail of the
+//! log opened from the same store.
 
 use std::sync::Arc;
 
@@ -40,7 +62,8 @@ use futures::StreamExt;
 use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog};
 
-use roundtable_core::session::{STOP_STEP, TASK_STEP, USER};
+use roundtable_core::session::{STOP_STEP, TASK_STEP, USER, plan_of};
+use roundtable_core::trust::{Roster, Signers};
 
 use crate::{is_unavailable, token};
 
@@ -80,13 +103,166 @@ pub const REJECTED_FROM: &str = "nats";
 
 /// The envelope a reader sees at `seq` for the stored message (`subject`, `payload`,
 /// stored at `time_ns`): the envelope itself, or the `failure` that records why it was
-/// rejected (see the module docs).
-fn entry_of(session: &SessionId, prefix: &str, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Entry {
-    let env = match check(session, prefix, subject, payload) {
+/// rejected (see the module docs). `roster` is the session's, when its task names one.
+fn entry_of(
+    session: &SessionId,
+    prefix: &str,
+    roster: Option<&Roster>,
+    seq: u64,
+    subject: &str,
+    payload: &[u8],
+    time_ns: i128,
+) -> Entry {
+    let checked = check(session, prefix, subject, payload).and_then(|env| match roster.map(|r| r.verify(&env)) {
+        Some(Err(why)) => Err(format!("rejected as not the session's: {why}")),
+        _ => Ok(env),
+    });
+    let env = match checked {
         Ok(env) => env,
         Err(reason) => rejected(session, seq, subject, payload.len(), &reason, time_ns),
     };
     Entry { seq, env: Arc::new(env) }
+}
+
+/// The roster fixed by a session's first message, if it is a task whose plan names one.
+fn roster_of(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -> Option<Roster> {
+    let task = check(session, prefix, subject, payload).ok().filter(|e| e.kind == Kind::Task)?;
+    let plan = plan_of(&task).ok()?;
+    let roster = Roster::of_plan(&plan).ok()??;
+    // The task itself must be signed by a peer on the roster it names.
+    roster.verify(&task).ok().map(|()| roster)
+}
+
+/// What the readers of one session's log in this process share: every entry read so
+/// far, in order from the first, with the roster its task fixed and the ids already
+/// on the log. Messages are checked in sequence order, each once per process, so that
+/// whether a message repeats an id already on the log is decided the same way by every
+/// reader: the first copy counts, a later one is rejected at its place.
+struct Reader {
+    session: SessionId,
+    prefix: String,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    state: std::sync::Mutex<ReadState>,
+}
+
+#[derive(Default)]
+struct ReadState {
+    /// The entries at sequence numbers 1, 2, … as read (envelopes or rejections).
+    entries: Vec<Arc<Envelope>>,
+    /// Where each accepted envelope's id first is.
+    ids: std::collections::HashMap<EnvelopeId, u64>,
+    /// The roster of the task at sequence number 1, if it names one.
+    roster: Option<Roster>,
+}
+
+impl ReadState {
+    fn cached(&self, seq: u64) -> Option<Arc<Envelope>> {
+        usize::try_from(seq).ok().and_then(|i| i.checked_sub(1)).and_then(|i| self.entries.get(i)).cloned()
+    }
+
+    /// Take the message at `seq`, the one after the last taken.
+    fn take(&mut self, session: &SessionId, prefix: &str, seq: u64, subject: &str, payload: &[u8], time_ns: i128) {
+        if seq != self.entries.len() as u64 + 1 {
+            return;
+        }
+        if seq == 1 {
+            self.roster = roster_of(session, prefix, subject, payload);
+        }
+        let mut entry = entry_of(session, prefix, self.roster.as_ref(), seq, subject, payload, time_ns);
+        if entry.env.from.as_str() != REJECTED_FROM || !entry.env.step.starts_with("rejected/") {
+            match self.ids.get(&entry.env.id) {
+                Some(first) => {
+                    let why =
+                        format!("a second copy of envelope {} (the first is at log position {first})", entry.env.id);
+                    entry.env = Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns));
+                }
+                None => {
+                    self.ids.insert(entry.env.id.clone(), seq);
+                }
+            }
+        }
+        self.entries.push(entry.env);
+    }
+}
+
+impl Reader {
+    fn next_seq(&self) -> u64 {
+        self.state.lock().expect("reader lock").entries.len() as u64 + 1
+    }
+
+    /// The session's roster, once its first message is on the stream.
+    async fn roster(&self) -> Result<Option<Roster>, LogError> {
+        if self.next_seq() == 1 {
+            match self.stream.get_raw_message(1).await {
+                Ok(m) => {
+                    self.entry(1, &m.subject, &m.payload, m.time.unix_timestamp_nanos()).await?;
+                }
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => return Ok(None),
+                Err(e) => return Err(log_error(&format!("reading the task of session {}", self.session), e)),
+            }
+        }
+        Ok(self.state.lock().expect("reader lock").roster.clone())
+    }
+
+    /// The entry for the stored message at `seq`: taken once, after every message
+    /// before it (read from the server first if this process has not yet).
+    async fn entry(&self, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Result<Entry, LogError> {
+        if let Some(env) = self.state.lock().expect("reader lock").cached(seq) {
+            return Ok(Entry { seq, env });
+        }
+        let next = self.next_seq();
+        if next < seq {
+            self.fill(next, seq - 1).await?;
+        }
+        let mut state = self.state.lock().expect("reader lock");
+        state.take(&self.session, &self.prefix, seq, subject, payload, time_ns);
+        match state.cached(seq) {
+            Some(env) => Ok(Entry { seq, env }),
+            None => Err(LogError::new(
+                LogErrorKind::Storage,
+                format!("reading session {}: the messages before {seq} could not be read in order", self.session),
+            )),
+        }
+    }
+
+    /// Take the messages `from..=to` from the server.
+    async fn fill(&self, from: u64, to: u64) -> Result<(), LogError> {
+        let what = || format!("reading session {}", self.session);
+        if to - from < FEW {
+            for seq in from..=to {
+                let m = self.stream.get_raw_message(seq).await.map_err(|e| log_error(&what(), e))?;
+                let time_ns = m.time.unix_timestamp_nanos();
+                let mut state = self.state.lock().expect("reader lock");
+                state.take(&self.session, &self.prefix, seq, &m.subject, &m.payload, time_ns);
+            }
+            return Ok(());
+        }
+        let mut messages = ordered_from(&self.js, &self.stream, &self.session, from).await?;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| log_error(&what(), e))?;
+            let info = m.info().map_err(|e| log_error("reading message metadata", e))?;
+            let (seq, time_ns) = (info.stream_sequence, info.published.unix_timestamp_nanos());
+            if seq > to {
+                break;
+            }
+            let mut state = self.state.lock().expect("reader lock");
+            state.take(&self.session, &self.prefix, seq, &m.subject, &m.payload, time_ns);
+            if seq == to {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many subjects an envelope id may take: its own, then `-1`, `-2`, … when
+/// messages nobody should have sent squat the ones before (see the module docs).
+const SUBJECTS_PER_ID: u32 = 8;
+
+/// The `k`-th subject of envelope `id` under `prefix`.
+fn id_subject(prefix: &str, id: &EnvelopeId, k: u32) -> String {
+    if k == 0 { format!("{prefix}{}", token(id.as_str())) } else { format!("{prefix}{}-{k}", token(id.as_str())) }
 }
 
 fn check(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -> Result<Envelope, String> {
@@ -94,8 +270,14 @@ fn check(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -> Re
     if env.session != *session {
         return Err(format!("an envelope of session {} on the log of session {session}", env.session));
     }
-    let expected = format!("{prefix}{}", token(env.id.as_str()));
-    if subject != expected {
+    let expected = id_subject(prefix, &env.id, 0);
+    let own = subject == expected
+        || subject
+            .strip_prefix(expected.as_str())
+            .and_then(|k| k.strip_prefix('-'))
+            .and_then(|k| k.parse::<u32>().ok())
+            .is_some_and(|k| (1..SUBJECTS_PER_ID).contains(&k) && subject == id_subject(prefix, &env.id, k));
+    if !own {
         return Err(format!("envelope {} published on {subject}, not on its own subject {expected}", env.id));
     }
     Ok(env)
@@ -128,6 +310,8 @@ pub struct NatsLog {
     js: jetstream::Context,
     stream: stream::Stream,
     prefix: String,
+    reader: Arc<Reader>,
+    signers: Arc<Signers>,
 }
 
 /// Reads of at most this many entries fetch them one by one rather than creating a
@@ -135,17 +319,13 @@ pub struct NatsLog {
 const FEW: u64 = 8;
 
 impl NatsLog {
-    fn subject(&self, id: &EnvelopeId) -> String {
-        format!("{}{}", self.prefix, token(id.as_str()))
+    async fn entry(&self, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Result<Entry, LogError> {
+        self.reader.entry(seq, subject, payload, time_ns).await
     }
 
-    fn entry(&self, seq: u64, subject: &str, payload: &[u8], time_ns: i128) -> Entry {
-        entry_of(&self.session, &self.prefix, seq, subject, payload, time_ns)
-    }
-
-    /// The stored message on the subject of `id`, if any.
-    async fn stored(&self, id: &EnvelopeId) -> Result<Option<jetstream::message::StreamMessage>, LogError> {
-        match self.stream.get_last_raw_message_by_subject(&self.subject(id)).await {
+    /// The stored message on the `k`-th subject of `id`, if any.
+    async fn stored(&self, id: &EnvelopeId, k: u32) -> Result<Option<jetstream::message::StreamMessage>, LogError> {
+        match self.stream.get_last_raw_message_by_subject(&id_subject(&self.prefix, id, k)).await {
             Ok(m) => Ok(Some(m)),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(log_error(&format!("looking up {id} in session {}", self.session), e)),
@@ -189,7 +369,7 @@ struct Tail {
     js: jetstream::Context,
     stream: stream::Stream,
     session: SessionId,
-    prefix: String,
+    reader: Arc<Reader>,
     next: u64,
     messages: Option<consumer::push::Ordered>,
     connects: u64,
@@ -245,7 +425,7 @@ impl Tail {
             }
             let time_ns = info.published.unix_timestamp_nanos();
             self.next = info.stream_sequence + 1;
-            return Ok(entry_of(&self.session, &self.prefix, info.stream_sequence, &m.subject, &m.payload, time_ns));
+            return self.reader.entry(info.stream_sequence, &m.subject, &m.payload, time_ns).await;
         }
     }
 }
@@ -263,36 +443,56 @@ impl SessionLog for NatsLog {
                 format!("envelope of session {} appended to session {}", env.session, self.session),
             ));
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let mut env = env;
+        if !self.signers.sign(&mut env) && self.reader.roster().await?.is_some() {
+            return Err(LogError::new(
+                LogErrorKind::Rejected,
+                format!(
+                    "session {} takes signed envelopes only, and this process holds no key of {}'s (see `roundtable keys new`)",
+                    self.session, env.from
+                ),
+            ));
+        }
         let what = || format!("appending {} to session {}", env.id, self.session);
-        let ack = self
-            .js
-            .publish_with_headers(self.subject(&env.id), headers, env.to_json().into())
-            .await
-            .map_err(|e| log_error(&what(), e))?
-            .await;
-        match ack {
-            Ok(ack) => Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate }),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match self.stored(&env.id).await? {
-                Some(m) => {
-                    let time_ns = m.time.unix_timestamp_nanos();
-                    let entry = self.entry(m.sequence, &m.subject, &m.payload, time_ns);
-                    if entry.env.id != env.id {
+        let payload = env.to_json();
+        // The envelope's own subject, or, when a message nobody should have sent took
+        // it, the next one: every appender walks them in the same order and stops at
+        // the first that is free or holds this envelope.
+        for k in 0..SUBJECTS_PER_ID {
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+            let subject = id_subject(&self.prefix, &env.id, k);
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, payload.clone().into())
+                .await
+                .map_err(|e| log_error(&what(), e))?
+                .await;
+            match ack {
+                Ok(ack) => return Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate }),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match self.stored(&env.id, k).await? {
+                    Some(m) => {
+                        let time_ns = m.time.unix_timestamp_nanos();
+                        let entry = self.entry(m.sequence, &m.subject, &m.payload, time_ns).await?;
+                        if entry.env.id == env.id {
+                            return Ok(Appended { seq: m.sequence, duplicate: true });
+                        }
+                        tracing::warn!(session = %self.session, id = %env.id, subject = %m.subject, "{}", entry.env.body.text);
+                    }
+                    None => {
                         return Err(LogError::new(
-                            LogErrorKind::Rejected,
-                            format!("{}: its subject holds a rejected message: {}", what(), entry.env.body.text),
+                            LogErrorKind::Storage,
+                            format!("{}: the server holds the id but the message is gone", what()),
                         ));
                     }
-                    Ok(Appended { seq: m.sequence, duplicate: true })
-                }
-                None => Err(LogError::new(
-                    LogErrorKind::Storage,
-                    format!("{}: the server holds the id but the message is gone", what()),
-                )),
-            },
-            Err(e) => Err(log_error(&what(), e)),
+                },
+                Err(e) => return Err(log_error(&what(), e)),
+            }
         }
+        Err(LogError::new(
+            LogErrorKind::Rejected,
+            format!("{}: all {SUBJECTS_PER_ID} of its subjects hold rejected messages", what()),
+        ))
     }
 
     async fn read(&self, from: u64, max: usize) -> Result<Vec<Entry>, LogError> {
@@ -307,7 +507,7 @@ impl SessionLog for NatsLog {
         if end - from < FEW {
             for seq in from..=end {
                 let m = self.stream.get_raw_message(seq).await.map_err(|e| log_error(&what(), e))?;
-                out.push(self.entry(seq, &m.subject, &m.payload, m.time.unix_timestamp_nanos()));
+                out.push(self.entry(seq, &m.subject, &m.payload, m.time.unix_timestamp_nanos()).await?);
             }
             return Ok(out);
         }
@@ -319,7 +519,7 @@ impl SessionLog for NatsLog {
             if seq > end {
                 break;
             }
-            out.push(self.entry(seq, &m.subject, &m.payload, time_ns));
+            out.push(self.entry(seq, &m.subject, &m.payload, time_ns).await?);
             if seq == end || pending == 0 {
                 break;
             }
@@ -341,7 +541,7 @@ impl SessionLog for NatsLog {
             js: self.js.clone(),
             stream: self.stream.clone(),
             session: self.session.clone(),
-            prefix: self.prefix.clone(),
+            reader: self.reader.clone(),
             next: from,
             messages: None,
             connects: 0,
@@ -356,11 +556,17 @@ impl SessionLog for NatsLog {
     }
 
     async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError> {
-        // Only the envelope itself counts, not a rejected message on its subject.
-        Ok(self.stored(id).await?.and_then(|m| {
-            let entry = self.entry(m.sequence, &m.subject, &m.payload, 0);
-            (entry.env.id == *id).then_some(m.sequence)
-        }))
+        // Only the envelope itself counts, not a rejected message on one of its subjects.
+        for k in 0..SUBJECTS_PER_ID {
+            let Some(m) = self.stored(id, k).await? else {
+                return Ok(None);
+            };
+            let entry = self.entry(m.sequence, &m.subject, &m.payload, m.time.unix_timestamp_nanos()).await?;
+            if entry.env.id == *id {
+                return Ok(Some(m.sequence));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -368,11 +574,18 @@ impl SessionLog for NatsLog {
 #[derive(Clone)]
 pub struct NatsLogStore {
     js: jetstream::Context,
+    signers: Arc<Signers>,
 }
 
 impl NatsLogStore {
     pub fn new(js: jetstream::Context) -> Self {
-        NatsLogStore { js }
+        NatsLogStore { js, signers: Arc::default() }
+    }
+
+    /// Sign what is appended with these keys (see the module docs).
+    pub fn with_signers(mut self, signers: Arc<Signers>) -> Self {
+        self.signers = signers;
+        self
     }
 
     async fn summary(&self, name: &str) -> Result<Option<SessionInfo>, LogError> {
@@ -412,9 +625,12 @@ impl NatsLogStore {
             }
             let last = stream.get_raw_message(state.last_sequence).await.map_err(|e| log_error(&what(), e))?;
             found.push(last);
+            let roster = (found[0].sequence == 1)
+                .then(|| roster_of(&session, &prefix, &found[0].subject, &found[0].payload))
+                .flatten();
             for m in found {
-                let entry =
-                    entry_of(&session, &prefix, m.sequence, &m.subject, &m.payload, m.time.unix_timestamp_nanos());
+                let (subject, time_ns) = (&m.subject, m.time.unix_timestamp_nanos());
+                let entry = entry_of(&session, &prefix, roster.as_ref(), m.sequence, subject, &m.payload, time_ns);
                 summary.observe(&entry.env);
             }
         }
@@ -438,7 +654,21 @@ impl LogStore for NatsLogStore {
                 Err(e) => return Err(log_error(&what(), e)),
             }
         };
-        Ok(Arc::new(NatsLog { session: session.clone(), js: self.js.clone(), stream, prefix: subject_prefix(session) }))
+        let reader = Arc::new(Reader {
+            session: session.clone(),
+            prefix: subject_prefix(session),
+            js: self.js.clone(),
+            stream: stream.clone(),
+            state: Default::default(),
+        });
+        Ok(Arc::new(NatsLog {
+            session: session.clone(),
+            js: self.js.clone(),
+            stream,
+            prefix: subject_prefix(session),
+            reader,
+            signers: self.signers.clone(),
+        }))
     }
 
     async fn sessions(&self) -> Result<Vec<SessionInfo>, LogError> {

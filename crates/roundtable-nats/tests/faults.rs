@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use roundtable_core::bus::Backend;
 use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Recipient, SessionId};
-use roundtable_core::log::LogErrorKind;
+use roundtable_core::log::{Appended, LogErrorKind};
 use roundtable_core::session::{STOP_STEP, TASK_STEP, USER};
 use roundtable_nats::testing::NatsServer;
 use roundtable_nats::{NatsBackend, REJECTED_FROM, token};
@@ -104,16 +104,30 @@ async fn messages_nobody_should_have_sent_are_rejected_in_place() {
     assert_eq!((placed.seq, placed.duplicate), (8, false));
     assert_eq!(log.append(misfiled).await.unwrap().seq, 8);
 
-    // Junk on the subject an envelope will need: its append fails, saying why.
+    // Junk on the subject an envelope will need: the envelope takes its next subject,
+    // once, and is found there.
     let later = env(&s, "pm", "turn/4");
     publish(&backend, format!("{prefix}{}", token(later.id.as_str())), b"squatter".to_vec()).await;
-    let err = log.append(later).await.unwrap_err();
+    let placed = log.append(later.clone()).await.unwrap();
+    assert_eq!((placed.seq, placed.duplicate), (10, false));
+    assert_eq!(log.append(later.clone()).await.unwrap(), Appended { seq: 10, duplicate: true });
+    assert_eq!(log.seq_of(&later.id).await.unwrap(), Some(10));
+    let m = backend.jetstream().get_stream(format!("RT_{}", token(s.as_str()))).await.unwrap();
+    let stored = m.get_raw_message(10).await.unwrap();
+    assert_eq!(stored.subject.as_str(), format!("{prefix}{}-1", token(later.id.as_str())));
+    // Every subject of an id taken by junk: the append fails, saying why.
+    let squatted = env(&s, "pm", "turn/5");
+    for k in 0..8 {
+        let suffix = if k == 0 { String::new() } else { format!("-{k}") };
+        publish(&backend, format!("{prefix}{}{suffix}", token(squatted.id.as_str())), b"squatter".to_vec()).await;
+    }
+    let err = log.append(squatted).await.unwrap_err();
     assert_eq!(err.kind(), LogErrorKind::Rejected, "{err}");
-    assert!(err.to_string().contains("rejected message"), "{err}");
+    assert!(err.to_string().contains("rejected messages"), "{err}");
 
     let sessions = backend.logs().sessions().await.expect("sessions");
     let info = sessions.iter().find(|i| i.id == s).expect("listed");
-    assert_eq!(info.envelopes, 9);
+    assert_eq!(info.envelopes, 18);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

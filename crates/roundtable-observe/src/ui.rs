@@ -11,6 +11,15 @@
 //! Routes: `GET /` (the page), `GET /assets/*`, `GET /api/sessions`,
 //! `GET /api/sessions/{id}/trace` (the causal trace as JSON), and
 //! `GET /api/sessions/{id}/events` (the stream; `?from=SEQ` to start elsewhere).
+//!
+//! # Access
+//! The page shows everything the sessions said. Served on a loopback address it may be
+//! open ([`Access::Open`]); anywhere else the command line gives it a token
+//! ([`Access::Token`]; generated and printed at start, as Jupyter does) and every
+//! request must carry it: `?token=…` in the URL (the page's own URL, as printed), an
+//! `Authorization: Bearer …` header, or the `rt_token` cookie that a page opened with
+//! the right `?token=` sets (`HttpOnly`, `SameSite=Strict`) so that its script's
+//! requests and event stream carry it. Anything else is `401` with no content.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,8 +45,81 @@ struct Ui {
     store: Arc<dyn LogStore>,
 }
 
-/// The web view's routes over `store`.
+/// Who may read the web view (see the module docs).
+#[derive(Clone, Debug)]
+pub enum Access {
+    /// Anyone who reaches the address: for loopback addresses only.
+    Open,
+    /// Only requests that carry this token.
+    Token(Arc<str>),
+}
+
+const TOKEN_COOKIE: &str = "rt_token";
+
+/// Equal strings, compared in a time that does not depend on where they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token a request carries, by URL, header or cookie, and whether it came by URL.
+fn carried(req: &axum::extract::Request) -> Option<(String, bool)> {
+    let by_query = req.uri().query().into_iter().flat_map(|q| q.split('&')).find_map(|kv| kv.strip_prefix("token="));
+    if let Some(t) = by_query {
+        return Some((t.to_owned(), true));
+    }
+    let headers = req.headers();
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(t) = bearer {
+        return Some((t.trim().to_owned(), false));
+    }
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(TOKEN_COOKIE).and_then(|r| r.strip_prefix('=')))
+        .map(|t| (t.to_owned(), false))
+}
+
+async fn require_token(
+    State(token): State<Arc<str>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match carried(&req) {
+        Some((t, by_url)) if same(&t, &token) => {
+            let mut resp = next.run(req).await;
+            if by_url {
+                let cookie = format!("{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+                if let Ok(v) = HeaderValue::from_str(&cookie) {
+                    resp.headers_mut().insert(axum::http::header::SET_COOKIE, v);
+                }
+            }
+            resp
+        }
+        _ => (StatusCode::UNAUTHORIZED, "this web view needs its token: open the URL it printed at start\n")
+            .into_response(),
+    }
+}
+
+/// The web view's routes over `store`, open to anyone who reaches them.
 pub fn router(store: Arc<dyn LogStore>) -> Router {
+    router_with(store, Access::Open)
+}
+
+/// The web view's routes over `store`, with `access` enforced on every route.
+pub fn router_with(store: Arc<dyn LogStore>, access: Access) -> Router {
+    let routes = routes(store);
+    match access {
+        Access::Open => routes,
+        Access::Token(token) => routes.layer(axum::middleware::from_fn_with_state(token, require_token)),
+    }
+}
+
+fn routes(store: Arc<dyn LogStore>) -> Router {
     Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
         .route("/assets/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
@@ -118,12 +200,25 @@ async fn events(State(ui): State<Ui>, Path(id): Path<String>, Query(q): Query<Fr
     resp
 }
 
-/// Serve the web view on `addr` in the background; returns the bound address.
+/// Serve the web view on `addr` in the background, open to anyone who reaches it;
+/// returns the bound address.
 pub async fn serve(addr: SocketAddr, store: Arc<dyn LogStore>) -> std::io::Result<SocketAddr> {
+    serve_with(addr, store, Access::Open).await
+}
+
+/// Serve the web view on `addr` in the background with `access`; returns the bound
+/// address. An open view is refused on an address other than loopback.
+pub async fn serve_with(addr: SocketAddr, store: Arc<dyn LogStore>, access: Access) -> std::io::Result<SocketAddr> {
+    if matches!(access, Access::Open) && !addr.ip().is_loopback() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{addr} is not a loopback address: the web view needs a token there"),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(store)).await {
+        if let Err(e) = axum::serve(listener, router_with(store, access)).await {
             tracing::error!(error = %e, "the web view stopped");
         }
     });

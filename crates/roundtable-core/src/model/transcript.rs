@@ -276,6 +276,7 @@ fn off_log_envelope(m: ChatMessage) -> Envelope {
         usage: None,
         time_ms: 0,
         trace: None,
+        sig: None,
     }
 }
 
