@@ -438,7 +438,7 @@ fn a_reader_that_goes_away_ends_the_output_quietly_not_with_a_panic() {
         data.path(),
         "long.toml",
         &format!(
-            "topic = \"t\"\n[models.s]\nprovider = \"scripted\"\nreplies = [\"{{peer}} {{n}} {long}\"]\n[[peers]]\nid = \"a\"\nmodel = \"s\"\n[[peers]]\nid = \"b\"\nmodel = \"s\"\n[protocol]\nkind = \"round_robin\"\nrounds = 20\n"
+            "topic = \"t\"\n[models.s]\nprovider = \"scripted\"\ncycle = true\nreplies = [\"{{peer}} {{n}} {long}\"]\n[[peers]]\nid = \"a\"\nmodel = \"s\"\n[[peers]]\nid = \"b\"\nmodel = \"s\"\n[protocol]\nkind = \"round_robin\"\nrounds = 20\n"
         ),
     );
     let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
