@@ -126,28 +126,33 @@ kind = "conversation"
     team
 }
 
+/// Run the team until its deploy has recorded its effect, SIGKILL the process while the
+/// deploy sleeps, and return the session's id.
+fn kill_once_deployed(team: &Path, data: &Path, effects: &Path) -> String {
+    let mut child = bin()
+        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(effects).is_ok_and(|s| s.lines().count() == 1) {
+        assert!(Instant::now() < deadline, "the deploy never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    json(&run(&["sessions", "--json"], data))[0]["id"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn sigkill_in_the_middle_of_a_non_idempotent_command_then_resume_runs_it_at_most_once() {
     let dir = tempfile::tempdir().unwrap();
     let team = effect_team(dir.path(), false);
     let data = dir.path().join("d");
     let effects = dir.path().join("effects.txt");
-    let mut child = bin()
-        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&effects).is_ok_and(|s| s.lines().count() == 1) {
-        assert!(Instant::now() < deadline, "the deploy never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL, while the deploy sleeps
-    child.wait().unwrap();
-    let list = json(&run(&["sessions", "--json"], &data));
-    let id = list[0]["id"].as_str().unwrap().to_string();
+    let id = kill_once_deployed(&team, &data, &effects);
     let before = envelopes(&id, &data);
     assert_eq!(of_kind(&before, "tool_call").len(), 1, "the call was recorded before it ran");
     assert!(of_kind(&before, "tool_result").is_empty(), "and killed before its result");
@@ -170,25 +175,11 @@ fn sigkill_in_the_middle_of_a_non_idempotent_command_then_resume_runs_it_at_most
 fn an_idempotent_command_interrupted_by_sigkill_runs_again_once_on_resume() {
     let dir = tempfile::tempdir().unwrap();
     let team = effect_team(dir.path(), true);
-    // Quick on the second run: the effect is recorded, then the script returns.
     let data = dir.path().join("d");
     let effects = dir.path().join("effects.txt");
-    let mut child = bin()
-        .args(["run", team.to_str().unwrap(), "--json", "--data-dir"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&effects).is_ok_and(|s| s.lines().count() == 1) {
-        assert!(Instant::now() < deadline, "the deploy never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let id = kill_once_deployed(&team, &data, &effects);
+    // Quick on the second run: the effect is recorded, then the script returns.
     std::fs::write(dir.path().join("deploy.sh"), "#!/bin/sh\necho \"$1\" >> effects.txt\n").unwrap();
-    let id = json(&run(&["sessions", "--json"], &data))[0]["id"].as_str().unwrap().to_string();
     let o = bin().args(["resume", &id, "--json", "--data-dir"]).arg(&data).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_to_string(&effects).unwrap().lines().count(), 2, "run again, once");

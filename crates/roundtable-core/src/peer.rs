@@ -330,6 +330,7 @@ async fn perform(
                     env.to = if quiet { Recipient::Peer(me.cfg.me.clone()) } else { reply_to.clone() };
                     append_traced(me, env, turn).await?
                 }
+                Called::Stopped => return Ok(None),
                 Called::Finished => {
                     let body = Body::text("").with_json(serde_json::json!({ "read_upto": read_upto }));
                     let mut env = envelope(me, st, duty, Kind::Message, body);
@@ -349,6 +350,7 @@ async fn perform(
                     append_traced(me, envelope(me, st, duty, duty.kind, body).with_usage(usage), turn).await?
                 }
                 Called::Finished => post(me, st, duty, Body::text("")).await?,
+                Called::Stopped => return Ok(None),
                 other => return not_answered(me, st, duty, other).await.map(Some),
             }
         }
@@ -405,6 +407,8 @@ enum Called {
     /// The duty's work ended with a tool call that ends the turn (`finish`), with no
     /// further model call.
     Finished,
+    /// The session stopped while the duty worked: nothing more is appended.
+    Stopped,
     /// The budget does not allow the call; it was not made.
     Refused {
         scope: BudgetScope,
@@ -496,7 +500,9 @@ async fn call_model(
 /// failure of the step (peer budget, model error).
 async fn not_answered(me: &Me, st: &SessionState, duty: &Duty, called: Called) -> Result<u64, LogError> {
     match called {
-        Called::Answer { .. } | Called::Finished => unreachable!("answers are handled by the caller"),
+        Called::Answer { .. } | Called::Finished | Called::Stopped => {
+            unreachable!("answers are handled by the caller")
+        }
         Called::Refused { scope: BudgetScope::Session, why } => {
             let stop = st.budget_stop(why);
             post(me, st, &stop, body_of(&stop)).await

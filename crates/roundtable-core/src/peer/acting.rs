@@ -241,7 +241,7 @@ pub(super) async fn call_with_tools(
         // The session may have stopped while this duty worked (another peer's finish, a
         // budget): no model call and no tool call after the stop.
         if turn.calls > 0 && stopped_since(me, &mut checked).await? {
-            return Ok(Called::Finished);
+            return Ok(Called::Stopped);
         }
         if rounds + 1 >= MAX_MODEL_CALLS_PER_DUTY {
             turn.choice = ToolChoice::None;
@@ -249,6 +249,10 @@ pub(super) async fn call_with_tools(
         }
         let called = call_model(me, st, view, duty, instruction, json, v, Some(&turn)).await;
         rounds += 1;
+        // The answer came back after the session stopped: it is not recorded.
+        if stopped_since(me, &mut checked).await? {
+            return Ok(Called::Stopped);
+        }
         let (text, usage, span, asked) = match called {
             Called::Answer { calls, text, usage, turn: span } if !calls.is_empty() && !turn.tools.is_empty() => {
                 (text, usage, span, calls)

@@ -86,6 +86,9 @@ pub struct Conversation {
     /// Proposals whose turn has not closed yet: they count once it has, so the stop
     /// always follows the proposer's whole turn.
     pending: Vec<(PeerId, u32, Arc<Envelope>)>,
+    /// Peers whose current turn has put something on the log but has not closed: the
+    /// finishing rule waits for them, so no turn is cut in half by the stop.
+    mid_turn: BTreeMap<PeerId, u32>,
     last_message: Option<Arc<Envelope>>,
     /// The last messages' (sender, addressee set key, normalized text).
     recent: VecDeque<(PeerId, String)>,
@@ -102,6 +105,7 @@ impl Conversation {
             proposals: BTreeMap::new(),
             first_proposal: None,
             pending: Vec::new(),
+            mid_turn: BTreeMap::new(),
             last_message: None,
             recent: VecDeque::new(),
             repeats: 0,
@@ -156,6 +160,18 @@ impl Conversation {
             self.recent.pop_front();
         }
         self.last_message = Some(env.clone());
+    }
+
+    /// An envelope inside a turn (`conv/{peer}/{n}/…`) that has not closed yet.
+    fn note_mid_turn(&mut self, step: &str) {
+        if let Some((peer, n, tail)) = parse_turn_step(step)
+            && !tail.is_empty()
+        {
+            let owner = PeerId::from(peer);
+            if self.seats.get(&owner).is_none_or(|s| s.turns < n) {
+                self.mid_turn.insert(owner, n);
+            }
+        }
     }
 
     fn decided(&self, facts: &Facts<'_>) -> Option<(Arc<Envelope>, String)> {
@@ -213,6 +229,7 @@ impl Reducer for Conversation {
             }
             Kind::ToolCall => {
                 self.open_calls.insert(env.step.clone(), ());
+                self.note_mid_turn(&env.step);
             }
             Kind::ToolResult => {
                 // `…/result/k` answers `…/call/k`.
@@ -226,6 +243,7 @@ impl Reducer for Conversation {
                 {
                     self.pending.push((env.from.clone(), n, env.clone()));
                 }
+                self.note_mid_turn(&env.step);
             }
             Kind::Message | Kind::Failure => {
                 let Some((peer, n, tail)) = parse_turn_step(&env.step) else { return };
@@ -255,6 +273,9 @@ impl Reducer for Conversation {
                     let upto = seat.read_upto;
                     seat.mail.retain(|(seq, _, _)| *seq > upto);
                     self.any_turn = true;
+                    if self.mid_turn.get(&owner).is_some_and(|t| *t <= n) {
+                        self.mid_turn.remove(&owner);
+                    }
                     // The turn closed: its proposals count now.
                     let (closed, open): (Vec<_>, Vec<_>) =
                         std::mem::take(&mut self.pending).into_iter().partition(|(p, t, _)| *p == owner && *t <= n);
@@ -265,6 +286,9 @@ impl Reducer for Conversation {
                         }
                         self.proposals.insert(owner.clone(), p);
                     }
+                }
+                if !tail.is_empty() {
+                    self.note_mid_turn(&env.step);
                 }
                 if env.kind == Kind::Message && (tail.is_empty() || tail.starts_with("send/")) {
                     self.deliver(entry.seq, env, facts);
@@ -327,6 +351,9 @@ impl Reducer for Conversation {
 
     fn finished(&self, facts: &Facts<'_>) -> Option<Finish> {
         if let Some((p, reason)) = self.decided(facts) {
+            if self.mid_turn.keys().any(|p| !facts.is_absent(p)) {
+                return None;
+            }
             return Some(Finish { reason, answer: Some(p.body.text.clone()), decided_by: vec![p.id.clone()] });
         }
         if !self.any_turn {
