@@ -599,6 +599,28 @@ fn a_budget_stop_shows_the_leading_candidate_as_not_accepted() {
     assert!(t.contains("decided by #") && !t.contains("It names no envelope"), "{t}");
 }
 
+#[test]
+fn a_simulated_jury_on_a_question_it_cannot_answer_accepts_no_verdict() {
+    // It once gave "jury verdict … A with 71%" for a capital city, and 7 for (3+4)*5.
+    let dir = tempfile::tempdir().unwrap();
+    let jury = std::fs::read_to_string(examples().join("jury.toml")).unwrap();
+    let topic = jury.lines().find(|l| l.starts_with("topic = ")).unwrap();
+    for question in ["What is the capital of Australia?", "Compute (3+4)*5"] {
+        let team = write(dir.path(), "jury.toml", &jury.replace(topic, &format!("topic = \"{question}\"")));
+        let o = run(&["run", team.to_str().unwrap(), "--json"], &dir.path().join("data"));
+        let s = json(&o);
+        assert_eq!(s["answer_accepted"], false, "{question}: {s}");
+        assert!(s["stop_reason"].as_str().unwrap().starts_with("hung jury"), "{question}: {s}");
+        let log = stdout(&run(&["log", s["session"].as_str().unwrap()], &dir.path().join("data")));
+        assert!(log.contains("I cannot answer this"), "{question}: {log}");
+    }
+    // A multiple choice it answers, as it does arithmetic.
+    let mc = "topic = \"Which city is the capital of Australia? A) Canberra B) Sydney C) Melbourne\"";
+    let team = write(dir.path(), "jury.toml", &jury.replace(topic, mc));
+    let s = json(&run(&["run", team.to_str().unwrap(), "--json"], &dir.path().join("data")));
+    assert_eq!((s["answer_accepted"].as_bool(), s["final_answer"].as_str()), (Some(true), Some("A")), "{s}");
+}
+
 /// The messages of a session on a NATS server, through `export --nats`.
 fn nats_messages(url: &str, id: &str, data: &Path) -> (usize, String) {
     let o = bin().args(["export", id, "--nats", url, "--data-dir"]).arg(data).output().unwrap();

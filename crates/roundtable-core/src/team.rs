@@ -352,7 +352,8 @@ enum ProviderKind {
     Anthropic,
     /// Replies listed in the file or in `replies_file`: offline demos and tests.
     Scripted,
-    /// A seeded noisy oracle for tasks with known answers (arithmetic, multiple choice).
+    /// A seeded noisy oracle for integer arithmetic and multiple-choice questions (anything
+    /// else gets "I cannot answer this"; see "What `simulated` answers").
     Simulated,
     /// A program of your own that answers for the peer (JSON lines on stdin and stdout).
     Program,

@@ -30,10 +30,19 @@
 //! - An instruction starting with "Summarize": a summary of the answers in view.
 //! - "State the objective" (a hybrid leader): an objective that states no answer.
 //!
-//! A question with no known answer is treated as a multiple choice whose right answer
-//! is `A` (wrong ones: `B`, `C`, `D`), so protocols on open topics still run — except
-//! arithmetic outside the family it evaluates (parentheses, division, powers,
-//! decimals): that gets [`CANNOT_ANSWER`], with no answer in it, never a guess.
+//! # Task families
+//! It answers two kinds of question, and says so when asked anything else:
+//! - **Integer arithmetic** with `+ - *` and the usual precedence (`29+4*17+3-21*2`):
+//!   the right answer is computed.
+//! - **Multiple choice** with options labelled `A)`, `(A)`, `A.` or `A:` (at least `A`
+//!   and `B`): the right answer is taken to be `A`; wrong ones are the other labels.
+//! - An oracle given with [`Simulated::with_oracle`] (an answer key, as `eval` uses).
+//!
+//! Anything else (a factual question, arithmetic with parentheses, division, powers or
+//! decimals, an open topic) gets [`CANNOT_ANSWER`] wherever the protocol asks for its
+//! own answer (answers, critiques, votes, verdicts), with no answer in it, never a
+//! guess. Roles that need no answer of its own (a summary, a bid, a leader's
+//! objective) are still played.
 
 use std::sync::Arc;
 
@@ -45,7 +54,7 @@ use sha2::{Digest, Sha256};
 use super::{ChatModel, ChatRequest, ChatResponse, ModelError, estimate_tokens};
 
 /// The reply to arithmetic the model cannot evaluate (it states no answer).
-pub const CANNOT_ANSWER: &str = "I cannot answer this: the simulated model evaluates integer arithmetic with + - * only (no parentheses, division, powers or decimals).";
+pub const CANNOT_ANSWER: &str = "I cannot answer this: the simulated model answers integer arithmetic with + - * (no parentheses, division, powers or decimals) and multiple-choice questions with options labelled A), B), ...; this is neither.";
 
 /// Knows the right answer to a question, when it can.
 pub type Oracle = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -154,6 +163,13 @@ enum Ask {
     Objective,
 }
 
+impl Ask {
+    /// Whether playing this role takes an answer of the model's own.
+    fn needs_own_answer(self) -> bool {
+        !matches!(self, Ask::Summary | Ask::Bid | Ask::Objective)
+    }
+}
+
 fn ask_of(req: &ChatRequest) -> Ask {
     let i = req.instruction.as_deref().unwrap_or("");
     let has = |k: &str| i.contains(&format!("\"{k}\""));
@@ -225,24 +241,25 @@ impl ChatModel for Simulated {
         // message that is not a peer's (the task), else any message.
         let instruction = req.instruction.as_deref().unwrap_or("");
         let known = |t: &str| (self.oracle)(t).map(|a| (t.to_string(), a));
-        let mut generic = false;
+        let mut options = None;
+        let mut known_answer = true;
         let (question, correct) = known(instruction)
             .or_else(|| msgs.iter().find(|m| m.name.is_none()).and_then(|m| known(&m.content)))
             .or_else(|| msgs.iter().find_map(|m| known(&m.content)))
             .unwrap_or_else(|| {
-                // No known answer: a generic question whose "right" answer is A.
+                // No known answer: a multiple choice (whose right answer is A), if it is one.
                 let q = msgs
                     .iter()
                     .find(|m| m.name.is_none())
                     .map_or_else(|| instruction.to_string(), |m| m.content.to_string());
-                generic = true;
+                options = multiple_choice::options_in(&q).or_else(|| multiple_choice::options_in(instruction));
+                known_answer = false;
                 (q, GENERIC_CORRECT.to_string())
             });
-        if generic
-            && (arithmetic::unsupported_in(instruction) || msgs.iter().any(|m| arithmetic::unsupported_in(&m.content)))
-        {
-            // Arithmetic it cannot evaluate: say so rather than guess.
+        if !known_answer && options.is_none() && ask.needs_own_answer() {
+            // Outside its task families: say so rather than guess.
             let text = CANNOT_ANSWER.to_string();
+            req.emit(&text);
             return Ok(ChatResponse {
                 completion_tokens: u64::from(estimate_tokens(&text)),
                 prompt_tokens: req.estimated_prompt_tokens(),
@@ -275,7 +292,7 @@ impl ChatModel for Simulated {
         let others: Vec<String> = latest.iter().map(|(_, a)| a.clone()).collect();
         let swayed = !others.is_empty() && rng.random_bool(self.susceptibility.clamp(0.0, 1.0));
         let independent_correct = rng.random_bool(self.p_correct.clamp(0.0, 1.0));
-        let own = if independent_correct { correct.clone() } else { plausible_wrong(&correct, &mut rng) };
+        let own = if independent_correct { correct.clone() } else { plausible_wrong(&correct, options, &mut rng) };
         let answer =
             if swayed && ask == Ask::Answer { plurality(&others).unwrap_or_else(|| own.clone()) } else { own.clone() };
         let confidence = if answer == correct { rng.random_range(0.6..0.95) } else { rng.random_range(0.3..0.8) };
@@ -353,7 +370,7 @@ impl ChatModel for Simulated {
                 } else if rng.random_bool(self.p_correct.clamp(0.0, 1.0)) {
                     json(serde_json::json!({ "objection": "", "concede": true }))
                 } else {
-                    let alt = plausible_wrong(&correct, &mut rng);
+                    let alt = plausible_wrong(&correct, options, &mut rng);
                     json(
                         serde_json::json!({ "objection": format!("Could it not be {alt}?"), "concede": false, "answer": alt }),
                     )
@@ -442,7 +459,7 @@ impl Simulated {
 /// The answer the simulated model treats as right for a question it cannot solve.
 pub const GENERIC_CORRECT: &str = "A";
 
-fn plausible_wrong(correct: &str, rng: &mut ChaCha8Rng) -> String {
+fn plausible_wrong(correct: &str, options: Option<u8>, rng: &mut ChaCha8Rng) -> String {
     match correct.parse::<i64>() {
         Ok(v) => {
             let mut d: i64 = rng.random_range(1..=10);
@@ -451,7 +468,39 @@ fn plausible_wrong(correct: &str, rng: &mut ChaCha8Rng) -> String {
             }
             (v + d).to_string()
         }
-        Err(_) => ["B", "C", "D"][rng.random_range(0..3)].to_string(),
+        Err(_) => {
+            let n = options.unwrap_or(4).max(2);
+            char::from(b'A' + rng.random_range(1..n)).to_string()
+        }
+    }
+}
+
+/// Multiple-choice questions: options labelled `A)`, `(A)`, `A.` or `A:`.
+pub mod multiple_choice {
+    /// How many options (`A`, `B`, … in a row, at least two) `text` labels, if any.
+    pub fn options_in(text: &str) -> Option<u8> {
+        let b = text.as_bytes();
+        let mut seen = [false; 26];
+        for i in 0..b.len() {
+            let c = b[i];
+            if !c.is_ascii_uppercase() {
+                continue;
+            }
+            let before = if i == 0 { None } else { Some(b[i - 1]) };
+            let after = b.get(i + 1).copied();
+            let opens = before.is_none_or(|p| p.is_ascii_whitespace() || p == b'(');
+            let labelled = match after {
+                Some(b')') | Some(b':') => true,
+                // "A." only when something follows after a space ("A. Rust"), not "U.S."
+                Some(b'.') => b.get(i + 2).is_some_and(|n| *n == b' '),
+                _ => false,
+            };
+            if opens && labelled {
+                seen[usize::from(c - b'A')] = true;
+            }
+        }
+        let n = seen.iter().take_while(|s| **s).count();
+        (n >= 2).then_some(n as u8)
     }
 }
 
@@ -557,6 +606,19 @@ pub mod arithmetic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multiple_choice_options_are_read_from_their_labels() {
+        assert_eq!(multiple_choice::options_in("Pick one: A) red B) green C) blue"), Some(3));
+        assert_eq!(multiple_choice::options_in("(A) yes (B) no"), Some(2));
+        assert_eq!(multiple_choice::options_in("Options:\nA. Rust\nB. Go\nC. Zig\nD. C"), Some(4));
+        assert_eq!(multiple_choice::options_in("A: one\nB: two"), Some(2));
+        assert_eq!(multiple_choice::options_in("What is the capital of Australia?"), None);
+        assert_eq!(multiple_choice::options_in("Plan A) only"), None, "one option is no choice");
+        assert_eq!(multiple_choice::options_in("B) and C) without A)"), Some(3));
+        assert_eq!(multiple_choice::options_in("the U.S. and A. B."), None);
+        assert_eq!(multiple_choice::options_in("PLAN:A) B)"), None, "labels start a word");
+    }
 
     #[tokio::test]
     async fn arithmetic_it_cannot_evaluate_gets_cannot_answer_not_a_guess() {
@@ -673,8 +735,24 @@ mod tests {
         let m = Simulated::new("sim", 0.5, 0.5, 9);
         let req = ask("p", "r1/answer", &q, &[("x", &wrong)], "Update.", false);
         assert_eq!(m.chat(&req).await.unwrap().text, m.chat(&req).await.unwrap().text);
-        // A question without a known answer is a multiple choice whose right answer is A.
-        let r = sure.chat(&ask("p", "s", "Which plan?", &[], "Answer.", false)).await.unwrap().text;
+        // A multiple choice: its right answer is A, the wrong ones are the other labels.
+        let mc = "Which plan?\nA) the monolith\nB) services\nC) both";
+        let r = sure.chat(&ask("p", "s", mc, &[], "Answer.", false)).await.unwrap().text;
         assert!(r.ends_with("Answer: A"), "{r}");
+        let unsure = Simulated::new("sim", 0.0, 0.0, 1);
+        for step in 0..50 {
+            let r = unsure.chat(&ask("p", &step.to_string(), mc, &[], "Answer.", false)).await.unwrap().text;
+            assert!(r.ends_with("Answer: B") || r.ends_with("Answer: C"), "only the options given: {r}");
+        }
+        // Anything else: "cannot answer", never a guess, wherever its own answer is asked.
+        for q in ["What is the capital of Australia?", "Which plan?", "Compute (3+4)*5"] {
+            for instruction in ["Answer.", vote, critic] {
+                let r = sure.chat(&ask("p", "s", q, &[("x", "Answer: A")], instruction, true)).await.unwrap().text;
+                assert_eq!(r, CANNOT_ANSWER, "{q} / {instruction}");
+            }
+        }
+        // Roles that take no answer of its own are still played.
+        let summary = ask("s", "s", "Which plan?", &[("x", "Answer: A")], "Summarize the discussion.", false);
+        assert!(sure.chat(&summary).await.unwrap().text.starts_with("Summary:"));
     }
 }

@@ -187,6 +187,18 @@ pub fn reference_markdown() -> String {
          - **Rounds in the file count from 1**: `rounds`, `max_rounds`, `{round}` in scripted replies\n  \
          and the stop reasons (\"consensus in round 2\") do. Step names on the log (`r0/answer`,\n  \
          `jury/r0/commit`) are ids and count from 0.\n\
+         \n## What `simulated` answers\n\n\
+         A `simulated` model answers two task families, with probability `p_correct` of being right:\n\
+         - **integer arithmetic** with `+ - *` and the usual precedence (`29+4*17+3-21*2`); a wrong\n  \
+         answer is the right one off by 1–10;\n\
+         - **multiple choice** with options labelled `A)`, `(A)`, `A.` or `A:` (at least `A` and `B`):\n  \
+         the right answer is taken to be `A`, a wrong one is another label given.\n\
+         \n\
+         Anything else (\"What is the capital of Australia?\", `(3+4)*5`, an open topic) gets\n\
+         \"I cannot answer this: …\" wherever its own answer is asked (answers, votes, critiques,\n\
+         verdicts), so a vote or a jury on such a topic ends without an accepted answer instead of a\n\
+         confident guess. Summaries, bids and a leader's objective take no answer of its own and are\n\
+         still given. For open topics offline, use `scripted` replies.\n\
          \n## Which runs repeat exactly\n\n\
          Two runs of a team with `scripted` models (or `simulated` ones) make the same decisions and the same\n\
          answers. Their logs are the same apart from times and ids, prompt tokens included, for the\n\
