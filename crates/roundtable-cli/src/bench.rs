@@ -183,6 +183,11 @@ pub(crate) async fn run(mut a: BenchArgs) -> Result<(), String> {
             ),
         }
         .map_err(|e| e.to_string())?;
+        let mut v = v;
+        if let Some(obj) = v.as_object_mut() {
+            // Which process ran it: each run of a sweep is a process of its own.
+            obj.insert("pid".into(), serde_json::json!(std::process::id()));
+        }
         println!("{v}");
         return Ok(());
     }
@@ -333,10 +338,13 @@ fn print_tokens_per_round(rows: &[serde_json::Value]) {
     }
 }
 
-/// The first run's fields, with every number replaced by the median over runs.
+/// The first run's fields, with every number replaced by the median over runs; each
+/// measure's values run by run under `per_run`, and the runs' process ids under `pids`.
 fn median_row(runs: &[serde_json::Value]) -> serde_json::Value {
     let mut row = runs[0].clone();
     if let Some(obj) = row.as_object_mut() {
+        obj.remove("pid");
+        let mut per_run = serde_json::Map::new();
         for (k, v) in obj.iter_mut() {
             let setting = matches!(
                 k.as_str(),
@@ -357,10 +365,16 @@ fn median_row(runs: &[serde_json::Value]) -> serde_json::Value {
             );
             if v.is_f64() || (v.is_u64() && !setting) {
                 let xs: Vec<f64> = runs.iter().filter_map(|r| r[k].as_f64()).collect();
+                per_run.insert(k.clone(), serde_json::json!(xs));
                 *v = serde_json::json!(median(xs));
             }
         }
         obj.insert("runs".into(), serde_json::json!(runs.len()));
+        obj.insert("per_run".into(), serde_json::Value::Object(per_run));
+        let pids: Vec<&serde_json::Value> = runs.iter().filter_map(|r| r.get("pid")).collect();
+        if !pids.is_empty() {
+            obj.insert("pids".into(), serde_json::json!(pids));
+        }
     }
     row
 }
@@ -534,6 +548,7 @@ mod tests {
         assert_eq!(row["wall_us"], 5.0);
         assert_eq!((row["peers"].as_u64(), row["runs"].as_u64()), (Some(3), Some(3)));
         assert_eq!(row["workload"], "groupchat");
+        assert_eq!(row["per_run"]["messages_per_sec"], serde_json::json!([100.0, 300.0, 200.0]));
         let even = median_row(&runs[..2]);
         assert_eq!(even["messages_per_sec"], 200.0, "the mean of the middle two");
     }

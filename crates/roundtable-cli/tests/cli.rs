@@ -463,7 +463,7 @@ fn a_reader_that_goes_away_ends_the_output_quietly_not_with_a_panic() {
 
 #[test]
 fn bench_runs_each_configuration_in_its_own_process_and_reports_medians() {
-    let o = bin()
+    let child = bin()
         .args([
             "bench",
             "groupchat",
@@ -477,8 +477,12 @@ fn bench_runs_each_configuration_in_its_own_process_and_reports_medians() {
             "3",
             "--json",
         ])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let sweep_pid = u64::from(child.id());
+    let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let rows: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 2, "one row per configuration: {rows:?}");
@@ -491,7 +495,18 @@ fn bench_runs_each_configuration_in_its_own_process_and_reports_medians() {
         assert!(row["payload_bytes"].as_f64().unwrap() > 29.0 * 200.0, "{row}");
         assert!(row["memory_after"]["anon"].as_u64().unwrap() > 0, "anonymous memory is read from /proc: {row}");
         assert!(row["messages_per_sec"].as_f64().unwrap() > 0.0);
+        // The figure is the median of the three runs, not the first, the last or the mean.
+        let mut runs: Vec<f64> =
+            row["per_run"]["messages_per_sec"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(runs.len(), 3, "{row}");
+        runs.sort_by(f64::total_cmp);
+        assert_eq!(row["messages_per_sec"].as_f64(), Some(runs[1]), "{row}");
     }
+    // Every run in a process of its own: six runs, six processes, none of them the sweep.
+    let pids: std::collections::HashSet<u64> =
+        rows.iter().flat_map(|r| r["pids"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap())).collect();
+    assert_eq!(pids.len(), 6, "{rows:?}");
+    assert!(!pids.contains(&sweep_pid), "{rows:?}");
     let dir = tempfile::tempdir().unwrap();
     let gaps = dir.path().join("gaps.jsonl");
     let table = bin()
