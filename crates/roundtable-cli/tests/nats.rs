@@ -173,6 +173,44 @@ fn slow_model(rt: &tokio::runtime::Runtime, delay: Duration) -> MockServer {
     server
 }
 
+/// A model endpoint that answers the first `passes` calls after `delay`, then holds every
+/// later call until [`Gate::open`]: a session cannot end while the test is doing
+/// something (restarting a peer) that must happen before its end, however slowly.
+struct Gate {
+    uri: String,
+    open: tokio::sync::watch::Sender<bool>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    fn start(rt: &tokio::runtime::Runtime, delay: Duration, passes: usize) -> Gate {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let body =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/openai_stream.sse"))
+                .expect("fixture");
+        let app = axum::Router::new().fallback(move || {
+            let (calls, mut opened, body) = (calls.clone(), opened.clone(), body.clone());
+            async move {
+                if calls.fetch_add(1, Ordering::SeqCst) >= passes {
+                    let _ = opened.wait_for(|o| *o).await;
+                }
+                tokio::time::sleep(delay).await;
+                ([("content-type", "text/event-stream")], body)
+            }
+        });
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap());
+        let _server = rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Gate { uri, open, _server }
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
 const MODEL: &str = r#"
 [models.g]
 provider = "openai"
@@ -271,11 +309,18 @@ fn run_on_nats_runs_the_whole_team_in_one_process() {
 #[test]
 fn a_killed_peer_is_recorded_absent_its_turns_are_skipped_and_its_restart_catches_up() {
     let rt = rt();
-    let model = slow_model(&rt, Duration::from_millis(300));
+    // Turns in a ring a, b, c over 5 rounds: 15 slots. b is killed after its first turn
+    // (slot 1), and its slots come due while it is away (4, 7, …). Eight calls pass (b may
+    // have one in flight when killed); the ninth waits until b is back, so the session
+    // still has b's later slots whenever the restarted process gets going.
+    let model = Gate::start(&rt, Duration::from_millis(300), 8);
     let server = NatsServer::start();
     let url = server.url();
     let dir = tempfile::tempdir().unwrap();
-    let team = relay_team(dir.path(), &model.uri(), 5);
+    let team = relay_team(dir.path(), &model.uri, 5);
+    // A held call must not time out while the test restarts b.
+    std::fs::write(&team, std::fs::read_to_string(&team).unwrap().replace("timeout_secs = 30", "timeout_secs = 600"))
+        .unwrap();
     let mut peers = Peers::new();
     for id in ["a", "b", "c"] {
         peers.start(&team, id, &url, "relay-1", &dir.path().join(id));
@@ -294,6 +339,11 @@ fn a_killed_peer_is_recorded_absent_its_turns_are_skipped_and_its_restart_catche
 
     // b comes back (a restart): it catches up from the log, says so, and takes its turns.
     peers.start(&team, "b", &url, "relay-1", &dir.path().join("b"));
+    wait_for_log(&rt, &url, "relay-1", "b's join after its absence", |log| {
+        let absent = log.iter().position(|e| e.kind == Kind::Absent).expect("recorded above");
+        by(&log[absent..], Kind::Join, "b") >= 1
+    });
+    model.open();
     let outs = peers.wait_all();
     let log = read_log(&rt, &url, "relay-1");
     for (id, o) in &outs {
