@@ -762,5 +762,8 @@ fn an_nkey_seed_file_logs_in_and_a_wrong_one_is_refused_at_once() {
     let o = bin().args(["sessions", "--nats", &server.url(), "--nats-nkey", other.to_str().unwrap()]).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("authorization"), "{}", stderr(&o));
+    // At once: the server was asked once, not again and again until a deadline.
+    let log = server.log();
+    assert_eq!(log.matches("authentication error").count(), 1, "{log}");
     assert!(!stderr(&o).contains(&stranger), "the seed is never printed");
 }

@@ -108,11 +108,7 @@ impl Blackboard for NatsBoard {
         let mut headers = HeaderMap::new();
         headers.insert("KV-Operation", "DEL");
         let what = || format!("deleting {key:?}");
-        let ack = self
-            .js
-            .publish_with_headers(self.subject(key), headers, Vec::new().into())
-            .await
-            .map_err(|e| board_error(&what(), e))?
+        let ack = crate::publish_acked(&self.js, self.subject(key), headers, Vec::new())
             .await
             .map_err(|e| board_error(&what(), e))?;
         Ok(ack.sequence)

@@ -111,20 +111,20 @@ impl NatsBackend {
     /// Connect to `url` with `options` (credentials, TLS, …). The client reconnects
     /// forever, backing off up to 2 s between attempts, when the connection drops; the
     /// first connection must be made within 5 s, so that a wrong address or credentials
-    /// fail here and not in the middle of a session. Neither the URL's credentials nor
-    /// the options' secrets appear in an error.
+    /// fail here and not in the middle of a session. A server that refuses the
+    /// credentials or the certificate is asked once: that will not change by retrying.
+    /// Neither the URL's credentials nor the options' secrets appear in an error.
     pub async fn connect_with(url: &str, options: async_nats::ConnectOptions) -> Result<NatsBackend, BusError> {
+        use async_nats::ConnectErrorKind;
         let shown = redact_url(url);
         let connected_ms = Arc::new(AtomicU64::new(0));
-        let last_error: Arc<Mutex<Option<String>>> = Arc::default();
-        let (on_connect, on_error) = (connected_ms.clone(), last_error.clone());
-        let client = options
+        let on_connect = connected_ms.clone();
+        let options = options
             .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
-                let (on_connect, on_error) = (on_connect.clone(), on_error.clone());
+                let on_connect = on_connect.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
@@ -132,43 +132,42 @@ impl NatsBackend {
                             tracing::info!("connected to NATS");
                         }
                         async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
-                        async_nats::Event::ServerError(e) => {
-                            *on_error.lock().expect("error lock") = Some(redact_url(&e.to_string()));
-                        }
-                        async_nats::Event::ClientError(e) => {
-                            *on_error.lock().expect("error lock") = Some(redact_url(&e.to_string()));
-                        }
                         _ => {}
                     }
                 }
-            })
-            .connect(url)
-            .await
-            .map_err(|e| {
-                BusError::new(
-                    BusErrorKind::Unavailable,
-                    format!("connecting to {shown}: {}", redact_url(&e.to_string())),
-                )
-            })?;
-        let start = std::time::Instant::now();
-        while client.connection_state() != async_nats::connection::State::Connected {
-            // A refusal of the credentials or of a certificate will not change by retrying.
-            let refused = last_error.lock().expect("error lock").as_deref().is_some_and(|e| {
-                let e = e.to_ascii_lowercase();
-                ["authorization", "authentication", "certificate", "tls"].iter().any(|w| e.contains(w))
             });
-            if refused || start.elapsed() > Duration::from_secs(5) {
-                let why = last_error.lock().expect("error lock").clone();
+        let start = std::time::Instant::now();
+        let mut attempt = 0;
+        // The first connection is made here, attempt by attempt, so that each failure is
+        // seen with its cause: a server not up yet is waited for, a refusal is final.
+        let client = loop {
+            attempt += 1;
+            let error = match options.clone().connect(url).await {
+                Ok(client) => break client,
+                Err(e) => e,
+            };
+            let why = redact_url(&error.to_string());
+            let refused = matches!(
+                error.kind(),
+                ConnectErrorKind::AuthorizationViolation
+                    | ConnectErrorKind::Authentication
+                    | ConnectErrorKind::Tls
+                    | ConnectErrorKind::ServerParse
+            );
+            if refused {
                 return Err(BusError::new(
                     BusErrorKind::Unavailable,
-                    match why {
-                        Some(why) => format!("cannot connect to the NATS server at {shown}: {why}"),
-                        None => format!("no NATS server answers at {shown}"),
-                    },
+                    format!("cannot connect to the NATS server at {shown}: {why}"),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            if start.elapsed() > Duration::from_secs(5) {
+                return Err(BusError::new(
+                    BusErrorKind::Unavailable,
+                    format!("no NATS server answers at {shown} ({why})"),
+                ));
+            }
+            tokio::time::sleep(reconnect_delay(attempt + 1).max(Duration::from_millis(10))).await;
+        };
         connected_ms.fetch_max(now_ms(), Ordering::Relaxed);
         let mut backend = Self::with_client(client);
         backend.connected_ms = connected_ms;
@@ -208,6 +207,39 @@ impl NatsBackend {
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+}
+
+/// How many times a publish that nothing answered is asked again, and how long apart.
+const NO_RESPONDERS_RETRIES: u32 = 4;
+const NO_RESPONDERS_WAIT: Duration = Duration::from_millis(250);
+
+/// Publish to a stream and wait for its acknowledgement. A publish that nothing answers
+/// ("no responders": no stream took it, so nothing was stored) is asked again a few times,
+/// 250 ms apart, as the NATS Go client does: a stream just created by another process,
+/// or one whose leader is moving in a cluster, can miss a publish for a moment. A
+/// subject that no stream ever takes still fails, after about a second.
+pub(crate) async fn publish_acked(
+    js: &jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: Vec<u8>,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    use jetstream::context::PublishErrorKind;
+    let mut retries = 0;
+    loop {
+        let ack = match js.publish_with_headers(subject.clone(), headers.clone(), payload.clone().into()).await {
+            Ok(pending) => pending.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound && retries < NO_RESPONDERS_RETRIES => {
+                retries += 1;
+                tracing::debug!(%subject, retries, "no stream answered a publish; asking again");
+                tokio::time::sleep(NO_RESPONDERS_WAIT).await;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -379,6 +411,19 @@ mod tests {
         assert_eq!(reconnect_delay(11), Duration::from_millis(1024));
         assert_eq!(reconnect_delay(12), MAX_RECONNECT_DELAY);
         assert_eq!(reconnect_delay(usize::MAX), MAX_RECONNECT_DELAY);
+    }
+
+    #[tokio::test]
+    async fn a_publish_nothing_answers_is_asked_again_then_fails() {
+        let server = testing::NatsServer::start();
+        let backend = NatsBackend::connect(&server.url()).await.unwrap();
+        let start = std::time::Instant::now();
+        let e = publish_acked(backend.jetstream(), "no.stream.here".into(), Default::default(), b"x".to_vec())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), jetstream::context::PublishErrorKind::StreamNotFound, "{e}");
+        // Asked again after each wait: the waits alone take this long.
+        assert!(start.elapsed() >= NO_RESPONDERS_WAIT * NO_RESPONDERS_RETRIES, "{:?}", start.elapsed());
     }
 
     #[test]

@@ -462,12 +462,7 @@ impl SessionLog for NatsLog {
             let mut headers = HeaderMap::new();
             headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
             let subject = id_subject(&self.prefix, &env.id, k);
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, payload.clone().into())
-                .await
-                .map_err(|e| log_error(&what(), e))?
-                .await;
+            let ack = crate::publish_acked(&self.js, subject, headers, payload.clone().into_bytes()).await;
             match ack {
                 Ok(ack) => return Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate }),
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match self.stored(&env.id, k).await? {

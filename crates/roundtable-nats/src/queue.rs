@@ -273,10 +273,7 @@ impl WorkQueue for NatsWorkQueue {
         let message = serde_json::to_vec(&TaskMessage { id: task_id.to_owned(), payload }).expect("task serializes");
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, key.as_str());
-        self.js
-            .publish_with_headers(self.subject.clone(), headers, message.into())
-            .await
-            .map_err(|e| queue_error(&what(), e))?
+        crate::publish_acked(&self.js, self.subject.clone(), headers, message)
             .await
             .map_err(|e| queue_error(&what(), e))?;
         self.known.put(key, Vec::new().into()).await.map_err(|e| queue_error(&what(), e))?;

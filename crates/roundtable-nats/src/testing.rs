@@ -85,6 +85,11 @@ impl NatsServer {
         }
     }
 
+    /// What the server has logged so far (every start of it).
+    pub fn log(&self) -> String {
+        read_log(&self.store.path().join("server.log"))
+    }
+
     /// Start the server again (after [`Self::kill`] or [`Self::stop`]) on the same port
     /// and store directory, and wait until it accepts connections.
     pub fn start_again(&mut self) {
