@@ -164,10 +164,12 @@ enum Command {
     /// every peer reaches (on this machine or others). The first peer started without
     /// --session starts a session and prints its id; start the others with --session.
     Peer(nats::PeerArgs),
-    /// The distributed-testing example: synthetic tests on one shared NATS work queue,
-    /// worker processes that claim, run and report them with no coordinator, workers
-    /// killed mid-run with --kill; ends with a report (time against the ideal, tests lost
-    /// and completed twice, redeliveries).
+    /// Distributed testing: a suite (a JSON-lines file of commands with --suite, one
+    /// collected with --collect cargo|pytest, or synthetic tests) on one shared NATS work
+    /// queue, worker processes that claim, run and report them with no coordinator
+    /// (--coordinator: the baseline with one), workers killed mid-run with --kill; ends
+    /// with a report (time against the ideal, tests lost and completed twice, from the
+    /// log).
     Worktest(worktest::WorktestArgs),
     /// Explain a session: who answered whom, which messages led to the decision, what
     /// each peer cost, and why it stopped (text, Mermaid, DOT or JSON).

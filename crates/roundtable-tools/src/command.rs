@@ -334,8 +334,37 @@ impl Drop for GroupKiller {
     }
 }
 
+/// Runs a literal `argv` (no placeholders are filled) under `spec`'s working directory,
+/// environment allow-list, timeout and caps: the way a test runner runs one test. A
+/// program that is not found, or limits out of range, give an error result, never a
+/// panic. Also says whether the timeout killed it.
+pub async fn run_literal(argv: &[String], spec: &CommandSpec) -> (ToolOutput, bool) {
+    let Some(program) = argv.first() else {
+        return (ToolOutput::error("an empty command: it needs at least the program to run".to_owned()), false);
+    };
+    if let Err(m) = find_program(program, spec.cwd.as_deref()) {
+        return (ToolOutput::error(format!("cannot start {program:?}: {m}")), false);
+    }
+    let mut problems = Vec::new();
+    check_limits(
+        &mut problems,
+        spec.timeout_secs,
+        &[("max_stdout_bytes", spec.max_stdout_bytes), ("max_stderr_bytes", spec.max_stderr_bytes)],
+    );
+    let Some(timeout) = duration_from_secs(spec.timeout_secs).filter(|_| problems.is_empty()) else {
+        let why: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.key, p.message)).collect();
+        return (ToolOutput::error(why.join("; ")), false);
+    };
+    run_timed(argv, spec, timeout).await
+}
+
 /// Runs `argv` as `spec` says.
 async fn run(argv: &[String], spec: &CommandSpec, timeout: Duration) -> ToolOutput {
+    run_timed(argv, spec, timeout).await.0
+}
+
+/// Runs `argv` as `spec` says; also says whether the timeout killed it.
+async fn run_timed(argv: &[String], spec: &CommandSpec, timeout: Duration) -> (ToolOutput, bool) {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     cmd.env_clear();
@@ -357,7 +386,7 @@ async fn run(argv: &[String], spec: &CommandSpec, timeout: Duration) -> ToolOutp
         Err(e) => {
             let mut out = ToolOutput::error(format!("cannot start {:?}: {e}", argv[0]));
             out.duration_ms = Some(elapsed_ms(start));
-            return out;
+            return (out, false);
         }
     };
     let group = GroupKiller(child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw));
@@ -408,14 +437,15 @@ async fn run(argv: &[String], spec: &CommandSpec, timeout: Duration) -> ToolOutp
         }
         text.push_str(&format!("[{note}]"));
     }
-    ToolOutput {
+    let out = ToolOutput {
         outcome: if ok { Outcome::Ok } else { Outcome::Error },
         output: text,
         exit_status,
         signal,
         duration_ms: Some(duration_ms),
         truncated: stdout.truncated || stderr.truncated,
-    }
+    };
+    (out, timed_out)
 }
 
 async fn drain(reader: Option<tokio::task::JoinHandle<Captured>>) -> Captured {

@@ -1,8 +1,10 @@
-//! The synthetic test suite, and what the log says about it.
+//! The suite of a run, and what the log says about it.
 //!
-//! A suite is a pure function of its parameters, which travel in the session's task
-//! envelope: every worker (and the report) derives the same tests, outcomes and
-//! dependencies from them.
+//! A suite is a pure function of what the session's task envelope says: either the
+//! parameters of a synthetic suite (every worker, and the report, derives the same
+//! tests, durations, outcomes and dependencies from them), or the digest, ids,
+//! dependencies and areas of a suite file, whose commands each worker reads from its own
+//! copy (see [`super::file`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,8 +23,12 @@ pub(crate) struct Suite {
     pub(crate) tests: usize,
     /// The workers' ids.
     pub(crate) workers: Vec<String>,
-    /// How long each synthetic test runs.
+    /// The median of how long a synthetic test runs.
     pub(crate) duration_ms: u64,
+    /// The spread of synthetic durations: the σ of a log-normal around the median (0:
+    /// every test takes the median).
+    #[serde(default)]
+    pub(crate) spread: f64,
     /// Share of the tests that fail.
     pub(crate) fail_rate: f64,
     /// Share of the tests that depend on one or two earlier tests.
@@ -33,7 +39,55 @@ pub(crate) struct Suite {
     pub(crate) max_deliver: u32,
     pub(crate) heartbeat_ms: u64,
     pub(crate) absent_after_ms: u64,
+    /// A suite file's tests (no commands: those stay in each worker's copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) file: Option<FileMeta>,
 }
+
+/// What the task says of a suite file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FileMeta {
+    /// The file's name, for messages.
+    pub(crate) name: String,
+    /// `sha256:<hex>` of the file: a worker whose copy differs refuses to run.
+    pub(crate) digest: String,
+    pub(crate) ids: Vec<String>,
+    pub(crate) deps: Vec<Vec<usize>>,
+    pub(crate) areas: Vec<String>,
+    #[serde(skip)]
+    pub(crate) index: HashMap<String, usize>,
+}
+
+impl FileMeta {
+    pub(crate) fn of(local: &super::file::LocalSuite) -> FileMeta {
+        let mut meta = FileMeta {
+            name: local.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            digest: local.digest.clone(),
+            ids: local.tests.iter().map(|t| t.id.clone()).collect(),
+            deps: local.tests.iter().map(|t| t.deps.clone()).collect(),
+            areas: local.tests.iter().map(|t| t.area.clone()).collect(),
+            index: HashMap::new(),
+        };
+        meta.reindex();
+        meta
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
+    }
+
+    /// Whether the task's lists are consistent (the wire is not trusted).
+    fn is_consistent(&self, tests: usize) -> bool {
+        self.ids.len() == tests
+            && self.deps.len() == tests
+            && self.areas.len() == tests
+            && self.index.len() == tests
+            && self.deps.iter().enumerate().all(|(i, d)| d.iter().all(|&j| j < tests && j != i))
+    }
+}
+
+/// How many areas the synthetic tests are spread over.
+const SYNTHETIC_AREAS: u64 = 25;
 
 /// How far back a dependency may be.
 const DEP_WINDOW: usize = 64;
@@ -55,21 +109,51 @@ impl Suite {
         (self.draw(i, salt) >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    pub(crate) fn id(i: usize) -> String {
-        format!("t{i:05}")
+    pub(crate) fn id(&self, i: usize) -> String {
+        match &self.file {
+            Some(f) => f.ids[i].clone(),
+            None => format!("t{i:05}"),
+        }
     }
 
     pub(crate) fn index(&self, id: &str) -> Option<usize> {
-        id.strip_prefix('t')?.parse().ok().filter(|&i| i < self.tests)
+        match &self.file {
+            Some(f) => f.index.get(id).copied(),
+            None => id.strip_prefix('t')?.parse().ok().filter(|&i| i < self.tests),
+        }
     }
 
-    /// Whether test `i` fails when it runs (the same on every run of it).
+    /// Whether synthetic test `i` fails when it runs (the same on every run of it).
     pub(crate) fn fails(&self, i: usize) -> bool {
         self.unit(i, 1) < self.fail_rate
     }
 
-    /// The earlier tests test `i` depends on.
+    /// How long synthetic test `i` runs: log-normal around the median, the same on every
+    /// run of it.
+    pub(crate) fn duration_of(&self, i: usize) -> u64 {
+        if self.spread <= 0.0 {
+            return self.duration_ms;
+        }
+        // Box–Muller: a standard normal from two uniforms (the first kept off zero).
+        let (u1, u2) = (1.0 - self.unit(i, 7), self.unit(i, 8));
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        let ms = self.duration_ms as f64 * (self.spread * z).exp();
+        ms.round().clamp(0.0, 3_600_000.0) as u64
+    }
+
+    /// The area of test `i` (what a failure's likely-affected tests share).
+    pub(crate) fn area(&self, i: usize) -> String {
+        match &self.file {
+            Some(f) => f.areas[i].clone(),
+            None => format!("area{}", self.draw(i, 6) % SYNTHETIC_AREAS),
+        }
+    }
+
+    /// The tests test `i` depends on.
     pub(crate) fn deps(&self, i: usize) -> Vec<usize> {
+        if let Some(f) = &self.file {
+            return f.deps[i].clone();
+        }
         if i == 0 || self.unit(i, 2) >= self.dep_rate {
             return Vec::new();
         }
@@ -97,12 +181,21 @@ impl Suite {
     }
 
     pub(crate) fn task_envelope(&self, session: &SessionId) -> Envelope {
-        let text = format!(
-            "Run {} synthetic tests of {} ms on {} workers through one shared queue",
-            self.tests,
-            self.duration_ms,
-            self.workers.len()
-        );
+        let text = match &self.file {
+            Some(f) => format!(
+                "Run the {} tests of suite file {} ({}) on {} workers through one shared queue",
+                self.tests,
+                f.name,
+                f.digest,
+                self.workers.len()
+            ),
+            None => format!(
+                "Run {} synthetic tests of {} ms (median) on {} workers through one shared queue",
+                self.tests,
+                self.duration_ms,
+                self.workers.len()
+            ),
+        };
         opening_envelope(session, &text, serde_json::json!({ "team_name": TEAM, "worktest": self }))
     }
 
@@ -110,7 +203,14 @@ impl Suite {
         if env.kind != Kind::Task {
             return None;
         }
-        serde_json::from_value(env.body.json.as_ref()?.get("worktest")?.clone()).ok()
+        let mut suite: Suite = serde_json::from_value(env.body.json.as_ref()?.get("worktest")?.clone()).ok()?;
+        if let Some(f) = &mut suite.file {
+            f.reindex();
+            if !f.is_consistent(suite.tests) {
+                return None;
+            }
+        }
+        Some(suite)
     }
 }
 
@@ -129,7 +229,7 @@ pub(crate) fn collective(
 }
 
 /// How a test ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(crate) enum Outcome {
     Pass,
@@ -151,6 +251,39 @@ impl Outcome {
     }
 }
 
+/// Which queue a claim came from (its lane): every test is on the main queue; a test named likely
+/// affected by a failure also gets a copy on the priority queue, which workers drain
+/// first. Only one copy runs (see the worker's docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    Main,
+    Priority,
+}
+
+impl Lane {
+    pub(crate) fn of(json: Option<&serde_json::Value>) -> Lane {
+        match json.and_then(|j| j.get("queue")).and_then(|v| v.as_str()) {
+            Some("priority") => Lane::Priority,
+            _ => Lane::Main,
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Lane::Main => "main",
+            Lane::Priority => "priority",
+        }
+    }
+}
+
+/// A claim on the log not yet settled by a result, a defer, an abandon or a yield.
+#[derive(Clone, Debug)]
+pub(crate) struct OpenClaim {
+    pub(crate) peer: PeerId,
+    pub(crate) lane: Lane,
+    pub(crate) seq: u64,
+}
+
 /// What the log says about a run, folded entry by entry (by every worker, and by the
 /// report).
 pub(crate) struct Fold {
@@ -164,6 +297,22 @@ pub(crate) struct Fold {
     pub(crate) holder: Vec<Option<(PeerId, u32)>>,
     /// Peers that claimed each test.
     pub(crate) claimers: Vec<HashSet<PeerId>>,
+    /// Claims of each test not yet settled: who, which copy, where on the log.
+    pub(crate) open: Vec<Vec<OpenClaim>>,
+    /// Tests named likely affected by a failure (they go to the priority copy queue).
+    pub(crate) prioritized: Vec<bool>,
+    /// Prioritized tests without a result.
+    pub(crate) pending_priority: usize,
+    pub(crate) prioritize_envelopes: u64,
+    pub(crate) affected_notices: u64,
+    pub(crate) yields: u64,
+    /// Assignments the coordinator took back from a silent worker.
+    pub(crate) reassigned: u64,
+    /// Results that timed out, and that could not start (first results only).
+    pub(crate) timed_out: usize,
+    pub(crate) errors: usize,
+    /// The run time of the first results, summed.
+    pub(crate) ran_ms: u64,
     pub(crate) resolved: usize,
     pub(crate) queued: bool,
     pub(crate) absent: HashSet<PeerId>,
@@ -188,6 +337,16 @@ impl Fold {
             results: Vec::new(),
             holder: Vec::new(),
             claimers: Vec::new(),
+            open: Vec::new(),
+            prioritized: Vec::new(),
+            pending_priority: 0,
+            prioritize_envelopes: 0,
+            affected_notices: 0,
+            yields: 0,
+            reassigned: 0,
+            timed_out: 0,
+            errors: 0,
+            ran_ms: 0,
             resolved: 0,
             queued: false,
             absent: HashSet::new(),
@@ -232,6 +391,8 @@ impl Fold {
                 self.results = vec![0; n];
                 self.holder = vec![None; n];
                 self.claimers = vec![HashSet::new(); n];
+                self.open = vec![Vec::new(); n];
+                self.prioritized = vec![false; n];
                 self.task_ms = env.time_ms;
                 self.suite = Some(Arc::new(suite));
             }
@@ -242,12 +403,45 @@ impl Fold {
         let op = json.and_then(|j| j.get("op")).and_then(|v| v.as_str()).unwrap_or("");
         let task = json.and_then(|j| j.get("task")).and_then(|v| v.as_str()).and_then(|t| suite.index(t));
         let delivery = json.and_then(|j| j.get("delivery")).and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        let lane = Lane::of(json);
         match (env.kind, op, task) {
             (Kind::Work, "claim", Some(i)) => {
                 self.claims += 1;
-                self.holder[i] = Some((env.from.clone(), delivery));
-                self.claimers[i].insert(env.from.clone());
+                // A coordinator's assignment names the worker it went to.
+                let who = json
+                    .and_then(|j| j.get("worker"))
+                    .and_then(|v| v.as_str())
+                    .map_or_else(|| env.from.clone(), PeerId::from);
+                self.holder[i] = Some((who.clone(), delivery));
+                self.claimers[i].insert(who);
+                // A later delivery of the same copy: the earlier lease ran out.
+                self.open[i].retain(|c| c.lane != lane);
+                self.open[i].push(OpenClaim { peer: env.from.clone(), lane, seq: entry.seq });
             }
+            (Kind::Work, "defer" | "abandon" | "yield", Some(i)) => {
+                self.open[i].retain(|c| !(c.peer == env.from && c.lane == lane));
+                match op {
+                    "defer" => self.defers += 1,
+                    "abandon" => self.abandoned += 1,
+                    _ => self.yields += 1,
+                }
+            }
+            (Kind::Work, "prioritize", _) => {
+                self.prioritize_envelopes += 1;
+                let named = json.and_then(|j| j.get("tests")).and_then(|v| v.as_array());
+                for t in named.into_iter().flatten() {
+                    if let Some(j) = t.as_str().and_then(|t| suite.index(t))
+                        && !self.prioritized[j]
+                    {
+                        self.prioritized[j] = true;
+                        if self.result[j].is_none() {
+                            self.pending_priority += 1;
+                        }
+                    }
+                }
+            }
+            (Kind::Work, "affected", _) => self.affected_notices += 1,
+            (Kind::Work, "reassign", Some(_)) => self.reassigned += 1,
             (Kind::Work, "result" | "dead", Some(i)) => {
                 let outcome = json
                     .and_then(|j| j.get("outcome"))
@@ -256,13 +450,23 @@ impl Fold {
                 if op == "result" {
                     self.results[i] += 1;
                 }
+                self.open[i].clear();
                 if self.result[i].is_none() {
                     self.result[i] = Some((outcome, env.id.clone()));
                     self.resolved += 1;
+                    if self.prioritized[i] {
+                        self.pending_priority -= 1;
+                    }
+                    match json.and_then(|j| j.get("status")).and_then(|v| v.as_str()) {
+                        Some("timed_out") => self.timed_out += 1,
+                        Some("error") => self.errors += 1,
+                        _ => {}
+                    }
+                    if outcome != Outcome::Skip {
+                        self.ran_ms += json.and_then(|j| j.get("duration_ms")).and_then(|v| v.as_u64()).unwrap_or(0);
+                    }
                 }
             }
-            (Kind::Work, "defer", Some(_)) => self.defers += 1,
-            (Kind::Work, "abandon", Some(_)) => self.abandoned += 1,
             (Kind::Work, "dependency_failed", _) => self.notices += 1,
             (Kind::Work, "queued", _) => self.queued = true,
             (Kind::Absent, _, _) => {
@@ -300,6 +504,8 @@ mod tests {
             max_deliver: 10,
             heartbeat_ms: 100,
             absent_after_ms: 1000,
+            spread: 0.0,
+            file: None,
         }
     }
 
@@ -316,9 +522,26 @@ mod tests {
             }
         }
         assert_eq!(s.deps(17), suite(2000).deps(17));
-        assert_eq!(s.index(&Suite::id(42)), Some(42));
+        assert_eq!(s.index(&s.id(42)), Some(42));
         assert_eq!(s.index("t99999"), None);
         let env = s.task_envelope(&SessionId::from("x"));
         assert_eq!(Suite::of_task(&env), Some(s));
+    }
+
+    #[test]
+    fn synthetic_durations_are_log_normal_around_the_median() {
+        let mut s = suite(4000);
+        s.duration_ms = 100;
+        assert!((0..50).all(|i| s.duration_of(i) == 100), "no spread: the median every time");
+        s.spread = 0.5;
+        let mut d: Vec<u64> = (0..4000).map(|i| s.duration_of(i)).collect();
+        assert_eq!(d[..10], (0..10).map(|i| s.duration_of(i)).collect::<Vec<_>>()[..], "seeded");
+        d.sort_unstable();
+        let median = d[2000];
+        assert!((90..=110).contains(&median), "median {median}");
+        // exp(0.5 × 1.2816) ≈ 1.90: the 90th percentile of a log-normal with σ = 0.5.
+        let p90 = d[3600];
+        assert!((175..=205).contains(&p90), "p90 {p90}");
+        assert!(d[0] < 50 && d[3999] > 300, "a spread, not a constant: {} .. {}", d[0], d[3999]);
     }
 }

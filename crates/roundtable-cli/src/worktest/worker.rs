@@ -7,8 +7,12 @@
 //!   test still waiting for one is held (its lease extended) while the worker goes on
 //!   with others, up to two at a time; beyond that it is deferred: recorded
 //!   (`defer/…`) and handed back to the queue with a delay.
-//! - **Run and report.** The synthetic test sleeps for its duration, with the lease
-//!   extended as it goes. Before reporting, the worker checks that it still holds the
+//! - **Run and report.** A synthetic test sleeps for its duration; a suite file's test
+//!   runs its command from the worker's own copy of the file (never from the log), as a
+//!   command tool: no shell, its timeout (the process group is killed and the result
+//!   says `timed_out`), its output capped (the log keeps its head and tail around a
+//!   marker); a program that cannot start is an `error` result. The lease is extended
+//!   as it goes. Before reporting, the worker checks that it still holds the
 //!   lease (a worker that lost it reports nothing: `abandon/…`); then it records the
 //!   result (`result/<test>`) and acks. Result ids are per worker, so a test that two
 //!   workers both completed would show up as two results: the report counts them.
@@ -17,6 +21,17 @@
 //!   a holder then skips the dependent without running it, and the skip is noticed down
 //!   the chain the same way. A dependent nobody holds yet is skipped by whoever claims
 //!   it, who reads the failure on the log.
+//! - **Likely affected tests move up.** When a test fails, its worker names the tests
+//!   likely affected — its model does, reading the failure's output, when the worker
+//!   has one (`--team`); otherwise the unresolved tests of the same area — records them
+//!   (`prioritize/<failed>`), sends their holders a direct notice, and puts a copy of
+//!   each on the priority queue. A worker claims from the priority queue first whenever
+//!   the log shows a prioritized test without a result, so the claim order follows the
+//!   log. Only one copy of a test runs: after recording its claim, a worker looks at the
+//!   claims of the test's other copy not yet settled; if one is earlier on the log (and
+//!   its claimer is not absent, or is this worker) it yields (`yield/…`): a priority
+//!   copy is acked away, a main copy is handed back with a delay, so it is still there
+//!   if the other claimer dies.
 //! - **Presence.** Workers beat; one that stays silent is recorded absent by the first
 //!   worker to notice (one notice, whoever writes it); its claims come back through the
 //!   queue when their leases run out. A restarted worker records that it is back.
@@ -30,16 +45,24 @@ use futures::StreamExt;
 use roundtable_core::bus::{Backend, Presence};
 use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::{LogErrorKind, SessionLog};
+use roundtable_core::model::{ChatModel, ChatRequest};
 use roundtable_core::session::STOP_STEP;
 use roundtable_core::workqueue::{Claim, QueueConfig, QueueErrorKind, WorkQueue};
 use roundtable_nats::NatsBackend;
 use tokio::sync::Notify;
 
-use super::suite::{Fold, Outcome, Suite, collective};
+use super::file::LocalSuite;
+use super::suite::{Fold, Lane, Outcome, Suite, collective};
 use crate::Failure;
 
 /// Tests a worker holds while they wait for their dependencies.
 const MAX_WAITING: usize = 2;
+/// Bytes of a test's output a command keeps of each stream.
+const CAPTURE_BYTES: u64 = 256 * 1024;
+/// Bytes of a test's output its result envelope carries.
+pub(crate) const LOG_OUTPUT_BYTES: usize = 16 * 1024;
+/// Tests one failure may move up the queue.
+const MAX_PRIORITIZED: usize = 64;
 
 /// What a worker shares between its tasks.
 struct Worker {
@@ -47,7 +70,13 @@ struct Worker {
     session: SessionId,
     log: Arc<dyn SessionLog>,
     queue: Arc<dyn WorkQueue>,
+    /// Copies of tests likely affected by a failure, drained first.
+    priority: Arc<dyn WorkQueue>,
     suite: Arc<Suite>,
+    /// This machine's copy of the suite file (for a suite file's run).
+    local: Option<Arc<LocalSuite>>,
+    /// The model that names the tests a failure likely affects (none: the area rule).
+    namer: Option<Arc<dyn ChatModel>>,
     dependents: Vec<Vec<usize>>,
     fold: Arc<Mutex<Fold>>,
     changed: Arc<Notify>,
@@ -124,7 +153,8 @@ pub(crate) async fn seed(
     let pushes = futures::stream::iter(0..suite.tests)
         .map(|i| {
             let queue = queue.clone();
-            async move { queue.push(&Suite::id(i), serde_json::json!({ "test": i })).await }
+            let id = suite.id(i);
+            async move { queue.push(&id, serde_json::json!({ "test": i })).await }
         })
         .buffered(64);
     futures::pin_mut!(pushes);
@@ -154,8 +184,53 @@ pub(crate) fn queue_config(suite: &Suite) -> QueueConfig {
     QueueConfig { lease: Duration::from_millis(suite.lease_ms), max_deliver: suite.max_deliver }
 }
 
+/// The session of a run's priority queue.
+pub(crate) fn priority_session(session: &SessionId) -> SessionId {
+    SessionId::from(format!("{session}-priority").as_str())
+}
+
+/// This machine's copy of the suite a run's task names, checked against its digest.
+pub(crate) fn local_suite(
+    session: &SessionId,
+    suite: &Suite,
+    path: Option<&std::path::Path>,
+) -> Result<Option<Arc<LocalSuite>>, Failure> {
+    match (&suite.file, path) {
+        (None, None) => Ok(None),
+        (None, Some(p)) => Err(Failure::Input(format!(
+            "--suite {}: session {session} runs a synthetic suite, not a suite file",
+            p.display()
+        ))),
+        (Some(f), None) => Err(Failure::Input(format!(
+            "session {session} runs suite file {} ({}): start the worker with --suite PATH to this \
+             machine's copy of it (commands are never taken from the log)",
+            f.name, f.digest
+        ))),
+        (Some(f), Some(p)) => {
+            let local = super::file::load(p)?;
+            if local.digest != f.digest {
+                return Err(Failure::Input(format!(
+                    "--suite {}: this copy's digest is {}, but session {session} runs {} ({}): refusing to \
+                     run commands that differ from the suite's",
+                    p.display(),
+                    local.digest,
+                    f.name,
+                    f.digest
+                )));
+            }
+            Ok(Some(Arc::new(local)))
+        }
+    }
+}
+
 /// Run worker `me` of `session` until the run stops.
-pub(crate) async fn run(backend: NatsBackend, session: SessionId, me: PeerId) -> Result<(), Failure> {
+pub(crate) async fn run(
+    backend: NatsBackend,
+    session: SessionId,
+    me: PeerId,
+    suite_path: Option<std::path::PathBuf>,
+    namer: Option<Arc<dyn ChatModel>>,
+) -> Result<(), Failure> {
     let log = open_log(&backend, &session).await?;
     let fold = Arc::new(Mutex::new(Fold::new()));
     let changed = Arc::new(Notify::new());
@@ -168,13 +243,24 @@ pub(crate) async fn run(backend: NatsBackend, session: SessionId, me: PeerId) ->
             suite.workers.join(", ")
         )));
     }
+    let local = match local_suite(&session, &suite, suite_path.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            follower.abort();
+            return Err(e);
+        }
+    };
     let queue = backend.work_queue(&session, queue_config(&suite)).await.map_err(runtime)?;
+    let priority = backend.work_queue(&priority_session(&session), queue_config(&suite)).await.map_err(runtime)?;
     let presence = backend.presence(&session).await.map_err(runtime)?;
     let w = Arc::new(Worker {
         me: me.clone(),
         session: session.clone(),
         log: log.clone(),
         queue,
+        priority,
+        local,
+        namer,
         dependents: suite.dependents(),
         suite: suite.clone(),
         fold: fold.clone(),
@@ -258,7 +344,7 @@ async fn extend_leases(w: Arc<Worker>) {
         let held: Vec<(usize, Claim)> =
             w.held.lock().expect("held lock").iter().map(|(i, c)| (*i, c.clone())).collect();
         for (i, claim) in held {
-            match w.queue.progress(&claim).await {
+            match w.queue_of(&claim).progress(&claim).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == QueueErrorKind::LeaseLost => {
                     tracing::warn!(test = i, error = %e, "lease lost; the test goes back to the queue");
@@ -271,6 +357,14 @@ async fn extend_leases(w: Arc<Worker>) {
 }
 
 impl Worker {
+    /// The queue a claim came from.
+    fn queue_of(&self, claim: &Claim) -> &Arc<dyn WorkQueue> {
+        match lane_of(claim) {
+            Lane::Main => &self.queue,
+            Lane::Priority => &self.priority,
+        }
+    }
+
     fn envelope(&self, step: String, body: Body) -> Envelope {
         Envelope::new(&self.session, &self.me, step, Kind::Work, Recipient::All, body)
     }
@@ -278,6 +372,13 @@ impl Worker {
     async fn append(&self, env: Envelope) -> Result<(), Failure> {
         self.log.append(env).await?;
         Ok(())
+    }
+
+    /// Wait until the fold has applied the entry at `seq`.
+    async fn wait_for(&self, seq: u64) {
+        while self.fold.lock().expect("fold lock").last_seq < seq {
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.changed.notified()).await;
+        }
     }
 
     /// Wait until the fold has caught up with everything on the log now.
@@ -344,14 +445,28 @@ impl Worker {
                 }
                 continue;
             }
-            // Then a new claim.
-            let claim = match self.queue.claim(&self.me, Duration::ZERO).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "claiming");
-                    None
-                }
-            };
+            // Then a new claim: from the priority queue first while the log shows a
+            // prioritized test without a result.
+            let pending_priority = self.fold.lock().expect("fold lock").pending_priority > 0;
+            let mut claim = None;
+            if pending_priority {
+                claim = match self.priority.claim(&self.me, Duration::ZERO).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming from the priority queue");
+                        None
+                    }
+                };
+            }
+            if claim.is_none() {
+                claim = match self.queue.claim(&self.me, Duration::ZERO).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming");
+                        None
+                    }
+                };
+            }
             let Some(claim) = claim else {
                 if last_dead_check.elapsed() > Duration::from_secs(5) {
                     last_dead_check = Instant::now();
@@ -361,20 +476,34 @@ impl Worker {
                 continue;
             };
             let Some(i) = self.suite.index(&claim.task_id) else {
-                let _ = self.queue.ack(&claim).await;
+                let _ = self.queue_of(&claim).ack(&claim).await;
                 continue;
             };
             self.sync().await?;
             if self.fold.lock().expect("fold lock").result[i].is_some() {
-                // Reported by a holder that died before acking: finish, do not re-run.
-                let _ = self.queue.ack(&claim).await;
+                // Reported by a holder that died before acking (or by the holder of the
+                // other copy): finish, do not re-run.
+                let _ = self.queue_of(&claim).ack(&claim).await;
+                continue;
+            }
+            let lane = lane_of(&claim);
+            let id = self.suite.id(i);
+            let body = Body::text(format!("{} takes {id}", self.me)).with_json(
+                serde_json::json!({ "op": "claim", "task": id, "delivery": claim.delivery, "queue": lane.as_str() }),
+            );
+            let step = match lane {
+                Lane::Main => format!("claim/{id}/{}", claim.delivery),
+                Lane::Priority => format!("claim/{id}/priority/{}", claim.delivery),
+            };
+            // Everything before this claim on the log is folded once the claim itself is
+            // (the follower brings it: no extra round trip).
+            let at = self.log.append(self.envelope(step, body)).await?.seq;
+            self.wait_for(at).await;
+            if self.other_copy_first(i, lane) {
+                self.yield_copy(i, claim, lane).await?;
                 continue;
             }
             self.held.lock().expect("held lock").insert(i, claim.clone());
-            let id = Suite::id(i);
-            let body = Body::text(format!("{} takes {id}", self.me))
-                .with_json(serde_json::json!({ "op": "claim", "task": id, "delivery": claim.delivery }));
-            self.append(self.envelope(format!("claim/{id}/{}", claim.delivery), body)).await?;
             let deps = self.fold.lock().expect("fold lock").deps_passed(&self.suite, i);
             match deps {
                 Some(true) => self.run_test(i, claim).await?,
@@ -389,16 +518,54 @@ impl Worker {
 
     /// A held test someone else already reported: let it go.
     async fn finish_done(&self, i: usize, claim: &Claim) {
-        let _ = self.queue.ack(claim).await;
+        let _ = self.queue_of(claim).ack(claim).await;
         self.held.lock().expect("held lock").remove(&i);
     }
 
+    /// Whether the test's other copy has an unsettled claim earlier on the log than this
+    /// worker's claim of `lane`, by this worker or by a worker not recorded absent.
+    fn other_copy_first(&self, i: usize, lane: Lane) -> bool {
+        let f = self.fold.lock().expect("fold lock");
+        let mine = f.open[i].iter().find(|c| c.peer == self.me && c.lane == lane).map(|c| c.seq);
+        let Some(mine) = mine else {
+            // Superseded already (a later delivery of this copy was claimed): not ours.
+            return true;
+        };
+        f.open[i].iter().any(|c| c.lane != lane && c.seq < mine && (c.peer == self.me || !f.absent.contains(&c.peer)))
+    }
+
+    /// Give way to the other copy's claimer: a priority copy goes away, a main copy comes
+    /// back after a lease (in case that claimer dies).
+    async fn yield_copy(&self, i: usize, claim: Claim, lane: Lane) -> Result<(), Failure> {
+        let id = self.suite.id(i);
+        let body = Body::text(format!("{} leaves {id} to the claimer of its other copy", self.me)).with_json(
+            serde_json::json!({ "op": "yield", "task": id, "delivery": claim.delivery, "queue": lane.as_str() }),
+        );
+        self.append(self.envelope(format!("yield/{id}/{}/{}", lane.as_str(), claim.delivery), body)).await?;
+        let settled = match lane {
+            Lane::Priority => self.priority.ack(&claim).await,
+            Lane::Main => self.queue.nack(&claim, Duration::from_millis(self.suite.lease_ms)).await,
+        };
+        if let Err(e) = settled {
+            tracing::warn!(test = %id, error = %e, "yielding");
+        }
+        Ok(())
+    }
+
     async fn run_test(&self, i: usize, claim: Claim) -> Result<(), Failure> {
-        tokio::time::sleep(Duration::from_millis(self.suite.duration_ms)).await;
-        let id = Suite::id(i);
+        let ran = match &self.local {
+            None => {
+                let ms = self.suite.duration_of(i);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let outcome = if self.suite.fails(i) { Outcome::Fail } else { Outcome::Pass };
+                Ran { outcome, status: None, output: None, duration_ms: ms }
+            }
+            Some(local) => run_command(&local.tests[i]).await,
+        };
+        let id = self.suite.id(i);
         // Report only while holding the lease: a worker that lost it (it stalled, or the
         // server was away too long) leaves the test to its next holder.
-        if let Err(e) = self.queue.progress(&claim).await {
+        if let Err(e) = self.queue_of(&claim).progress(&claim).await {
             self.held.lock().expect("held lock").remove(&i);
             if e.kind() == QueueErrorKind::LeaseLost {
                 let body = Body::text(format!("{} lost the lease of {id} before reporting", self.me)).with_json(
@@ -410,8 +577,133 @@ impl Worker {
             tracing::warn!(error = %e, "checking a lease before reporting");
             return Ok(());
         }
-        let outcome = if self.suite.fails(i) { Outcome::Fail } else { Outcome::Pass };
-        self.report(i, &claim, outcome, None, Vec::new()).await
+        let failed = ran.outcome == Outcome::Fail;
+        let output = ran.output.clone();
+        self.report(i, &claim, ran, None, Vec::new()).await?;
+        if failed {
+            self.prioritize_affected(i, output.as_deref()).await?;
+        }
+        Ok(())
+    }
+
+    /// Name the tests a failure of `i` likely affects, tell their holders, and move them
+    /// up: the unresolved tests of the same area (not those depending on `i`: they are
+    /// skipped anyway).
+    async fn prioritize_affected(&self, i: usize, output: Option<&str>) -> Result<(), Failure> {
+        let area = self.suite.area(i);
+        self.sync().await?;
+        // Candidates: unresolved, not yet moved up, not depending on `i` (skipped anyway).
+        let open: Vec<usize> = {
+            let f = self.fold.lock().expect("fold lock");
+            (0..self.suite.tests)
+                .filter(|&j| j != i && f.result[j].is_none() && !f.prioritized[j])
+                .filter(|j| !self.dependents[i].contains(j))
+                .collect()
+        };
+        let failed = self.suite.id(i);
+        let mut model_note = serde_json::Value::Null;
+        let (affected, why): (Vec<usize>, String) = match &self.namer {
+            Some(model) => {
+                let (named, note) = self.ask_model(model.as_ref(), i, output, &open).await;
+                model_note = note;
+                (named, format!("named by {}'s model reading {failed}'s output", self.me))
+            }
+            None if area.is_empty() => return Ok(()),
+            None => (
+                open.iter().copied().filter(|&j| self.suite.area(j) == area).take(MAX_PRIORITIZED).collect(),
+                format!("same area ({area}) as {failed}"),
+            ),
+        };
+        if affected.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = affected.iter().map(|&j| self.suite.id(j)).collect();
+        let mut json = serde_json::json!({ "op": "prioritize", "failed": failed, "tests": names, "why": why });
+        if !model_note.is_null() {
+            json["model"] = model_note;
+        }
+        let body =
+            Body::text(format!("{failed} failed; likely affected, moved up: {}", names.join(", "))).with_json(json);
+        self.append(self.envelope(format!("prioritize/{failed}"), body)).await?;
+        let holders: Vec<(usize, PeerId)> = {
+            let f = self.fold.lock().expect("fold lock");
+            affected
+                .iter()
+                .filter_map(|&j| f.holder[j].as_ref().map(|(h, _)| (j, h.clone())))
+                .filter(|(j, h)| *h != self.me && !f.absent.contains(h) && f.result[*j].is_none())
+                .collect()
+        };
+        for (j, holder) in holders {
+            let test = self.suite.id(j);
+            let body = Body::text(format!("{failed} failed; your test {test} is likely affected ({why})"))
+                .with_json(serde_json::json!({ "op": "affected", "failed": failed, "test": test, "why": why }));
+            let step = format!("affected/{failed}/{test}");
+            self.append(collective(&self.session, &self.me, step, Kind::Work, Recipient::Peer(holder), body)).await?;
+        }
+        for &j in &affected {
+            let test = self.suite.id(j);
+            if let Err(e) = self.priority.push(&test, serde_json::json!({ "test": j, "queue": "priority" })).await {
+                // The main copy is still queued: the test only loses its place.
+                tracing::warn!(test = %test, error = %e, "queueing a priority copy");
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask the model which of the `open` tests a failure of `i` likely affects: the
+    /// tests it names and those of the areas it names (unknown names are dropped). The
+    /// note records the model's answer on the log; an unusable answer names nothing.
+    async fn ask_model(
+        &self,
+        model: &dyn ChatModel,
+        i: usize,
+        output: Option<&str>,
+        open: &[usize],
+    ) -> (Vec<usize>, serde_json::Value) {
+        let listed: Vec<String> =
+            open.iter().take(500).map(|&j| format!("{} [{}]", self.suite.id(j), self.suite.area(j))).collect();
+        let prompt = format!(
+            "Test {} (area {:?}) failed. Its output (cut):\n{}\n\nTests not yet run, as `id [area]`:\n{}\n\n\
+             Which of them are likely affected by this failure? Answer with a JSON object: \
+             {{\"tests\": [ids], \"areas\": [areas]}}.",
+            self.suite.id(i),
+            self.suite.area(i),
+            cap_output(output.unwrap_or(""), 4096),
+            listed.join("\n")
+        );
+        let mut req = ChatRequest::simple(self.me.as_str(), &prompt);
+        req.step = Arc::from(format!("affected/{}", self.suite.id(i)).as_str());
+        req.json = true;
+        let answer = match model.chat(&req).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "asking the model which tests a failure affects");
+                return (Vec::new(), serde_json::json!({ "name": model.name(), "error": e.to_string() }));
+            }
+        };
+        let note = serde_json::json!({
+            "name": model.name(),
+            "answer": cap_output(&answer.text, 2048),
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+        });
+        let parsed: Option<serde_json::Value> = serde_json::from_str(answer.text.trim()).ok().or_else(|| {
+            // A JSON object inside other text.
+            let (a, b) = (answer.text.find('{')?, answer.text.rfind('}')?);
+            serde_json::from_str(answer.text.get(a..=b)?).ok()
+        });
+        let Some(parsed) = parsed else { return (Vec::new(), note) };
+        let strings = |key: &str| -> Vec<String> {
+            parsed[key].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+        };
+        let (tests, areas) = (strings("tests"), strings("areas"));
+        let named: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&j| tests.contains(&self.suite.id(j)) || areas.contains(&self.suite.area(j)))
+            .take(MAX_PRIORITIZED)
+            .collect();
+        (named, note)
     }
 
     async fn skip(&self, i: usize, claim: Claim) -> Result<(), Failure> {
@@ -427,9 +719,10 @@ impl Worker {
                 failed.iter().filter_map(|&d| f.result[d].as_ref().map(|(_, id)| id.clone())).collect();
             (failed, parents)
         };
-        let names: Vec<String> = failed.iter().map(|&d| Suite::id(d)).collect();
+        let names: Vec<String> = failed.iter().map(|&d| self.suite.id(d)).collect();
         let why = format!("depends on {} which did not pass", names.join(", "));
-        self.report(i, &claim, Outcome::Skip, Some(why), parents).await
+        let ran = Ran { outcome: Outcome::Skip, status: None, output: None, duration_ms: 0 };
+        self.report(i, &claim, ran, Some(why), parents).await
     }
 
     /// Record a result, tell the holders of dependents when it is not a pass, and ack.
@@ -437,27 +730,45 @@ impl Worker {
         &self,
         i: usize,
         claim: &Claim,
-        outcome: Outcome,
+        ran: Ran,
         why: Option<String>,
         parents: Vec<EnvelopeId>,
     ) -> Result<(), Failure> {
-        let id = Suite::id(i);
-        let text = match &why {
-            Some(why) => format!("{id} {}: {why}", outcome.as_str()),
-            None => format!("{id} {}", outcome.as_str()),
+        let id = self.suite.id(i);
+        let outcome = ran.outcome;
+        let mut text = match (&why, ran.status) {
+            (Some(why), _) => format!("{id} {}: {why}", outcome.as_str()),
+            (None, Some(status)) if status != "passed" && status != "failed" => {
+                format!("{id} {} ({})", outcome.as_str(), status.replace('_', " "))
+            }
+            (None, _) => format!("{id} {}", outcome.as_str()),
         };
-        let body = Body::text(text).with_json(serde_json::json!({
+        if let Some(out) = &ran.output
+            && outcome != Outcome::Pass
+        {
+            text.push('\n');
+            text.push_str(out);
+        }
+        let mut json = serde_json::json!({
             "op": "result",
             "task": id,
             "outcome": outcome,
             "delivery": claim.delivery,
-            "duration_ms": if outcome == Outcome::Skip { 0 } else { self.suite.duration_ms },
-        }));
+            "queue": lane_of(claim).as_str(),
+            "duration_ms": ran.duration_ms,
+        });
+        if let Some(status) = ran.status {
+            json["status"] = status.into();
+        }
+        if let Some(out) = ran.output {
+            json["output"] = out.into();
+        }
+        let body = Body::text(text).with_json(json);
         self.append(self.envelope(format!("result/{id}"), body).with_parents(parents)).await?;
         if outcome != Outcome::Pass {
             self.notify_dependents(i).await?;
         }
-        if let Err(e) = self.queue.ack(claim).await {
+        if let Err(e) = self.queue_of(claim).ack(claim).await {
             // Reported already: whoever gets it next finds the result and lets it go.
             tracing::warn!(test = %id, error = %e, "acking after the result");
         }
@@ -477,9 +788,9 @@ impl Worker {
                 .filter(|(_, h)| *h != self.me && !f.absent.contains(h))
                 .collect()
         };
-        let failed = Suite::id(i);
+        let failed = self.suite.id(i);
         for (d, holder) in holders {
-            let dependent = Suite::id(d);
+            let dependent = self.suite.id(d);
             let body = Body::text(format!("{failed} did not pass; your test {dependent} depends on it"))
                 .with_json(serde_json::json!({ "op": "dependency_failed", "failed": failed, "dependent": dependent }));
             let step = format!("notice/{failed}/{dependent}");
@@ -490,17 +801,17 @@ impl Worker {
 
     /// Hand a test back for later: it waits for dependencies and this worker holds enough.
     async fn defer(&self, i: usize, claim: Claim) -> Result<(), Failure> {
-        let id = Suite::id(i);
+        let id = self.suite.id(i);
         let waiting_for: Vec<String> = {
             let f = self.fold.lock().expect("fold lock");
-            self.suite.deps(i).into_iter().filter(|&d| f.result[d].is_none()).map(Suite::id).collect()
+            self.suite.deps(i).into_iter().filter(|&d| f.result[d].is_none()).map(|d| self.suite.id(d)).collect()
         };
         let body = Body::text(format!("{} defers {id}: it waits for {}", self.me, waiting_for.join(", "))).with_json(
             serde_json::json!({ "op": "defer", "task": id, "delivery": claim.delivery, "waiting_for": waiting_for }),
         );
         self.append(self.envelope(format!("defer/{id}/{}", claim.delivery), body)).await?;
-        let delay = Duration::from_millis(self.suite.duration_ms * 2 + 50);
-        if let Err(e) = self.queue.nack(&claim, delay).await {
+        let delay = Duration::from_millis(self.suite.duration_ms.clamp(100, 5000) * 2 + 50);
+        if let Err(e) = self.queue_of(&claim).nack(&claim, delay).await {
             tracing::warn!(test = %id, error = %e, "deferring");
         }
         self.held.lock().expect("held lock").remove(&i);
@@ -562,4 +873,71 @@ impl Worker {
         );
         self.append(env).await
     }
+}
+
+/// Which queue a claim came from (the priority copies say so in their payload).
+fn lane_of(claim: &Claim) -> Lane {
+    Lane::of(Some(&claim.payload))
+}
+
+/// How a test ran.
+pub(crate) struct Ran {
+    pub(crate) outcome: Outcome,
+    /// `passed`, `failed`, `timed_out` or `error` (could not start), for commands.
+    pub(crate) status: Option<&'static str>,
+    /// The command's output, capped for the log.
+    pub(crate) output: Option<String>,
+    pub(crate) duration_ms: u64,
+}
+
+/// Run one test's command from this machine's suite file, as a command tool.
+pub(crate) async fn run_command(test: &super::file::TestCase) -> Ran {
+    let spec = roundtable_core::tool::CommandSpec {
+        argv: test.cmd.clone(),
+        parameters: serde_json::json!({ "type": "object" }),
+        cwd: test.cwd.clone(),
+        env: Vec::new(),
+        timeout_secs: test.timeout_secs,
+        max_stdout_bytes: CAPTURE_BYTES,
+        max_stderr_bytes: CAPTURE_BYTES,
+    };
+    let started = Instant::now();
+    let (out, timed_out) = roundtable_tools::command::run_literal(&test.cmd, &spec).await;
+    let duration_ms = out.duration_ms.unwrap_or_else(|| started.elapsed().as_millis() as u64);
+    let status = if timed_out {
+        "timed_out"
+    } else if out.outcome == roundtable_core::tool::Outcome::Ok {
+        "passed"
+    } else if out.exit_status.is_none() && out.signal.is_none() {
+        "error"
+    } else {
+        "failed"
+    };
+    let outcome = if status == "passed" { Outcome::Pass } else { Outcome::Fail };
+    Ran { outcome, status: Some(status), output: Some(cap_output(&out.output, LOG_OUTPUT_BYTES)), duration_ms }
+}
+
+/// At most about `cap` bytes of `text`: its head and its tail around a marker saying how
+/// much was cut (the end of a failing test's output is usually what matters).
+pub(crate) fn cap_output(text: &str, cap: usize) -> String {
+    if text.len() <= cap {
+        return text.to_owned();
+    }
+    let head_end = floor_char(text, cap / 4);
+    let tail_start = ceil_char(text, text.len() - (cap - cap / 4));
+    format!("{}\n[… {} bytes of output cut …]\n{}", &text[..head_end], tail_start - head_end, &text[tail_start..])
+}
+
+fn floor_char(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn ceil_char(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    i
 }
