@@ -75,6 +75,12 @@ pub(crate) struct NatsArgs {
     /// Require TLS even when the URL does not say tls://.
     #[arg(long, env = "ROUNDTABLE_NATS_TLS", requires = "nats")]
     nats_tls: bool,
+    /// Copies of each session stream and bucket this process creates, on as many
+    /// servers of a JetStream cluster (3 survives the loss of any one server); 1 for a
+    /// single server. Sessions that exist keep theirs.
+    #[arg(long, env = "ROUNDTABLE_NATS_REPLICAS", value_name = "N",
+          value_parser = clap::value_parser!(u8).range(1..=roundtable_nats::MAX_REPLICAS as i64), requires = "nats")]
+    nats_replicas: Option<u8>,
 }
 
 fn readable(flag: &str, path: &Path) -> Result<(), Failure> {
@@ -141,6 +147,9 @@ impl NatsArgs {
         check_url(url)?;
         let backend =
             NatsBackend::connect_with(url, self.options()?).await.map_err(|e| Failure::Runtime(e.to_string()))?;
+        let backend = backend
+            .with_replicas(usize::from(self.nats_replicas.unwrap_or(1)))
+            .map_err(|e| Failure::Input(format!("--nats-replicas: {e}")))?;
         Ok(if patient { backend.patient() } else { backend })
     }
 
@@ -159,6 +168,7 @@ impl NatsArgs {
             ("NATS_CERT", path(&self.nats_cert)),
             ("NATS_KEY", path(&self.nats_key)),
             ("ROUNDTABLE_NATS_TLS", self.nats_tls.then(|| "true".to_owned())),
+            ("ROUNDTABLE_NATS_REPLICAS", self.nats_replicas.map(|n| n.to_string())),
         ];
         vars.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect()
     }

@@ -166,6 +166,9 @@ pub enum ProviderSpec {
         /// Start a list over when it runs out (plans stored before this existed did).
         #[serde(default = "yes")]
         cycle: bool,
+        /// How long each call takes, in ms (a slow model, rehearsed offline).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        delay_ms: u64,
     },
     Simulated {
         p_correct: f64,
@@ -183,6 +186,10 @@ pub enum ProviderSpec {
 
 fn yes() -> bool {
     true
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ProviderSpec {
@@ -420,6 +427,10 @@ struct RawModel {
     /// running out of replies is an error naming the peer and the call.
     #[schemars(extend("default" = false))]
     cycle: Option<bool>,
+    /// scripted: seconds each call takes before it answers, to rehearse a slow model
+    /// offline (kills and restarts in the middle of a call).
+    #[schemars(with = "Option<f64>", range(min = 0.0, max = 3600.0), extend("default" = 0))]
+    delay_secs: Option<Spanned<f64>>,
     /// simulated: the probability that an answer is correct.
     #[schemars(range(min = 0.0, max = 1.0), extend("default" = 0.7))]
     p_correct: Option<f64>,
@@ -688,6 +699,8 @@ pub mod ranges {
     pub const DELIVERIES: Range<u64> = (1, 1000);
     /// Re-announcements of one contract-net task.
     pub const REANNOUNCE: Range<u64> = (0, 1000);
+    /// How long a scripted model's call takes, in seconds (up to an hour).
+    pub const SCRIPTED_DELAY_SECS: Range<f64> = (0.0, 3600.0);
     /// Heartbeat and absence intervals in seconds.
     pub const PRESENCE_SECS: Range<f64> = (0.01, 86_400.0);
     /// Fractions: confidence, convergence, thresholds, probabilities.
@@ -1186,7 +1199,14 @@ fn validate_model(cx: &mut Ctx<'_>, key: &str, at: usize, m: RawModel, env: &dyn
                     "a scripted model needs `replies`, `per_peer` or `replies_file`",
                 );
             }
-            ProviderSpec::Scripted { replies, per_peer, summary_replies, cycle: m.cycle.unwrap_or(false) }
+            let delay = cx.real(m.delay_secs, &format!("{path}.delay_secs"), ranges::SCRIPTED_DELAY_SECS);
+            ProviderSpec::Scripted {
+                replies,
+                per_peer,
+                summary_replies,
+                cycle: m.cycle.unwrap_or(false),
+                delay_ms: delay.map_or(0, ranges::millis),
+            }
         }
         ProviderKind::Simulated => {
             let p = m.p_correct.unwrap_or(0.7);

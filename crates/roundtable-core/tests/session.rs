@@ -182,6 +182,7 @@ async fn a_failing_peer_is_recorded_and_the_ring_moves_on() {
                 per_peer: Default::default(),
                 summary_replies: Vec::new(),
                 cycle: true,
+                delay_ms: 0,
             },
             ..plan.models["s"].clone()
         },

@@ -32,11 +32,11 @@ fn wrong_revision(key: &str, expected: u64) -> BoardError {
 }
 
 impl NatsBoard {
-    /// Open (creating when needed) the blackboard of `session`.
-    pub async fn open(js: &jetstream::Context, session: &SessionId) -> Result<NatsBoard, BoardError> {
+    /// Open (creating when needed, with `replicas` copies) the blackboard of `session`.
+    pub async fn open(js: &jetstream::Context, session: &SessionId, replicas: usize) -> Result<NatsBoard, BoardError> {
         let bucket = format!("RTB_{}", token(session.as_str()));
         let description = format!("blackboard of session {session}");
-        let kv = open_bucket(js, &bucket, description, 64, Duration::ZERO)
+        let kv = open_bucket(js, &bucket, description, 64, Duration::ZERO, replicas)
             .await
             .map_err(|e| board_error(&format!("opening the blackboard of session {session}"), e))?;
         Ok(NatsBoard { kv, js: js.clone() })

@@ -80,6 +80,8 @@ pub struct NatsBackend {
     connected_ms: Arc<AtomicU64>,
     patient: bool,
     signers: Arc<roundtable_core::trust::Signers>,
+    /// How many servers of a cluster keep a copy of each stream and bucket created.
+    replicas: usize,
 }
 
 #[derive(Default)]
@@ -142,7 +144,9 @@ impl NatsBackend {
         // seen with its cause: a server not up yet is waited for, a refusal is final.
         let client = loop {
             attempt += 1;
-            let error = match options.clone().connect(url).await {
+            // The client takes a list of addresses, not one string with commas in it.
+            let addrs: Vec<&str> = url.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+            let error = match options.clone().connect(addrs).await {
                 Ok(client) => break client,
                 Err(e) => e,
             };
@@ -184,7 +188,31 @@ impl NatsBackend {
             connected_ms: Arc::new(AtomicU64::new(now_ms())),
             patient: false,
             signers: Arc::default(),
+            replicas: 1,
         }
+    }
+
+    /// Create every stream and bucket (log, blackboard, work queue, presence) with
+    /// `replicas` copies, on that many servers of a JetStream cluster: with 3, a session
+    /// survives the loss of any one server, and an acknowledged append is on a majority
+    /// of the copies. 1 (the default) is what a single server can hold. Streams that
+    /// exist keep the count they were created with. Valid: 1 to [`MAX_REPLICAS`]; a
+    /// count above the cluster's size makes creating a session fail with the server's
+    /// reason.
+    pub fn with_replicas(mut self, replicas: usize) -> Result<NatsBackend, BusError> {
+        if !(1..=MAX_REPLICAS).contains(&replicas) {
+            return Err(BusError::new(
+                BusErrorKind::Storage,
+                format!("{replicas} replicas: valid counts are 1 to {MAX_REPLICAS}"),
+            ));
+        }
+        self.replicas = replicas;
+        Ok(self)
+    }
+
+    /// The replica count streams and buckets are created with.
+    pub fn replicas(&self) -> usize {
+        self.replicas
     }
 
     /// Parts that wait out a server that cannot be reached instead of failing: see
@@ -243,6 +271,9 @@ pub(crate) async fn publish_acked(
     }
 }
 
+/// The most copies JetStream keeps of a stream (its own limit).
+pub const MAX_REPLICAS: usize = 5;
+
 /// The longest wait between two reconnection attempts.
 pub(crate) const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
@@ -267,7 +298,7 @@ impl Backend for NatsBackend {
     }
 
     fn logs(&self) -> Arc<dyn LogStore> {
-        let store = NatsLogStore::new(self.js.clone()).with_signers(self.signers.clone());
+        let store = NatsLogStore::new(self.js.clone()).with_signers(self.signers.clone()).with_replicas(self.replicas);
         if self.patient { Arc::new(patient::PatientStore::new(Arc::new(store))) } else { Arc::new(store) }
     }
 
@@ -275,7 +306,7 @@ impl Backend for NatsBackend {
         if let Some(b) = self.parts.lock().expect("parts lock").boards.get(session) {
             return Ok(b.clone());
         }
-        let board: Arc<dyn Blackboard> = Arc::new(NatsBoard::open(&self.js, session).await?);
+        let board: Arc<dyn Blackboard> = Arc::new(NatsBoard::open(&self.js, session, self.replicas).await?);
         let board = if self.patient { Arc::new(patient::PatientBoard::new(board)) } else { board };
         let mut parts = self.parts.lock().expect("parts lock");
         Ok(parts.boards.entry(session.clone()).or_insert(board).clone())
@@ -285,7 +316,7 @@ impl Backend for NatsBackend {
         if let Some(q) = self.parts.lock().expect("parts lock").queues.get(session) {
             return Ok(q.clone());
         }
-        let queue: Arc<dyn WorkQueue> = Arc::new(NatsWorkQueue::open(&self.js, session, config).await?);
+        let queue: Arc<dyn WorkQueue> = Arc::new(NatsWorkQueue::open(&self.js, session, config, self.replicas).await?);
         let queue = if self.patient { Arc::new(patient::PatientQueue::new(queue)) } else { queue };
         let mut parts = self.parts.lock().expect("parts lock");
         Ok(parts.queues.entry(session.clone()).or_insert(queue).clone())
@@ -295,13 +326,13 @@ impl Backend for NatsBackend {
         if let Some(p) = self.parts.lock().expect("parts lock").presence.get(session) {
             return Ok(p.clone());
         }
-        let presence = Arc::new(NatsPresence::open(&self.js, session, self.connected_ms.clone()).await?);
+        let presence = Arc::new(NatsPresence::open(&self.js, session, self.connected_ms.clone(), self.replicas).await?);
         let mut parts = self.parts.lock().expect("parts lock");
         Ok(parts.presence.entry(session.clone()).or_insert(presence).clone())
     }
 }
 
-/// Open the KV bucket `bucket`, creating it when missing.
+/// Open the KV bucket `bucket`, creating it when missing, with `replicas` copies.
 ///
 /// Created here rather than with `create_key_value`, which first asks for the account's
 /// info in a shape nats-server 2.9 does not answer with; the stream is the one
@@ -312,6 +343,7 @@ pub(crate) async fn open_bucket(
     description: String,
     history: i64,
     max_age: Duration,
+    replicas: usize,
 ) -> Result<jetstream::kv::Store, String> {
     if let Ok(kv) = js.get_key_value(bucket).await {
         return Ok(kv);
@@ -327,7 +359,7 @@ pub(crate) async fn open_bucket(
         deny_delete: true,
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
     // Another process may create it at the same moment: same config, same stream.

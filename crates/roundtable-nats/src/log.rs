@@ -80,8 +80,9 @@ fn subject_prefix(session: &SessionId) -> String {
     format!("rt.{}.log.", token(session.as_str()))
 }
 
-fn stream_config(session: &SessionId) -> stream::Config {
+fn stream_config(session: &SessionId, replicas: usize) -> stream::Config {
     stream::Config {
+        num_replicas: replicas,
         name: stream_name(session),
         description: Some(session.as_str().to_owned()),
         subjects: vec![format!("{}*", subject_prefix(session))],
@@ -570,11 +571,18 @@ impl SessionLog for NatsLog {
 pub struct NatsLogStore {
     js: jetstream::Context,
     signers: Arc<Signers>,
+    replicas: usize,
 }
 
 impl NatsLogStore {
     pub fn new(js: jetstream::Context) -> Self {
-        NatsLogStore { js, signers: Arc::default() }
+        NatsLogStore { js, signers: Arc::default(), replicas: 1 }
+    }
+
+    /// Create session streams with `replicas` copies (see `NatsBackend::with_replicas`).
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
     }
 
     /// Sign what is appended with these keys (see the module docs).
@@ -639,7 +647,10 @@ impl LogStore for NatsLogStore {
     async fn open(&self, session: &SessionId, create: bool) -> Result<Arc<dyn SessionLog>, LogError> {
         let what = || format!("opening session {session}");
         let stream = if create {
-            self.js.get_or_create_stream(stream_config(session)).await.map_err(|e| log_error(&what(), e))?
+            self.js
+                .get_or_create_stream(stream_config(session, self.replicas))
+                .await
+                .map_err(|e| log_error(&what(), e))?
         } else {
             match self.js.get_stream(stream_name(session)).await {
                 Ok(s) => s,

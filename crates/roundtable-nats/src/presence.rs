@@ -35,17 +35,18 @@ pub struct NatsPresence {
 }
 
 impl NatsPresence {
-    /// Open (creating when needed) the presence bucket of `session`. `connected_ms` is
+    /// Open (creating when needed, with `replicas` copies) the presence bucket of `session`. `connected_ms` is
     /// when this process last (re)connected to the server (ms since the epoch), kept up
     /// to date by the connection.
     pub async fn open(
         js: &jetstream::Context,
         session: &SessionId,
         connected_ms: Arc<AtomicU64>,
+        replicas: usize,
     ) -> Result<NatsPresence, BusError> {
         let bucket = format!("RTP_{}", token(session.as_str()));
         let description = format!("heartbeats of session {session}");
-        let kv = open_bucket(js, &bucket, description, 1, Duration::from_secs(24 * 3600))
+        let kv = open_bucket(js, &bucket, description, 1, Duration::from_secs(24 * 3600), replicas)
             .await
             .map_err(|e| bus_error(&format!("opening presence of session {session}"), e))?;
         Ok(NatsPresence { kv, client: js.client(), connected_ms })

@@ -101,13 +101,15 @@ fn lost(claim: &Claim, why: &str) -> QueueError {
 }
 
 impl NatsWorkQueue {
-    /// Open (creating when needed) the work queue of `session`. When the queue exists,
+    /// Open (creating when needed, with `replicas` copies of its stream and buckets)
+    /// the work queue of `session`. When the queue exists,
     /// it keeps the lease and `max_deliver` it was created with, whatever `config` says
     /// ([`WorkQueue::config`] tells which).
     pub async fn open(
         js: &jetstream::Context,
         session: &SessionId,
         config: QueueConfig,
+        replicas: usize,
     ) -> Result<NatsWorkQueue, QueueError> {
         let tok = token(session.as_str());
         let subject = format!("rtq.{tok}.tasks");
@@ -119,6 +121,7 @@ impl NatsWorkQueue {
                 subjects: vec![subject.clone()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
@@ -153,7 +156,7 @@ impl NatsWorkQueue {
             let name = format!("RTQ{kind}_{tok}");
             let description = format!("{about} of session {session}");
             let what = &what;
-            async move { open_bucket(js, &name, description, 1, max_age).await.map_err(|e| queue_error(what, e)) }
+            async move { open_bucket(js, &name, description, 1, max_age, replicas).await.map_err(|e| queue_error(what, e)) }
         };
         // A lease record outlives its lease by one more lease at most: after that its
         // deadline has passed, and the server drops it (and a removal's marker), so that

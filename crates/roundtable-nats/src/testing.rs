@@ -1,6 +1,7 @@
 //! A nats-server of a test's own: a free port on 127.0.0.1, JetStream on, a temporary
 //! store directory; killed when dropped, and able to be stopped and started again on the
-//! same port and store (to test what survives a server restart).
+//! same port and store (to test what survives a server restart). [`NatsCluster`]: three
+//! (or more) of them routed into one JetStream cluster, each killable on its own.
 //!
 //! The binary is `nats-server` on `PATH`, else `/usr/sbin/nats-server`, or the path in
 //! `ROUNDTABLE_NATS_SERVER`. A missing binary is a test failure that says how to install
@@ -137,6 +138,88 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A JetStream cluster of servers of a test's own, each on its own client and route
+/// ports with its own store directory, routed to all the others. Streams created with
+/// `num_replicas` up to the cluster's size keep a copy on that many servers, so killing
+/// one server (a minority) loses nothing that was acknowledged.
+pub struct NatsCluster {
+    servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Start `size` routed servers (named `rt-1` …) and wait until each accepts
+    /// connections. The cluster may still be electing its JetStream leader: see
+    /// [`NatsCluster::wait_for_jetstream`].
+    pub fn start(size: usize) -> NatsCluster {
+        assert!(size >= 1, "a cluster has at least one server");
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let servers = (0..size)
+            .map(|i| {
+                let others: Vec<String> = routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| format!("nats://127.0.0.1:{p}"))
+                    .collect();
+                let name = format!("rt-{}", i + 1);
+                let listen = format!("nats://127.0.0.1:{}", routes[i]);
+                let others = others.join(",");
+                let mut args = vec!["-n", name.as_str(), "--cluster_name", "rt-test", "--cluster", listen.as_str()];
+                if !others.is_empty() {
+                    args.extend(["--routes", others.as_str()]);
+                }
+                NatsServer::start_with(&args)
+            })
+            .collect();
+        NatsCluster { servers }
+    }
+
+    /// Every server's URL, separated by commas (what `--nats` takes): a client goes to
+    /// another when the one it is connected to dies.
+    pub fn urls(&self) -> String {
+        self.servers.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Server `i` (from 0), to kill and start again.
+    pub fn server(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.servers[i]
+    }
+
+    pub fn size(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// Wait until the cluster can create a stream with `replicas` copies (its
+    /// JetStream meta leader is elected and enough servers are up), up to 60 s; panics
+    /// with the last refusal otherwise.
+    pub async fn wait_for_jetstream(&self, replicas: usize) {
+        let addrs: Vec<async_nats::ServerAddr> =
+            self.servers.iter().map(|s| s.url().parse().expect("a server address")).collect();
+        let client = async_nats::connect(addrs).await.expect("connect to the cluster");
+        let js = async_nats::jetstream::new(client);
+        let start = Instant::now();
+        loop {
+            let config = async_nats::jetstream::stream::Config {
+                name: "RT_CLUSTER_PROBE".into(),
+                subjects: vec!["rt-cluster-probe".into()],
+                num_replicas: replicas,
+                storage: async_nats::jetstream::stream::StorageType::Memory,
+                ..Default::default()
+            };
+            match js.get_or_create_stream(config).await {
+                Ok(_) => {
+                    let _ = js.delete_stream("RT_CLUSTER_PROBE").await;
+                    return;
+                }
+                Err(e) if start.elapsed() > Duration::from_secs(60) => {
+                    panic!("the cluster cannot create an R{replicas} stream within 60 s: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 }
 

@@ -13,6 +13,9 @@
 //! `{step}`, `{n}` (the call's number for this peer, from 1) and `{round}` (the
 //! protocol round, from 1).
 //!
+//! `delay_secs` makes every call take that long before it answers, so that a demo or
+//! a test can kill a peer or a server in the middle of a call, offline.
+//!
 //! A reply of the form `!error KIND message` fails the call with that error kind
 //! (`server`, `rate_limited`, `timeout`, `empty`, `auth`, …), to rehearse failures
 //! offline.
@@ -42,6 +45,7 @@ pub struct Scripted {
     per_peer: HashMap<PeerId, Vec<String>>,
     summaries: Vec<String>,
     cycle: bool,
+    delay: std::time::Duration,
 }
 
 /// What a call gets from the script.
@@ -58,16 +62,34 @@ enum Pick<'a> {
 impl Scripted {
     /// A script that cycles through its lists (see [`Scripted::cycling`]).
     pub fn new(name: impl Into<String>, shared: Vec<String>, per_peer: HashMap<PeerId, Vec<String>>) -> Self {
-        Scripted { name: name.into(), shared, per_peer, summaries: Vec::new(), cycle: true }
+        Scripted {
+            name: name.into(),
+            shared,
+            per_peer,
+            summaries: Vec::new(),
+            cycle: true,
+            delay: std::time::Duration::ZERO,
+        }
     }
 
     /// The scripted model of a team file's `[models.NAME]`, if it is one.
     pub fn from_spec(name: impl Into<String>, spec: &crate::team::ProviderSpec) -> Option<Self> {
-        let crate::team::ProviderSpec::Scripted { replies, per_peer, summary_replies, cycle } = spec else {
+        let crate::team::ProviderSpec::Scripted { replies, per_peer, summary_replies, cycle, delay_ms } = spec else {
             return None;
         };
         let per_peer = per_peer.iter().map(|(k, v)| (PeerId::from(k.as_str()), v.clone())).collect();
-        Some(Scripted::new(name, replies.clone(), per_peer).with_summaries(summary_replies.clone()).cycling(*cycle))
+        Some(
+            Scripted::new(name, replies.clone(), per_peer)
+                .with_summaries(summary_replies.clone())
+                .cycling(*cycle)
+                .delayed(std::time::Duration::from_millis(*delay_ms)),
+        )
+    }
+
+    /// Take `delay` over each call before answering, like a slow model.
+    pub fn delayed(mut self, delay: std::time::Duration) -> Self {
+        self.delay = delay;
+        self
     }
 
     /// Whether a list that runs out starts over (true) or fails the call (false).
@@ -169,6 +191,9 @@ impl ChatModel for Scripted {
     }
 
     async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         let default_summary;
         let template = match self.pick(req) {
             Pick::Reply(t) => t,
