@@ -15,7 +15,7 @@ use roundtable_bench::mock::MockModel;
 use roundtable_bench::workloads::group_chat_plan;
 use roundtable_core::chain::Chain;
 use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Recipient, SessionId};
-use roundtable_core::log::{LogStore, MemStore, SessionLog};
+use roundtable_core::log::{LogStore, MemStore};
 use roundtable_core::model::ChatModel;
 use roundtable_core::runner::{open_session, run_peers};
 use roundtable_core::session::new_session_id;
