@@ -6,8 +6,10 @@ mod eval;
 mod factory;
 mod keys;
 mod nats;
+mod natsconfig;
 mod observe;
 mod render;
+mod seal;
 mod worktest;
 
 use std::io::Write;
@@ -130,8 +132,17 @@ enum Command {
         #[command(flatten)]
         remote: nats::NatsArgs,
     },
-    /// Load a session from a JSON-lines export (all or nothing).
+    /// Load a session from a JSON-lines export (all or nothing). A sealed export is
+    /// checked against its seal first: one that was altered is refused with the line.
     Import { file: PathBuf },
+    /// Check an export against its seal (every envelope as sealed, in order, none
+    /// dropped or added) and the session's rules, importing nothing.
+    Verify {
+        file: PathBuf,
+        /// Require the seal to be signed by this public key (64 hex digits).
+        #[arg(long, value_name = "HEX")]
+        key: Option<String>,
+    },
     /// Compare collaboration patterns on tasks with known answers (accuracy with a 95%
     /// interval, calls, tokens, time), always with the single-agent and sample-and-vote
     /// baselines at an equal number of calls.
@@ -185,6 +196,9 @@ enum Command {
     /// Peers' signing keys: `keys new --peer ID` makes one (see the team file's
     /// `public_key`).
     Keys(keys::KeysArgs),
+    /// Write a nats-server configuration for a team: one user per peer with an NKey,
+    /// allowed to publish only its own envelopes, and the peers' seed files.
+    NatsConfig(natsconfig::NatsConfigArgs),
 }
 
 /// A failure, with the exit code it maps to.
@@ -248,6 +262,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     let dir = data_dir(&cli.data_dir);
     match cli.command {
         Command::Keys(args) => keys::run(&dir, args),
+        Command::NatsConfig(args) => natsconfig::run(args),
         Command::Eval(args) => {
             eval::run(args).await?;
             Ok(ExitCode::SUCCESS)
@@ -424,12 +439,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             let log = open_log(&dir, &remote, &session).await?;
             match output {
                 Some(path) => {
-                    let n = export_to(log.as_ref(), &path).await?;
+                    let n = export_to(log.as_ref(), &path, &seal::key(&dir)?).await?;
                     eprintln!("Wrote {n} envelopes to {}", path.display());
                 }
                 None => {
+                    let key = seal::key(&dir)?;
                     let mut out = std::io::stdout().lock();
-                    jsonl::export(log.as_ref(), &mut out).await?;
+                    jsonl::export_sealed(log.as_ref(), &mut out, &key).await?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -440,12 +456,33 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Replay(args) => observe::replay_cmd(&dir, args).await,
         Command::Fork(args) => observe::fork(&dir, args).await,
         Command::Ui(args) => observe::ui(&dir, args).await,
+        Command::Verify { file, key } => {
+            let (lines, sealed) = seal::read_export(&file, true)?;
+            let sealed = sealed.expect("read_export requires a seal");
+            if let Some(want) = key {
+                let want = roundtable_core::trust::PublicKey::parse(want.trim())
+                    .map_err(|e| Failure::Input(format!("--key: {e}")))?;
+                if want != sealed {
+                    return Err(Failure::Input(format!(
+                        "{}: sealed by key {}, not by the key given",
+                        file.display(),
+                        sealed.to_hex()
+                    )));
+                }
+            }
+            let own = seal::key(&dir).ok().map(|k| k.public()) == Some(sealed);
+            println!(
+                "{}: {} envelopes of session {}, as sealed by key {}{}",
+                file.display(),
+                lines.len(),
+                lines[0].1.session,
+                sealed.to_hex(),
+                if own { " (this data directory's)" } else { "" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Import { file } => {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| Failure::Input(format!("{}: {e}", file.display())))?;
-            let name = file.display().to_string();
-            let lines = jsonl::parse_lines(&name, &text).map_err(|e| Failure::Input(e.to_string()))?;
-            jsonl::check_session(&name, &lines, roster_of).map_err(|e| Failure::Input(e.to_string()))?;
+            let (lines, _) = seal::read_export(&file, false)?;
             let envs: Vec<_> = lines.into_iter().map(|(_, e)| e).collect();
             let store = open_store(&dir, true, Durability::Normal)?;
             let session = store.import(&envs)?;
@@ -470,7 +507,7 @@ fn roster_of(task: &roundtable_core::Envelope) -> Result<std::collections::BTree
 /// it, so a failed export leaves nothing behind and a reader never sees half a file.
 /// Only a regular file is replaced: a directory, symlink, FIFO or device at `path` is
 /// refused before anything is written.
-async fn export_to(log: &dyn SessionLog, path: &Path) -> Result<u64, Failure> {
+async fn export_to(log: &dyn SessionLog, path: &Path, key: &roundtable_core::trust::SecretKey) -> Result<u64, Failure> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_file() => {
@@ -507,7 +544,7 @@ async fn export_to(log: &dyn SessionLog, path: &Path) -> Result<u64, Failure> {
         .tempfile_in(dir)
         .map_err(|e| Failure::Input(format!("{}: {e}", dir.display())))?;
     let mut out = std::io::BufWriter::new(tmp.as_file_mut());
-    let n = jsonl::export(log, &mut out).await?;
+    let n = jsonl::export_sealed(log, &mut out, key).await?;
     out.flush().map_err(io)?;
     drop(out);
     tmp.as_file().sync_all().map_err(io)?;

@@ -347,6 +347,11 @@ pub(crate) async fn resume(
 
 /// The plan in a session's task, waiting for the task when the log is still empty.
 async fn task_plan(log: &Arc<dyn SessionLog>) -> Result<TeamPlan, Failure> {
+    Ok(task_and_plan(log).await?.1)
+}
+
+/// The session's task envelope (waiting for it) and the plan it carries.
+async fn task_and_plan(log: &Arc<dyn SessionLog>) -> Result<(Arc<roundtable_core::Envelope>, TeamPlan), Failure> {
     let session = log.session().clone();
     let mut tail = log.tail(1).await?;
     let first = match tail.next().await {
@@ -356,7 +361,8 @@ async fn task_plan(log: &Arc<dyn SessionLog>) -> Result<TeamPlan, Failure> {
     if first.env.kind != Kind::Task {
         return Err(Failure::Input(format!("session {session} does not start with a task envelope")));
     }
-    plan_of(&first.env).map_err(|e| Failure::Input(format!("session {session}: {e}")))
+    let plan = plan_of(&first.env).map_err(|e| Failure::Input(format!("session {session}: {e}")))?;
+    Ok((first.env, plan))
 }
 
 /// `roundtable peer`.
@@ -406,12 +412,21 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
     } else if log.last_seq().await? == 0 && !args.json {
         eprintln!("Waiting for session {session}'s task…");
     }
-    let plan = task_plan(&log).await?;
+    let (task, plan) = task_and_plan(&log).await?;
     if !known(&plan) {
         return Err(Failure::Input(format!("session {session} has no peer {me:?}; its peers are {}", ids(&plan))));
     }
     let differences = roundtable_core::trust::executable_differences(&plan, &local);
-    if !differences.is_empty() {
+    if let Some(key) =
+        (!differences.is_empty()).then(|| roundtable_core::trust::trusted_plan_signer(&task, &local)).flatten()
+    {
+        eprintln!(
+            "warning: session {session} runs the plan in its task, which differs from {} in what this peer              executes; the task is signed by {}, which [trust] plan_signers trusts:\n  {}",
+            args.team.display(),
+            key.to_hex(),
+            differences.join("\n  ")
+        );
+    } else if !differences.is_empty() {
         return Err(Failure::Input(format!(
             "session {session}: its task would have this peer run what {} does not say; refusing to join:\n  {}",
             args.team.display(),

@@ -30,7 +30,11 @@ fn json(o: &Output) -> serde_json::Value {
 fn envelopes(id: &str, data: &Path) -> Vec<serde_json::Value> {
     let o = run(&["export", id], data);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    // The last line is the export's seal, not an envelope.
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, seal) = roundtable_core::chain::split_seal(&text);
+    assert!(seal.is_some(), "an export is sealed");
+    body.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn of_kind<'a>(log: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {

@@ -280,7 +280,7 @@ fn peer_processes_run_a_session_as_one_process_does_and_it_reads_back_from_nats(
         assert!(stdout(&o).contains(needle), "transcript lacks {needle:?}:\n{}", stdout(&o));
     }
     let o = bin().args(["export", "debate-1", "--nats", &url]).output().unwrap();
-    assert_eq!(stdout(&o).lines().count(), log.len());
+    assert_eq!(stdout(&o).lines().count(), log.len() + 1, "every envelope, then the seal");
     let o = bin().args(["log", "no-such-session", "--nats", &url]).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "an unknown session is bad input: {}", stderr(&o));
 }

@@ -126,8 +126,11 @@ fn a_fork_continues_from_a_prefix_with_one_message_edited() {
     assert_ne!(new, id);
     assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 3 rounds"), "{s}");
     assert_eq!(session_count(d), 2);
-    let lines: Vec<serde_json::Value> =
-        stdout(&run(&["export", &new], d)).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = roundtable_core::chain::split_seal(&stdout(&run(&["export", &new], d)))
+        .0
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 12);
     assert_eq!(lines[3]["body"]["text"], edited);
     assert_eq!(lines[0]["body"]["json"]["forked_from"]["session"], id.as_str());
@@ -186,8 +189,13 @@ fn bad_input_exits_2_with_a_clear_error_and_writes_nothing() {
 
     // An export cut off mid-line, and one with a damaged line.
     let export = stdout(&run(&["export", &id], d));
+    // Cut through its seal (the last line), then through its last envelope.
+    let cut_seal = d.join("cut-seal.jsonl");
+    std::fs::write(&cut_seal, &export[..export.len() - 40]).unwrap();
+    expect_2(&["trace", cut_seal.to_str().unwrap()], "cut-seal.jsonl:13: not a seal");
+    let body = roundtable_core::chain::split_seal(&export).0;
     let cut = d.join("cut.jsonl");
-    std::fs::write(&cut, &export[..export.len() - 40]).unwrap();
+    std::fs::write(&cut, &body[..body.len() - 40]).unwrap();
     let cut_s = cut.to_str().unwrap();
     expect_2(&["trace", cut_s], "cut.jsonl:12:");
     expect_2(&["replay", cut_s], "cut.jsonl:12:");
@@ -659,7 +667,10 @@ fn replay_exits_1_at_a_divergence_and_names_it() {
     let id = run_session(&examples().join("api-design.toml"), d);
     let o = run(&["export", &id], d);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let text = stdout(&o);
+    let (body, seal) = roundtable_core::chain::split_seal(&text);
+    let seal = seal.expect("a sealed export").1.to_owned();
+    let mut lines: Vec<serde_json::Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     // The faithful recording replays with exit 0.
     let faithful = d.join("faithful.jsonl");
     std::fs::write(&faithful, lines.iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
@@ -668,6 +679,13 @@ fn replay_exits_1_at_a_divergence_and_names_it() {
     // A stop whose reason the log does not support: the replay decides otherwise.
     let stop = lines.iter_mut().find(|e| e["kind"] == "stop").unwrap();
     stop["body"]["json"]["reason"] = serde_json::json!("completed: 99 rounds");
+    // With its seal, the altered file is refused before anything is replayed.
+    let sealed = d.join("altered-sealed.jsonl");
+    std::fs::write(&sealed, lines.iter().map(|e| format!("{e}\n")).collect::<String>() + &seal + "\n").unwrap();
+    let o = run(&["replay", sealed.to_str().unwrap()], d);
+    assert_eq!(o.status.code(), Some(2), "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("not the one sealed at its place"), "{}", stderr(&o));
+    // Without it (as a forger would leave it), the replay finds the stop does not follow.
     let altered = d.join("altered.jsonl");
     std::fs::write(&altered, lines.iter().map(|e| format!("{e}\n")).collect::<String>()).unwrap();
     let o = run(&["replay", altered.to_str().unwrap()], d);

@@ -14,7 +14,7 @@ use roundtable_core::runner::open_session;
 use roundtable_core::team::{PlanEnv, parse_team};
 use roundtable_core::trust::{SecretKey, sign};
 use roundtable_nats::testing::NatsServer;
-use roundtable_nats::{NatsBackend, REJECTED_FROM, token};
+use roundtable_nats::{NatsBackend, REJECTED_FROM, log_subject, token};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -214,8 +214,7 @@ fn publish(rt: &tokio::runtime::Runtime, url: &str, env: &Envelope) {
     rt.block_on(async {
         let client = async_nats::connect(url).await.expect("connect");
         let js = async_nats::jetstream::new(client);
-        let subject = format!("rt.{}.log.{}", token(env.session.as_str()), token(env.id.as_str()));
-        js.publish(subject, env.to_json().into()).await.expect("publish").await.expect("the server stores it");
+        js.publish(log_subject(env), env.to_json().into()).await.expect("publish").await.expect("the server stores it");
     });
 }
 
@@ -430,8 +429,9 @@ fn squatted_steps_and_replayed_envelopes_stall_no_one() {
     let dir = tempfile::tempdir().unwrap();
     let team = signed_team(dir.path());
     let session = SessionId::from("squatted");
-    let subject = |id: &roundtable_core::EnvelopeId, suffix: &str| {
-        format!("rt.{}.log.{}{suffix}", token(session.as_str()), token(id.as_str()))
+    // Subjects name the author of what goes on them: `~` for shared envelopes.
+    let subject = |author: &str, id: &roundtable_core::EnvelopeId, suffix: &str| {
+        format!("rt.{}.log.{author}.{}{suffix}", token(session.as_str()), token(id.as_str()))
     };
 
     let a = start_peer(&team, "a", &url, session.as_str(), dir.path());
@@ -449,15 +449,15 @@ fn squatted_steps_and_replayed_envelopes_stall_no_one() {
     // (a decision any peer records), and a's first turn, signed and all, published
     // again on a subject it may take.
     let b_turn = roundtable_core::EnvelopeId::derive(&session, &PeerId::from("b"), "turn/1");
-    publish_raw(&rt, &url, subject(&b_turn, ""), b"junk".to_vec());
-    publish_raw(&rt, &url, subject(&b_turn, "-1"), b"more junk".to_vec());
+    publish_raw(&rt, &url, subject("b", &b_turn, ""), b"junk".to_vec());
+    publish_raw(&rt, &url, subject("b", &b_turn, "-1"), b"more junk".to_vec());
     let mut a_turn =
         Envelope::new(&session, &PeerId::from("a"), "turn/2", Kind::Message, Recipient::All, Body::text("x"));
     a_turn.body.text = "FORGED: squatting a's next turn".into();
     publish(&rt, &url, &a_turn);
     let stop = roundtable_core::EnvelopeId::derive(&session, &PeerId::from("*"), "stop");
-    publish_raw(&rt, &url, subject(&stop, ""), b"{\"v\":1}".to_vec());
-    publish_raw(&rt, &url, subject(&first_turn.id, "-1"), first_turn.to_json().into_bytes());
+    publish_raw(&rt, &url, subject("~", &stop, ""), b"{\"v\":1}".to_vec());
+    publish_raw(&rt, &url, subject("a", &first_turn.id, "-1"), first_turn.to_json().into_bytes());
 
     let b = start_peer(&team, "b", &url, session.as_str(), dir.path());
     let (a, b) = (finish(a, "a"), finish(b, "b"));
@@ -477,4 +477,262 @@ fn squatted_steps_and_replayed_envelopes_stall_no_one() {
     assert_eq!(turns, ["a says one", "b says one", "a says two", "b says two"]);
     assert_eq!(log.iter().filter(|e| e.kind == Kind::Stop).count(), 1);
     assert!(log.iter().all(|e| e.kind != Kind::Absent), "no live peer is taken for absent");
+}
+
+/// A client logged in with the seed in `seed_file`, and the server errors it is told
+/// of (permission violations among them), as they come.
+async fn connect_as(
+    url: &str,
+    seed_file: &Path,
+) -> Result<(async_nats::Client, tokio::sync::mpsc::UnboundedReceiver<String>), async_nats::ConnectError> {
+    let seed = std::fs::read_to_string(seed_file).unwrap().trim().to_owned();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(url)
+        .await?;
+    Ok((client, rx))
+}
+
+/// Wait for a server error containing `what`.
+async fn told(errors: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) -> String {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match tokio::time::timeout_at(deadline, errors.recv()).await {
+            Ok(Some(e)) if e.contains(what) => return e,
+            Ok(Some(_)) => continue,
+            _ => panic!("the server never said {what:?}"),
+        }
+    }
+}
+
+#[test]
+fn with_the_generated_server_config_the_server_refuses_a_peer_publishing_as_another() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let team = signed_team(dir.path());
+    let out = dir.path().join("nats");
+    let o = bin().args(["nats-config", team.to_str().unwrap(), "--out"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["a", "b", "observer"] {
+        let meta = std::fs::metadata(out.join(format!("{name}.nk"))).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}.nk is the user's only");
+    }
+    // Run again: nothing is overwritten.
+    let again = bin().args(["nats-config", team.to_str().unwrap(), "--out"]).arg(&out).output().unwrap();
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(stderr(&again).contains("never overwrites"), "{}", stderr(&again));
+
+    let conf = out.join("nats-server.conf");
+    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let url = server.url();
+    let session = SessionId::from("authz");
+
+    // A client without a key is not let in at all.
+    let anonymous = rt.block_on(async_nats::connect(&url));
+    assert!(anonymous.is_err(), "an unauthenticated client is refused");
+
+    // The team runs as usual, each peer with its own seed.
+    let start = |id: &str| {
+        bin()
+            .args(["peer", team.to_str().unwrap(), "--id", id, "--nats", &url, "--session", session.as_str()])
+            .args(["--json", "--data-dir"])
+            .arg(dir.path().join(id))
+            .env("NATS_NKEY", out.join(format!("{id}.nk")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start("a"), start("b"));
+    let (a, b) = (finish(a, "a"), finish(b, "b"));
+    for (id, o) in [("a", &a), ("b", &b)] {
+        assert!(o.status.success(), "peer {id}: {}", stderr(o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON summary");
+        assert!(summary["stop_reason"].as_str().unwrap().starts_with("completed"), "{id}: {summary}");
+        assert_eq!(summary["final_answer"], "b says two", "{id}: {summary}");
+        assert_eq!(summary["messages"], 4, "{id}: {summary}");
+    }
+
+    rt.block_on(async {
+        // Peer a, with its own credentials, publishes a turn in b's name where b's words go:
+        // the server refuses it and tells a so.
+        let (client, mut errors) = connect_as(&url, &out.join("a.nk")).await.expect("a logs in");
+        let js = async_nats::jetstream::new(client.clone());
+        let forged =
+            Envelope::new(&session, &PeerId::from("b"), "turn/9", Kind::Message, Recipient::All, Body::text("FORGED"));
+        let subject = log_subject(&forged);
+        assert!(subject.contains(".log.b."), "{subject}");
+        let ack = match js.publish(subject.clone(), forged.to_json().into()).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        assert!(ack.is_err(), "the server stored nothing for a on b's subject");
+        let violation = told(&mut errors, "Permissions Violation for Publish").await;
+        assert!(violation.contains(&subject), "{violation}");
+
+        // Nor may a delete the session's stream.
+        let deleted = js.delete_stream(format!("RT_{}", token(session.as_str()))).await;
+        assert!(deleted.is_err(), "a peer may not delete a session");
+
+        // On its own subject, a's forgery in b's name reaches the stream, and every
+        // reader rejects it as misfiled.
+        let misfiled =
+            Envelope::new(&session, &PeerId::from("b"), "turn/10", Kind::Message, Recipient::All, Body::text("FORGED"));
+        let own = log_subject(&misfiled).replace(".log.b.", ".log.a.");
+        js.publish(own, misfiled.to_json().into()).await.unwrap().await.expect("a may publish its own subjects");
+
+        // The observer reads the log and may publish nothing on it.
+        let (observer, mut observer_errors) = connect_as(&url, &out.join("observer.nk")).await.expect("observer");
+        let backend = NatsBackend::with_client(observer.clone());
+        let log = backend.logs().open(&session, false).await.expect("open").read_all().await.expect("read");
+        let texts: Vec<&str> = log.iter().filter(|e| e.env.kind == Kind::Message).map(|e| &*e.env.body.text).collect();
+        assert_eq!(texts, ["a says one", "b says one", "a says two", "b says two"]);
+        let rejected: Vec<_> =
+            log.iter().filter(|e| e.env.from.as_str() == REJECTED_FROM).map(|e| e.env.body.text.clone()).collect();
+        assert_eq!(rejected.len(), 1, "{rejected:#?}");
+        assert!(rejected[0].contains("not on its own subject"), "{rejected:#?}");
+        let ojs = async_nats::jetstream::new(observer);
+        let _ = ojs.publish(log_subject(&forged), forged.to_json().into()).await;
+        told(&mut observer_errors, "Permissions Violation for Publish").await;
+    });
+}
+
+#[test]
+fn a_task_whose_plan_differs_runs_only_when_signed_by_a_key_the_local_file_trusts_for_plans() {
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let team = signed_team(dir.path());
+    let text = std::fs::read_to_string(&team).unwrap();
+    // Peer a posts a task whose plan gives b other replies than b's own file does.
+    let poster = dir.path().join("poster.toml");
+    std::fs::write(
+        &poster,
+        text.replace("b says one", "b reads the task's plan").replace("b says two", "b ends as told"),
+    )
+    .unwrap();
+    let a_key = text.split("public_key = \"").nth(1).unwrap()[..64].to_owned();
+    let wait_for_task = |session: &str| {
+        let start = Instant::now();
+        while !read_log(&rt, &url, session).iter().any(|e| e.kind == Kind::Task) {
+            assert!(start.elapsed() < DEADLINE, "no task");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // b's file trusts no one for plans: refused, with the difference shown.
+    let mut a = start_peer(&poster, "a", &url, "untrusted", dir.path());
+    wait_for_task("untrusted");
+    let o = bin()
+        .args(["peer", team.to_str().unwrap(), "--id", "b", "--nats", &url, "--session", "untrusted", "--data-dir"])
+        .arg(dir.path().join("b"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("models.s.provider.per_peer.b"), "{}", stderr(&o));
+    let _ = a.kill();
+    let _ = a.wait();
+
+    // b's file trusts a's key to sign plans: b runs the task's plan.
+    let trusting = dir.path().join("trusting.toml");
+    std::fs::write(&trusting, format!("{text}[trust]\nplan_signers = [\"{a_key}\"]\n")).unwrap();
+    let a = start_peer(&poster, "a", &url, "trusted", dir.path());
+    wait_for_task("trusted");
+    let b = start_peer(&trusting, "b", &url, "trusted", dir.path());
+    let (a, b) = (finish(a, "a"), finish(b, "b"));
+    for (id, o) in [("a", &a), ("b", &b)] {
+        assert!(o.status.success(), "peer {id}: {}", stderr(o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON summary");
+        assert_eq!(summary["final_answer"], "b ends as told", "{id}: {summary}");
+    }
+    assert!(stderr(&b).contains("which [trust] plan_signers trusts"), "{}", stderr(&b));
+    assert!(stderr(&b).contains(&a_key), "the trusted key is named: {}", stderr(&b));
+}
+
+#[test]
+fn an_export_is_sealed_and_import_refuses_an_altered_one_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let team = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/product-debate.toml");
+    let o = bin().args(["run", team.to_str().unwrap(), "--json", "--data-dir"]).arg(&data).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["session"].as_str().unwrap().to_owned();
+    let export = dir.path().join("s.jsonl");
+    let o = bin().args(["export", &id, "-o"]).arg(&export).arg("--data-dir").arg(&data).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&export).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 13, "task, 10 messages, stop, seal");
+    let key = std::fs::read_to_string(data.join("seal.key")).unwrap();
+    let key = SecretKey::from_hex(&key).unwrap().public().to_hex();
+
+    let verify = |path: &Path, extra: &[&str]| {
+        bin().arg("verify").arg(path).args(extra).arg("--data-dir").arg(&data).output().unwrap()
+    };
+    let o = verify(&export, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(said.contains(&key) && said.contains("this data directory's") && said.contains("12 envelopes"), "{said}");
+    let o = verify(&export, &["--key", &SecretKey::generate().public().to_hex()]);
+    assert_eq!(o.status.code(), Some(2), "another key than the sealer's is refused: {}", stderr(&o));
+
+    let import = |name: &str, lines: &[&str]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        let other = dir.path().join(format!("import-{name}"));
+        let o = bin().arg("import").arg(&path).arg("--data-dir").arg(&other).output().unwrap();
+        (o, path)
+    };
+    let refused = |o: &Output, path: &Path, line: usize, why: &str| {
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(o));
+        let err = stderr(o);
+        assert!(err.contains(&format!("{}:{line}: ", path.display())), "line {line}: {err}");
+        assert!(err.contains(why), "{why}: {err}");
+    };
+    // One byte of one field: a message's text keeps being valid JSON and a valid session.
+    let msg = lines.iter().position(|l| l.contains("\"kind\":\"message\"")).unwrap() + 3;
+    let at = lines[msg].find("\"text\":\"").unwrap() + "\"text\":\"".len();
+    let mut changed: String = lines[msg].to_owned();
+    let c = if changed.as_bytes()[at] == b'X' { "Y" } else { "X" };
+    changed.replace_range(at..at + 1, c);
+    let mut v = lines.clone();
+    v[msg] = &changed;
+    let (o, path) = import("byte.jsonl", &v);
+    refused(&o, &path, msg + 1, "not the one sealed at its place");
+    // A dropped line: the one after it is out of place.
+    let mut v = lines.clone();
+    v.remove(5);
+    let (o, path) = import("dropped.jsonl", &v);
+    refused(&o, &path, 6, "not the one sealed at its place");
+    // Two lines swapped.
+    let mut v = lines.clone();
+    v.swap(4, 7);
+    let (o, path) = import("moved.jsonl", &v);
+    refused(&o, &path, 5, "not the one sealed at its place");
+    // The seal edited.
+    let seal = lines[12].replacen("\"entries\":12", "\"entries\":11", 1);
+    assert_ne!(seal, lines[12]);
+    let mut v = lines.clone();
+    v[12] = &seal;
+    let (o, path) = import("seal.jsonl", &v);
+    refused(&o, &path, 13, "signature does not match");
+    // `verify` names the same line.
+    let o = verify(&dir.path().join("moved.jsonl"), &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("moved.jsonl:5: "), "{}", stderr(&o));
+    // The untouched file imports.
+    let (o, _) = import("ok.jsonl", &lines);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("no seal"), "{}", stderr(&o));
 }

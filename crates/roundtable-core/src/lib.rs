@@ -18,6 +18,7 @@
 
 pub mod blackboard;
 pub mod bus;
+pub mod chain;
 pub mod envelope;
 pub mod error;
 pub mod eval;

@@ -420,6 +420,24 @@ pub mod jsonl {
         Ok(n)
     }
 
+    /// [`export`], then the seal of the chain over what was written, signed with `key`
+    /// (see [`crate::chain`]), as the last line.
+    pub async fn export_sealed(
+        log: &dyn SessionLog,
+        out: &mut dyn std::io::Write,
+        key: &crate::trust::SecretKey,
+    ) -> Result<u64, LogError> {
+        let write = |err: std::io::Error| LogError::new(LogErrorKind::Storage, format!("writing export: {err}"));
+        let mut chain = crate::chain::Chain::new(log.session());
+        for e in log.read_all().await? {
+            let line = e.env.to_json();
+            writeln!(out, "{line}").map_err(write)?;
+            chain.push_line(line.as_bytes());
+        }
+        writeln!(out, "{}", chain.seal(key).to_line()).map_err(write)?;
+        Ok(chain.len())
+    }
+
     /// A line of an import file that could not be read.
     #[derive(Debug, Clone, PartialEq, thiserror::Error)]
     #[error("{file}:{line}: {error}")]

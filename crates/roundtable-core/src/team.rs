@@ -115,6 +115,25 @@ pub struct TeamPlan {
     /// The tools declared in `[tools]`, by name (granted to peers by `PeerSpec::tools`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tools: BTreeMap<String, crate::tool::ToolSpec>,
+    /// Whose signatures this file trusts (`[trust]`). It is the local file's: a task's
+    /// copy is never consulted.
+    #[serde(default, skip_serializing_if = "TrustSpec::is_empty")]
+    pub trust: TrustSpec,
+}
+
+/// Keys the team file trusts, and for what.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrustSpec {
+    /// Public keys (64 hex digits) whose signature on a session's task lets this peer run
+    /// that task's plan even where it differs from this file in what a peer executes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan_signers: Vec<String>,
+}
+
+impl TrustSpec {
+    pub fn is_empty(&self) -> bool {
+        self.plan_signers.is_empty()
+    }
 }
 
 impl TeamPlan {
@@ -347,6 +366,22 @@ struct RawTeam {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, tools::RawTool>")]
     tools: BTreeMap<String, Spanned<tools::RawTool>>,
+    /// Keys this file trusts. Only the local file's `[trust]` counts, never a task's.
+    trust: Option<RawTrust>,
+}
+
+/// Keys a team file trusts.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawTrust {
+    /// Public keys (64 hex digits, as `roundtable keys new` prints them) whose signature
+    /// on a session's task lets a peer run with this file a plan that differs from it
+    /// in what the peer executes (model endpoints, key variables, tools). Without it, such
+    /// a task is refused. Trust only keys of people who may decide where your peers send
+    /// data and which secrets they read.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    plan_signers: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq)]
@@ -1085,6 +1120,13 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             },
         }
     });
+    let mut trust = TrustSpec::default();
+    for (i, k) in raw.trust.map(|t| t.plan_signers).unwrap_or_default().into_iter().enumerate() {
+        match crate::trust::PublicKey::parse(k.get_ref().trim()) {
+            Ok(key) => trust.plan_signers.push(key.to_hex()),
+            Err(why) => cx.err_at(k.span().start, format!("trust.plan_signers[{i}]"), why),
+        }
+    }
     let presence = raw.presence.map_or_else(PresenceSpec::default, |p| {
         let d = PresenceSpec::default();
         let after_at = p.absent_after_secs.as_ref().map(|a| a.span().start);
@@ -1116,6 +1158,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         return Err(TeamErrors(cx.errors));
     }
     Ok(TeamPlan {
+        trust,
         name: raw.name.unwrap_or_else(|| file.rsplit('/').next().unwrap_or(file).trim_end_matches(".toml").to_string()),
         topic: raw.topic,
         models,

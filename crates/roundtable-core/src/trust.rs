@@ -73,6 +73,11 @@ impl SecretKey {
     pub fn public(&self) -> PublicKey {
         PublicKey(self.0.verifying_key())
     }
+
+    /// The signature of `bytes`, 128 hex digits.
+    pub fn sign_bytes(&self, bytes: &[u8]) -> String {
+        hex::encode(self.0.sign(bytes).to_bytes())
+    }
 }
 
 /// A peer's public key, written as 64 hex digits.
@@ -97,6 +102,13 @@ impl PublicKey {
 
     pub fn to_hex(&self) -> String {
         hex::encode(self.0.to_bytes())
+    }
+
+    /// Whether `sig_hex` (128 hex digits) is this key's signature of `bytes`.
+    pub fn verify_bytes(&self, bytes: &[u8], sig_hex: &str) -> Result<(), ()> {
+        let mut sig = [0u8; 64];
+        hex::decode_to_slice(sig_hex, &mut sig).map_err(|_| ())?;
+        self.0.verify_strict(bytes, &Signature::from_bytes(&sig)).map_err(|_| ())
     }
 }
 
@@ -205,6 +217,23 @@ impl Roster {
             format!("{} {} from {}: the signature does not match the envelope", env.kind, env.step, env.from)
         })
     }
+}
+
+/// The key of `local`'s `[trust] plan_signers` that signed `task`, if one did: a task so
+/// signed may carry a plan that differs from `local` in what a peer executes. The keys
+/// come from the local file only; the task's own plan and roster are not consulted.
+pub fn trusted_plan_signer(task: &Envelope, local: &TeamPlan) -> Option<PublicKey> {
+    if task.kind != Kind::Task {
+        return None;
+    }
+    let (_, sig_hex) = task.sig.as_deref()?.rsplit_once(':')?;
+    let signed = canonical(task);
+    local
+        .trust
+        .plan_signers
+        .iter()
+        .filter_map(|k| PublicKey::parse(k).ok())
+        .find(|key| key.verify_bytes(&signed, sig_hex).is_ok())
 }
 
 /// Every difference between `task` (the plan a session's task carries) and `local`
@@ -428,6 +457,32 @@ rounds = 1
         let mut message = Envelope::new(&s, &USER.into(), "m", Kind::Message, Recipient::All, Body::text("x"));
         message.sig = task.sig.clone();
         assert!(r.verify(&message).is_err(), "only a task may be signed for the user");
+    }
+
+    #[test]
+    fn a_task_signed_by_a_key_the_local_file_trusts_for_plans_is_the_only_exception() {
+        use crate::envelope::{Body, Recipient, SessionId};
+        let (trusted, other) = (SecretKey::generate(), SecretKey::generate());
+        let local = plan(&format!("{TEAM}[trust]\nplan_signers = [\"{}\"]\n", trusted.public().to_hex()));
+        assert_eq!(local.trust.plan_signers, [trusted.public().to_hex()]);
+        let s = SessionId::from("s");
+        let task = |key: &SecretKey| {
+            let mut t = Envelope::new(&s, &USER.into(), "task", Kind::Task, Recipient::All, Body::text("t"));
+            sign(&mut t, &"a".into(), key);
+            t
+        };
+        assert_eq!(trusted_plan_signer(&task(&trusted), &local), Some(trusted.public()));
+        assert_eq!(trusted_plan_signer(&task(&other), &local), None, "a key the file does not name");
+        assert_eq!(trusted_plan_signer(&task(&trusted), &plan(TEAM)), None, "a file that trusts no one");
+        let mut altered = task(&trusted);
+        altered.body.text = "another task".into();
+        assert_eq!(trusted_plan_signer(&altered, &local), None, "a signature that does not match");
+        let mut unsigned = task(&trusted);
+        unsigned.sig = None;
+        assert_eq!(trusted_plan_signer(&unsigned, &local), None);
+        // A bad key in the file is an error at its key.
+        let err = parse_team("t.toml", &format!("{TEAM}[trust]\nplan_signers = [\"zz\"]\n"), &NoEnv).unwrap_err();
+        assert!(err.to_string().contains("trust.plan_signers[0]"), "{err}");
     }
 
     #[test]

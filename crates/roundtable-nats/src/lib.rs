@@ -3,7 +3,7 @@
 //!
 //! | part | JetStream shape |
 //! |---|---|
-//! | session log ([`NatsLog`]) | stream `RT_<session>`, one subject per envelope: `rt.<session>.log.<envelope id>` |
+//! | session log ([`NatsLog`]) | stream `RT_<session>`, one subject per envelope: `rt.<session>.log.<author>.<envelope id>` (`~` for shared envelopes) |
 //! | blackboard ([`NatsBoard`]) | KV bucket `RTB_<session>` |
 //! | work queue ([`NatsWorkQueue`]) | work-queue stream `RTQ_<session>` with one durable pull consumer, and KV buckets for task ids, acks, dead letters and leases |
 //! | presence ([`NatsPresence`]) | KV bucket `RTP_<session>`, one key per peer |
@@ -38,12 +38,13 @@ use sha2::{Digest, Sha256};
 mod board;
 mod log;
 pub mod patient;
+pub mod permissions;
 mod presence;
 mod queue;
 pub mod testing;
 
 pub use board::NatsBoard;
-pub use log::{NatsLog, NatsLogStore, REJECTED_FROM};
+pub use log::{NatsLog, NatsLogStore, REJECTED_FROM, SHARED, log_subject};
 pub use presence::NatsPresence;
 pub use queue::NatsWorkQueue;
 

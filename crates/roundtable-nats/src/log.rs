@@ -1,7 +1,7 @@
 //! The session log as a JetStream stream.
 //!
 //! One stream per session, `RT_<session>`, file storage. Each envelope is published on a
-//! subject of its own, `rt.<session>.log.<envelope id>`, with the header
+//! subject of its own, `rt.<session>.log.<author>.<envelope id>`, with the header
 //! `Nats-Expected-Last-Subject-Sequence: 0`: the server refuses a second message on that
 //! subject, so an envelope id lands on the log at most once **for the whole life of the
 //! stream**, atomically, whichever process appends it (a `Nats-Msg-Id` would only
@@ -13,12 +13,30 @@
 //! the envelope (the publish acknowledgement), so an acknowledged append survives a
 //! server restart.
 //!
+//! # Authors in subjects
+//! The second-to-last token of an envelope's subject is its author: the token of its
+//! `from` when its id is the author's own (derived from the session, the author and the
+//! step), and [`SHARED`] (`~`) for the task and for decisions any peer may record (the
+//! stop, an absence, a closed round: their ids do not depend on who records them, so
+//! the first of them wins on one subject). A reader rejects an envelope on another
+//! author's subject, so a server that lets each peer publish only on
+//! `rt.*.log.<its id>.>` and `rt.*.log.~.>` (what `roundtable nats-config` writes)
+//! enforces authorship itself: a peer cannot even put a message where another's words
+//! go. Readers still read every author with one wildcard (the stream takes
+//! `rt.<session>.log.>`).
+//!
+//! Streams made before authors were in subjects (their subjects are
+//! `rt.<session>.log.*`, one token per id) keep that layout: a log opened on one
+//! publishes and checks subjects the old way, so an old session is read, resumed and
+//! exported as before, without the server's help on authorship. New streams always
+//! take the new layout; nothing is migrated.
+//!
 //! Reads and tails use ordered push consumers from a start sequence (ephemeral, no
 //! acks, recreated by the client if a message is missed); a read of a few entries
 //! fetches them one by one instead of creating a consumer.
 //!
 //! # Messages nobody should have sent
-//! Anyone allowed to publish on `rt.<session>.log.>` can put anything on the stream: not
+//! Anyone allowed to publish on the session's subjects can put anything on the stream: not
 //! JSON, an envelope of another version, one larger than
 //! [`MAX_ENVELOPE_BYTES`](roundtable_core::envelope::MAX_ENVELOPE_BYTES), one of
 //! another session, or one on a subject that is not its id's (which would defeat the
@@ -85,7 +103,7 @@ fn stream_config(session: &SessionId, replicas: usize) -> stream::Config {
         num_replicas: replicas,
         name: stream_name(session),
         description: Some(session.as_str().to_owned()),
-        subjects: vec![format!("{}*", subject_prefix(session))],
+        subjects: vec![format!("{}>", subject_prefix(session))],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         // Envelopes are at most 1 MiB of JSON (see MAX_ENVELOPE_BYTES); headers on top.
@@ -108,16 +126,18 @@ pub const REJECTED_FROM: &str = "nats";
 fn entry_of(
     session: &SessionId,
     prefix: &str,
+    layout: Layout,
     roster: Option<&Roster>,
     seq: u64,
     subject: &str,
     payload: &[u8],
     time_ns: i128,
 ) -> Entry {
-    let checked = check(session, prefix, subject, payload).and_then(|env| match roster.map(|r| r.verify(&env)) {
-        Some(Err(why)) => Err(format!("rejected as not the session's: {why}")),
-        _ => Ok(env),
-    });
+    let checked =
+        check(session, prefix, layout, subject, payload).and_then(|env| match roster.map(|r| r.verify(&env)) {
+            Some(Err(why)) => Err(format!("rejected as not the session's: {why}")),
+            _ => Ok(env),
+        });
     let env = match checked {
         Ok(env) => env,
         Err(reason) => rejected(session, seq, subject, payload.len(), &reason, time_ns),
@@ -126,8 +146,8 @@ fn entry_of(
 }
 
 /// The roster fixed by a session's first message, if it is a task whose plan names one.
-fn roster_of(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -> Option<Roster> {
-    let task = check(session, prefix, subject, payload).ok().filter(|e| e.kind == Kind::Task)?;
+fn roster_of(session: &SessionId, prefix: &str, layout: Layout, subject: &str, payload: &[u8]) -> Option<Roster> {
+    let task = check(session, prefix, layout, subject, payload).ok().filter(|e| e.kind == Kind::Task)?;
     let plan = plan_of(&task).ok()?;
     let roster = Roster::of_plan(&plan).ok()??;
     // The task itself must be signed by a peer on the roster it names.
@@ -142,6 +162,7 @@ fn roster_of(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -
 struct Reader {
     session: SessionId,
     prefix: String,
+    layout: Layout,
     js: jetstream::Context,
     stream: stream::Stream,
     state: std::sync::Mutex<ReadState>,
@@ -163,14 +184,24 @@ impl ReadState {
     }
 
     /// Take the message at `seq`, the one after the last taken.
-    fn take(&mut self, session: &SessionId, prefix: &str, seq: u64, subject: &str, payload: &[u8], time_ns: i128) {
+    #[allow(clippy::too_many_arguments)]
+    fn take(
+        &mut self,
+        session: &SessionId,
+        prefix: &str,
+        layout: Layout,
+        seq: u64,
+        subject: &str,
+        payload: &[u8],
+        time_ns: i128,
+    ) {
         if seq != self.entries.len() as u64 + 1 {
             return;
         }
         if seq == 1 {
-            self.roster = roster_of(session, prefix, subject, payload);
+            self.roster = roster_of(session, prefix, layout, subject, payload);
         }
-        let mut entry = entry_of(session, prefix, self.roster.as_ref(), seq, subject, payload, time_ns);
+        let mut entry = entry_of(session, prefix, layout, self.roster.as_ref(), seq, subject, payload, time_ns);
         if entry.env.from.as_str() != REJECTED_FROM || !entry.env.step.starts_with("rejected/") {
             match self.ids.get(&entry.env.id) {
                 Some(first) => {
@@ -217,7 +248,7 @@ impl Reader {
             self.fill(next, seq - 1).await?;
         }
         let mut state = self.state.lock().expect("reader lock");
-        state.take(&self.session, &self.prefix, seq, subject, payload, time_ns);
+        state.take(&self.session, &self.prefix, self.layout, seq, subject, payload, time_ns);
         match state.cached(seq) {
             Some(env) => Ok(Entry { seq, env }),
             None => Err(LogError::new(
@@ -235,7 +266,7 @@ impl Reader {
                 let m = self.stream.get_raw_message(seq).await.map_err(|e| log_error(&what(), e))?;
                 let time_ns = m.time.unix_timestamp_nanos();
                 let mut state = self.state.lock().expect("reader lock");
-                state.take(&self.session, &self.prefix, seq, &m.subject, &m.payload, time_ns);
+                state.take(&self.session, &self.prefix, self.layout, seq, &m.subject, &m.payload, time_ns);
             }
             return Ok(());
         }
@@ -248,7 +279,7 @@ impl Reader {
                 break;
             }
             let mut state = self.state.lock().expect("reader lock");
-            state.take(&self.session, &self.prefix, seq, &m.subject, &m.payload, time_ns);
+            state.take(&self.session, &self.prefix, self.layout, seq, &m.subject, &m.payload, time_ns);
             if seq == to {
                 break;
             }
@@ -261,23 +292,68 @@ impl Reader {
 /// messages nobody should have sent squat the ones before (see the module docs).
 const SUBJECTS_PER_ID: u32 = 8;
 
-/// The `k`-th subject of envelope `id` under `prefix`.
-fn id_subject(prefix: &str, id: &EnvelopeId, k: u32) -> String {
-    if k == 0 { format!("{prefix}{}", token(id.as_str())) } else { format!("{prefix}{}-{k}", token(id.as_str())) }
+/// The author token of the subjects of the task and of collective decisions, which any
+/// peer of the session may publish. No peer id and no [`token`] contains `~`.
+pub const SHARED: &str = "~";
+
+/// How a log's subjects name envelopes (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// `rt.<session>.log.<author>.<id>`: streams made by this version on.
+    ByAuthor,
+    /// `rt.<session>.log.<id>`: streams made before authors were in subjects.
+    ById,
 }
 
-fn check(session: &SessionId, prefix: &str, subject: &str, payload: &[u8]) -> Result<Envelope, String> {
+impl Layout {
+    fn of(config: &stream::Config, session: &SessionId) -> Layout {
+        let legacy = format!("{}*", subject_prefix(session));
+        if config.subjects.iter().any(|s| *s == legacy) { Layout::ById } else { Layout::ByAuthor }
+    }
+}
+
+/// The author token of `env`'s subjects: its author's when its id is the author's own,
+/// [`SHARED`] otherwise (the task, collective decisions).
+fn author_token(env: &Envelope) -> String {
+    let own = env.from.as_str() != USER && env.id == EnvelopeId::derive(&env.session, &env.from, &env.step);
+    if own { token(env.from.as_str()) } else { SHARED.to_owned() }
+}
+
+/// The `k`-th subject of envelope `env` under `prefix`.
+fn id_subject(prefix: &str, layout: Layout, env: &Envelope, k: u32) -> String {
+    let base = match layout {
+        Layout::ByAuthor => format!("{prefix}{}.{}", author_token(env), token(env.id.as_str())),
+        Layout::ById => format!("{prefix}{}", token(env.id.as_str())),
+    };
+    if k == 0 { base } else { format!("{base}-{k}") }
+}
+
+/// The subject `env` is published on in a session made by this version (its first:
+/// `rt.<session>.log.<author>.<id>`), for tools and tests that publish as a client would.
+pub fn log_subject(env: &Envelope) -> String {
+    id_subject(&subject_prefix(&env.session), Layout::ByAuthor, env, 0)
+}
+
+/// The first subject of a shared envelope (the task, a collective decision) with `id`.
+fn shared_subject(prefix: &str, layout: Layout, id: &EnvelopeId) -> String {
+    match layout {
+        Layout::ByAuthor => format!("{prefix}{SHARED}.{}", token(id.as_str())),
+        Layout::ById => format!("{prefix}{}", token(id.as_str())),
+    }
+}
+
+fn check(session: &SessionId, prefix: &str, layout: Layout, subject: &str, payload: &[u8]) -> Result<Envelope, String> {
     let env = Envelope::from_json(payload).map_err(|e| e.to_string())?;
     if env.session != *session {
         return Err(format!("an envelope of session {} on the log of session {session}", env.session));
     }
-    let expected = id_subject(prefix, &env.id, 0);
+    let expected = id_subject(prefix, layout, &env, 0);
     let own = subject == expected
         || subject
             .strip_prefix(expected.as_str())
             .and_then(|k| k.strip_prefix('-'))
             .and_then(|k| k.parse::<u32>().ok())
-            .is_some_and(|k| (1..SUBJECTS_PER_ID).contains(&k) && subject == id_subject(prefix, &env.id, k));
+            .is_some_and(|k| (1..SUBJECTS_PER_ID).contains(&k) && subject == id_subject(prefix, layout, &env, k));
     if !own {
         return Err(format!("envelope {} published on {subject}, not on its own subject {expected}", env.id));
     }
@@ -311,6 +387,7 @@ pub struct NatsLog {
     js: jetstream::Context,
     stream: stream::Stream,
     prefix: String,
+    layout: Layout,
     reader: Arc<Reader>,
     signers: Arc<Signers>,
 }
@@ -324,12 +401,12 @@ impl NatsLog {
         self.reader.entry(seq, subject, payload, time_ns).await
     }
 
-    /// The stored message on the `k`-th subject of `id`, if any.
-    async fn stored(&self, id: &EnvelopeId, k: u32) -> Result<Option<jetstream::message::StreamMessage>, LogError> {
-        match self.stream.get_last_raw_message_by_subject(&id_subject(&self.prefix, id, k)).await {
+    /// The stored message on `subject`, if any.
+    async fn stored(&self, subject: &str) -> Result<Option<jetstream::message::StreamMessage>, LogError> {
+        match self.stream.get_last_raw_message_by_subject(subject).await {
             Ok(m) => Ok(Some(m)),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(log_error(&format!("looking up {id} in session {}", self.session), e)),
+            Err(e) => Err(log_error(&format!("looking up {subject} in session {}", self.session), e)),
         }
     }
 
@@ -462,11 +539,11 @@ impl SessionLog for NatsLog {
         for k in 0..SUBJECTS_PER_ID {
             let mut headers = HeaderMap::new();
             headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
-            let subject = id_subject(&self.prefix, &env.id, k);
-            let ack = crate::publish_acked(&self.js, subject, headers, payload.clone().into_bytes()).await;
+            let subject = id_subject(&self.prefix, self.layout, &env, k);
+            let ack = crate::publish_acked(&self.js, subject.clone(), headers, payload.clone().into_bytes()).await;
             match ack {
                 Ok(ack) => return Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate }),
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match self.stored(&env.id, k).await? {
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match self.stored(&subject).await? {
                     Some(m) => {
                         let time_ns = m.time.unix_timestamp_nanos();
                         let entry = self.entry(m.sequence, &m.subject, &m.payload, time_ns).await?;
@@ -552,17 +629,20 @@ impl SessionLog for NatsLog {
     }
 
     async fn seq_of(&self, id: &EnvelopeId) -> Result<Option<u64>, LogError> {
-        // Only the envelope itself counts, not a rejected message on one of its subjects.
-        for k in 0..SUBJECTS_PER_ID {
-            let Some(m) = self.stored(id, k).await? else {
-                return Ok(None);
-            };
-            let entry = self.entry(m.sequence, &m.subject, &m.payload, m.time.unix_timestamp_nanos()).await?;
-            if entry.env.id == *id {
-                return Ok(Some(m.sequence));
-            }
+        // Only the envelope itself counts, not a rejected message on one of its subjects
+        // nor a second copy. The subject of an id names its author, which an id alone
+        // does not tell, so the answer comes from the process's reader, brought up to
+        // the end of the log (each message is read once per process however often this
+        // is asked).
+        if let Some(seq) = self.reader.state.lock().expect("reader lock").ids.get(id) {
+            return Ok(Some(*seq));
         }
-        Ok(None)
+        let last = self.last_seq().await?;
+        let next = self.reader.next_seq();
+        if next <= last {
+            self.reader.fill(next, last).await?;
+        }
+        Ok(self.reader.state.lock().expect("reader lock").ids.get(id).copied())
     }
 }
 
@@ -605,6 +685,7 @@ impl NatsLogStore {
         };
         let session = SessionId::from(session);
         let prefix = subject_prefix(&session);
+        let layout = Layout::of(&info.config, &session);
         let state = &info.state;
         let mut summary = SessionInfo::empty(session.clone());
         if state.messages > 0 {
@@ -615,7 +696,7 @@ impl NatsLogStore {
             let stop = EnvelopeId::derive(&session, &PeerId::from("*"), STOP_STEP);
             let mut found = Vec::new();
             for id in [task, stop] {
-                match stream.get_last_raw_message_by_subject(&format!("{prefix}{}", token(id.as_str()))).await {
+                match stream.get_last_raw_message_by_subject(&shared_subject(&prefix, layout, &id)).await {
                     Ok(m) => found.push(m),
                     Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
                     Err(e) => return Err(log_error(&what(), e)),
@@ -629,11 +710,12 @@ impl NatsLogStore {
             let last = stream.get_raw_message(state.last_sequence).await.map_err(|e| log_error(&what(), e))?;
             found.push(last);
             let roster = (found[0].sequence == 1)
-                .then(|| roster_of(&session, &prefix, &found[0].subject, &found[0].payload))
+                .then(|| roster_of(&session, &prefix, layout, &found[0].subject, &found[0].payload))
                 .flatten();
             for m in found {
                 let (subject, time_ns) = (&m.subject, m.time.unix_timestamp_nanos());
-                let entry = entry_of(&session, &prefix, roster.as_ref(), m.sequence, subject, &m.payload, time_ns);
+                let entry =
+                    entry_of(&session, &prefix, layout, roster.as_ref(), m.sequence, subject, &m.payload, time_ns);
                 summary.observe(&entry.env);
             }
         }
@@ -660,9 +742,11 @@ impl LogStore for NatsLogStore {
                 Err(e) => return Err(log_error(&what(), e)),
             }
         };
+        let layout = Layout::of(&stream.cached_info().config, session);
         let reader = Arc::new(Reader {
             session: session.clone(),
             prefix: subject_prefix(session),
+            layout,
             js: self.js.clone(),
             stream: stream.clone(),
             state: Default::default(),
@@ -672,6 +756,7 @@ impl LogStore for NatsLogStore {
             js: self.js.clone(),
             stream,
             prefix: subject_prefix(session),
+            layout,
             reader,
             signers: self.signers.clone(),
         }))

@@ -9,7 +9,7 @@ use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Recipient, Session
 use roundtable_core::log::{Appended, LogErrorKind};
 use roundtable_core::session::{STOP_STEP, TASK_STEP, USER};
 use roundtable_nats::testing::NatsServer;
-use roundtable_nats::{NatsBackend, REJECTED_FROM, token};
+use roundtable_nats::{NatsBackend, REJECTED_FROM, log_subject, token};
 
 fn env(s: &SessionId, peer: &str, step: &str) -> Envelope {
     Envelope::new(s, &PeerId::from(peer), step, Kind::Message, Recipient::All, Body::text(step))
@@ -41,14 +41,14 @@ async fn messages_nobody_should_have_sent_are_rejected_in_place() {
     // 3: a newer wire version, on its own subject.
     let v2 = env(&s, "pm", "turn/v2");
     let v2_json = v2.to_json().replacen("\"v\":1", "\"v\":2", 1);
-    publish(&backend, format!("{prefix}{}", token(v2.id.as_str())), v2_json.into_bytes()).await;
+    publish(&backend, log_subject(&v2), v2_json.into_bytes()).await;
     // 4: oversized (2 MiB of JSON).
     let mut big = env(&s, "pm", "turn/big");
     big.body = Body::text("x".repeat(2 << 20));
-    publish(&backend, format!("{prefix}{}", token(big.id.as_str())), big.to_json().into_bytes()).await;
+    publish(&backend, log_subject(&big), big.to_json().into_bytes()).await;
     // 5: an envelope of another session.
     let other = env(&SessionId::from("other"), "pm", "turn/1");
-    publish(&backend, format!("{prefix}{}", token(other.id.as_str())), other.to_json().into_bytes()).await;
+    publish(&backend, format!("{prefix}pm.{}", token(other.id.as_str())), other.to_json().into_bytes()).await;
     // 6: a good envelope on a subject that is not its id's (a second copy would break
     // the one-append-per-id rule).
     let misfiled = env(&s, "eng", "turn/2");
@@ -107,19 +107,19 @@ async fn messages_nobody_should_have_sent_are_rejected_in_place() {
     // Junk on the subject an envelope will need: the envelope takes its next subject,
     // once, and is found there.
     let later = env(&s, "pm", "turn/4");
-    publish(&backend, format!("{prefix}{}", token(later.id.as_str())), b"squatter".to_vec()).await;
+    publish(&backend, log_subject(&later), b"squatter".to_vec()).await;
     let placed = log.append(later.clone()).await.unwrap();
     assert_eq!((placed.seq, placed.duplicate), (10, false));
     assert_eq!(log.append(later.clone()).await.unwrap(), Appended { seq: 10, duplicate: true });
     assert_eq!(log.seq_of(&later.id).await.unwrap(), Some(10));
     let m = backend.jetstream().get_stream(format!("RT_{}", token(s.as_str()))).await.unwrap();
     let stored = m.get_raw_message(10).await.unwrap();
-    assert_eq!(stored.subject.as_str(), format!("{prefix}{}-1", token(later.id.as_str())));
+    assert_eq!(stored.subject.as_str(), format!("{}-1", log_subject(&later)));
     // Every subject of an id taken by junk: the append fails, saying why.
     let squatted = env(&s, "pm", "turn/5");
     for k in 0..8 {
         let suffix = if k == 0 { String::new() } else { format!("-{k}") };
-        publish(&backend, format!("{prefix}{}{suffix}", token(squatted.id.as_str())), b"squatter".to_vec()).await;
+        publish(&backend, format!("{}{suffix}", log_subject(&squatted)), b"squatter".to_vec()).await;
     }
     let err = log.append(squatted).await.unwrap_err();
     assert_eq!(err.kind(), LogErrorKind::Rejected, "{err}");
@@ -226,4 +226,58 @@ async fn presence_sees_every_peer_while_they_all_beat() {
         assert_eq!(seen.len(), peers.len(), "read {read}: {:?}", seen.keys().collect::<Vec<_>>());
     }
     beating.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_name_the_author_and_a_stream_of_the_old_layout_keeps_its_own() {
+    let server = NatsServer::start();
+    let backend = NatsBackend::connect(&server.url()).await.expect("connect");
+    let js = backend.jetstream();
+
+    // A new session: an envelope goes on its author's subject, a collective decision on
+    // the shared one, and an envelope on another author's subject is rejected.
+    let s = SessionId::from("layout");
+    let log = backend.logs().open(&s, true).await.expect("open");
+    let turn = env(&s, "pm", "turn/1");
+    assert_eq!(log.append(turn.clone()).await.unwrap().seq, 1);
+    let stop_id = roundtable_core::EnvelopeId::derive(&s, &PeerId::from("*"), STOP_STEP);
+    let mut stop = env(&s, "eng", STOP_STEP);
+    stop.id = stop_id;
+    stop.kind = Kind::Stop;
+    assert_eq!(log.append(stop.clone()).await.unwrap().seq, 2);
+    let stream = js.get_stream("RT_layout").await.unwrap();
+    assert_eq!(stream.get_raw_message(1).await.unwrap().subject.as_str(), format!("rt.layout.log.pm.{}", turn.id));
+    assert_eq!(stream.get_raw_message(2).await.unwrap().subject.as_str(), format!("rt.layout.log.~.{}", stop.id));
+    let in_pm_name = env(&s, "pm", "turn/2");
+    publish(&backend, format!("rt.layout.log.eng.{}", in_pm_name.id), in_pm_name.to_json().into_bytes()).await;
+    let third = log.read(3, 1).await.unwrap();
+    assert_eq!((third[0].env.kind, third[0].env.from.as_str()), (Kind::Failure, REJECTED_FROM));
+    assert!(third[0].env.body.text.contains("not on its own subject"), "{}", third[0].env.body.text);
+    assert_eq!(log.seq_of(&turn.id).await.unwrap(), Some(1));
+    assert_eq!(log.seq_of(&stop.id).await.unwrap(), Some(2));
+    assert_eq!(log.seq_of(&in_pm_name.id).await.unwrap(), None);
+
+    // A stream made before authors were in subjects: opened, it is read and written the
+    // old way, one subject per id.
+    let old = SessionId::from("legacy");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "RT_legacy".into(),
+        description: Some("legacy".into()),
+        subjects: vec!["rt.legacy.log.*".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .expect("an old stream");
+    let before = env(&old, "pm", "turn/1");
+    publish(&backend, format!("rt.legacy.log.{}", before.id), before.to_json().into_bytes()).await;
+    let log = backend.logs().open(&old, true).await.expect("open the old stream");
+    let after = env(&old, "eng", "turn/2");
+    assert_eq!(log.append(after.clone()).await.unwrap(), Appended { seq: 2, duplicate: false });
+    assert_eq!(log.append(after.clone()).await.unwrap(), Appended { seq: 2, duplicate: true });
+    let stream = js.get_stream("RT_legacy").await.unwrap();
+    assert_eq!(stream.get_raw_message(2).await.unwrap().subject.as_str(), format!("rt.legacy.log.{}", after.id));
+    let all = log.read_all().await.unwrap();
+    assert_eq!(all.iter().map(|e| e.env.id.clone()).collect::<Vec<_>>(), [before.id.clone(), after.id.clone()]);
+    assert_eq!(log.seq_of(&before.id).await.unwrap(), Some(1));
 }

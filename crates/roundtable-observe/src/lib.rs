@@ -25,9 +25,16 @@ use roundtable_core::Kind;
 use roundtable_core::log::{Entry, jsonl};
 
 /// The entries of a session exported as JSON lines (`roundtable export`), checked line by
-/// line: one session, no repeated ids, a task envelope first.
+/// line: one session, no repeated ids, a task envelope first, and, when the file ends
+/// with its seal, every envelope as sealed (see `roundtable_core::chain`).
 pub fn entries_from_jsonl(file: &str, text: &str) -> Result<Vec<Entry>, String> {
-    let envs = jsonl::parse(file, text).map_err(|e| e.to_string())?;
+    let (body, seal) = roundtable_core::chain::split_seal(text);
+    let lines = jsonl::parse_lines(file, body).map_err(|e| e.to_string())?;
+    if let Some((line, seal)) = seal {
+        let seal = roundtable_core::chain::parse_seal(file, line, seal).map_err(|e| e.to_string())?;
+        roundtable_core::chain::verify(file, &lines, line, &seal).map_err(|e| e.to_string())?;
+    }
+    let envs: Vec<_> = lines.into_iter().map(|(_, e)| e).collect();
     if envs.first().is_none_or(|e| e.kind != Kind::Task) {
         return Err(format!("{file}:1: the first envelope is not the session's task; not a session export"));
     }

@@ -124,6 +124,7 @@ pub fn reference_markdown() -> String {
         ("budget.per_peer", "budget.per_peer", def(&defs, "RawPeerBudget")),
         ("context", "context", def(&defs, "RawContext")),
         ("presence", "presence", def(&defs, "RawPresence")),
+        ("trust", "trust", def(&defs, "RawTrust")),
         ("tools.NAME", "tools.NAME", def(&defs, "RawTool")),
     ];
     for (title, _, _) in &sections {
@@ -227,6 +228,7 @@ fn header(title: &str) -> Option<&'static str> {
         "budget.per_peer" => "[budget.per_peer]",
         "context" => "[context]",
         "presence" => "[presence]",
+        "trust" => "[trust]",
         "tools.NAME" => "[tools.NAME]",
         _ => return None,
     })
