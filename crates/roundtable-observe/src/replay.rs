@@ -509,6 +509,10 @@ fn without_clock(plan: &TeamPlan) -> TeamPlan {
     let mut p = plan.clone();
     p.termination = strip(&plan.termination);
     p.budget.max_wall_ms = None;
+    // A person's time to answer is the clock's too: the absences it caused are inputs.
+    for peer in &mut p.peers {
+        peer.answer_within_ms = None;
+    }
     p
 }
 
