@@ -17,7 +17,7 @@ use roundtable_core::log::{LogStore, SessionLog};
 use roundtable_core::peer::{PeerConfig, PeerExtras, run_peer_with};
 use roundtable_core::session::{SessionState, plan_of};
 use roundtable_core::team::TeamPlan;
-use roundtable_core::{Kind, PeerId, SessionId};
+use roundtable_core::{Kind, PeerId, Recipient, SessionId};
 
 use crate::{Failure, factory, nats, render};
 
@@ -196,7 +196,7 @@ async fn sit(
     let within = plan.peer(me).and_then(|p| p.answer_within_ms);
     say(&style.bold(&format!("You hold seat {me} in session {session} ({}).", plan.name)));
     say(&format!(
-        "Answers are one line each. {}Commands: /context (what you see now), /quit (leave; rejoin later with the same command).",
+        "Answers are one line each. {}Commands: /say TEXT (to everyone, at any time), /to PEER TEXT (to one peer), /context (what you see now), /quit (leave; rejoin later with the same command).",
         within.map_or(String::new(), |ms| format!("Each duty waits {} s for you. ", ms as f64 / 1000.0))
     ));
     if relay {
@@ -224,6 +224,10 @@ async fn sit(
         }
     });
 
+    // The person's interjections so far (their steps number them).
+    // On the log (a seat taken again starts from there), and typed in this sitting.
+    let (mut said_logged, mut said_typed) = (0u32, 0u32);
+    let mut round = 0u32;
     let mut tail = log.tail(1).await?;
     let (mut peer, mut asks) = spawn_peer(me, &log, &extras);
     let mut asking: Option<Asking> = None;
@@ -243,6 +247,10 @@ async fn sit(
             next = tail.next() => {
                 let Some(next) = next else { break };
                 let e = next?;
+                round = round.max(e.env.round);
+                if e.env.from == *me && roundtable_core::human::is_interjection(&e.env) {
+                    said_logged += 1;
+                }
                 if e.env.visible_to(me, group.as_deref()) || e.env.kind == Kind::Stop {
                     say(&render::format_entry(&e, style));
                 }
@@ -294,8 +302,36 @@ async fn sit(
                 };
                 let t = line.trim();
                 if let Some(cmd) = t.strip_prefix('/') {
-                    let (name, _rest) = cmd.split_once(' ').unwrap_or((cmd, ""));
+                    let (name, rest) = cmd.split_once(' ').unwrap_or((cmd, ""));
                     match name {
+                        "say" | "to" => {
+                            let (to, text) = if name == "say" {
+                                (Recipient::All, rest)
+                            } else {
+                                let (peer, text) = rest.trim_start().split_once(' ').unwrap_or((rest.trim(), ""));
+                                if plan.peer(&PeerId::from(peer)).is_none() {
+                                    let peers: Vec<&str> = plan.peers.iter().map(|p| p.id.as_str()).collect();
+                                    say(&format!("refused: no peer {peer:?}; the peers are {}", peers.join(", ")));
+                                    continue;
+                                }
+                                (Recipient::Peer(PeerId::from(peer)), text)
+                            };
+                            let n = said_logged.max(said_typed);
+                            match roundtable_core::human::interjection(session, me, n, to, text, round) {
+                                Ok(env) => {
+                                    // Counted now, so a second one typed before the first
+                                    // is back gets the next step.
+                                    said_typed = n + 1;
+                                    let log = log.clone();
+                                    tokio::spawn(async move {
+                                        if let Err(e) = log.append(env).await {
+                                            say(&format!("your message could not be posted: {e}"));
+                                        }
+                                    });
+                                }
+                                Err(why) => say(&format!("refused: {why}")),
+                            }
+                        }
                         "quit" | "leave" => {
                             say("Leaving the seat.");
                             break;
@@ -308,7 +344,7 @@ async fn sit(
                             }
                             None => say("Nothing is asked of you now."),
                         },
-                        _ => say(&format!("unknown command /{name}; valid: /context, /quit")),
+                        _ => say(&format!("unknown command /{name}; valid: /say TEXT, /to PEER TEXT, /context, /quit")),
                     }
                     continue;
                 }

@@ -199,6 +199,15 @@ fn a_person_takes_a_seat_answers_turns_bad_answers_are_refused_and_replay_agrees
     person.expect("refused: the answer is 4001 characters; at most 4000");
     person.send("/nonsense");
     person.expect("unknown command /nonsense; valid:");
+    person.send("/to nobody hello");
+    person.expect("refused: no peer \"nobody\"; the peers are author, reviewer, eng");
+    person.send("/say");
+    person.expect("refused: an empty answer is not an answer");
+    // Interjections, at any time: to everyone, and to one peer.
+    person.send("/say Before anything: what do refunds look like on annual plans?");
+    person.send("/to eng Can the flag be flipped per plan type?");
+    // Both are on the log (rendered back with their recipients), and the turn still waits.
+    person.expect("reviewer → eng");
     person.send("Annual plans were never tested: ship to 10% first and watch proration errors.");
     person.expect("── Your duty: turn/4");
     person.expect("» your answer:");
@@ -209,7 +218,8 @@ fn a_person_takes_a_seat_answers_turns_bad_answers_are_refused_and_replay_agrees
 
     let s = json(&bin().args(["log", &session, "--json", "--data-dir"]).arg(d).output().unwrap());
     assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 2 rounds"), "{s}");
-    assert_eq!(s["per_peer"]["reviewer"]["messages"], 2, "{s}");
+    assert_eq!(s["per_peer"]["reviewer"]["messages"], 4, "two turns and two interjections: {s}");
+    assert_eq!(s["per_peer"]["reviewer"]["messages_from_calls"], 2, "two of them answered duties: {s}");
     assert_eq!(s["per_peer"]["reviewer"]["completion_tokens"], 0, "a person's answer costs no tokens: {s}");
 
     let export = stdout(&bin().args(["export", &session, "--data-dir"]).arg(d).output().unwrap());
@@ -218,10 +228,12 @@ fn a_person_takes_a_seat_answers_turns_bad_answers_are_refused_and_replay_agrees
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|e| e["from"] == "reviewer")
         .collect();
-    assert_eq!(mine.len(), 2, "the person's two turns, and nothing else, are on the log: {mine:?}");
-    assert_eq!(mine[0]["kind"], "message");
-    assert_eq!(mine[0]["step"], "turn/1");
-    assert!(mine[0]["body"]["text"].as_str().unwrap().starts_with("Annual plans were never tested"));
+    let steps: Vec<&str> = mine.iter().map(|e| e["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["say/0", "say/1", "turn/1", "turn/4"], "two interjections and two turns: {mine:?}");
+    assert!(mine.iter().all(|e| e["kind"] == "message"));
+    assert_eq!(mine[0]["to"], serde_json::json!({"type": "all"}), "{}", mine[0]);
+    assert_eq!(mine[1]["to"], serde_json::json!({"type": "peer", "id": "eng"}), "{}", mine[1]);
+    assert!(mine[2]["body"]["text"].as_str().unwrap().starts_with("Annual plans were never tested"));
 
     let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));

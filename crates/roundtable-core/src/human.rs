@@ -190,6 +190,42 @@ pub fn check_text(input: &str) -> Result<String, String> {
     Ok(t.to_string())
 }
 
+/// The step prefix of a person's interjections: `say/{n}`, the n-th of that peer.
+pub const INTERJECTION_STEP: &str = "say/";
+
+/// Whether an envelope is a person's interjection (a message posted at any time, not
+/// for a duty).
+pub fn is_interjection(env: &crate::envelope::Envelope) -> bool {
+    env.kind == Kind::Message && env.step.starts_with(INTERJECTION_STEP)
+}
+
+/// A person's interjection: their `n`-th (counted from the log, so a retry has the
+/// same id), to everyone or to one peer. Where it lands is the protocol's: every
+/// message is in the context of the peers it is visible to, so in a round robin (and
+/// the other protocols whose duties see the history) the next speaker sees it; in a
+/// conversation a message to a peer is mail in its inbox and a broadcast in everyone's;
+/// protocols whose duties see only the round's answers (debate, jury, …) do not show it
+/// to the models, though it stays on the record.
+pub fn interjection(
+    session: &crate::envelope::SessionId,
+    me: &PeerId,
+    n: u32,
+    to: crate::envelope::Recipient,
+    text: &str,
+    round: u32,
+) -> Result<crate::envelope::Envelope, String> {
+    let text = check_text(text)?;
+    Ok(crate::envelope::Envelope::new(
+        session,
+        me,
+        format!("{INTERJECTION_STEP}{n}"),
+        Kind::Message,
+        to,
+        Body::text(text),
+    )
+    .with_round(round))
+}
+
 /// A duty put to the person in a seat.
 #[derive(Debug)]
 pub struct Question {
