@@ -923,6 +923,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         cx.err_at(src.len(), "peers", "a team needs at least one [[peers]] entry");
     }
     for (i, p) in raw.peers.into_iter().enumerate() {
+        let peer_at = p.span().start;
         let p = p.into_inner();
         let id = p.id.get_ref().trim().to_string();
         let id_ok = !id.is_empty()
@@ -948,7 +949,6 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
                 PeerKind::Model
             }
         };
-        let peer_at = p.id.span().start;
         let model = match (&p.model, kind) {
             (Some(m), PeerKind::Model) => {
                 let model = m.get_ref().clone();
