@@ -228,6 +228,19 @@ async fn sit(
     // On the log (a seat taken again starts from there), and typed in this sitting.
     let (mut said_logged, mut said_typed) = (0u32, 0u32);
     let mut round = 0u32;
+    // Interjections are appended one after another, in the order typed, without
+    // holding up the terminal.
+    let (outbox, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<roundtable_core::Envelope>();
+    let _posting = AbortOnDrop(tokio::spawn({
+        let log = log.clone();
+        async move {
+            while let Some(env) = outgoing.recv().await {
+                if let Err(e) = log.append(env).await {
+                    say(&format!("your message could not be posted: {e}"));
+                }
+            }
+        }
+    }));
     let mut tail = log.tail(1).await?;
     let (mut peer, mut asks) = spawn_peer(me, &log, &extras);
     let mut asking: Option<Asking> = None;
@@ -322,12 +335,7 @@ async fn sit(
                                     // Counted now, so a second one typed before the first
                                     // is back gets the next step.
                                     said_typed = n + 1;
-                                    let log = log.clone();
-                                    tokio::spawn(async move {
-                                        if let Err(e) = log.append(env).await {
-                                            say(&format!("your message could not be posted: {e}"));
-                                        }
-                                    });
+                                    let _ = outbox.send(env);
                                 }
                                 Err(why) => say(&format!("refused: {why}")),
                             }
