@@ -118,7 +118,8 @@ pub(crate) fn models_observed(
     let mut built: HashMap<&str, Arc<dyn ChatModel>> = HashMap::new();
     let mut out = HashMap::new();
     for p in &plan.peers {
-        if only.is_some_and(|o| o != &p.id) {
+        // A human peer's answers come from the person in its seat (`roundtable join`).
+        if only.is_some_and(|o| o != &p.id) || p.is_human() {
             continue;
         }
         let spec = &plan.models[&p.model];

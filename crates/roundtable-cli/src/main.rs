@@ -4,6 +4,7 @@
 mod bench;
 mod eval;
 mod factory;
+mod join;
 mod keys;
 mod nats;
 mod natsconfig;
@@ -193,6 +194,11 @@ enum Command {
     Fork(observe::ForkArgs),
     /// Serve the live web view of the sessions (loopback only by default).
     Ui(observe::UiArgs),
+    /// Take a human peer's seat (a `[[peers]]` entry with kind = "human") in a running
+    /// session: see the transcript, answer each duty as it comes (turns, votes,
+    /// verdicts, approvals), from this terminal. One person per seat; leave and come
+    /// back at any time. Local sessions, or --nats for one on a server.
+    Join(join::JoinArgs),
     /// Peers' signing keys: `keys new --peer ID` makes one (see the team file's
     /// `public_key`).
     Keys(keys::KeysArgs),
@@ -263,6 +269,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Keys(args) => keys::run(&dir, args),
         Command::NatsConfig(args) => natsconfig::run(args),
+        Command::Join(args) => join::join(&dir, args).await,
         Command::Eval(args) => {
             eval::run(args).await?;
             Ok(ExitCode::SUCCESS)
@@ -311,14 +318,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             let models = factory::models_observed(&plan, None, watch.retry_observer())
                 .map_err(|e| Failure::Input(e.to_string()))?;
             let session = new_session_id();
-            let (log, extras): (Arc<dyn SessionLog>, PeerExtras) = if no_persist {
+            let (log, extras, store): (Arc<dyn SessionLog>, PeerExtras, _) = if no_persist {
                 let store = roundtable_core::log::MemStore::new();
-                (store.open(&session, true).await?, PeerExtras::default())
+                (store.open(&session, true).await?, PeerExtras::default(), None)
             } else {
                 let store = open_store(&dir, true, if fsync { Durability::Full } else { Durability::Normal })?;
                 let extras = PeerExtras { secret: Some(factory::local_secret(&dir)?), ..PeerExtras::default() };
-                (store.open(&session, true).await?, extras)
+                (store.open(&session, true).await?, extras, Some(store))
             };
+            let _seats = seats_open(store, &log, &plan, &session.to_string(), json, None)?;
             let summary = watch
                 .session(&session, &plan, &log, async {
                     open_session(log.as_ref(), &plan, &topic).await?;
@@ -367,6 +375,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             // still open its sealed vote and reveal it.
             let extras = PeerExtras { secret: Some(factory::local_secret(&dir)?), ..PeerExtras::default() };
             let id = log.session().clone();
+            let _seats = seats_open(Some(store), &log, &plan, &session, json, None)?;
             let summary =
                 watch.session(&id, &plan, &log, drive(log.clone(), &plan, models, json, None, extras)).await?;
             finish(&summary, json)
@@ -609,8 +618,15 @@ fn describe_plan(team: &Path, plan: &TeamPlan) {
     println!("  team      {}", plan.name);
     println!("  protocol  {}", plan.protocol.kind());
     for p in &plan.peers {
-        let m = &plan.models[&p.model];
-        println!("  peer      {:<14} model {} ({})", p.id, p.model, m.provider.kind());
+        match plan.models.get(&p.model) {
+            Some(m) => println!("  peer      {:<14} model {} ({})", p.id, p.model, m.provider.kind()),
+            None => println!(
+                "  peer      {:<14} a person (roundtable join SESSION --as {}){}",
+                p.id,
+                p.id,
+                p.answer_within_ms.map_or(String::new(), |ms| format!(", answers within {} s", ms as f64 / 1000.0))
+            ),
+        }
     }
     if let Some(t) = &plan.topic {
         println!("  topic     {t}");
@@ -637,6 +653,44 @@ fn describe_plan(team: &Path, plan: &TeamPlan) {
         ),
     };
     println!("  context   {context}");
+}
+
+/// A session with human seats: say how to take them, and (locally) append what their
+/// holders submit while the session runs (see `roundtable_sqlite::seats`). The relay
+/// stops when the returned guard is dropped.
+pub(crate) fn seats_open(
+    store: Option<SqliteStore>,
+    log: &Arc<dyn SessionLog>,
+    plan: &TeamPlan,
+    session: &str,
+    json: bool,
+    nats: Option<&str>,
+) -> Result<Option<join::AbortOnDrop>, Failure> {
+    let humans: std::collections::BTreeSet<_> =
+        plan.peers.iter().filter(|p| p.is_human()).map(|p| p.id.clone()).collect();
+    if humans.is_empty() {
+        return Ok(None);
+    }
+    if !json {
+        for h in &humans {
+            let wait = plan.peer(h).and_then(|p| p.answer_within_ms).map_or_else(
+                || "the team waits for them".to_string(),
+                |ms| format!("each duty waits {} s, then is skipped", ms as f64 / 1000.0),
+            );
+            let flag = nats.map_or(String::new(), |u| format!(" --nats {u}"));
+            eprintln!("Seat {h} is for a person ({wait}): take it with `roundtable join {session} --as {h}{flag}`");
+        }
+    }
+    if store.is_none() && nats.is_none() {
+        if !json {
+            eprintln!("(--no-persist: nobody can join from another terminal; human seats stay empty)");
+        }
+        return Ok(None);
+    }
+    Ok(store.map(|store| {
+        let poll = std::time::Duration::from_millis(50);
+        join::AbortOnDrop(tokio::spawn(roundtable_sqlite::relay_submitted(store, log.clone(), humans, poll)))
+    }))
 }
 
 /// Run every peer of the plan on this log, rendering as it goes.

@@ -301,6 +301,7 @@ pub(crate) async fn run(
         eprintln!("Session {session} on {}", args.shown());
     }
     let (presence, extras) = parts(&backend, &session, &plan, factory::local_secret(dir)?).await?;
+    crate::seats_open(None, &log, &plan, session.as_str(), json, Some(&args.shown()))?;
     let summary = watch
         .session(&session, &plan, &log, async {
             open_session(log.as_ref(), &plan, &topic).await?;
@@ -379,6 +380,12 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
             "{}: no peer {me:?} in the team; the peers are {}",
             args.team.display(),
             ids(&local)
+        )));
+    }
+    if local.peer(&me).is_some_and(|p| p.is_human()) {
+        return Err(Failure::Input(format!(
+            "{}: peer {me:?} is kind = \"human\": a person takes that seat with `roundtable join SESSION --as {me} --nats URL`",
+            args.team.display()
         )));
     }
     let topic = args.topic.clone().or_else(|| local.topic.clone());

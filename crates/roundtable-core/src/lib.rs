@@ -8,6 +8,7 @@
 //! - [`team`]: team files, validated into plans before anything runs.
 //! - [`protocol`], [`session`], [`termination`]: decisions as pure functions of the log.
 //! - [`peer`], [`runner`]: peers as tasks, each with its own view of the log.
+//! - [`human`]: people at the table: a human peer's seat, its answers and time limits.
 //! - [`trust`]: what a peer takes from the wire and what it never does.
 //! - [`similarity`]: answer similarity for emergent consensus.
 //! - [`eval`]: the evaluation harness (protocols against single-agent and
@@ -22,6 +23,7 @@ pub mod chain;
 pub mod envelope;
 pub mod error;
 pub mod eval;
+pub mod human;
 pub mod log;
 pub mod mem;
 pub mod model;

@@ -225,6 +225,8 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let mut wait_for_seq = 0u64;
     let mut stalled: Option<(EnvelopeId, u64)> = None;
     let mut ledger = Ledger::default();
+    // Duties human peers wait on, to record them absent when one waits too long.
+    let mut overdue = crate::human::Overdue::applies(&plan).then(crate::human::Overdue::default);
 
     loop {
         // Take everything that is ready, then act once.
@@ -252,6 +254,12 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
                         wait_for_seq = post(&me, &st, &duty, body_of(&duty)).await?;
                         continue;
                     }
+                if st.last_seq >= wait_for_seq
+                    && let Some(duty) = overdue.as_mut().and_then(|o| o.check(&st, &cfg.me, now_ms()))
+                {
+                    wait_for_seq = post(&me, &st, &duty, body_of(&duty)).await?;
+                    continue;
+                }
             }
         }
         if st.is_stopped() {
@@ -822,7 +830,9 @@ async fn absence_duty(
     let seen = presence.last_seen().await.ok()?;
     let limit = Duration::from_millis(plan.presence.absent_after_ms);
     for p in &plan.peers {
-        if p.id == cfg.me || st.absent.contains(&p.id) {
+        // A human seat may be empty for as long as the team waits for a person; its
+        // time limit is `answer_within_secs` (see [`crate::human::Overdue`]).
+        if p.id == cfg.me || st.absent.contains(&p.id) || p.is_human() {
             continue;
         }
         let silent = match seen.get(&p.id) {

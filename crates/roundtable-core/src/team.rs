@@ -254,9 +254,37 @@ pub struct PeerSpec {
     /// signed by its author (see [`crate::trust`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// Who answers for the peer: its model, or a person in its seat.
+    #[serde(default, skip_serializing_if = "PeerKind::is_model")]
+    pub kind: PeerKind,
+    /// A human peer's time to answer a duty, in milliseconds (none: the team waits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_within_ms: Option<u64>,
+}
+
+/// Who answers for a peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerKind {
+    /// Its model (the default).
+    #[default]
+    Model,
+    /// A person who takes the seat (`roundtable join`); see [`crate::human`].
+    Human,
+}
+
+impl PeerKind {
+    pub fn is_model(&self) -> bool {
+        *self == PeerKind::Model
+    }
 }
 
 impl PeerSpec {
+    /// Whether a person answers for this peer.
+    pub fn is_human(&self) -> bool {
+        self.kind == PeerKind::Human
+    }
+
     /// The system prompt: persona, then stance, then the agreement instruction.
     pub fn system_prompt(&self) -> String {
         let mut s = self.persona.clone();
@@ -493,9 +521,19 @@ struct RawPeer {
     /// The system prompt.
     #[schemars(extend("default" = "You are a thoughtful member of a team."))]
     persona: Option<String>,
-    /// The name of a `[models.NAME]` table.
-    #[schemars(with = "String", example = &"reviewer")]
-    model: Spanned<String>,
+    /// Who answers for this peer: `model` (its `model` key's model) or `human` (a
+    /// person who takes the seat with `roundtable join SESSION --as ID` or the web view;
+    /// a human peer has no `model`, `temperature`, `agreement` or `tools`).
+    #[schemars(with = "Option<String>", extend("enum" = ["model", "human"], "default" = "model"))]
+    kind: Option<Spanned<String>>,
+    /// The name of a `[models.NAME]` table (required unless `kind = "human"`).
+    #[schemars(with = "Option<String>", example = &"reviewer")]
+    model: Option<Spanned<String>>,
+    /// For a human peer: seconds a duty (a turn, a vote, an approval) waits for the
+    /// person's answer. When they pass, the peer is recorded absent with the reason and
+    /// its duties are skipped until the person comes back; without it the team waits.
+    #[schemars(with = "Option<f64>", range(min = 0.001, max = 604800.0), example = &300.0)]
+    answer_within_secs: Option<Spanned<f64>>,
     /// A visibility group: a message addressed to the group (by a protocol or a tool)
     /// is seen only by its members and its sender. Protocol keys take peer ids, never
     /// group names.
@@ -934,6 +972,7 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         cx.err_at(src.len(), "peers", "a team needs at least one [[peers]] entry");
     }
     for (i, p) in raw.peers.into_iter().enumerate() {
+        let peer_at = p.span().start;
         let p = p.into_inner();
         let id = p.id.get_ref().trim().to_string();
         let id_ok = !id.is_empty()
@@ -950,15 +989,79 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
         } else if !ids.insert(id.clone()) {
             cx.err_at(p.id.span().start, format!("peers[{i}].id"), format!("peer id `{id}` is used twice"));
         }
-        let model = p.model.get_ref().clone();
-        if !models.contains_key(&model) && !cx.errors.iter().any(|e| e.key.starts_with(&format!("models.{model}"))) {
-            let defined = choices(models.keys());
+        let kind = match p.kind.as_ref().map(|k| k.get_ref().as_str()) {
+            None | Some("model") => PeerKind::Model,
+            Some("human") => PeerKind::Human,
+            Some(other) => {
+                let at = p.kind.as_ref().map_or(0, |k| k.span().start);
+                cx.err_at(at, format!("peers[{i}].kind"), format!("unknown peer kind `{other}`; valid: model, human"));
+                PeerKind::Model
+            }
+        };
+        let model = match (&p.model, kind) {
+            (Some(m), PeerKind::Model) => {
+                let model = m.get_ref().clone();
+                if !models.contains_key(&model)
+                    && !cx.errors.iter().any(|e| e.key.starts_with(&format!("models.{model}")))
+                {
+                    let defined = choices(models.keys());
+                    cx.err_at(
+                        m.span().start,
+                        format!("peers[{i}].model"),
+                        format!("unknown model `{model}`; defined models: {defined}"),
+                    );
+                }
+                model
+            }
+            (None, PeerKind::Model) => {
+                let defined = choices(models.keys());
+                cx.err_at(
+                    peer_at,
+                    format!("peers[{i}].model"),
+                    format!(
+                        "missing `model`: name a [models.NAME] table (defined: {defined}), or set kind = \"human\""
+                    ),
+                );
+                String::new()
+            }
+            (_, PeerKind::Human) => String::new(),
+        };
+        if kind == PeerKind::Human {
+            let person = |key: &str| {
+                format!(
+                    "`{key}` is for model peers; peer `{id}` is kind = \"human\" (a person answers for it): remove `{key}`"
+                )
+            };
+            if let Some(m) = &p.model {
+                cx.err_at(m.span().start, format!("peers[{i}].model"), person("model"));
+            }
+            if let Some(t) = &p.temperature {
+                cx.err_at(t.span().start, format!("peers[{i}].temperature"), person("temperature"));
+            }
+            if let Some(a) = &p.agreement {
+                cx.err_at(a.span().start, format!("peers[{i}].agreement"), person("agreement"));
+            }
+            if let Some(t) = p.tools.as_ref().and_then(|t| t.first()) {
+                cx.err_at(
+                    t.span().start,
+                    format!("peers[{i}].tools"),
+                    format!(
+                        "peer `{id}` is kind = \"human\": a person does not call tools; grant them to a model peer"
+                    ),
+                );
+            }
+        } else if let Some(w) = &p.answer_within_secs {
             cx.err_at(
-                p.model.span().start,
-                format!("peers[{i}].model"),
-                format!("unknown model `{model}`; defined models: {defined}"),
+                w.span().start,
+                format!("peers[{i}].answer_within_secs"),
+                format!("`answer_within_secs` is for human peers (kind = \"human\"); peer `{id}` is a model peer (its model's `timeout_secs` bounds its calls)"),
             );
         }
+        let answer_within_ms = if kind == PeerKind::Human {
+            cx.real(p.answer_within_secs, &format!("peers[{i}].answer_within_secs"), ranges::SECS).map(ranges::millis)
+        } else {
+            None
+        };
         if let Some(t) = &p.temperature
             && !(0.0..=2.0).contains(t.get_ref())
         {
@@ -1011,6 +1114,8 @@ pub fn parse_team(file: &str, src: &str, env: &dyn PlanEnv) -> Result<TeamPlan, 
             stance: p.stance,
             agreement: p.agreement.map(Spanned::into_inner),
             public_key,
+            kind,
+            answer_within_ms,
         });
     }
     let keyed = peers.iter().filter(|p| p.public_key.is_some()).count();

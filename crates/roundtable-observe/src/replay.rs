@@ -509,6 +509,10 @@ fn without_clock(plan: &TeamPlan) -> TeamPlan {
     let mut p = plan.clone();
     p.termination = strip(&plan.termination);
     p.budget.max_wall_ms = None;
+    // A person's time to answer is the clock's too: the absences it caused are inputs.
+    for peer in &mut p.peers {
+        peer.answer_within_ms = None;
+    }
     p
 }
 
@@ -572,7 +576,10 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         if let Some(c) = recorded_claim(env) {
             claims.entry(env.from.clone()).or_default().push_back((e.seq, c));
         }
-        let is_input = env.kind == Kind::Absent || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)));
+        // A person's interjection comes when they type it: an input, like an absence.
+        let is_input = env.kind == Kind::Absent
+            || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)))
+            || roundtable_core::human::is_interjection(env);
         if is_input {
             inputs.insert(e.seq, (*env.as_ref()).clone());
         }

@@ -43,8 +43,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 mod commit;
 mod reader;
+mod seats;
 use commit::{Checkpointer, Durable};
 pub use reader::SqliteReader;
+pub use seats::{SeatRelay, SqliteSeats, relay_submitted};
 
 /// How hard the database syncs to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -119,7 +121,19 @@ impl SqliteStore {
                  json TEXT NOT NULL,
                  PRIMARY KEY (session, seq),
                  UNIQUE (session, id)
-             ) WITHOUT ROWID;"
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS seats (
+                 session TEXT NOT NULL,
+                 peer TEXT NOT NULL,
+                 holder TEXT NOT NULL,
+                 until_ms INTEGER NOT NULL,
+                 PRIMARY KEY (session, peer)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS submitted (
+                 n INTEGER PRIMARY KEY AUTOINCREMENT,
+                 session TEXT NOT NULL,
+                 json TEXT NOT NULL
+             );"
         ))
         .map_err(|e| storage("preparing the database", path, e))?;
         let conn = Arc::new(Mutex::new(conn));

@@ -1,0 +1,369 @@
+//! A person at the table, end to end: `roundtable join` driven through a
+//! pseudo-terminal (util-linux `script` gives the child a real terminal) answering
+//! turns and a vote, with bad answers refused and asked again; a second person refused
+//! the same seat; joins that make no sense refused with exit 2; an empty seat skipped on
+//! the record; replay of a session with a person's answers; and a seat taken from
+//! another process over NATS.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use roundtable_nats::testing::NatsServer;
+
+/// How long a test waits for something that must happen before calling it a failure
+/// (a guard against hanging, not a timing assertion).
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_roundtable"));
+    c.env_remove("ROUNDTABLE_DIR").env_remove("ROUNDTABLE_NATS").env("NO_COLOR", "1");
+    c
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", stdout(o), stderr(o)))
+}
+
+/// A child process whose output is collected as it comes.
+struct Driven {
+    child: Child,
+    input: Option<ChildStdin>,
+    out: Arc<Mutex<String>>,
+    /// How much of `out` earlier expectations consumed.
+    seen: usize,
+    what: String,
+}
+
+impl Driven {
+    fn collect(mut child: Child, what: &str) -> Driven {
+        let out = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let input = child.stdin.take();
+        Driven { child, input, out, seen: 0, what: what.into() }
+    }
+
+    /// Wait until `needle` appears after what earlier expectations consumed; returns
+    /// the text up to and including it.
+    fn expect(&mut self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            {
+                let out = self.out.lock().unwrap();
+                if let Some(i) = out[self.seen..].find(needle) {
+                    let upto = self.seen + i + needle.len();
+                    let text = out[self.seen..upto].to_string();
+                    self.seen = upto;
+                    return text;
+                }
+            }
+            if start.elapsed() > DEADLINE || self.child.try_wait().unwrap().is_some() {
+                std::thread::sleep(Duration::from_millis(200));
+                let out = self.out.lock().unwrap();
+                panic!("{}: never printed {needle:?}; it printed:\n{}", self.what, &out[self.seen..]);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let input = self.input.as_mut().expect("stdin");
+        input.write_all(line.as_bytes()).unwrap();
+        input.write_all(b"\n").unwrap();
+        input.flush().unwrap();
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > DEADLINE {
+                let _ = self.child.kill();
+                panic!("{} did not end; it printed:\n{}", self.what, self.out.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn all(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `roundtable ARGS` on a pseudo-terminal: `script` runs it with a terminal of its own
+/// and relays our pipe to it, as a person's keyboard would type.
+fn on_terminal(args: &[&str], data: &Path) -> Driven {
+    let script = ["/usr/bin/script", "/bin/script"].into_iter().find(|p| Path::new(p).exists()).unwrap_or_else(|| {
+        panic!("`script` (util-linux) is needed to give `roundtable join` a pseudo-terminal: apt-get install bsdutils")
+    });
+    let mut line = vec![env!("CARGO_BIN_EXE_roundtable").to_string()];
+    line.extend(args.iter().map(|a| a.to_string()));
+    line.push("--data-dir".into());
+    line.push(data.display().to_string());
+    let quoted: Vec<String> = line.iter().map(|a| format!("'{}'", a.replace('\'', "'\\''"))).collect();
+    let child = Command::new(script)
+        .args(["-q", "-f", "-e", "-c", &quoted.join(" "), "/dev/null"])
+        .env_remove("ROUNDTABLE_DIR")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script runs");
+    Driven::collect(child, &format!("roundtable {}", args.join(" ")))
+}
+
+/// `roundtable run TEAM` in the background; returns it and the session id it names.
+fn start_run(team: &Path, data: &Path, extra: &[&str]) -> (Driven, String) {
+    let child = bin()
+        .arg("run")
+        .arg(team)
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut run = Driven::collect(child, "roundtable run");
+    let line = run.expect(" --as ");
+    let session = line.rsplit("roundtable join ").next().unwrap().split_whitespace().next().unwrap().to_string();
+    (run, session)
+}
+
+fn team_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn a_person_takes_a_seat_answers_turns_bad_answers_are_refused_and_replay_agrees() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let (mut run, session) = start_run(&examples().join("human-review.toml"), d, &[]);
+
+    let mut person = on_terminal(&["join", &session, "--as", "reviewer"], d);
+    person.expect("You hold seat reviewer");
+    person.expect("── Your duty: turn/1");
+    person.expect("» your answer:");
+
+    // While the seat is held, nobody else gets it.
+    let o = bin().args(["join", &session, "--as", "reviewer", "--data-dir"]).arg(d).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("seat `reviewer` is taken"), "{}", stderr(&o));
+
+    person.send("   ");
+    person.expect("refused: an empty answer is not an answer");
+    person.send(&"x".repeat(4_001));
+    person.expect("refused: the answer is 4001 characters; at most 4000");
+    person.send("/nonsense");
+    person.expect("unknown command /nonsense; valid:");
+    person.send("/to nobody hello");
+    person.expect("refused: no peer \"nobody\"; the peers are author, reviewer, eng");
+    person.send("/say");
+    person.expect("refused: an empty answer is not an answer");
+    // Interjections, at any time: to everyone, and to one peer.
+    person.send("/say Before anything: what do refunds look like on annual plans?");
+    person.send("/to eng Can the flag be flipped per plan type?");
+    // Both are on the log (rendered back with their recipients), and the turn still waits.
+    person.expect("reviewer → eng");
+    person.send("Annual plans were never tested: ship to 10% first and watch proration errors.");
+    person.expect("── Your duty: turn/4");
+    person.expect("» your answer:");
+    person.send("Fine by me if the dashboard is up before Monday.");
+    person.expect("The session is over.");
+    assert!(person.wait().success(), "{}", person.all());
+    assert!(run.wait().success(), "{}", run.all());
+
+    let s = json(&bin().args(["log", &session, "--json", "--data-dir"]).arg(d).output().unwrap());
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 2 rounds"), "{s}");
+    assert_eq!(s["per_peer"]["reviewer"]["messages"], 4, "two turns and two interjections: {s}");
+    assert_eq!(s["per_peer"]["reviewer"]["messages_from_calls"], 2, "two of them answered duties: {s}");
+    assert_eq!(s["per_peer"]["reviewer"]["completion_tokens"], 0, "a person's answer costs no tokens: {s}");
+
+    let export = stdout(&bin().args(["export", &session, "--data-dir"]).arg(d).output().unwrap());
+    let mine: Vec<serde_json::Value> = export
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["from"] == "reviewer")
+        .collect();
+    let steps: Vec<&str> = mine.iter().map(|e| e["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["say/0", "say/1", "turn/1", "turn/4"], "two interjections and two turns: {mine:?}");
+    assert!(mine.iter().all(|e| e["kind"] == "message"));
+    assert_eq!(mine[0]["to"], serde_json::json!({"type": "all"}), "{}", mine[0]);
+    assert_eq!(mine[1]["to"], serde_json::json!({"type": "peer", "id": "eng"}), "{}", mine[1]);
+    assert!(mine[2]["body"]["text"].as_str().unwrap().starts_with("Annual plans were never tested"));
+
+    let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(json(&o)["divergence"].is_null(), "{}", stdout(&o));
+    let o = bin().args(["trace", &session, "--data-dir"]).arg(d).output().unwrap();
+    assert!(stdout(&o).contains("reviewer"), "the person's envelopes are in the trace:\n{}", stdout(&o));
+
+    // A finished session, an unknown seat, a model's seat: exit 2 and why.
+    let join = |seat: &str| bin().args(["join", &session, "--as", seat, "--data-dir"]).arg(d).output().unwrap();
+    let o = join("reviewer");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("is finished"), "{}", stderr(&o));
+    let o = join("nobody");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("has no peer \"nobody\"; its human seats are: reviewer"), "{}", stderr(&o));
+    let o = join("author");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("is a model peer"), "{}", stderr(&o));
+    let o = bin().args(["join", "no-such-session", "--as", "reviewer", "--data-dir"]).arg(d).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn a_person_votes_through_a_form_and_a_vote_in_the_wrong_form_is_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = team_file(
+        dir.path(),
+        "vote.toml",
+        r#"
+name = "vote"
+topic = "Which region do we launch in first?"
+[models.s]
+provider = "scripted"
+[models.s.per_peer]
+a = ['{"answer": "EU", "confidence": 0.8, "reason": "GDPR work is done"}']
+b = ['{"answer": "US", "confidence": 0.6, "reason": "bigger market"}']
+[[peers]]
+id = "a"
+model = "s"
+[[peers]]
+id = "p"
+kind = "human"
+[[peers]]
+id = "b"
+model = "s"
+[protocol]
+kind = "debate"
+rounds = 1
+json = true
+"#,
+    );
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let (mut run, session) = start_run(&team, d, &[]);
+    let mut person = on_terminal(&["join", &session, "--as", "p"], d);
+    person.expect("── Your duty: r0/answer");
+    person.expect("» answer:");
+    person.send("");
+    person.expect("refused: answer cannot be empty");
+    person.send("EU");
+    person.expect("» confidence (a number from 0 to 1):");
+    person.send("very");
+    person.expect("refused: confidence must be a number from 0 to 1");
+    person.send("1.5");
+    person.expect("refused: confidence must be a number from 0 to 1");
+    person.send("0.9");
+    person.expect("» reason (may be empty):");
+    person.send("the compliance work is done");
+    person.expect("The session is over.");
+    assert!(person.wait().success());
+    assert!(run.wait().success(), "{}", run.all());
+    let s = json(&bin().args(["log", &session, "--json", "--data-dir"]).arg(d).output().unwrap());
+    assert_eq!(s["final_answer"], "EU", "the person's vote counted: {s}");
+    let export = stdout(&bin().args(["export", &session, "--data-dir"]).arg(d).output().unwrap());
+    let vote = export
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["from"] == "p")
+        .expect("the person's answer is on the log");
+    assert_eq!(vote["body"]["json"]["answer"], "EU");
+    assert_eq!(vote["body"]["json"]["confidence"], 0.9);
+    let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
+    assert!(json(&o)["divergence"].is_null(), "{}", stdout(&o));
+}
+
+#[test]
+fn an_empty_seat_with_a_time_limit_is_skipped_and_the_run_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(examples().join("human-review.toml")).unwrap();
+    assert!(src.contains("answer_within_secs = 120"));
+    let team =
+        team_file(dir.path(), "empty.toml", &src.replace("answer_within_secs = 120", "answer_within_secs = 0.3"));
+    let data = tempfile::tempdir().unwrap();
+    let o = bin().arg("run").arg(&team).arg("--json").arg("--data-dir").arg(data.path()).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert!(s["stopped"].as_bool().unwrap(), "{s}");
+    let session = s["session"].as_str().unwrap();
+    let o = bin().args(["log", session, "--data-dir"]).arg(data.path()).output().unwrap();
+    assert!(
+        stdout(&o).contains("reviewer did not answer turn/1 within 0.3 s"),
+        "the transcript says why the seat was skipped:\n{}",
+        stdout(&o)
+    );
+    let o = bin().args(["replay", session, "--json", "--data-dir"]).arg(data.path()).output().unwrap();
+    assert!(json(&o)["divergence"].is_null(), "{}", stdout(&o));
+}
+
+#[test]
+fn a_person_on_another_process_takes_a_seat_over_nats() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let run_data = tempfile::tempdir().unwrap();
+    let person_data = tempfile::tempdir().unwrap();
+    let (mut run, session) = start_run(&examples().join("human-review.toml"), run_data.path(), &["--nats", &url]);
+    let mut person = on_terminal(&["join", &session, "--as", "reviewer", "--nats", &url], person_data.path());
+    person.expect("── Your duty: turn/1");
+    person.expect("» your answer:");
+    let o = bin().args(["join", &session, "--as", "reviewer", "--nats", &url]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is taken"), "{}", stderr(&o));
+    person.send("Ship to 10% first.");
+    person.expect("── Your duty: turn/4");
+    person.expect("» your answer:");
+    person.send("Agreed.");
+    person.expect("The session is over.");
+    assert!(person.wait().success(), "{}", person.all());
+    assert!(run.wait().success(), "{}", run.all());
+    let o = bin().args(["log", &session, "--json", "--nats", &url]).output().unwrap();
+    let s = json(&o);
+    assert_eq!(s["per_peer"]["reviewer"]["messages"], 2, "{s}");
+    assert!(!person_data.path().join("roundtable.db").exists(), "nothing written locally by the person");
+}
