@@ -10,6 +10,7 @@
 //! - [`peer`], [`runner`]: peers as tasks, each with its own view of the log.
 //! - [`trust`]: what a peer takes from the wire and what it never does.
 //! - [`similarity`]: answer similarity for emergent consensus.
+//! - [`human`]: counts and money as people read them.
 //! - [`eval`]: the evaluation harness (protocols against single-agent and
 //!   sample-and-vote baselines).
 //!
@@ -21,6 +22,7 @@ pub mod bus;
 pub mod envelope;
 pub mod error;
 pub mod eval;
+pub mod human;
 pub mod log;
 pub mod mem;
 pub mod model;

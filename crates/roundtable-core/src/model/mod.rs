@@ -136,6 +136,26 @@ pub(crate) fn envelope_tokens(env: &Envelope) -> u32 {
 /// Called with each piece of text as it streams in.
 pub type TokenSink = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// What the retry layer tells the caller about the attempts of one call.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptNotice {
+    /// Attempt `attempt` of at most `of` failed; the next starts after `wait`. Any text
+    /// it streamed is not part of the answer.
+    Failed {
+        attempt: u32,
+        of: u32,
+        error: String,
+        wait: Duration,
+        /// The wait is the provider's `Retry-After`.
+        retry_after: bool,
+    },
+    /// Attempt `attempt` (2 or more) of at most `of` starts now.
+    Started { attempt: u32, of: u32 },
+}
+
+/// Called by the retry layer around each retry.
+pub type AttemptSink = Arc<dyn Fn(AttemptNotice) + Send + Sync>;
+
 /// A model call.
 #[derive(Clone)]
 pub struct ChatRequest {
@@ -170,6 +190,8 @@ pub struct ChatRequest {
     /// order, while the model works through them.
     pub tool_turns: Vec<ChatMessage>,
     pub on_token: Option<TokenSink>,
+    /// Told of each failed attempt and each retry (by [`layers::Retry`]).
+    pub on_attempt: Option<AttemptSink>,
 }
 
 impl fmt::Debug for ChatRequest {
@@ -203,6 +225,7 @@ impl ChatRequest {
             tool_choice: ToolChoice::Auto,
             tool_turns: Vec::new(),
             on_token: None,
+            on_attempt: None,
         }
     }
 
