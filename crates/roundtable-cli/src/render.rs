@@ -311,7 +311,7 @@ impl Live {
                 let discarded = self.calls.get(&key).is_some_and(|c| c.streamed);
                 let mut text = format!("  ✗ {}: attempt {attempt} of {of} failed: {error}", key.0);
                 if discarded {
-                    text.push_str(&format!(" (its text above is discarded)"));
+                    text.push_str(" (its text above is discarded)");
                 }
                 let red = self.st.red(&text);
                 self.line(&red);
