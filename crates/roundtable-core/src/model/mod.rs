@@ -97,8 +97,9 @@ pub fn message_of(env: &Envelope, viewer: &PeerId) -> ChatMessage {
                 if let Some(call) =
                     env.body.json.as_ref().and_then(|j| serde_json::from_value::<ToolCallBody>(j.clone()).ok())
                 {
+                    let said = Arc::from(call.said.as_str());
                     let call = ToolCall { id: call.call_id, name: call.tool, arguments: call.arguments };
-                    return ChatMessage::tool_calls(Some(env.from.clone()), Arc::from(""), vec![call]);
+                    return ChatMessage::tool_calls(Some(env.from.clone()), said, vec![call]);
                 }
             }
             Kind::ToolResult => {
@@ -128,7 +129,7 @@ pub(crate) fn envelope_tokens(env: &Envelope) -> u32 {
         _ => None,
     };
     match call {
-        Some(c) => estimate_tokens("") + 4 + estimate_tokens(&c.arguments) + estimate_tokens(&c.tool),
+        Some(c) => estimate_tokens(&c.said) + 4 + estimate_tokens(&c.arguments) + estimate_tokens(&c.tool),
         None => estimate_tokens(&env.body.text) + 4,
     }
 }
