@@ -725,9 +725,13 @@ pub(crate) async fn drive(
     });
     let mut tail = log.tail(1).await?;
     let show = tokio::spawn(async move {
-        let mut live = render::Live::new();
+        let mut live = render::Live::new(render::LiveOutput::stdout());
         loop {
+            // Events first: every event a peer sent before appending an envelope is in
+            // the channel by the time the envelope can be read back, so draining them
+            // first shows a call's last tokens before its envelope closes it.
             tokio::select! {
+                biased;
                 Some(ev) = rx.recv() => live.event(ev),
                 next = tail.next() => match next {
                     Some(Ok(e)) => {

@@ -11,6 +11,7 @@
 //! - [`human`]: people at the table: a human peer's seat, its answers and time limits.
 //! - [`trust`]: what a peer takes from the wire and what it never does.
 //! - [`similarity`]: answer similarity for emergent consensus.
+//! - [`human`]: counts and money as people read them.
 //! - [`eval`]: the evaluation harness (protocols against single-agent and
 //!   sample-and-vote baselines).
 //!
@@ -29,6 +30,7 @@ pub mod mem;
 pub mod model;
 pub mod peer;
 pub mod protocol;
+pub mod readable;
 pub mod runner;
 pub mod session;
 pub mod similarity;

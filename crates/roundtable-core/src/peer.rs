@@ -59,6 +59,23 @@ pub enum PeerEvent {
     Thinking { peer: PeerId, step: Arc<str>, round: u32 },
     /// A piece of streamed text.
     Token { peer: PeerId, step: Arc<str>, text: String },
+    /// Attempt `attempt` of at most `of` failed; the next starts after `wait_ms`. The
+    /// text it streamed is not part of the answer.
+    AttemptFailed {
+        peer: PeerId,
+        step: Arc<str>,
+        attempt: u32,
+        of: u32,
+        error: String,
+        wait_ms: u64,
+        /// The wait is the provider's Retry-After.
+        retry_after: bool,
+    },
+    /// Attempt `attempt` (2 or more) of at most `of` started.
+    Retrying { peer: PeerId, step: Arc<str>, attempt: u32, of: u32 },
+    /// The model call answered (sent before the envelope it leads to is appended, so a
+    /// display can close the call before the next one starts).
+    Answered { peer: PeerId, step: Arc<str>, text: Arc<str>, usage: Usage },
 }
 
 pub type EventSink = Arc<dyn Fn(PeerEvent) + Send + Sync>;
@@ -466,6 +483,29 @@ async fn call_model(
                 ev(PeerEvent::Token { peer: peer.clone(), step: step.clone(), text: t.to_string() })
             }) as crate::model::TokenSink
         }),
+        on_attempt: cfg.events.as_ref().map(|ev| {
+            let ev = ev.clone();
+            let (peer, step) = (cfg.me.clone(), duty.step.clone());
+            Arc::new(move |n: crate::model::AttemptNotice| {
+                let (peer, step) = (peer.clone(), step.clone());
+                ev(match n {
+                    crate::model::AttemptNotice::Failed { attempt, of, error, wait, retry_after } => {
+                        PeerEvent::AttemptFailed {
+                            peer,
+                            step,
+                            attempt,
+                            of,
+                            error,
+                            wait_ms: wait.as_millis() as u64,
+                            retry_after,
+                        }
+                    }
+                    crate::model::AttemptNotice::Started { attempt, of } => {
+                        PeerEvent::Retrying { peer, step, attempt, of }
+                    }
+                })
+            }) as crate::model::AttemptSink
+        }),
     };
     let est = req.estimated_prompt_tokens();
     if let Err((scope, why)) = me.plan.budget.allows(tally, &cfg.me, est, me.price.cost(est, 0), elapsed_ms(me, st)) {
@@ -483,19 +523,25 @@ async fn call_model(
     drop(chat);
     let model_name = cfg.model.name().to_string();
     match result {
-        Ok(resp) => Called::Answer {
-            turn,
-            usage: Usage {
+        Ok(resp) => {
+            let usage = Usage {
                 model: Arc::from(if resp.model.is_empty() { model_name } else { resp.model.clone() }),
                 prompt_tokens: resp.prompt_tokens,
                 completion_tokens: resp.completion_tokens,
                 latency_ms,
                 cost_usd: me.price.cost(resp.prompt_tokens, resp.completion_tokens),
                 calls: 1,
-            },
-            text: resp.text,
-            calls: resp.tool_calls,
-        },
+            };
+            if let Some(ev) = &cfg.events {
+                ev(PeerEvent::Answered {
+                    peer: cfg.me.clone(),
+                    step: duty.step.clone(),
+                    text: Arc::from(resp.text.as_str()),
+                    usage: usage.clone(),
+                });
+            }
+            Called::Answer { turn, usage, text: resp.text, calls: resp.tool_calls }
+        }
         Err(error) => {
             let usage =
                 Usage { model: Arc::from(model_name), latency_ms, calls: error.attempts.max(1), ..Default::default() };

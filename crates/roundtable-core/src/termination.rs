@@ -177,7 +177,8 @@ impl Termination {
                 let reasons: Option<Vec<String>> = cs.iter().map(|c| c.check(t, s, elapsed_ms)).collect();
                 reasons.map(|r| r.join(" and "))
             }
-            Termination::MaxRounds(n) => (s.round >= *n).then(|| format!("max_rounds: {n} rounds reached")),
+            Termination::MaxRounds(n) => (s.round >= *n)
+                .then(|| format!("max_rounds: {} reached", crate::readable::count(*n, "round", "rounds"))),
             Termination::MaxMessages(n) => (t.messages >= *n).then(|| format!("max_messages: {} messages", t.messages)),
             Termination::TokenBudget(n) => {
                 (t.tokens() >= *n).then(|| format!("token_budget: {} tokens used of {n}", t.tokens()))
@@ -200,9 +201,9 @@ impl Termination {
                 s.convergence.filter(|c| c >= th).map(|c| format!("convergence: similarity {c:.2} ≥ {th:.2}"))
             }
             Termination::ConsensusReached => s.consensus.then(|| "consensus_reached".into()),
-            Termination::NoProgress(k) => {
-                (s.rounds_without_change >= *k).then(|| format!("no_progress: answers unchanged for {k} rounds"))
-            }
+            Termination::NoProgress(k) => (s.rounds_without_change >= *k).then(|| {
+                format!("no_progress: answers unchanged for {}", crate::readable::count(*k, "round", "rounds"))
+            }),
         }
     }
 

@@ -68,6 +68,10 @@ pub struct ToolCallBody {
     pub call_id: String,
     /// The arguments as written by the model (JSON text).
     pub arguments: String,
+    /// What the model said along with its calls, on the first call of that answer
+    /// (empty: nothing).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub said: String,
 }
 
 /// How a tool call ended.

@@ -157,6 +157,39 @@ async fn peers_message_each_other_by_name_and_a_finish_ends_the_session() {
     assert!(api_second.tools.iter().any(|t| t.name == "finish"));
 }
 
+/// Issue 11: text a model returns together with tool calls was dropped. It is kept on
+/// the first call's envelope, shown to other peers, and given back to the model.
+#[tokio::test]
+async fn text_said_along_with_tool_calls_is_kept_on_the_log_and_given_back() {
+    let plan = team(&peers(&["api", "tester"]), "start = [\"api\"]\nfinish = \"api\"", "");
+    let (models, seen) = acts(
+        &plan,
+        vec![
+            (
+                "api",
+                vec![
+                    Act {
+                        text: "The endpoint is ready; asking the tester.",
+                        calls: vec![("send", serde_json::json!({"to": "tester", "text": "please test POST /users"}))],
+                    },
+                    call("finish", serde_json::json!({"answer": "shipped"})),
+                ],
+            ),
+            ("tester", vec![say("")]),
+        ],
+    );
+    let (log, _) = run_with(&plan, "Ship POST /users", models, PeerExtras::default(), None, None).await;
+    let first = log.iter().find(|e| e.kind == Kind::ToolCall && e.from.as_str() == "api").expect("a call");
+    assert!(first.body.text.starts_with("The endpoint is ready; asking the tester.\n→ send("), "{}", first.body.text);
+    let body: roundtable_core::tool::ToolCallBody = serde_json::from_value(first.body.json.clone().unwrap()).unwrap();
+    assert_eq!(body.said, "The endpoint is ready; asking the tester.");
+    // The model's next call in the turn carries its own words with its call.
+    let seen = seen.lock().unwrap();
+    let second = seen.iter().filter(|r| r.peer.as_str() == "api").nth(1).expect("a second call");
+    let asked = second.tool_turns.iter().find(|m| !m.tool_calls.is_empty()).expect("the call");
+    assert_eq!(asked.content.as_ref(), "The endpoint is ready; asking the tester.");
+}
+
 #[test]
 fn a_turn_takes_everything_unread_at_once() {
     let plan = team(&peers(&["a", "b", "c"]), "start = [\"a\"]", "");

@@ -108,7 +108,7 @@ fn debate_majority_rule_gives_no_answer_without_a_majority_and_absent_members_ar
     f.absent("c");
     let (reason, answer) = f.stop().unwrap();
     assert_eq!(answer, None);
-    assert!(reason.starts_with("no majority after 1 rounds"), "{reason}");
+    assert!(reason.starts_with("no majority after 1 round ["), "{reason}");
 
     let mut f = Fold::new(&p, QUESTION);
     f.say("a", "r0/answer", Kind::Message, "Answer: 7");
@@ -511,7 +511,7 @@ fn jury_approval_threshold_and_confidence_weighting() {
     }
     let (reason, answer) = f.stop().unwrap();
     assert_eq!(answer, None);
-    assert!(reason.starts_with("hung jury (approval ≥ 70%) after 1 rounds"), "{reason}");
+    assert!(reason.starts_with("hung jury (approval ≥ 70%) after 1 round:"), "{reason}");
 
     // With a second round the jurors deliberate: the next commit sees the reveals.
     let p = jury(3, "aggregation = \"approval\"\nthreshold = 0.7\nrounds = 2", &simulated(0.8, 0.0, 4));
@@ -1462,7 +1462,7 @@ async fn termination_conditions_read_the_protocols_signals() {
         peers(&["a", "b"])
     ));
     let (_, s) = run(&p, "topic").await;
-    assert_eq!(s.stop_reason.as_deref(), Some("no_progress: answers unchanged for 1 rounds"));
+    assert_eq!(s.stop_reason.as_deref(), Some("no_progress: answers unchanged for 1 round"));
     assert_eq!((s.rounds, s.calls), (2, 4));
     assert_eq!(s.final_answer.as_deref(), Some("4"), "the best answer so far: a tie, by team order");
 

@@ -278,14 +278,51 @@ pub(crate) async fn post(
     headers: &HeaderMap,
     body: &Value,
 ) -> Result<reqwest::Response, ModelError> {
-    let resp = client
-        .post(url.clone())
-        .headers(headers.clone())
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| transport_error(ctx, e, false))?;
-    if resp.status().is_success() { Ok(resp) } else { Err(status_error(ctx, resp).await) }
+    let resp = client.post(url.clone()).headers(headers.clone()).json(body).send().await.map_err(|e| {
+        if e.is_connect() {
+            // Say where: a refused connection is most often a wrong host or port.
+            let e = e.without_url();
+            ctx.error(
+                ModelErrorKind::Transport,
+                &format!("cannot connect to {}: {}", ctx.redact.apply(&display_url(url)), chain(&e)),
+            )
+        } else {
+            transport_error(ctx, e, false)
+        }
+    })?;
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let mut err = status_error(ctx, resp).await;
+    if err.status == Some(404) {
+        // The server is there but the path is not: name it, and suggest the `/v1` a
+        // base URL most often lacks.
+        let hint = missing_version_hint(url);
+        err.message =
+            format!("{} (POST {}{})", err.message, ctx.redact.apply(&display_url(url)), ctx.redact.apply(&hint));
+    }
+    Err(err)
+}
+
+/// Endpoint paths the providers append to a base URL.
+const ENDPOINT_PATHS: [&str; 3] = ["/chat/completions", "/embeddings", "/messages"];
+
+/// `; did you mean base_url = "…/v1"?` when `url`'s path has no version segment
+/// (`v1`, `v1beta`, …); empty otherwise.
+fn missing_version_hint(url: &Url) -> String {
+    let versioned = url.path_segments().into_iter().flatten().any(|seg| {
+        let mut c = seg.chars();
+        c.next() == Some('v') && c.next().is_some_and(|d| d.is_ascii_digit())
+    });
+    let path = url.path();
+    let Some(base_path) = ENDPOINT_PATHS.iter().find_map(|p| path.strip_suffix(p)) else { return String::new() };
+    if versioned {
+        return String::new();
+    }
+    let mut base = url.clone();
+    base.set_path(&format!("{}/v1", base_path.trim_end_matches('/')));
+    let base = display_url(&base);
+    format!("; did you mean base_url = \"{}\"?", base.trim_end_matches('/'))
 }
 
 /// A successful response: an event stream, or (from servers that ignore `stream: true`,
@@ -400,6 +437,17 @@ mod tests {
         assert_eq!(endpoint("ftp://x", &["a"], &[]).unwrap_err().kind, ModelErrorKind::Config);
         let e = endpoint("nonsense", &["a"], &[]).unwrap_err();
         assert_eq!(e.kind, ModelErrorKind::Config);
+    }
+
+    #[test]
+    fn a_base_url_without_a_version_gets_a_hint() {
+        let hint = |base: &str| missing_version_hint(&endpoint(base, &["chat", "completions"], &[]).unwrap());
+        assert_eq!(hint("http://127.0.0.1:8000"), "; did you mean base_url = \"http://127.0.0.1:8000/v1\"?");
+        assert_eq!(hint("https://x.example/api/"), "; did you mean base_url = \"https://x.example/api/v1\"?");
+        assert_eq!(hint("http://127.0.0.1:8000/v1"), "");
+        assert_eq!(hint("https://x.example/v1beta/openai"), "");
+        let u = endpoint("http://h:1/", &["other"], &[]).unwrap();
+        assert_eq!(missing_version_hint(&u), "");
     }
 
     #[test]

@@ -229,6 +229,37 @@ async fn an_unreachable_endpoint_is_transport() {
 }
 
 #[tokio::test]
+async fn a_refused_connection_names_the_host_and_path() {
+    let base = dead_url("/v1");
+    let model = OpenAiChat::new(OpenAiConfig::new(base.clone(), "m")).unwrap();
+    let e = model.chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
+    assert_eq!(e.kind, ModelErrorKind::Transport, "{e}");
+    assert!(e.message.contains(&format!("cannot connect to {base}/chat/completions")), "{e}");
+}
+
+#[tokio::test]
+async fn a_404_from_a_base_url_without_v1_names_the_url_and_suggests_v1() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404).set_body_string("{\"detail\":\"Not Found\"}"))
+        .mount(&server)
+        .await;
+    let mut cfg = config(&server);
+    cfg.base_url = server.uri();
+    let e = OpenAiChat::new(cfg).unwrap().chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
+    assert_eq!((e.kind, e.status), (ModelErrorKind::BadRequest, Some(404)), "{e}");
+    let uri = server.uri();
+    assert!(e.message.contains(&format!("POST {uri}/chat/completions")), "{e}");
+    assert!(e.message.contains(&format!("did you mean base_url = \"{uri}/v1\"?")), "{e}");
+    assert!(e.message.contains("Not Found"), "{e}");
+
+    // With `/v1` already there, the path is named and nothing is suggested.
+    let e = chat(&server).chat(&ChatRequest::simple("alice", "hi")).await.unwrap_err();
+    assert!(e.message.contains(&format!("POST {uri}/v1/chat/completions")), "{e}");
+    assert!(!e.message.contains("did you mean"), "{e}");
+}
+
+#[tokio::test]
 async fn azure_style_sends_api_key_header_and_version() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))

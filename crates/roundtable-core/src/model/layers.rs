@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use rand::Rng;
 use tokio::sync::Semaphore;
 
-use super::{ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind};
+use super::{AttemptNotice, ChatModel, ChatRequest, ChatResponse, ModelError, ModelErrorKind};
 
 /// Retry policy: exponential backoff with full jitter, honouring Retry-After.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -81,8 +81,21 @@ impl<M: ChatModel> ChatModel for Retry<M> {
                     if let Some(o) = &self.observer {
                         o(req, &e, wait);
                     }
+                    let of = self.policy.max_retries + 1;
+                    if let Some(tell) = &req.on_attempt {
+                        tell(AttemptNotice::Failed {
+                            attempt,
+                            of,
+                            error: e.to_string(),
+                            wait,
+                            retry_after: e.retry_after.is_some(),
+                        });
+                    }
                     tokio::time::sleep(wait).await;
                     attempt += 1;
+                    if let Some(tell) = &req.on_attempt {
+                        tell(AttemptNotice::Started { attempt, of });
+                    }
                 }
             }
         }
@@ -217,6 +230,43 @@ mod tests {
         // 2 s from Retry-After, then the second retry's 100–200 ms of backoff (virtual time).
         let waited = start.elapsed();
         assert!(waited >= Duration::from_millis(2100) && waited <= Duration::from_millis(2200), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tells_the_caller_of_each_failed_attempt_and_each_retry() {
+        let m = Retry::new(
+            Flaky {
+                fails: vec![
+                    ModelError::new(ModelErrorKind::Timeout, "no complete answer within 30000 ms"),
+                    ModelError::new(ModelErrorKind::RateLimited, "slow down")
+                        .with_status(429)
+                        .with_retry_after(Some(Duration::from_secs(7))),
+                ],
+                calls: AtomicU32::new(0),
+            },
+            quick(),
+        );
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut req = ChatRequest::simple("p", "hi");
+        let s = seen.clone();
+        req.on_attempt = Some(Arc::new(move |n| s.lock().unwrap().push(n)));
+        m.chat(&req).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        match &seen[0] {
+            AttemptNotice::Failed { attempt: 1, of: 4, error, retry_after: false, .. } => {
+                assert!(error.contains("30000 ms"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(seen[1], AttemptNotice::Started { attempt: 2, of: 4 });
+        match &seen[2] {
+            AttemptNotice::Failed { attempt: 2, of: 4, wait, retry_after: true, .. } => {
+                assert_eq!(*wait, Duration::from_secs(7))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(seen[3], AttemptNotice::Started { attempt: 3, of: 4 });
     }
 
     #[tokio::test(start_paused = true)]

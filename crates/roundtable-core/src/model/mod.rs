@@ -97,8 +97,9 @@ pub fn message_of(env: &Envelope, viewer: &PeerId) -> ChatMessage {
                 if let Some(call) =
                     env.body.json.as_ref().and_then(|j| serde_json::from_value::<ToolCallBody>(j.clone()).ok())
                 {
+                    let said = Arc::from(call.said.as_str());
                     let call = ToolCall { id: call.call_id, name: call.tool, arguments: call.arguments };
-                    return ChatMessage::tool_calls(Some(env.from.clone()), Arc::from(""), vec![call]);
+                    return ChatMessage::tool_calls(Some(env.from.clone()), said, vec![call]);
                 }
             }
             Kind::ToolResult => {
@@ -128,13 +129,33 @@ pub(crate) fn envelope_tokens(env: &Envelope) -> u32 {
         _ => None,
     };
     match call {
-        Some(c) => estimate_tokens("") + 4 + estimate_tokens(&c.arguments) + estimate_tokens(&c.tool),
+        Some(c) => estimate_tokens(&c.said) + 4 + estimate_tokens(&c.arguments) + estimate_tokens(&c.tool),
         None => estimate_tokens(&env.body.text) + 4,
     }
 }
 
 /// Called with each piece of text as it streams in.
 pub type TokenSink = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// What the retry layer tells the caller about the attempts of one call.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptNotice {
+    /// Attempt `attempt` of at most `of` failed; the next starts after `wait`. Any text
+    /// it streamed is not part of the answer.
+    Failed {
+        attempt: u32,
+        of: u32,
+        error: String,
+        wait: Duration,
+        /// The wait is the provider's `Retry-After`.
+        retry_after: bool,
+    },
+    /// Attempt `attempt` (2 or more) of at most `of` starts now.
+    Started { attempt: u32, of: u32 },
+}
+
+/// Called by the retry layer around each retry.
+pub type AttemptSink = Arc<dyn Fn(AttemptNotice) + Send + Sync>;
 
 /// A model call.
 #[derive(Clone)]
@@ -170,6 +191,8 @@ pub struct ChatRequest {
     /// order, while the model works through them.
     pub tool_turns: Vec<ChatMessage>,
     pub on_token: Option<TokenSink>,
+    /// Told of each failed attempt and each retry (by [`layers::Retry`]).
+    pub on_attempt: Option<AttemptSink>,
 }
 
 impl fmt::Debug for ChatRequest {
@@ -203,6 +226,7 @@ impl ChatRequest {
             tool_choice: ToolChoice::Auto,
             tool_turns: Vec::new(),
             on_token: None,
+            on_attempt: None,
         }
     }
 

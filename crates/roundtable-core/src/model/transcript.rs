@@ -309,7 +309,12 @@ mod tests {
             Arc::new(Envelope::new(&SessionId::from("s"), &me, step, kind, Recipient::All, body))
         };
         let args = format!("{{\"path\": \"{}\"}}", "x".repeat(400));
-        let call = ToolCallBody { tool: "read_file".into(), call_id: "c1".into(), arguments: args.clone() };
+        let call = ToolCallBody {
+            tool: "read_file".into(),
+            call_id: "c1".into(),
+            arguments: args.clone(),
+            said: String::new(),
+        };
         let result = ToolResultBody {
             tool: "read_file".into(),
             call_id: "c1".into(),

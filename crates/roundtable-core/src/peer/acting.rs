@@ -194,7 +194,7 @@ pub(super) async fn call_with_tools(
                     let call = ToolCall { id: b.call_id, name: b.tool, arguments: b.arguments };
                     turn.turns.push(ChatMessage::tool_calls(
                         Some(me.cfg.me.clone()),
-                        Arc::from(""),
+                        Arc::from(b.said.as_str()),
                         vec![call.clone()],
                     ));
                     calls.push((k, call));
@@ -259,16 +259,23 @@ pub(super) async fn call_with_tools(
             }
             other => return Ok(other),
         };
-        let _ = text;
+        // What the model said along with its calls is kept on the first call's envelope.
+        let mut said = Some(text);
         turn.calls += 1;
         // Record every call before running any.
         let mut to_run = Vec::new();
         for (i, call) in asked.into_iter().enumerate() {
             let k = next_k;
             next_k += 1;
-            let body =
-                ToolCallBody { tool: call.name.clone(), call_id: call.id.clone(), arguments: call.arguments.clone() };
-            let text = format!("{}({})", call.name, preview(&call.arguments, 200));
+            let said = said.take().filter(|t| !t.trim().is_empty()).unwrap_or_default();
+            let body = ToolCallBody {
+                tool: call.name.clone(),
+                call_id: call.id.clone(),
+                arguments: call.arguments.clone(),
+                said: said.clone(),
+            };
+            let called = format!("{}({})", call.name, preview(&call.arguments, 200));
+            let text = if said.is_empty() { called } else { format!("{said}\n→ {called}") };
             let d = Duty { step: Arc::from(call_step(duty, k)), ..duty.clone() };
             let mut env = envelope(me, st, &d, Kind::ToolCall, Body::text(text).with_json(json_of(&body)));
             env.to = Recipient::Peer(me.cfg.me.clone());
@@ -278,7 +285,11 @@ pub(super) async fn call_with_tools(
             }
             turn.tally.observe(0, &env, None);
             append(me, env).await?;
-            turn.turns.push(ChatMessage::tool_calls(Some(me.cfg.me.clone()), Arc::from(""), vec![call.clone()]));
+            turn.turns.push(ChatMessage::tool_calls(
+                Some(me.cfg.me.clone()),
+                Arc::from(said.as_str()),
+                vec![call.clone()],
+            ));
             to_run.push((k, call));
         }
         let mut finished = false;

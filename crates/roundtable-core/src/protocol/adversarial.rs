@@ -104,6 +104,7 @@ impl Adversarial {
     fn check(&mut self, facts: &Facts<'_>) {
         let r = self.round + 1;
         let rounds = self.spec.rounds;
+        let n_rounds = crate::readable::count(rounds, "round", "rounds");
         if self.phase == Phase::Done {
             return;
         }
@@ -126,7 +127,7 @@ impl Adversarial {
                 None => {}
                 Some(Some(false)) => self.agree(format!("consensus in round {r}: the judge dismissed the objection")),
                 Some(_) => {
-                    self.next_round(format!("no consensus after {rounds} rounds: the judge upheld the last objection"))
+                    self.next_round(format!("no consensus after {n_rounds}: the judge upheld the last objection"))
                 }
             }
             return;
@@ -145,7 +146,7 @@ impl Adversarial {
             } else {
                 format!("the last objection stood ({invalid} of {n} found it invalid)")
             };
-            self.next_round(format!("no consensus after {rounds} rounds: {why}"));
+            self.next_round(format!("no consensus after {n_rounds}: {why}"));
         }
     }
 }
@@ -161,9 +162,10 @@ impl Reducer for Adversarial {
                     self.proposal = Some((env.body.text.clone(), env.id.clone()));
                     self.phase = Phase::Object;
                 }
-                Kind::Failure => {
-                    self.next_round(format!("no consensus after {} rounds: the last proposal failed", self.spec.rounds))
-                }
+                Kind::Failure => self.next_round(format!(
+                    "no consensus after {}: the last proposal failed",
+                    crate::readable::count(self.spec.rounds, "round", "rounds")
+                )),
                 _ => {}
             },
             Phase::Object if env.from == self.spec.advocate && is_round_step(step, r, "object") => match env.kind {
@@ -177,8 +179,10 @@ impl Reducer for Adversarial {
                         self.phase = Phase::Decide;
                     }
                 }
-                Kind::Failure => self
-                    .next_round(format!("no consensus after {} rounds: the last objection failed", self.spec.rounds)),
+                Kind::Failure => self.next_round(format!(
+                    "no consensus after {}: the last objection failed",
+                    crate::readable::count(self.spec.rounds, "round", "rounds")
+                )),
                 _ => {}
             },
             Phase::Decide => {

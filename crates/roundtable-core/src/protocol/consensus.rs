@@ -198,7 +198,8 @@ impl Consensus {
             self.why = format!("consensus in round {}: {summary}", self.round + 1);
         } else {
             let rounds = self.spec.rounds;
-            self.end_round(format!("no consensus after {rounds} rounds: last round {summary}"));
+            let n_rounds = crate::readable::count(rounds, "round", "rounds");
+            self.end_round(format!("no consensus after {n_rounds}: last round {summary}"));
         }
     }
 }
@@ -216,7 +217,8 @@ impl Reducer for Consensus {
                 }
                 Kind::Failure => {
                     let rounds = self.spec.rounds;
-                    self.end_round(format!("no consensus after {rounds} rounds: the last proposal failed"));
+                    let n_rounds = crate::readable::count(rounds, "round", "rounds");
+                    self.end_round(format!("no consensus after {n_rounds}: the last proposal failed"));
                 }
                 _ => {}
             }

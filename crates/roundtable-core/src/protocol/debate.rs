@@ -114,14 +114,15 @@ impl Reducer for Debate {
         }
         let outcome = self.outcome();
         let rounds = self.rounds.round;
+        let n_rounds = crate::readable::count(rounds, "round", "rounds");
         let rule = self.rule().name();
-        let why = if all_absent { format!("every member is absent after {rounds} rounds; ") } else { String::new() };
+        let why = if all_absent { format!("every member is absent after {n_rounds}; ") } else { String::new() };
         Some(match outcome.winner() {
             Some(w) => {
                 let tie = if outcome.tie_broken { ", tie broken by team order" } else { "" };
                 Finish {
                     reason: format!(
-                        "{why}vote after {rounds} rounds ({rule}): {} with {} of {} ballots{tie} [{}]",
+                        "{why}vote after {n_rounds} ({rule}): {} with {} of {} ballots{tie} [{}]",
                         w.answer,
                         w.supporters.len(),
                         outcome.ranking.iter().map(|s| s.supporters.len()).sum::<usize>(),
@@ -132,7 +133,7 @@ impl Reducer for Debate {
                 }
             }
             None => Finish {
-                reason: format!("{why}no {rule} after {rounds} rounds [{}]", outcome.describe()),
+                reason: format!("{why}no {rule} after {n_rounds} [{}]", outcome.describe()),
                 answer: None,
                 decided_by: Vec::new(),
             },

@@ -193,6 +193,7 @@ impl Reducer for Emergent {
         let medoid = self.medoid();
         let th = self.spec.threshold;
         let rounds = self.rounds.round;
+        let n_rounds = crate::readable::count(rounds, "round", "rounds");
         let _ = facts;
         Some(if self.converged {
             let a = medoid?;
@@ -217,7 +218,7 @@ impl Reducer for Emergent {
                 .map(|i| self.rounds.members[i].to_string());
             Finish {
                 reason: format!(
-                    "did not converge in {rounds} rounds: least similar pair {:.2} < {th:.2} ({}); closest to the others: {}",
+                    "did not converge in {n_rounds}: least similar pair {:.2} < {th:.2} ({}); closest to the others: {}",
                     m.pairwise.min,
                     m.method,
                     who.unwrap_or_else(|| "none".into())

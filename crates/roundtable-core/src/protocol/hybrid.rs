@@ -166,6 +166,7 @@ impl Reducer for Hybrid {
             return None;
         }
         let rounds = self.rounds.round;
+        let n_rounds = crate::readable::count(rounds, "round", "rounds");
         let leader = &self.spec.leader;
         let counts = self.outcome.as_ref().map(Outcome::describe).unwrap_or_default();
         if self.agreed {
@@ -183,7 +184,7 @@ impl Reducer for Hybrid {
         }
         Some(match &self.decision {
             Some((answer, id)) => Finish {
-                reason: format!("deadlock after {rounds} rounds; the leader {leader} decided [{counts}]"),
+                reason: format!("deadlock after {n_rounds}; the leader {leader} decided [{counts}]"),
                 answer: Some(answer.clone()),
                 decided_by: vec![id.clone()],
             },
@@ -191,7 +192,7 @@ impl Reducer for Hybrid {
                 let why = if self.decide_failed { "its decision failed" } else { "it is absent" };
                 Finish {
                     reason: format!(
-                        "deadlock after {rounds} rounds and the leader {leader} cannot decide: {why} [{counts}]"
+                        "deadlock after {n_rounds} and the leader {leader} cannot decide: {why} [{counts}]"
                     ),
                     answer: None,
                     decided_by: Vec::new(),

@@ -188,10 +188,11 @@ impl Reducer for JudgedDebate {
                     match read_verdict(env, true) {
                         Some(v) => {
                             let rounds = self.spec.rounds;
+                            let n_rounds = crate::readable::count(rounds, "round", "rounds");
                             self.decision = Some((
                                 v,
                                 env.id.clone(),
-                                format!("{rounds} rounds without consensus; the judge picked the best answer"),
+                                format!("{n_rounds} without consensus; the judge picked the best answer"),
                             ));
                         }
                         None => self.malformed.push(("final/malformed".into(), env.id.clone())),

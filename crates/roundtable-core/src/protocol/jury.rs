@@ -274,6 +274,7 @@ impl Reducer for Jury {
         }
         let o = self.outcome.as_ref()?;
         let rounds = self.round + 1;
+        let n_rounds = crate::readable::count(rounds, "round", "rounds");
         let rule = self.spec.rule.name();
         let rejected: Vec<String> = self
             .reveals
@@ -305,7 +306,7 @@ impl Reducer for Jury {
             }
             None => Finish {
                 reason: format!(
-                    "hung jury ({rule}) after {rounds} rounds: {valid} valid votes{rejected} [{}]",
+                    "hung jury ({rule}) after {n_rounds}: {valid} valid votes{rejected} [{}]",
                     o.describe()
                 ),
                 answer: None,

@@ -109,7 +109,8 @@ impl ProposerCritic {
             self.why_final = format!("the critics are satisfied in round {}", self.round + 1);
         } else {
             let rounds = self.spec.rounds;
-            self.next_round_or_final(format!("{rounds} rounds without satisfying the critics"));
+            let n_rounds = crate::readable::count(rounds, "round", "rounds");
+            self.next_round_or_final(format!("{n_rounds} without satisfying the critics"));
         }
     }
 }
@@ -125,7 +126,8 @@ impl Reducer for ProposerCritic {
                 self.phase = Phase::Critique;
             } else if env.kind == Kind::Failure {
                 let rounds = self.spec.rounds;
-                self.next_round_or_final(format!("{rounds} rounds; the last proposal failed"));
+                let n_rounds = crate::readable::count(rounds, "round", "rounds");
+                self.next_round_or_final(format!("{n_rounds}; the last proposal failed"));
             }
         } else if self.phase == Phase::Critique
             && self.spec.critics.contains(&env.from)

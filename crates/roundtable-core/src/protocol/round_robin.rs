@@ -149,28 +149,29 @@ impl Reducer for RoundRobin {
             return None;
         }
         let rounds = self.spec.rounds;
+        let n_rounds = crate::readable::count(rounds, "round", "rounds");
         match (&self.spec.summarizer, &self.final_answer) {
             (Some(s), Some(e)) => Some(Finish {
-                reason: format!("completed: {rounds} rounds, then {s}'s summary"),
+                reason: format!("completed: {n_rounds}, then {s}'s summary"),
                 answer: Some(e.body.text.clone()),
                 decided_by: vec![e.id.clone()],
             }),
             (Some(s), None) if self.final_failed.is_some() => Some(Finish {
                 reason: format!(
-                    "{} {rounds} rounds, then the summarizer {s}'s final answer failed: no final answer",
+                    "{} {n_rounds}, then the summarizer {s}'s final answer failed: no final answer",
                     crate::session::FAILED_PREFIX
                 ),
                 answer: None,
                 decided_by: self.final_failed.iter().cloned().collect(),
             }),
             (Some(s), None) if facts.absent.contains(s) => Some(Finish {
-                reason: format!("no answer: {rounds} rounds, and the summarizer {s} is absent"),
+                reason: format!("no answer: {n_rounds}, and the summarizer {s} is absent"),
                 answer: None,
                 decided_by: Vec::new(),
             }),
             (Some(_), None) => None,
             (None, _) => Some(Finish {
-                reason: format!("completed: {rounds} rounds"),
+                reason: format!("completed: {n_rounds}"),
                 answer: self.last.as_ref().map(|e| e.body.text.clone()),
                 decided_by: self.last.iter().map(|e| e.id.clone()).collect(),
             }),

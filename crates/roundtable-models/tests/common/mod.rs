@@ -69,7 +69,8 @@ pub(crate) mod tool_log {
     }
 
     pub(crate) fn call(peer: &str, step: &str, id: &str, tool: &str, arguments: &str) -> std::sync::Arc<Envelope> {
-        let body = ToolCallBody { tool: tool.into(), call_id: id.into(), arguments: arguments.into() };
+        let body =
+            ToolCallBody { tool: tool.into(), call_id: id.into(), arguments: arguments.into(), said: String::new() };
         env(peer, step, Kind::ToolCall, &format!("calls {tool}"), serde_json::to_value(body).unwrap())
     }
 
