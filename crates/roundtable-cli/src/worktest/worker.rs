@@ -578,7 +578,7 @@ impl Worker {
             self.held.lock().expect("held lock").remove(&i);
             if e.kind() == QueueErrorKind::LeaseLost {
                 let body = Body::text(format!("{} lost the lease of {id} before reporting", self.me)).with_json(
-                    serde_json::json!({ "op": "abandon", "task": id, "delivery": claim.delivery, "error": e.to_string() }),
+                    serde_json::json!({ "op": "abandon", "task": id, "delivery": claim.delivery, "queue": lane_of(&claim).as_str(), "error": e.to_string() }),
                 );
                 self.append(self.envelope(format!("abandon/{id}/{}", claim.delivery), body)).await?;
                 return Ok(());
@@ -818,7 +818,7 @@ impl Worker {
             self.suite.deps(i).into_iter().filter(|&d| f.result[d].is_none()).map(|d| self.suite.id(d)).collect()
         };
         let body = Body::text(format!("{} defers {id}: it waits for {}", self.me, waiting_for.join(", "))).with_json(
-            serde_json::json!({ "op": "defer", "task": id, "delivery": claim.delivery, "waiting_for": waiting_for }),
+            serde_json::json!({ "op": "defer", "task": id, "delivery": claim.delivery, "queue": lane_of(&claim).as_str(), "waiting_for": waiting_for }),
         );
         self.append(self.envelope(format!("defer/{id}/{}", claim.delivery), body)).await?;
         let delay = Duration::from_millis(self.suite.duration_ms.clamp(100, 5000) * 2 + 50);
