@@ -63,7 +63,13 @@ fn workers_killed_mid_test_lose_nothing_and_repeat_nothing() {
             .arg(dir.path())
             .output()
             .expect("the binary runs");
-        assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "exit {:?}: {}\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         let r = report(&o);
         check_whole(&r, 200);
         assert_eq!((r["killed"].as_u64(), r["restarted"].as_u64()), (Some(1), Some(restarted)), "{r:#}");
