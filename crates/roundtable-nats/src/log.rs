@@ -122,6 +122,7 @@ pub const REJECTED_FROM: &str = "nats";
 /// The envelope a reader sees at `seq` for the stored message (`subject`, `payload`,
 /// stored at `time_ns`): the envelope itself, or the `failure` that records why it was
 /// rejected (see the module docs). `roster` is the session's, when its task names one.
+#[allow(clippy::too_many_arguments)]
 fn entry_of(
     session: &SessionId,
     prefix: &str,
