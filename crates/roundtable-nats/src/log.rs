@@ -308,7 +308,7 @@ enum Layout {
 impl Layout {
     fn of(config: &stream::Config, session: &SessionId) -> Layout {
         let legacy = format!("{}*", subject_prefix(session));
-        if config.subjects.iter().any(|s| *s == legacy) { Layout::ById } else { Layout::ByAuthor }
+        if config.subjects.contains(&legacy) { Layout::ById } else { Layout::ByAuthor }
     }
 }
 
