@@ -479,7 +479,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                     )));
                 }
             }
-            let own = seal::key(&dir).ok().map(|k| k.public()) == Some(sealed);
+            let own = seal::existing_key(&dir).map(|k| k.public()) == Some(sealed);
             println!(
                 "{}: {} envelopes of session {}, as sealed by key {}{}",
                 file.display(),

@@ -41,6 +41,12 @@ pub(crate) fn key(dir: &Path) -> Result<SecretKey, Failure> {
     Ok(key)
 }
 
+/// The data directory's seal key, if it has one (reading it makes none).
+pub(crate) fn existing_key(dir: &Path) -> Option<SecretKey> {
+    let text = std::fs::read_to_string(dir.join("seal.key")).ok()?;
+    SecretKey::from_hex(&text).ok()
+}
+
 fn key_again(path: &Path) -> Result<SecretKey, Failure> {
     let text = std::fs::read_to_string(path).map_err(|e| Failure::Runtime(format!("{}: {e}", path.display())))?;
     SecretKey::from_hex(&text).map_err(|e| Failure::Input(format!("{}: {e}", path.display())))

@@ -142,8 +142,9 @@ impl Seal {
             return Err(format!("a seal of version {} (this program reads {SEAL_VERSION})", self.v));
         }
         let key = PublicKey::parse(&self.key).map_err(|e| format!("field `seal.key`: {e}"))?;
-        key.verify_bytes(&self.signed_bytes(), &self.sig)
-            .map_err(|_| "the seal's signature does not match the seal (it was edited)".to_owned())?;
+        if !key.verify_bytes(&self.signed_bytes(), &self.sig) {
+            return Err("the seal's signature does not match the seal (it was edited)".to_owned());
+        }
         Ok(key)
     }
 }

@@ -123,6 +123,7 @@ pub const REJECTED_FROM: &str = "nats";
 /// The envelope a reader sees at `seq` for the stored message (`subject`, `payload`,
 /// stored at `time_ns`): the envelope itself, or the `failure` that records why it was
 /// rejected (see the module docs). `roster` is the session's, when its task names one.
+#[allow(clippy::too_many_arguments)]
 fn entry_of(
     session: &SessionId,
     prefix: &str,
@@ -308,7 +309,7 @@ enum Layout {
 impl Layout {
     fn of(config: &stream::Config, session: &SessionId) -> Layout {
         let legacy = format!("{}*", subject_prefix(session));
-        if config.subjects.iter().any(|s| *s == legacy) { Layout::ById } else { Layout::ByAuthor }
+        if config.subjects.contains(&legacy) { Layout::ById } else { Layout::ByAuthor }
     }
 }
 
