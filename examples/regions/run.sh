@@ -59,14 +59,14 @@ for i in $(seq 1 "$n"); do
   port=$((base + i - 1))
   routes=""
   for j in $(seq 1 "$n"); do
-    [ "$j" = "$i" ] || routes="$routes \"nats-route://127.0.0.1:$((base + 9 + j))\""
+    [ "$j" = "$i" ] || routes="${routes:+$routes, }\"nats-route://127.0.0.1:$((base + 9 + j))\""
   done
   {
     echo "server_name: region-nats-$i"
     echo "listen: 127.0.0.1:$port"
     echo "jetstream { store_dir: \"$work/store-$i\" }"
     if ! $single; then
-      echo "cluster { name: regions, listen: 127.0.0.1:$((base + 9 + i)), routes: [$routes ] }"
+      echo "cluster { name: regions, listen: 127.0.0.1:$((base + 9 + i)), routes: [ $routes ] }"
     fi
   } >"$work/n$i.conf"
   urls="${urls:+$urls,}nats://127.0.0.1:$port"
@@ -94,7 +94,8 @@ wait_peers() { # session, indexes…
   local s="$1"; shift
   for k in "$@"; do
     if ! wait "${peer_pid[$k]}"; then
-      echo "region ${regions[$k]} failed:" >&2; cat "$work/$s-${regions[$k]}.err" >&2; exit 1
+      echo "region ${regions[$k]} failed:" >&2; cat "$work/$s-${regions[$k]}.err" >&2
+      tail -n 5 "$work"/n*.log >&2; exit 1
     fi
   done
 }

@@ -4,6 +4,7 @@
 //! Timings are measured here and reported by `roundtable bench`; tests only check that
 //! each workload runs and counts what it claims to (never how fast).
 
+pub mod dataproc;
 pub mod mock;
 pub mod nats;
 pub mod rounds;

@@ -560,6 +560,12 @@ impl SessionLog for NatsLog {
                         ));
                     }
                 },
+                // The stream was there when this log opened it and nothing here deletes
+                // streams: on a cluster, "no stream" is a stream between leaders (a server
+                // of its replicas died), which an append waits out like a server away.
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    return Err(LogError::new(LogErrorKind::Unavailable, format!("{}: {e}", what())));
+                }
                 Err(e) => return Err(log_error(&what(), e)),
             }
         }
