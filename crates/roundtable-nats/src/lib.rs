@@ -369,8 +369,13 @@ pub(crate) async fn open_bucket(
 }
 
 /// The current value of every key of a KV bucket whose last operation is a put: the
-/// keys from one stream-info request, then each key's last message by a direct get, a
-/// few at a time (rather than a `keys()` listing and a request per key in turn).
+/// keys from one stream-info request, then each key's last message, a few at a time
+/// (rather than a `keys()` listing and a request per key in turn).
+///
+/// Each message is read from the stream's leader, not by a direct get: with replicas, a
+/// direct get may be answered by a follower that is behind (a server just restarted,
+/// still catching up), whose heartbeats are as old as its outage, and a live peer
+/// would be judged absent on them.
 ///
 /// Not a consumer with `DeliverPolicy::LastPerSubject`: nats-server 2.9 may skip keys
 /// whose last message is replaced while such a consumer starts.
@@ -383,7 +388,7 @@ pub(crate) async fn latest_values(kv: &jetstream::kv::Store) -> Result<Vec<Lates
         subjects.push(s.map_err(|e| what(&e))?.0);
     }
     let gets = futures::stream::iter(subjects)
-        .map(|subject| async move { kv.stream.direct_get_last_for_subject(subject).await })
+        .map(|subject| async move { kv.stream.get_last_raw_message_by_subject(&subject).await })
         .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await;
@@ -392,7 +397,7 @@ pub(crate) async fn latest_values(kv: &jetstream::kv::Store) -> Result<Vec<Lates
         let m = match m {
             Ok(m) => m,
             // Removed since the listing.
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => continue,
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => continue,
             Err(e) => return Err(what(&e)),
         };
         let removed = m.headers.get("KV-Operation").is_some() || m.headers.get("Nats-Marker-Reason").is_some();
