@@ -579,7 +579,10 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         // A person's interjection comes when they type it: an input, like an absence.
         let is_input = env.kind == Kind::Absent
             || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)))
-            || roundtable_core::human::is_interjection(env);
+            || roundtable_core::human::is_interjection(env)
+            // An approval nobody gave in time is a denial the clock made.
+            || (env.kind == Kind::Approval
+                && env.body.json.as_ref().and_then(|j| j.get("timeout")).and_then(|t| t.as_bool()) == Some(true));
         if is_input {
             inputs.insert(e.seq, (*env.as_ref()).clone());
         }

@@ -410,8 +410,7 @@ async fn approval(
             return Ok(if a.approve {
                 None
             } else if a.timeout {
-                let secs = limit.unwrap_or(0) as f64 / 1000.0;
-                Some(format!("denied: {approver} did not answer within {secs} s"))
+                Some(format!("denied: {}", a.reason))
             } else {
                 Some(format!("denied by {approver}: {}", a.reason))
             });
@@ -423,11 +422,14 @@ async fn approval(
             && crate::envelope::now_ms() >= at.saturating_add(limit)
         {
             // No answer in time is a denial, recorded: replay and resume read it.
-            let a = ApprovalAnswer { approve: false, reason: String::new(), timeout: true };
+            let secs = limit as f64 / 1000.0;
+            let reason = format!("{approver} did not answer within {secs} s");
+            let a = ApprovalAnswer { approve: false, reason, timeout: true };
             let text = format!("no answer from {approver} in time: denied");
             let d = Duty { step: Arc::from(format!("{step}/answer")), ..duty.clone() };
             let mut env = envelope(me, st, &d, Kind::Approval, Body::text(text).with_json(json_of(&a)));
             env.to = Recipient::Peer(approver.clone());
+            env.parents = vec![crate::envelope::EnvelopeId::derive(&st.session, &me.cfg.me, &step)];
             append(me, env).await?;
             timed_out = true;
             continue;
@@ -596,7 +598,10 @@ async fn run_call(
                             None => None,
                         };
                         match denied {
-                            Some(why) => ToolOutput { outcome: Outcome::Denied, ..ToolOutput::refused(why) },
+                            Some(why) => {
+                                t0 = Instant::now();
+                                ToolOutput { outcome: Outcome::Denied, ..ToolOutput::refused(why) }
+                            }
                             None => {
                                 t0 = Instant::now();
                                 let cx = ToolContext { peer: me.cfg.me.clone(), step: Arc::from(call_step(duty, k)) };
