@@ -234,10 +234,7 @@ fn the_fact_check_example_reads_documents_through_the_mcp_filesystem_server() {
 #[test]
 fn an_approval_nobody_gives_in_time_is_a_recorded_denial_and_the_session_replays() {
     let data = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(examples().join("human-review.toml")).unwrap();
-    assert!(text.contains("answer_within_secs = 120"));
-    let team = data.path().join("human-review.toml");
-    std::fs::write(&team, text.replace("answer_within_secs = 120", "answer_within_secs = 1")).unwrap();
+    let team = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/approval.toml");
     let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let id = json(&o)["session"].as_str().unwrap().to_string();
