@@ -230,3 +230,31 @@ fn the_fact_check_example_reads_documents_through_the_mcp_filesystem_server() {
         log.iter().find(|e| e["kind"] == "tool_result" && e["body"]["json"]["tool"] == "list_directory").unwrap();
     assert!(listed["body"]["text"].as_str().unwrap().contains("launch-notes.md"));
 }
+
+#[test]
+fn an_approval_nobody_gives_in_time_is_a_recorded_denial_and_the_session_replays() {
+    let data = tempfile::tempdir().unwrap();
+    let team = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/approval.toml");
+    let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = json(&o)["session"].as_str().unwrap().to_string();
+    let log = envelopes(&id, data.path());
+    let approvals = of_kind(&log, "approval");
+    assert_eq!(approvals.len(), 2, "a request and its answer: {approvals:?}");
+    let (req, answer) = (&approvals[0], &approvals[1]);
+    assert_eq!((req["from"].as_str(), req["to"]["id"].as_str()), (Some("eng"), Some("reviewer")), "{req}");
+    assert_eq!(req["body"]["json"]["tool"], "schedule_rollout");
+    assert_eq!(answer["body"]["json"]["approve"], false);
+    assert_eq!(answer["body"]["json"]["timeout"], true);
+    let results = of_kind(&log, "tool_result");
+    assert_eq!(results.len(), 1);
+    let r = &results[0]["body"]["json"];
+    assert_eq!(r["outcome"], "denied", "{r}");
+    assert_eq!(r["output"], "denied: reviewer did not answer within 1 s", "{r}");
+    assert!(r.get("exit_status").is_none(), "the command never ran: {r}");
+
+    let o = run(&["replay", &id], data.path());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("No divergence"), "{out}");
+}

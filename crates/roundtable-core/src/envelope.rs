@@ -150,10 +150,13 @@ pub enum Kind {
     ToolCall,
     /// A tool call's result (`json`: [`crate::tool::ToolResultBody`]).
     ToolResult,
+    /// A request to approve a tool call (step `{duty}/approve/{k}`), or its answer
+    /// (step `{duty}/approve/{k}/answer`): see [`crate::tool::ApprovalRequest`].
+    Approval,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Task,
         Kind::Message,
         Kind::Proposal,
@@ -170,6 +173,7 @@ impl Kind {
         Kind::Stop,
         Kind::ToolCall,
         Kind::ToolResult,
+        Kind::Approval,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -190,6 +194,7 @@ impl Kind {
             Kind::Stop => "stop",
             Kind::ToolCall => "tool_call",
             Kind::ToolResult => "tool_result",
+            Kind::Approval => "approval",
         }
     }
 }

@@ -242,6 +242,8 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let mut wait_for_seq = 0u64;
     let mut stalled: Option<(EnvelopeId, u64)> = None;
     let mut ledger = Ledger::default();
+    // Approval requests addressed to this peer, not answered yet.
+    let mut asked = acting::Asked::default();
     // Duties human peers wait on, to record them absent when one waits too long.
     let mut overdue = crate::human::Overdue::applies(&plan).then(crate::human::Overdue::default);
 
@@ -254,11 +256,13 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
                 let e = e?;
                 view.observe(&e.env);
                 ledger.observe(&cfg.me, &e.env);
+                asked.observe(&cfg.me, &e.env);
                 st.take(e);
                 while let Some(Some(more)) = tail.next().now_or_never() {
                     let more = more?;
                     view.observe(&more.env);
                     ledger.observe(&cfg.me, &more.env);
+                    asked.observe(&cfg.me, &more.env);
                     st.take(more);
                 }
             }
@@ -283,6 +287,11 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
             return Ok(PeerExit::Stopped);
         }
         if st.last_seq < wait_for_seq {
+            continue;
+        }
+        // A peer waits on this one's answer before its tool runs: answer first.
+        if let Some(request) = asked.next() {
+            wait_for_seq = acting::answer_approval(&me, &st, &view, &request).await?;
             continue;
         }
         // The clock matters only to a timeout or a wall-time budget; reading it for

@@ -66,7 +66,14 @@ impl Tally {
     pub fn observe(&mut self, seq: u64, env: &Envelope, mention: Option<&str>) {
         let counts_as_message = !matches!(
             env.kind,
-            Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::ToolCall | Kind::ToolResult
+            Kind::Task
+                | Kind::Stop
+                | Kind::Absent
+                | Kind::Join
+                | Kind::Failure
+                | Kind::ToolCall
+                | Kind::ToolResult
+                | Kind::Approval
         );
         let mut scratch = PeerTally::default();
         let p = if self.only.as_ref().is_some_and(|o| o != &env.from) {

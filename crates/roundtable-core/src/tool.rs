@@ -132,6 +132,30 @@ pub struct ToolResultBody {
     pub truncated: bool,
 }
 
+/// The body (`json`) of an `approval` envelope asking a peer to approve a tool call
+/// (step `{duty}/approve/{k}`, addressed to the approver, written before the call runs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    pub tool: String,
+    pub arguments: String,
+    /// The peer whose model asked for the call.
+    pub caller: PeerId,
+    /// The `tool_call` envelope's step.
+    pub call_step: String,
+}
+
+/// The body (`json`) of an `approval` envelope answering a request (step
+/// `{request}/answer`): by the approver, or by the caller when the approver's answer
+/// limit passed (`timeout`). The first answer on the log decides.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalAnswer {
+    pub approve: bool,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timeout: bool,
+}
+
 /// What a tool returns when it ran (or could not run).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ToolOutput {

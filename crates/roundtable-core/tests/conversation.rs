@@ -549,3 +549,149 @@ async fn tool_budgets_are_checked_before_every_call() {
     assert!(reason.contains("2 tool calls made, limit 2"), "{reason}");
     assert_eq!(results(&log).last().unwrap().outcome, Outcome::Refused);
 }
+
+/// An approver's model: answers every approval request with `answer`, or never
+/// (`None`, standing in for a process that dies while it thinks).
+struct Approver {
+    answer: Option<&'static str>,
+    asked: Arc<Mutex<Vec<ChatRequest>>>,
+}
+
+#[async_trait]
+impl ChatModel for Approver {
+    fn name(&self) -> &str {
+        "approver"
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        self.asked.lock().unwrap().push(req.clone());
+        let Some(text) = self.answer else { return std::future::pending().await };
+        Ok(ChatResponse {
+            text: text.to_string(),
+            model: "approver".into(),
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            finish_reason: None,
+            tool_calls: Vec::new(),
+        })
+    }
+}
+
+fn approval_team() -> roundtable_core::team::TeamPlan {
+    plan(
+        "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n[[peers]]\nid = \"ops\"\nmodel = \"m\"\ntools = [\"deploy\"]\n[[peers]]\nid = \"lead\"\nmodel = \"m\"\n[protocol]\nkind = \"conversation\"\nstart = [\"ops\"]\n[tools.deploy]\nkind = \"command\"\nargv = [\"true\"]\napprove_by = \"lead\"\n",
+    )
+}
+
+fn ops_script() -> Vec<(&'static str, Vec<Act>)> {
+    vec![(
+        "ops",
+        vec![
+            call("deploy", serde_json::json!({"version": "v4"})),
+            call("finish", serde_json::json!({"answer": "tried"})),
+        ],
+    )]
+}
+
+/// The models: `ops` scripted, `lead` the approver.
+fn approval_models(
+    plan: &roundtable_core::team::TeamPlan,
+    answer: Option<&'static str>,
+) -> (HashMap<PeerId, Arc<dyn ChatModel>>, Seen, Seen) {
+    let (mut models, seen) = acts(plan, ops_script());
+    let asked: Seen = Arc::default();
+    models.insert(PeerId::from("lead"), Arc::new(Approver { answer, asked: asked.clone() }));
+    (models, seen, asked)
+}
+
+fn approvals(log: &[Arc<Envelope>]) -> (Vec<Arc<Envelope>>, Vec<Arc<Envelope>>) {
+    let all: Vec<Arc<Envelope>> = log.iter().filter(|e| e.kind == Kind::Approval).cloned().collect();
+    all.into_iter().partition(|e| !e.step.ends_with("/answer"))
+}
+
+#[tokio::test]
+async fn an_approved_call_runs_once_after_the_approvers_answer() {
+    let plan = approval_team();
+    let (tools, runs, _) = counter(false);
+    let (models, _, asked) = approval_models(&plan, Some(r#"{"approve": true, "reason": "routine"}"#));
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, s) = run_with(&plan, "ship v4", models, extras, None, None).await;
+    assert_eq!(s.final_answer.as_deref(), Some("tried"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let (requests, answers) = approvals(&log);
+    assert_eq!((requests.len(), answers.len()), (1, 1));
+    assert_eq!(requests[0].from.as_str(), "ops");
+    assert_eq!(requests[0].to, Recipient::Peer(PeerId::from("lead")));
+    let req: roundtable_core::tool::ApprovalRequest =
+        serde_json::from_value(requests[0].body.json.clone().unwrap()).unwrap();
+    assert_eq!((req.tool.as_str(), req.caller.as_str()), ("deploy", "ops"));
+    assert!(req.arguments.contains("v4"), "{}", req.arguments);
+    assert_eq!(answers[0].from.as_str(), "lead");
+    // The request came before the run, the answer before the result.
+    let pos = |p: &dyn Fn(&Envelope) -> bool| log.iter().position(|e| p(e)).unwrap();
+    assert!(pos(&|e| e.kind == Kind::Approval && !e.step.ends_with("/answer")) < pos(&|e| e.kind == Kind::ToolResult));
+    assert!(pos(&|e| e.kind == Kind::Approval && e.step.ends_with("/answer")) < pos(&|e| e.kind == Kind::ToolResult));
+    let r = results(&log);
+    assert_eq!(r[0].outcome, Outcome::Ok);
+    let asked = asked.lock().unwrap();
+    assert_eq!(asked.len(), 1);
+    let instruction = asked[0].instruction.as_deref().unwrap();
+    assert!(instruction.contains("`deploy`") && instruction.contains("v4"), "{instruction}");
+}
+
+#[tokio::test]
+async fn a_denied_call_does_not_run_and_the_model_is_told_why() {
+    let plan = approval_team();
+    let (tools, runs, _) = counter(false);
+    let (models, seen, _) = approval_models(&plan, Some(r#"{"approve": false, "reason": "not on a Friday"}"#));
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, _) = run_with(&plan, "ship v4", models, extras, None, None).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "a denied call never runs");
+    let r = results(&log);
+    assert_eq!(r[0].tool, "deploy");
+    assert_eq!(r[0].outcome, Outcome::Denied);
+    assert_eq!(r[0].output, "denied by lead: not on a Friday");
+    let seen = seen.lock().unwrap();
+    let next = seen.iter().find(|q| q.peer.as_str() == "ops" && q.ordinal == 1).expect("ops was called again");
+    let last = next.messages().last().unwrap();
+    assert_eq!(last.role, Role::Tool);
+    assert!(last.content.contains("denied by lead: not on a Friday"), "{}", last.content);
+}
+
+#[tokio::test]
+async fn a_restart_while_waiting_for_an_approval_does_not_ask_again() {
+    let plan = approval_team();
+    let (tools, runs, _) = counter(false);
+    let log = mem_log();
+    roundtable_core::runner::open_session(log.as_ref(), &plan, "ship v4").await.unwrap();
+    let (models, _, asked) = approval_models(&plan, None);
+    let extras = PeerExtras { tools: Some(Arc::new(tools.clone())), ..Default::default() };
+    let run = roundtable_core::runner::run_peers_with(log.clone(), &plan, models, None, None, extras);
+    // The approver never answers, so the session cannot stop; wait until it was asked.
+    let cut = tokio::time::timeout(Duration::from_secs(2), async {
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                _ = &mut run => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if !asked.lock().unwrap().is_empty() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the approver was asked");
+    let before = log.read_all().await.unwrap();
+    assert_eq!(before.iter().filter(|e| e.env.kind == Kind::Approval).count(), 1, "one request, no answer");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    let (models, _, asked) = approval_models(&plan, Some(r#"{"approve": true, "reason": "fine"}"#));
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, s) = run_with(&plan, "ship v4", models, extras, None, Some(log)).await;
+    assert!(s.stopped);
+    let (requests, answers) = approvals(&log);
+    assert_eq!((requests.len(), answers.len()), (1, 1), "the request was not made again");
+    assert_eq!(asked.lock().unwrap().len(), 1, "the approver answered the recorded request");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "approved after the restart, run once");
+    assert_eq!(results(&log)[0].outcome, Outcome::Ok);
+}

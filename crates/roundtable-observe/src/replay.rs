@@ -342,6 +342,16 @@ fn recorded_toolbox(
     results: HashMap<(PeerId, String), ToolResultBody>,
     called: &BTreeSet<String>,
 ) -> ToolBox {
+    // A tool the recording's process did not have stays missing in the replay (a
+    // present one would first ask for its approval, which the recording never did).
+    let missing: BTreeSet<String> = results
+        .values()
+        .filter(|r| {
+            r.outcome == roundtable_core::tool::Outcome::Refused
+                && r.output.contains("is granted but not available in this process")
+        })
+        .map(|r| r.tool.clone())
+        .collect();
     let results = Arc::new(results);
     let mut b = ToolBox::new();
     let tool = |name: &str, description: &str, parameters: serde_json::Value| {
@@ -351,6 +361,9 @@ fn recorded_toolbox(
         }) as Arc<dyn Tool>
     };
     for (grant, spec) in &plan.tools {
+        if missing.contains(grant) {
+            continue;
+        }
         match &spec.kind {
             ToolKind::Command(c) => b.insert(grant, tool(grant, &spec.description, c.parameters.clone())),
             ToolKind::Http(h) => b.insert(grant, tool(grant, &spec.description, h.parameters.clone())),
@@ -579,7 +592,10 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         // A person's interjection comes when they type it: an input, like an absence.
         let is_input = env.kind == Kind::Absent
             || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)))
-            || roundtable_core::human::is_interjection(env);
+            || roundtable_core::human::is_interjection(env)
+            // An approval nobody gave in time is a denial the clock made.
+            || (env.kind == Kind::Approval
+                && env.body.json.as_ref().and_then(|j| j.get("timeout")).and_then(|t| t.as_bool()) == Some(true));
         if is_input {
             inputs.insert(e.seq, (*env.as_ref()).clone());
         }

@@ -31,8 +31,8 @@ use crate::session::SessionState;
 use crate::team::{PeerSpec, TeamPlan};
 use crate::termination::{BudgetScope, Tally};
 use crate::tool::{
-    Builtin, Outcome, Tool, ToolBox, ToolCall, ToolCallBody, ToolChoice, ToolContext, ToolDef, ToolOutput,
-    ToolResultBody,
+    ApprovalAnswer, ApprovalRequest, Builtin, Outcome, Tool, ToolBox, ToolCall, ToolCallBody, ToolChoice, ToolContext,
+    ToolDef, ToolOutput, ToolResultBody,
 };
 
 /// Model calls one duty may make while it works through tool calls.
@@ -55,6 +55,8 @@ pub(super) enum PeerTool {
 pub(super) struct Granted {
     pub(super) defs: Arc<[ToolDef]>,
     pub(super) by_name: HashMap<String, PeerTool>,
+    /// The peer that must approve each call of a tool (`approve_by`), by tool name.
+    pub(super) approvers: HashMap<String, PeerId>,
 }
 
 impl Granted {
@@ -72,6 +74,7 @@ impl Granted {
         }
         let mut defs = Vec::new();
         let mut by_name = HashMap::new();
+        let mut approvers = HashMap::new();
         for grant in names {
             if let Some(b) = Builtin::parse(&grant) {
                 defs.push(b.def());
@@ -94,13 +97,17 @@ impl Granted {
                 by_name.insert(grant.clone(), PeerTool::Missing(grant));
                 continue;
             }
+            let approver = plan.tools.get(&grant).and_then(|s| s.approve_by.clone());
             for tool in built {
                 let def = tool.def().clone();
+                if let Some(a) = &approver {
+                    approvers.insert(def.name.clone(), a.clone());
+                }
                 by_name.insert(def.name.clone(), PeerTool::External(tool.clone()));
                 defs.push(def);
             }
         }
-        Granted { defs: defs.into(), by_name }
+        Granted { defs: defs.into(), by_name, approvers }
     }
 
     fn is_empty(&self) -> bool {
@@ -216,7 +223,16 @@ pub(super) async fn call_with_tools(
     }
     let mut next_k = calls.iter().map(|(k, _)| k + 1).max().unwrap_or(0);
     for (k, call) in calls.iter().filter(|(k, _)| !answered.contains(k)) {
-        let result = if me.granted.idempotent(&call.name) {
+        // A call waiting for its approval (or denied) never ran: it is safe to go on.
+        let never_ran = match me.granted.approvers.get(&call.name) {
+            Some(approver) => {
+                let (mut cursor, mut found) = (0, Found::default());
+                found.scan(me, &approve_step(duty, *k), approver, &mut cursor).await?;
+                !found.answer.is_some_and(|a| a.approve)
+            }
+            None => false,
+        };
+        let result = if never_ran || me.granted.idempotent(&call.name) {
             run_call(me, st, duty, call, *k, &mut turn.tally).await?
         } else {
             let out = ToolOutput {
@@ -310,6 +326,234 @@ pub(super) async fn call_with_tools(
     }
 }
 
+fn approve_step(duty: &Duty, k: usize) -> String {
+    format!("{}/approve/{k}", duty.step)
+}
+
+/// What the log holds about one approval request.
+#[derive(Default)]
+struct Found {
+    /// When the request was recorded (ms since the epoch).
+    asked_at: Option<u64>,
+    /// The first answer: the approver's, or the caller's record that the approver's
+    /// answer limit passed. Answers by anyone else are ignored.
+    answer: Option<ApprovalAnswer>,
+    stopped: bool,
+}
+
+impl Found {
+    /// Read the log after `cursor` (which moves on) for the request at `step`.
+    async fn scan(&mut self, me: &Me, step: &str, approver: &PeerId, cursor: &mut u64) -> Result<(), LogError> {
+        let answer_step = format!("{step}/answer");
+        loop {
+            let entries = me.cfg.log.read(*cursor + 1, 256).await?;
+            let Some(last) = entries.last() else { return Ok(()) };
+            *cursor = last.seq;
+            for e in &entries {
+                let env = &e.env;
+                if env.kind == Kind::Stop {
+                    self.stopped = true;
+                }
+                if env.kind != Kind::Approval {
+                    continue;
+                }
+                if &*env.step == step && env.from == me.cfg.me {
+                    self.asked_at.get_or_insert(env.time_ms);
+                } else if &*env.step == answer_step.as_str() && self.answer.is_none() {
+                    let Some(a) = env.body.json.clone().and_then(|j| serde_json::from_value::<ApprovalAnswer>(j).ok())
+                    else {
+                        continue;
+                    };
+                    if &env.from == approver || (env.from == me.cfg.me && a.timeout && !a.approve) {
+                        self.answer = Some(a);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Ask `approver` to approve a recorded call and wait on the log for the answer.
+/// `None`: approved; `Some(why)`: denied, and why (what the model is told).
+async fn approval(
+    me: &Me,
+    st: &SessionState,
+    duty: &Duty,
+    call: &ToolCall,
+    k: usize,
+    approver: &PeerId,
+) -> Result<Option<String>, LogError> {
+    let step = approve_step(duty, k);
+    let (mut cursor, mut found) = (0, Found::default());
+    found.scan(me, &step, approver, &mut cursor).await?;
+    let limit = me.plan.peer(approver).and_then(|p| p.answer_within_ms);
+    if found.answer.is_none() && found.asked_at.is_none() {
+        // Asked once: a restart finds this request on the log and waits for its answer.
+        let req = ApprovalRequest {
+            tool: call.name.clone(),
+            arguments: call.arguments.clone(),
+            caller: me.cfg.me.clone(),
+            call_step: call_step(duty, k),
+        };
+        let text = format!("{} asks {approver} to approve {}({})", me.cfg.me, call.name, preview(&call.arguments, 200));
+        let d = Duty { step: Arc::from(step.as_str()), ..duty.clone() };
+        let mut env = envelope(me, st, &d, Kind::Approval, Body::text(text).with_json(json_of(&req)));
+        env.to = Recipient::Peer(approver.clone());
+        env.parents = vec![crate::envelope::EnvelopeId::derive(&st.session, &me.cfg.me, &call_step(duty, k))];
+        found.asked_at = Some(env.time_ms);
+        append(me, env).await?;
+    }
+    let mut timed_out = false;
+    loop {
+        found.scan(me, &step, approver, &mut cursor).await?;
+        if let Some(a) = &found.answer {
+            return Ok(if a.approve {
+                None
+            } else if a.timeout {
+                Some(format!("denied: {}", a.reason))
+            } else {
+                Some(format!("denied by {approver}: {}", a.reason))
+            });
+        }
+        if found.stopped {
+            return Ok(Some(format!("not run: the session stopped before {approver} answered")));
+        }
+        if let (Some(limit), Some(at), false) = (limit, found.asked_at, timed_out)
+            && crate::envelope::now_ms() >= at.saturating_add(limit)
+        {
+            // No answer in time is a denial, recorded: replay and resume read it.
+            let secs = limit as f64 / 1000.0;
+            let reason = format!("{approver} did not answer within {secs} s");
+            let a = ApprovalAnswer { approve: false, reason, timeout: true };
+            let text = format!("no answer from {approver} in time: denied");
+            let d = Duty { step: Arc::from(format!("{step}/answer")), ..duty.clone() };
+            let mut env = envelope(me, st, &d, Kind::Approval, Body::text(text).with_json(json_of(&a)));
+            env.to = Recipient::Peer(approver.clone());
+            env.parents = vec![crate::envelope::EnvelopeId::derive(&st.session, &me.cfg.me, &step)];
+            append(me, env).await?;
+            timed_out = true;
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Approval requests addressed to this peer that no answer is on the log for yet.
+#[derive(Default)]
+pub(super) struct Asked {
+    open: Vec<Arc<Envelope>>,
+    answered: std::collections::HashSet<Arc<str>>,
+}
+
+impl Asked {
+    pub(super) fn observe(&mut self, me: &PeerId, env: &Arc<Envelope>) {
+        if env.kind != Kind::Approval {
+            return;
+        }
+        if let Some(req) = env.step.strip_suffix("/answer") {
+            self.open.retain(|e| &*e.step != req);
+            self.answered.insert(Arc::from(req));
+            return;
+        }
+        let for_me = matches!(&env.to, Recipient::Peer(p) if p == me);
+        let is_request =
+            env.body.json.clone().and_then(|j| serde_json::from_value::<ApprovalRequest>(j).ok()).is_some();
+        if for_me && is_request && !self.answered.contains(&env.step) && !self.open.iter().any(|e| e.step == env.step) {
+            self.open.push(env.clone());
+        }
+    }
+
+    pub(super) fn next(&self) -> Option<Arc<Envelope>> {
+        self.open.first().cloned()
+    }
+}
+
+/// Answer an approval request with this peer's model (or the person in its seat): a
+/// yes/no form. Returns the answer's sequence number.
+pub(super) async fn answer_approval(
+    me: &Me,
+    st: &SessionState,
+    view: &PeerView,
+    request: &Envelope,
+) -> Result<u64, LogError> {
+    let req = request
+        .body
+        .json
+        .clone()
+        .and_then(|j| serde_json::from_value::<ApprovalRequest>(j).ok())
+        .expect("only requests are asked");
+    let step = format!("{}/answer", request.step);
+    let mut instruction = format!(
+        "{caller} asks you to approve a call of the tool `{tool}` with these arguments:\n{args}\n\
+         Approve it only if it is safe and serves the task. A denial needs a reason: {caller} is told it.\n\
+         Reply with a JSON object: {{\"approve\": true|false, \"reason\": \"<why>\"}}",
+        caller = req.caller,
+        tool = req.tool,
+        args = preview(&req.arguments, 4000),
+    );
+    let mut duty = Duty::speak(step.as_str(), Kind::Approval, request.round, None, true, View::Task);
+    duty.to = Recipient::Peer(req.caller.clone());
+    duty.parents = vec![request.id.clone()];
+    let mut asked = 0;
+    let (answer, text, usage, turn) = loop {
+        asked += 1;
+        let ins = Some(Arc::from(instruction.as_str()));
+        match call_model(me, st, view, &duty, &ins, true, &View::Task, None).await {
+            Called::Answer { text, usage, turn, .. } => {
+                let j = crate::peer::parse_json_answer(&text);
+                let approve = j.as_ref().and_then(|j| j.get("approve")).and_then(|a| a.as_bool());
+                let reason = j
+                    .as_ref()
+                    .and_then(|j| j.get("reason"))
+                    .and_then(|r| r.as_str())
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                let person = &*usage.model == crate::human::HUMAN_MODEL;
+                let a = match approve {
+                    Some(true) => ApprovalAnswer { approve: true, reason, timeout: false },
+                    Some(false) if reason.is_empty() && person && asked < 5 => {
+                        instruction = format!("A denial needs a reason. {instruction}");
+                        continue;
+                    }
+                    Some(false) if reason.is_empty() => {
+                        ApprovalAnswer { approve: false, reason: "no reason given".into(), timeout: false }
+                    }
+                    Some(false) => ApprovalAnswer { approve: false, reason, timeout: false },
+                    None => ApprovalAnswer {
+                        approve: false,
+                        reason: format!("the answer was not understood: {}", preview(&text, 200)),
+                        timeout: false,
+                    },
+                };
+                break (a, text, Some(usage), Some(turn));
+            }
+            Called::Failed { error, usage, turn } => {
+                let a = ApprovalAnswer { approve: false, reason: format!("the model failed: {error}"), timeout: false };
+                let text =
+                    serde_json::to_string(&serde_json::json!({"approve": false, "reason": a.reason})).expect("json");
+                break (a, text, Some(usage), Some(turn));
+            }
+            Called::Refused { why, .. } => {
+                let a = ApprovalAnswer { approve: false, reason: format!("not answered: {why}"), timeout: false };
+                let text = a.reason.clone();
+                break (a, text, None, None);
+            }
+            Called::Finished | Called::Stopped => {
+                let a = ApprovalAnswer { approve: false, reason: "the session stopped".into(), timeout: false };
+                let text = a.reason.clone();
+                break (a, text, None, None);
+            }
+        }
+    };
+    let mut env = envelope(me, st, &duty, Kind::Approval, Body::text(text).with_json(json_of(&answer)));
+    env.usage = usage;
+    match turn {
+        Some(t) => super::append_traced(me, env, t).await,
+        None => append(me, env).await,
+    }
+}
+
 /// Whether the log has a stop after `checked` (which moves on to what was read).
 async fn stopped_since(me: &Me, checked: &mut u64) -> Result<bool, LogError> {
     loop {
@@ -331,7 +575,7 @@ async fn run_call(
     k: usize,
     tally: &mut Tally,
 ) -> Result<ChatMessage, LogError> {
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
     let out = match me.plan.budget.allows_tool(tally, &me.cfg.me) {
         Err((_, why)) => ToolOutput::refused(format!("not run: {why}")),
         Ok(()) => match me.granted.by_name.get(&call.name) {
@@ -349,8 +593,21 @@ async fn run_call(
                 Ok(args) => match tool {
                     PeerTool::Builtin(b) => run_builtin(me, st, duty, *b, &args, k).await?,
                     PeerTool::External(t) => {
-                        let cx = ToolContext { peer: me.cfg.me.clone(), step: Arc::from(call_step(duty, k)) };
-                        t.call(&args, &cx).await
+                        let denied = match me.granted.approvers.get(&call.name) {
+                            Some(approver) => approval(me, st, duty, call, k, approver).await?,
+                            None => None,
+                        };
+                        match denied {
+                            Some(why) => {
+                                t0 = Instant::now();
+                                ToolOutput { outcome: Outcome::Denied, ..ToolOutput::refused(why) }
+                            }
+                            None => {
+                                t0 = Instant::now();
+                                let cx = ToolContext { peer: me.cfg.me.clone(), step: Arc::from(call_step(duty, k)) };
+                                t.call(&args, &cx).await
+                            }
+                        }
                     }
                     PeerTool::Missing(_) => unreachable!("matched above"),
                 },
