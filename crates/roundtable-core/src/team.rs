@@ -1592,6 +1592,36 @@ max_calls = 20
     }
 
     #[test]
+    fn nonsense_in_the_keys_of_people_approvals_and_slow_scripts_is_refused_by_key() {
+        let team = |peers: &str, extra: &str| {
+            format!(
+                "topic = \"t\"\n[models.s]\nprovider = \"scripted\"\nreplies = [\"x\"]\n{extra}\n\
+                 [[peers]]\nid = \"a\"\nmodel = \"s\"\n{peers}[protocol]\nkind = \"round_robin\"\n"
+            )
+        };
+        let keys = |src: String| -> Vec<String> {
+            parse_team("t.toml", &src, &Env(vec![])).expect_err("refused").0.into_iter().map(|e| e.key).collect()
+        };
+        for bad in ["-1", "nan", "0", "1e12"] {
+            let src = team(&format!("[[peers]]\nid = \"p\"\nkind = \"human\"\nanswer_within_secs = {bad}\n"), "");
+            assert_eq!(keys(src), ["peers[1].answer_within_secs"], "{bad}");
+            let src = team("[[peers]]\nid = \"p\"\nkind = \"human\"\n", &format!("delay_secs = {bad}"));
+            if bad != "0" {
+                assert_eq!(keys(src), ["models.s.delay_secs"], "{bad}");
+            }
+        }
+        // A person has no model, and an unknown kind is no kind.
+        let src = team("[[peers]]\nid = \"p\"\nkind = \"human\"\nmodel = \"s\"\n", "");
+        assert_eq!(keys(src), ["peers[1].model"]);
+        let src = team("[[peers]]\nid = \"p\"\nkind = \"person\"\n", "");
+        assert!(keys(src).contains(&"peers[1].kind".to_string()));
+        // An approver who is not at the table.
+        let src = team("", "") + "[tools.deploy]\nkind = \"command\"\ncommand = [\"true\"]\napprove_by = \"nobody\"\n";
+        let e = parse_team("t.toml", &src, &Env(vec![])).expect_err("refused").0;
+        assert!(e.iter().any(|e| e.key == "tools.deploy.approve_by" && e.message.contains("`a`")), "{e:?}");
+    }
+
+    #[test]
     fn every_protocol_kind_parses_with_its_defaults() {
         let with = |k: &str, extra: &str| {
             let src = format!("{TRIO}[protocol]\nkind = \"{k}\"\n{extra}\n");

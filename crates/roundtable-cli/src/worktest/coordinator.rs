@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::file::LocalSuite;
-use super::suite::{Fold, Outcome, Suite, collective};
+use super::suite::{Outcome, Suite, collective};
 use super::worker::{self, Ran};
 use crate::Failure;
 
@@ -281,11 +281,8 @@ impl State {
 /// Run the coordinator of `session` until every test has a result.
 pub(crate) async fn coordinate(backend: NatsBackend, session: SessionId) -> Result<(), Failure> {
     let log = worker::open_log(&backend, &session).await?;
-    let fold = Arc::new(std::sync::Mutex::new(Fold::new()));
-    let changed = Arc::new(tokio::sync::Notify::new());
-    let follower = tokio::spawn(worker::follow(log.clone(), fold.clone(), changed.clone()));
-    let suite = worker::suite_of(&fold, &changed).await;
-    follower.abort();
+    let (following, suite) = worker::follow_to_suite(&log).await;
+    following.task.abort();
     let client = backend.client().clone();
     let mut requests = client.subscribe(work_subject(&session)).await.map_err(runtime)?;
     let mut progress = client.subscribe(progress_subject(&session)).await.map_err(runtime)?;
@@ -415,11 +412,8 @@ pub(crate) async fn work(
     suite_path: Option<std::path::PathBuf>,
 ) -> Result<(), Failure> {
     let log = worker::open_log(&backend, &session).await?;
-    let fold = Arc::new(std::sync::Mutex::new(Fold::new()));
-    let changed = Arc::new(tokio::sync::Notify::new());
-    let follower = tokio::spawn(worker::follow(log.clone(), fold.clone(), changed.clone()));
-    let suite = worker::suite_of(&fold, &changed).await;
-    follower.abort();
+    let (following, suite) = worker::follow_to_suite(&log).await;
+    following.task.abort();
     let local: Option<Arc<LocalSuite>> = worker::local_suite(&session, &suite, suite_path.as_deref())?;
     let client = backend.client().clone();
     let subject = work_subject(&session);

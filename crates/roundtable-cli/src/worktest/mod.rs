@@ -23,7 +23,7 @@ mod worker;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roundtable_core::bus::Backend;
@@ -31,7 +31,6 @@ use roundtable_core::envelope::{PeerId, SessionId};
 use roundtable_core::session::new_session_id;
 use roundtable_nats::NatsBackend;
 use serde::Serialize;
-use tokio::sync::Notify;
 
 use crate::Failure;
 use crate::nats::NatsArgs;
@@ -413,11 +412,8 @@ async fn harness(
     let setup = Instant::now();
     let log = backend.logs().open(&session, true).await?;
     log.append(suite.task_envelope(&session)).await?;
-    let fold = Arc::new(Mutex::new(Fold::new()));
-    let changed = Arc::new(Notify::new());
-    let follower = tokio::spawn(worker::follow(log.clone(), fold.clone(), changed.clone()));
     // The suite on the log is the one that runs (a session given again keeps its own).
-    let suite = worker::suite_of(&fold, &changed).await;
+    let (worker::Following { fold, changed, task: follower }, suite) = worker::follow_to_suite(&log).await;
     // A session given again runs its own suite: this machine's copy must match it.
     worker::local_suite(&session, &suite, suite_path.as_deref())?;
     let queue = if args.coordinator {

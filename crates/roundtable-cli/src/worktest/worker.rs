@@ -133,8 +133,25 @@ pub(crate) async fn follow(log: Arc<dyn SessionLog>, fold: Arc<Mutex<Fold>>, cha
     }
 }
 
+/// The log folded by a background task as it grows.
+pub(crate) struct Following {
+    pub(crate) fold: Arc<Mutex<Fold>>,
+    /// Notified after each fold.
+    pub(crate) changed: Arc<Notify>,
+    pub(crate) task: tokio::task::JoinHandle<()>,
+}
+
+/// Start folding `log` in the background and wait until it names the suite.
+pub(crate) async fn follow_to_suite(log: &Arc<dyn SessionLog>) -> (Following, Arc<Suite>) {
+    let fold = Arc::new(Mutex::new(Fold::new()));
+    let changed = Arc::new(Notify::new());
+    let task = tokio::spawn(follow(log.clone(), fold.clone(), changed.clone()));
+    let suite = suite_of(&fold, &changed).await;
+    (Following { fold, changed, task }, suite)
+}
+
 /// Wait until the fold has a suite.
-pub(crate) async fn suite_of(fold: &Mutex<Fold>, changed: &Notify) -> Arc<Suite> {
+async fn suite_of(fold: &Mutex<Fold>, changed: &Notify) -> Arc<Suite> {
     loop {
         if let Some(s) = fold.lock().expect("fold lock").suite.clone() {
             return s;
@@ -235,10 +252,7 @@ pub(crate) async fn run(
     namer: Option<Arc<dyn ChatModel>>,
 ) -> Result<(), Failure> {
     let log = open_log(&backend, &session).await?;
-    let fold = Arc::new(Mutex::new(Fold::new()));
-    let changed = Arc::new(Notify::new());
-    let follower = tokio::spawn(follow(log.clone(), fold.clone(), changed.clone()));
-    let suite = suite_of(&fold, &changed).await;
+    let (Following { fold, changed, task: follower }, suite) = follow_to_suite(&log).await;
     if !suite.workers.iter().any(|w| w.as_str() == me.as_str()) {
         follower.abort();
         return Err(Failure::Input(format!(
