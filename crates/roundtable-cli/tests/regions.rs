@@ -171,7 +171,8 @@ impl Reader {
 }
 
 fn steps(log: &[Arc<Envelope>]) -> Vec<String> {
-    log.iter().map(|e| format!("{} {} {}", e.kind, e.from, e.step)).collect()
+    let t0 = log.first().map_or(0, |e| e.time_ms);
+    log.iter().map(|e| format!("{} {} {} (+{} ms)", e.kind, e.from, e.step, e.time_ms.saturating_sub(t0))).collect()
 }
 
 /// The example, start to end: the local changes, then the global vote with `KILLED`'s
@@ -215,6 +216,9 @@ fn run_example(url: &str, replicas: usize, tag: &str, disturb: &mut dyn FnMut(bo
     disturb(true);
     let outs = regions.wait_all();
     let log = reader.log(&global);
+    // Every region's diagnostics, for a failure that is about another region than the
+    // one whose report shows it (a live region recorded absent, say).
+    let stderrs: String = outs.iter().map(|(id, o)| format!("--- {id} stderr:\n{}\n", stderr(o))).collect();
     for (id, o) in &outs {
         assert!(o.status.success(), "region {id}: {}", stderr(o));
         let s = json(o);
@@ -222,7 +226,7 @@ fn run_example(url: &str, replicas: usize, tag: &str, disturb: &mut dyn FnMut(bo
         assert_eq!(
             s["stop_reason"],
             "consensus in round 1: 3 of 4 voters approve (75%, threshold 75%)",
-            "region {id}: {s}\nlog: {:#?}",
+            "region {id}: {s}\nlog: {:#?}\n{stderrs}",
             steps(&log)
         );
         assert!(s["final_answer"].as_str().unwrap().contains("2.4.1"), "region {id}: {s}");
