@@ -379,3 +379,64 @@ fn an_mcp_server_that_cannot_start_is_recorded_on_the_log_and_the_run_fails() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("MCP server everything could not be started"), "{text}");
 }
+
+#[test]
+fn trace_and_log_name_each_tool_call_its_caller_arguments_and_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "x".repeat(300);
+    let src = format!(
+        r#"name = "checks"
+topic = "Check POST /users."
+[tools.check]
+kind = "command"
+description = "Run the contract checks."
+argv = ["sh", "-c", "echo \"1 of 2 checks failed: no 409\"; exit 3", "check", "{{spec}}"]
+parameters = {{ type = "object", properties = {{ spec = {{ type = "string" }} }}, required = ["spec"] }}
+timeout_secs = 30
+[models.m]
+provider = "scripted"
+[models.m.per_peer]
+tester = ['!tool check {{"spec": "POST /users 201 {long}"}}', '!tool finish {{"answer": "The check failed."}}']
+[[peers]]
+id = "tester"
+model = "m"
+tools = ["check"]
+[protocol]
+kind = "conversation"
+start = ["tester"]
+finish = "tester"
+max_turns = 2
+"#
+    );
+    let team = dir.path().join("team.toml");
+    std::fs::write(&team, src).unwrap();
+    let o = run(&["run", team.to_str().unwrap(), "--json"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = json(&o)["session"].as_str().unwrap().to_string();
+    let log = envelopes(&id, dir.path());
+    let call_seq = log.iter().position(|e| e["kind"] == "tool_call").unwrap() + 1;
+
+    let o = run(&["trace", &id], dir.path());
+    let trace = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{trace}");
+    let line =
+        |needle: &str| trace.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?}:\n{trace}"));
+    // The caller, the tool and its arguments, cut short.
+    let call = line("tester called check(");
+    assert!(call.contains(r#"check({"spec": "POST /users 201 xxx"#) && call.contains('…'), "{call}");
+    assert!(!call.contains(&long), "the arguments are truncated: {call}");
+    // The result: its tool, whom it answers, the outcome and exit status, the output.
+    let result = line("check → tester (error · exit 3 · ");
+    assert!(result.contains(" ms): \"1 of 2 checks failed: no 409"), "{result}");
+    assert!(trace.contains(&format!("⤷ answers #{call_seq} tester")), "{trace}");
+    let decisions = trace.split("Votes and decisions").nth(1).unwrap_or("");
+    assert!(!decisions.contains("tool_"), "tool envelopes are not decisions: {decisions}");
+
+    let o = run(&["log", &id], dir.path());
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("tester calls check (tool_call)"), "{text}");
+    assert!(text.contains(r#"check({"spec": "POST /users 201 xxx"#) && !text.contains(&long), "{text}");
+    assert!(text.contains("check → tester (tool_result: error · exit 3 · "), "{text}");
+    assert!(text.contains("\n  1 of 2 checks failed: no 409"), "the output under it: {text}");
+}

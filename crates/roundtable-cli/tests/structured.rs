@@ -109,7 +109,8 @@ fn run(team: &Path, data: &Path) -> Output {
 
 fn summary(o: &Output) -> Value {
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 /// The schema of a consensus vote, as the voters' instruction describes it.
@@ -124,7 +125,11 @@ fn vote_schema() -> Value {
 
 /// Whether a request is a vote (its instruction asks for one).
 fn is_vote(body: &Value) -> bool {
-    body["messages"].as_array().unwrap().iter().any(|m| m["content"].as_str().is_some_and(|c| c.contains("Vote on the latest proposal")))
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["content"].as_str().is_some_and(|c| c.contains("Vote on the latest proposal")))
 }
 
 #[test]

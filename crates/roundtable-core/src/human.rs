@@ -533,22 +533,25 @@ mod tests {
             })
         );
         let answer = Form::of_instruction(crate::protocol::rounds::ANSWER_JSON).schema("message").unwrap();
-        assert_eq!(answer["properties"]["confidence"], serde_json::json!({"type": "number", "minimum": 0, "maximum": 1}));
+        assert_eq!(
+            answer["properties"]["confidence"],
+            serde_json::json!({"type": "number", "minimum": 0, "maximum": 1})
+        );
         assert_eq!(answer["required"], serde_json::json!(["answer", "confidence"]));
         // A value the template shows is a type, not a constant: the advocate may concede.
-        let advocate = Form::of_instruction("Reply with a JSON object {\"objection\": \"<your objection>\", \"concede\": false}.");
-        assert_eq!(advocate.schema("message").unwrap()["properties"]["concede"], serde_json::json!({"type": "boolean"}));
+        let advocate =
+            Form::of_instruction("Reply with a JSON object {\"objection\": \"<your objection>\", \"concede\": false}.");
+        assert_eq!(
+            advocate.schema("message").unwrap()["properties"]["concede"],
+            serde_json::json!({"type": "boolean"})
+        );
         // An approval quotes the call's arguments (an object) before its template.
         let approval = Form::of_instruction(
             "eng asks you to approve a call of the tool `deploy` with these arguments:\n{\"region\": \"eu\"}\n\
              Reply with a JSON object: {\"approve\": true|false, \"reason\": \"<why>\"}",
         );
-        let names: Vec<String> = approval.schema("approval").unwrap()["properties"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
+        let names: Vec<String> =
+            approval.schema("approval").unwrap()["properties"].as_object().unwrap().keys().cloned().collect();
         assert_eq!(names, ["approve", "reason"]);
         assert_eq!(Form::of_instruction("Propose a solution. End with 'Answer: <it>'.").schema("proposal"), None);
     }

@@ -201,7 +201,11 @@ pub fn listing_step(server: &str, n: usize) -> String {
 /// a new one only when the server now offers something else, so the log shows when the
 /// tools the models were offered changed. Returns the listing's sequence number, or
 /// `None` when nothing new was recorded.
-pub async fn record_listing(log: &dyn SessionLog, from: &PeerId, listing: &ToolListBody) -> Result<Option<u64>, LogError> {
+pub async fn record_listing(
+    log: &dyn SessionLog,
+    from: &PeerId,
+    listing: &ToolListBody,
+) -> Result<Option<u64>, LogError> {
     let entries = log.read_all().await?;
     let earlier: Vec<ToolListBody> = entries
         .iter()

@@ -130,7 +130,11 @@ fn tool_line(n: &Node) -> Option<String> {
     match n.kind {
         "tool_call" => {
             let b: ToolCallBody = serde_json::from_value(json).ok()?;
-            let said = if b.said.trim().is_empty() { String::new() } else { format!(" — said \"{}\"", one_line(&b.said, 60)) };
+            let said = if b.said.trim().is_empty() {
+                String::new()
+            } else {
+                format!(" — said \"{}\"", one_line(&b.said, 60))
+            };
             Some(format!("{} called {}({}){said}", n.from, b.tool, one_line(&b.arguments, 90)))
         }
         "tool_result" => {
@@ -243,7 +247,13 @@ impl Trace {
                 && !parents.is_empty()
                 && !matches!(
                     env.kind,
-                    Kind::Stop | Kind::Failure | Kind::Absent | Kind::Join | Kind::ToolCall | Kind::ToolResult | Kind::ToolList
+                    Kind::Stop
+                        | Kind::Failure
+                        | Kind::Absent
+                        | Kind::Join
+                        | Kind::ToolCall
+                        | Kind::ToolResult
+                        | Kind::ToolList
                 );
             if derived_decision || matches!(env.kind, Kind::Vote | Kind::Verdict | Kind::Proposal | Kind::Reveal) {
                 decisions.push(e.seq);

@@ -23,9 +23,7 @@ use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError};
 use roundtable_core::peer::PeerExtras;
 use roundtable_core::runner::{open_session, run_peers, run_peers_with};
 use roundtable_core::session::{SessionSummary, new_session_id};
-use roundtable_core::tool::{
-    Outcome, Tool, ToolBox, ToolContext, ToolDef, ToolListBody, ToolOutput, record_listing,
-};
+use roundtable_core::tool::{Outcome, Tool, ToolBox, ToolContext, ToolDef, ToolListBody, ToolOutput, record_listing};
 use roundtable_core::{Kind, PeerId};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -516,11 +514,20 @@ async fn the_page_shows_each_tool_call_who_asked_and_how_it_ended() {
     let log = store.open(&session, true).await.unwrap();
     open_session(log.as_ref(), &plan, plan.topic.as_deref().unwrap()).await.unwrap();
     // What an MCP server listed at the start, as `run` records it.
-    let def = |name: &str| ToolDef { name: name.into(), description: format!("{name}."), parameters: json!({"type": "object"}) };
-    let listing = ToolListBody { server: "docs".into(), tools: vec![def("read_text_file"), def("list_directory")], error: None };
+    let def = |name: &str| ToolDef {
+        name: name.into(),
+        description: format!("{name}."),
+        parameters: json!({"type": "object"}),
+    };
+    let listing =
+        ToolListBody { server: "docs".into(), tools: vec![def("read_text_file"), def("list_directory")], error: None };
     record_listing(log.as_ref(), &PeerId::from("tester"), &listing).await.unwrap();
     let mut tools = ToolBox::new();
-    let check = ToolDef { name: "check".into(), description: "Run the contract checks.".into(), parameters: json!({"type": "object"}) };
+    let check = ToolDef {
+        name: "check".into(),
+        description: "Run the contract checks.".into(),
+        parameters: json!({"type": "object"}),
+    };
     tools.insert("check", Arc::new(FailingCheck(check)) as Arc<dyn Tool>);
     let extras = PeerExtras { tools: Some(Arc::new(tools)), ..PeerExtras::default() };
     let summary = run_peers_with(log.clone(), &plan, offline_models(&plan), None, None, extras).await.unwrap();
@@ -549,7 +556,9 @@ async fn the_page_shows_each_tool_call_who_asked_and_how_it_ended() {
     let call_seq = cdp.eval(&format!("Number(document.querySelector({:?}).dataset.seq)", card("tool_call"))).await;
     assert!(result.contains(&format!("answers #{call_seq} tester")), "the result answers its call: {result}");
     // Tool calls and results are what a peer did, not votes or decisions.
-    let kinds = cdp.eval("[...document.querySelectorAll('[data-role=votes] tbody tr')].map(r => r.children[3].textContent)").await;
+    let kinds = cdp
+        .eval("[...document.querySelectorAll('[data-role=votes] tbody tr')].map(r => r.children[3].textContent)")
+        .await;
     assert!(!kinds.as_array().unwrap().iter().any(|k| k.as_str().unwrap().starts_with("tool")), "{kinds}");
     cdp.screenshot("roundtable-web-view-tools.png").await;
     cdp.eval("1").await;
