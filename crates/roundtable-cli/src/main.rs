@@ -26,6 +26,7 @@ use roundtable_core::peer::PeerExtras;
 use roundtable_core::runner::{open_session, run_peers_with, summarize};
 use roundtable_core::session::{SessionSummary, new_session_id, plan_of};
 use roundtable_core::team::{TeamPlan, parse_team};
+use roundtable_core::tool::ToolListBody;
 use roundtable_core::{Kind, SessionId};
 use roundtable_sqlite::{Durability, SqliteStore};
 
@@ -703,14 +704,30 @@ pub(crate) async fn drive(
     extras: PeerExtras,
 ) -> Result<SessionSummary, Failure> {
     // The team's tools, built once for every peer of this process (MCP servers started
-    // and listed); kept alive until the session ends.
+    // and listed, the listings recorded); kept alive until the session ends.
     let mut extras = extras;
     let _tools = match (&extras.tools, plan.tools.is_empty()) {
         (None, false) => {
             let specs: Vec<_> = plan.tools.values().cloned().collect();
-            let registry = roundtable_tools::Registry::build(&specs)
-                .await
-                .map_err(|e| Failure::Runtime(format!("the team's tools could not be started: {e}")))?;
+            let built = roundtable_tools::Registry::build(&specs).await;
+            let listings = match &built {
+                Ok(registry) => registry
+                    .mcp_listings()
+                    .into_iter()
+                    .map(|(server, tools)| ToolListBody { server, tools, error: None })
+                    .collect(),
+                Err(roundtable_tools::RegistryError::Mcp { tool, error }) => {
+                    vec![ToolListBody { server: tool.clone(), tools: Vec::new(), error: Some(error.to_string()) }]
+                }
+                Err(_) => Vec::new(),
+            };
+            for listing in &listings {
+                if let Some(from) = listing_author(plan, &models, &listing.server) {
+                    roundtable_core::tool::record_listing(log.as_ref(), &from, listing).await?;
+                }
+            }
+            let registry =
+                built.map_err(|e| Failure::Runtime(format!("the team's tools could not be started: {e}")))?;
             extras.tools = Some(Arc::new(registry.tool_box()));
             Some(registry)
         }
@@ -749,6 +766,18 @@ pub(crate) async fn drive(
     let result = run_peers_with(log, plan, models, presence, Some(events), extras).await;
     let _ = show.await;
     result.map_err(Failure::from)
+}
+
+/// The peer of this process that records an MCP server's listing: the first (in team
+/// order) granted the server, else the first this process runs, so the envelope is
+/// signed by a key this process holds. `None` when it runs no peer.
+fn listing_author(
+    plan: &TeamPlan,
+    models: &std::collections::HashMap<roundtable_core::PeerId, Arc<dyn roundtable_core::model::ChatModel>>,
+    server: &str,
+) -> Option<roundtable_core::PeerId> {
+    let local: Vec<_> = plan.peers.iter().filter(|p| models.contains_key(&p.id)).collect();
+    local.iter().find(|p| p.tools.iter().any(|t| t == server)).or(local.first()).map(|p| p.id.clone())
 }
 
 /// Print the outcome. A session that ended because its models kept failing is a

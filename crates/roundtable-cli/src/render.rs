@@ -8,6 +8,7 @@ use roundtable_core::peer::PeerEvent;
 use roundtable_core::readable::count;
 use roundtable_core::session::SessionSummary;
 use roundtable_core::termination::Tally;
+use roundtable_core::tool::ToolResultBody;
 use roundtable_core::{Kind, PeerId, Recipient};
 
 /// ANSI styling, on only for terminals (and off with NO_COLOR).
@@ -95,6 +96,43 @@ pub(crate) fn format_entry(e: &Entry, st: Style) -> String {
         }
         Kind::Absent | Kind::Join => {
             format!("{} {} {}", st.dim(&format!("#{:<3}", e.seq)), st.yellow(env.kind.as_str()), env.body.text)
+        }
+        Kind::ToolList => {
+            format!(
+                "{} {} {} {}",
+                st.dim(&format!("#{:<3}", e.seq)),
+                st.cyan("tools"),
+                env.body.text,
+                st.dim(&format!("(recorded by {})", env.from))
+            )
+        }
+        Kind::ToolCall => {
+            let tool = env.body.json.as_ref().and_then(|j| j.get("tool")?.as_str().map(str::to_owned));
+            let head = format!(
+                "{} {} calls {} {}",
+                st.dim(&format!("#{:<3} [round {}]", e.seq, env.round + 1)),
+                st.bold(env.from.as_str()),
+                tool.as_deref().unwrap_or("?"),
+                st.dim("(tool_call)")
+            );
+            let mut s = format!("{head}\n{}", indent(&env.body.text));
+            if let Some(u) = usage_line(e, st) {
+                s.push('\n');
+                s.push_str(&u);
+            }
+            s
+        }
+        Kind::ToolResult => {
+            let body = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolResultBody>(j).ok());
+            let (tool, status) = body.map_or_else(|| ("?".to_owned(), String::new()), |b| (b.tool.clone(), b.status()));
+            let head = format!(
+                "{} {} → {} {}",
+                st.dim(&format!("#{:<3} [round {}]", e.seq, env.round + 1)),
+                tool,
+                st.bold(env.from.as_str()),
+                st.dim(&format!("(tool_result: {status})"))
+            );
+            format!("{head}\n{}", indent(&env.body.text))
         }
         _ => {
             let mut s = format!("{}\n{}", header(e, st), indent(&env.body.text));

@@ -258,3 +258,185 @@ fn an_approval_nobody_gives_in_time_is_a_recorded_denial_and_the_session_replays
     assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("No divergence"), "{out}");
 }
+
+/// The reference MCP server `server-everything`, as `scripts/test.sh` installs it.
+fn everything_server() -> PathBuf {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/npm/node_modules/.bin/mcp-server-everything");
+    assert!(
+        bin.exists(),
+        "the MCP listing test needs the reference server: run ./scripts/test.sh, or `npm install --prefix target/npm @modelcontextprotocol/server-everything@2026.8.31` from the repository root"
+    );
+    bin.canonicalize().unwrap()
+}
+
+/// A one-peer conversation whose peer is granted the MCP server `command` starts: it
+/// echoes a word through it, then finishes.
+fn mcp_team(dir: &Path, command: &[String]) -> PathBuf {
+    let src = format!(
+        r#"name = "mcp-listing"
+topic = "Echo a word through the server."
+[tools.everything]
+kind = "mcp"
+description = "The reference MCP server."
+command = {command:?}
+timeout_secs = 30
+[models.m]
+provider = "scripted"
+[models.m.per_peer]
+echoer = ['!tool echo {{"message": "hello"}}', '!tool finish {{"answer": "The server echoed hello."}}']
+[[peers]]
+id = "echoer"
+model = "m"
+tools = ["everything"]
+[protocol]
+kind = "conversation"
+start = ["echoer"]
+finish = "echoer"
+max_turns = 2
+"#
+    );
+    let team = dir.join("team.toml");
+    std::fs::write(&team, src).unwrap();
+    team
+}
+
+#[test]
+fn an_mcp_servers_tools_are_listed_on_the_log_when_the_session_starts() {
+    let server = everything_server();
+    let dir = tempfile::tempdir().unwrap();
+    let team = mcp_team(dir.path(), &[server.display().to_string(), "stdio".into()]);
+    let o = run(&["run", team.to_str().unwrap(), "--json"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = json(&o);
+    assert_eq!(s["final_answer"], "The server echoed hello.", "{s}");
+    let id = s["session"].as_str().unwrap().to_string();
+    let log = envelopes(&id, dir.path());
+
+    let lists = of_kind(&log, "tool_list");
+    assert_eq!(lists.len(), 1, "one listing for the one server: {lists:?}");
+    let list = lists[0];
+    assert_eq!(list["step"], "tools/everything/1");
+    assert_eq!(list["from"], "echoer", "recorded by the peer granted the server");
+    let body = &list["body"]["json"];
+    assert_eq!(body["server"], "everything");
+    assert!(body.get("error").is_none(), "{body}");
+    let tools = body["tools"].as_array().unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"echo") && names.contains(&"get-sum"), "the server's own names: {names:?}");
+    let echo = tools.iter().find(|t| t["name"] == "echo").unwrap();
+    assert!(!echo["description"].as_str().unwrap().is_empty(), "{echo}");
+    assert_eq!(echo["parameters"]["properties"]["message"]["type"], "string", "{echo}");
+    // Before any peer acted: right after the task.
+    let pos = |kind: &str| log.iter().position(|e| e["kind"] == kind).unwrap();
+    assert_eq!(pos("tool_list"), 1);
+    assert!(pos("tool_list") < pos("tool_call"));
+    let result = of_kind(&log, "tool_result")
+        .into_iter()
+        .find(|r| r["body"]["json"]["tool"] == "echo")
+        .expect("the echo call's result");
+    assert_eq!(result["body"]["json"]["output"], "Echo: hello", "{result}");
+
+    // `log` and `trace` show the listing; replay reads it and starts no server.
+    let o = run(&["log", &id], dir.path());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("MCP server everything listed") && text.contains("get-sum"), "{text}");
+    let o = run(&["trace", &id], dir.path());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("echoer recorded the tools: MCP server everything listed"), "{text}");
+    let o = run(&["replay", &id], dir.path());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("No divergence"), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+
+    // A resume finds the same listing on the log and records nothing new.
+    let o = run(&["resume", &id, "--json"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(of_kind(&envelopes(&id, dir.path()), "tool_list").len(), 1);
+}
+
+#[test]
+fn an_mcp_server_that_cannot_start_is_recorded_on_the_log_and_the_run_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = ["sh".to_string(), "-c".into(), "echo this is not MCP; sleep 60".into()];
+    let team = mcp_team(dir.path(), &garbage);
+    let src = std::fs::read_to_string(&team).unwrap().replace("timeout_secs = 30", "timeout_secs = 2");
+    std::fs::write(&team, src).unwrap();
+    let o = run(&["run", team.to_str().unwrap(), "--json"], dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("the team's tools could not be started"), "{err}");
+    let o = run(&["sessions", "--json"], dir.path());
+    let sessions: serde_json::Value = json(&o);
+    let id = sessions[0]["id"].as_str().unwrap_or_else(|| panic!("{sessions}")).to_string();
+    let log = envelopes(&id, dir.path());
+    let lists = of_kind(&log, "tool_list");
+    assert_eq!(lists.len(), 1, "{log:?}");
+    let body = &lists[0]["body"]["json"];
+    assert_eq!(body["server"], "everything");
+    assert_eq!(body["tools"], serde_json::json!([]));
+    assert!(body["error"].as_str().unwrap().contains("this is not MCP"), "the failure quotes what it printed: {body}");
+    assert!(of_kind(&log, "tool_call").is_empty(), "no peer ran");
+    let o = run(&["log", &id], dir.path());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("MCP server everything could not be started"), "{text}");
+}
+
+#[test]
+fn trace_and_log_name_each_tool_call_its_caller_arguments_and_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "x".repeat(300);
+    let src = format!(
+        r#"name = "checks"
+topic = "Check POST /users."
+[tools.check]
+kind = "command"
+description = "Run the contract checks."
+argv = ["sh", "-c", "echo \"1 of 2 checks failed: no 409\"; exit 3", "check", "{{spec}}"]
+parameters = {{ type = "object", properties = {{ spec = {{ type = "string" }} }}, required = ["spec"] }}
+timeout_secs = 30
+[models.m]
+provider = "scripted"
+[models.m.per_peer]
+tester = ['!tool check {{"spec": "POST /users 201 {long}"}}', '!tool finish {{"answer": "The check failed."}}']
+[[peers]]
+id = "tester"
+model = "m"
+tools = ["check"]
+[protocol]
+kind = "conversation"
+start = ["tester"]
+finish = "tester"
+max_turns = 2
+"#
+    );
+    let team = dir.path().join("team.toml");
+    std::fs::write(&team, src).unwrap();
+    let o = run(&["run", team.to_str().unwrap(), "--json"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = json(&o)["session"].as_str().unwrap().to_string();
+    let log = envelopes(&id, dir.path());
+    let call_seq = log.iter().position(|e| e["kind"] == "tool_call").unwrap() + 1;
+
+    let o = run(&["trace", &id], dir.path());
+    let trace = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{trace}");
+    let line =
+        |needle: &str| trace.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?}:\n{trace}"));
+    // The caller, the tool and its arguments, cut short.
+    let call = line("tester called check(");
+    assert!(call.contains(r#"check({"spec": "POST /users 201 xxx"#) && call.contains('…'), "{call}");
+    assert!(!call.contains(&long), "the arguments are truncated: {call}");
+    // The result: its tool, whom it answers, the outcome and exit status, the output.
+    let result = line("check → tester (error · exit 3 · ");
+    assert!(result.contains(" ms): \"1 of 2 checks failed: no 409"), "{result}");
+    assert!(trace.contains(&format!("⤷ answers #{call_seq} tester")), "{trace}");
+    let decisions = trace.split("Votes and decisions").nth(1).unwrap_or("");
+    assert!(!decisions.contains("tool_"), "tool envelopes are not decisions: {decisions}");
+
+    let o = run(&["log", &id], dir.path());
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("tester calls check (tool_call)"), "{text}");
+    assert!(text.contains(r#"check({"spec": "POST /users 201 xxx"#) && !text.contains(&long), "{text}");
+    assert!(text.contains("check → tester (tool_result: error · exit 3 · "), "{text}");
+    assert!(text.contains("\n  1 of 2 checks failed: no 409"), "the output under it: {text}");
+}

@@ -153,10 +153,14 @@ pub enum Kind {
     /// A request to approve a tool call (step `{duty}/approve/{k}`), or its answer
     /// (step `{duty}/approve/{k}/answer`): see [`crate::tool::ApprovalRequest`].
     Approval,
+    /// The tools an MCP server listed when a process started it, or why it could not
+    /// be started (`json`: [`crate::tool::ToolListBody`]; collective step
+    /// `tools/{server}/{n}`, see [`crate::tool::record_listing`]).
+    ToolList,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Task,
         Kind::Message,
         Kind::Proposal,
@@ -174,6 +178,7 @@ impl Kind {
         Kind::ToolCall,
         Kind::ToolResult,
         Kind::Approval,
+        Kind::ToolList,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -195,6 +200,7 @@ impl Kind {
             Kind::ToolCall => "tool_call",
             Kind::ToolResult => "tool_result",
             Kind::Approval => "approval",
+            Kind::ToolList => "tool_list",
         }
     }
 }

@@ -127,6 +127,45 @@ impl Form {
         }
     }
 
+    /// The form of the JSON template in a protocol's instruction, if it holds one.
+    pub fn of_instruction(instruction: &str) -> Form {
+        match template_fields(instruction) {
+            Some(f) if !f.is_empty() => Form::Fields(f),
+            _ => Form::Text,
+        }
+    }
+
+    /// The JSON Schema of an answer in this form, titled `title` (`None` for free
+    /// text): what a provider with structured output is asked to enforce. Text fields
+    /// are strings, a fraction a number from 0 to 1, yes/no a boolean, a value shown in
+    /// the template a value of its type; every field but an optional text is required. Other keys are allowed,
+    /// as the protocols' parsers ignore them.
+    pub fn schema(&self, title: &str) -> Option<serde_json::Value> {
+        let Form::Fields(fields) = self else { return None };
+        let mut properties = serde_json::Map::new();
+        let mut required = Vec::new();
+        for f in fields {
+            let (schema, needed) = match f {
+                Field::Text { optional, .. } => (serde_json::json!({"type": "string"}), !optional),
+                Field::Fraction { .. } => (serde_json::json!({"type": "number", "minimum": 0, "maximum": 1}), true),
+                Field::YesNo { .. } => (serde_json::json!({"type": "boolean"}), true),
+                // The value the template shows, not the only one allowed: the devil's
+                // advocate's `"concede": false` is `true` when it concedes.
+                Field::Fixed { value, .. } => (serde_json::json!({"type": json_type(value)}), true),
+            };
+            properties.insert(f.name().to_owned(), schema);
+            if needed {
+                required.push(f.name().to_owned());
+            }
+        }
+        Some(serde_json::json!({
+            "title": title,
+            "type": "object",
+            "properties": properties,
+            "required": required,
+        }))
+    }
+
     /// The answer text a model would have given for these checked values: the JSON
     /// object (the protocols parse it exactly as they parse a model's).
     pub fn answer_of(fields: &[Field], values: &[serde_json::Value]) -> String {
@@ -143,9 +182,12 @@ fn has_template(req: &ChatRequest) -> bool {
     req.instruction.as_deref().is_some_and(|i| i.contains("Reply with a JSON object"))
 }
 
-/// The fields of the first `{"key": …, …}` template in an instruction.
+/// The fields of the `{"key": …, …}` template in an instruction: the first after the
+/// words "JSON object" when it has them (an approval quotes the call's arguments, an
+/// object too, before its template), else the first.
 fn template_fields(instruction: &str) -> Option<Vec<Field>> {
-    let start = instruction.find("{\"")?;
+    let from = instruction.find("JSON object").unwrap_or(0);
+    let start = from + instruction[from..].find("{\"")?;
     let end = start + instruction[start..].find('}')?;
     let inner = &instruction[start + 1..end];
     let mut fields = Vec::new();
@@ -170,6 +212,19 @@ fn template_fields(instruction: &str) -> Option<Vec<Field>> {
         fields.push(field);
     }
     Some(fields)
+}
+
+/// The JSON Schema `type` of a value.
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
 }
 
 fn check_length(t: &str) -> Result<(), String> {
@@ -461,6 +516,44 @@ mod tests {
         let advocate = template_fields("{\"objection\": \"<your objection>\", \"concede\": false}").unwrap();
         assert_eq!(advocate[1], Field::Fixed { name: "concede".into(), value: serde_json::Value::Bool(false) });
         assert_eq!(template_fields("no template here"), None);
+    }
+
+    #[test]
+    fn a_template_becomes_the_schema_a_provider_enforces() {
+        let vote = Form::of_instruction(
+            "Vote on the latest proposal. Reply with a JSON object {\"approve\": true|false, \"reason\": \"<why>\"}.",
+        );
+        assert_eq!(
+            vote.schema("vote").unwrap(),
+            serde_json::json!({
+                "title": "vote",
+                "type": "object",
+                "properties": {"approve": {"type": "boolean"}, "reason": {"type": "string"}},
+                "required": ["approve"],
+            })
+        );
+        let answer = Form::of_instruction(crate::protocol::rounds::ANSWER_JSON).schema("message").unwrap();
+        assert_eq!(
+            answer["properties"]["confidence"],
+            serde_json::json!({"type": "number", "minimum": 0, "maximum": 1})
+        );
+        assert_eq!(answer["required"], serde_json::json!(["answer", "confidence"]));
+        // A value the template shows is a type, not a constant: the advocate may concede.
+        let advocate =
+            Form::of_instruction("Reply with a JSON object {\"objection\": \"<your objection>\", \"concede\": false}.");
+        assert_eq!(
+            advocate.schema("message").unwrap()["properties"]["concede"],
+            serde_json::json!({"type": "boolean"})
+        );
+        // An approval quotes the call's arguments (an object) before its template.
+        let approval = Form::of_instruction(
+            "eng asks you to approve a call of the tool `deploy` with these arguments:\n{\"region\": \"eu\"}\n\
+             Reply with a JSON object: {\"approve\": true|false, \"reason\": \"<why>\"}",
+        );
+        let names: Vec<String> =
+            approval.schema("approval").unwrap()["properties"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(names, ["approve", "reason"]);
+        assert_eq!(Form::of_instruction("Propose a solution. End with 'Answer: <it>'.").schema("proposal"), None);
     }
 
     #[test]

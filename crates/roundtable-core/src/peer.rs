@@ -481,7 +481,13 @@ async fn call_model(
         temperature: me.spec.temperature,
         max_tokens: me.model_spec.as_ref().and_then(|m| m.max_tokens),
         json,
-        json_schema: None,
+        // The schema of the answer the instruction's template asks for, so a provider
+        // with structured output returns it; the protocol still parses what comes back.
+        json_schema: instruction
+            .as_deref()
+            .filter(|_| json)
+            .and_then(|i| crate::human::Form::of_instruction(i).schema(duty.kind.as_str()))
+            .map(Arc::new),
         tools: in_turn.map_or_else(|| Arc::from([]), |t| t.tools.clone()),
         tool_choice: in_turn.map_or(crate::tool::ToolChoice::Auto, |t| t.choice.clone()),
         tool_turns: in_turn.map_or_else(Vec::new, |t| t.turns.clone()),

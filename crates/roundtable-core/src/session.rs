@@ -383,7 +383,10 @@ fn rounds_reached(plan: &TeamPlan, entries: &[Entry]) -> u32 {
     let latest = entries
         .iter()
         .filter(|e| {
-            !matches!(e.env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::Summary)
+            !matches!(
+                e.env.kind,
+                Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::Summary | Kind::ToolList
+            )
         })
         .map(|e| e.env.round)
         .max();

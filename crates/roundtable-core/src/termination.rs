@@ -74,6 +74,7 @@ impl Tally {
                 | Kind::ToolCall
                 | Kind::ToolResult
                 | Kind::Approval
+                | Kind::ToolList
         );
         let mut scratch = PeerTally::default();
         let p = if self.only.as_ref().is_some_and(|o| o != &env.from) {

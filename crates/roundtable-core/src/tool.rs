@@ -10,6 +10,11 @@
 //! - a call with no result after a crash runs again only if its tool is idempotent;
 //!   otherwise the peer records [`Outcome::Unknown`] and its model decides.
 //!
+//! An MCP server's tools are whatever the server lists when it starts, so the list is
+//! recorded too: a `tool_list` envelope ([`ToolListBody`], [`record_listing`]) per
+//! server, before any peer runs, saying what the models were offered (or why the server
+//! could not be started).
+//!
 //! What a tool needs to run (a command, a URL, a secret) comes from the peer's own team
 //! file ([`ToolSpec`]), never from the log or the wire. Tools that do I/O are
 //! implemented outside this crate (`roundtable-tools`) behind the [`Tool`] trait.
@@ -21,7 +26,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::PeerId;
+use crate::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient};
+use crate::log::{LogError, SessionLog};
 
 /// A tool as a model sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,6 +136,93 @@ pub struct ToolResultBody {
     /// Whether output was cut at the tool's cap.
     #[serde(default)]
     pub truncated: bool,
+}
+
+impl ToolResultBody {
+    /// How the call ended, for people: `ok · exit 0 · 12 ms`, `error · signal 9 ·
+    /// 10000 ms · output cut`, `outcome unknown`.
+    pub fn status(&self) -> String {
+        let mut parts = vec![self.outcome.as_str().to_owned()];
+        if let Some(code) = self.exit_status {
+            parts.push(format!("exit {code}"));
+        }
+        if let Some(sig) = self.signal {
+            parts.push(format!("signal {sig}"));
+        }
+        if self.outcome != Outcome::Unknown {
+            parts.push(format!("{} ms", self.duration_ms));
+        }
+        if self.truncated {
+            parts.push("output cut".to_owned());
+        }
+        parts.join(" · ")
+    }
+}
+
+/// The body (`json`) of a `tool_list` envelope: what one MCP server offered when a
+/// process started it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolListBody {
+    /// The name the server is declared under (`[tools.NAME]`): the grant peers hold.
+    pub server: String,
+    /// The tools it listed that the team allows (all of them without `allow`), as the
+    /// models are offered them. Empty when it could not be started.
+    pub tools: Vec<ToolDef>,
+    /// Why the server could not be started or listed; the process that tried stops
+    /// without running its peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ToolListBody {
+    /// One line for people: `docs listed read_text_file, list_directory`.
+    pub fn describe(&self) -> String {
+        match &self.error {
+            Some(e) => format!("MCP server {} could not be started: {e}", self.server),
+            None if self.tools.is_empty() => format!("MCP server {} listed no tools", self.server),
+            None => {
+                let names: Vec<&str> = self.tools.iter().map(|t| t.name.as_str()).collect();
+                format!("MCP server {} listed {} tools: {}", self.server, names.len(), names.join(", "))
+            }
+        }
+    }
+}
+
+/// The step of the `n`-th listing (from 1) of `server` on a log.
+pub fn listing_step(server: &str, n: usize) -> String {
+    format!("tools/{server}/{n}")
+}
+
+/// Record what an MCP server listed (or why it could not start) as a `tool_list`
+/// envelope from `from`, unless the latest listing of that server on the log says the
+/// same. The step is `tools/{server}/{n}` with `n` one more than the listings already
+/// recorded, and the id is collective: processes starting the same session at once
+/// (over NATS each builds the team's tools) record one listing, and a `resume` records
+/// a new one only when the server now offers something else, so the log shows when the
+/// tools the models were offered changed. Returns the listing's sequence number, or
+/// `None` when nothing new was recorded.
+pub async fn record_listing(
+    log: &dyn SessionLog,
+    from: &PeerId,
+    listing: &ToolListBody,
+) -> Result<Option<u64>, LogError> {
+    let entries = log.read_all().await?;
+    let earlier: Vec<ToolListBody> = entries
+        .iter()
+        .filter(|e| e.env.kind == Kind::ToolList)
+        .filter_map(|e| serde_json::from_value::<ToolListBody>(e.env.body.json.clone()?).ok())
+        .filter(|b| b.server == listing.server)
+        .collect();
+    if earlier.last() == Some(listing) {
+        return Ok(None);
+    }
+    let step = listing_step(&listing.server, earlier.len() + 1);
+    let id = EnvelopeId::derive(log.session(), &PeerId::from("*"), &step);
+    let body = Body::text(listing.describe()).with_json(serde_json::to_value(listing).expect("a listing serializes"));
+    let mut env = Envelope::with_id(id, log.session(), from, Arc::from(step), Kind::ToolList, Recipient::All, body);
+    env.lamport = entries.iter().map(|e| e.env.lamport).max().unwrap_or(0) + 1;
+    let appended = log.append(env).await?;
+    Ok((!appended.duplicate).then_some(appended.seq))
 }
 
 /// The body (`json`) of an `approval` envelope asking a peer to approve a tool call

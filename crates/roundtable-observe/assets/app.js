@@ -5,7 +5,7 @@
   const COLORS = ["#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2", "#dc2626", "#65a30d", "#9333ea", "#0d9488"];
   const CONTRIBUTIONS = new Set(["message", "proposal", "vote", "verdict", "commit", "reveal", "summary", "work", "board"]);
   const VOTE_KINDS = new Set(["vote", "commit", "reveal", "verdict", "proposal"]);
-  const NOT_DECISIONS = new Set(["stop", "failure", "absent", "join", "task"]);
+  const NOT_DECISIONS = new Set(["stop", "failure", "absent", "join", "task", "tool_call", "tool_result", "tool_list"]);
   const SVGNS = "http://www.w3.org/2000/svg";
 
   // ---- DOM helpers (text always goes in as text nodes, never as HTML) -----------------
@@ -399,6 +399,27 @@
       body);
   }
 
+  // What a tool envelope says besides its text: who called which tool, how the call
+  // ended, what an MCP server listed. Null for other envelopes.
+  function toolNote(env) {
+    const j = env.body.json;
+    if (!j || typeof j !== "object") return null;
+    if (env.kind === "tool_call") return env.from + " calls " + j.tool;
+    if (env.kind === "tool_result") {
+      const parts = [j.tool, j.outcome];
+      if (typeof j.exit_status === "number") parts.push("exit " + j.exit_status);
+      if (typeof j.signal === "number") parts.push("signal " + j.signal);
+      if (j.outcome !== "outcome unknown") parts.push(num(j.duration_ms || 0) + " ms");
+      if (j.truncated) parts.push("output cut");
+      return parts.join(" · ");
+    }
+    if (env.kind === "tool_list") {
+      if (j.error) return "MCP server " + j.server + " could not be started";
+      return "MCP server " + j.server + ": " + (j.tools || []).map((t) => t.name).join(", ");
+    }
+    return null;
+  }
+
   function card(d, e) {
     const env = e.env;
     const led = d.led.has(e.seq);
@@ -413,6 +434,7 @@
         h("span", { class: "who" }, d.color[env.from] ? h("span", { class: "swatch", style: "background:" + d.color[env.from] }) : null, env.kind === "task" ? "Task" : env.from),
         env.kind === "task" ? null : h("span", { class: "to" }, "→ " + recipient(env.to)),
         env.kind === "message" || env.kind === "task" ? null : h("span", { class: "kind" }, env.kind),
+        toolNote(env) ? h("span", { class: "tool", "data-role": "tool" }, toolNote(env)) : null,
         h("code", { class: "muted" }, env.step),
         led ? h("span", { class: "star" }, "★ led to the decision") : null),
       h("div", { class: "text" }, text),

@@ -119,7 +119,7 @@ pub fn fork_envelopes(
             if e.seq > at {
                 return Err(ForkError::EditAfterFork { id: ed.target.clone(), seq: e.seq, at });
             }
-            if matches!(e.env.kind, Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure) {
+            if matches!(e.env.kind, Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::ToolList) {
                 return Err(ForkError::NotEditable { id: ed.target.clone(), seq: e.seq, kind: e.env.kind.to_string() });
             }
             Some(i)

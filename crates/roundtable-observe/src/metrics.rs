@@ -119,7 +119,8 @@ impl Metrics {
         };
         let peer = env.from.to_string();
         m.add("roundtable_envelopes_total", vec![("team", team.clone()), ("kind", env.kind.to_string())], 1.0);
-        let contribution = !matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure);
+        let contribution =
+            !matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::ToolList);
         if contribution {
             m.add("roundtable_messages_total", vec![("team", team.clone()), ("peer", peer.clone())], 1.0);
         }

@@ -11,7 +11,9 @@
 //!
 //! # Inputs that are not model outputs
 //! Some decisions depend on the outside world and are recorded rather than re-derived:
-//! the clock (a `timeout` or wall-time budget stop) and liveness (an `absent` notice).
+//! the clock (a `timeout` or wall-time budget stop), liveness (an `absent` notice) and
+//! what an MCP server listed when it started (a `tool_list`: replay starts no server,
+//! and offers the models the listed tools).
 //! Replay removes the clock conditions from the plan and feeds the recorded envelopes in
 //! at the same place in the log. The work queue is an input too: each claim hands the
 //! claimer the task the log says it claimed, when the log says so. The blackboard is a
@@ -64,7 +66,8 @@ use roundtable_core::session::plan_of;
 use roundtable_core::team::TeamPlan;
 use roundtable_core::termination::Termination;
 use roundtable_core::tool::{
-    Builtin, Tool, ToolBox, ToolCall, ToolCallBody, ToolContext, ToolDef, ToolKind, ToolOutput, ToolResultBody,
+    Builtin, Tool, ToolBox, ToolCall, ToolCallBody, ToolContext, ToolDef, ToolKind, ToolListBody, ToolOutput,
+    ToolResultBody,
 };
 use roundtable_core::workqueue::{Claim, DeadLetter, QueueConfig, QueueError, QueueStats, WorkQueue};
 use roundtable_core::{Envelope, EnvelopeId, Kind, PeerId, SessionId};
@@ -336,11 +339,13 @@ impl Tool for RecordedTool {
 }
 
 /// Every tool of the plan, answering from the recording. An MCP server's tools are
-/// the ones the log shows called.
+/// the ones its latest `tool_list` envelope shows (as the models were offered them),
+/// or, on a log recorded before listings were, the ones the log shows called.
 fn recorded_toolbox(
     plan: &TeamPlan,
     results: HashMap<(PeerId, String), ToolResultBody>,
     called: &BTreeSet<String>,
+    listed: &HashMap<String, Vec<ToolDef>>,
 ) -> ToolBox {
     // A tool the recording's process did not have stays missing in the replay (a
     // present one would first ask for its approval, which the recording never did).
@@ -367,6 +372,11 @@ fn recorded_toolbox(
         match &spec.kind {
             ToolKind::Command(c) => b.insert(grant, tool(grant, &spec.description, c.parameters.clone())),
             ToolKind::Http(h) => b.insert(grant, tool(grant, &spec.description, h.parameters.clone())),
+            ToolKind::Mcp(_) if listed.contains_key(grant) => {
+                for def in &listed[grant] {
+                    b.insert(grant, tool(&def.name, &def.description, def.parameters.clone()));
+                }
+            }
             _ => {
                 for name in called {
                     let declared = plan.tools.get(name).is_some_and(|t| !matches!(t.kind, ToolKind::Mcp(_)));
@@ -552,8 +562,15 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
     let mut duty_calls: HashMap<(PeerId, String), usize> = HashMap::new();
     let mut tool_results: HashMap<(PeerId, String), ToolResultBody> = HashMap::new();
     let mut tool_names: BTreeSet<String> = BTreeSet::new();
+    let mut listed: HashMap<String, Vec<ToolDef>> = HashMap::new();
     for e in entries.iter().skip(1) {
         let env = &e.env;
+        if env.kind == Kind::ToolList
+            && let Some(b) = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolListBody>(j).ok())
+            && b.error.is_none()
+        {
+            listed.insert(b.server, b.tools);
+        }
         if env.kind == Kind::ToolResult
             && let Some(b) = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolResultBody>(j).ok())
         {
@@ -590,7 +607,9 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
             claims.entry(env.from.clone()).or_default().push_back((e.seq, c));
         }
         // A person's interjection comes when they type it: an input, like an absence.
+        // What an MCP server listed depends on the server, not the peers: an input.
         let is_input = env.kind == Kind::Absent
+            || env.kind == Kind::ToolList
             || (env.kind == Kind::Stop && clock_stop(&stop_reason(env)))
             || roundtable_core::human::is_interjection(env)
             // An approval nobody gave in time is a denial the clock made.
@@ -655,7 +674,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
     });
     // One history for every peer of the replay, restarted ones included.
     let history = roundtable_core::model::History::new();
-    let recorded_tools = Arc::new(recorded_toolbox(&plan, tool_results, &tool_names));
+    let recorded_tools = Arc::new(recorded_toolbox(&plan, tool_results, &tool_names, &listed));
     let extras = |p: &PeerId| PeerExtras {
         board: Some(parts.blackboard(&session)),
         queue: Some(queue.clone()),

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 
 use roundtable_core::log::Entry;
 use roundtable_core::session::plan_of;
+use roundtable_core::tool::{ToolCallBody, ToolResultBody};
 use roundtable_core::{Kind, PeerId, Recipient, SessionId};
 use serde::Serialize;
 
@@ -122,6 +123,28 @@ pub struct Trace {
     pub stop: Option<StopExplanation>,
 }
 
+/// A tool call or result as one line: who called which tool with what, and how it
+/// ended (`None` for other envelopes, or a body this build cannot read).
+fn tool_line(n: &Node) -> Option<String> {
+    let json = n.json.clone()?;
+    match n.kind {
+        "tool_call" => {
+            let b: ToolCallBody = serde_json::from_value(json).ok()?;
+            let said = if b.said.trim().is_empty() {
+                String::new()
+            } else {
+                format!(" — said \"{}\"", one_line(&b.said, 60))
+            };
+            Some(format!("{} called {}({}){said}", n.from, b.tool, one_line(&b.arguments, 90)))
+        }
+        "tool_result" => {
+            let b: ToolResultBody = serde_json::from_value(json).ok()?;
+            Some(format!("{} → {} ({}): \"{}\"", b.tool, n.from, b.status(), one_line(&b.output, 90)))
+        }
+        _ => None,
+    }
+}
+
 fn to_text(to: &Recipient) -> String {
     match to {
         Recipient::All => "all".into(),
@@ -130,9 +153,21 @@ fn to_text(to: &Recipient) -> String {
     }
 }
 
-/// Whether an envelope counts as a contribution (the tally's rule).
+/// Whether an envelope counts as a contribution (the tally's rule: tool calls, their
+/// results, approvals and listings are what a peer did, not what it said).
 fn is_contribution(kind: Kind) -> bool {
-    !matches!(kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure)
+    !matches!(
+        kind,
+        Kind::Task
+            | Kind::Stop
+            | Kind::Absent
+            | Kind::Join
+            | Kind::Failure
+            | Kind::ToolCall
+            | Kind::ToolResult
+            | Kind::Approval
+            | Kind::ToolList
+    )
 }
 
 impl Trace {
@@ -210,7 +245,16 @@ impl Trace {
             }
             let derived_decision = env.usage.is_none()
                 && !parents.is_empty()
-                && !matches!(env.kind, Kind::Stop | Kind::Failure | Kind::Absent | Kind::Join);
+                && !matches!(
+                    env.kind,
+                    Kind::Stop
+                        | Kind::Failure
+                        | Kind::Absent
+                        | Kind::Join
+                        | Kind::ToolCall
+                        | Kind::ToolResult
+                        | Kind::ToolList
+                );
             if derived_decision || matches!(env.kind, Kind::Vote | Kind::Verdict | Kind::Proposal | Kind::Reveal) {
                 decisions.push(e.seq);
             }
@@ -424,13 +468,25 @@ impl Trace {
                 }
                 continue;
             }
+            if n.kind == "tool_list" {
+                let _ = writeln!(o, "  #{:<4} {} recorded the tools: {}", n.seq, n.from, one_line(&n.text, 160));
+                continue;
+            }
             let mark = if n.led_to_decision { "*" } else { " " };
-            let kind = if n.kind == "message" { String::new() } else { format!(" ({})", n.kind) };
             let cost = if n.prompt_tokens + n.completion_tokens > 0 {
                 format!("  [{} tok{}]", n.prompt_tokens + n.completion_tokens, money(n.cost_usd, " · "))
             } else {
                 String::new()
             };
+            if let Some(line) = tool_line(n) {
+                let _ = writeln!(o, "{mark} #{:<4} r{} {line}{cost}", n.seq, n.round + 1);
+                if n.kind == "tool_result" && !n.parents.is_empty() {
+                    let by: Vec<String> = n.parents.iter().map(|&p| self.who(p)).collect();
+                    let _ = writeln!(o, "         ⤷ answers {}", by.join(", "));
+                }
+                continue;
+            }
+            let kind = if n.kind == "message" { String::new() } else { format!(" ({})", n.kind) };
             let _ = writeln!(
                 o,
                 "{mark} #{:<4} r{} {} → {}{kind}: \"{}\"{cost}",

@@ -20,8 +20,10 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use roundtable_core::log::{LogStore, MemStore, SessionLog};
 use roundtable_core::model::{ChatModel, ChatRequest, ChatResponse, ModelError};
-use roundtable_core::runner::{open_session, run_peers};
+use roundtable_core::peer::PeerExtras;
+use roundtable_core::runner::{open_session, run_peers, run_peers_with};
 use roundtable_core::session::{SessionSummary, new_session_id};
+use roundtable_core::tool::{Outcome, Tool, ToolBox, ToolContext, ToolDef, ToolListBody, ToolOutput, record_listing};
 use roundtable_core::{Kind, PeerId};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -451,5 +453,116 @@ fn the_page_loads_nothing_from_other_hosts() {
                 );
             }
         }
+    }
+}
+
+/// A conversation whose tester runs a check that fails (exit 3), then finishes.
+const CHECKS: &str = r#"
+name = "checks"
+topic = "Check POST /users before it ships."
+[tools.check]
+kind = "command"
+description = "Run the contract checks on an endpoint."
+argv = ["sh", "check.sh", "{spec}"]
+parameters = { type = "object", properties = { spec = { type = "string" } }, required = ["spec"] }
+[models.m]
+provider = "scripted"
+[models.m.per_peer]
+tester = ['!tool check {"spec": "POST /users 201 409"}', '!tool finish {"answer": "The checks fail: 409 is missing."}']
+[[peers]]
+id = "tester"
+model = "m"
+tools = ["check"]
+[protocol]
+kind = "conversation"
+start = ["tester"]
+finish = "tester"
+max_turns = 2
+"#;
+
+/// The `check` tool, standing in for the command: it reports a failing check.
+struct FailingCheck(ToolDef);
+
+#[async_trait]
+impl Tool for FailingCheck {
+    fn def(&self) -> &ToolDef {
+        &self.0
+    }
+    fn idempotent(&self) -> bool {
+        true
+    }
+    async fn call(&self, _: &Value, _: &ToolContext) -> ToolOutput {
+        ToolOutput {
+            outcome: Outcome::Error,
+            output: "1 passed, 1 failed: 409 is never returned".into(),
+            exit_status: Some(3),
+            signal: None,
+            duration_ms: Some(7),
+            truncated: false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_each_tool_call_who_asked_and_how_it_ended() {
+    let browser = launch();
+    let store = MemStore::new();
+    let shared: Arc<dyn LogStore> = Arc::new(store.clone());
+    let addr = roundtable_observe::ui::serve("127.0.0.1:0".parse().unwrap(), shared).await.unwrap();
+    let plan = plan_from(CHECKS);
+    let session = new_session_id();
+    let log = store.open(&session, true).await.unwrap();
+    open_session(log.as_ref(), &plan, plan.topic.as_deref().unwrap()).await.unwrap();
+    // What an MCP server listed at the start, as `run` records it.
+    let def = |name: &str| ToolDef {
+        name: name.into(),
+        description: format!("{name}."),
+        parameters: json!({"type": "object"}),
+    };
+    let listing =
+        ToolListBody { server: "docs".into(), tools: vec![def("read_text_file"), def("list_directory")], error: None };
+    record_listing(log.as_ref(), &PeerId::from("tester"), &listing).await.unwrap();
+    let mut tools = ToolBox::new();
+    let check = ToolDef {
+        name: "check".into(),
+        description: "Run the contract checks.".into(),
+        parameters: json!({"type": "object"}),
+    };
+    tools.insert("check", Arc::new(FailingCheck(check)) as Arc<dyn Tool>);
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..PeerExtras::default() };
+    let summary = run_peers_with(log.clone(), &plan, offline_models(&plan), None, None, extras).await.unwrap();
+    assert_eq!(summary.final_answer.as_deref(), Some("The checks fail: 409 is missing."));
+
+    let mut cdp = Cdp::connect(&browser.ws).await;
+    let target = cdp.call("Target.createTarget", json!({ "url": "about:blank" })).await;
+    let attached = cdp.call("Target.attachToTarget", json!({ "targetId": target["targetId"], "flatten": true })).await;
+    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_string());
+    for domain in ["Page.enable", "Runtime.enable"] {
+        cdp.call(domain, json!({})).await;
+    }
+    cdp.call("Page.navigate", json!({ "url": format!("http://{addr}/#/s/{session}") })).await;
+    cdp.wait_for("the stop", "document.body.innerText.toLowerCase().includes('why it stopped')").await;
+
+    let card = |kind: &str| format!("[data-role=transcript] article.card[data-kind={kind}]");
+    let note = |kind: &str| format!("{} [data-role=tool]", card(kind));
+    assert_eq!(cdp.text(&note("tool_list")).await, "MCP server docs: read_text_file, list_directory");
+    assert_eq!(cdp.text(&note("tool_call")).await, "tester calls check");
+    let call = cdp.text(&card("tool_call")).await;
+    assert!(call.contains(r#"check({"spec": "POST /users 201 409"})"#), "the arguments are shown: {call}");
+    let result_note = cdp.text(&note("tool_result")).await;
+    assert!(result_note.starts_with("check · error · exit 3 · ") && result_note.ends_with(" ms"), "{result_note}");
+    let result = cdp.text(&card("tool_result")).await;
+    assert!(result.contains("1 passed, 1 failed: 409 is never returned"), "{result}");
+    let call_seq = cdp.eval(&format!("Number(document.querySelector({:?}).dataset.seq)", card("tool_call"))).await;
+    assert!(result.contains(&format!("answers #{call_seq} tester")), "the result answers its call: {result}");
+    // Tool calls and results are what a peer did, not votes or decisions.
+    let kinds = cdp
+        .eval("[...document.querySelectorAll('[data-role=votes] tbody tr')].map(r => r.children[3].textContent)")
+        .await;
+    assert!(!kinds.as_array().unwrap().iter().any(|k| k.as_str().unwrap().starts_with("tool")), "{kinds}");
+    cdp.screenshot("roundtable-web-view-tools.png").await;
+    cdp.eval("1").await;
+    for ev in &cdp.events {
+        assert_ne!(ev["method"], "Runtime.exceptionThrown", "the page threw: {}", ev["params"]);
     }
 }

@@ -158,8 +158,18 @@ pub fn reference_markdown() -> String {
     }
     out.push_str(
         "\n## Answer formats\n\n\
-         What each protocol asks models to answer. Every reply is parsed the same way whatever the\n\
-         provider: the JSON object first (anywhere in the reply), then the fallback.\n\n\
+         What each protocol asks models to answer. When a protocol asks for its JSON object in JSON mode\n\
+         (consensus and adversarial votes, verdicts, critiques, the devil's advocate, contract-net bids,\n\
+         debate members with `json = true`, jurors with `aggregation = \"confidence\"`, and a tool\n\
+         approval's `{\"approve\": true|false, \"reason\": \"<why>\"}`), the request carries that\n\
+         object's JSON Schema, built from the template: text is a string, `<0 to 1>` a number\n\
+         from 0 to 1, `true|false` a boolean; every field but a `reason` or `critique` is required; the\n\
+         schema's title is the envelope kind (`vote`, `verdict`, `message`, `commit`, `work`, `approval`).\n\
+         An OpenAI-compatible server gets it as `response_format: {\"type\": \"json_schema\"}` (not strict),\n\
+         so one with structured output returns valid JSON; a server that refuses it (400 or 422 naming\n\
+         `response_format`) is asked for `json_object` from then on. Anthropic gets the schema in the\n\
+         system prompt. `scripted` and `simulated` models ignore it. Every reply is parsed the same way\n\
+         whatever the provider: the JSON object first (anywhere in the reply), then the fallback.\n\n\
          | protocol | who | asked for | otherwise |\n|---|---|---|---|\n",
     );
     for f in ANSWER_FORMATS {
