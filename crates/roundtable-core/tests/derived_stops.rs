@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::{Fold, plan};
 use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Usage};
-use roundtable_core::log::{Entry, MemLog, SessionLog};
+use roundtable_core::log::{Entry, MemLog, SessionLog, SharedMemLog};
 use roundtable_core::protocol::Action;
 use roundtable_core::session::{REJECTED_BY, STOP_STEP, SessionState, SessionSummary, stop_follows};
 use roundtable_core::team::TeamPlan;
@@ -102,7 +102,7 @@ async fn a_stop_with_a_made_up_reason_or_answer_is_rejected_and_the_honest_one_i
     // there. The store keeps one envelope per id, so the stops after the made-up one
     // (same id) are not appended: the reader folds the rejection and the turns after
     // it, and the session is due to stop with the honest answer.
-    let log = MemLog::new(f.session.clone());
+    let log = SharedMemLog(Arc::new(MemLog::new(f.session.clone())));
     for e in &f.log {
         log.append((**e).clone()).await.unwrap();
     }
