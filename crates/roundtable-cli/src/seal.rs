@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use roundtable_core::chain;
 use roundtable_core::log::{SessionLog, jsonl};
-use roundtable_core::{Envelope, Kind, SessionId};
 use roundtable_core::trust::{PublicKey, SecretKey};
+use roundtable_core::{Envelope, Kind, SessionId};
 
 use crate::{Failure, roster_of};
 

@@ -587,7 +587,8 @@ pub mod jsonl {
         }
         // The stop must follow from the envelopes before it, as every reader derives it.
         if let (Some(i), Ok(plan)) = (stop_at, crate::session::plan_of(task)) {
-            let entry = |(k, (_, env)): (usize, &(usize, Envelope))| Entry { seq: k as u64 + 1, env: Arc::new(env.clone()) };
+            let entry =
+                |(k, (_, env)): (usize, &(usize, Envelope))| Entry { seq: k as u64 + 1, env: Arc::new(env.clone()) };
             let before = lines[..i].iter().enumerate().map(entry);
             let stop = entry((i, &lines[i]));
             crate::session::stop_follows(Arc::new(plan), task.session.clone(), before, &stop)

@@ -263,9 +263,7 @@ impl SessionState {
             }
         };
         let expected = self.stop_duty(decision);
-        let Action::Post { body } = &expected.action else {
-            unreachable!("a stop duty posts its body")
-        };
+        let Action::Post { body } = &expected.action else { unreachable!("a stop duty posts its body") };
         if body.json.as_ref() == json && body.text == env.body.text && expected.parents == env.parents {
             return Ok(());
         }
@@ -549,7 +547,8 @@ pub fn rejected_stop(stop: &Entry, why: &str) -> Envelope {
     let env = &stop.env;
     let seq = stop.seq;
     let text = format!("rejected the stop at log position {seq} from {}: {why}", env.from);
-    let json = serde_json::json!({"op": "rejected", "seq": seq, "kind": "stop", "from": env.from.as_str(), "reason": why});
+    let json =
+        serde_json::json!({"op": "rejected", "seq": seq, "kind": "stop", "from": env.from.as_str(), "reason": why});
     let mut out = Envelope::new(
         &env.session,
         &PeerId::from(REJECTED_BY),
@@ -635,7 +634,9 @@ fn budget_follows(b: &crate::termination::Budget, reason: &str, at: &Tally, now:
     {
         // The clock: a reader cannot tell, so the writer's reading is taken.
         let used: f64 = used.parse().map_err(|_| format!("{used:?} is not a number of seconds"))?;
-        return (used + 0.05 >= max as f64 / 1e3).then_some(()).ok_or_else(|| "the wall time is under the limit".into());
+        return (used + 0.05 >= max as f64 / 1e3)
+            .then_some(())
+            .ok_or_else(|| "the wall time is under the limit".into());
     }
     if let Some(max) = b.max_tool_calls
         && let Some(n) = rest.strip_suffix(&format!(" tool calls made, limit {max}"))

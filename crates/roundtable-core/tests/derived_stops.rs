@@ -25,7 +25,8 @@ fn pair(extra: &str) -> TeamPlan {
 /// A turn as a peer records it: the model call's usage on it.
 fn turn(f: &mut Fold, from: &str, n: u64, text: &str) -> Arc<Envelope> {
     let mut e = f.env(from, &format!("turn/{n}"), Kind::Message, Body::text(text));
-    e.usage = Some(Usage { model: "m".into(), prompt_tokens: 10, completion_tokens: 5, calls: 1, ..Default::default() });
+    e.usage =
+        Some(Usage { model: "m".into(), prompt_tokens: 10, completion_tokens: 5, calls: 1, ..Default::default() });
     f.push(e)
 }
 
@@ -46,7 +47,6 @@ fn honest_stop(f: &Fold, from: &str) -> Envelope {
     e.id = d.envelope_id(&f.session, &PeerId::from(from));
     e
 }
-
 
 #[tokio::test]
 async fn a_stop_with_a_made_up_reason_or_answer_is_rejected_and_the_honest_one_is_taken_from_an_in_memory_log() {
@@ -120,8 +120,7 @@ async fn a_stop_with_a_made_up_reason_or_answer_is_rejected_and_the_honest_one_i
     assert_eq!(summary.failures, 2);
     // Folded in full (as a backend that frees the stop's id for the next one records
     // it), the honest stop is the session's.
-    let read: Vec<Entry> =
-        f.log.iter().enumerate().map(|(i, e)| Entry { seq: i as u64 + 1, env: e.clone() }).collect();
+    let read: Vec<Entry> = f.log.iter().enumerate().map(|(i, e)| Entry { seq: i as u64 + 1, env: e.clone() }).collect();
     let summary = SessionSummary::from_entries(&f.session, &read).unwrap();
     assert!(summary.stopped);
     assert_eq!(summary.final_answer.as_deref(), Some("b two"));
