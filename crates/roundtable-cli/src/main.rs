@@ -334,6 +334,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
                     drive(log.clone(), &plan, models, json, None, extras).await
                 })
                 .await?;
+            if !no_persist {
+                seal::seal_at_stop(&dir, log.as_ref()).await?;
+            }
             finish(&summary, json)
         }
         Command::Resume { session, json, metrics, remote, extend, budget } => {
@@ -379,6 +382,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             let _seats = seats_open(Some(store), &log, &plan, &session, json, None)?;
             let summary =
                 watch.session(&id, &plan, &log, drive(log.clone(), &plan, models, json, None, extras)).await?;
+            seal::seal_at_stop(&dir, log.as_ref()).await?;
             finish(&summary, json)
         }
         Command::Sessions { json, remote } => {
@@ -447,6 +451,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Export { session, output, remote } => {
             let log = open_log(&dir, &remote, &session).await?;
+            // A session sealed when it stopped is exported only as it was then.
+            seal::check_log_against_stop_seal(&dir, log.as_ref()).await?;
             match output {
                 Some(path) => {
                     let n = export_to(log.as_ref(), &path, &seal::key(&dir)?).await?;
@@ -469,6 +475,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Verify { file, key } => {
             let (lines, sealed) = seal::read_export(&file, true)?;
             let sealed = sealed.expect("read_export requires a seal");
+            seal::check_stop_seal(&dir, &file.display().to_string(), &lines)?;
             if let Some(want) = key {
                 let want = roundtable_core::trust::PublicKey::parse(want.trim())
                     .map_err(|e| Failure::Input(format!("--key: {e}")))?;

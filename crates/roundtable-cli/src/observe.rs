@@ -260,7 +260,8 @@ pub(crate) async fn fork(dir: &Path, args: ForkArgs) -> Result<ExitCode, Failure
         secret: Some(factory::local_secret(dir)?),
         ..roundtable_core::peer::PeerExtras::default()
     };
-    let summary = crate::drive(log, &plan, models, args.json, None, extras).instrument(span).await?;
+    let summary = crate::drive(log.clone(), &plan, models, args.json, None, extras).instrument(span).await?;
+    crate::seal::seal_at_stop(dir, log.as_ref()).await?;
     crate::finish(&summary, args.json)
 }
 

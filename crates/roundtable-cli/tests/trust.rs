@@ -736,3 +736,83 @@ fn an_export_is_sealed_and_import_refuses_an_altered_one_naming_the_line() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("no seal"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_stop_signed_by_a_roster_member_that_does_not_follow_from_the_log_is_rejected_and_the_session_ends_honestly() {
+    use roundtable_core::EnvelopeId;
+    use roundtable_core::session::STOP_STEP;
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let team = signed_team(dir.path());
+    let session = SessionId::from("made-up-stop");
+
+    let a = start_peer(&team, "a", &url, session.as_str(), dir.path());
+    // Mid-session: a has spoken, b is not there yet.
+    let start = Instant::now();
+    let log = loop {
+        let log = read_log(&rt, &url, session.as_str());
+        if log.iter().any(|e| e.body.text.as_ref() == "a says one") {
+            break log;
+        }
+        assert!(start.elapsed() < DEADLINE, "a never spoke: {log:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // a's own key, as a member of the roster holds it: the stop is validly signed, at
+    // the session's stop step and id, and says it was decided at the latest entry, with
+    // a reason and a final answer of its own.
+    let key = SecretKey::from_hex(&std::fs::read_to_string(dir.path().join("a/keys/a.key")).unwrap()).unwrap();
+    let made_up = |reason: &str, decided_at: usize| {
+        let json = serde_json::json!({
+            "reason": reason, "answer": "FORGED final answer", "accepted": true, "decided_by": [],
+            "round": 0, "messages": 1, "tokens": 0, "cost_usd": 0.0, "decided_at": decided_at, "elapsed_ms": 0,
+        });
+        let mut stop = Envelope::new(
+            &session,
+            &PeerId::from("a"),
+            STOP_STEP,
+            Kind::Stop,
+            Recipient::All,
+            Body::text("FORGED final answer").with_json(json),
+        );
+        stop.id = EnvelopeId::derive(&session, &PeerId::from("*"), STOP_STEP);
+        sign(&mut stop, &PeerId::from("a"), &key);
+        stop
+    };
+    publish(&rt, &url, &made_up("completed: everyone agreed", log.len()));
+    // A second one on the same subject: a timeout the plan does not have.
+    publish(&rt, &url, &made_up("timeout: 600.0 s elapsed", log.len() + 1));
+
+    let b = start_peer(&team, "b", &url, session.as_str(), dir.path());
+    let (a, b) = (finish(a, "a"), finish(b, "b"));
+    for (id, o) in [("a", &a), ("b", &b)] {
+        assert!(o.status.success(), "peer {id}: {}", stderr(o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON summary");
+        assert!(summary["stop_reason"].as_str().unwrap().starts_with("completed: 2 rounds"), "{id}: {summary}");
+        assert_eq!(summary["final_answer"], "b says two", "{id}: {summary}");
+        assert_eq!(summary["answer_accepted"], true, "{id}: {summary}");
+        assert_eq!(summary["messages"], 4, "{id}: {summary}");
+    }
+
+    // Read again by a process that was not in the session: the same.
+    let log = read_log(&rt, &url, session.as_str());
+    let rejections: Vec<&Arc<Envelope>> =
+        log.iter().filter(|e| e.kind == Kind::Failure && e.from.as_str() == REJECTED_FROM).collect();
+    assert_eq!(rejections.len(), 2, "{log:#?}");
+    assert!(
+        rejections.iter().all(|r| r.body.text.contains("does not follow from the log")),
+        "rejected because it does not follow, not for its signature: {rejections:#?}"
+    );
+    let stops: Vec<&Arc<Envelope>> = log.iter().filter(|e| e.kind == Kind::Stop).collect();
+    assert_eq!(stops.len(), 1, "{log:#?}");
+    assert_eq!(stops[0].body.json.as_ref().unwrap()["answer"], "b says two");
+    assert!(log.iter().filter(|e| e.kind != Kind::Failure).all(|e| !e.body.text.contains("FORGED")));
+    // `log` (another reader, another process) shows the rejections in place and the
+    // honest stop.
+    let o = bin().args(["log", session.as_str(), "--nats", &url]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.matches("does not follow from the log").count(), 2, "{out}");
+    assert!(out.contains("Stopped: completed: 2") && !out.contains("Stopped: completed: everyone"), "{out}");
+}

@@ -504,7 +504,8 @@ pub mod jsonl {
     /// - every id is derived from (session, author, step), or (session, `*`, step) for a
     ///   collective decision, so an id cannot be invented and an author cannot be changed;
     /// - every parent is an envelope earlier in the file;
-    /// - there is at most one stop. Envelopes may follow it — a peer's duty that was under
+    /// - there is at most one stop, and it follows from the envelopes before it
+    ///   ([`crate::session::stop_follows`]). Envelopes may follow it — a peer's duty that was under
     ///   way when the stop landed — but a peer does one duty at a time, so at most one
     ///   per author (besides rejections of garbage, `rejected/…` failures), and none may
     ///   have the stop as a parent.
@@ -533,6 +534,7 @@ pub mod jsonl {
         let star = PeerId::from("*");
         let mut earlier = std::collections::HashSet::new();
         let mut stop: Option<&EnvelopeId> = None;
+        let mut stop_at: Option<usize> = None;
         let mut after_stop = std::collections::HashSet::new();
         for (i, (line, env)) in lines.iter().enumerate() {
             let line = *line;
@@ -579,8 +581,18 @@ pub mod jsonl {
                     return Err(err(line, "field `kind`: a second stop".into()));
                 }
                 stop = Some(&env.id);
+                stop_at = Some(i);
             }
             earlier.insert(env.id.clone());
+        }
+        // The stop must follow from the envelopes before it, as every reader derives it.
+        if let (Some(i), Ok(plan)) = (stop_at, crate::session::plan_of(task)) {
+            let entry =
+                |(k, (_, env)): (usize, &(usize, Envelope))| Entry { seq: k as u64 + 1, env: Arc::new(env.clone()) };
+            let before = lines[..i].iter().enumerate().map(entry);
+            let stop = entry((i, &lines[i]));
+            crate::session::stop_follows(Arc::new(plan), task.session.clone(), before, &stop)
+                .map_err(|why| err(lines[i].0, format!("field `body`: {why}")))?;
         }
         Ok(())
     }

@@ -16,6 +16,22 @@
 //! context is then the task, that one summary, and the last `keep_rounds` rounds, so
 //! prompt tokens per round stop growing. A summary that fails is recorded and skipped;
 //! the next round's summary covers its rounds too.
+//!
+//! # Stops are re-derived
+//! Any peer may record the stop, so a reader does not take one on its author's word:
+//! a stop is taken only when it follows from the log before it (see
+//! [`SessionState::apply`]). A stop says where it was decided (`decided_at`, the last
+//! log position its author had folded) and the clock reading it was decided with
+//! (`elapsed_ms`); the reader folds the log up to that position and derives the
+//! decision itself — the protocol's own finish, a termination condition, failures in a
+//! row, every peer absent — and the stop must be exactly that decision: its reason,
+//! answer, acceptance, the envelopes that decided it and the totals it reports. The
+//! clock is the one input a reader cannot re-derive, so a timeout or a wall-time budget
+//! is taken on the word of whoever wrote the stop (across processes, a roster member:
+//! signatures are checked before the fold). A budget stop names the limit and the
+//! usage it was refused at: the limit must be the plan's, the usage the log's; the
+//! size of the refused prompt is the writer's estimate. A stop that does not follow is
+//! folded as the `failure` it stands for, at its place, and the session goes on.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -61,6 +77,12 @@ pub struct SessionState {
     /// Summaries of older rounds attempted (written or failed), in all and per peer.
     summaries: u32,
     summaries_by: std::collections::BTreeMap<PeerId, u32>,
+    /// Every entry folded before the stop (a rejected stop as its rejection): a stop
+    /// decided before the latest entry is checked by folding the log up to its place.
+    history: Vec<Entry>,
+    /// Whether stops are checked: off in the fold that checks one (every stop before it
+    /// in the history was rejected already).
+    derive_stops: bool,
 }
 
 impl SessionState {
@@ -93,6 +115,8 @@ impl SessionState {
             summary_failed: BTreeSet::new(),
             summaries: 0,
             summaries_by: Default::default(),
+            history: Vec::new(),
+            derive_stops: true,
         }
     }
 
@@ -100,8 +124,13 @@ impl SessionState {
         Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() }
     }
 
-    /// Fold one entry in. Entries after the stop are recorded in the tally only.
+    /// Fold one entry in. Entries after the stop are recorded in the tally only. A stop
+    /// that does not follow from the log before it (see the module docs) is folded as
+    /// the rejection it stands for ([`rejected_stop`]), and the session goes on.
     pub fn apply(&mut self, entry: &Entry) {
+        if let Some(rejection) = self.rejection_of(entry) {
+            return self.take(rejection);
+        }
         if self.fold_session(entry) {
             let facts =
                 Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
@@ -112,6 +141,10 @@ impl SessionState {
     /// [`SessionState::apply`], owning the entry: a protocol that keeps the envelope
     /// takes this reference instead of making another (see [`Reducer::take`]).
     pub fn take(&mut self, entry: Entry) {
+        let entry = match self.rejection_of(&entry) {
+            Some(rejection) => rejection,
+            None => entry,
+        };
         if self.fold_session(&entry) {
             let facts =
                 Facts { plan: &self.plan, session: &self.session, absent: &self.absent, task: self.task.as_ref() };
@@ -127,6 +160,9 @@ impl SessionState {
         self.tally.observe(entry.seq, env, self.mention.as_deref());
         if self.stop.is_some() {
             return false;
+        }
+        if self.derive_stops && env.kind != Kind::Stop {
+            self.history.push(entry.clone());
         }
         match env.kind {
             Kind::Task if self.task.is_none() => self.task = Some(env.clone()),
@@ -167,6 +203,75 @@ impl SessionState {
         true
     }
 
+    /// The rejection to fold instead of `entry`, when it is a stop that does not follow
+    /// from the log before it.
+    fn rejection_of(&self, entry: &Entry) -> Option<Entry> {
+        if entry.env.kind != Kind::Stop || self.stop.is_some() || !self.derive_stops {
+            return None;
+        }
+        let why = self.stop_follows(entry).err()?;
+        tracing::warn!(session = %self.session, seq = entry.seq, from = %entry.env.from, "{why}");
+        Some(Entry { seq: entry.seq, env: Arc::new(rejected_stop(entry, &why)) })
+    }
+
+    /// Whether `stop`, the entry after everything folded so far, follows from the log;
+    /// if not, why. A stop decided at the latest entry is derived from this state; one
+    /// decided earlier (entries landed between its decision and its append) from a
+    /// fold of the history up to its place.
+    fn stop_follows(&self, stop: &Entry) -> Result<(), String> {
+        let Some(at) = decided_at(&self.plan, &self.session, stop)? else {
+            return Ok(());
+        };
+        if at == self.last_seq {
+            return self.derives(stop, &self.tally);
+        }
+        let mut fresh = SessionState::new(self.plan.clone(), self.session.clone());
+        fresh.derive_stops = false;
+        for e in self.history.iter().take_while(|e| e.seq <= at) {
+            fresh.apply(e);
+        }
+        if fresh.last_seq != at {
+            return Err(format!("the stop says it was decided at log position {at}, which is not on the log"));
+        }
+        fresh.derives(stop, &self.tally)
+    }
+
+    /// Whether this state (the log up to the place `stop` says it was decided at)
+    /// decides `stop`; `now` is the tally of the whole log before the stop. If not, why.
+    fn derives(&self, stop: &Entry, now: &Tally) -> Result<(), String> {
+        let env = &stop.env;
+        let json = env.body.json.as_ref();
+        let field = |k: &str| json.and_then(|j| j.get(k));
+        let reason = field("reason").and_then(|r| r.as_str()).unwrap_or("");
+        let elapsed_ms = field("elapsed_ms").and_then(|e| e.as_u64()).unwrap_or(0);
+        let at = self.last_seq;
+        if self.task.is_none() {
+            return Err(format!("the stop says it was decided at log position {at}, before the session's task"));
+        }
+        let decision = match self.decide(elapsed_ms) {
+            Some(d) => StopDecision { elapsed_ms, ..d },
+            None if reason.starts_with(BUDGET_PREFIX) => {
+                budget_follows(&self.plan.budget, reason, &self.tally, now)
+                    .map_err(|why| format!("the budget stop {reason:?} does not follow from the log: {why}"))?;
+                let decided_by = self.tally.last_call.iter().cloned().collect();
+                StopDecision::not_accepted(reason.to_owned(), self.best_answer(), decided_by)
+            }
+            None => {
+                return Err(format!(
+                    "the stop {reason:?} does not follow from the log: nothing up to log position {at} ends the session"
+                ));
+            }
+        };
+        let expected = self.stop_duty(decision);
+        let Action::Post { body } = &expected.action else { unreachable!("a stop duty posts its body") };
+        if body.json.as_ref() == json && body.text == env.body.text && expected.parents == env.parents {
+            return Ok(());
+        }
+        let want = body.json.as_ref().map(|j| j.to_string()).unwrap_or_default();
+        let got = json.map(|j| j.to_string()).unwrap_or_default();
+        Err(format!("the stop does not follow from the log: up to log position {at} it is {want}, the stop says {got}"))
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.stop.is_some()
     }
@@ -185,6 +290,13 @@ impl SessionState {
         if self.stop.is_some() || self.task.is_none() {
             return None;
         }
+        let elapsed_ms = self.elapsed_ms(now_ms);
+        self.decide(elapsed_ms).map(|d| StopDecision { elapsed_ms, ..d })
+    }
+
+    /// [`SessionState::stop_decision`] with the clock read already: `elapsed_ms` since
+    /// the task. The clock is the only input that is not on the log.
+    fn decide(&self, elapsed_ms: u64) -> Option<StopDecision> {
         let facts = self.facts();
         if let Some(f) = self.protocol.finished(&facts) {
             if self.tally.messages == 0 && self.tally.failures > 0 {
@@ -197,10 +309,16 @@ impl SessionState {
                 ));
             }
             let accepted = f.answer.is_some();
-            return Some(StopDecision { reason: f.reason, answer: f.answer, decided_by: f.decided_by, accepted });
+            return Some(StopDecision {
+                reason: f.reason,
+                answer: f.answer,
+                decided_by: f.decided_by,
+                accepted,
+                elapsed_ms: 0,
+            });
         }
         let signals = self.protocol.signals();
-        if let Some(reason) = self.plan.termination.check(&self.tally, &signals, self.elapsed_ms(now_ms)) {
+        if let Some(reason) = self.plan.termination.check(&self.tally, &signals, elapsed_ms) {
             let best = self.protocol.best_answer();
             // The condition was reached by the latest contribution (or the best answer's).
             let mut decided_by: Vec<EnvelopeId> = self.tally.last_call.iter().cloned().collect();
@@ -302,9 +420,11 @@ impl SessionState {
         )])
     }
 
-    /// The duty of recording the stop, for any peer.
+    /// The duty of recording the stop, for any peer. The stop says where it was decided
+    /// (the last position folded) and with which clock reading, so every reader can
+    /// derive it again (see the module docs).
     pub fn stop_duty(&self, decision: StopDecision) -> Duty {
-        let StopDecision { reason, answer, decided_by, accepted } = decision;
+        let StopDecision { reason, answer, decided_by, accepted, elapsed_ms } = decision;
         let json = serde_json::json!({
             "reason": reason,
             "answer": answer.as_deref(),
@@ -314,6 +434,8 @@ impl SessionState {
             "messages": self.tally.messages,
             "tokens": self.tally.tokens(),
             "cost_usd": self.tally.cost_usd,
+            "decided_at": self.last_seq,
+            "elapsed_ms": elapsed_ms,
         });
         Duty {
             step: Arc::from(STOP_STEP),
@@ -403,13 +525,177 @@ pub struct StopDecision {
     pub answer: Option<Arc<str>>,
     pub decided_by: Vec<EnvelopeId>,
     pub accepted: bool,
+    /// The time since the task that the decision was made with (0 when the clock was
+    /// not read): recorded in the stop, since a reader cannot derive it.
+    pub elapsed_ms: u64,
 }
 
 impl StopDecision {
     /// A stop that leaves the leading candidate (if any) not accepted.
     pub fn not_accepted(reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Self {
-        StopDecision { reason, answer, decided_by, accepted: false }
+        StopDecision { reason, answer, decided_by, accepted: false, elapsed_ms: 0 }
     }
+}
+
+/// How the reason of a stop for a session budget begins (see [`crate::termination::Budget`]).
+const BUDGET_PREFIX: &str = "budget: ";
+
+/// The author of the `failure` a fold takes in place of a stop that does not follow
+/// from the log (a backend that rejects it itself records its own).
+pub const REJECTED_BY: &str = "log";
+
+/// The `failure` folded in place of `stop` when it does not follow from the log: step
+/// `rejected/<seq>`, why in its text and in `json.reason`, at the stop's time.
+pub fn rejected_stop(stop: &Entry, why: &str) -> Envelope {
+    let env = &stop.env;
+    let seq = stop.seq;
+    let text = format!("rejected the stop at log position {seq} from {}: {why}", env.from);
+    let json =
+        serde_json::json!({"op": "rejected", "seq": seq, "kind": "stop", "from": env.from.as_str(), "reason": why});
+    let mut out = Envelope::new(
+        &env.session,
+        &PeerId::from(REJECTED_BY),
+        format!("rejected/{seq}"),
+        Kind::Failure,
+        Recipient::All,
+        Body::text(text).with_json(json),
+    );
+    out.time_ms = env.time_ms;
+    out
+}
+
+/// Where `stop` says it was decided (`decided_at`). A stop is recorded at step
+/// [`STOP_STEP`] with the collective id only. `Ok(None)` for a stop from before stops
+/// said where they were decided: taken as it is in a session whose envelopes are not
+/// signed, refused in one whose are.
+fn decided_at(plan: &TeamPlan, session: &SessionId, stop: &Entry) -> Result<Option<u64>, String> {
+    let env = &stop.env;
+    if &*env.step != STOP_STEP || env.id != EnvelopeId::derive(session, &PeerId::from("*"), STOP_STEP) {
+        return Err(format!("a stop is recorded at step {STOP_STEP:?} with the collective id, not at {:?}", env.step));
+    }
+    let Some(json) = env.body.json.as_ref().and_then(|j| j.as_object()) else {
+        return Err("the stop records no decision (its body has no JSON object)".into());
+    };
+    match json.get("decided_at") {
+        Some(v) => match v.as_u64() {
+            Some(at) if at < stop.seq => Ok(Some(at)),
+            _ => Err(format!("the stop says it was decided at {v}, not a log position before its own ({})", stop.seq)),
+        },
+        None if matches!(crate::trust::Roster::of_plan(plan), Ok(Some(_))) => {
+            Err("the stop does not say where it was decided (`decided_at`)".into())
+        }
+        None => Ok(None),
+    }
+}
+
+/// Whether the session budget stop `reason` names a limit of `budget` that the usage on
+/// the log reached: between `at` (the log where the stop was decided) and `now` (the
+/// whole log before the stop), since a peer's turn may record calls of its own before
+/// it is refused. What the refused call would have used (its prompt's size and cost)
+/// and the wall time are its writer's to say.
+fn budget_follows(b: &crate::termination::Budget, reason: &str, at: &Tally, now: &Tally) -> Result<(), String> {
+    let rest = reason.strip_prefix(BUDGET_PREFIX).unwrap_or(reason);
+    let within = |x: u64, lo: u64, hi: u64| lo <= x && x <= hi;
+    let money = |x: f64, lo: f64, hi: f64| x >= lo - 0.00005 && x <= hi + 0.00005;
+    if let Some(max) = b.max_calls
+        && let Some(n) = rest.strip_suffix(&format!(" model calls made, limit {max}"))
+    {
+        let n: u64 = n.parse().map_err(|_| format!("{n:?} is not a number of calls"))?;
+        return (within(n, at.calls, now.calls) && n + 1 > max)
+            .then_some(())
+            .ok_or_else(|| format!("the log has {} to {} calls, limit {max}", at.calls, now.calls));
+    }
+    if let Some(max) = b.max_tokens
+        && let Some((used, next)) = rest
+            .strip_suffix(&format!(", limit {max}"))
+            .and_then(|r| r.split_once(" tokens used and the next prompt needs ~"))
+    {
+        let (used, next): (u64, u64) = (
+            used.parse().map_err(|_| format!("{used:?} is not a number of tokens"))?,
+            next.parse().map_err(|_| format!("{next:?} is not a number of tokens"))?,
+        );
+        return (within(used, at.tokens(), now.tokens()) && used.saturating_add(next) > max)
+            .then_some(())
+            .ok_or_else(|| format!("the log used {} to {} tokens, limit {max}", at.tokens(), now.tokens()));
+    }
+    if let Some(max) = b.max_cost_usd
+        && let Some((used, next)) = rest
+            .strip_suffix(&format!(", limit ${max:.4}"))
+            .and_then(|r| r.strip_prefix('$'))
+            .and_then(|r| r.split_once(" spent, next prompt ~$"))
+    {
+        let (used, next): (f64, f64) = (
+            used.parse().map_err(|_| format!("{used:?} is not an amount"))?,
+            next.parse().map_err(|_| format!("{next:?} is not an amount"))?,
+        );
+        return (money(used, at.cost_usd, now.cost_usd) && used + next > max - 0.0001)
+            .then_some(())
+            .ok_or_else(|| format!("the log spent ${:.4} to ${:.4}, limit ${max:.4}", at.cost_usd, now.cost_usd));
+    }
+    if let Some(max) = b.max_wall_ms
+        && let Some(used) = rest.strip_suffix(&format!(" s of wall time used, limit {:.1} s", max as f64 / 1e3))
+    {
+        // The clock: a reader cannot tell, so the writer's reading is taken.
+        let used: f64 = used.parse().map_err(|_| format!("{used:?} is not a number of seconds"))?;
+        return (used + 0.05 >= max as f64 / 1e3)
+            .then_some(())
+            .ok_or_else(|| "the wall time is under the limit".into());
+    }
+    if let Some(max) = b.max_tool_calls
+        && let Some(n) = rest.strip_suffix(&format!(" tool calls made, limit {max}"))
+    {
+        let n: u64 = n.parse().map_err(|_| format!("{n:?} is not a number of tool calls"))?;
+        return (n >= max && n < now.tool_calls)
+            .then_some(())
+            .ok_or_else(|| format!("the log has {} tool calls, limit {max}", now.tool_calls));
+    }
+    if let Some(max) = b.max_tool_ms
+        && rest.ends_with(&format!(" s spent in tools, limit {:.1} s", max as f64 / 1e3))
+    {
+        return (now.tool_ms >= max)
+            .then_some(())
+            .ok_or_else(|| format!("the log spent {} ms in tools, limit {max} ms", now.tool_ms));
+    }
+    Err("it names no limit of the session's budget".into())
+}
+
+/// Whether `stop` (at its place) follows from `before`, every entry before it in order
+/// from the first, as a reader that does not fold the session itself checks it (a
+/// backend replacing what no reader may take): see the module docs. If not, why.
+pub fn stop_follows(
+    plan: Arc<TeamPlan>,
+    session: SessionId,
+    before: impl IntoIterator<Item = Entry>,
+    stop: &Entry,
+) -> Result<(), String> {
+    let Some(at) = decided_at(&plan, &session, stop)? else {
+        return Ok(());
+    };
+    let mention = plan.termination.mention().map(Arc::<str>::from);
+    let mut fresh = SessionState::new(plan, session);
+    fresh.derive_stops = false;
+    let mut now: Option<Tally> = None;
+    for e in before {
+        // A stop before this one did not follow (or this one would be after the stop).
+        let e = match e.env.kind {
+            Kind::Stop => Entry { seq: e.seq, env: Arc::new(rejected_stop(&e, "an earlier stop that did not follow")) },
+            _ => e,
+        };
+        match &mut now {
+            None if e.seq <= at => fresh.apply(&e),
+            None => {
+                let mut t = fresh.tally.clone();
+                t.observe(e.seq, &e.env, mention.as_deref());
+                now = Some(t);
+            }
+            Some(t) => t.observe(e.seq, &e.env, mention.as_deref()),
+        }
+    }
+    if fresh.last_seq != at {
+        return Err(format!("the stop says it was decided at log position {at}, which is not on the log"));
+    }
+    let now = now.unwrap_or_else(|| fresh.tally.clone());
+    fresh.derives(stop, &now)
 }
 
 /// The step prefix of summaries of older rounds: `summary/{upto}`.

@@ -15,6 +15,15 @@
 //! what they read, once per process; what fails is recorded as rejected at its place,
 //! so it can never take a step, a stop, a vote or the final answer.
 //!
+//! # Decisions that follow from the log
+//! A signature says who wrote an envelope, not that what it says is so. Any peer may
+//! record the session's stop, so every reader derives the stop again from the log
+//! before it and takes it only when it is exactly that decision
+//! ([`crate::session::stop_follows`]); one that does not follow is rejected at its
+//! place like a forged envelope. What no reader can derive — the clock of a timeout or
+//! a wall-time budget, a peer's absence, the size of a prompt a budget refused — is
+//! taken from the roster member who signed it.
+//!
 //! # What a peer executes
 //! A session's plan travels in its task envelope, so a peer that joins a session reads
 //! the plan from the log. A plan is data the peers agree on (the protocol, the

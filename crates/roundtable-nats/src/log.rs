@@ -47,13 +47,24 @@
 //! every reader, in every process, at every read: the rejection is recorded once, at
 //! the place of the message, and the session goes on.
 //!
+//! A stop is one more such message when it does not follow from the log before it
+//! ([`roundtable_core::session::stop_follows`]: the reader derives the decision from
+//! the session's plan and the entries before the stop, and the stop must be exactly
+//! that), or when the session stopped already. It is checked once per process, when it
+//! is taken, and rejected at its place like garbage: it does not hold the stop's id, so
+//! the honest stop still lands on the id's next subject.
+//!
 //! # Squatted subjects and copies
 //! A message published on the subject of an envelope that is not there yet would take
 //! that subject for good. So an envelope may also land on the next subjects of its id,
 //! `<id>-1` … `<id>-7`: an appender whose subject holds a rejected message tries the
 //! next one, and every appender walks them in the same order, stopping at the first
-//! that is free (it appends) or holds this very envelope (a duplicate). Junk on a future
-//! step therefore stalls no one. And since anyone may publish a copy of an envelope
+//! that is free (it appends) or holds this very envelope (a duplicate). When junk holds
+//! all of them — anyone allowed on the shared subjects (`~`) can fill every subject of
+//! a future stop, absence or task — the envelope goes on the last subject after the
+//! last message there, on condition that it is still the last (an appender that finds
+//! this envelope there has a duplicate). Junk on a future step therefore stalls no
+//! one. And since anyone may publish a copy of an envelope
 //! already on the log (or a second message on its subject, without the header), the
 //! readers of a process take messages strictly in sequence order: an envelope whose id
 //! is already on the log is rejected at its place as a second copy, the same way in
@@ -80,7 +91,8 @@ use futures::StreamExt;
 use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog};
 
-use roundtable_core::session::{STOP_STEP, TASK_STEP, USER, plan_of};
+use roundtable_core::session::{STOP_STEP, TASK_STEP, USER, plan_of, stop_follows};
+use roundtable_core::team::TeamPlan;
 use roundtable_core::trust::{Roster, Signers};
 
 use crate::{is_unavailable, token};
@@ -177,6 +189,11 @@ struct ReadState {
     ids: std::collections::HashMap<EnvelopeId, u64>,
     /// The roster of the task at sequence number 1, if it names one.
     roster: Option<Roster>,
+    /// The plan of the task at sequence number 1, if it is one: stops are re-derived
+    /// from it (see [`roundtable_core::session::stop_follows`]).
+    plan: Option<Arc<TeamPlan>>,
+    /// Where the stop that followed from the log is, once one has.
+    stopped: Option<u64>,
 }
 
 impl ReadState {
@@ -203,19 +220,43 @@ impl ReadState {
             self.roster = roster_of(session, prefix, layout, subject, payload);
         }
         let mut entry = entry_of(session, prefix, layout, self.roster.as_ref(), seq, subject, payload, time_ns);
+        if seq == 1 && entry.env.kind == Kind::Task {
+            self.plan = plan_of(&entry.env).ok().map(Arc::new);
+        }
         if entry.env.from.as_str() != REJECTED_FROM || !entry.env.step.starts_with("rejected/") {
-            match self.ids.get(&entry.env.id) {
+            let why = match self.ids.get(&entry.env.id) {
                 Some(first) => {
-                    let why =
-                        format!("a second copy of envelope {} (the first is at log position {first})", entry.env.id);
-                    entry.env = Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns));
+                    Some(format!("a second copy of envelope {} (the first is at log position {first})", entry.env.id))
                 }
+                None => self.stop_rejected(session, &entry),
+            };
+            match why {
+                Some(why) => entry.env = Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns)),
                 None => {
+                    if entry.env.kind == Kind::Stop {
+                        self.stopped = Some(seq);
+                    }
                     self.ids.insert(entry.env.id.clone(), seq);
                 }
             }
         }
         self.entries.push(entry.env);
+    }
+
+    /// Why the stop `entry` is not the session's, if it is a stop and is not: it does
+    /// not follow from the log before it, or the session stopped already. A stop is
+    /// checked once per process, when it is taken; the first that follows stops the
+    /// session, and only it holds the stop's id.
+    fn stop_rejected(&self, session: &SessionId, entry: &Entry) -> Option<String> {
+        if entry.env.kind != Kind::Stop {
+            return None;
+        }
+        if let Some(at) = self.stopped {
+            return Some(format!("a second stop (the session stopped at log position {at})"));
+        }
+        let plan = self.plan.clone()?;
+        let before = self.entries.iter().enumerate().map(|(i, env)| Entry { seq: i as u64 + 1, env: env.clone() });
+        stop_follows(plan, session.clone(), before, entry).err()
     }
 }
 
@@ -292,6 +333,11 @@ impl Reader {
 /// How many subjects an envelope id may take: its own, then `-1`, `-2`, … when
 /// messages nobody should have sent squat the ones before (see the module docs).
 const SUBJECTS_PER_ID: u32 = 8;
+
+/// How many times an append tries the last subject of its id, when every subject holds
+/// junk, before it gives up: each try is lost only to a message published between
+/// reading that subject's last message and the append.
+const SQUATTED_RETRIES: u32 = 64;
 
 /// The author token of the subjects of the task and of collective decisions, which any
 /// peer of the session may publish. No peer id and no [`token`] contains `~`.
@@ -569,9 +615,40 @@ impl SessionLog for NatsLog {
                 Err(e) => return Err(log_error(&what(), e)),
             }
         }
+        // Every subject of the id holds messages nobody should have sent (anyone allowed
+        // on the shared subjects can fill all of them): the envelope goes on the last
+        // one, after the message there, on condition that it is still the last. A copy
+        // raced there by another appender is found the same way; junk published in
+        // between only makes this look again.
+        let subject = id_subject(&self.prefix, self.layout, &env, SUBJECTS_PER_ID - 1);
+        for _ in 0..SQUATTED_RETRIES {
+            let Some(m) = self.stored(&subject).await? else {
+                return Err(LogError::new(
+                    LogErrorKind::Storage,
+                    format!("{}: the server holds the subject {subject} but the message is gone", what()),
+                ));
+            };
+            let entry = self.entry(m.sequence, &m.subject, &m.payload, m.time.unix_timestamp_nanos()).await?;
+            if entry.env.id == env.id {
+                return Ok(Appended { seq: m.sequence, duplicate: true });
+            }
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, m.sequence.to_string().as_str());
+            match crate::publish_acked(&self.js, subject.clone(), headers, payload.clone().into_bytes()).await {
+                Ok(ack) => return Ok(Appended { seq: ack.sequence, duplicate: ack.duplicate }),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    return Err(LogError::new(LogErrorKind::Unavailable, format!("{}: {e}", what())));
+                }
+                Err(e) => return Err(log_error(&what(), e)),
+            }
+        }
         Err(LogError::new(
             LogErrorKind::Rejected,
-            format!("{}: all {SUBJECTS_PER_ID} of its subjects hold rejected messages", what()),
+            format!(
+                "{}: all {SUBJECTS_PER_ID} of its subjects hold rejected messages, and messages kept landing on the last                  ({SQUATTED_RETRIES} times in a row)",
+                what()
+            ),
         ))
     }
 

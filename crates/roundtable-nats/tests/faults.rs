@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use roundtable_core::bus::Backend;
 use roundtable_core::envelope::{Body, Envelope, Kind, PeerId, Recipient, SessionId};
-use roundtable_core::log::{Appended, LogErrorKind};
+use roundtable_core::log::Appended;
 use roundtable_core::session::{STOP_STEP, TASK_STEP, USER};
 use roundtable_nats::testing::NatsServer;
 use roundtable_nats::{NatsBackend, REJECTED_FROM, log_subject, token};
@@ -115,19 +115,24 @@ async fn messages_nobody_should_have_sent_are_rejected_in_place() {
     let m = backend.jetstream().get_stream(format!("RT_{}", token(s.as_str()))).await.unwrap();
     let stored = m.get_raw_message(10).await.unwrap();
     assert_eq!(stored.subject.as_str(), format!("{}-1", log_subject(&later)));
-    // Every subject of an id taken by junk: the append fails, saying why.
+    // Every subject of an id taken by junk, the last one twice: the envelope goes after
+    // the junk on the last subject, once, and is found there.
     let squatted = env(&s, "pm", "turn/5");
-    for k in 0..8 {
-        let suffix = if k == 0 { String::new() } else { format!("-{k}") };
+    for k in 0..9 {
+        let suffix = if k == 0 { String::new() } else { format!("-{}", k.min(7)) };
         publish(&backend, format!("{}{suffix}", log_subject(&squatted)), b"squatter".to_vec()).await;
     }
-    let err = log.append(squatted).await.unwrap_err();
-    assert_eq!(err.kind(), LogErrorKind::Rejected, "{err}");
-    assert!(err.to_string().contains("rejected messages"), "{err}");
+    let placed = log.append(squatted.clone()).await.unwrap();
+    assert_eq!((placed.seq, placed.duplicate), (20, false));
+    assert_eq!(log.append(squatted.clone()).await.unwrap(), Appended { seq: 20, duplicate: true });
+    assert_eq!(log.seq_of(&squatted.id).await.unwrap(), Some(20));
+    assert_eq!(m.get_raw_message(20).await.unwrap().subject.as_str(), format!("{}-7", log_subject(&squatted)));
+    let rejected = log.read(11, 9).await.unwrap();
+    assert!(rejected.iter().all(|e| e.env.from.as_str() == REJECTED_FROM), "{rejected:?}");
 
     let sessions = backend.logs().sessions().await.expect("sessions");
     let info = sessions.iter().find(|i| i.id == s).expect("listed");
-    assert_eq!(info.envelopes, 18);
+    assert_eq!(info.envelopes, 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
