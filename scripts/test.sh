@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs Roundtable's whole test suite on a Debian/Ubuntu machine with Rust.
 # Installs what the tests need when it is missing: nats-server (the NATS backend's
-# tests start their own on a free port), chromium (the web view's browser test), and
-# node with npm plus the MCP reference servers (the MCP tool's tests start them), which
-# go into target/npm at the versions pinned below.
+# tests start their own on a free port), pytest (the test of `worktest --collect
+# pytest`), chromium (the web view's browser test), and node with npm plus the MCP
+# reference servers (the MCP tool's tests start them), which go into target/npm at the
+# versions pinned below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+command -v pytest >/dev/null 2>&1 || need+=(python3-pytest)
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)

@@ -519,3 +519,112 @@ kind = "round_robin"
     assert_eq!(p["tests"], serde_json::json!(["z1"]));
     assert!(p["model"]["answer"].as_str().unwrap().contains("z1"), "the model's answer is on the log: {p:#}");
 }
+
+// ---- Suites collected from a test runner ----
+
+/// Each collected test appends its name to `ran.txt` in the project, so a test can tell
+/// which ran and how often (the log says what was reported; this says what ran).
+fn ran_lines(project: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(project.join("ran.txt")).unwrap_or_default();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+/// Run `worktest --collect RUNNER` on `project` in both modes and check, from the log
+/// and from what ran, that each of `expected` (id → name it marks) ran and was reported
+/// exactly once, and that `failing` failed with `says` in its output.
+fn collected_run(runner: &str, project: &std::path::Path, expected: &[(&str, &str)], failing: &str, says: &str) {
+    let server = NatsServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = expected.iter().map(|(id, _)| (*id).to_owned()).collect();
+    for mode in ["peers", "coordinator"] {
+        let _ = std::fs::remove_file(project.join("ran.txt"));
+        let session = format!("collect-{runner}-{mode}");
+        let mut cmd = bin();
+        cmd.args(["worktest", "--collect", runner, "--collect-dir"]).arg(project);
+        cmd.args(["--workers", "3", "--session", &session, "--json", "--nats", &server.url(), "--data-dir"]);
+        cmd.arg(data.path()).env("CARGO_TARGET_DIR", project.join("target"));
+        if mode == "coordinator" {
+            cmd.arg("--coordinator");
+        }
+        let o = cmd.output().expect("the binary runs");
+        assert!(o.status.success(), "{mode}: exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+        let r = report(&o);
+        check_whole(&r, expected.len() as u64);
+        assert_eq!((r["passed"].as_u64(), r["failed"].as_u64()), (Some(expected.len() as u64 - 1), Some(1)), "{r:#}");
+        let c = count(&export(&server, &session));
+        let mut reported: Vec<&String> = c.results.keys().collect();
+        reported.sort();
+        let mut want: Vec<&String> = ids.iter().collect();
+        want.sort();
+        assert_eq!(reported, want, "{mode}: the log reports exactly the listed tests");
+        none_lost_none_twice(&c, &ids);
+        for (id, _) in expected {
+            let res = &c.results[*id][0];
+            let outcome = if *id == failing { "fail" } else { "pass" };
+            assert_eq!(res["outcome"], outcome, "{mode}: {id}: {res:#}");
+        }
+        let failed = &c.results[failing][0];
+        assert_eq!(failed["status"], "failed", "{mode}: {failed:#}");
+        assert!(
+            failed["output"].as_str().unwrap().contains(says),
+            "{mode}: the failure's output is on the log: {failed:#}"
+        );
+        let mut marks: Vec<String> = expected.iter().map(|(_, m)| (*m).to_owned()).collect();
+        marks.sort();
+        assert_eq!(ran_lines(project), marks, "{mode}: every test ran exactly once (not the whole suite per test)");
+    }
+}
+
+#[test]
+fn a_cargo_project_collected_runs_each_test_once_from_its_built_binary() {
+    let project = tempfile::tempdir().unwrap();
+    let p = project.path();
+    std::fs::create_dir_all(p.join("src")).unwrap();
+    std::fs::create_dir_all(p.join("tests")).unwrap();
+    std::fs::write(
+        p.join("Cargo.toml"),
+        "[package]\nname = \"tiny\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\n",
+    )
+    .unwrap();
+    let mark = "pub fn mark(name: &str) {\n    use std::io::Write;\n    let path = concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/ran.txt\");\n    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();\n    writeln!(f, \"{name}\").unwrap();\n}\n";
+    std::fs::write(
+        p.join("src/lib.rs"),
+        format!(
+            "pub fn add(a: i32, b: i32) -> i32 {{ a + b }}\n\n{mark}\n#[cfg(test)]\nmod tests {{\n    use super::*;\n\n    #[test]\n    fn adds() {{ mark(\"lib adds\"); assert_eq!(add(2, 2), 4); }}\n\n    #[test]\n    fn fails_on_purpose() {{ mark(\"lib fails\"); panic!(\"the answer was {{}}\", add(40, 1)); }}\n\n    #[test]\n    fn runs_in_the_package_dir() {{ mark(\"lib cwd\"); assert!(std::path::Path::new(\"Cargo.toml\").is_file()); }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        p.join("tests/api.rs"),
+        "#[test]\nfn adds() { tiny::mark(\"api adds\"); assert_eq!(tiny::add(1, 2), 3); }\n",
+    )
+    .unwrap();
+    let expected = [
+        ("tiny tests::adds", "lib adds"),
+        ("tiny tests::fails_on_purpose", "lib fails"),
+        ("tiny tests::runs_in_the_package_dir", "lib cwd"),
+        ("tiny::api adds", "api adds"),
+    ];
+    collected_run("cargo", p, &expected, "tiny tests::fails_on_purpose", "the answer was 41");
+}
+
+#[test]
+fn a_pytest_project_collected_runs_each_test_once() {
+    let found = Command::new("pytest").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(found, "this test needs pytest on PATH: `apt-get install python3-pytest` (scripts/test.sh installs it)");
+    let project = tempfile::tempdir().unwrap();
+    let p = project.path();
+    std::fs::write(
+        p.join("test_sample.py"),
+        "import os\n\n\ndef mark(name):\n    with open(os.path.join(os.path.dirname(__file__), 'ran.txt'), 'a') as f:\n        f.write(name + '\\n')\n\n\ndef test_one():\n    mark('one')\n\n\ndef test_fails():\n    mark('fails')\n    assert 40 + 1 == 42, 'the answer was 41'\n\n\nclass TestGroup:\n    def test_member(self):\n        mark('member')\n",
+    )
+    .unwrap();
+    let expected = [
+        ("test_sample.py::test_one", "one"),
+        ("test_sample.py::test_fails", "fails"),
+        ("test_sample.py::TestGroup::test_member", "member"),
+    ];
+    collected_run("pytest", p, &expected, "test_sample.py::test_fails", "the answer was 41");
+}

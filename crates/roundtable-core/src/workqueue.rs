@@ -100,6 +100,15 @@ pub trait WorkQueue: Send + Sync + 'static {
     async fn nack(&self, claim: &Claim, delay: Duration) -> Result<(), QueueError>;
     /// Extend the lease by another [`QueueConfig::lease`].
     async fn progress(&self, claim: &Claim) -> Result<(), QueueError>;
+    /// Make sure the claim still holds its lease with at least `at_least` of it left,
+    /// extending it when less is left. A claimer about to record a result calls it: the
+    /// lease must outlast the write, or the next claimer could run the task too. A queue
+    /// that knows its leases' deadlines answers without a round trip while a recent
+    /// extension covers `at_least`; the default always extends.
+    async fn hold(&self, claim: &Claim, at_least: Duration) -> Result<(), QueueError> {
+        let _ = at_least;
+        self.progress(claim).await
+    }
     /// Tasks that ran out of deliveries.
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError>;
     async fn stats(&self) -> Result<QueueStats, QueueError>;

@@ -283,6 +283,10 @@ impl WorkQueue for PatientQueue {
         retry("extending a lease", queue_unavailable, || self.inner.progress(claim)).await
     }
 
+    async fn hold(&self, claim: &Claim, at_least: Duration) -> Result<(), QueueError> {
+        retry("extending a lease", queue_unavailable, || self.inner.hold(claim, at_least)).await
+    }
+
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
         retry("listing dead letters", queue_unavailable, || self.inner.dead_letters()).await
     }

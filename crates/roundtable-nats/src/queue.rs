@@ -11,6 +11,17 @@
 //!   the lease deadlines of tasks in flight (for [`WorkQueue::stats`], kept for two
 //!   leases at most).
 //!
+//! **Round trips.** A task costs its claimer two round trips to the server: the pull,
+//! and the ack with its `RTQA_` record and the lease record's removal sent side by side
+//! (why their order does not matter is said at `ack`), plus one per extension of the
+//! lease (`+WPI` beside its lease record). [`WorkQueue::hold`] answers from the local
+//! deadline while an extension covers what the caller asks for. A claim's first lease
+//! record, which only feeds [`WorkQueue::stats`], is published without waiting for the
+//! server: it lands before anything the claimer sends later on the same connection
+//! (its removal included), but `in_flight` may miss a claim made a moment ago on
+//! another connection; one lost with its connection expires with the bucket's
+//! `max_age`.
+//!
 //! Two things JetStream does not do the way the queue promises, and how they are closed:
 //!
 //! - **Stale leases.** The server applies an ack to the message whatever delivery it
@@ -223,17 +234,33 @@ impl NatsWorkQueue {
         self.held.lock().expect("held lock").remove(&claim.lease);
     }
 
+    /// The subject a lease record of `stream_seq` is written on.
+    fn lease_subject(&self, stream_seq: u64) -> String {
+        format!("{}{stream_seq}", self.leases.put_prefix.as_deref().unwrap_or(&self.leases.prefix))
+    }
+
     async fn forget_lease(&self, stream_seq: u64) -> Result<(), QueueError> {
         self.leases.delete(stream_seq.to_string()).await.map_err(|e| queue_error("removing a lease record", e))
     }
 
+    fn lease_deadline(&self) -> Vec<u8> {
+        (now_ms() + self.config.lease.as_millis() as u64).to_string().into_bytes()
+    }
+
     async fn record_lease(&self, stream_seq: u64) -> Result<(), QueueError> {
-        let deadline = now_ms() + self.config.lease.as_millis() as u64;
         self.leases
-            .put(stream_seq.to_string(), deadline.to_string().into_bytes().into())
+            .put(stream_seq.to_string(), self.lease_deadline().into())
             .await
             .map(|_| ())
             .map_err(|e| queue_error("recording a lease", e))
+    }
+
+    /// Record a new claim's lease without waiting for the server (see the module docs).
+    async fn publish_lease(&self, stream_seq: u64) {
+        let sent = self.js.client().publish(self.lease_subject(stream_seq), self.lease_deadline().into()).await;
+        if let Err(e) = sent {
+            tracing::debug!(session = %self.session, stream_seq, error = %e, "recording a lease");
+        }
     }
 
     /// Write the dead letter, then remove the task's message.
@@ -326,7 +353,7 @@ impl WorkQueue for NatsWorkQueue {
                 self.bury(record, &reply, stream_seq).await?;
                 continue;
             }
-            self.record_lease(stream_seq).await?;
+            self.publish_lease(stream_seq).await;
             let deadline = received + self.config.lease - self.margin();
             let mut held = self.held.lock().expect("held lock");
             // Claims whose lease ran out can never be settled: forget them.
@@ -348,15 +375,25 @@ impl WorkQueue for NatsWorkQueue {
 
     async fn ack(&self, claim: &Claim) -> Result<(), QueueError> {
         let (stream_seq, _, _) = self.check_held(claim)?;
-        // Marked acked first: if the ack then fails to reach the server, the redelivery
-        // is recognised and finished instead of done again.
-        self.acked
-            .put(token(&claim.task_id), Vec::new().into())
-            .await
-            .map_err(|e| queue_error("recording an ack", e))?;
-        self.settle(&claim.lease, "+ACK".into()).await?;
+        // The ack record, the ack and the lease record's removal go side by side, in one
+        // round trip. The ack record matters only when the ack does not reach the
+        // server: then the task is redelivered, and the record (if it landed) lets the
+        // claim that receives it finish it instead of handing it out again. An ack that
+        // landed without its record is never redelivered, so nothing reads the missing
+        // record.
+        let record = async {
+            self.acked
+                .put(token(&claim.task_id), Vec::new().into())
+                .await
+                .map(|_| ())
+                .map_err(|e| queue_error("recording an ack", e))
+        };
+        let (recorded, settled, forgotten) =
+            futures::join!(record, self.settle(&claim.lease, "+ACK".into()), self.forget_lease(stream_seq));
+        settled?;
         self.release(claim);
-        self.forget_lease(stream_seq).await
+        recorded?;
+        forgotten
     }
 
     async fn nack(&self, claim: &Claim, delay: Duration) -> Result<(), QueueError> {
@@ -370,19 +407,37 @@ impl WorkQueue for NatsWorkQueue {
             return Ok(());
         }
         let body = if delay.is_zero() { "-NAK".to_owned() } else { format!("-NAK {{\"delay\":{}}}", delay.as_nanos()) };
-        self.settle(&claim.lease, body).await?;
+        let (settled, forgotten) = futures::join!(self.settle(&claim.lease, body), self.forget_lease(stream_seq));
+        settled?;
         self.release(claim);
-        self.forget_lease(stream_seq).await
+        forgotten
     }
 
     async fn progress(&self, claim: &Claim) -> Result<(), QueueError> {
         let (stream_seq, _, _) = self.check_held(claim)?;
         let sent = Instant::now();
-        self.settle(&claim.lease, "+WPI".into()).await?;
+        // The extension and its lease record, side by side.
+        let (settled, recorded) =
+            futures::join!(self.settle(&claim.lease, "+WPI".into()), self.record_lease(stream_seq));
+        settled?;
         if let Some(h) = self.held.lock().expect("held lock").get_mut(&claim.lease) {
             h.deadline = sent + self.config.lease - self.margin();
         }
-        self.record_lease(stream_seq).await
+        recorded
+    }
+
+    async fn hold(&self, claim: &Claim, at_least: Duration) -> Result<(), QueueError> {
+        let deadline = {
+            let held = self.held.lock().expect("held lock");
+            held.get(&claim.lease).filter(|h| h.task_id == claim.task_id).map(|h| h.deadline)
+        };
+        // The local deadline is a margin earlier than the server's (see the module
+        // docs): while it is `at_least` away, the server cannot redeliver the task
+        // within `at_least` plus that margin, and no round trip is needed.
+        match deadline {
+            Some(d) if d.saturating_duration_since(Instant::now()) >= at_least => Ok(()),
+            _ => self.progress(claim).await,
+        }
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {

@@ -211,29 +211,18 @@ fn find_cycle(tests: &[TestCase]) -> Option<Vec<usize>> {
 /// The runners a suite can be collected from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Runner {
-    /// `cargo test ARGS -- --list`; each test runs as `cargo test -q ARGS -- --exact NAME`.
+    /// `cargo test ARGS --no-run` builds the test binaries once; each binary's `--list`
+    /// names its tests, and each test runs as `BINARY --exact NAME` in its package's
+    /// directory.
     Cargo,
     /// `pytest --collect-only -q ARGS`; each test runs as `pytest -q NODEID`.
     Pytest,
 }
 
-/// Run `runner`'s listing in `dir` and turn it into suite-file lines.
-pub(crate) fn collect(runner: Runner, dir: &Path, extra: &[String], timeout_secs: f64) -> Result<String, Failure> {
-    let (program, args): (&str, Vec<String>) = match runner {
-        Runner::Cargo => {
-            let mut a = vec!["test".to_owned()];
-            a.extend(extra.iter().cloned());
-            a.extend(["--".to_owned(), "--list".to_owned()]);
-            ("cargo", a)
-        }
-        Runner::Pytest => {
-            let mut a = vec!["--collect-only".to_owned(), "-q".to_owned()];
-            a.extend(extra.iter().cloned());
-            ("pytest", a)
-        }
-    };
+/// Run `program args` in `dir` for the listing, failing with the command's last lines.
+fn listing_of(program: &str, args: &[String], dir: &Path) -> Result<String, Failure> {
     let out = std::process::Command::new(program)
-        .args(&args)
+        .args(args)
         .current_dir(dir)
         .stdin(std::process::Stdio::null())
         .output()
@@ -247,38 +236,125 @@ pub(crate) fn collect(runner: Runner, dir: &Path, extra: &[String], timeout_secs
             String::from_utf8_lossy(&out.stderr).lines().rev().take(5).collect::<Vec<_>>().join(" / ")
         )));
     }
-    let listing = String::from_utf8_lossy(&out.stdout);
-    let dir_text = dir.to_string_lossy().into_owned();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut lines = String::new();
-    for (name, area) in parse_listing(runner, &listing) {
-        let n = seen.entry(name.clone()).or_default();
-        *n += 1;
-        // The same name in two test binaries: one test (the filter runs both).
-        if *n > 1 {
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A test binary `cargo test --no-run` built.
+#[derive(Debug, PartialEq)]
+pub(crate) struct TestBinary {
+    /// How the tests of this binary are named apart from others': the package for its
+    /// library, `package::target` for the others (as `cargo nextest` does).
+    pub(crate) name: String,
+    pub(crate) executable: PathBuf,
+    /// The package's directory, where `cargo test` runs the binary.
+    pub(crate) dir: PathBuf,
+}
+
+/// The test binaries in the JSON messages of `cargo test --no-run --message-format json`.
+pub(crate) fn test_binaries(messages: &str) -> Vec<TestBinary> {
+    let mut out = Vec::new();
+    for line in messages.lines() {
+        let Ok(m) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if m["reason"] != "compiler-artifact" || m["profile"]["test"] != true {
             continue;
         }
-        let cmd: Vec<String> = match runner {
-            Runner::Cargo => {
-                let mut c = vec!["cargo".to_owned(), "test".to_owned(), "-q".to_owned()];
-                c.extend(extra.iter().cloned());
-                c.extend(["--".to_owned(), "--exact".to_owned(), name.clone()]);
-                c
+        let (Some(exe), Some(manifest)) = (m["executable"].as_str(), m["manifest_path"].as_str()) else { continue };
+        let target = m["target"]["name"].as_str().unwrap_or_default();
+        let kinds: Vec<&str> =
+            m["target"]["kind"].as_array().into_iter().flatten().filter_map(|k| k.as_str()).collect();
+        // The package's name: from `path+file:///…#name@version` or `…#version` ids.
+        let package = m["package_id"]
+            .as_str()
+            .and_then(|id| {
+                let frag = id.rsplit_once('#')?.1;
+                match frag.split_once('@') {
+                    Some((name, _)) => Some(name.to_owned()),
+                    None => id.rsplit_once('#')?.0.rsplit('/').next().map(str::to_owned),
+                }
+            })
+            .unwrap_or_else(|| target.to_owned());
+        let name =
+            if kinds.iter().any(|k| matches!(*k, "lib" | "rlib" | "proc-macro" | "cdylib" | "dylib" | "staticlib")) {
+                package
+            } else if kinds.contains(&"bin") {
+                format!("{package}::bin/{target}")
+            } else {
+                format!("{package}::{target}")
+            };
+        let dir = Path::new(manifest).parent().map(Path::to_path_buf).unwrap_or_default();
+        out.push(TestBinary { name, executable: PathBuf::from(exe), dir });
+    }
+    out
+}
+
+/// Run `runner`'s listing in `dir` and turn it into suite-file lines.
+///
+/// For cargo, the suite runs the test binaries themselves, not `cargo test` once per
+/// test: twenty workers each starting `cargo test` would queue on cargo's lock of the
+/// target directory, re-check (or, after an edit, rebuild) the whole package per test,
+/// and run every test binary and the doc tests to find one test. Built once here, each
+/// test costs one process start. Doc tests are not collected (they are not in the
+/// binaries' listings).
+pub(crate) fn collect(runner: Runner, dir: &Path, extra: &[String], timeout_secs: f64) -> Result<String, Failure> {
+    // (id, area, command, working directory) for each test.
+    let mut tests: Vec<(String, String, Vec<String>, String)> = Vec::new();
+    let command = match runner {
+        Runner::Cargo => {
+            let mut args = vec!["test".to_owned()];
+            args.extend(extra.iter().cloned());
+            args.extend(["--no-run".to_owned(), "--message-format".to_owned(), "json-render-diagnostics".to_owned()]);
+            let binaries = test_binaries(&listing_of("cargo", &args, dir)?);
+            if binaries.is_empty() {
+                return Err(Failure::Input(format!(
+                    "--collect: `cargo {}` in {} built no test binary",
+                    args.join(" "),
+                    dir.display()
+                )));
             }
-            Runner::Pytest => vec!["pytest".to_owned(), "-q".to_owned(), name.clone()],
-        };
-        let line = serde_json::json!({
-            "id": name, "cmd": cmd, "area": area, "timeout_secs": timeout_secs, "cwd": dir_text,
-        });
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            for b in &binaries {
+                let exe = b.executable.to_string_lossy().into_owned();
+                let listing = listing_of(&exe, &["--list".to_owned()], &b.dir)?;
+                for (name, module) in parse_listing(Runner::Cargo, &listing) {
+                    let id = format!("{} {name}", b.name);
+                    // Two binaries of one name (a test target rebuilt under another
+                    // hash): one test.
+                    *seen.entry(id.clone()).or_default() += 1;
+                    if seen[&id] > 1 {
+                        continue;
+                    }
+                    let area = if module.is_empty() { b.name.clone() } else { format!("{} {module}", b.name) };
+                    let cmd = vec![exe.clone(), "--exact".to_owned(), name];
+                    tests.push((id, area, cmd, b.dir.to_string_lossy().into_owned()));
+                }
+            }
+            format!("cargo {}", args.join(" "))
+        }
+        Runner::Pytest => {
+            // No cache plugin: twenty workers would race to rewrite `.pytest_cache`.
+            let mut args: Vec<String> =
+                ["--collect-only", "-q", "-p", "no:cacheprovider"].iter().map(|a| (*a).to_owned()).collect();
+            args.extend(extra.iter().cloned());
+            let listing = listing_of("pytest", &args, dir)?;
+            let mut seen = std::collections::HashSet::new();
+            for (name, area) in parse_listing(Runner::Pytest, &listing) {
+                if !seen.insert(name.clone()) {
+                    continue;
+                }
+                let cmd = ["pytest", "-q", "-p", "no:cacheprovider", &name].iter().map(|a| (*a).to_owned()).collect();
+                tests.push((name, area, cmd, dir.to_string_lossy().into_owned()));
+            }
+            format!("pytest {}", args.join(" "))
+        }
+    };
+    let mut lines = String::new();
+    for (id, area, cmd, cwd) in tests {
+        let line = serde_json::json!({ "id": id, "cmd": cmd, "area": area, "timeout_secs": timeout_secs, "cwd": cwd });
         lines.push_str(&line.to_string());
         lines.push('\n');
     }
     if lines.is_empty() {
-        return Err(Failure::Input(format!(
-            "--collect: `{program} {}` in {} listed no test",
-            args.join(" "),
-            dir.display()
-        )));
+        return Err(Failure::Input(format!("--collect: `{command}` in {} listed no test", dir.display())));
     }
     Ok(lines)
 }
@@ -370,6 +446,32 @@ mod tests {
         assert!(e.contains(":1: key `cwd`"), "{e}");
         let e = error("\n# nothing\n");
         assert!(e.contains("holds no test"), "{e}");
+    }
+
+    #[test]
+    fn cargo_messages_name_the_test_binaries_and_their_package_dirs() {
+        let messages = [
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///p/tiny#0.1.0","manifest_path":"/p/tiny/Cargo.toml","target":{"kind":["lib"],"name":"tiny"},"profile":{"test":false},"executable":null}"#,
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///p/tiny#0.1.0","manifest_path":"/p/tiny/Cargo.toml","target":{"kind":["lib"],"name":"tiny"},"profile":{"test":true},"executable":"/t/deps/tiny-b84"}"#,
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///p#other@0.2.0","manifest_path":"/p/Cargo.toml","target":{"kind":["test"],"name":"api"},"profile":{"test":true},"executable":"/t/deps/api-355"}"#,
+            r#"{"reason":"compiler-artifact","package_id":"path+file:///p#other@0.2.0","manifest_path":"/p/Cargo.toml","target":{"kind":["bin"],"name":"tool"},"profile":{"test":true},"executable":"/t/deps/tool-1"}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+            "not json",
+        ]
+        .join("\n");
+        let bin = |name: &str, exe: &str, dir: &str| TestBinary {
+            name: name.to_owned(),
+            executable: PathBuf::from(exe),
+            dir: PathBuf::from(dir),
+        };
+        assert_eq!(
+            test_binaries(&messages),
+            vec![
+                bin("tiny", "/t/deps/tiny-b84", "/p/tiny"),
+                bin("other::api", "/t/deps/api-355", "/p"),
+                bin("other::bin/tool", "/t/deps/tool-1", "/p")
+            ]
+        );
     }
 
     #[test]

@@ -11,6 +11,15 @@
 //! time against the ideal (tests × duration ÷ workers), tests lost and tests completed
 //! twice (both must be 0), redeliveries.
 //!
+//! A suite collected with `--collect cargo` runs the test binaries themselves: `cargo
+//! test ARGS --no-run` builds them once, each binary's `--list` names its tests, and a
+//! test's command is `BINARY --exact NAME` in its package's directory (where `cargo
+//! test` runs it). Running `cargo test … -- --exact NAME` per test instead would have
+//! every worker wait on cargo's lock of the target directory, re-check the package, and
+//! start every test binary and the doc tests to find one test. `--collect pytest` runs
+//! `pytest -q -p no:cacheprovider NODEID` per test (without the cache, which concurrent
+//! workers would race to rewrite).
+//!
 //! The command that starts a run only submits the suite, starts the workers, kills the
 //! chosen ones, and reads the report from the log: the workers decide everything among
 //! themselves (see [`worker`]). Workers can equally be started by hand on other machines

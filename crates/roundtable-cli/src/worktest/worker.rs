@@ -12,10 +12,22 @@
 //!   command tool: no shell, its timeout (the process group is killed and the result
 //!   says `timed_out`), its output capped (the log keeps its head and tail around a
 //!   marker); a program that cannot start is an `error` result. The lease is extended
-//!   as it goes. Before reporting, the worker checks that it still holds the
-//!   lease (a worker that lost it reports nothing: `abandon/…`); then it records the
-//!   result (`result/<test>`) and acks. Result ids are per worker, so a test that two
-//!   workers both completed would show up as two results: the report counts them.
+//!   as it goes. Before reporting, the worker checks that it still holds the lease with
+//!   half a lease left (a worker that lost it reports nothing: `abandon/…`); then it
+//!   records the result (`result/<test>`) and acks in the background. Result ids are
+//!   per worker, so a test that two workers both completed would show up as two
+//!   results: the report counts them.
+//! - **Round trips.** A test's critical path is three server round trips: the pull,
+//!   the claim envelope and the result envelope. The rest is kept off it without
+//!   changing what is recorded before what: the lease record rides without waiting for
+//!   the server (it feeds only the queue's stats); the log is read to its end before a
+//!   claim only when a result may be there already (a redelivery, or a test with a
+//!   priority copy), as the fold after the claim envelope catches the rest; the lease
+//!   check before reporting is local while the last extension leaves half a lease; and
+//!   the ack, after the result is on the log, goes in the background (a worker killed
+//!   before it lands leaves a redelivery that finds the result and lets it go). Before
+//!   this, a test cost ten: pull, lease record, the log's last sequence, claim envelope,
+//!   `+WPI` and its lease record, result envelope, ack record, `+ACK`, lease removal.
 //! - **Failure notices.** When a test fails (or is skipped), its worker sends each worker
 //!   that holds a test depending on it a direct notice (`notice/<failed>/<dependent>`);
 //!   a holder then skips the dependent without running it, and the skip is noticed down
@@ -82,6 +94,8 @@ struct Worker {
     changed: Arc<Notify>,
     /// Claims this process holds (waiting or running), by test.
     held: Arc<Mutex<HashMap<usize, Claim>>>,
+    /// Acks of reported tests still on their way (off the critical path: see `report`).
+    acks: Mutex<tokio::task::JoinSet<()>>,
 }
 
 fn runtime(e: impl std::fmt::Display) -> Failure {
@@ -283,12 +297,14 @@ pub(crate) async fn run(
         fold: fold.clone(),
         changed,
         held: Arc::default(),
+        acks: Mutex::default(),
     });
     let mut background = vec![follower];
     background.push(tokio::spawn(beat(presence.clone(), me.clone(), suite.heartbeat_ms)));
     background.push(tokio::spawn(watch_presence(w.clone(), presence)));
     background.push(tokio::spawn(extend_leases(w.clone())));
     let result = w.work().await;
+    w.finish_acks().await;
     for task in background {
         task.abort();
     }
@@ -496,7 +512,16 @@ impl Worker {
                 let _ = self.queue_of(&claim).ack(&claim).await;
                 continue;
             };
-            self.sync().await?;
+            // A redelivery, or a copy of a test that has (or had) another copy, may have a
+            // result on the log already: read the log to its end before claiming. A main
+            // copy's first delivery cannot, unless a priority copy ran first, which the
+            // check after the claim below catches: it saves the round trip.
+            let first_of_its_kind = claim.delivery == 1
+                && lane_of(&claim) == Lane::Main
+                && !self.fold.lock().expect("fold lock").prioritized[i];
+            if !first_of_its_kind {
+                self.sync().await?;
+            }
             if self.fold.lock().expect("fold lock").result[i].is_some() {
                 // Reported by a holder that died before acking (or by the holder of the
                 // other copy): finish, do not re-run.
@@ -586,9 +611,12 @@ impl Worker {
             Some(local) => run_command(&local.tests[i]).await,
         };
         let id = self.suite.id(i);
-        // Report only while holding the lease: a worker that lost it (it stalled, or the
-        // server was away too long) leaves the test to its next holder.
-        if let Err(e) = self.queue_of(&claim).progress(&claim).await {
+        // Report only while holding the lease, with half a lease left to write the
+        // result in: a worker that lost it (it stalled, or the server was away too
+        // long) leaves the test to its next holder. The lease extensions of
+        // `extend_leases` usually leave that much, and then this costs no round trip.
+        let at_least = Duration::from_millis(self.suite.lease_ms / 2);
+        if let Err(e) = self.queue_of(&claim).hold(&claim, at_least).await {
             self.held.lock().expect("held lock").remove(&i);
             if e.kind() == QueueErrorKind::LeaseLost {
                 let body = Body::text(format!("{} lost the lease of {id} before reporting", self.me)).with_json(
@@ -793,12 +821,27 @@ impl Worker {
         if outcome != Outcome::Pass {
             self.notify_dependents(i).await?;
         }
-        if let Err(e) = self.queue_of(claim).ack(claim).await {
-            // Reported already: whoever gets it next finds the result and lets it go.
-            tracing::warn!(test = %id, error = %e, "acking after the result");
-        }
+        // The result is on the log, so the ack leaves the critical path: if it never
+        // lands (this worker is killed first), the test is redelivered and whoever gets
+        // it finds the result and lets it go.
         self.held.lock().expect("held lock").remove(&i);
+        let (queue, claim) = (self.queue_of(claim).clone(), claim.clone());
+        let mut acks = self.acks.lock().expect("acks lock");
+        while acks.try_join_next().is_some() {}
+        acks.spawn(async move {
+            if let Err(e) = queue.ack(&claim).await {
+                tracing::warn!(test = %id, error = %e, "acking after the result");
+            }
+        });
         Ok(())
+    }
+
+    /// Wait (a while) for the acks still on their way, so that a worker that stops does
+    /// not leave reported tests to be redelivered.
+    async fn finish_acks(&self) {
+        let mut acks = std::mem::take(&mut *self.acks.lock().expect("acks lock"));
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(Some(_)) = tokio::time::timeout_at(give_up, acks.join_next()).await {}
     }
 
     /// Tell the workers holding tests that depend on `i` (which did not pass).
