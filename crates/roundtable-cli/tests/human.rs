@@ -215,13 +215,16 @@ fn a_person_takes_a_seat_answers_turns_bad_answers_are_refused_and_replay_agrees
     person.expect("» approve?");
     person.send("/approve 10% is what we agreed");
     person.expect("(approved)");
-    person.expect("rollout scheduled for Monday, percent of customers: 10");
     person.expect("── Your duty: turn/4");
     person.expect("» your answer:");
     person.send("Fine by me if the dashboard is up before Monday.");
     person.expect("The session is over.");
     assert!(person.wait().success(), "{}", person.all());
     assert!(run.wait().success(), "{}", run.all());
+    // The result of the call the person approved is shown to them (it is addressed to
+    // the caller; the question and the transcript are not ordered, so it is looked
+    // for in everything the seat printed).
+    assert!(person.all().contains("rollout scheduled for Monday, percent of customers: 10"), "{}", person.all());
 
     let s = json(&bin().args(["log", &session, "--json", "--data-dir"]).arg(d).output().unwrap());
     assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 2 rounds"), "{s}");
@@ -415,8 +418,9 @@ fn exported(session: &str, data: &Path) -> Vec<serde_json::Value> {
 /// The person's seat shows who asks, which tool and the arguments, and asks approve or deny.
 fn expect_the_request(person: &mut Driven) {
     person.expect("eng asks you to approve a call of `schedule_rollout` (turn/0/call/0)");
-    person.expect("percent: \"10\"");
+    // One line per argument (in key order).
     person.expect("note: \"billing page, behind the flag\"");
+    person.expect("percent: \"10\"");
     person.expect("» approve? (yes or no; or /approve [REASON], /deny REASON):");
 }
 
@@ -469,7 +473,7 @@ fn a_person_approves_a_tool_call_from_join_and_the_command_runs() {
     let o = bin().args(["trace", &session, "--data-dir"]).arg(d).output().unwrap();
     let trace = stdout(&o);
     assert!(
-        trace.lines().any(|l| l.contains("reviewer") && l.contains("turn/0/approve/0/answer")),
+        trace.lines().any(|l| l.contains("reviewer → eng (approval)") && l.contains("10% is the plan we agreed on")),
         "the person's approval is in the trace:\n{trace}"
     );
     let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
