@@ -3,7 +3,16 @@
 //! duty as the protocol gives it; answers are read a line at a time and checked
 //! against the form the duty asks for (see `roundtable_core::human`). The peer itself
 //! runs here, as every peer runs (`run_peer`), with the person as its model.
+//!
+//! An approval request addressed to the seat (a tool with `approve_by` naming it) is a
+//! question like a duty's, put as what it is: who asks, which tool, the arguments, then
+//! approve or deny and a reason, which a denial cannot do without (or `/approve
+//! [REASON]`, `/deny REASON` in one line). The answer is the approval envelope the peer
+//! writes, as a model approver's is. A request the caller stopped waiting for (the
+//! seat's `answer_within_secs` passed, and the call was denied on the record) is taken
+//! back from the person.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -12,12 +21,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use roundtable_core::bus::Backend;
-use roundtable_core::human::{Field, Form, Question, Seat, SeatError, SeatLease, check_text};
+use roundtable_core::human::{Field, Form, Question, Seat, SeatError, SeatLease, check_approval, check_text};
 use roundtable_core::log::{LogStore, SessionLog};
 use roundtable_core::peer::{PeerConfig, PeerExtras, run_peer_with};
 use roundtable_core::session::{SessionState, plan_of};
 use roundtable_core::team::TeamPlan;
-use roundtable_core::{Kind, PeerId, Recipient, SessionId};
+use roundtable_core::tool::{ApprovalAnswer, ApprovalRequest};
+use roundtable_core::{Envelope, Kind, PeerId, Recipient, SessionId};
 
 use crate::{Failure, factory, nats, render};
 
@@ -39,6 +49,9 @@ pub(crate) struct JoinArgs {
 struct Asking {
     q: Question,
     values: Vec<serde_json::Value>,
+    /// The request, when the question answers an approval request: approve or deny
+    /// first, then the reason.
+    approval: Option<ApprovalRequest>,
 }
 
 impl Asking {
@@ -61,6 +74,79 @@ impl Asking {
                 }
             }
         }
+    }
+}
+
+/// The approval request an envelope is, when it is one addressed to `me`.
+fn approval_request(env: &Envelope, me: &PeerId) -> Option<ApprovalRequest> {
+    let to_me = matches!(&env.to, Recipient::Peer(p) if p == me);
+    if env.kind != Kind::Approval || !to_me || env.step.ends_with("/answer") {
+        return None;
+    }
+    serde_json::from_value(env.body.json.clone()?).ok()
+}
+
+/// The request a question answers, when it answers one: the step of an approval's
+/// answer is the request's step and `/answer`. The request is read from the log when
+/// this terminal's tail has not shown it yet (the peer's own tail may be ahead of it).
+async fn request_of(
+    q: &Question,
+    me: &PeerId,
+    seen: &HashMap<String, ApprovalRequest>,
+    log: &dyn SessionLog,
+) -> Result<Option<ApprovalRequest>, Failure> {
+    let Some(step) = q.step.strip_suffix("/answer").filter(|s| s.contains("/approve/")) else {
+        return Ok(None);
+    };
+    if let Some(r) = seen.get(step) {
+        return Ok(Some(r.clone()));
+    }
+    let entries = log.read_all().await?;
+    Ok(entries.iter().filter(|e| &*e.env.step == step).find_map(|e| approval_request(&e.env, me)))
+}
+
+/// Cut `text` to `n` characters, marking the cut.
+fn cut(text: &str, n: usize) -> String {
+    if text.chars().count() <= n {
+        text.to_string()
+    } else {
+        format!("{}…", text.chars().take(n).collect::<String>())
+    }
+}
+
+/// Arguments shown per request, and characters per value: enough to judge a call by,
+/// bounded however much the model wrote.
+const SHOWN_ARGUMENTS: usize = 20;
+const SHOWN_VALUE_CHARS: usize = 300;
+
+/// A tool call's arguments for a person to read: one `name: value` line each (the value
+/// as JSON, long ones cut), or the text as the model wrote it when it is no JSON object.
+fn readable_arguments(raw: &str) -> Vec<String> {
+    let parsed = serde_json::from_str::<serde_json::Value>(if raw.trim().is_empty() { "{}" } else { raw });
+    let Ok(serde_json::Value::Object(args)) = parsed else {
+        return vec![format!("(not a JSON object) {}", cut(raw, SHOWN_VALUE_CHARS * 2))];
+    };
+    if args.is_empty() {
+        return vec!["(no arguments)".into()];
+    }
+    let mut lines: Vec<String> = args
+        .iter()
+        .take(SHOWN_ARGUMENTS)
+        .map(|(k, v)| format!("{k}: {}", cut(&v.to_string(), SHOWN_VALUE_CHARS)))
+        .collect();
+    if args.len() > SHOWN_ARGUMENTS {
+        lines.push(format!("… and {} more", args.len() - SHOWN_ARGUMENTS));
+    }
+    lines
+}
+
+const APPROVE_PROMPT: &str = "» approve? (yes or no; or /approve [REASON], /deny REASON):";
+
+fn reason_prompt(approve: bool, caller: &PeerId) -> String {
+    if approve {
+        "» reason (may be empty):".into()
+    } else {
+        format!("» reason ({caller} is told why; a denial needs one):")
     }
 }
 
@@ -196,7 +282,7 @@ async fn sit(
     let within = plan.peer(me).and_then(|p| p.answer_within_ms);
     say(&style.bold(&format!("You hold seat {me} in session {session} ({}).", plan.name)));
     say(&format!(
-        "Answers are one line each. {}Commands: /say TEXT (to everyone, at any time), /to PEER TEXT (to one peer), /context (what you see now), /quit (leave; rejoin later with the same command).",
+        "Answers are one line each. {}Commands: /say TEXT (to everyone, at any time), /to PEER TEXT (to one peer), /approve [REASON] and /deny REASON (a tool call waiting for your approval), /context (what you see now), /quit (leave; rejoin later with the same command).",
         within.map_or(String::new(), |ms| format!("Each duty waits {} s for you. ", ms as f64 / 1000.0))
     ));
     if relay {
@@ -244,6 +330,8 @@ async fn sit(
     let mut tail = log.tail(1).await?;
     let (mut peer, mut asks) = spawn_peer(me, &log, &extras);
     let mut asking: Option<Asking> = None;
+    // Approval requests addressed to this seat, by step, as the tail shows them.
+    let mut requests: HashMap<String, ApprovalRequest> = HashMap::new();
     let mut stopped = false;
     let mut peer_done = false;
     loop {
@@ -264,12 +352,36 @@ async fn sit(
                 if e.env.from == *me && roundtable_core::human::is_interjection(&e.env) {
                     said_logged += 1;
                 }
-                if e.env.visible_to(me, group.as_deref()) || e.env.kind == Kind::Stop {
+                // The result of a call this seat was asked to approve is shown too (it
+                // is addressed to the caller): what the person's answer led to.
+                let asked_me = e.env.kind == Kind::ToolResult
+                    && requests.values().any(|r| {
+                        r.caller == e.env.from
+                            && r.call_step.rsplit_once("/call/").map(|(d, k)| format!("{d}/result/{k}")).as_deref()
+                                == Some(&*e.env.step)
+                    });
+                if e.env.visible_to(me, group.as_deref()) || e.env.kind == Kind::Stop || asked_me {
                     say(&render::format_entry(&e, style));
                 }
                 if e.env.kind == Kind::Stop {
                     stopped = true;
                     break;
+                }
+                if let Some(r) = approval_request(&e.env, me) {
+                    requests.insert(e.env.step.to_string(), r);
+                }
+                // The request being asked was answered by someone else: the caller,
+                // whose wait for this seat ran out. The question is taken back (the
+                // peer records that it was not answered; the denial stands).
+                let overtaken = e.env.kind == Kind::Approval
+                    && e.env.from != *me
+                    && asking.as_ref().is_some_and(|a| a.approval.is_some() && a.q.step == e.env.step);
+                if overtaken {
+                    let why = e.env.body.json.clone()
+                        .and_then(|j| serde_json::from_value::<ApprovalAnswer>(j).ok())
+                        .map_or_else(|| e.env.body.text.to_string(), |a| a.reason);
+                    asking = None;
+                    say(&style.bold(&format!("Too late to answer that approval: the call was denied ({why}).")));
                 }
                 let me_absent = e.env.kind == Kind::Absent
                     && e.env.body.json.as_ref().and_then(|j| j.get("peer")?.as_str()) == Some(me.as_str());
@@ -289,13 +401,29 @@ async fn sit(
             }
             q = asks.recv() => {
                 let Some(q) = q else { continue };
+                if let Some(req) = request_of(&q, me, &requests, log.as_ref()).await? {
+                    say(&style.bold(&format!(
+                        "\n── {} asks you to approve a call of `{}` ({})",
+                        req.caller, req.tool, req.call_step
+                    )));
+                    for line in readable_arguments(&req.arguments) {
+                        say(&format!("   {line}"));
+                    }
+                    say(&style.dim(&format!(
+                        "(approved, the tool runs now; denied, it does not, and {}'s model is told your reason)",
+                        req.caller
+                    )));
+                    say(APPROVE_PROMPT);
+                    asking = Some(Asking { q, values: Vec::new(), approval: Some(req) });
+                    continue;
+                }
                 let round = if q.round > 0 { format!(" (round {})", q.round) } else { String::new() };
                 say(&style.bold(&format!("\n── Your duty: {}{round}", q.step)));
                 if let Some(i) = &q.instruction {
                     say(i);
                 }
                 say(&style.dim(&format!("(you see {} messages under the context policy; /context shows them)", q.context.len())));
-                let mut a = Asking { q, values: Vec::new() };
+                let mut a = Asking { q, values: Vec::new(), approval: None };
                 match a.next_prompt() {
                     Some(p) => say(&p),
                     None if a.fields().is_empty() => say("» your answer:"),
@@ -340,6 +468,26 @@ async fn sit(
                                 Err(why) => say(&format!("refused: {why}")),
                             }
                         }
+                        "approve" | "deny" => {
+                            let approve = name == "approve";
+                            match asking.take() {
+                                Some(a) if a.approval.is_some() => match check_approval(approve, rest) {
+                                    Ok(text) => {
+                                        say(&style.dim(&format!("({})", if approve { "approved" } else { "denied" })));
+                                        a.q.answer(text);
+                                    }
+                                    Err(why) => {
+                                        let hint = if approve { "" } else { "; type /deny REASON" };
+                                        say(&format!("refused: {why}{hint}"));
+                                        asking = Some(a);
+                                    }
+                                },
+                                other => {
+                                    asking = other;
+                                    say("refused: no tool call waits for your approval now (requests appear here as they come)");
+                                }
+                            }
+                        }
                         "quit" | "leave" => {
                             say("Leaving the seat.");
                             break;
@@ -352,7 +500,9 @@ async fn sit(
                             }
                             None => say("Nothing is asked of you now."),
                         },
-                        _ => say(&format!("unknown command /{name}; valid: /say TEXT, /to PEER TEXT, /context, /quit")),
+                        _ => say(&format!(
+                            "unknown command /{name}; valid: /say TEXT, /to PEER TEXT, /approve [REASON], /deny REASON, /context, /quit"
+                        )),
                     }
                     continue;
                 }
@@ -360,6 +510,35 @@ async fn sit(
                     say("Nothing is asked of you now (your duties appear here as they come).");
                     continue;
                 };
+                if let Some(req) = &a.approval {
+                    // Approve or deny first, then the reason (required to deny).
+                    match a.values.first().and_then(serde_json::Value::as_bool) {
+                        None => match (Field::YesNo { name: "approve".into() }).check(t) {
+                            Ok(v) => {
+                                let approve = v.as_bool() == Some(true);
+                                a.values.push(v);
+                                say(&reason_prompt(approve, &req.caller));
+                            }
+                            Err(why) => {
+                                say(&format!("refused: {why}"));
+                                say(APPROVE_PROMPT);
+                            }
+                        },
+                        Some(approve) => match check_approval(approve, t) {
+                            Ok(text) => {
+                                say(&style.dim(&format!("({})", if approve { "approved" } else { "denied" })));
+                                a.q.answer(text);
+                                continue;
+                            }
+                            Err(why) => {
+                                say(&format!("refused: {why}"));
+                                say(&reason_prompt(approve, &req.caller));
+                            }
+                        },
+                    }
+                    asking = Some(a);
+                    continue;
+                }
                 if a.fields().is_empty() {
                     match check_text(t) {
                         Ok(text) => a.q.answer(text),

@@ -2,8 +2,8 @@
 //! pseudo-terminal (util-linux `script` gives the child a real terminal) answering
 //! turns and a vote, with bad answers refused and asked again; a second person refused
 //! the same seat; joins that make no sense refused with exit 2; an empty seat skipped on
-//! the record; replay of a session with a person's answers; and a seat taken from
-//! another process over NATS.
+//! the record; replay of a session with a person's answers; a seat taken from another
+//! process over NATS; and a person approving and denying a tool call from the seat.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -209,12 +209,22 @@ fn a_person_takes_a_seat_answers_turns_bad_answers_are_refused_and_replay_agrees
     // Both are on the log (rendered back with their recipients), and the turn still waits.
     person.expect("reviewer → eng");
     person.send("Annual plans were never tested: ship to 10% first and watch proration errors.");
+    // The engineer's rollout tool waits for the reviewer's approval.
+    person.expect("eng asks you to approve a call of `schedule_rollout` (turn/2/call/0)");
+    person.expect("percent: \"10\"");
+    person.expect("» approve?");
+    person.send("/approve 10% is what we agreed");
+    person.expect("(approved)");
     person.expect("── Your duty: turn/4");
     person.expect("» your answer:");
     person.send("Fine by me if the dashboard is up before Monday.");
     person.expect("The session is over.");
     assert!(person.wait().success(), "{}", person.all());
     assert!(run.wait().success(), "{}", run.all());
+    // The result of the call the person approved is shown to them (it is addressed to
+    // the caller; the question and the transcript are not ordered, so it is looked
+    // for in everything the seat printed).
+    assert!(person.all().contains("rollout scheduled for Monday, percent of customers: 10"), "{}", person.all());
 
     let s = json(&bin().args(["log", &session, "--json", "--data-dir"]).arg(d).output().unwrap());
     assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 2 rounds"), "{s}");
@@ -229,8 +239,14 @@ fn a_person_takes_a_seat_answers_turns_bad_answers_are_refused_and_replay_agrees
         .filter(|e| e["from"] == "reviewer")
         .collect();
     let steps: Vec<&str> = mine.iter().map(|e| e["step"].as_str().unwrap()).collect();
-    assert_eq!(steps, ["say/0", "say/1", "turn/1", "turn/4"], "two interjections and two turns: {mine:?}");
-    assert!(mine.iter().all(|e| e["kind"] == "message"));
+    assert_eq!(
+        steps,
+        ["say/0", "say/1", "turn/1", "turn/2/approve/0/answer", "turn/4"],
+        "two interjections, two turns and an approval: {mine:?}"
+    );
+    let kinds: Vec<&str> = mine.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["message", "message", "message", "approval", "message"]);
+    assert_eq!(mine[3]["body"]["json"], serde_json::json!({"approve": true, "reason": "10% is what we agreed"}));
     assert_eq!(mine[0]["to"], serde_json::json!({"type": "all"}), "{}", mine[0]);
     assert_eq!(mine[1]["to"], serde_json::json!({"type": "peer", "id": "eng"}), "{}", mine[1]);
     assert!(mine[2]["body"]["text"].as_str().unwrap().starts_with("Annual plans were never tested"));
@@ -356,6 +372,12 @@ fn a_person_on_another_process_takes_a_seat_over_nats() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("is taken"), "{}", stderr(&o));
     person.send("Ship to 10% first.");
+    person.expect("eng asks you to approve a call of `schedule_rollout`");
+    person.expect("» approve?");
+    person.send("yes");
+    person.expect("» reason (may be empty):");
+    person.send("");
+    person.expect("(approved)");
     person.expect("── Your duty: turn/4");
     person.expect("» your answer:");
     person.send("Agreed.");
@@ -365,5 +387,144 @@ fn a_person_on_another_process_takes_a_seat_over_nats() {
     let o = bin().args(["log", &session, "--json", "--nats", &url]).output().unwrap();
     let s = json(&o);
     assert_eq!(s["per_peer"]["reviewer"]["messages"], 2, "{s}");
+    let o = bin().args(["export", &session, "--nats", &url]).output().unwrap();
+    let approved = stdout(&o).lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).any(|e| {
+        e["kind"] == "tool_result"
+            && e["body"]["json"]["outcome"] == "ok"
+            && e["body"]["json"]["tool"] == "schedule_rollout"
+    });
+    assert!(approved, "approved from another machine, the tool ran:\n{}", stdout(&o));
     assert!(!person_data.path().join("roundtable.db").exists(), "nothing written locally by the person");
+}
+
+/// The human-approver fixture, copied next to a fresh directory: its tool leaves
+/// `rollout-10.scheduled` there when it runs.
+fn seat_approval_team(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seat-approval.toml");
+    team_file(dir, "seat-approval.toml", &std::fs::read_to_string(src).unwrap())
+}
+
+/// Every envelope of a session, from `export` (the last line is the seal).
+fn exported(session: &str, data: &Path) -> Vec<serde_json::Value> {
+    let o = bin().args(["export", session, "--data-dir"]).arg(data).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    stdout(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e.get("kind").is_some())
+        .collect()
+}
+
+/// The person's seat shows who asks, which tool and the arguments, and asks approve or deny.
+fn expect_the_request(person: &mut Driven) {
+    person.expect("eng asks you to approve a call of `schedule_rollout` (turn/0/call/0)");
+    // One line per argument (in key order).
+    person.expect("note: \"billing page, behind the flag\"");
+    person.expect("percent: \"10\"");
+    person.expect("» approve? (yes or no; or /approve [REASON], /deny REASON):");
+}
+
+#[test]
+fn a_person_approves_a_tool_call_from_join_and_the_command_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = seat_approval_team(dir.path());
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let (mut run, session) = start_run(&team, d, &[]);
+    let mut person = on_terminal(&["join", &session, "--as", "reviewer"], d);
+    expect_the_request(&mut person);
+    person.send("perhaps");
+    person.expect("refused: approve: answer yes or no, not \"perhaps\"");
+    person.expect("» approve?");
+    person.send("yes");
+    person.expect("» reason (may be empty):");
+    person.send("10% is the plan we agreed on");
+    person.expect("(approved)");
+    // The tool ran; then the person's own turn.
+    person.expect("── Your duty: turn/1");
+    person.expect("» your answer:");
+    person.send("Rollout is scheduled; watch proration errors on annual plans.");
+    person.expect("The session is over.");
+    assert!(person.wait().success(), "{}", person.all());
+    assert!(run.wait().success(), "{}", run.all());
+
+    assert!(dir.path().join("rollout-10.scheduled").exists(), "the approved command ran");
+    let log = exported(&session, d);
+    let answer = log
+        .iter()
+        .find(|e| e["kind"] == "approval" && e["step"] == "turn/0/approve/0/answer")
+        .expect("the person's answer is on the log");
+    assert_eq!(answer["from"], "reviewer", "{answer}");
+    assert_eq!(answer["to"], serde_json::json!({"type": "peer", "id": "eng"}), "{answer}");
+    assert_eq!(answer["body"]["json"]["approve"], true, "{answer}");
+    assert_eq!(answer["body"]["json"]["reason"], "10% is the plan we agreed on", "{answer}");
+    assert_eq!(answer["usage"]["model"], "human");
+    assert_eq!(answer["usage"]["calls"], 0, "a person's answer is no model call: {answer}");
+    let result = log.iter().find(|e| e["kind"] == "tool_result").expect("the call has a result");
+    let r = &result["body"]["json"];
+    assert_eq!((r["outcome"].as_str(), r["exit_status"].as_i64()), (Some("ok"), Some(0)), "{r}");
+    // The approval came before the run.
+    let at = |e: &serde_json::Value| log.iter().position(|x| x == e).unwrap();
+    assert!(at(answer) < at(result));
+
+    let s = json(&bin().args(["log", &session, "--json", "--data-dir"]).arg(d).output().unwrap());
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 1 round"), "{s}");
+    assert_eq!(s["per_peer"]["reviewer"]["calls"], 0, "{s}");
+    let o = bin().args(["trace", &session, "--data-dir"]).arg(d).output().unwrap();
+    let trace = stdout(&o);
+    assert!(
+        trace.lines().any(|l| l.contains("reviewer → eng (approval)") && l.contains("10% is the plan we agreed on")),
+        "the person's approval is in the trace:\n{trace}"
+    );
+    let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(json(&o)["divergence"].is_null(), "{}", stdout(&o));
+}
+
+#[test]
+fn a_person_denies_a_tool_call_with_a_reason_and_an_empty_reason_is_asked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let team = seat_approval_team(dir.path());
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let (mut run, session) = start_run(&team, d, &[]);
+    let mut person = on_terminal(&["join", &session, "--as", "reviewer"], d);
+    expect_the_request(&mut person);
+    person.send("/deny");
+    person.expect("refused: a denial needs a reason");
+    person.send("no");
+    person.expect("» reason (eng is told why; a denial needs one):");
+    person.send("   ");
+    person.expect("refused: a denial needs a reason");
+    person.expect("» reason (eng is told why; a denial needs one):");
+    person.send("Not before proration is tested on annual plans.");
+    person.expect("(denied)");
+    person.expect("── Your duty: turn/1");
+    person.expect("» your answer:");
+    person.send("/approve looks fine");
+    person.expect("refused: no tool call waits for your approval now");
+    person.send("Hold the rollout until annual plans are tested.");
+    person.expect("The session is over.");
+    assert!(person.wait().success(), "{}", person.all());
+    assert!(run.wait().success(), "{}", run.all());
+
+    assert!(!dir.path().join("rollout-10.scheduled").exists(), "a denied command never runs");
+    let log = exported(&session, d);
+    let answers: Vec<&serde_json::Value> =
+        log.iter().filter(|e| e["kind"] == "approval" && e["from"] == "reviewer").collect();
+    assert_eq!(answers.len(), 1, "one answer; the refused ones were never recorded: {answers:?}");
+    assert_eq!(answers[0]["body"]["json"]["approve"], false);
+    let result = log.iter().find(|e| e["kind"] == "tool_result").expect("the denial is the call's result");
+    let r = &result["body"]["json"];
+    assert_eq!(r["outcome"], "denied", "{r}");
+    assert_eq!(r["output"], "denied by reviewer: Not before proration is tested on annual plans.", "{r}");
+    assert!(r.get("exit_status").is_none(), "the command never ran: {r}");
+    // What eng's model is given as the tool's result, and it was called again after it.
+    assert_eq!(result["body"]["text"], "[denied] denied by reviewer: Not before proration is tested on annual plans.");
+    let after =
+        log.iter().skip_while(|e| e["kind"] != "tool_result").find(|e| e["from"] == "eng" && e["step"] == "turn/0");
+    let after = after.expect("eng's turn went on after the denial");
+    assert!(after["body"]["text"].as_str().unwrap().starts_with("I asked for a 10% rollout"), "{after}");
+    let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
+    assert!(json(&o)["divergence"].is_null(), "{}", stdout(&o));
 }

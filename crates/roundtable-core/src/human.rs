@@ -120,7 +120,14 @@ impl Form {
     /// asks for JSON (every protocol writes its format there, see
     /// [`crate::team::reference::ANSWER_FORMATS`]), else free text.
     pub fn of(req: &ChatRequest) -> Form {
-        let fields = req.instruction.as_deref().filter(|_| req.json || has_template(req)).and_then(template_fields);
+        let fields = req
+            .instruction
+            .as_deref()
+            .filter(|_| req.json || has_template(req))
+            // The template follows "Reply with a JSON object" where the instruction says
+            // it: JSON quoted before it (a tool call's arguments to approve) is not the form.
+            .map(|i| i.find(TEMPLATE_MARK).map_or(i, |at| &i[at..]))
+            .and_then(template_fields);
         match fields {
             Some(f) if !f.is_empty() => Form::Fields(f),
             _ => Form::Text,
@@ -177,9 +184,12 @@ impl Form {
     }
 }
 
+/// The words every JSON answer format is introduced with.
+const TEMPLATE_MARK: &str = "Reply with a JSON object";
+
 /// Some protocols ask for JSON in the instruction without the provider's JSON mode.
 fn has_template(req: &ChatRequest) -> bool {
-    req.instruction.as_deref().is_some_and(|i| i.contains("Reply with a JSON object"))
+    req.instruction.as_deref().is_some_and(|i| i.contains(TEMPLATE_MARK))
 }
 
 /// The fields of the `{"key": …, …}` template in an instruction: the first after the
@@ -243,6 +253,18 @@ pub fn check_text(input: &str) -> Result<String, String> {
     }
     check_length(t)?;
     Ok(t.to_string())
+}
+
+/// A person's answer to an approval request, checked, as the answer text (the JSON
+/// object a model approver writes): a denial needs a reason, because the caller's model
+/// is told it and decides what to do next from it.
+pub fn check_approval(approve: bool, reason: &str) -> Result<String, String> {
+    let reason = reason.trim();
+    if !approve && reason.is_empty() {
+        return Err("a denial needs a reason (the caller is told why)".into());
+    }
+    check_length(reason)?;
+    Ok(serde_json::json!({ "approve": approve, "reason": reason }).to_string())
 }
 
 /// The step prefix of a person's interjections: `say/{n}`, the n-th of that peer.

@@ -522,8 +522,16 @@ async fn call_model(
             }) as crate::model::AttemptSink
         }),
     };
-    let est = req.estimated_prompt_tokens();
-    if let Err((scope, why)) = me.plan.budget.allows(tally, &cfg.me, est, me.price.cost(est, 0), elapsed_ms(me, st)) {
+    // A person in a human peer's seat is no model call: their answers count against no
+    // call, token or cost limit (and record `calls: 0`), only the session's wall time.
+    let person = me.spec.is_human();
+    let allowed = if person {
+        me.plan.budget.allows_wall(elapsed_ms(me, st))
+    } else {
+        let est = req.estimated_prompt_tokens();
+        me.plan.budget.allows(tally, &cfg.me, est, me.price.cost(est, 0), elapsed_ms(me, st))
+    };
+    if let Err((scope, why)) = allowed {
         return Called::Refused { scope, why };
     }
     if let Some(ev) = &cfg.events {
@@ -545,7 +553,7 @@ async fn call_model(
                 completion_tokens: resp.completion_tokens,
                 latency_ms,
                 cost_usd: me.price.cost(resp.prompt_tokens, resp.completion_tokens),
-                calls: 1,
+                calls: u32::from(!person),
             };
             if let Some(ev) = &cfg.events {
                 ev(PeerEvent::Answered {
@@ -558,8 +566,8 @@ async fn call_model(
             Called::Answer { turn, usage, text: resp.text, calls: resp.tool_calls }
         }
         Err(error) => {
-            let usage =
-                Usage { model: Arc::from(model_name), latency_ms, calls: error.attempts.max(1), ..Default::default() };
+            let calls = if person { 0 } else { error.attempts.max(1) };
+            let usage = Usage { model: Arc::from(model_name), latency_ms, calls, ..Default::default() };
             Called::Failed { error, usage, turn }
         }
     }

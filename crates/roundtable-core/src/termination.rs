@@ -332,14 +332,7 @@ impl Budget {
                 format!("budget: ${:.4} spent, next prompt ~${prompt_cost:.4}, limit ${max:.4}", t.cost_usd),
             ));
         }
-        if let Some(max) = self.max_wall_ms
-            && elapsed_ms >= max
-        {
-            return Err((
-                s,
-                format!("budget: {:.1} s of wall time used, limit {:.1} s", elapsed_ms as f64 / 1e3, max as f64 / 1e3),
-            ));
-        }
+        self.allows_wall(elapsed_ms)?;
         let zero = PeerTally::default();
         let p = t.per_peer.get(peer).unwrap_or(&zero);
         let pb = &self.per_peer;
@@ -362,6 +355,20 @@ impl Budget {
             && p.cost_usd + prompt_cost > max
         {
             return Err((ps, format!("peer budget: {peer} spent ${:.4}, limit ${max:.4}", p.cost_usd)));
+        }
+        Ok(())
+    }
+
+    /// Whether the session's wall time allows more work. The only limit a person's
+    /// answer is checked against: it is no model call, costs no tokens and no money.
+    pub fn allows_wall(&self, elapsed_ms: u64) -> Result<(), (BudgetScope, String)> {
+        if let Some(max) = self.max_wall_ms
+            && elapsed_ms >= max
+        {
+            return Err((
+                BudgetScope::Session,
+                format!("budget: {:.1} s of wall time used, limit {:.1} s", elapsed_ms as f64 / 1e3, max as f64 / 1e3),
+            ));
         }
         Ok(())
     }

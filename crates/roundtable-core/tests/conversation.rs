@@ -695,3 +695,111 @@ async fn a_restart_while_waiting_for_an_approval_does_not_ask_again() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "approved after the restart, run once");
     assert_eq!(results(&log)[0].outcome, Outcome::Ok);
 }
+
+/// A person in the approver's seat: asked the yes/no form (not the call's arguments as
+/// fields), and their answers are no model calls, so a call budget the caller's own
+/// model calls fill does not stop them.
+#[tokio::test]
+async fn a_person_approves_through_the_seat_and_their_answers_count_against_no_call_budget() {
+    use roundtable_core::human::{Field, Form, Seat, check_approval};
+    let plan = plan(
+        "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n[[peers]]\nid = \"ops\"\nmodel = \"m\"\ntools = [\"deploy\"]\n[[peers]]\nid = \"lead\"\nkind = \"human\"\n[protocol]\nkind = \"conversation\"\nstart = [\"ops\"]\n[tools.deploy]\nkind = \"command\"\nargv = [\"true\"]\napprove_by = \"lead\"\n[budget]\nmax_calls = 2\n[budget.per_peer]\nmax_calls = 2\n",
+    );
+    let (tools, runs, _) = counter(false);
+    // Two model calls for ops (three deploys in one answer, then finish), three answers
+    // for the person: with a person's answers counted as calls, both limits would refuse.
+    let (mut models, _) = acts(
+        &plan,
+        vec![(
+            "ops",
+            vec![
+                calls(vec![
+                    ("deploy", serde_json::json!({"version": "v1"})),
+                    ("deploy", serde_json::json!({"version": "v2"})),
+                    ("deploy", serde_json::json!({"version": "v3"})),
+                ]),
+                call("finish", serde_json::json!({"answer": "tried"})),
+            ],
+        )],
+    );
+    let (seat, mut asks) = Seat::new();
+    models.insert(PeerId::from("lead"), Arc::new(seat));
+    let person = tokio::spawn(async move {
+        let mut forms = Vec::new();
+        while let Some(q) = asks.recv().await {
+            forms.push(q.form.clone());
+            q.answer(check_approval(true, "routine").unwrap());
+        }
+        forms
+    });
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, s) = run_with(&plan, "ship v1 to v3", models, extras, None, None).await;
+    assert_eq!(s.final_answer.as_deref(), Some("tried"), "{:?}", s.stop_reason);
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "every approved call ran");
+    let forms = person.await.unwrap();
+    let approval_form = Form::Fields(vec![
+        Field::YesNo { name: "approve".into() },
+        Field::Text { name: "reason".into(), optional: true },
+    ]);
+    assert_eq!(forms, vec![approval_form; 3]);
+    let (_, answers) = approvals(&log);
+    assert_eq!(answers.len(), 3);
+    for a in &answers {
+        assert_eq!(a.from.as_str(), "lead");
+        let u = a.usage.as_ref().unwrap();
+        assert_eq!((&*u.model, u.calls), (roundtable_core::human::HUMAN_MODEL, 0), "a person is no model call");
+        assert_eq!(a.body.json.as_ref().unwrap()["approve"], true);
+    }
+}
+
+/// A person who does not answer within the approver's `answer_within_secs`: the caller
+/// records the denial, the question is taken back from the seat, and what the seat's
+/// peer records after it says the request was not answered (the first answer decides).
+#[tokio::test]
+async fn a_person_too_slow_to_approve_leaves_the_recorded_timeout_denial_standing() {
+    use roundtable_core::human::Seat;
+    let plan = plan(
+        "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n[[peers]]\nid = \"ops\"\nmodel = \"m\"\ntools = [\"deploy\"]\n[[peers]]\nid = \"lead\"\nkind = \"human\"\nanswer_within_secs = 0.2\n[protocol]\nkind = \"conversation\"\nstart = [\"ops\"]\n[tools.deploy]\nkind = \"command\"\nargv = [\"true\"]\napprove_by = \"lead\"\n",
+    );
+    let (tools, runs, _) = counter(false);
+    let (mut models, _) = acts(&plan, ops_script());
+    let (seat, mut asks) = Seat::new();
+    models.insert(PeerId::from("lead"), Arc::new(seat));
+    let log = mem_log();
+    let person = tokio::spawn({
+        let log = log.clone();
+        async move {
+            let q = asks.recv().await.expect("the person is asked");
+            // The person is still reading when the caller's wait runs out.
+            loop {
+                let entries = log.read_all().await.unwrap();
+                let denied = entries.iter().any(|e| {
+                    e.env.kind == Kind::Approval && e.env.from.as_str() == "ops" && e.env.step.ends_with("/answer")
+                });
+                if denied {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            drop(q);
+        }
+    });
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, s) = run_with(&plan, "ship v4", models, extras, None, Some(log)).await;
+    person.await.unwrap();
+    assert_eq!(s.final_answer.as_deref(), Some("tried"));
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "denied for want of an answer, never run");
+    let r = results(&log);
+    assert_eq!((r[0].outcome, r[0].output.as_str()), (Outcome::Denied, "denied: lead did not answer within 0.2 s"));
+    let (_, answers) = approvals(&log);
+    assert_eq!(answers[0].from.as_str(), "ops", "the caller's timeout denial is first");
+    assert_eq!(answers[0].body.json.as_ref().unwrap()["timeout"], true);
+    // The seat's peer may record its own answer after it (a question taken back is
+    // not answered); it never approves.
+    for late in &answers[1..] {
+        assert_eq!(late.from.as_str(), "lead");
+        let j = late.body.json.as_ref().unwrap();
+        assert_eq!(j["approve"], false);
+        assert!(j["reason"].as_str().unwrap().starts_with("not answered: "), "{j}");
+    }
+}

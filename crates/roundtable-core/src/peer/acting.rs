@@ -468,6 +468,20 @@ impl Asked {
     }
 }
 
+/// What an approver is asked: who asks, for which tool and arguments, and the form of
+/// the answer (the template follows the arguments, so a person's seat reads the form
+/// from the template, not from the arguments; see `human::Form::of`).
+fn approval_instruction(req: &ApprovalRequest) -> String {
+    format!(
+        "{caller} asks you to approve a call of the tool `{tool}` with these arguments:\n{args}\n\
+         Approve it only if it is safe and serves the task. A denial needs a reason: {caller} is told it.\n\
+         Reply with a JSON object: {{\"approve\": true|false, \"reason\": \"<why>\"}}",
+        caller = req.caller,
+        tool = req.tool,
+        args = preview(&req.arguments, 4000),
+    )
+}
+
 /// Answer an approval request with this peer's model (or the person in its seat): a
 /// yes/no form. Returns the answer's sequence number.
 pub(super) async fn answer_approval(
@@ -483,14 +497,7 @@ pub(super) async fn answer_approval(
         .and_then(|j| serde_json::from_value::<ApprovalRequest>(j).ok())
         .expect("only requests are asked");
     let step = format!("{}/answer", request.step);
-    let mut instruction = format!(
-        "{caller} asks you to approve a call of the tool `{tool}` with these arguments:\n{args}\n\
-         Approve it only if it is safe and serves the task. A denial needs a reason: {caller} is told it.\n\
-         Reply with a JSON object: {{\"approve\": true|false, \"reason\": \"<why>\"}}",
-        caller = req.caller,
-        tool = req.tool,
-        args = preview(&req.arguments, 4000),
-    );
+    let mut instruction = approval_instruction(&req);
     let mut duty = Duty::speak(step.as_str(), Kind::Approval, request.round, None, true, View::Task);
     duty.to = Recipient::Peer(req.caller.clone());
     duty.parents = vec![request.id.clone()];
@@ -529,7 +536,14 @@ pub(super) async fn answer_approval(
                 break (a, text, Some(usage), Some(turn));
             }
             Called::Failed { error, usage, turn } => {
-                let a = ApprovalAnswer { approve: false, reason: format!("the model failed: {error}"), timeout: false };
+                // A person's seat fails a question only when nobody answered it (the
+                // person left, or the request was denied for want of an answer first).
+                let reason = if me.spec.is_human() {
+                    format!("not answered: {}", error.message)
+                } else {
+                    format!("the model failed: {error}")
+                };
+                let a = ApprovalAnswer { approve: false, reason, timeout: false };
                 let text =
                     serde_json::to_string(&serde_json::json!({"approve": false, "reason": a.reason})).expect("json");
                 break (a, text, Some(usage), Some(turn));
@@ -848,4 +862,29 @@ fn board_text(bytes: &[u8]) -> String {
         .ok()
         .and_then(|v| v.get("text").and_then(|t| t.as_str()).map(str::to_string))
         .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::human::{Field, Form};
+
+    #[test]
+    fn a_person_is_asked_the_approval_form_not_the_arguments() {
+        let req = ApprovalRequest {
+            tool: "schedule_rollout".into(),
+            arguments: r#"{"percent": "10", "note": "after the {freeze}"}"#.into(),
+            caller: PeerId::from("eng"),
+            call_step: "turn/2/call/0".into(),
+        };
+        let mut call = crate::model::ChatRequest::simple("reviewer", &approval_instruction(&req));
+        call.json = true;
+        assert_eq!(
+            Form::of(&call),
+            Form::Fields(vec![
+                Field::YesNo { name: "approve".into() },
+                Field::Text { name: "reason".into(), optional: true },
+            ])
+        );
+    }
 }
