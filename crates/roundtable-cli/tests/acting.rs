@@ -438,5 +438,5 @@ max_turns = 2
     assert!(text.contains("tester calls check (tool_call)"), "{text}");
     assert!(text.contains(r#"check({"spec": "POST /users 201 xxx"#) && !text.contains(&long), "{text}");
     assert!(text.contains("check → tester (tool_result: error · exit 3 · "), "{text}");
-    assert!(text.contains("\n  1 of 2 checks failed: no 409"), "the output under it: {text}");
+    assert!(text.contains("\n  [error] 1 of 2 checks failed: no 409"), "the output under it: {text}");
 }
