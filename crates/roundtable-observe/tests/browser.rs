@@ -606,11 +606,11 @@ async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() 
     cdp.eval(&click("[data-role=submit]")).await;
     running.await.unwrap();
     cdp.wait_for("the end", "document.querySelector('[data-role=seat-over]') !== null").await;
-    let envs = mine(&store, &session).await;
+    let envs = mine(&store, &session, "reviewer").await;
     let steps: Vec<&str> = envs.iter().map(|e| &*e.step).collect();
     assert_eq!(steps, ["say/0", "say/1", "turn/1", "turn/4"], "{envs:?}");
     assert_eq!(serde_json::to_value(&envs[1].to).unwrap(), json!({"type": "peer", "id": "eng"}));
-    assert_eq!(envs[2].body.text, "Annual plans were never tested: ship to 10% first.");
+    assert_eq!(&*envs[2].body.text, "Annual plans were never tested: ship to 10% first.");
     cdp.eval(&click("[data-role=leave]")).await;
     cdp.wait_for("the seat left", "document.querySelector('[data-role=seat]') === null || !document.querySelector('[data-role=seat]').innerText.includes('You hold seat')").await;
 
@@ -631,7 +631,7 @@ async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() 
     cdp.eval(&click("[data-role=submit]")).await;
     running.await.unwrap();
     cdp.wait_for("the end", "document.querySelector('[data-role=seat-over]') !== null").await;
-    let envs = mine(&store, &voted).await;
+    let envs = mine(&store, &voted, "p").await;
     assert_eq!(envs.len(), 1, "{envs:?}");
     let j = envs[0].body.json.clone().unwrap();
     assert_eq!((j["answer"].clone(), j["confidence"].clone()), (json!("EU"), json!(0.9)), "{j}");
@@ -661,7 +661,7 @@ async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() 
     cdp.eval(&click("[data-role=submit]")).await;
     running.await.unwrap();
     cdp.wait_for("the end", "document.querySelector('[data-role=seat-over]') !== null").await;
-    let envs = mine(&store, &decided).await;
+    let envs = mine(&store, &decided, "ops").await;
     let ballots: Vec<Value> = envs.iter().filter_map(|e| e.body.json.clone()).collect();
     assert_eq!(ballots.len(), 2, "{envs:?}");
     assert_eq!(ballots[0]["approve"], json!(false));

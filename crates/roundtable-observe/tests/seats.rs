@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use roundtable_core::log::{LogStore, MemStore, SessionLog};
+use roundtable_core::log::{LogStore, MemStore};
 use roundtable_core::runner::{open_session, run_peers};
 use roundtable_core::session::new_session_id;
 use roundtable_core::sitting::SitError;
@@ -283,6 +283,6 @@ async fn a_seat_taken_from_the_page_has_one_holder_checks_answers_and_ends_with_
     let steps: Vec<&str> = mine.iter().map(|e| &*e.env.step).collect();
     assert_eq!(steps, ["say/0", "say/1", "turn/1", "turn/4"]);
     assert!(mine.iter().all(|e| e.env.kind == Kind::Message));
-    assert_eq!(mine[2].env.body.text, "Annual plans were never tested: ship to 10% first.");
+    assert_eq!(&*mine[2].env.body.text, "Annual plans were never tested: ship to 10% first.");
     assert_eq!(serde_json::to_value(&mine[1].env.to).unwrap(), json!({"type": "peer", "id": "eng"}));
 }
