@@ -31,31 +31,37 @@ pub(crate) struct Taken {
 
 /// Take `me`'s seat of `session`, from the store in `dir` or the NATS server `remote`
 /// names.
-pub(crate) async fn take(dir: &Path, remote: &nats::NatsArgs, session: &SessionId, me: &PeerId) -> Result<Taken, Failure> {
+pub(crate) async fn take(
+    dir: &Path,
+    remote: &nats::NatsArgs,
+    session: &SessionId,
+    me: &PeerId,
+) -> Result<Taken, Failure> {
     if let Err(why) = roundtable_core::envelope::check_session_id(session.as_str()) {
         return Err(Failure::Input(format!("session {:?}: {why}", session.as_str())));
     }
     // The log, the seat leases and what the peer shares with the others.
-    let (log, seats, mut extras, relay): (Arc<dyn SessionLog>, Arc<dyn SeatLease>, PeerExtras, bool) =
-        if remote.url().is_some() {
-            let backend = remote.connect(true).await?;
-            let log = backend.logs().open(session, false).await?;
-            let plan = task_plan(log.as_ref()).await?;
-            let backend = backend.with_signers(crate::keys::signers(dir, &plan, std::slice::from_ref(me))?);
-            let log = backend.logs().open(session, false).await?;
-            let board = backend.blackboard(session).await.map_err(|e| Failure::Runtime(e.to_string()))?;
-            let extras = PeerExtras { board: Some(board.clone()), ..PeerExtras::default() };
-            (log, Arc::new(roundtable_core::human::BoardSeats(board)), extras, false)
-        } else {
-            let db = crate::db_path(dir);
-            let store = crate::open_store(dir, false, roundtable_sqlite::Durability::Normal)?;
-            let reader =
-                roundtable_sqlite::SqliteReader::new(&db, Duration::from_millis(50)).open(session, false).await?;
-            let log: Arc<dyn SessionLog> =
-                Arc::new(roundtable_sqlite::SeatRelay { store: store.clone(), reader, poll: Duration::from_millis(50) });
-            let seats = roundtable_sqlite::SqliteSeats { store, session: session.clone() };
-            (log, Arc::new(seats), PeerExtras::default(), true)
-        };
+    let (log, seats, mut extras, relay): (Arc<dyn SessionLog>, Arc<dyn SeatLease>, PeerExtras, bool) = if remote
+        .url()
+        .is_some()
+    {
+        let backend = remote.connect(true).await?;
+        let log = backend.logs().open(session, false).await?;
+        let plan = task_plan(log.as_ref()).await?;
+        let backend = backend.with_signers(crate::keys::signers(dir, &plan, std::slice::from_ref(me))?);
+        let log = backend.logs().open(session, false).await?;
+        let board = backend.blackboard(session).await.map_err(|e| Failure::Runtime(e.to_string()))?;
+        let extras = PeerExtras { board: Some(board.clone()), ..PeerExtras::default() };
+        (log, Arc::new(roundtable_core::human::BoardSeats(board)), extras, false)
+    } else {
+        let db = crate::db_path(dir);
+        let store = crate::open_store(dir, false, roundtable_sqlite::Durability::Normal)?;
+        let reader = roundtable_sqlite::SqliteReader::new(&db, Duration::from_millis(50)).open(session, false).await?;
+        let log: Arc<dyn SessionLog> =
+            Arc::new(roundtable_sqlite::SeatRelay { store: store.clone(), reader, poll: Duration::from_millis(50) });
+        let seats = roundtable_sqlite::SqliteSeats { store, session: session.clone() };
+        (log, Arc::new(seats), PeerExtras::default(), true)
+    };
     let plan = Arc::new(task_plan(log.as_ref()).await?);
     if extras.secret.is_none() {
         let master = factory::local_secret(dir)?;
@@ -99,4 +105,3 @@ impl roundtable_observe::ui::SeatSource for WebSeats {
         }
     }
 }
-

@@ -411,7 +411,11 @@ fn a_person_takes_a_seat_from_the_web_view_of_a_local_session_and_a_terminal_is_
     let (status, act) = http(addr, "GET", "/api/act", &[("Authorization", bearer.as_str())], "");
     assert_eq!(status, 200);
     let csrf = act["csrf"].as_str().unwrap().to_string();
-    let w = [("Authorization", bearer.as_str()), ("Content-Type", "application/json"), ("X-Roundtable-Csrf", csrf.as_str())];
+    let w = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+        ("X-Roundtable-Csrf", csrf.as_str()),
+    ];
     let take = serde_json::json!({ "session": session, "peer": "reviewer" }).to_string();
     let (status, _) = http(addr, "POST", "/api/seats", &w[1..], &take);
     assert_eq!(status, 401, "a write without the token");
@@ -427,7 +431,8 @@ fn a_person_takes_a_seat_from_the_web_view_of_a_local_session_and_a_terminal_is_
     let asked = |step: &str| {
         let start = Instant::now();
         loop {
-            let (status, v) = http(addr, "GET", &format!("/api/seats/{seat}"), &[("Authorization", bearer.as_str())], "");
+            let (status, v) =
+                http(addr, "GET", &format!("/api/seats/{seat}"), &[("Authorization", bearer.as_str())], "");
             assert_eq!(status, 200, "{v}");
             if v["question"]["step"] == step {
                 return;

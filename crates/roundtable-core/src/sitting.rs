@@ -157,15 +157,7 @@ impl Sitting {
         let said_logged = Arc::new(AtomicU32::new(0));
         let round = Arc::new(AtomicU32::new(0));
         let (stop, stopped) = oneshot::channel();
-        let driver = tokio::spawn(drive(
-            me.clone(),
-            log,
-            extras,
-            events,
-            stopped,
-            said_logged.clone(),
-            round.clone(),
-        ));
+        let driver = tokio::spawn(drive(me.clone(), log, extras, events, stopped, said_logged.clone(), round.clone()));
         let sitting = Sitting {
             me,
             session,
@@ -198,7 +190,11 @@ impl Sitting {
         if let Recipient::Peer(p) = &to
             && self.plan.peer(p).is_none()
         {
-            return Err(format!("no peer {:?}; the peers are {}", p.as_str(), names(self.plan.peers.iter().map(|p| p.id.as_str()))));
+            return Err(format!(
+                "no peer {:?}; the peers are {}",
+                p.as_str(),
+                names(self.plan.peers.iter().map(|p| p.id.as_str()))
+            ));
         }
         let mut posted = self.said_posted.lock().expect("interjection count");
         let n = self.said_logged.load(Ordering::SeqCst).max(*posted);

@@ -354,9 +354,7 @@ impl Acting {
 
     /// Like [`Acting::new`], leaving a seat whose page went quiet for `idle`.
     pub fn with_idle(source: Arc<dyn SeatSource>, token: Arc<str>, idle: Duration) -> Acting {
-        Acting {
-            desks: Arc::new(Desks { source, token, csrf: random_hex(), idle, held: Mutex::new(HashMap::new()) }),
-        }
+        Acting { desks: Arc::new(Desks { source, token, csrf: random_hex(), idle, held: Mutex::new(HashMap::new()) }) }
     }
 
     fn routes(&self) -> Router {
@@ -430,7 +428,8 @@ async fn act_info(State(desks): State<Arc<Desks>>) -> Response {
 
 /// A JSON body of type `T`, or why not.
 fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(bytes).map_err(|e| refuse(StatusCode::UNPROCESSABLE_ENTITY, format!("the request body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| refuse(StatusCode::UNPROCESSABLE_ENTITY, format!("the request body: {e}")))
 }
 
 #[derive(serde::Deserialize)]
@@ -468,7 +467,8 @@ async fn take_seat(State(desks): State<Arc<Desks>>, bytes: axum::body::Bytes) ->
     };
     desks.held.lock().expect("desks").insert(handle.clone(), desk);
     tokio::spawn(pump(desks.clone(), handle.clone(), events));
-    axum::Json(serde_json::json!({ "seat": handle, "session": session.as_str(), "peer": peer.as_str() })).into_response()
+    axum::Json(serde_json::json!({ "seat": handle, "session": session.as_str(), "peer": peer.as_str() }))
+        .into_response()
 }
 
 /// What happens at a seat, into its desk; the seat is left when its page goes quiet.
@@ -528,10 +528,7 @@ async fn vacate(desks: &Desks, handle: &str) -> bool {
 }
 
 fn not_held() -> Response {
-    refuse(
-        StatusCode::NOT_FOUND,
-        "you do not hold this seat (you left, or the page was away too long): take it again",
-    )
+    refuse(StatusCode::NOT_FOUND, "you do not hold this seat (you left, or the page was away too long): take it again")
 }
 
 fn field_json(f: &Field) -> Option<serde_json::Value> {
@@ -640,8 +637,7 @@ async fn answer(State(desks): State<Arc<Desks>>, Path(seat): Path<String>, bytes
         (Form::Text, _, _) => Err("this duty asks for free text: give \"answer\" and no \"fields\"".to_string()),
         (Form::Fields(fs), None, Some(given)) => check_form(fs, &given),
         (Form::Fields(fs), _, _) => {
-            let names: Vec<&str> =
-                fs.iter().filter(|f| !matches!(f, Field::Fixed { .. })).map(Field::name).collect();
+            let names: Vec<&str> = fs.iter().filter(|f| !matches!(f, Field::Fixed { .. })).map(Field::name).collect();
             Err(format!("this duty asks for a form: give \"fields\" ({}) and no \"answer\"", names.join(", ")))
         }
     };

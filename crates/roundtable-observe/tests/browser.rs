@@ -517,7 +517,10 @@ async fn page(browser: &Browser) -> Cdp {
 }
 
 /// Start `plan` on `store` with its model peers running (its human seats empty).
-async fn start_session(store: &MemStore, plan: &roundtable_core::team::TeamPlan) -> (roundtable_core::SessionId, tokio::task::JoinHandle<()>) {
+async fn start_session(
+    store: &MemStore,
+    plan: &roundtable_core::team::TeamPlan,
+) -> (roundtable_core::SessionId, tokio::task::JoinHandle<()>) {
     let session = new_session_id();
     let log = store.open(&session, true).await.unwrap();
     open_session(log.as_ref(), plan, plan.topic.as_deref().unwrap()).await.unwrap();
@@ -541,9 +544,17 @@ fn click(selector: &str) -> String {
     format!("(() => {{ document.querySelector({}).click(); return true; }})()", json!(selector))
 }
 
+/// What `peer` answered or said in `session` (not the stop).
 async fn mine(store: &MemStore, session: &roundtable_core::SessionId, peer: &str) -> Vec<roundtable_core::Envelope> {
     let log = store.open(session, false).await.unwrap();
-    log.read_all().await.unwrap().into_iter().filter(|e| e.env.from.as_str() == peer).map(|e| (*e.env).clone()).collect()
+    // (Whoever sees the end first records the stop: a seat's peer may be the one.)
+    log.read_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.env.from.as_str() == peer && e.env.kind != Kind::Stop)
+        .map(|e| (*e.env).clone())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,16 +580,24 @@ async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() 
     let mut cdp = page(&browser).await;
     // Opened without the token, the page reads but says how to act.
     cdp.call("Page.navigate", json!({ "url": format!("{base}/#/s/{session}") })).await;
-    cdp.wait_for("how to take the seat", "document.querySelector('[data-role=seat]')?.innerText.includes('roundtable ui --act') === true").await;
+    cdp.wait_for(
+        "how to take the seat",
+        "document.querySelector('[data-role=seat]')?.innerText.includes('roundtable ui --act') === true",
+    )
+    .await;
     assert_eq!(cdp.eval("document.querySelectorAll('[data-take]').length").await, json!(0));
     // Opened with the URL the command printed, it can act.
     cdp.call("Page.navigate", json!({ "url": format!("{base}/?token={SEAT_TOKEN}#/s/{session}") })).await;
     cdp.wait_for("the take button", "document.querySelector('[data-take=reviewer]') !== null").await;
     cdp.eval(&click("[data-take=reviewer]")).await;
-    cdp.wait_for("the first duty", "document.querySelector('[data-role=question]')?.innerText.includes('Your duty: turn/1') === true").await;
+    cdp.wait_for(
+        "the first duty",
+        "document.querySelector('[data-role=question]')?.innerText.includes('Your duty: turn/1') === true",
+    )
+    .await;
     let question = cdp.text("[data-role=question]").await;
     assert!(question.contains("What you see under the context policy"), "{question}");
-    let context = cdp.eval("document.querySelector('[data-role=seat-context]').innerText").await;
+    let context = cdp.eval("document.querySelector('[data-role=seat-context]').textContent").await;
     assert!(context.as_str().unwrap().contains("I propose shipping the new billing page"), "{context}");
 
     cdp.eval(&type_into("[data-role=answer-form] textarea[name=answer]", "   ")).await;
@@ -599,10 +618,22 @@ async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() 
     .await;
     cdp.screenshot("roundtable-web-view-seat.png").await;
 
-    cdp.eval(&type_into("[data-role=answer-form] textarea[name=answer]", "Annual plans were never tested: ship to 10% first.")).await;
+    cdp.eval(&type_into(
+        "[data-role=answer-form] textarea[name=answer]",
+        "Annual plans were never tested: ship to 10% first.",
+    ))
+    .await;
     cdp.eval(&click("[data-role=submit]")).await;
-    cdp.wait_for("the second duty", "document.querySelector('[data-role=question]')?.innerText.includes('Your duty: turn/4') === true").await;
-    cdp.eval(&type_into("[data-role=answer-form] textarea[name=answer]", "Fine by me if the dashboard is up before Monday.")).await;
+    cdp.wait_for(
+        "the second duty",
+        "document.querySelector('[data-role=question]')?.innerText.includes('Your duty: turn/4') === true",
+    )
+    .await;
+    cdp.eval(&type_into(
+        "[data-role=answer-form] textarea[name=answer]",
+        "Fine by me if the dashboard is up before Monday.",
+    ))
+    .await;
     cdp.eval(&click("[data-role=submit]")).await;
     running.await.unwrap();
     cdp.wait_for("the end", "document.querySelector('[data-role=seat-over]') !== null").await;
@@ -647,7 +678,11 @@ async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() 
     let labels = cdp.text("[data-field=approve]").await;
     assert!(labels.contains("Approve") && labels.contains("Deny"), "{labels}");
     cdp.eval(&click("[data-role=submit]")).await;
-    cdp.wait_for("the refusal", "document.querySelector('[data-role=seat-error]').innerText.includes('approve: answer yes or no')").await;
+    cdp.wait_for(
+        "the refusal",
+        "document.querySelector('[data-role=seat-error]').innerText.includes('approve: answer yes or no')",
+    )
+    .await;
     let first = cdp.eval("document.querySelector('[data-role=question] h3').innerText").await;
     cdp.eval(&click("[data-field=approve] input[value=no]")).await;
     cdp.eval(&type_into("[data-role=answer-form] [name=reason]", "We run Postgres everywhere else.")).await;
