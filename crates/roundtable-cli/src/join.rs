@@ -2,7 +2,9 @@
 //! terminal. The transcript so far is shown, then each envelope as it lands and each
 //! duty as the protocol gives it; answers are read a line at a time and checked
 //! against the form the duty asks for (see `roundtable_core::human`). The peer itself
-//! runs here, as every peer runs (`run_peer`), with the person as its model.
+//! runs here, as every peer runs (`run_peer`), with the person as its model; taking
+//! the seat and keeping it is shared with the web view (`seat`,
+//! `roundtable_core::sitting`).
 //!
 //! An approval request addressed to the seat (a tool with `approve_by` naming it) is a
 //! question like a duty's, put as what it is: who asks, which tool, the arguments, then
@@ -17,22 +19,15 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
-use roundtable_core::bus::Backend;
-use roundtable_core::human::{Field, Form, Question, Seat, SeatError, SeatLease, check_approval, check_text};
-use roundtable_core::log::{LogStore, SessionLog};
-use roundtable_core::peer::{PeerConfig, PeerExtras, run_peer_with};
-use roundtable_core::session::{SessionState, plan_of};
+use roundtable_core::human::{Field, Form, Question, check_approval, check_text};
+use roundtable_core::log::SessionLog;
+use roundtable_core::sitting::{SeatEvent, Sitting};
 use roundtable_core::team::TeamPlan;
 use roundtable_core::tool::{ApprovalAnswer, ApprovalRequest};
 use roundtable_core::{Envelope, Kind, PeerId, Recipient, SessionId};
 
-use crate::{Failure, factory, nats, render};
-
-/// How long a seat's lease lasts without renewal (the holder renews it every second).
-const LEASE: Duration = Duration::from_secs(5);
+use crate::{Failure, nats, render, seat};
 
 #[derive(clap::Args)]
 pub(crate) struct JoinArgs {
@@ -158,125 +153,20 @@ fn say(text: &str) {
 
 pub(crate) async fn join(dir: &Path, args: JoinArgs) -> Result<ExitCode, Failure> {
     let session = SessionId::from(args.session.as_str());
-    if let Err(why) = roundtable_core::envelope::check_session_id(session.as_str()) {
-        return Err(Failure::Input(format!("session {:?}: {why}", args.session)));
-    }
     let me = PeerId::from(args.seat.as_str());
-    // The log, the seat leases and what the peer shares with the others.
-    let (log, seats, extras, relay): (Arc<dyn SessionLog>, Box<dyn SeatLease>, PeerExtras, bool) = if args
-        .remote
-        .url()
-        .is_some()
-    {
-        let backend = args.remote.connect(true).await?;
-        let log = backend.logs().open(&session, false).await?;
-        let plan = task_plan(log.as_ref()).await?;
-        let backend = backend.with_signers(crate::keys::signers(dir, &plan, std::slice::from_ref(&me))?);
-        let log = backend.logs().open(&session, false).await?;
-        let board = backend.blackboard(&session).await.map_err(|e| Failure::Runtime(e.to_string()))?;
-        let extras = PeerExtras { board: Some(board.clone()), ..PeerExtras::default() };
-        (log, Box::new(roundtable_core::human::BoardSeats(board)), extras, false)
-    } else {
-        let db = crate::db_path(dir);
-        let store = crate::open_store(dir, false, roundtable_sqlite::Durability::Normal)?;
-        let reader = roundtable_sqlite::SqliteReader::new(&db, Duration::from_millis(50)).open(&session, false).await?;
-        let log: Arc<dyn SessionLog> =
-            Arc::new(roundtable_sqlite::SeatRelay { store: store.clone(), reader, poll: Duration::from_millis(50) });
-        let seats = roundtable_sqlite::SqliteSeats { store, session: session.clone() };
-        (log, Box::new(seats), PeerExtras::default(), true)
-    };
-    let plan = Arc::new(task_plan(log.as_ref()).await?);
-    let humans: Vec<&str> = plan.peers.iter().filter(|p| p.is_human()).map(|p| p.id.as_str()).collect();
-    let Some(spec) = plan.peer(&me) else {
-        return Err(Failure::Input(format!(
-            "session {session} has no peer {me:?}; its human seats are: {}",
-            if humans.is_empty() { "none".to_string() } else { humans.join(", ") }
-        )));
-    };
-    if !spec.is_human() {
-        return Err(Failure::Input(format!(
-            "peer {me} of session {session} is a model peer, not a seat for a person (kind = \"human\"); its human seats are: {}",
-            if humans.is_empty() { "none".to_string() } else { humans.join(", ") }
-        )));
-    }
-    let entries = log.read_all().await?;
-    let mut st = SessionState::for_peer(plan.clone(), session.clone(), &me);
-    for e in &entries {
-        st.apply(e);
-    }
-    if st.is_stopped() {
-        let reason = st.stop.as_ref().and_then(|s| s.env.body.json.as_ref()?.get("reason")?.as_str().map(String::from));
-        return Err(Failure::Input(format!(
-            "session {session} is finished ({}); there is nothing left to answer (see `roundtable log {session}`)",
-            reason.unwrap_or_default()
-        )));
-    }
-    let holder = hex::encode(rand::random::<[u8; 8]>());
-    seats.claim(&me, &holder, LEASE).await.map_err(|e| match e {
-        SeatError::Taken(w) => Failure::Input(w),
-        SeatError::Store(w) => Failure::Runtime(w),
-    })?;
-    let seats: Arc<dyn SeatLease> = Arc::from(seats);
-    let result = sit(&me, &session, log, plan, extras, dir, relay, seats.clone(), &holder).await;
-    seats.release(&me, &holder).await;
-    result
+    let seat::Taken { sitting, events, relay } = seat::take(dir, &args.remote, &session, &me).await?;
+    let plan = sitting.plan().clone();
+    sit(&me, &session, sitting, events, plan, relay).await
 }
 
-/// The plan in a session's task (bad input when the session has none).
-async fn task_plan(log: &dyn SessionLog) -> Result<TeamPlan, Failure> {
-    let session = log.session().clone();
-    let first = log.read(1, 1).await?;
-    let task = first
-        .first()
-        .filter(|e| e.env.kind == Kind::Task)
-        .ok_or_else(|| Failure::Input(format!("session {session} has no task envelope")))?;
-    plan_of(&task.env).map_err(|e| Failure::Input(format!("session {session}: {e}")))
-}
-
-/// The peer's loop, with the person as its model; a fresh one after the person was
-/// recorded absent (it folds the log and comes back).
-fn spawn_peer(
-    me: &PeerId,
-    log: &Arc<dyn SessionLog>,
-    extras: &PeerExtras,
-) -> (tokio::task::JoinHandle<Result<(), String>>, tokio::sync::mpsc::UnboundedReceiver<Question>) {
-    let (seat, asks) = Seat::new();
-    let cfg = PeerConfig { me: me.clone(), log: log.clone(), model: Arc::new(seat), presence: None, events: None };
-    let extras = extras.clone();
-    let task = tokio::spawn(async move { run_peer_with(cfg, extras).await.map(|_| ()).map_err(|e| e.to_string()) });
-    (task, asks)
-}
-
-#[allow(clippy::too_many_arguments)]
 async fn sit(
     me: &PeerId,
     session: &SessionId,
-    log: Arc<dyn SessionLog>,
+    sitting: Sitting,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<SeatEvent>,
     plan: Arc<TeamPlan>,
-    mut extras: PeerExtras,
-    dir: &Path,
     relay: bool,
-    seats: Arc<dyn SeatLease>,
-    holder: &str,
 ) -> Result<ExitCode, Failure> {
-    extras.plan = Some(plan.clone());
-    if extras.secret.is_none() {
-        let master = factory::local_secret(dir)?;
-        extras.secret = Some(roundtable_core::runner::peer_secret(&master, me));
-    }
-    // Keep the lease while seated.
-    let renew = {
-        let (seats, me, holder) = (seats.clone(), me.clone(), holder.to_string());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Err(e) = seats.claim(&me, &holder, LEASE).await {
-                    tracing::warn!(error = %e, "renewing the seat's lease failed");
-                }
-            }
-        })
-    };
-    let _renew = AbortOnDrop(renew);
     let style = render::Style::for_stdout();
     let group = plan.peer(me).and_then(|p| p.group.clone());
     let within = plan.peer(me).and_then(|p| p.answer_within_ms);
@@ -310,132 +200,96 @@ async fn sit(
         }
     });
 
-    // The person's interjections so far (their steps number them).
-    // On the log (a seat taken again starts from there), and typed in this sitting.
-    let (mut said_logged, mut said_typed) = (0u32, 0u32);
-    let mut round = 0u32;
-    // Interjections are appended one after another, in the order typed, without
-    // holding up the terminal.
-    let (outbox, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<roundtable_core::Envelope>();
-    let _posting = AbortOnDrop(tokio::spawn({
-        let log = log.clone();
-        async move {
-            while let Some(env) = outgoing.recv().await {
-                if let Err(e) = log.append(env).await {
-                    say(&format!("your message could not be posted: {e}"));
-                }
-            }
-        }
-    }));
-    let mut tail = log.tail(1).await?;
-    let (mut peer, mut asks) = spawn_peer(me, &log, &extras);
     let mut asking: Option<Asking> = None;
     // Approval requests addressed to this seat, by step, as the tail shows them.
     let mut requests: HashMap<String, ApprovalRequest> = HashMap::new();
+    let log = sitting.log().clone();
     let mut stopped = false;
-    let mut peer_done = false;
+    let mut failed = None;
     loop {
         tokio::select! {
-            ended = &mut peer, if !peer_done => {
-                peer_done = true;
-                match ended {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(Failure::Runtime(format!("seat {me}: {e}"))),
-                    Err(e) if e.is_cancelled() => {}
-                    Err(e) => return Err(Failure::Runtime(format!("seat {me}: {e}"))),
+            ev = events.recv() => match ev {
+                None => break,
+                Some(SeatEvent::Entry(e)) => {
+                    // The result of a call this seat was asked to approve is shown too (it
+                    // is addressed to the caller): what the person's answer led to.
+                    let asked_me = e.env.kind == Kind::ToolResult
+                        && requests.values().any(|r| {
+                            r.caller == e.env.from
+                                && r.call_step.rsplit_once("/call/").map(|(d, k)| format!("{d}/result/{k}")).as_deref()
+                                    == Some(&*e.env.step)
+                        });
+                    if e.env.visible_to(me, group.as_deref()) || e.env.kind == Kind::Stop || asked_me {
+                        say(&render::format_entry(&e, style));
+                    }
+                    if let Some(r) = approval_request(&e.env, me) {
+                        requests.insert(e.env.step.to_string(), r);
+                    }
+                    // The request being asked was answered by someone else: the caller,
+                    // whose wait for this seat ran out. The question is taken back (the
+                    // peer records that it was not answered; the denial stands).
+                    let overtaken = e.env.kind == Kind::Approval
+                        && e.env.from != *me
+                        && asking.as_ref().is_some_and(|a| a.approval.is_some() && a.q.step == e.env.step);
+                    if overtaken {
+                        let why = e.env.body.json.clone()
+                            .and_then(|j| serde_json::from_value::<ApprovalAnswer>(j).ok())
+                            .map_or_else(|| e.env.body.text.to_string(), |a| a.reason);
+                        asking = None;
+                        say(&style.bold(&format!("Too late to answer that approval: the call was denied ({why}).")));
+                    }
                 }
-            }
-            next = tail.next() => {
-                let Some(next) = next else { break };
-                let e = next?;
-                round = round.max(e.env.round);
-                if e.env.from == *me && roundtable_core::human::is_interjection(&e.env) {
-                    said_logged += 1;
-                }
-                // The result of a call this seat was asked to approve is shown too (it
-                // is addressed to the caller): what the person's answer led to.
-                let asked_me = e.env.kind == Kind::ToolResult
-                    && requests.values().any(|r| {
-                        r.caller == e.env.from
-                            && r.call_step.rsplit_once("/call/").map(|(d, k)| format!("{d}/result/{k}")).as_deref()
-                                == Some(&*e.env.step)
-                    });
-                if e.env.visible_to(me, group.as_deref()) || e.env.kind == Kind::Stop || asked_me {
-                    say(&render::format_entry(&e, style));
-                }
-                if e.env.kind == Kind::Stop {
+                Some(SeatEvent::Over) => {
                     stopped = true;
                     break;
                 }
-                if let Some(r) = approval_request(&e.env, me) {
-                    requests.insert(e.env.step.to_string(), r);
+                Some(SeatEvent::Failed(e)) => {
+                    failed = Some(e);
+                    break;
                 }
-                // The request being asked was answered by someone else: the caller,
-                // whose wait for this seat ran out. The question is taken back (the
-                // peer records that it was not answered; the denial stands).
-                let overtaken = e.env.kind == Kind::Approval
-                    && e.env.from != *me
-                    && asking.as_ref().is_some_and(|a| a.approval.is_some() && a.q.step == e.env.step);
-                if overtaken {
-                    let why = e.env.body.json.clone()
-                        .and_then(|j| serde_json::from_value::<ApprovalAnswer>(j).ok())
-                        .map_or_else(|| e.env.body.text.to_string(), |a| a.reason);
-                    asking = None;
-                    say(&style.bold(&format!("Too late to answer that approval: the call was denied ({why}).")));
-                }
-                let me_absent = e.env.kind == Kind::Absent
-                    && e.env.body.json.as_ref().and_then(|j| j.get("peer")?.as_str()) == Some(me.as_str());
-                if me_absent {
-                    // The duty was skipped: the question goes, and the peer comes back
-                    // (a fresh loop folds the log, sees itself absent and records `join`).
-                    peer.abort();
-                    if !peer_done {
-                        let _ = (&mut peer).await;
-                    }
+                Some(SeatEvent::NotPosted(why)) => say(&why),
+                Some(SeatEvent::Skipped) => {
                     if asking.take().is_some() {
                         say(&style.bold("You did not answer in time; that duty was skipped. You are still seated."));
                     }
-                    (peer, asks) = spawn_peer(me, &log, &extras);
-                    peer_done = false;
                 }
-            }
-            q = asks.recv() => {
-                let Some(q) = q else { continue };
-                if let Some(req) = request_of(&q, me, &requests, log.as_ref()).await? {
-                    say(&style.bold(&format!(
-                        "\n── {} asks you to approve a call of `{}` ({})",
-                        req.caller, req.tool, req.call_step
-                    )));
-                    for line in readable_arguments(&req.arguments) {
-                        say(&format!("   {line}"));
-                    }
-                    say(&style.dim(&format!(
-                        "(approved, the tool runs now; denied, it does not, and {}'s model is told your reason)",
-                        req.caller
-                    )));
-                    say(APPROVE_PROMPT);
-                    asking = Some(Asking { q, values: Vec::new(), approval: Some(req) });
-                    continue;
-                }
-                let round = if q.round > 0 { format!(" (round {})", q.round) } else { String::new() };
-                say(&style.bold(&format!("\n── Your duty: {}{round}", q.step)));
-                if let Some(i) = &q.instruction {
-                    say(i);
-                }
-                say(&style.dim(&format!("(you see {} messages under the context policy; /context shows them)", q.context.len())));
-                let mut a = Asking { q, values: Vec::new(), approval: None };
-                match a.next_prompt() {
-                    Some(p) => say(&p),
-                    None if a.fields().is_empty() => say("» your answer:"),
-                    None => {
-                        // Every field fixed: nothing to ask.
-                        let text = Form::answer_of(a.fields(), &a.values);
-                        a.q.answer(text);
+                Some(SeatEvent::Question(q)) => {
+                    if let Some(req) = request_of(&q, me, &requests, log.as_ref()).await? {
+                        say(&style.bold(&format!(
+                            "\n── {} asks you to approve a call of `{}` ({})",
+                            req.caller, req.tool, req.call_step
+                        )));
+                        for line in readable_arguments(&req.arguments) {
+                            say(&format!("   {line}"));
+                        }
+                        say(&style.dim(&format!(
+                            "(approved, the tool runs now; denied, it does not, and {}'s model is told your reason)",
+                            req.caller
+                        )));
+                        say(APPROVE_PROMPT);
+                        asking = Some(Asking { q, values: Vec::new(), approval: Some(req) });
                         continue;
                     }
+                    let round = if q.round > 0 { format!(" (round {})", q.round) } else { String::new() };
+                    say(&style.bold(&format!("\n── Your duty: {}{round}", q.step)));
+                    if let Some(i) = &q.instruction {
+                        say(i);
+                    }
+                    say(&style.dim(&format!("(you see {} messages under the context policy; /context shows them)", q.context.len())));
+                    let mut a = Asking { q, values: Vec::new(), approval: None };
+                    match a.next_prompt() {
+                        Some(p) => say(&p),
+                        None if a.fields().is_empty() => say("» your answer:"),
+                        None => {
+                            // Every field fixed: nothing to ask.
+                            let text = Form::answer_of(a.fields(), &a.values);
+                            a.q.answer(text);
+                            continue;
+                        }
+                    }
+                    asking = Some(a);
                 }
-                asking = Some(a);
-            }
+            },
             line = lines.recv() => {
                 let Some(Some(line)) = line else {
                     say("Leaving the seat (end of input).");
@@ -450,22 +304,10 @@ async fn sit(
                                 (Recipient::All, rest)
                             } else {
                                 let (peer, text) = rest.trim_start().split_once(' ').unwrap_or((rest.trim(), ""));
-                                if plan.peer(&PeerId::from(peer)).is_none() {
-                                    let peers: Vec<&str> = plan.peers.iter().map(|p| p.id.as_str()).collect();
-                                    say(&format!("refused: no peer {peer:?}; the peers are {}", peers.join(", ")));
-                                    continue;
-                                }
                                 (Recipient::Peer(PeerId::from(peer)), text)
                             };
-                            let n = said_logged.max(said_typed);
-                            match roundtable_core::human::interjection(session, me, n, to, text, round) {
-                                Ok(env) => {
-                                    // Counted now, so a second one typed before the first
-                                    // is back gets the next step.
-                                    said_typed = n + 1;
-                                    let _ = outbox.send(env);
-                                }
-                                Err(why) => say(&format!("refused: {why}")),
+                            if let Err(why) = sitting.say(to, text) {
+                                say(&format!("refused: {why}"));
                             }
                         }
                         "approve" | "deny" => {
@@ -577,12 +419,12 @@ async fn sit(
             }
         }
     }
-    // Leaving: stop the peer before its question goes, so that leaving records nothing.
-    peer.abort();
-    if !peer_done {
-        let _ = peer.await;
+    // Leaving: the peer stops before its question goes, so that leaving records nothing.
+    sitting.leave().await;
+    drop(asking);
+    if let Some(e) = failed {
+        return Err(Failure::Runtime(e));
     }
-    drop(asks);
     if stopped {
         say(&style.bold("The session is over."));
     } else {

@@ -11,6 +11,7 @@ mod natsconfig;
 mod observe;
 mod render;
 mod seal;
+mod seat;
 mod worktest;
 
 use std::io::Write;

@@ -135,6 +135,12 @@ pub(crate) struct UiArgs {
     /// Also serve Prometheus metrics of every session at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Let a person take a human peer's seat from the page (answer its duties,
+    /// interject, leave), as `roundtable join` does from a terminal. Acting always
+    /// needs the token, even on loopback: without --token one is generated and the
+    /// printed URL carries it.
+    #[arg(long)]
+    act: bool,
     #[command(flatten)]
     remote: crate::nats::NatsArgs,
 }
@@ -277,13 +283,22 @@ pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
     }
     let token = match args.token.clone() {
         Some(t) => Some(t),
-        None if !args.addr.ip().is_loopback() => Some(hex::encode(rand::random::<[u8; 24]>())),
+        None if args.act || !args.addr.ip().is_loopback() => Some(hex::encode(rand::random::<[u8; 24]>())),
         None => None,
     };
-    let access = token.as_deref().map_or(roundtable_observe::ui::Access::Open, |t| {
+    // On loopback, reading stays open unless a token was given; acting never is.
+    let read_token = token.as_deref().filter(|_| args.token.is_some() || !args.addr.ip().is_loopback());
+    let access = read_token.map_or(roundtable_observe::ui::Access::Open, |t| {
         roundtable_observe::ui::Access::Token(std::sync::Arc::from(t))
     });
-    let bound = roundtable_observe::ui::serve_with(args.addr, store.clone(), access)
+    let acting = match (&token, args.act) {
+        (Some(t), true) => {
+            let seats = crate::seat::WebSeats { dir: dir.to_path_buf(), remote: args.remote.clone() };
+            Some(roundtable_observe::ui::Acting::new(Arc::new(seats), Arc::from(t.as_str())))
+        }
+        _ => None,
+    };
+    let bound = roundtable_observe::ui::serve_acting(args.addr, store.clone(), access, acting)
         .await
         .map_err(|e| Failure::Input(format!("--addr {}: {e}", args.addr)))?;
     let source = args.remote.url().map_or_else(|| dir.display().to_string(), str::to_owned);
@@ -294,6 +309,11 @@ pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
         }
         Some(_) => println!("Roundtable web view: http://{bound}/?token=… (the token given; sessions in {source})"),
         None => println!("Roundtable web view: http://{bound}/ (sessions in {source})"),
+    }
+    if args.act {
+        println!(
+            "Seats: a person can take a human peer's seat from the page opened with this URL (its token is needed to act)."
+        );
     }
     if !bound.ip().is_loopback() {
         eprintln!(

@@ -528,3 +528,95 @@ fn a_person_denies_a_tool_call_with_a_reason_and_an_empty_reason_is_asked_again(
     let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
     assert!(json(&o)["divergence"].is_null(), "{}", stdout(&o));
 }
+
+/// One HTTP/1.1 request to the web view (headers chosen by the test); status and body.
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, serde_json::Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn a_person_takes_a_seat_from_the_web_view_of_a_local_session_and_a_terminal_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let (mut run, session) = start_run(&examples().join("human-review.toml"), d, &[]);
+    let child = bin()
+        .args(["ui", "--act", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ui = Driven::collect(child, "roundtable ui --act");
+    let line = ui.expect("(sessions in");
+    // The printed URL carries a generated token, even on loopback.
+    let url = line.rsplit("http://").next().unwrap().split_whitespace().next().unwrap();
+    let (addr, token) = url.split_once("/?token=").unwrap_or_else(|| panic!("no token in {line}"));
+    assert!(token.len() >= 32, "{token}");
+    let bearer = format!("Bearer {token}");
+    let (status, _) = http(addr, "GET", "/api/sessions", &[], "");
+    assert_eq!(status, 200, "reading stays open on loopback");
+    let (status, _) = http(addr, "GET", "/api/act", &[], "");
+    assert_eq!(status, 401, "acting is not");
+    let (status, act) = http(addr, "GET", "/api/act", &[("Authorization", bearer.as_str())], "");
+    assert_eq!(status, 200);
+    let csrf = act["csrf"].as_str().unwrap().to_string();
+    let w = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "application/json"),
+        ("X-Roundtable-Csrf", csrf.as_str()),
+    ];
+    let take = serde_json::json!({ "session": session, "peer": "reviewer" }).to_string();
+    let (status, _) = http(addr, "POST", "/api/seats", &w[1..], &take);
+    assert_eq!(status, 401, "a write without the token");
+    let (status, taken) = http(addr, "POST", "/api/seats", &w, &take);
+    assert_eq!(status, 200, "{taken}");
+    let seat = taken["seat"].as_str().unwrap().to_string();
+
+    // The terminal is refused the seat the page holds.
+    let o = bin().args(["join", &session, "--as", "reviewer", "--data-dir"]).arg(d).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("seat `reviewer` is taken"), "{}", stderr(&o));
+
+    let asked = |step: &str| {
+        let start = Instant::now();
+        loop {
+            let (status, v) =
+                http(addr, "GET", &format!("/api/seats/{seat}"), &[("Authorization", bearer.as_str())], "");
+            assert_eq!(status, 200, "{v}");
+            if v["question"]["step"] == step {
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE, "the page was never asked {step}: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let answer = |step: &str, text: &str| {
+        let body = serde_json::json!({ "step": step, "answer": text }).to_string();
+        http(addr, "POST", &format!("/api/seats/{seat}/answer"), &w, &body)
+    };
+    asked("turn/1");
+    let (status, v) = answer("turn/1", "");
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(answer("turn/1", "Ship to 10% first; annual plans were never tested.").0, 200);
+    asked("turn/4");
+    assert_eq!(answer("turn/4", "Agreed.").0, 200);
+    assert!(run.wait().success(), "{}", run.all());
+
+    let s = json(&bin().args(["log", &session, "--json", "--data-dir"]).arg(d).output().unwrap());
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("completed: 2 rounds"), "{s}");
+    assert_eq!(s["per_peer"]["reviewer"]["messages_from_calls"], 2, "the page's answers are the reviewer's: {s}");
+    let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
+    assert!(json(&o)["divergence"].is_null(), "{}", stdout(&o));
+}

@@ -34,6 +34,7 @@ pub mod readable;
 pub mod runner;
 pub mod session;
 pub mod similarity;
+pub mod sitting;
 pub mod team;
 pub mod telemetry;
 pub mod termination;

@@ -77,10 +77,16 @@
     if (current && current.id === id) return;
     closeSession();
     const me = { id, entries: [], bySeq: new Map(), byId: new Map(), es: null, timer: null, problem: null };
+    // The seat panel lives apart from what each envelope re-renders, so that an answer
+    // being typed survives the envelopes that arrive meanwhile.
+    me.seatEl = h("div", { id: "seat-host" });
+    me.contentEl = h("div", null, h("p", { class: "muted" }, "Loading session " + id + " …"));
+    me.seat = null;
     current = me;
     if (!sessions.some((x) => x.id === id)) loadSessions();
     renderSessions();
-    mainEl.replaceChildren(h("p", { class: "muted" }, "Loading session " + id + " …"));
+    mainEl.replaceChildren(me.seatEl, me.contentEl);
+    resumeSeat(me);
     const es = new EventSource("/api/sessions/" + encodeURIComponent(id) + "/events");
     me.es = es;
     es.addEventListener("envelope", (ev) => {
@@ -106,6 +112,7 @@
 
   function closeSession() {
     if (current && current.es) current.es.close();
+    if (current && current.seat && current.seat.poll) clearInterval(current.seat.poll);
     current = null;
   }
 
@@ -470,8 +477,236 @@
       h("div", { class: "grid" }, decisionPanel(d), graphPanel(d), costPanel(d), votesPanel(d)),
       transcript(d),
     ];
-    mainEl.replaceChildren(...parts.filter((p) => p !== null));
+    me.contentEl.replaceChildren(...parts.filter((p) => p !== null));
+    me.derived = d;
+    renderSeat(me);
     window.scrollTo(0, y);
+  }
+
+  // ---- A seat at the table (only when the server was started to act: `ui --act`) -----
+  // Writes are POST with a JSON body and the CSRF header from GET /api/act; the token
+  // travels in the cookie the page's URL set.
+  const act = { state: "unknown", csrf: null, header: null };
+
+  async function checkActing() {
+    try {
+      const r = await fetch("/api/act", { cache: "no-store" });
+      if (r.ok) {
+        const j = await r.json();
+        Object.assign(act, { state: "on", csrf: j.csrf, header: j.csrf_header });
+      } else {
+        act.state = r.status === 401 ? "locked" : "off";
+      }
+    } catch (e) {
+      act.state = "off";
+    }
+  }
+
+  async function write(path, body) {
+    const headers = { "Content-Type": "application/json" };
+    headers[act.header] = act.csrf;
+    const r = await fetch(path, { method: "POST", headers, body: JSON.stringify(body) });
+    let j = {};
+    try { j = await r.json(); } catch (e) { /* no JSON: the status says it */ }
+    if (!r.ok) throw new Error(j.error || "HTTP " + r.status);
+    return j;
+  }
+
+  function seatKey(id) { return "rt-seat:" + id; }
+
+  // A seat this tab took earlier (a reload keeps it while the server holds it).
+  function resumeSeat(me) {
+    let saved = null;
+    try { saved = JSON.parse(sessionStorage.getItem(seatKey(me.id)) || "null"); } catch (e) { saved = null; }
+    if (saved && saved.handle) startSeat(me, saved.peer, saved.handle);
+  }
+
+  function startSeat(me, peer, handle) {
+    me.seat = { peer, handle, state: null, shown: null, poll: null, error: "", done: "" };
+    sessionStorage.setItem(seatKey(me.id), JSON.stringify({ peer, handle }));
+    const tick = () => pollSeat(me);
+    me.seat.poll = setInterval(tick, 700);
+    tick();
+  }
+
+  function endSeat(me, why) {
+    if (me.seat && me.seat.poll) clearInterval(me.seat.poll);
+    sessionStorage.removeItem(seatKey(me.id));
+    me.seat = null;
+    me.seatNote = why || "";
+    renderSeat(me);
+  }
+
+  async function pollSeat(me) {
+    const seat = me.seat;
+    if (!seat) return;
+    try {
+      const r = await fetch("/api/seats/" + encodeURIComponent(seat.handle), { cache: "no-store" });
+      if (r.status === 404 || r.status === 401) {
+        let why = "";
+        try { why = (await r.json()).error; } catch (e) { /* keep it empty */ }
+        if (me.seat === seat) endSeat(me, why);
+        return;
+      }
+      if (!r.ok) return;
+      seat.state = await r.json();
+    } catch (e) {
+      return;
+    }
+    if (me.seat === seat && current === me) renderSeat(me);
+  }
+
+  function humanSeats(d) {
+    return d && d.plan ? d.plan.peers.filter((p) => p.kind === "human").map((p) => p.id) : [];
+  }
+
+  // Re-rendered only when what it shows changes (a new question, the end), never while
+  // the same question is being answered.
+  function renderSeat(me) {
+    const d = me.derived;
+    const humans = humanSeats(d);
+    const seat = me.seat;
+    const st = seat && seat.state;
+    const shown = JSON.stringify([act.state, humans, !!(d && d.stop), seat && seat.handle, me.seatNote || "",
+      st && [st.question && st.question.n, st.over, st.failed, st.notices.length]]);
+    if (me.seatShown === shown) return;
+    me.seatShown = shown;
+    if (!humans.length || act.state === "off" || act.state === "unknown" || (d.stop && !seat)) {
+      me.seatEl.replaceChildren();
+      return;
+    }
+    if (act.state === "locked") {
+      me.seatEl.replaceChildren(h("section", { class: "panel seat", "data-role": "seat" },
+        h("h2", null, "Seats for people"),
+        h("p", { class: "muted" }, "This session has a seat for a person (" + humans.join(", ") + "). To take it here, open this page with the URL ",
+          h("code", null, "roundtable ui --act"), " printed: it carries the token that acting needs.")));
+      return;
+    }
+    if (!seat) {
+      const err = h("p", { class: "error", "data-role": "seat-error" }, me.seatNote || "");
+      me.seatEl.replaceChildren(h("section", { class: "panel seat", "data-role": "seat" },
+        h("h2", null, "Seats for people"),
+        h("p", null, "Sit at the table as a human peer: you answer its duties here, as you would with ",
+          h("code", null, "roundtable join " + me.id + " --as " + humans[0]), "."),
+        h("div", { class: "seat-actions" }, humans.map((p) => h("button", {
+          type: "button", "data-take": p,
+          onclick: async (ev) => {
+            ev.target.disabled = true;
+            try {
+              const j = await write("/api/seats", { session: me.id, peer: p });
+              me.seatNote = "";
+              startSeat(me, p, j.seat);
+            } catch (e) {
+              err.textContent = e.message;
+              ev.target.disabled = false;
+            }
+          },
+        }, "Take seat " + p))),
+        err));
+      return;
+    }
+    const base = "/api/seats/" + encodeURIComponent(seat.handle);
+    const err = h("p", { class: "error", "data-role": "seat-error" });
+    const done = h("p", { class: "muted", "data-role": "seat-done" }, seat.done);
+    let body;
+    if (!st) {
+      body = h("p", { class: "muted" }, "Taking the seat…");
+    } else if (st.over) {
+      body = h("p", { class: "reason", "data-role": "seat-over" }, "The session is over.");
+    } else if (st.failed) {
+      body = h("p", { class: "error" }, "The seat stopped: " + st.failed);
+    } else if (!st.question) {
+      body = h("p", { class: "muted", "data-role": "seat-idle" }, "Nothing is asked of you now; your duties appear here as they come.");
+    } else {
+      body = questionForm(me, st.question, base, err, done);
+    }
+    const others = d && d.plan ? d.plan.peers.map((p) => p.id).filter((p) => p !== seat.peer) : [];
+    const sayErr = h("p", { class: "error", "data-role": "say-error" });
+    const sayText = h("textarea", { rows: 2, "data-role": "say-text", placeholder: "Say something at any time…" });
+    const sayTo = h("select", { "data-role": "say-to" }, h("option", { value: "" }, "to everyone"), others.map((p) => h("option", { value: p }, "to " + p)));
+    const sayForm = h("form", {
+      class: "say", "data-role": "say-form",
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        sayErr.textContent = "";
+        try {
+          await write(base + "/say", { to: sayTo.value || null, text: sayText.value });
+          sayText.value = "";
+          sayErr.textContent = "";
+        } catch (e) {
+          sayErr.textContent = e.message;
+        }
+      },
+    }, h("div", { class: "muted" }, "Interject"), h("div", { class: "row" }, sayTo, sayText, h("button", { type: "submit", "data-role": "say-send" }, "Send")), sayErr);
+    me.seatEl.replaceChildren(h("section", { class: "panel seat held", "data-role": "seat" },
+      h("h2", null, "Your seat"),
+      h("div", { class: "row" }, h("span", null, "You hold seat ", h("b", null, seat.peer), " in this session."),
+        h("button", {
+          type: "button", class: "quiet", "data-role": "leave",
+          onclick: async () => {
+            try { await write(base + "/leave", {}); } catch (e) { /* gone already */ }
+            endSeat(me, "You left seat " + seat.peer + ".");
+          },
+        }, "Leave the seat")),
+      h("div", { "data-role": "question" }, body),
+      err, done,
+      st && st.notices.length ? h("ul", { class: "notices", "data-role": "seat-notices" }, st.notices.map((n) => h("li", null, n))) : null,
+      st && !st.over ? sayForm : null));
+  }
+
+  function questionForm(me, q, base, err, done) {
+    const inputs = [];
+    let fields;
+    if (q.form === "text") {
+      const ta = h("textarea", { name: "answer", rows: 4, placeholder: "Your answer" });
+      inputs.push(() => ({ answer: ta.value }));
+      fields = h("label", { class: "field" }, h("span", null, "Your answer"), ta);
+    } else {
+      const got = {};
+      fields = q.form.map((f) => {
+        if (f.kind === "yesno") {
+          const yes = h("input", { type: "radio", name: f.name, value: "yes" });
+          const no = h("input", { type: "radio", name: f.name, value: "no" });
+          got[f.name] = () => (yes.checked ? true : no.checked ? false : "");
+          const [y, n] = f.name === "approve" ? ["Approve", "Deny"] : ["Yes", "No"];
+          return h("fieldset", { class: "field", "data-field": f.name }, h("legend", null, f.name),
+            h("label", null, yes, " " + y), h("label", null, no, " " + n));
+        }
+        const el = f.kind === "fraction"
+          ? h("input", { type: "text", inputmode: "decimal", name: f.name, placeholder: "a number from 0 to 1" })
+          : h("textarea", { name: f.name, rows: 2, placeholder: f.optional ? "may be empty" : "" });
+        got[f.name] = () => el.value;
+        return h("label", { class: "field", "data-field": f.name }, h("span", null, f.name + (f.optional ? " (may be empty)" : "")), el);
+      });
+      inputs.push(() => ({ fields: Object.fromEntries(Object.entries(got).map(([k, g]) => [k, g()])) }));
+    }
+    const form = h("form", {
+      class: "answer", "data-role": "answer-form",
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        err.textContent = "";
+        const submit = form.querySelector("button[type=submit]");
+        submit.disabled = true;
+        try {
+          const j = await write(base + "/answer", Object.assign({ step: q.step }, ...inputs.map((g) => g())));
+          if (me.seat) {
+            me.seat.done = "Answered " + q.step + ": " + firstLine(j.answered, 200);
+            me.seat.state.question = null;
+            me.seatShown = null;
+            renderSeat(me);
+          }
+        } catch (e) {
+          err.textContent = e.message;
+          submit.disabled = false;
+        }
+      },
+    }, fields, h("button", { type: "submit", "data-role": "submit" }, "Answer"));
+    return h("div", { class: "duty" },
+      h("h3", null, "Your duty: " + q.step + (q.round ? " (round " + q.round + ")" : "")),
+      q.instruction ? h("p", { class: "instruction" }, q.instruction) : null,
+      h("details", { "data-role": "seat-context" }, h("summary", null, "What you see under the context policy (" + q.context.length + " messages)"),
+        h("ol", null, q.context.map((c) => h("li", null, h("b", null, c.from || "task"), ": ", c.text)))),
+      form);
   }
 
   // ---- Routing ----------------------------------------------------------------------------
@@ -489,5 +724,6 @@
   window.addEventListener("hashchange", route);
   loadSessions();
   setInterval(loadSessions, 2500);
+  checkActing().then(() => { if (current && current.derived) renderSeat(current); });
   route();
 })();

@@ -182,7 +182,7 @@ impl Cdp {
             if self.eval(expr).await == json!(true) {
                 return;
             }
-            if start.elapsed() > Duration::from_secs(30) {
+            if start.elapsed() > Duration::from_secs(90) {
                 let body = self.text("body").await;
                 panic!("the page never showed {what}; it shows:\n{body}");
             }
@@ -541,7 +541,7 @@ async fn the_page_shows_each_tool_call_who_asked_and_how_it_ended() {
         cdp.call(domain, json!({})).await;
     }
     cdp.call("Page.navigate", json!({ "url": format!("http://{addr}/#/s/{session}") })).await;
-    cdp.wait_for("the stop", "document.body.innerText.toLowerCase().includes('why it stopped')").await;
+    cdp.wait_for("the stop", "!!document.body && document.body.innerText.toLowerCase().includes('why it stopped')").await;
 
     let card = |kind: &str| format!("[data-role=transcript] article.card[data-kind={kind}]");
     let note = |kind: &str| format!("{} [data-role=tool]", card(kind));
@@ -561,6 +561,263 @@ async fn the_page_shows_each_tool_call_who_asked_and_how_it_ended() {
         .await;
     assert!(!kinds.as_array().unwrap().iter().any(|k| k.as_str().unwrap().starts_with("tool")), "{kinds}");
     cdp.screenshot("roundtable-web-view-tools.png").await;
+    cdp.eval("1").await;
+    for ev in &cdp.events {
+        assert_ne!(ev["method"], "Runtime.exceptionThrown", "the page threw: {}", ev["params"]);
+    }
+}
+
+/// A debate whose one round is a vote (answer and confidence), with a person voting.
+const VOTE: &str = r#"
+name = "vote"
+topic = "Which region do we launch in first?"
+[models.s]
+provider = "scripted"
+[models.s.per_peer]
+a = ['{"answer": "EU", "confidence": 0.8, "reason": "GDPR work is done"}']
+b = ['{"answer": "US", "confidence": 0.6, "reason": "bigger market"}']
+[[peers]]
+id = "a"
+model = "s"
+[[peers]]
+id = "p"
+kind = "human"
+[[peers]]
+id = "b"
+model = "s"
+[protocol]
+kind = "debate"
+rounds = 1
+json = true
+"#;
+
+/// A consensus where a person approves or denies each proposal, with a reason.
+const APPROVE: &str = r#"
+name = "approve"
+topic = "Which database for the order store?"
+[models.m]
+provider = "scripted"
+[models.m.per_peer]
+lead = ["Use MySQL for the order store. Answer: mysql", "Use Postgres with a read replica. Answer: postgres"]
+a = ['{"approve": true, "reason": "Fine."}', '{"approve": true, "reason": "Better."}']
+[[peers]]
+id = "lead"
+model = "m"
+[[peers]]
+id = "a"
+model = "m"
+[[peers]]
+id = "ops"
+kind = "human"
+[protocol]
+kind = "consensus"
+proposer = "lead"
+threshold = 0.6
+"#;
+
+const SEAT_TOKEN: &str = "browser-seat-token";
+
+/// A new page attached to the browser.
+async fn page(browser: &Browser) -> Cdp {
+    let mut cdp = Cdp::connect(&browser.ws).await;
+    let target = cdp.call("Target.createTarget", json!({ "url": "about:blank" })).await;
+    let attached = cdp.call("Target.attachToTarget", json!({ "targetId": target["targetId"], "flatten": true })).await;
+    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_string());
+    for domain in ["Page.enable", "Runtime.enable", "Network.enable"] {
+        cdp.call(domain, json!({})).await;
+    }
+    cdp
+}
+
+/// Start `plan` on `store` with its model peers running (its human seats empty).
+async fn start_session(
+    store: &MemStore,
+    plan: &roundtable_core::team::TeamPlan,
+) -> (roundtable_core::SessionId, tokio::task::JoinHandle<()>) {
+    let session = new_session_id();
+    let log = store.open(&session, true).await.unwrap();
+    open_session(log.as_ref(), plan, plan.topic.as_deref().unwrap()).await.unwrap();
+    let plan = plan.clone();
+    let running = tokio::spawn(async move {
+        run_peers(log, &plan, offline_models(&plan), None, None).await.unwrap();
+    });
+    (session, running)
+}
+
+/// Set a form control's value as typing would.
+fn type_into(selector: &str, value: &str) -> String {
+    format!(
+        "(() => {{ const el = document.querySelector({}); el.value = {}; el.dispatchEvent(new Event('input', {{bubbles: true}})); return true; }})()",
+        json!(selector),
+        json!(value)
+    )
+}
+
+fn click(selector: &str) -> String {
+    format!("(() => {{ document.querySelector({}).click(); return true; }})()", json!(selector))
+}
+
+/// What `peer` answered or said in `session` (not the stop).
+async fn mine(store: &MemStore, session: &roundtable_core::SessionId, peer: &str) -> Vec<roundtable_core::Envelope> {
+    let log = store.open(session, false).await.unwrap();
+    // (Whoever sees the end first records the stop: a seat's peer may be the one.)
+    log.read_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.env.from.as_str() == peer && e.env.kind != Kind::Stop)
+        .map(|e| (*e.env).clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() {
+    let browser = launch();
+    let store = MemStore::new();
+    let seats = Arc::new(MemSeats::new(store.clone()));
+    let acting = roundtable_observe::ui::Acting::new(seats.clone(), Arc::from(SEAT_TOKEN));
+    let addr = roundtable_observe::ui::serve_acting(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(store.clone()),
+        roundtable_observe::ui::Access::Open,
+        Some(acting),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{addr}");
+
+    // A turn, with a bad answer refused and two interjections.
+    let mut review = example("human-review.toml");
+    review.peers.iter_mut().for_each(|p| p.answer_within_ms = None);
+    let (session, running) = start_session(&store, &review).await;
+    let mut cdp = page(&browser).await;
+    // Opened without the token, the page reads but says how to act.
+    cdp.call("Page.navigate", json!({ "url": format!("{base}/#/s/{session}") })).await;
+    cdp.wait_for(
+        "how to take the seat",
+        "document.querySelector('[data-role=seat]')?.innerText.includes('roundtable ui --act') === true",
+    )
+    .await;
+    assert_eq!(cdp.eval("document.querySelectorAll('[data-take]').length").await, json!(0));
+    // Opened with the URL the command printed, it can act.
+    cdp.call("Page.navigate", json!({ "url": format!("{base}/?token={SEAT_TOKEN}#/s/{session}") })).await;
+    cdp.wait_for("the take button", "document.querySelector('[data-take=reviewer]') !== null").await;
+    cdp.eval(&click("[data-take=reviewer]")).await;
+    cdp.wait_for(
+        "the first duty",
+        "document.querySelector('[data-role=question]')?.innerText.includes('Your duty: turn/1') === true",
+    )
+    .await;
+    let question = cdp.text("[data-role=question]").await;
+    assert!(question.contains("What you see under the context policy"), "{question}");
+    let context = cdp.eval("document.querySelector('[data-role=seat-context]').textContent").await;
+    assert!(context.as_str().unwrap().contains("I propose shipping the new billing page"), "{context}");
+
+    cdp.eval(&type_into("[data-role=answer-form] textarea[name=answer]", "   ")).await;
+    cdp.eval(&click("[data-role=submit]")).await;
+    cdp.wait_for("the refusal", "document.querySelector('[data-role=seat-error]').innerText.includes('refused: an empty answer is not an answer')").await;
+
+    cdp.eval(&type_into("[data-role=say-text]", "What do refunds look like on annual plans?")).await;
+    cdp.eval(&click("[data-role=say-send]")).await;
+    cdp.wait_for("the interjection sent", "document.querySelector('[data-role=say-text]').value === ''").await;
+    cdp.eval(&type_into("[data-role=say-to]", "eng")).await;
+    cdp.eval(&type_into("[data-role=say-text]", "Can the flag be flipped per plan type?")).await;
+    cdp.eval(&click("[data-role=say-send]")).await;
+    // Both show up in the transcript, from the person, before the turn is answered.
+    cdp.wait_for(
+        "the interjections in the transcript",
+        "[...document.querySelectorAll('[data-role=transcript] article.card')].filter(c => c.innerText.includes('reviewer') && c.innerText.includes('say/')).length === 2",
+    )
+    .await;
+    cdp.screenshot("roundtable-web-view-seat.png").await;
+
+    cdp.eval(&type_into(
+        "[data-role=answer-form] textarea[name=answer]",
+        "Annual plans were never tested: ship to 10% first.",
+    ))
+    .await;
+    cdp.eval(&click("[data-role=submit]")).await;
+    cdp.wait_for(
+        "the second duty",
+        "document.querySelector('[data-role=question]')?.innerText.includes('Your duty: turn/4') === true",
+    )
+    .await;
+    cdp.eval(&type_into(
+        "[data-role=answer-form] textarea[name=answer]",
+        "Fine by me if the dashboard is up before Monday.",
+    ))
+    .await;
+    cdp.eval(&click("[data-role=submit]")).await;
+    running.await.unwrap();
+    cdp.wait_for("the end", "document.querySelector('[data-role=seat-over]') !== null").await;
+    let envs = mine(&store, &session, "reviewer").await;
+    let steps: Vec<&str> = envs.iter().map(|e| &*e.step).collect();
+    assert_eq!(steps, ["say/0", "say/1", "turn/1", "turn/4"], "{envs:?}");
+    assert_eq!(serde_json::to_value(&envs[1].to).unwrap(), json!({"type": "peer", "id": "eng"}));
+    assert_eq!(&*envs[2].body.text, "Annual plans were never tested: ship to 10% first.");
+    cdp.eval(&click("[data-role=leave]")).await;
+    cdp.wait_for("the seat left", "document.querySelector('[data-role=seat]') === null || !document.querySelector('[data-role=seat]').innerText.includes('You hold seat')").await;
+
+    // A vote: answer and confidence, a bad confidence refused.
+    let vote = plan_from(VOTE);
+    let (voted, running) = start_session(&store, &vote).await;
+    cdp.call("Page.navigate", json!({ "url": format!("{base}/#/s/{voted}") })).await;
+    cdp.wait_for("the take button", "document.querySelector('[data-take=p]') !== null").await;
+    cdp.eval(&click("[data-take=p]")).await;
+    cdp.wait_for("the vote", "document.querySelector('[data-role=answer-form] [name=confidence]') !== null").await;
+    assert!(cdp.text("[data-role=question]").await.contains("Your duty: r0/answer"));
+    cdp.eval(&type_into("[data-role=answer-form] [name=answer]", "EU")).await;
+    cdp.eval(&type_into("[data-role=answer-form] [name=confidence]", "very")).await;
+    cdp.eval(&click("[data-role=submit]")).await;
+    cdp.wait_for("the refusal", "document.querySelector('[data-role=seat-error]').innerText.includes('confidence must be a number from 0 to 1')").await;
+    cdp.eval(&type_into("[data-role=answer-form] [name=confidence]", "0.9")).await;
+    cdp.eval(&type_into("[data-role=answer-form] [name=reason]", "the compliance work is done")).await;
+    cdp.eval(&click("[data-role=submit]")).await;
+    running.await.unwrap();
+    cdp.wait_for("the end", "document.querySelector('[data-role=seat-over]') !== null").await;
+    let envs = mine(&store, &voted, "p").await;
+    assert_eq!(envs.len(), 1, "{envs:?}");
+    let j = envs[0].body.json.clone().unwrap();
+    assert_eq!((j["answer"].clone(), j["confidence"].clone()), (json!("EU"), json!(0.9)), "{j}");
+    cdp.eval(&click("[data-role=leave]")).await;
+
+    // Approve or deny, with a reason: denied first, approved when the proposal changes.
+    let approve = plan_from(APPROVE);
+    let (decided, running) = start_session(&store, &approve).await;
+    cdp.call("Page.navigate", json!({ "url": format!("{base}/#/s/{decided}") })).await;
+    cdp.wait_for("the take button", "document.querySelector('[data-take=ops]') !== null").await;
+    cdp.eval(&click("[data-take=ops]")).await;
+    cdp.wait_for("the ballot", "document.querySelector('[data-field=approve]') !== null").await;
+    let labels = cdp.text("[data-field=approve]").await;
+    assert!(labels.contains("Approve") && labels.contains("Deny"), "{labels}");
+    cdp.eval(&click("[data-role=submit]")).await;
+    cdp.wait_for(
+        "the refusal",
+        "document.querySelector('[data-role=seat-error]').innerText.includes('approve: answer yes or no')",
+    )
+    .await;
+    let first = cdp.eval("document.querySelector('[data-role=question] h3').innerText").await;
+    cdp.eval(&click("[data-field=approve] input[value=no]")).await;
+    cdp.eval(&type_into("[data-role=answer-form] [name=reason]", "We run Postgres everywhere else.")).await;
+    cdp.eval(&click("[data-role=submit]")).await;
+    cdp.wait_for(
+        "the second proposal",
+        &format!("document.querySelector('[data-field=approve]') !== null && document.querySelector('[data-role=question] h3').innerText !== {first}"),
+    )
+    .await;
+    cdp.eval(&click("[data-field=approve] input[value=yes]")).await;
+    cdp.eval(&click("[data-role=submit]")).await;
+    running.await.unwrap();
+    cdp.wait_for("the end", "document.querySelector('[data-role=seat-over]') !== null").await;
+    let envs = mine(&store, &decided, "ops").await;
+    let ballots: Vec<Value> = envs.iter().filter_map(|e| e.body.json.clone()).collect();
+    assert_eq!(ballots.len(), 2, "{envs:?}");
+    assert_eq!(ballots[0]["approve"], json!(false));
+    assert_eq!(ballots[0]["reason"], json!("We run Postgres everywhere else."));
+    assert_eq!(ballots[1]["approve"], json!(true));
+    assert!(envs.iter().all(|e| e.from.as_str() == "ops"));
+
+    // The page threw nothing.
     cdp.eval("1").await;
     for ev in &cdp.events {
         assert_ne!(ev["method"], "Runtime.exceptionThrown", "the page threw: {}", ev["params"]);

@@ -12,6 +12,7 @@ use roundtable_core::model::scripted::Scripted;
 use roundtable_core::model::simulated::Simulated;
 use roundtable_core::runner::{open_session, run_peers};
 use roundtable_core::session::new_session_id;
+use roundtable_core::sitting::Sitting;
 use roundtable_core::team::{PlanEnv, ProviderSpec, TeamPlan, parse_team};
 
 pub struct FilesNextTo(pub PathBuf);
@@ -106,4 +107,54 @@ pub async fn run_with(plan: &TeamPlan, models: HashMap<PeerId, Arc<dyn ChatModel
 
 pub async fn run(plan: &TeamPlan) -> Vec<Entry> {
     run_with(plan, offline_models(plan)).await
+}
+
+/// Seats for the web view over an in-memory store, taken as `roundtable join` takes them
+/// (the same [`Sitting`], leases on a blackboard shared by every holder).
+pub struct MemSeats {
+    pub store: roundtable_core::log::MemStore,
+    pub board: Arc<roundtable_core::mem::MemBlackboard>,
+}
+
+impl MemSeats {
+    pub fn new(store: roundtable_core::log::MemStore) -> Self {
+        MemSeats { store, board: Arc::new(roundtable_core::mem::MemBlackboard::new()) }
+    }
+
+    /// The lease store every holder of these seats shares.
+    pub fn leases(&self) -> Arc<dyn roundtable_core::human::SeatLease> {
+        Arc::new(roundtable_core::human::BoardSeats(self.board.clone()))
+    }
+
+    /// Take a seat directly, as a terminal would.
+    pub async fn take_directly(
+        &self,
+        session: &roundtable_core::SessionId,
+        peer: &PeerId,
+    ) -> Result<
+        (Sitting, tokio::sync::mpsc::UnboundedReceiver<roundtable_core::sitting::SeatEvent>),
+        roundtable_core::sitting::SitError,
+    > {
+        use roundtable_core::log::LogStore;
+        use roundtable_core::sitting::SitError;
+        let log = self.store.open(session, false).await.map_err(|e| SitError::Refused(e.to_string()))?;
+        let first = log.read(1, 1).await.map_err(|e| SitError::Store(e.to_string()))?;
+        let plan = roundtable_core::session::plan_of(&first[0].env).map_err(|e| SitError::Refused(e.to_string()))?;
+        Sitting::take(peer.clone(), log, Arc::new(plan), self.leases(), roundtable_core::peer::PeerExtras::default())
+            .await
+    }
+}
+
+#[async_trait::async_trait]
+impl roundtable_observe::ui::SeatSource for MemSeats {
+    async fn take(
+        &self,
+        session: &roundtable_core::SessionId,
+        peer: &PeerId,
+    ) -> Result<
+        (Sitting, tokio::sync::mpsc::UnboundedReceiver<roundtable_core::sitting::SeatEvent>),
+        roundtable_core::sitting::SitError,
+    > {
+        self.take_directly(session, peer).await
+    }
 }
