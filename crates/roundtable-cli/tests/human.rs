@@ -610,6 +610,18 @@ fn a_person_takes_a_seat_from_the_web_view_of_a_local_session_and_a_terminal_is_
     let (status, v) = answer("turn/1", "");
     assert_eq!(status, 422, "{v}");
     assert_eq!(answer("turn/1", "Ship to 10% first; annual plans were never tested.").0, 200);
+    // eng's rollout tool waits for the reviewer's approval: a denial with no reason is
+    // refused, an approval is taken.
+    let approval = "turn/2/approve/0/answer";
+    asked(approval);
+    let decide = |approve: bool, reason: &str| {
+        let body = serde_json::json!({ "step": approval, "fields": { "approve": approve, "reason": reason } });
+        http(addr, "POST", &format!("/api/seats/{seat}/answer"), &w, &body.to_string())
+    };
+    let (status, v) = decide(false, "");
+    assert_eq!(status, 422, "a denial needs a reason: {v}");
+    assert!(v.to_string().contains("a denial needs a reason"), "{v}");
+    assert_eq!(decide(true, "10% is what we agreed").0, 200);
     asked("turn/4");
     assert_eq!(answer("turn/4", "Agreed.").0, 200);
     assert!(run.wait().success(), "{}", run.all());

@@ -59,7 +59,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
-use roundtable_core::human::{Field, Form, Question, check_text};
+use roundtable_core::human::{Field, Form, Question, check_approval, check_text};
 use roundtable_core::log::{LogError, LogErrorKind, LogStore};
 use roundtable_core::sitting::{SeatEvent, SitError, Sitting};
 use roundtable_core::{PeerId, Recipient, SessionId};
@@ -590,6 +590,11 @@ struct AnswerBody {
 }
 
 /// The text of a form's answer, or why it is refused.
+/// Whether a duty's step is the answer to an approval request (`…/approve/{k}/answer`).
+fn is_approval_answer(step: &str) -> bool {
+    step.strip_suffix("/answer").is_some_and(|s| s.contains("/approve/"))
+}
+
 fn check_form(fields: &[Field], given: &serde_json::Map<String, serde_json::Value>) -> Result<String, String> {
     let names: Vec<&str> = fields.iter().filter(|f| !matches!(f, Field::Fixed { .. })).map(Field::name).collect();
     if let Some(k) = given.keys().find(|k| !names.contains(&k.as_str())) {
@@ -635,6 +640,14 @@ async fn answer(State(desks): State<Arc<Desks>>, Path(seat): Path<String>, bytes
     let text = match (&q.form, b.answer, b.fields) {
         (Form::Text, Some(a), None) => check_text(&a),
         (Form::Text, _, _) => Err("this duty asks for free text: give \"answer\" and no \"fields\"".to_string()),
+        // An approval's answer: a denial needs a reason, as at the terminal.
+        (Form::Fields(fs), None, Some(given)) if is_approval_answer(&q.step) => {
+            check_form(fs, &given).and_then(|t| {
+                let v: serde_json::Value = serde_json::from_str(&t).map_err(|e| e.to_string())?;
+                let approve = v.get("approve").and_then(serde_json::Value::as_bool).unwrap_or(false);
+                check_approval(approve, v.get("reason").and_then(serde_json::Value::as_str).unwrap_or(""))
+            })
+        }
         (Form::Fields(fs), None, Some(given)) => check_form(fs, &given),
         (Form::Fields(fs), _, _) => {
             let names: Vec<&str> = fs.iter().filter(|f| !matches!(f, Field::Fixed { .. })).map(Field::name).collect();
