@@ -72,6 +72,9 @@ impl Regions {
             .args(["peer", team.to_str().unwrap(), "--id", id, "--nats", &self.url, "--session", session, "--json"])
             .args(["--nats-replicas", &self.replicas.to_string(), "--data-dir"])
             .arg(self.data.join(id))
+            // Warnings (disconnections, failed heartbeats) go to the region's stderr,
+            // which a failure shows.
+            .env("ROUNDTABLE_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(file("out"))
             .stderr(file("err"))

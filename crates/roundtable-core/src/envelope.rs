@@ -160,6 +160,24 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Whether an envelope of this kind counts as a contribution, what a peer said (the
+    /// tally's rule): the task, the stop, presence, failures, and tool calls, their
+    /// results, approvals and listings (what a peer did) do not.
+    pub fn is_contribution(self) -> bool {
+        !matches!(
+            self,
+            Kind::Task
+                | Kind::Stop
+                | Kind::Absent
+                | Kind::Join
+                | Kind::Failure
+                | Kind::ToolCall
+                | Kind::ToolResult
+                | Kind::Approval
+                | Kind::ToolList
+        )
+    }
+
     pub const ALL: [Kind; 18] = [
         Kind::Task,
         Kind::Message,

@@ -158,7 +158,8 @@ impl Sitting {
         let said_logged = Arc::new(AtomicU32::new(0));
         let round = Arc::new(AtomicU32::new(0));
         let (stop, stopped) = oneshot::channel();
-        let driver = tokio::spawn(drive(me.clone(), log.clone(), extras, events, stopped, said_logged.clone(), round.clone()));
+        let driver =
+            tokio::spawn(drive(me.clone(), log.clone(), extras, events, stopped, said_logged.clone(), round.clone()));
         let sitting = Sitting {
             me,
             session,

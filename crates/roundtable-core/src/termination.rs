@@ -64,18 +64,7 @@ impl Tally {
 
     /// Fold one envelope in. `mention` is the termination text to look for, if any.
     pub fn observe(&mut self, seq: u64, env: &Envelope, mention: Option<&str>) {
-        let counts_as_message = !matches!(
-            env.kind,
-            Kind::Task
-                | Kind::Stop
-                | Kind::Absent
-                | Kind::Join
-                | Kind::Failure
-                | Kind::ToolCall
-                | Kind::ToolResult
-                | Kind::Approval
-                | Kind::ToolList
-        );
+        let counts_as_message = env.kind.is_contribution();
         let mut scratch = PeerTally::default();
         let p = if self.only.as_ref().is_some_and(|o| o != &env.from) {
             &mut scratch

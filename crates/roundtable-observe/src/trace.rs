@@ -156,18 +156,7 @@ fn to_text(to: &Recipient) -> String {
 /// Whether an envelope counts as a contribution (the tally's rule: tool calls, their
 /// results, approvals and listings are what a peer did, not what it said).
 fn is_contribution(kind: Kind) -> bool {
-    !matches!(
-        kind,
-        Kind::Task
-            | Kind::Stop
-            | Kind::Absent
-            | Kind::Join
-            | Kind::Failure
-            | Kind::ToolCall
-            | Kind::ToolResult
-            | Kind::Approval
-            | Kind::ToolList
-    )
+    kind.is_contribution()
 }
 
 impl Trace {

@@ -641,13 +641,11 @@ async fn answer(State(desks): State<Arc<Desks>>, Path(seat): Path<String>, bytes
         (Form::Text, Some(a), None) => check_text(&a),
         (Form::Text, _, _) => Err("this duty asks for free text: give \"answer\" and no \"fields\"".to_string()),
         // An approval's answer: a denial needs a reason, as at the terminal.
-        (Form::Fields(fs), None, Some(given)) if is_approval_answer(&q.step) => {
-            check_form(fs, &given).and_then(|t| {
-                let v: serde_json::Value = serde_json::from_str(&t).map_err(|e| e.to_string())?;
-                let approve = v.get("approve").and_then(serde_json::Value::as_bool).unwrap_or(false);
-                check_approval(approve, v.get("reason").and_then(serde_json::Value::as_str).unwrap_or(""))
-            })
-        }
+        (Form::Fields(fs), None, Some(given)) if is_approval_answer(&q.step) => check_form(fs, &given).and_then(|t| {
+            let v: serde_json::Value = serde_json::from_str(&t).map_err(|e| e.to_string())?;
+            let approve = v.get("approve").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            check_approval(approve, v.get("reason").and_then(serde_json::Value::as_str).unwrap_or(""))
+        }),
         (Form::Fields(fs), None, Some(given)) => check_form(fs, &given),
         (Form::Fields(fs), _, _) => {
             let names: Vec<&str> = fs.iter().filter(|f| !matches!(f, Field::Fixed { .. })).map(Field::name).collect();

@@ -541,7 +541,8 @@ async fn the_page_shows_each_tool_call_who_asked_and_how_it_ended() {
         cdp.call(domain, json!({})).await;
     }
     cdp.call("Page.navigate", json!({ "url": format!("http://{addr}/#/s/{session}") })).await;
-    cdp.wait_for("the stop", "!!document.body && document.body.innerText.toLowerCase().includes('why it stopped')").await;
+    cdp.wait_for("the stop", "!!document.body && document.body.innerText.toLowerCase().includes('why it stopped')")
+        .await;
 
     let card = |kind: &str| format!("[data-role=transcript] article.card[data-kind={kind}]");
     let note = |kind: &str| format!("{} [data-role=tool]", card(kind));
