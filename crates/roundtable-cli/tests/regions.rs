@@ -17,7 +17,7 @@ use roundtable_nats::NatsBackend;
 use roundtable_nats::testing::{NatsCluster, NatsServer};
 
 /// How long a test waits for something that must happen, before calling it a failure.
-const DEADLINE: Duration = Duration::from_secs(120);
+const DEADLINE: Duration = Duration::from_secs(240);
 
 const REGIONS: [&str; 6] = ["us-east", "us-west", "eu-west", "eu-central", "ap-south", "ap-east"];
 /// The region whose peer is killed during the vote.
