@@ -222,8 +222,19 @@ pub async fn agent(url: &str, run: &str, w: &Workload, index: usize, mode: Mode)
     let presence = backend.presence(&session).await?;
     let stream = backend.jetstream().get_stream(stream_name(run)).await?;
     // Heard from before claiming anything, so no one takes this agent's claims for a
-    // dead one's.
-    presence.beat(&me).await?;
+    // dead one's. The bucket may have been created a moment ago by another agent, and
+    // the server may not route to it yet ("no stream found"): ask again, for a while.
+    let mut tries = 0;
+    loop {
+        match presence.beat(&me).await {
+            Ok(()) => break,
+            Err(_) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let beat = {
         let (presence, me) = (presence.clone(), me.clone());
         tokio::spawn(async move {
