@@ -114,9 +114,15 @@ impl Peers {
 
 impl Drop for Peers {
     fn drop(&mut self) {
-        for (_, c, _) in &mut self.children {
+        // A test that failed while peers ran shows what each of them said.
+        let failing = std::thread::panicking();
+        for (id, c, base) in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+            if failing {
+                let err = std::fs::read_to_string(base.with_extension("err")).unwrap_or_default();
+                eprintln!("--- peer {id} stderr ---\n{err}");
+            }
         }
     }
 }

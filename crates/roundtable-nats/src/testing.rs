@@ -1,13 +1,17 @@
-//! A nats-server of a test's own: a free port on 127.0.0.1, JetStream on, a temporary
-//! store directory; killed when dropped, and able to be stopped and started again on the
-//! same port and store (to test what survives a server restart). [`NatsCluster`]: three
+//! A nats-server of a test's own: a port on 127.0.0.1 the server picks itself, JetStream
+//! on, a temporary store directory; killed when dropped, and able to be stopped and
+//! started again on the same port and store (to test what survives a server restart).
+//!
+//! A server counts as started only when its own log line (tagged with its process id)
+//! says it is ready: a port that merely accepts connections may belong to another test's
+//! server, and peers connected to that one would see its restarts as their own. [`NatsCluster`]: three
 //! (or more) of them routed into one JetStream cluster, each killable on its own.
 //!
 //! The binary is `nats-server` on `PATH`, else `/usr/sbin/nats-server`, or the path in
 //! `ROUNDTABLE_NATS_SERVER`. A missing binary is a test failure that says how to install
 //! it, never a silently skipped test.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,9 +46,9 @@ impl NatsServer {
             )
         });
         let store = tempfile::Builder::new().prefix("roundtable-nats-").tempdir().expect("temporary store directory");
-        let port = free_port();
         let extra = args.iter().map(|a| a.to_string()).collect();
-        let mut server = NatsServer { binary, port, store, child: None, extra };
+        // Port 0: the first start lets the server pick one, and later starts reuse it.
+        let mut server = NatsServer { binary, port: 0, store, child: None, extra };
         server.start_again();
         server
     }
@@ -92,13 +96,14 @@ impl NatsServer {
     }
 
     /// Start the server again (after [`Self::kill`] or [`Self::stop`]) on the same port
-    /// and store directory, and wait until it accepts connections.
+    /// and store directory, and wait until it says it is ready.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "nats-server on port {} is already running", self.port);
         let log = self.store.path().join("server.log");
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("server log file");
+        let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
         let child = Command::new(&self.binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
             .arg(self.store.path().join("jetstream"))
             .args(&self.extra)
             .stdin(Stdio::null())
@@ -106,23 +111,33 @@ impl NatsServer {
             .stderr(log_file)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
+        // Each line the server logs begins with its process id in brackets.
+        let tag = format!("[{}] ", child.id());
         self.child = Some(child);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
                 panic!("nats-server exited at start ({status}); its log:\n{}", read_log(&log));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            let text = read_log(&log);
+            let ours = || text.lines().filter(|l| l.starts_with(&tag));
+            if ours().any(|l| l.ends_with("Server is ready")) {
+                let listening = ours()
+                    .find_map(|l| l.split("Listening for client connections on ").nth(1))
+                    .and_then(|addr| addr.trim().parse::<SocketAddr>().ok())
+                    .unwrap_or_else(|| panic!("nats-server is ready but logged no client address; its log:\n{text}"));
+                assert!(
+                    self.port == 0 || listening.port() == self.port,
+                    "nats-server listens on {listening}, not on port {}",
+                    self.port
+                );
+                self.port = listening.port();
                 return;
             }
             if start.elapsed() > START_TIMEOUT {
                 self.kill();
-                panic!(
-                    "nats-server did not accept connections on {addr} within {START_TIMEOUT:?}; its log:\n{}",
-                    read_log(&log)
-                );
+                panic!("nats-server was not ready within {START_TIMEOUT:?}; its log:\n{}", read_log(&log));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -251,6 +266,8 @@ fn read_log(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpStream;
+
     use super::*;
 
     #[test]
@@ -266,5 +283,19 @@ mod tests {
         assert!(!server.is_running());
         server.restart();
         assert!(server.url().ends_with(&format!(":{}", server.port())));
+    }
+
+    #[test]
+    fn a_port_held_by_another_server_is_not_taken_for_ours() {
+        let other = NatsServer::start();
+        let store = tempfile::Builder::new().prefix("roundtable-nats-").tempdir().unwrap();
+        let mut ours =
+            NatsServer { binary: find_binary().unwrap(), port: other.port(), store, child: None, extra: Vec::new() };
+        // The port accepts connections (the other server's), yet ours could not listen.
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ours.start_again()));
+        let message = started.expect_err("a server that could not listen is not started");
+        let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(message.contains("exited at start") || message.contains("not ready"), "{message}");
+        assert!(TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], other.port()))).is_ok());
     }
 }
