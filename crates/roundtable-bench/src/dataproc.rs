@@ -39,6 +39,20 @@
 //! (so an agent never waits for the round trip); an agent reports each batch done and
 //! gets the next. An agent silent for `absent_after` loses its batches to the front of
 //! the backlog. The coordinator ends the run when every batch is reported.
+//!
+//! # A server that restarts
+//! Events, the log and the blackboard are on JetStream and survive a server restart
+//! (SIGKILL included: an acknowledged write is on disk); calls made while the server is
+//! away are made again once it is back (the patient backend for the log and the board;
+//! [`again`] for heartbeat reads and event reads). Core NATS keeps nothing: an
+//! assignment or a report in flight when the server dies, or published before its
+//! receiver has subscribed again, is gone. So the coordinator sends every batch it has
+//! in flight again when its own connection comes back, and an agent whose connection
+//! comes back says so (`hello`), and gets its batches in flight sent again. A batch sent
+//! again is processed like a dead agent's — each event looked up on the log first, the
+//! recorded ones skipped — so one the agent already did is only reported again, and a
+//! report for a batch no longer in flight is ignored. An agent also ends when the log
+//! holds every event, in case the coordinator's `stop` is lost.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -172,6 +186,36 @@ fn done_key((p, b): (usize, usize)) -> String {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// How long a call is made again while it fails (a server restarting is back well
+/// within it); after that its error stands.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// `call` until it succeeds, for at most [`PATIENCE`]: for the reads the patient backend
+/// does not cover (heartbeats, events on their stream), which fail while the server is
+/// away. Every call retried here only reads.
+pub async fn again<T, E, F, Fut>(what: &str, mut call: F) -> Result<T, Error>
+where
+    E: Into<Error>,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(20);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(_) if start.elapsed() < PATIENCE => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => {
+                let e: Error = e.into();
+                return Err(format!("{what}: {e}").into());
+            }
+        }
+    }
+}
+
 /// Publish every event of the workload on the run's stream (created here).
 pub async fn publish_events(backend: &NatsBackend, run: &str, w: &Workload) -> Result<(), Error> {
     let js = backend.jetstream();
@@ -282,7 +326,8 @@ impl Worker {
             if recheck && self.log.seq_of(&id).await?.is_some() {
                 continue;
             }
-            let msg = self.stream.get_last_raw_message_by_subject(&event_subject(&self.run, p, i)).await?;
+            let subject = event_subject(&self.run, p, i);
+            let msg = again("reading an event", || self.stream.get_last_raw_message_by_subject(&subject)).await?;
             let body: serde_json::Value = serde_json::from_slice(&msg.payload)?;
             let cost = body["cost_ms"].as_u64().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(cost)).await;
@@ -298,7 +343,7 @@ impl Worker {
                 })),
             );
             let appended = self.log.append(env).await?;
-            if appended.duplicate {
+            if appended.duplicate && !self.recorded_by(&id, me).await? {
                 r.reexecuted += 1;
             } else {
                 r.processed += 1;
@@ -306,6 +351,15 @@ impl Worker {
         }
         r.batches += 1;
         Ok(())
+    }
+
+    /// Whether the record `id` on the log is `me`'s: an append retried across a server
+    /// restart finds its own first attempt there (the work was done once).
+    async fn recorded_by(&self, id: &EnvelopeId, me: &PeerId) -> Result<bool, Error> {
+        let Some(seq) = self.log.seq_of(id).await? else { return Ok(false) };
+        let entry = self.log.read(seq, 1).await?;
+        Ok(entry.first().and_then(|e| e.env.body.json.as_ref()?.get("by")?.as_str().map(|by| by == me.as_str()))
+            == Some(true))
     }
 
     async fn all_done(&self) -> Result<bool, Error> {
@@ -362,7 +416,7 @@ async fn steal_loop(
             return Ok(());
         }
         // Nothing left to claim: take over a batch of an agent that stopped beating.
-        let seen = presence.last_seen().await?;
+        let seen = again("reading heartbeats", || presence.last_seen()).await?;
         for b in &all {
             let Some(claim) = board.get(&claim_key(*b)).await? else { continue };
             let owner = PeerId::from(String::from_utf8_lossy(&claim.value).as_ref());
@@ -402,12 +456,25 @@ fn stop_subject(run: &str) -> String {
     format!("dpc.{}.stop", roundtable_nats::token(run))
 }
 
+fn hello_subject(run: &str) -> String {
+    format!("dpc.{}.hello", roundtable_nats::token(run))
+}
+
+/// How many times `client` has connected: it grows by one at each reconnection.
+fn connects(client: &async_nats::Client) -> u64 {
+    client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(Serialize, Deserialize)]
 struct Assignment {
     partition: usize,
     batch: usize,
     /// Reassigned from an agent that died: skip the events already recorded.
     retry: bool,
+    /// Sent again after a reconnection (the first may have been lost, or its report):
+    /// skip the events already recorded.
+    #[serde(default)]
+    resent: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -425,6 +492,9 @@ async fn assigned_loop(
 ) -> Result<(), Error> {
     let mut assigned = client.subscribe(assign_subject(&wk.run, me)).await?;
     let mut stop = client.subscribe(stop_subject(&wk.run)).await?;
+    let mut connected = connects(client);
+    let mut reconnected = false;
+    let mut check = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             _ = stop.next() => return Ok(()),
@@ -434,9 +504,23 @@ async fn assigned_loop(
                 if a.retry {
                     r.taken_over += 1;
                 }
-                wk.process((a.partition, a.batch), me, a.retry, r).await?;
+                wk.process((a.partition, a.batch), me, a.retry || a.resent, r).await?;
                 let rep = Report { agent: me.to_string(), partition: a.partition, batch: a.batch };
                 client.publish(report_subject(&wk.run), serde_json::to_vec(&rep)?.into()).await?;
+            }
+            _ = check.tick() => {
+                // Back after the server was away: this agent's subscriptions are renewed
+                // before anything it publishes now, so the coordinator's answer reaches it.
+                let now = connects(client);
+                if now != connected {
+                    connected = now;
+                    reconnected = true;
+                    client.publish(hello_subject(&wk.run), me.as_str().to_owned().into()).await?;
+                }
+                // After the server was away, the coordinator's stop may be lost with it.
+                if reconnected && wk.all_done().await? {
+                    return Ok(());
+                }
             }
         }
     }
@@ -450,12 +534,14 @@ pub async fn coordinator(url: &str, run: &str, w: &Workload) -> Result<(), Error
     let presence = backend.presence(&session).await?;
     let client = backend.client().clone();
     let mut reports = client.subscribe(report_subject(run)).await?;
+    let mut hellos = client.subscribe(hello_subject(run)).await?;
     client.flush().await?;
+    let mut connected = connects(&client);
     let agents: Vec<PeerId> = (0..w.agents).map(|i| PeerId::from(format!("agent-{i}"))).collect();
     // Every agent's first heartbeat: it is subscribed by then.
     let start = Instant::now();
     loop {
-        let seen = presence.last_seen().await?;
+        let seen = again("reading heartbeats", || presence.last_seen()).await?;
         if agents.iter().all(|a| seen.contains_key(a)) {
             break;
         }
@@ -475,7 +561,7 @@ pub async fn coordinator(url: &str, run: &str, w: &Workload) -> Result<(), Error
             let Some(mine) = in_flight.get_mut(a) else { continue };
             while mine.len() < IN_FLIGHT {
                 let Some((b, retry)) = backlog.pop_front() else { break };
-                let msg = Assignment { partition: b.0, batch: b.1, retry };
+                let msg = Assignment { partition: b.0, batch: b.1, retry, resent: false };
                 client.publish(assign_subject(run, a), serde_json::to_vec(&msg)?.into()).await?;
                 mine.push(b);
             }
@@ -492,8 +578,23 @@ pub async fn coordinator(url: &str, run: &str, w: &Workload) -> Result<(), Error
                     remaining -= 1;
                 }
             }
+            m = hellos.next() => {
+                let Some(m) = m else { return Err("the hello subscription ended".into()) };
+                let agent = PeerId::from(String::from_utf8_lossy(&m.payload).as_ref());
+                if let Some(mine) = in_flight.get(&agent) {
+                    resend(&client, run, &agent, mine).await?;
+                }
+            }
             _ = check.tick() => {
-                let seen = presence.last_seen().await?;
+                // Back after the server was away: what was in flight may be lost.
+                let now = connects(&client);
+                if now != connected {
+                    connected = now;
+                    for (agent, mine) in &in_flight {
+                        resend(&client, run, agent, mine).await?;
+                    }
+                }
+                let seen = again("reading heartbeats", || presence.last_seen()).await?;
                 let dead: Vec<PeerId> = in_flight
                     .keys()
                     .filter(|a| seen.get(*a).is_none_or(|age| *age >= absent_after))
@@ -515,6 +616,20 @@ pub async fn coordinator(url: &str, run: &str, w: &Workload) -> Result<(), Error
     Ok(())
 }
 
+/// Send `agent`'s batches in flight again (see "A server that restarts").
+async fn resend(
+    client: &async_nats::Client,
+    run: &str,
+    agent: &PeerId,
+    batches: &[(usize, usize)],
+) -> Result<(), Error> {
+    for &(partition, batch) in batches {
+        let msg = Assignment { partition, batch, retry: false, resent: true };
+        client.publish(assign_subject(run, agent), serde_json::to_vec(&msg)?.into()).await?;
+    }
+    Ok(())
+}
+
 /// What a run measured, from the log.
 #[derive(Debug, Serialize)]
 pub struct RunResult {
@@ -528,6 +643,8 @@ pub struct RunResult {
     pub reexecuted: usize,
     /// Batches of dead agents finished by others.
     pub taken_over: usize,
+    /// Times the run's NATS server was SIGKILLed and started again mid-run.
+    pub server_restarts: usize,
     pub wall_ms: u64,
     pub events_per_s: f64,
     pub p50_ms: u64,

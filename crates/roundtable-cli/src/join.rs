@@ -257,7 +257,9 @@ async fn sit(
                     if let Some(req) = request_of(&q, me, &requests, log.as_ref()).await? {
                         say(&style.bold(&format!(
                             "\n── {} asks you to approve a call of `{}` ({})",
-                            req.caller, req.tool, req.call_step
+                            req.caller,
+                            req.tool,
+                            roundtable_core::readable::step(&req.call_step)
                         )));
                         for line in readable_arguments(&req.arguments) {
                             say(&format!("   {line}"));
@@ -271,7 +273,7 @@ async fn sit(
                         continue;
                     }
                     let round = if q.round > 0 { format!(" (round {})", q.round) } else { String::new() };
-                    say(&style.bold(&format!("\n── Your duty: {}{round}", q.step)));
+                    say(&style.bold(&format!("\n── Your duty: {}{round}", roundtable_core::readable::step(&q.step))));
                     if let Some(i) = &q.instruction {
                         say(i);
                     }

@@ -141,6 +141,16 @@ pub(crate) struct UiArgs {
     /// printed URL carries it.
     #[arg(long)]
     act: bool,
+    /// With --act: leave a seat whose page has not asked about it for this long (a
+    /// closed tab), so that someone else can take it. 5 to 3600.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = roundtable_observe::ui::IDLE.as_secs(),
+        value_parser = clap::value_parser!(u64).range(*roundtable_observe::ui::IDLE_SECS.start() as i64..=*roundtable_observe::ui::IDLE_SECS.end() as i64),
+        requires = "act"
+    )]
+    seat_idle_secs: u64,
     #[command(flatten)]
     remote: crate::nats::NatsArgs,
 }
@@ -294,7 +304,8 @@ pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
     let acting = match (&token, args.act) {
         (Some(t), true) => {
             let seats = crate::seat::WebSeats { dir: dir.to_path_buf(), remote: args.remote.clone() };
-            Some(roundtable_observe::ui::Acting::new(Arc::new(seats), Arc::from(t.as_str())))
+            let idle = Duration::from_secs(args.seat_idle_secs);
+            Some(roundtable_observe::ui::Acting::with_idle(Arc::new(seats), Arc::from(t.as_str()), idle))
         }
         _ => None,
     };
@@ -312,8 +323,13 @@ pub(crate) async fn ui(dir: &Path, args: UiArgs) -> Result<ExitCode, Failure> {
     }
     if args.act {
         println!(
-            "Seats: a person can take a human peer's seat from the page opened with this URL (its token is needed to act)."
+            "Seats: a person can take a human peer's seat from the page opened with this URL (its token is needed to act); \
+             a page silent for {} s gives its seat up.",
+            args.seat_idle_secs
         );
+        if args.token.is_none() {
+            println!("(The token is new at every start: give --token to keep this URL across restarts.)");
+        }
     }
     if !bound.ip().is_loopback() {
         eprintln!(

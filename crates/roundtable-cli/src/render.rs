@@ -53,17 +53,24 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
 }
 
-/// The header line of a contribution: `[round 2] pm → all (message)`.
+/// The header line of a contribution: `[round 2] pm → all (message) · r2/answer`.
 fn header(e: &Entry, st: Style) -> String {
     let env = &e.env;
     let kind = if env.kind == Kind::Message { String::new() } else { format!(" ({})", env.kind) };
     format!(
-        "{} {} → {}{}",
+        "{} {} → {}{}{}",
         st.dim(&format!("#{:<3} [round {}]", e.seq, env.round + 1)),
         st.bold(env.from.as_str()),
         to_text(&env.to),
-        st.dim(&kind)
+        st.dim(&kind),
+        step_text(e, st)
     )
+}
+
+/// ` · r1/propose`: the envelope's step as people count rounds (see
+/// [`roundtable_core::readable::step`]).
+fn step_text(e: &Entry, st: Style) -> String {
+    st.dim(&format!(" · {}", roundtable_core::readable::step(&e.env.step)))
 }
 
 fn usage_line(e: &Entry, st: Style) -> Option<String> {
@@ -114,7 +121,7 @@ pub(crate) fn format_entry(e: &Entry, st: Style) -> String {
                 st.bold(env.from.as_str()),
                 tool.as_deref().unwrap_or("?"),
                 st.dim("(tool_call)")
-            );
+            ) + &step_text(e, st);
             let mut s = format!("{head}\n{}", indent(&env.body.text));
             if let Some(u) = usage_line(e, st) {
                 s.push('\n');
@@ -131,7 +138,7 @@ pub(crate) fn format_entry(e: &Entry, st: Style) -> String {
                 tool,
                 st.bold(env.from.as_str()),
                 st.dim(&format!("(tool_result: {status})"))
-            );
+            ) + &step_text(e, st);
             format!("{head}\n{}", indent(&env.body.text))
         }
         _ => {
@@ -611,8 +618,8 @@ mod tests {
         // Its text resumes after pm's envelope, saying whose it is.
         assert!(text.contains("  (m · 1+2 tokens · 0 ms)\n  dev ┆ answer\n"), "{text}");
         // Mixed with another call's output, each envelope is also printed whole.
-        assert!(text.contains("pm → all\n  first answer"), "{text}");
-        assert!(text.contains("dev → all\n  second answer"), "{text}");
+        assert!(text.contains("pm → all · r1/pm\n  first answer"), "{text}");
+        assert!(text.contains("dev → all · r1/dev\n  second answer"), "{text}");
     }
 
     /// Two peers streaming at once: each piece of text says whose it is, and each answer
@@ -699,7 +706,7 @@ mod tests {
         assert!(!text.contains("partial"), "{text}");
         assert!(text.contains("  ✗ pm: attempt 1 of 2 failed: boom\n  pm: waiting 0.5 s before attempt 2\n"), "{text}");
         assert!(text.contains("  pm: attempt 2 of 2\n"), "{text}");
-        assert!(text.contains("pm → all\n  done"), "{text}");
+        assert!(text.contains("pm → all · s1\n  done"), "{text}");
     }
 
     #[test]

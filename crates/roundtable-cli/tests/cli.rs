@@ -779,3 +779,34 @@ fn a_session_is_sealed_when_it_stops_and_an_edit_before_the_export_is_refused_wi
     let o = run(&["verify", before.to_str().unwrap()], d);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// Regression (issue 16, item 7): the summary said "round 2" while the trace showed
+/// "r1/propose" and a jury "jury/r0/reveal" for round 1. People count rounds from 1
+/// everywhere (`log`, `trace`); the log itself keeps its step names, counted from 0.
+#[test]
+fn log_and_trace_count_rounds_from_1_while_the_log_keeps_its_names() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let team = examples().join("debate.toml");
+    let o = run(&["run", team.to_str().unwrap(), "--json"], d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = json(&o)["session"].as_str().unwrap().to_string();
+
+    let log = stdout(&run(&["log", &id], d));
+    for needle in ["[round 1] alice → all", " · r1/answer", "[round 2] alice → all", " · r2/answer"] {
+        assert!(log.contains(needle), "`log` lacks {needle:?}:\n{log}");
+    }
+    assert!(!log.contains("r0/"), "`log` shows a step counted from 0:\n{log}");
+
+    let trace = stdout(&run(&["trace", &id], d));
+    for needle in ["r1/answer alice → all", "r2/answer alice → all"] {
+        assert!(trace.contains(needle), "`trace` lacks {needle:?}:\n{trace}");
+    }
+    assert!(!trace.contains("r0/"), "`trace` shows a step counted from 0:\n{trace}");
+
+    // Machine outputs keep the log's names.
+    let tj = json(&run(&["trace", &id, "--format", "json"], d));
+    let steps: Vec<&str> = tj["nodes"].as_array().unwrap().iter().filter_map(|n| n["step"].as_str()).collect();
+    assert!(steps.contains(&"r0/answer") && steps.contains(&"r1/answer"), "{steps:?}");
+    assert!(!steps.contains(&"r2/answer"), "{steps:?}");
+}

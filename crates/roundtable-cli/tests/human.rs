@@ -305,7 +305,7 @@ json = true
     let d = data.path();
     let (mut run, session) = start_run(&team, d, &[]);
     let mut person = on_terminal(&["join", &session, "--as", "p"], d);
-    person.expect("── Your duty: r0/answer");
+    person.expect("── Your duty: r1/answer (round 1)");
     person.expect("» answer:");
     person.send("");
     person.expect("refused: answer cannot be empty");
@@ -631,4 +631,137 @@ fn a_person_takes_a_seat_from_the_web_view_of_a_local_session_and_a_terminal_is_
     assert_eq!(s["per_peer"]["reviewer"]["messages_from_calls"], 2, "the page's answers are the reviewer's: {s}");
     let o = bin().args(["replay", &session, "--json", "--data-dir"]).arg(d).output().unwrap();
     assert!(json(&o)["divergence"].is_null(), "{}", stdout(&o));
+}
+
+/// `roundtable ui --act` on `addr` over the sessions in `data`, with `extra` arguments;
+/// returns it and the address it serves on.
+fn start_ui(data: &Path, addr: &str, extra: &[&str]) -> (Driven, String) {
+    let child = bin()
+        .args(["ui", "--act", "--addr", addr])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ui = Driven::collect(child, "roundtable ui --act");
+    let line = ui.expect("(sessions in").to_string();
+    let bound = line.rsplit("http://").next().unwrap().split('/').next().unwrap().to_string();
+    (ui, bound)
+}
+
+/// Regression (issue 14): what a page reloaded after the web view restarted could do
+/// was untested. Seats end with the `ui` process, so the page's old seat is gone: it is
+/// told that the server restarted (not that it left), and takes the seat again once the
+/// dead holder's lease has lapsed; with `--token` the page's token still works. With a
+/// generated token (new at every start) the page is told to open the new URL.
+#[test]
+fn a_page_reloaded_after_the_web_view_restarts_is_told_so_and_takes_its_seat_again() {
+    let data = tempfile::tempdir().unwrap();
+    let d = data.path();
+    let (mut run, session) = start_run(&examples().join("human-review.toml"), d, &[]);
+    const TOKEN: &str = "kept-across-restarts-0123456789";
+    let bearer = format!("Bearer {TOKEN}");
+    let (mut ui, addr) = start_ui(d, "127.0.0.1:0", &["--token", TOKEN, "--seat-idle-secs", "600"]);
+    let writes = |csrf: &str| -> Vec<(String, String)> {
+        vec![
+            ("Authorization".into(), bearer.clone()),
+            ("Content-Type".into(), "application/json".into()),
+            ("X-Roundtable-Csrf".into(), csrf.to_string()),
+        ]
+    };
+    let post = |path: &str, csrf: &str, body: &str| {
+        let h = writes(csrf);
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        http(&addr, "POST", path, &h, body)
+    };
+    let csrf_now = || {
+        let (status, act) = http(&addr, "GET", "/api/act", &[("Authorization", bearer.as_str())], "");
+        assert_eq!(status, 200, "{act}");
+        act["csrf"].as_str().unwrap().to_string()
+    };
+    let take = serde_json::json!({ "session": session, "peer": "reviewer" }).to_string();
+    let asked = |seat: &str, step: &str| {
+        let start = Instant::now();
+        loop {
+            let (status, v) =
+                http(&addr, "GET", &format!("/api/seats/{seat}"), &[("Authorization", bearer.as_str())], "");
+            assert_eq!(status, 200, "{v}");
+            if v["question"]["step"] == step {
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE, "the page was never asked {step}: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    let csrf = csrf_now();
+    let (status, taken) = post("/api/seats", &csrf, &take);
+    assert_eq!(status, 200, "{taken}");
+    let old = taken["seat"].as_str().unwrap().to_string();
+    asked(&old, "turn/1");
+
+    // The web view dies (SIGKILL) and is started again on the same address and token.
+    let _ = ui.child.kill();
+    let _ = ui.child.wait();
+    let (_ui, again) = start_ui(d, &addr, &["--token", TOKEN]);
+    assert_eq!(again, addr);
+    // The reloaded page polls its old seat: gone, and why.
+    let (status, v) = http(&addr, "GET", &format!("/api/seats/{old}"), &[("Authorization", bearer.as_str())], "");
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("the web view was restarted since this page took the seat"), "{v}");
+    // The same token acts; the seat is taken again once the dead holder's lease lapses
+    // (refused as taken until then, saying it frees itself).
+    let csrf = csrf_now();
+    let start = Instant::now();
+    let seat = loop {
+        let (status, v) = post("/api/seats", &csrf, &take);
+        if status == 200 {
+            break v["seat"].as_str().unwrap().to_string();
+        }
+        assert_eq!(status, 409, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("is taken"), "{v}");
+        assert!(start.elapsed() < DEADLINE, "the seat was never free again: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    asked(&seat, "turn/1");
+    let answer = |step: &str, text: &str| {
+        let body = serde_json::json!({ "step": step, "answer": text }).to_string();
+        post(&format!("/api/seats/{seat}/answer"), &csrf, &body).0
+    };
+    assert_eq!(answer("turn/1", "Back after a restart: ship to 10% first."), 200);
+    let approval = "turn/2/approve/0/answer";
+    asked(&seat, approval);
+    let body = serde_json::json!({ "step": approval, "fields": { "approve": true, "reason": "10% as agreed" } });
+    assert_eq!(post(&format!("/api/seats/{seat}/answer"), &csrf, &body.to_string()).0, 200);
+    asked(&seat, "turn/4");
+    assert_eq!(answer("turn/4", "Agreed."), 200);
+    assert!(run.wait().success(), "{}", run.all());
+    let s = json(&bin().args(["log", &session, "--json", "--data-dir"]).arg(d).output().unwrap());
+    assert_eq!(s["per_peer"]["reviewer"]["messages_from_calls"], 2, "{s}");
+
+    // Started without --token, the view makes a new one: the page's old one no longer
+    // acts, and the refusal says which URL to open.
+    drop(_ui);
+    let (_ui, again) = start_ui(d, &addr, &[]);
+    assert_eq!(again, addr);
+    let (status, v) = http(&addr, "GET", "/api/act", &[("Authorization", bearer.as_str())], "");
+    assert_eq!(status, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("open the URL `roundtable ui --act` printed"), "{v}");
+}
+
+#[test]
+fn the_seat_idle_time_is_checked() {
+    for (args, needle) in [
+        (vec!["ui", "--act", "--seat-idle-secs", "2"], "2 is not in 5..=3600"),
+        (vec!["ui", "--act", "--seat-idle-secs", "3601"], "3601 is not in 5..=3600"),
+        (vec!["ui", "--seat-idle-secs", "60"], "--act"),
+    ] {
+        let o = bin().args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--seat-idle-secs"), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
 }

@@ -160,7 +160,7 @@ fn issue_14_every_turn_shows_its_header_and_streams_its_tokens() {
         assert!(screen.contains(&block), "turn {n}: expected\n{block}\nin\n{screen}");
     }
     // None of them was printed whole instead (the header of a whole envelope).
-    assert!(!screen.contains("→ all\n"), "{screen}");
+    assert!(!screen.contains("→ all"), "{screen}");
     assert!(screen.contains(" · 4 messages · 2 rounds · 4 model calls · "), "{screen}");
 }
 

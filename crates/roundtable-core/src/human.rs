@@ -499,7 +499,8 @@ impl Overdue {
                 let secs = limit as f64 / 1000.0;
                 let text = format!(
                     "{} did not answer {} within {secs} s (answer_within_secs); its duties are skipped until a person takes the seat",
-                    p.id, duty.step
+                    p.id,
+                    crate::readable::step(&duty.step)
                 );
                 let json = serde_json::json!({
                     "peer": p.id.as_str(),

@@ -94,7 +94,7 @@
       if (me.bySeq.has(m.seq)) return;
       me.bySeq.set(m.seq, m.env);
       me.byId.set(m.env.id, m.seq);
-      me.entries.push({ seq: m.seq, env: m.env });
+      me.entries.push({ seq: m.seq, env: m.env, step: m.step });
       schedule(me);
     });
     es.addEventListener("problem", (ev) => { me.problem = ev.data; schedule(me); });
@@ -442,7 +442,7 @@
         env.kind === "task" ? null : h("span", { class: "to" }, "→ " + recipient(env.to)),
         env.kind === "message" || env.kind === "task" ? null : h("span", { class: "kind" }, env.kind),
         toolNote(env) ? h("span", { class: "tool", "data-role": "tool" }, toolNote(env)) : null,
-        h("code", { class: "muted" }, env.step),
+        h("code", { class: "muted", "data-role": "step" }, e.step || env.step),
         led ? h("span", { class: "star" }, "★ led to the decision") : null),
       h("div", { class: "text" }, text),
       (u || answers.length) ? h("div", { class: "foot" },
@@ -690,7 +690,7 @@
         try {
           const j = await write(base + "/answer", Object.assign({ step: q.step }, ...inputs.map((g) => g())));
           if (me.seat) {
-            me.seat.done = "Answered " + q.step + ": " + firstLine(j.answered, 200);
+            me.seat.done = "Answered " + q.label + ": " + firstLine(j.answered, 200);
             me.seat.state.question = null;
             me.seatShown = null;
             renderSeat(me);
@@ -702,7 +702,7 @@
       },
     }, fields, h("button", { type: "submit", "data-role": "submit" }, "Answer"));
     return h("div", { class: "duty" },
-      h("h3", null, "Your duty: " + q.step + (q.round ? " (round " + q.round + ")" : "")),
+      h("h3", null, "Your duty: " + q.label + (q.round ? " (round " + q.round + ")" : "")),
       q.instruction ? h("p", { class: "instruction" }, q.instruction) : null,
       h("details", { "data-role": "seat-context" }, h("summary", null, "What you see under the context policy (" + q.context.length + " messages)"),
         h("ol", null, q.context.map((c) => h("li", null, h("b", null, c.from || "task"), ": ", c.text)))),

@@ -111,19 +111,24 @@ pub struct Divergence {
 
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // For people: the step with rounds counted from 1 (the JSON keeps the log's name).
+        let key = match self.key.split_once('@') {
+            Some((peer, step)) => format!("{peer}@{}", roundtable_core::readable::step(step)),
+            None => self.key.clone(),
+        };
         match self.field.as_str() {
             "missing" => {
-                write!(f, "#{} {}: the replay never produced it (expected {})", self.seq, self.key, self.expected)
+                write!(f, "#{} {key}: the replay never produced it (expected {})", self.seq, self.expected)
             }
             "unexpected" => write!(
                 f,
-                "#{} {}: the replay produced an envelope the recording does not have: {}",
-                self.seq, self.key, self.got
+                "#{} {key}: the replay produced an envelope the recording does not have: {}",
+                self.seq, self.got
             ),
             field => write!(
                 f,
-                "#{} {}: {field} differs\n  recorded: {}\n  replayed: {}",
-                self.seq, self.key, self.expected, self.got
+                "#{} {key}: {field} differs\n  recorded: {}\n  replayed: {}",
+                self.seq, self.expected, self.got
             ),
         }
     }

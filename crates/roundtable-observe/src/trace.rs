@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use roundtable_core::log::Entry;
+use roundtable_core::readable;
 use roundtable_core::session::plan_of;
 use roundtable_core::tool::{ToolCallBody, ToolResultBody};
 use roundtable_core::{Kind, PeerId, Recipient, SessionId};
@@ -157,6 +158,17 @@ fn to_text(to: &Recipient) -> String {
 /// results, approvals and listings are what a peer did, not what it said).
 fn is_contribution(kind: Kind) -> bool {
     kind.is_contribution()
+}
+
+impl Node {
+    /// Where the envelope stands, for people: its step when the step names its round
+    /// (`r1/propose`), else the round and the step (`r1 turn/2`); rounds counted from 1.
+    fn place(&self) -> String {
+        let round = format!("r{}", self.round + 1);
+        let step = readable::step(&self.step);
+        let named = step.strip_prefix("jury/").unwrap_or(&step).split('/').next() == Some(round.as_str());
+        if named { step } else { format!("{round} {step}") }
+    }
 }
 
 impl Trace {
@@ -421,7 +433,7 @@ impl Trace {
                             n.seq,
                             n.from,
                             n.kind,
-                            n.step,
+                            readable::step(&n.step),
                             one_line(&n.text, 100)
                         );
                     }
@@ -467,8 +479,9 @@ impl Trace {
             } else {
                 String::new()
             };
+            let at = n.place();
             if let Some(line) = tool_line(n) {
-                let _ = writeln!(o, "{mark} #{:<4} r{} {line}{cost}", n.seq, n.round + 1);
+                let _ = writeln!(o, "{mark} #{:<4} {at} {line}{cost}", n.seq);
                 if n.kind == "tool_result" && !n.parents.is_empty() {
                     let by: Vec<String> = n.parents.iter().map(|&p| self.who(p)).collect();
                     let _ = writeln!(o, "         ⤷ answers {}", by.join(", "));
@@ -478,9 +491,8 @@ impl Trace {
             let kind = if n.kind == "message" { String::new() } else { format!(" ({})", n.kind) };
             let _ = writeln!(
                 o,
-                "{mark} #{:<4} r{} {} → {}{kind}: \"{}\"{cost}",
+                "{mark} #{:<4} {at} {} → {}{kind}: \"{}\"{cost}",
                 n.seq,
-                n.round + 1,
                 n.from,
                 n.to,
                 one_line(&n.text, 90)

@@ -10,7 +10,9 @@
 //!
 //! Routes: `GET /` (the page), `GET /assets/*`, `GET /api/sessions`,
 //! `GET /api/sessions/{id}/trace` (the causal trace as JSON), and
-//! `GET /api/sessions/{id}/events` (the stream; `?from=SEQ` to start elsewhere).
+//! `GET /api/sessions/{id}/events` (the stream; `?from=SEQ` to start elsewhere; each
+//! event is `{"seq", "env", "step"}`, `step` being the envelope's step as people read
+//! it, rounds counted from 1: [`roundtable_core::readable::step`]).
 //!
 //! # Access
 //! The page shows everything the sessions said. Served on a loopback address it may be
@@ -41,9 +43,12 @@
 //!
 //! Routes: `GET /api/act` (`{"csrf": …}`), `POST /api/seats` (`{"session", "peer"}`:
 //! take a seat, answers `{"seat": HANDLE}`), `GET /api/seats/{seat}` (the question
-//! asked now, notices, whether the session is over), and `POST
-//! /api/seats/{seat}/answer | say | leave`. A seat whose page stopped asking for
-//! [`IDLE`] is left.
+//! asked now — its `step` as the log names it, which an answer gives back, and its
+//! `label` for people — notices, whether the session is over), and `POST
+//! /api/seats/{seat}/answer | say | leave`. A seat whose page stopped asking for its
+//! idle time ([`IDLE`] unless set) is left. Seats end with the server: a page reloaded
+//! after a restart is told so and takes its seat again (once the old holder's lease has
+//! lapsed); the token is the same only when the command line gave it.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -61,6 +66,7 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use roundtable_core::human::{Field, Form, Question, check_approval, check_text};
 use roundtable_core::log::{LogError, LogErrorKind, LogStore};
+use roundtable_core::readable;
 use roundtable_core::sitting::{SeatEvent, SitError, Sitting};
 use roundtable_core::{PeerId, Recipient, SessionId};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -246,10 +252,9 @@ async fn events(State(ui): State<Ui>, Path(id): Path<String>, Query(q): Query<Fr
     };
     let stream = tail.map(|r| {
         Ok::<_, Infallible>(match r {
-            Ok(e) => Event::default()
-                .id(e.seq.to_string())
-                .event("envelope")
-                .data(serde_json::json!({ "seq": e.seq, "env": &*e.env }).to_string()),
+            Ok(e) => Event::default().id(e.seq.to_string()).event("envelope").data(
+                serde_json::json!({ "seq": e.seq, "env": &*e.env, "step": readable::step(&e.env.step) }).to_string(),
+            ),
             Err(e) => Event::default().event("problem").data(e.to_string()),
         })
     });
@@ -296,8 +301,16 @@ pub async fn serve_acting(
 // ---- Acting: seats taken from the page -------------------------------------------------
 
 /// How long a seat stays held after its page stopped asking about it (a closed tab):
-/// then it is left, and the seat is free again.
-pub const IDLE: Duration = Duration::from_secs(30);
+/// then it is left, and the seat is free again. The page asks every 0.7 s while it is
+/// shown, but a browser slows the timers of a tab left in the background (Chromium to
+/// once a minute after five minutes hidden), so the default outlasts a minute: a person
+/// who switched tabs keeps the seat. `roundtable ui --act --seat-idle-secs` sets it
+/// (within [`IDLE_SECS`]).
+pub const IDLE: Duration = Duration::from_secs(90);
+
+/// The idle times a seat may be given, in seconds: at least a few of the page's polls,
+/// at most an hour.
+pub const IDLE_SECS: std::ops::RangeInclusive<u64> = 5..=3600;
 
 /// The header a write must carry, with the value `GET /api/act` gives.
 pub const CSRF_HEADER: &str = "x-roundtable-csrf";
@@ -324,6 +337,9 @@ struct Desks {
     source: Arc<dyn SeatSource>,
     token: Arc<str>,
     csrf: String,
+    /// This server's own mark, at the start of every seat handle it gives: a handle
+    /// without it was given by an earlier run of the server (seats do not outlive it).
+    boot: String,
     idle: Duration,
     held: Mutex<HashMap<String, Desk>>,
 }
@@ -354,7 +370,10 @@ impl Acting {
 
     /// Like [`Acting::new`], leaving a seat whose page went quiet for `idle`.
     pub fn with_idle(source: Arc<dyn SeatSource>, token: Arc<str>, idle: Duration) -> Acting {
-        Acting { desks: Arc::new(Desks { source, token, csrf: random_hex(), idle, held: Mutex::new(HashMap::new()) }) }
+        let boot = random_hex()[..8].to_string();
+        Acting {
+            desks: Arc::new(Desks { source, token, csrf: random_hex(), boot, idle, held: Mutex::new(HashMap::new()) }),
+        }
     }
 
     fn routes(&self) -> Router {
@@ -453,7 +472,7 @@ async fn take_seat(State(desks): State<Arc<Desks>>, bytes: axum::body::Bytes) ->
         Err(SitError::Refused(why)) => return refuse(StatusCode::CONFLICT, why),
         Err(SitError::Store(why)) => return refuse(StatusCode::SERVICE_UNAVAILABLE, why),
     };
-    let handle = random_hex();
+    let handle = format!("{}-{}", desks.boot, random_hex());
     let desk = Desk {
         session: session.clone(),
         peer: peer.clone(),
@@ -527,8 +546,21 @@ async fn vacate(desks: &Desks, handle: &str) -> bool {
     true
 }
 
-fn not_held() -> Response {
-    refuse(StatusCode::NOT_FOUND, "you do not hold this seat (you left, or the page was away too long): take it again")
+/// Why a seat handle is not held here: given by an earlier run of this server (its
+/// seats ended with it), or left.
+fn not_held(desks: &Desks, handle: &str) -> Response {
+    let ours = handle.split_once('-').is_some_and(|(boot, _)| boot == desks.boot);
+    let why = if ours {
+        format!(
+            "you do not hold this seat (you left, or the page was away longer than {} s): take it again",
+            desks.idle.as_secs_f64()
+        )
+    } else {
+        "the web view was restarted since this page took the seat, and a seat does not outlive the server \
+         that held it: take it again"
+            .to_string()
+    };
+    refuse(StatusCode::NOT_FOUND, why)
 }
 
 fn field_json(f: &Field) -> Option<serde_json::Value> {
@@ -543,7 +575,7 @@ fn field_json(f: &Field) -> Option<serde_json::Value> {
 
 async fn seat_state(State(desks): State<Arc<Desks>>, Path(seat): Path<String>) -> Response {
     let mut held = desks.held.lock().expect("desks");
-    let Some(d) = held.get_mut(&seat) else { return not_held() };
+    let Some(d) = held.get_mut(&seat) else { return not_held(&desks, &seat) };
     d.seen = tokio::time::Instant::now();
     let question = d.question.as_ref().filter(|_| !d.over && d.failed.is_none()).map(|q| {
         let form = match &q.form {
@@ -558,6 +590,7 @@ async fn seat_state(State(desks): State<Arc<Desks>>, Path(seat): Path<String>) -
         serde_json::json!({
             "n": d.asked,
             "step": &*q.step,
+            "label": readable::step(&q.step),
             "round": q.round,
             "instruction": q.instruction.as_deref(),
             "form": form,
@@ -620,7 +653,7 @@ async fn answer(State(desks): State<Arc<Desks>>, Path(seat): Path<String>, bytes
         Err(r) => return r,
     };
     let mut held = desks.held.lock().expect("desks");
-    let Some(d) = held.get_mut(&seat) else { return not_held() };
+    let Some(d) = held.get_mut(&seat) else { return not_held(&desks, &seat) };
     d.seen = tokio::time::Instant::now();
     if d.over {
         return refuse(StatusCode::CONFLICT, "the session is over; there is nothing left to answer");
@@ -634,7 +667,11 @@ async fn answer(State(desks): State<Arc<Desks>>, Path(seat): Path<String>, bytes
     if *q.step != *b.step {
         return refuse(
             StatusCode::CONFLICT,
-            format!("duty {} is no longer asked (it was answered or skipped); asked now: {}", b.step, q.step),
+            format!(
+                "duty {} is no longer asked (it was answered or skipped); asked now: {}",
+                readable::step(&b.step),
+                readable::step(&q.step)
+            ),
         );
     }
     let text = match (&q.form, b.answer, b.fields) {
@@ -676,12 +713,12 @@ async fn interject(State(desks): State<Arc<Desks>>, Path(seat): Path<String>, by
         Err(r) => return r,
     };
     let mut held = desks.held.lock().expect("desks");
-    let Some(d) = held.get_mut(&seat) else { return not_held() };
+    let Some(d) = held.get_mut(&seat) else { return not_held(&desks, &seat) };
     d.seen = tokio::time::Instant::now();
     if d.over {
         return refuse(StatusCode::CONFLICT, "the session is over; nothing more can be said in it");
     }
-    let Some(sitting) = &d.sitting else { return not_held() };
+    let Some(sitting) = &d.sitting else { return not_held(&desks, &seat) };
     let to = match b.to.as_deref().map(str::trim) {
         None | Some("") => Recipient::All,
         Some(p) => Recipient::Peer(PeerId::from(p)),
@@ -696,6 +733,6 @@ async fn leave(State(desks): State<Arc<Desks>>, Path(seat): Path<String>) -> Res
     if vacate(&desks, &seat).await {
         axum::Json(serde_json::json!({ "left": true })).into_response()
     } else {
-        not_held()
+        not_held(&desks, &seat)
     }
 }

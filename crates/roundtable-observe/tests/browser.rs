@@ -766,7 +766,9 @@ async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() 
     cdp.wait_for("the take button", "document.querySelector('[data-take=p]') !== null").await;
     cdp.eval(&click("[data-take=p]")).await;
     cdp.wait_for("the vote", "document.querySelector('[data-role=answer-form] [name=confidence]') !== null").await;
-    assert!(cdp.text("[data-role=question]").await.contains("Your duty: r0/answer"));
+    // Rounds are counted from 1 wherever a person reads them (the log says `r0/answer`).
+    let duty = cdp.text("[data-role=question]").await;
+    assert!(duty.contains("Your duty: r1/answer (round 1)"), "{duty}");
     cdp.eval(&type_into("[data-role=answer-form] [name=answer]", "EU")).await;
     cdp.eval(&type_into("[data-role=answer-form] [name=confidence]", "very")).await;
     cdp.eval(&click("[data-role=submit]")).await;
@@ -778,6 +780,15 @@ async fn a_person_in_the_browser_answers_a_turn_votes_approves_and_interjects() 
     cdp.wait_for("the end", "document.querySelector('[data-role=seat-over]') !== null").await;
     let envs = mine(&store, &voted, "p").await;
     assert_eq!(envs.len(), 1, "{envs:?}");
+    assert_eq!(&*envs[0].step, "r0/answer", "the log keeps its own names");
+    let shown = "[...document.querySelectorAll('[data-role=transcript] [data-role=step]')].map(c => c.innerText)";
+    cdp.wait_for("the stop in the transcript", &format!("{shown}.includes('stop')")).await;
+    let steps = cdp
+        .eval("[...document.querySelectorAll('[data-role=transcript] [data-role=step]')].map(c => c.innerText)")
+        .await;
+    let steps: Vec<&str> = steps.as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(steps.iter().filter(|s| **s == "r1/answer").count(), 3, "the three answers of round 1: {steps:?}");
+    assert!(!steps.iter().any(|s| s.starts_with("r0/")), "no step shown from 0: {steps:?}");
     let j = envs[0].body.json.clone().unwrap();
     assert_eq!((j["answer"].clone(), j["confidence"].clone()), (json!("EU"), json!(0.9)), "{j}");
     cdp.eval(&click("[data-role=leave]")).await;

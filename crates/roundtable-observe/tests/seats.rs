@@ -58,9 +58,14 @@ async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str
 /// The view, a session of the human-review example running on it (the reviewer's seat
 /// empty), and the seats.
 async fn start() -> (SocketAddr, MemStore, Arc<MemSeats>, SessionId, tokio::task::JoinHandle<()>) {
+    start_idle(roundtable_observe::ui::IDLE).await
+}
+
+/// [`start`], leaving a seat whose page has been quiet for `idle`.
+async fn start_idle(idle: Duration) -> (SocketAddr, MemStore, Arc<MemSeats>, SessionId, tokio::task::JoinHandle<()>) {
     let store = MemStore::new();
     let seats = Arc::new(MemSeats::new(store.clone()));
-    let acting = Acting::new(seats.clone(), Arc::from(TOKEN));
+    let acting = Acting::with_idle(seats.clone(), Arc::from(TOKEN), idle);
     let addr = serve_acting("127.0.0.1:0".parse().unwrap(), Arc::new(store.clone()), Access::Open, Some(acting))
         .await
         .unwrap();
@@ -305,4 +310,74 @@ async fn a_seat_taken_from_the_page_has_one_holder_checks_answers_and_ends_with_
     assert!(mine.iter().all(|e| e.env.kind == Kind::Message));
     assert_eq!(&*mine[2].env.body.text, "Annual plans were never tested: ship to 10% first.");
     assert_eq!(serde_json::to_value(&mine[1].env.to).unwrap(), json!({"type": "peer", "id": "eng"}));
+}
+
+/// Regression (issue 14): a page closed without leaving held its seat for good as far
+/// as a test could tell. A seat whose page stops asking is left after the idle time, and
+/// another person (here at a terminal) takes it and answers the duty the page never did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seat_whose_page_went_quiet_is_left_and_another_person_takes_it() {
+    let (addr, store, seats, session, running) = start_idle(Duration::from_millis(300)).await;
+    let origin = format!("http://{addr}");
+    let csrf = csrf(addr).await;
+    let w = page_write(&csrf, &origin);
+    let take = json!({ "session": session.as_str(), "peer": "reviewer" }).to_string();
+    let r = http(addr, "POST", "/api/seats", &w, &take).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seat = r.json()["seat"].as_str().unwrap().to_string();
+
+    // The page is closed: nothing asks about the seat any more. Until the desk is left,
+    // the seat is refused as taken; then a person at a terminal gets it.
+    let reviewer = PeerId::from("reviewer");
+    let start = Instant::now();
+    let (sitting, mut events) = loop {
+        match seats.take_directly(&session, &reviewer).await {
+            Ok(taken) => break taken,
+            Err(SitError::Refused(why)) => assert!(why.contains("is taken"), "{why}"),
+            Err(other) => panic!("{other}"),
+        }
+        assert!(start.elapsed() < DEADLINE, "the quiet page's seat was never left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The page, back, is told why it no longer holds the seat.
+    let r = http(addr, "GET", &format!("/api/seats/{seat}"), &[("Cookie", "rt_token=sesame-0123")], "").await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(
+        r.error().contains("you do not hold this seat (you left, or the page was away longer than 0.3 s)"),
+        "{}",
+        r.body
+    );
+    let r = http(
+        addr,
+        "POST",
+        &format!("/api/seats/{seat}/answer"),
+        &w,
+        &json!({ "step": "turn/1", "answer": "late" }).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    // The new holder is asked the duty and answers it; the answer is the reviewer's.
+    let q = loop {
+        match tokio::time::timeout(DEADLINE, events.recv()).await.expect("a question within the deadline") {
+            Some(roundtable_core::sitting::SeatEvent::Question(q)) => break q,
+            Some(_) => {}
+            None => panic!("the seat ended before asking"),
+        }
+    };
+    assert_eq!(&*q.step, "turn/1");
+    q.answer("Taken over from a closed tab: ship to 10% first.".into());
+    let log = store.open(&session, false).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let entries = log.read_all().await.unwrap();
+        if let Some(e) = entries.iter().find(|e| e.env.from.as_str() == "reviewer" && &*e.env.step == "turn/1") {
+            assert_eq!(&*e.env.body.text, "Taken over from a closed tab: ship to 10% first.");
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the answer never reached the log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sitting.leave().await;
+    running.abort();
 }

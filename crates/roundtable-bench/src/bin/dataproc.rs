@@ -5,13 +5,17 @@
 //! dataproc run [--mode p2p|coordinator|both] [--agents 15] [--partitions 30] [--events 60]
 //!              [--hot 3] [--hot-ms 50] [--cold-ms 5] [--batch 10] [--kill 0]
 //!              [--kill-at 0.3] [--absent-after-ms 1500] [--runs 1] [--nats URL]
+//!              [--restart-server-at FRACTION] [--server-down-ms 1000]
 //! ```
 //!
 //! `run` starts a private nats-server (from PATH) unless `--nats` names one, publishes
 //! the backlog, starts the agents (and the coordinator), SIGKILLs `--kill` agents (the
 //! owners of the hot partitions) once `--kill-at` of the events are recorded, and
-//! prints one JSON line per run, counted from the log. Exit 0 when every run lost
-//! nothing and recorded nothing twice, 1 otherwise, 2 on bad input.
+//! prints one JSON line per run, counted from the log. With `--restart-server-at`, the
+//! private server is SIGKILLed once that fraction of the events is recorded and started
+//! again on the same port and store after `--server-down-ms` (not with `--nats`: the
+//! server is not ours to kill). Exit 0 when every run lost nothing and recorded nothing
+//! twice, 1 otherwise, 2 on bad input.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -23,7 +27,8 @@ use roundtable_nats::NatsBackend;
 use roundtable_nats::testing::NatsServer;
 
 const USAGE: &str = "usage: dataproc run [--mode p2p|coordinator|both] [--agents N] [--partitions N] [--events N] \
-[--hot N] [--hot-ms MS] [--cold-ms MS] [--batch N] [--kill N] [--kill-at FRACTION] [--absent-after-ms MS] [--runs N] [--nats URL]";
+[--hot N] [--hot-ms MS] [--cold-ms MS] [--batch N] [--kill N] [--kill-at FRACTION] [--absent-after-ms MS] [--runs N] [--nats URL] \
+[--restart-server-at FRACTION] [--server-down-ms MS]";
 
 const FLAGS: &[&str] = &[
     "--mode",
@@ -39,6 +44,8 @@ const FLAGS: &[&str] = &[
     "--absent-after-ms",
     "--runs",
     "--nats",
+    "--restart-server-at",
+    "--server-down-ms",
     "--run",
     "--index",
 ];
@@ -89,7 +96,7 @@ fn parse_flags(args: &[String]) -> Result<HashMap<String, String>, String> {
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         if !FLAGS.contains(&flag.as_str()) {
-            return Err(format!("unknown flag {flag:?}; valid: {}", FLAGS[..13].join(", ")));
+            return Err(format!("unknown flag {flag:?}; valid: {}", FLAGS[..FLAGS.len() - 2].join(", ")));
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         out.insert(flag.clone(), value.clone());
@@ -177,27 +184,61 @@ async fn run(flags: &HashMap<String, String>) -> Result<ExitCode, Bad> {
         "both" => vec![Mode::PeerToPeer, Mode::Coordinator],
         m => vec![Mode::parse(m).ok_or_else(|| Bad::Input(format!("--mode {m:?}: valid: p2p, coordinator, both")))?],
     };
-    let _server;
-    let url = match flags.get("--nats") {
-        Some(u) => u.clone(),
-        None => {
-            _server = NatsServer::start();
-            _server.url()
+    let restart_at: Option<f64> = match flags.get("--restart-server-at") {
+        None => None,
+        Some(v) => {
+            let f: f64 = v.parse().map_err(|_| Bad::Input(format!("--restart-server-at {v:?}: not a number")))?;
+            if !(0.0..=1.0).contains(&f) {
+                return Err(Bad::Input(format!("--restart-server-at {v}: valid: 0 to 1")));
+            }
+            Some(f)
         }
     };
-    let backend = NatsBackend::connect(&url).await.map_err(runtime)?;
+    let down_ms: u64 = num(flags, "--server-down-ms", 1000)?;
+    if down_ms > 60_000 {
+        return Err(Bad::Input(format!("--server-down-ms {down_ms}: valid: 0 to 60000")));
+    }
+    if restart_at.is_some() && flags.contains_key("--nats") {
+        return Err(Bad::Input("--restart-server-at restarts the run's own server: valid only without --nats".into()));
+    }
+    let mut server = None;
+    let url = match flags.get("--nats") {
+        Some(u) => u.clone(),
+        None => server.insert(NatsServer::start()).url(),
+    };
+    let restart = restart_at.map(|at| Restart { at, down: Duration::from_millis(down_ms) });
+    // Patient: the harness reads the log across a server restart too.
+    let backend = NatsBackend::connect(&url).await.map_err(runtime)?.patient();
     let mut ok = true;
     for n in 0..runs {
         // Alternate the modes' order, so neither always runs on a fresher machine.
         let order: Vec<Mode> = if n % 2 == 0 { modes.clone() } else { modes.iter().rev().copied().collect() };
         for mode in order {
             let run = format!("{}-{}-{}-{}", mode.name(), std::process::id(), n, now_ms());
-            let r = one_run(&backend, &url, &run, &w, mode, kill, kill_at).await?;
+            let faults = Faults { kill, kill_at, restart: restart.zip(server.as_mut()) };
+            let r = one_run(&backend, &url, &run, &w, mode, faults).await?;
             ok &= r.lost == 0 && r.recorded_twice == 0;
             println!("{}", serde_json::to_string(&r).expect("a result serializes"));
         }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// When to SIGKILL the run's server, and for how long to leave it down.
+#[derive(Clone, Copy)]
+struct Restart {
+    /// The fraction of the events recorded first.
+    at: f64,
+    down: Duration,
+}
+
+/// What goes wrong in a run: agents killed, the server killed and restarted.
+struct Faults<'a> {
+    /// Agents SIGKILLed (the owners of the hot partitions) …
+    kill: usize,
+    /// … once this fraction of the events is recorded.
+    kill_at: f64,
+    restart: Option<(Restart, &'a mut NatsServer)>,
 }
 
 /// Child processes, SIGKILLed when dropped.
@@ -218,9 +259,9 @@ async fn one_run(
     run: &str,
     w: &Workload,
     mode: Mode,
-    kill: usize,
-    kill_at: f64,
+    faults: Faults<'_>,
 ) -> Result<RunResult, Bad> {
+    let Faults { kill, kill_at, mut restart } = faults;
     dataproc::publish_events(backend, run, w).await.map_err(runtime)?;
     // The log exists before anyone counts on it.
     let log = backend.logs().open(&dataproc::session_of(run), true).await.map_err(runtime)?;
@@ -248,8 +289,21 @@ async fn one_run(
     let total = w.total() as u64;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut killed = 0;
+    let mut server_restarts = 0;
     loop {
         let done = log.last_seq().await.map_err(runtime)?;
+        if let Some((r, server)) = restart.as_mut()
+            && server_restarts == 0
+            && done as f64 >= r.at * total as f64
+            && done < total
+        {
+            // The server dies (SIGKILL: no flush, no goodbye) and comes back on the same
+            // port and store; the agents and the coordinator reconnect on their own.
+            server.kill();
+            tokio::time::sleep(r.down).await;
+            server.start_again();
+            server_restarts += 1;
+        }
         if killed < kill && done as f64 >= kill_at * total as f64 {
             // The owners of the hot partitions (agents 0, 1, …) die.
             for i in 0..kill {
@@ -304,6 +358,7 @@ async fn one_run(
         recorded_twice: twice,
         reexecuted,
         taken_over,
+        server_restarts,
         wall_ms,
         events_per_s: if wall_ms == 0 { 0.0 } else { recorded as f64 * 1000.0 / wall_ms as f64 },
         p50_ms: dataproc::quantile(&latencies, 0.50),

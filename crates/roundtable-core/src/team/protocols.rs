@@ -175,7 +175,7 @@ pub enum VoteRule {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DebateSpec {
     pub members: Vec<PeerId>,
-    /// Rounds in all, round 0 included.
+    /// Rounds in all, the first (answers given alone) included.
     pub rounds: u32,
     pub vote: VoteRule,
     /// Ask for JSON answers `{answer, confidence, reason}`.

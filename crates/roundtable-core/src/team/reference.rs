@@ -197,7 +197,9 @@ pub fn reference_markdown() -> String {
          `order`, …) take peer ids, never group names.\n\
          - **Rounds in the file count from 1**: `rounds`, `max_rounds`, `{round}` in scripted replies\n  \
          and the stop reasons (\"consensus in round 2\") do. Step names on the log (`r0/answer`,\n  \
-         `jury/r0/commit`) are ids and count from 0.\n\
+         `jury/r0/commit`) are part of envelope ids and count from 0; everything people read (`log`,\n  \
+         `trace`, `join`, the web view, error messages) shows them from 1 (`r1/answer`), and `--json`\n  \
+         outputs and exports keep the log's names.\n\
          \n## What `simulated` answers\n\n\
          A `simulated` model answers two task families, with probability `p_correct` of being right:\n\
          - **integer arithmetic** with `+ - *` and the usual precedence (`29+4*17+3-21*2`); a wrong\n  \
