@@ -332,7 +332,7 @@ impl Worker {
             let cost = body["cost_ms"].as_u64().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(cost)).await;
             let env = Envelope::with_id(
-                id,
+                id.clone(),
                 &self.session,
                 me,
                 Arc::from(format!("event/{event}")),

@@ -147,7 +147,7 @@ pub(crate) struct UiArgs {
         long,
         value_name = "SECS",
         default_value_t = roundtable_observe::ui::IDLE.as_secs(),
-        value_parser = clap::value_parser!(u64).range(*roundtable_observe::ui::IDLE_SECS.start() as i64..=*roundtable_observe::ui::IDLE_SECS.end() as i64),
+        value_parser = clap::value_parser!(u64).range(roundtable_observe::ui::IDLE_SECS),
         requires = "act"
     )]
     seat_idle_secs: u64,
