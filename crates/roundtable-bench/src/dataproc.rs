@@ -293,6 +293,11 @@ pub async fn agent(url: &str, run: &str, w: &Workload, index: usize, mode: Mode)
     let result = match mode {
         Mode::PeerToPeer => {
             let board = backend.blackboard(&worker.session).await?;
+            // The same as for heartbeats: the bucket another agent created a moment ago
+            // may not be routed yet ("no stream found"), so the first write is made
+            // again until it lands; it marks the agent as started.
+            let started = format!("started-{index}");
+            again("the first write to the blackboard", || board.put(&started, me.as_str().as_bytes().to_vec())).await?;
             steal_loop(&worker, &board, &presence, &me, index, &mut report).await
         }
         Mode::Coordinator => assigned_loop(&worker, backend.client(), &me, &mut report).await,
@@ -645,6 +650,8 @@ pub struct RunResult {
     pub taken_over: usize,
     /// Times the run's NATS server was SIGKILLed and started again mid-run.
     pub server_restarts: usize,
+    /// Events recorded when the server was SIGKILLed (0 without a restart).
+    pub recorded_at_server_kill: u64,
     pub wall_ms: u64,
     pub events_per_s: f64,
     pub p50_ms: u64,

@@ -290,6 +290,7 @@ async fn one_run(
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut killed = 0;
     let mut server_restarts = 0;
+    let mut recorded_at_server_kill = 0;
     loop {
         let done = log.last_seq().await.map_err(runtime)?;
         if let Some((r, server)) = restart.as_mut()
@@ -300,6 +301,7 @@ async fn one_run(
             // The server dies (SIGKILL: no flush, no goodbye) and comes back on the same
             // port and store; the agents and the coordinator reconnect on their own.
             server.kill();
+            recorded_at_server_kill = done;
             tokio::time::sleep(r.down).await;
             server.start_again();
             server_restarts += 1;
@@ -359,6 +361,7 @@ async fn one_run(
         reexecuted,
         taken_over,
         server_restarts,
+        recorded_at_server_kill,
         wall_ms,
         events_per_s: if wall_ms == 0 { 0.0 } else { recorded as f64 * 1000.0 / wall_ms as f64 },
         p50_ms: dataproc::quantile(&latencies, 0.50),
