@@ -647,7 +647,7 @@ fn start_ui(data: &Path, addr: &str, extra: &[&str]) -> (Driven, String) {
         .spawn()
         .unwrap();
     let mut ui = Driven::collect(child, "roundtable ui --act");
-    let line = ui.expect("(sessions in").to_string();
+    let line = ui.expect("sessions in ").to_string();
     let bound = line.rsplit("http://").next().unwrap().split('/').next().unwrap().to_string();
     (ui, bound)
 }
