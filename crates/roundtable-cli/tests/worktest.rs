@@ -588,7 +588,7 @@ fn a_cargo_project_collected_runs_each_test_once_from_its_built_binary() {
         "[package]\nname = \"tiny\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\n",
     )
     .unwrap();
-    let mark = "pub fn mark(name: &str) {\n    use std::io::Write;\n    let path = concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/ran.txt\");\n    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();\n    writeln!(f, \"{name}\").unwrap();\n}\n";
+    let mark = "pub fn mark(name: &str) {\n    use std::io::Write;\n    let path = concat!(env!(\"CARGO_MANIFEST_DIR\"), \"/ran.txt\");\n    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();\n    f.write_all(format!(\"{name}\\n\").as_bytes()).unwrap();\n}\n";
     std::fs::write(
         p.join("src/lib.rs"),
         format!(
