@@ -225,6 +225,55 @@ pub async fn record_listing(
     Ok((!appended.duplicate).then_some(appended.seq))
 }
 
+/// Why a `tool_list` envelope is not one the team's processes could have recorded, if
+/// it is not: its body is not a listing, it lists a server the plan declares no MCP
+/// server under, its author is not granted that server (a process records a listing in
+/// the name of a peer it runs that is granted the server; only a server no peer is
+/// granted may be recorded by any peer of the team), or its step and id are not
+/// the collective `tools/{server}/{n}` ones. Readers that take envelopes from others (a
+/// NATS log) reject such a listing at its place, and replay ignores it, so a listing
+/// forged by a peer that does not hold the server (or by anyone, in an unsigned
+/// session) is never taken as what the models were offered. It never changes what a
+/// peer can call in any case: the tools a process runs are built from its own plan.
+pub fn listing_rejected(plan: &crate::team::TeamPlan, env: &Envelope) -> Option<String> {
+    if env.kind != Kind::ToolList {
+        return None;
+    }
+    let Some(body) = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolListBody>(j).ok()) else {
+        return Some(format!("tool_list {} from {} has no listing in its body", env.step, env.from));
+    };
+    let server = &body.server;
+    if !plan.tools.get(server).is_some_and(|t| matches!(t.kind, ToolKind::Mcp(_))) {
+        return Some(format!(
+            "tool_list {} from {} lists `{server}`, which is no MCP server of the team",
+            env.step, env.from
+        ));
+    }
+    let granted = |p: &crate::team::PeerSpec| p.tools.iter().any(|t| t == server);
+    // A server no peer is granted is recorded by any peer of the team that started it.
+    let held = plan.peers.iter().any(granted);
+    if !plan.peer(&env.from).is_some_and(|p| granted(p) || !held) {
+        return Some(format!(
+            "tool_list {} from {}: {} is not granted the MCP server `{server}`, so no process records its listing in {}'s name",
+            env.step, env.from, env.from, env.from
+        ));
+    }
+    let numbered = env
+        .step
+        .strip_prefix("tools/")
+        .and_then(|r| r.strip_prefix(server.as_str()))
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n >= 1 && *env.step == *listing_step(server, n));
+    if !numbered || env.id != EnvelopeId::derive(&env.session, &PeerId::from("*"), &env.step) {
+        return Some(format!(
+            "tool_list {} from {} is not at a listing step of `{server}` with the collective id",
+            env.step, env.from
+        ));
+    }
+    None
+}
+
 /// The body (`json`) of an `approval` envelope asking a peer to approve a tool call
 /// (step `{duty}/approve/{k}`, addressed to the approver, written before the call runs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
