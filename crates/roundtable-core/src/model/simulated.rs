@@ -537,7 +537,7 @@ mod tools {
     }
 
     /// The task: the first message that is not a peer's (nor a tool's result).
-    fn task<'a>(msgs: &'a [ChatMessage]) -> Option<&'a str> {
+    fn task(msgs: &[ChatMessage]) -> Option<&str> {
         msgs.iter().find(|m| m.name.is_none() && m.role == Role::User).map(|m| &*m.content)
     }
 
