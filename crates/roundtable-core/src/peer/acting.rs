@@ -281,6 +281,11 @@ pub(super) async fn call_with_tools(
         // Record every call before running any.
         let mut to_run = Vec::new();
         for (i, call) in asked.into_iter().enumerate() {
+            // A stop that lands while the calls are recorded ends the turn: at most one
+            // envelope of this peer follows a stop (as an import checks).
+            if i > 0 && stopped_since(me, &mut checked).await? {
+                return Ok(Called::Stopped);
+            }
             let k = next_k;
             next_k += 1;
             let said = said.take().filter(|t| !t.trim().is_empty()).unwrap_or_default();
