@@ -224,7 +224,8 @@ pub fn reference_markdown() -> String {
          output's `answer` if the output is a JSON object, else its last non-empty line; the reply is\n\
          ``I ran `NAME`: OUTPUT. Answer: X`` (in a conversation, broadcast; in JSON mode, the answer's\n\
          JSON). When every call failed it answers as it would without tools. Whether to call is a\n\
-         rule, not a draw, and call ids come from the peer and the call: a run repeats exactly.\n\
+         rule, not a draw, and call ids come from the peer and the call, so the same request always\n\
+         makes the same calls with the same arguments and ids.\n\
          \n## Which runs repeat exactly\n\n\
          Two runs of a team with `scripted` models (or `simulated` ones) make the same decisions and the same\n\
          answers. Their logs are the same apart from times and ids, prompt tokens included, for the\n\
