@@ -580,3 +580,56 @@ impl Builtin {
         ToolDef { name: self.as_str().to_string(), description: description.to_string(), parameters }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::SessionId;
+
+    fn plan(grants: &str) -> crate::team::TeamPlan {
+        let src = format!(
+            "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n\
+             [[peers]]\nid = \"a\"\nmodel = \"m\"\n{grants}\n[[peers]]\nid = \"b\"\nmodel = \"m\"\n\
+             [protocol]\nkind = \"conversation\"\n\
+             [tools.docs]\nkind = \"mcp\"\ncommand = [\"mcp-docs\"]\n\
+             [tools.check]\nkind = \"command\"\nargv = [\"true\"]\n"
+        );
+        crate::team::parse_team("t.toml", &src, &crate::team::NoEnv).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn listing(from: &str, server: &str, step: &str) -> Envelope {
+        let s = SessionId::from("s");
+        let body = ToolListBody { server: server.into(), tools: Vec::new(), error: None };
+        let id = EnvelopeId::derive(&s, &PeerId::from("*"), step);
+        let body = Body::text(body.describe()).with_json(serde_json::to_value(&body).unwrap());
+        Envelope::with_id(id, &s, &PeerId::from(from), Arc::from(step), Kind::ToolList, Recipient::All, body)
+    }
+
+    #[test]
+    fn a_listing_counts_only_from_a_peer_that_holds_the_server_at_its_collective_step() {
+        let held = plan("tools = [\"docs\"]");
+        assert_eq!(listing_rejected(&held, &listing("a", "docs", "tools/docs/1")), None);
+        assert_eq!(listing_rejected(&held, &listing("a", "docs", "tools/docs/3")), None);
+        let why = |p: &crate::team::TeamPlan, e: Envelope| listing_rejected(p, &e).unwrap_or_default();
+        assert!(why(&held, listing("b", "docs", "tools/docs/2")).contains("b is not granted the MCP server `docs`"));
+        assert!(why(&held, listing("a", "check", "tools/check/1")).contains("no MCP server of the team"));
+        assert!(why(&held, listing("a", "nope", "tools/nope/1")).contains("no MCP server of the team"));
+        for step in ["tools/docs/0", "tools/docs/x", "tools/other/1", "docs/1", "tools/docs/01"] {
+            assert!(why(&held, listing("a", "docs", step)).contains("not at a listing step"), "{step}");
+        }
+        // The right step, but an id of the author's own: not the collective listing.
+        let mut own = listing("a", "docs", "tools/docs/1");
+        own.id = EnvelopeId::derive(&own.session, &own.from, &own.step);
+        assert!(why(&held, own).contains("collective id"));
+        let mut empty = listing("a", "docs", "tools/docs/1");
+        empty.body.json = None;
+        assert!(why(&held, empty).contains("no listing in its body"));
+        // A server no peer holds may be recorded by any peer that started it.
+        let unheld = plan("");
+        assert_eq!(listing_rejected(&unheld, &listing("b", "docs", "tools/docs/1")), None);
+        // Other kinds are not listings.
+        let mut message = listing("b", "docs", "tools/docs/1");
+        message.kind = Kind::Message;
+        assert_eq!(listing_rejected(&held, &message), None);
+    }
+}
