@@ -784,8 +784,16 @@ fn listing_author(
     models: &std::collections::HashMap<roundtable_core::PeerId, Arc<dyn roundtable_core::model::ChatModel>>,
     server: &str,
 ) -> Option<roundtable_core::PeerId> {
+    let granted = |p: &&roundtable_core::team::PeerSpec| p.tools.iter().any(|t| t == server);
     let local: Vec<_> = plan.peers.iter().filter(|p| models.contains_key(&p.id)).collect();
-    local.iter().find(|p| p.tools.iter().any(|t| t == server)).or(local.first()).map(|p| p.id.clone())
+    // A process whose peers do not hold the server records nothing when a peer of
+    // another process does (readers reject a listing from a peer not granted it).
+    let held_elsewhere = plan.peers.iter().any(|p| granted(&p));
+    local
+        .iter()
+        .find(|p| granted(p))
+        .or_else(|| if held_elsewhere { None } else { local.first() })
+        .map(|p| p.id.clone())
 }
 
 /// Print the outcome. A session that ended because its models kept failing is a

@@ -73,6 +73,51 @@ fn the_conversation_example_runs_its_command_tool_and_replays_without_running_it
 }
 
 #[test]
+fn the_simulated_model_calls_the_command_tool_its_task_names_and_answers_with_the_result() {
+    let data = tempfile::tempdir().unwrap();
+    let team = examples().join("simulated-tools.toml");
+    let o = run(&["run", team.to_str().unwrap(), "--json"], data.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = json(&o);
+    assert!(s["stop_reason"].as_str().unwrap().starts_with("finished: "), "{s}");
+    assert_eq!(s["final_answer"], "5 passed, 0 failed", "{s}");
+    let id = s["session"].as_str().unwrap();
+    let log = envelopes(id, data.path());
+    // Each peer ran the checks once, with the arguments the task gives.
+    let calls = of_kind(&log, "tool_call");
+    let mut callers: Vec<&str> = calls
+        .iter()
+        .filter(|c| c["body"]["json"]["tool"] == "run_checks")
+        .map(|c| c["from"].as_str().unwrap())
+        .collect();
+    callers.sort();
+    assert_eq!(callers, ["reviewer", "tester"]);
+    for c in calls.iter().filter(|c| c["body"]["json"]["tool"] == "run_checks") {
+        let args: serde_json::Value = serde_json::from_str(c["body"]["json"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, serde_json::json!({"spec": "POST /users 201 409 422"}));
+    }
+    let results = of_kind(&log, "tool_result");
+    let checks: Vec<&&serde_json::Value> =
+        results.iter().filter(|r| r["body"]["json"]["tool"] == "run_checks").collect();
+    assert_eq!(checks.len(), 2);
+    for r in &checks {
+        let r = &r["body"]["json"];
+        assert_eq!((r["outcome"].as_str(), r["exit_status"].as_i64()), (Some("ok"), Some(0)), "{r}");
+    }
+    // The result fed what each peer told the other.
+    let said: Vec<&str> = of_kind(&log, "message")
+        .iter()
+        .filter_map(|m| m["body"]["text"].as_str())
+        .filter(|t| t.starts_with("I ran `run_checks`"))
+        .collect();
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(said.iter().all(|t| t.ends_with("Answer: 5 passed, 0 failed")), "{said:?}");
+
+    let o = run(&["replay", id], data.path());
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
 fn a_program_peer_reports_a_failing_check_to_the_two_peers_it_concerns() {
     let data = tempfile::tempdir().unwrap();
     let team = examples().join("failing-check.toml");

@@ -816,3 +816,137 @@ fn a_stop_signed_by_a_roster_member_that_does_not_follow_from_the_log_is_rejecte
     assert_eq!(out.matches("does not follow from the log").count(), 2, "{out}");
     assert!(out.contains("Stopped: completed: 2") && !out.contains("Stopped: completed: everyone"), "{out}");
 }
+
+/// The reference MCP server `server-everything`, as `scripts/test.sh` installs it.
+fn everything_server() -> PathBuf {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/npm/node_modules/.bin/mcp-server-everything");
+    assert!(
+        bin.exists(),
+        "this test needs the reference MCP server: run ./scripts/test.sh, or `npm install --prefix target/npm @modelcontextprotocol/server-everything@2026.8.31` from the repository root"
+    );
+    bin.canonicalize().unwrap()
+}
+
+#[test]
+fn a_forged_tool_listing_changes_no_ones_tools_and_only_the_granted_peers_listing_counts() {
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut keys = Vec::new();
+    for id in ["a", "b"] {
+        let o = bin().args(["keys", "new", "--peer", id, "--data-dir"]).arg(dir.path().join(id)).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        keys.push(String::from_utf8(o.stdout).unwrap().trim().to_owned());
+    }
+    // a holds the MCP server, allowed its `echo` only (it also offers `get-sum`); b asks
+    // a to use it. a tries `get-sum` too, which the team does not allow.
+    let src = format!(
+        r#"name = "listing"
+topic = "Echo a word through the server."
+[tools.everything]
+kind = "mcp"
+description = "The reference MCP server."
+command = [{server:?}, "stdio"]
+allow = ["echo"]
+timeout_secs = 30
+[models.s]
+provider = "scripted"
+[models.s.per_peer]
+a = ['!tool echo {{"message": "hello"}}', '!tool get-sum {{"a": 1, "b": 2}}', '!tool finish {{"answer": "The server echoed hello."}}']
+b = ['!tool send {{"to": "a", "text": "Echo hello through the server, then finish."}}', "", "", "", ""]
+[[peers]]
+id = "a"
+model = "s"
+tools = ["everything"]
+public_key = "{a}"
+[[peers]]
+id = "b"
+model = "s"
+public_key = "{b}"
+[protocol]
+kind = "conversation"
+start = ["b"]
+finish = "a"
+max_turns = 3
+[presence]
+absent_after_secs = 120
+"#,
+        server = everything_server().display().to_string(),
+        a = keys[0],
+        b = keys[1],
+    );
+    let team = dir.path().join("listing.toml");
+    std::fs::write(&team, src).unwrap();
+    let session = SessionId::from("forged-listing");
+
+    // a starts the server and records what it listed; nothing happens until b speaks.
+    let a = start_peer(&team, "a", &url, session.as_str(), dir.path());
+    let start = Instant::now();
+    while !read_log(&rt, &url, session.as_str()).iter().any(|e| e.kind == Kind::ToolList) {
+        assert!(start.elapsed() < DEADLINE, "no listing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A newer listing of the server that adds `get-sum`: in b's name and signed with b's
+    // own key (b is on the roster, but not granted the server), and by an outsider.
+    let def = |name: &str| roundtable_core::tool::ToolDef {
+        name: name.into(),
+        description: format!("{name}, as the forger says"),
+        parameters: serde_json::json!({"type": "object"}),
+    };
+    let forged_listing = |from: &str| {
+        let listing = roundtable_core::tool::ToolListBody {
+            server: "everything".into(),
+            tools: vec![def("echo"), def("get-sum")],
+            error: None,
+        };
+        let step = roundtable_core::tool::listing_step("everything", 2);
+        let id = roundtable_core::EnvelopeId::derive(&session, &PeerId::from("*"), &step);
+        let body = Body::text(listing.describe()).with_json(serde_json::to_value(&listing).unwrap());
+        Envelope::with_id(id, &session, &PeerId::from(from), Arc::from(step), Kind::ToolList, Recipient::All, body)
+    };
+    let b_key = std::fs::read_to_string(dir.path().join("b").join("keys").join("b.key")).unwrap();
+    let mut by_b = forged_listing("b");
+    sign(&mut by_b, &PeerId::from("b"), &SecretKey::from_hex(&b_key).unwrap());
+    let mut by_outsider = forged_listing("mallory");
+    sign(&mut by_outsider, &PeerId::from("mallory"), &SecretKey::generate());
+    publish(&rt, &url, &by_outsider);
+    publish(&rt, &url, &by_b);
+
+    let b = start_peer(&team, "b", &url, session.as_str(), dir.path());
+    let (a, b) = (finish(a, "a"), finish(b, "b"));
+    for (id, o) in [("a", &a), ("b", &b)] {
+        assert!(o.status.success(), "peer {id}: {}", stderr(o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON summary");
+        assert_eq!(summary["final_answer"], "The server echoed hello.", "{id}: {summary}");
+    }
+
+    let log = read_log(&rt, &url, session.as_str());
+    let listings: Vec<&Arc<Envelope>> = log.iter().filter(|e| e.kind == Kind::ToolList).collect();
+    assert_eq!(listings.len(), 1, "only the listing of the peer that holds the server: {listings:#?}");
+    assert_eq!((listings[0].from.as_str(), &*listings[0].step), ("a", "tools/everything/1"));
+    let body: roundtable_core::tool::ToolListBody =
+        serde_json::from_value(listings[0].body.json.clone().unwrap()).unwrap();
+    assert_eq!(body.tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["echo"]);
+    let rejections: Vec<&Arc<Envelope>> =
+        log.iter().filter(|e| e.kind == Kind::Failure && e.from.as_str() == REJECTED_FROM).collect();
+    assert_eq!(rejections.len(), 2, "{rejections:#?}");
+    for why in ["signed by mallory, who is not on the session's roster", "b is not granted the MCP server `everything`"]
+    {
+        assert!(
+            rejections.iter().any(|r| r.body.text.contains(why) && r.body.text.contains("tools/everything/2")),
+            "{why}: {rejections:#?}"
+        );
+    }
+    // What a could call did not change: `echo` ran; `get-sum`, which the server has and
+    // the forged listing offered, was refused as not granted, and never reached it.
+    let results: Vec<roundtable_core::tool::ToolResultBody> = log
+        .iter()
+        .filter(|e| e.kind == Kind::ToolResult)
+        .map(|e| serde_json::from_value(e.body.json.clone().unwrap()).unwrap())
+        .collect();
+    let of = |tool: &str| results.iter().find(|r| r.tool == tool).unwrap_or_else(|| panic!("{tool}: {results:#?}"));
+    assert_eq!((of("echo").outcome, of("echo").output.as_str()), (roundtable_core::tool::Outcome::Ok, "Echo: hello"));
+    assert_eq!(of("get-sum").outcome, roundtable_core::tool::Outcome::Refused, "{:?}", of("get-sum"));
+    assert!(of("get-sum").output.contains("not granted"), "{:?}", of("get-sum"));
+}

@@ -225,6 +225,55 @@ pub async fn record_listing(
     Ok((!appended.duplicate).then_some(appended.seq))
 }
 
+/// Why a `tool_list` envelope is not one the team's processes could have recorded, if
+/// it is not: its body is not a listing, it lists a server the plan declares no MCP
+/// server under, its author is not granted that server (a process records a listing in
+/// the name of a peer it runs that is granted the server; only a server no peer is
+/// granted may be recorded by any peer of the team), or its step and id are not
+/// the collective `tools/{server}/{n}` ones. Readers that take envelopes from others (a
+/// NATS log) reject such a listing at its place, and replay ignores it, so a listing
+/// forged by a peer that does not hold the server (or by anyone, in an unsigned
+/// session) is never taken as what the models were offered. It never changes what a
+/// peer can call in any case: the tools a process runs are built from its own plan.
+pub fn listing_rejected(plan: &crate::team::TeamPlan, env: &Envelope) -> Option<String> {
+    if env.kind != Kind::ToolList {
+        return None;
+    }
+    let Some(body) = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolListBody>(j).ok()) else {
+        return Some(format!("tool_list {} from {} has no listing in its body", env.step, env.from));
+    };
+    let server = &body.server;
+    if !plan.tools.get(server).is_some_and(|t| matches!(t.kind, ToolKind::Mcp(_))) {
+        return Some(format!(
+            "tool_list {} from {} lists `{server}`, which is no MCP server of the team",
+            env.step, env.from
+        ));
+    }
+    let granted = |p: &crate::team::PeerSpec| p.tools.iter().any(|t| t == server);
+    // A server no peer is granted is recorded by any peer of the team that started it.
+    let held = plan.peers.iter().any(granted);
+    if !plan.peer(&env.from).is_some_and(|p| granted(p) || !held) {
+        return Some(format!(
+            "tool_list {} from {}: {} is not granted the MCP server `{server}`, so no process records its listing in {}'s name",
+            env.step, env.from, env.from, env.from
+        ));
+    }
+    let numbered = env
+        .step
+        .strip_prefix("tools/")
+        .and_then(|r| r.strip_prefix(server.as_str()))
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n >= 1 && *env.step == *listing_step(server, n));
+    if !numbered || env.id != EnvelopeId::derive(&env.session, &PeerId::from("*"), &env.step) {
+        return Some(format!(
+            "tool_list {} from {} is not at a listing step of `{server}` with the collective id",
+            env.step, env.from
+        ));
+    }
+    None
+}
+
 /// The body (`json`) of an `approval` envelope asking a peer to approve a tool call
 /// (step `{duty}/approve/{k}`, addressed to the approver, written before the call runs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -529,5 +578,58 @@ impl Builtin {
             ),
         };
         ToolDef { name: self.as_str().to_string(), description: description.to_string(), parameters }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::SessionId;
+
+    fn plan(grants: &str) -> crate::team::TeamPlan {
+        let src = format!(
+            "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n\
+             [[peers]]\nid = \"a\"\nmodel = \"m\"\n{grants}\n[[peers]]\nid = \"b\"\nmodel = \"m\"\n\
+             [protocol]\nkind = \"conversation\"\n\
+             [tools.docs]\nkind = \"mcp\"\ncommand = [\"mcp-docs\"]\n\
+             [tools.check]\nkind = \"command\"\nargv = [\"true\"]\n"
+        );
+        crate::team::parse_team("t.toml", &src, &crate::team::NoEnv).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn listing(from: &str, server: &str, step: &str) -> Envelope {
+        let s = SessionId::from("s");
+        let body = ToolListBody { server: server.into(), tools: Vec::new(), error: None };
+        let id = EnvelopeId::derive(&s, &PeerId::from("*"), step);
+        let body = Body::text(body.describe()).with_json(serde_json::to_value(&body).unwrap());
+        Envelope::with_id(id, &s, &PeerId::from(from), Arc::from(step), Kind::ToolList, Recipient::All, body)
+    }
+
+    #[test]
+    fn a_listing_counts_only_from_a_peer_that_holds_the_server_at_its_collective_step() {
+        let held = plan("tools = [\"docs\"]");
+        assert_eq!(listing_rejected(&held, &listing("a", "docs", "tools/docs/1")), None);
+        assert_eq!(listing_rejected(&held, &listing("a", "docs", "tools/docs/3")), None);
+        let why = |p: &crate::team::TeamPlan, e: Envelope| listing_rejected(p, &e).unwrap_or_default();
+        assert!(why(&held, listing("b", "docs", "tools/docs/2")).contains("b is not granted the MCP server `docs`"));
+        assert!(why(&held, listing("a", "check", "tools/check/1")).contains("no MCP server of the team"));
+        assert!(why(&held, listing("a", "nope", "tools/nope/1")).contains("no MCP server of the team"));
+        for step in ["tools/docs/0", "tools/docs/x", "tools/other/1", "docs/1", "tools/docs/01"] {
+            assert!(why(&held, listing("a", "docs", step)).contains("not at a listing step"), "{step}");
+        }
+        // The right step, but an id of the author's own: not the collective listing.
+        let mut own = listing("a", "docs", "tools/docs/1");
+        own.id = EnvelopeId::derive(&own.session, &own.from, &own.step);
+        assert!(why(&held, own).contains("collective id"));
+        let mut empty = listing("a", "docs", "tools/docs/1");
+        empty.body.json = None;
+        assert!(why(&held, empty).contains("no listing in its body"));
+        // A server no peer holds may be recorded by any peer that started it.
+        let unheld = plan("");
+        assert_eq!(listing_rejected(&unheld, &listing("b", "docs", "tools/docs/1")), None);
+        // Other kinds are not listings.
+        let mut message = listing("b", "docs", "tools/docs/1");
+        message.kind = Kind::Message;
+        assert_eq!(listing_rejected(&held, &message), None);
     }
 }

@@ -803,3 +803,292 @@ async fn a_person_too_slow_to_approve_leaves_the_recorded_timeout_denial_standin
         assert!(j["reason"].as_str().unwrap().starts_with("not answered: "), "{j}");
     }
 }
+
+/// Each peer's first model call meets the other's (so both are inside their duties
+/// before either asks), then calls its own tool, whose approver is the other peer;
+/// approval requests are approved; anything else is a quiet answer.
+struct Mutual {
+    barrier: Arc<tokio::sync::Barrier>,
+    turns: Mutex<HashMap<PeerId, u32>>,
+    asked: Seen,
+}
+
+#[async_trait]
+impl ChatModel for Mutual {
+    fn name(&self) -> &str {
+        "mutual"
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        let answer = |text: &str, tool_calls| ChatResponse {
+            text: text.to_string(),
+            model: "mutual".into(),
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            finish_reason: None,
+            tool_calls,
+        };
+        if req.instruction.as_deref().is_some_and(|i| i.contains("asks you to approve")) {
+            self.asked.lock().unwrap().push(req.clone());
+            return Ok(answer(r#"{"approve": true, "reason": "fine by me"}"#, Vec::new()));
+        }
+        let n = {
+            let mut turns = self.turns.lock().unwrap();
+            let n = turns.entry(req.peer.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        if n > 1 {
+            return Ok(answer("", Vec::new()));
+        }
+        self.barrier.wait().await;
+        let call = ToolCall {
+            id: format!("call_{}", req.peer),
+            name: format!("deploy_{}", req.peer),
+            arguments: r#"{"version": "v5"}"#.into(),
+        };
+        Ok(answer("", vec![call]))
+    }
+}
+
+#[tokio::test]
+async fn two_peers_that_each_need_the_others_approval_answer_each_other_while_they_wait() {
+    let plan = plan(
+        "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n\
+         [[peers]]\nid = \"a\"\nmodel = \"m\"\ntools = [\"deploy_a\"]\n\
+         [[peers]]\nid = \"b\"\nmodel = \"m\"\ntools = [\"deploy_b\"]\n\
+         [protocol]\nkind = \"conversation\"\nstart = [\"a\", \"b\"]\n\
+         [tools.deploy_a]\nkind = \"command\"\nargv = [\"true\"]\napprove_by = \"b\"\n\
+         [tools.deploy_b]\nkind = \"command\"\nargv = [\"true\"]\napprove_by = \"a\"\n",
+    );
+    let mut tools = ToolBox::new();
+    let mut runs = HashMap::new();
+    for name in ["deploy_a", "deploy_b"] {
+        let n = Arc::new(AtomicU32::new(0));
+        let def = ToolDef {
+            name: name.into(),
+            description: "Deploy a version".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {"version": {"type": "string"}}}),
+        };
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tools.insert(name, Arc::new(Counter { def, runs: n.clone(), idempotent: false, hang }));
+        runs.insert(name, n);
+    }
+    let asked: Seen = Arc::default();
+    let model: Arc<dyn ChatModel> = Arc::new(Mutual {
+        barrier: Arc::new(tokio::sync::Barrier::new(2)),
+        turns: Mutex::default(),
+        asked: asked.clone(),
+    });
+    let models = plan.peers.iter().map(|p| (p.id.clone(), model.clone())).collect();
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    // Before the fix each peer waited for the other's answer inside its own duty, and
+    // this session never stopped (run_with fails after its deadline).
+    let (log, summary) = run_with(&plan, "ship v5", models, extras, None, None).await;
+    assert!(summary.stopped, "{summary:?}");
+    for (name, n) in &runs {
+        assert_eq!(n.load(Ordering::SeqCst), 1, "{name} ran once, approved");
+    }
+    let (requests, answers) = approvals(&log);
+    assert_eq!((requests.len(), answers.len()), (2, 2), "{log:#?}");
+    for req in &requests {
+        let other = if req.from.as_str() == "a" { "b" } else { "a" };
+        assert_eq!(req.to, Recipient::Peer(PeerId::from(other)));
+        let answer = answers.iter().find(|a| *a.step == *format!("{}/answer", req.step)).expect("answered");
+        assert_eq!(answer.from.as_str(), other, "the approver answered, not the caller");
+        assert_eq!(answer.body.json.as_ref().unwrap()["approve"], true);
+        let result =
+            log.iter().position(|e| e.kind == Kind::ToolResult && e.from == req.from).expect("the call has a result");
+        let answered = log.iter().position(|e| e.id == answer.id).unwrap();
+        assert!(answered < result, "the answer came before the run");
+    }
+    assert!(results(&log).iter().all(|r| r.outcome == Outcome::Ok), "{:?}", results(&log));
+    // Both peers were asked while each waited for its own answer.
+    assert_eq!(asked.lock().unwrap().len(), 2);
+}
+
+/// An approver that answers only once the session has stopped (as a person whose seat
+/// is slow, or a model call that outlasts the session, would), approving the call.
+struct Late {
+    log: Arc<dyn SessionLog>,
+    /// The approver's model was called (it holds the request).
+    asked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn wait_for(log: &Arc<dyn SessionLog>, what: impl Fn(&Envelope) -> bool) {
+    loop {
+        if log.read_all().await.unwrap().iter().any(|e| what(&e.env)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[async_trait]
+impl ChatModel for Late {
+    fn name(&self) -> &str {
+        "late"
+    }
+    async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        let text = if req.peer.as_str() == "lead" {
+            self.asked.store(true, Ordering::SeqCst);
+            wait_for(&self.log, |e| e.kind == Kind::Stop).await;
+            r#"{"approve": true, "reason": "looks fine (but too late)"}"#.to_string()
+        } else {
+            String::new()
+        };
+        let tool_calls = match req.peer.as_str() {
+            "ops" if req.tool_turns.is_empty() => vec![ToolCall {
+                id: "call_ops".into(),
+                name: "deploy".into(),
+                arguments: r#"{"version": "v6"}"#.into(),
+            }],
+            "pm" if req.tool_turns.is_empty() => {
+                // The stop lands while ops waits for its approval and lead considers it.
+                while !self.asked.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                vec![ToolCall {
+                    id: "call_pm".into(),
+                    name: "broadcast".into(),
+                    arguments: r#"{"text": "Hold v6 until lead has looked."}"#.into(),
+                }]
+            }
+            _ => Vec::new(),
+        };
+        Ok(ChatResponse {
+            text,
+            model: "late".into(),
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            finish_reason: None,
+            tool_calls,
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_approval_answered_after_the_stop_decides_nothing_and_no_tool_runs() {
+    let plan = plan(
+        "[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n\
+         [[peers]]\nid = \"ops\"\nmodel = \"m\"\ntools = [\"deploy\"]\n\
+         [[peers]]\nid = \"pm\"\nmodel = \"m\"\n\
+         [[peers]]\nid = \"lead\"\nmodel = \"m\"\n\
+         [protocol]\nkind = \"conversation\"\nstart = [\"ops\", \"pm\"]\n\
+         [tools.deploy]\nkind = \"command\"\nargv = [\"true\"]\napprove_by = \"lead\"\n\
+         [termination]\nmax_messages = 1\n",
+    );
+    let (tools, runs, _) = counter(false);
+    let log = mem_log();
+    let model: Arc<dyn ChatModel> = Arc::new(Late { log: log.clone(), asked: Arc::default() });
+    let models = plan.peers.iter().map(|p| (p.id.clone(), model.clone())).collect();
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let (log, summary) = run_with(&plan, "ship v6", models, extras, None, Some(log)).await;
+    // A limit stops the session while ops waits for lead (a conversation's own finish
+    // waits for turns under way; a limit does not).
+    assert!(summary.stop_reason.as_deref().unwrap().starts_with("max_messages"), "{summary:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing runs after the stop, approved or not");
+
+    let stop = log.iter().position(|e| e.kind == Kind::Stop).unwrap();
+    let (requests, answers) = approvals(&log);
+    assert_eq!((requests.len(), answers.len()), (1, 1), "{log:#?}");
+    let answered = log.iter().position(|e| e.id == answers[0].id).unwrap();
+    assert!(answered > stop, "the answer was written after the stop");
+    assert_eq!(answers[0].from.as_str(), "lead");
+    assert_eq!(answers[0].body.json.as_ref().unwrap()["approve"], true);
+    // The caller was not told the late answer as a decision: the call did not run
+    // because the session stopped, which is neither an approval nor a denial.
+    let r: Vec<ToolResultBody> = results(&log).into_iter().filter(|r| r.tool == "deploy").collect();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].outcome, Outcome::Refused, "{r:?}");
+    assert_eq!(r[0].output, "not run: the session stopped before lead answered");
+    // What was written after the stop is at most one envelope per peer, so the log
+    // exports and imports as a session.
+    let lines: Vec<(usize, Envelope)> = log.iter().enumerate().map(|(i, e)| (i + 1, (**e).clone())).collect();
+    let roster = |task: &Envelope| -> Result<std::collections::BTreeSet<PeerId>, String> {
+        Ok(roundtable_core::session::plan_of(task)?.peer_ids().into_iter().collect())
+    };
+    roundtable_core::log::jsonl::check_session("s.jsonl", &lines, roster).expect("a consistent session");
+}
+
+/// The approver of `approval_team`: says it was asked, then answers (approving) only
+/// once the session has stopped.
+struct AfterStop {
+    log: Arc<dyn SessionLog>,
+    asked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl ChatModel for AfterStop {
+    fn name(&self) -> &str {
+        "after-stop"
+    }
+    async fn chat(&self, _: &ChatRequest) -> Result<ChatResponse, ModelError> {
+        self.asked.store(true, Ordering::SeqCst);
+        wait_for(&self.log, |e| e.kind == Kind::Stop).await;
+        Ok(ChatResponse {
+            text: r#"{"approve": true, "reason": "late"}"#.into(),
+            model: "after-stop".into(),
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            finish_reason: None,
+            tool_calls: Vec::new(),
+        })
+    }
+}
+
+/// The stop and an approving answer land together while the caller waits (as when it
+/// reads the log after both were written): the answer came after the stop, so the call
+/// does not run.
+#[tokio::test]
+async fn an_approval_behind_the_stop_on_the_log_is_not_taken_as_a_decision() {
+    let plan = approval_team();
+    let (tools, runs, _) = counter(false);
+    let log = mem_log();
+    roundtable_core::runner::open_session(log.as_ref(), &plan, "ship v4").await.unwrap();
+    let (mut models, _, _) = approval_models(&plan, None);
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    models.insert(PeerId::from("lead"), Arc::new(AfterStop { log: log.clone(), asked: asked.clone() }));
+    let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+    let run = tokio::spawn({
+        let (log, plan) = (log.clone(), plan.clone());
+        async move { roundtable_core::runner::run_peers_with(log, &plan, models, None, None, extras).await }
+    });
+    while !asked.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Both appended with no await in between that lets a peer run (one thread).
+    let s = log.session().clone();
+    let stop_id = roundtable_core::envelope::EnvelopeId::derive(&s, &PeerId::from("*"), "stop");
+    let stop = Envelope::with_id(
+        stop_id,
+        &s,
+        &PeerId::from("lead"),
+        Arc::from("stop"),
+        Kind::Stop,
+        Recipient::All,
+        Body::text("").with_json(serde_json::json!({"reason": "max_wall_secs: stopped", "accepted": false})),
+    );
+    let request = log.read_all().await.unwrap().into_iter().find(|e| e.env.kind == Kind::Approval).unwrap().env;
+    let mut answer = Envelope::new(
+        &s,
+        &PeerId::from("lead"),
+        format!("{}/answer", request.step),
+        Kind::Approval,
+        Recipient::Peer(PeerId::from("ops")),
+        Body::text("approved, late")
+            .with_json(serde_json::json!({"approve": true, "reason": "late", "timeout": false})),
+    );
+    answer.parents = vec![request.id.clone()];
+    log.append(stop).await.unwrap();
+    log.append(answer).await.unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), run).await.expect("the session ends").unwrap().unwrap();
+    assert!(summary.stopped);
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "an approval after the stop runs nothing");
+    let entries: Vec<Arc<Envelope>> = log.read_all().await.unwrap().into_iter().map(|e| e.env).collect();
+    let r = results(&entries);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(
+        (r[0].outcome, r[0].output.as_str()),
+        (Outcome::Refused, "not run: the session stopped before lead answered")
+    );
+}

@@ -54,6 +54,11 @@
 //! is taken, and rejected at its place like garbage: it does not hold the stop's id, so
 //! the honest stop still lands on the id's next subject.
 //!
+//! A tool listing (`tool_list`) is one more when a process running the team could not
+//! have recorded it ([`roundtable_core::tool::listing_rejected`]: a server the plan does
+//! not declare, an author not granted it, another step or id): like a forged stop it
+//! is rejected at its place and does not hold the listing's id.
+//!
 //! # Squatted subjects and copies
 //! A message published on the subject of an envelope that is not there yet would take
 //! that subject for good. So an envelope may also land on the next subjects of its id,
@@ -228,7 +233,7 @@ impl ReadState {
                 Some(first) => {
                     Some(format!("a second copy of envelope {} (the first is at log position {first})", entry.env.id))
                 }
-                None => self.stop_rejected(session, &entry),
+                None => self.stop_rejected(session, &entry).or_else(|| self.listing_rejected(&entry)),
             };
             match why {
                 Some(why) => entry.env = Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns)),
@@ -241,6 +246,18 @@ impl ReadState {
             }
         }
         self.entries.push(entry.env);
+    }
+
+    /// Why the tool listing `entry` is not the session's, if it is one and is not: it is
+    /// not one a process running the team could have recorded
+    /// ([`roundtable_core::tool::listing_rejected`]), for instance a listing of a server
+    /// in the name of a peer not granted it.
+    fn listing_rejected(&self, entry: &Entry) -> Option<String> {
+        if entry.env.kind != Kind::ToolList {
+            return None;
+        }
+        let plan = self.plan.clone()?;
+        roundtable_core::tool::listing_rejected(&plan, &entry.env)
     }
 
     /// Why the stop `entry` is not the session's, if it is a stop and is not: it does

@@ -386,8 +386,9 @@
   }
 
   function votesPanel(d) {
-    const rows = d.es.filter((e) => VOTE_KINDS.has(e.env.kind) ||
-      (!e.env.usage && (e.env.parents || []).length && !NOT_DECISIONS.has(e.env.kind)));
+    // What was written after the stop decides nothing.
+    const rows = d.es.filter((e) => !afterStop(d, e) && (VOTE_KINDS.has(e.env.kind) ||
+      (!e.env.usage && (e.env.parents || []).length && !NOT_DECISIONS.has(e.env.kind))));
     const body = rows.length
       ? h("table", { class: "votes" },
         h("thead", null, h("tr", null, ["#", "Round", "Peer", "Kind", "What", "From"].map((t) => h("th", null, t)))),
@@ -427,6 +428,10 @@
     return null;
   }
 
+  function afterStop(d, e) {
+    return !!d.stop && e.seq > d.stop.seq;
+  }
+
   function card(d, e) {
     const env = e.env;
     const led = d.led.has(e.seq);
@@ -443,7 +448,8 @@
         env.kind === "message" || env.kind === "task" ? null : h("span", { class: "kind" }, env.kind),
         toolNote(env) ? h("span", { class: "tool", "data-role": "tool" }, toolNote(env)) : null,
         h("code", { class: "muted", "data-role": "step" }, e.step || env.step),
-        led ? h("span", { class: "star" }, "★ led to the decision") : null),
+        led ? h("span", { class: "star" }, "★ led to the decision") : null,
+        afterStop(d, e) ? h("span", { class: "late", "data-role": "late" }, "after the stop: decides nothing") : null),
       h("div", { class: "text" }, text),
       (u || answers.length) ? h("div", { class: "foot" },
         u ? [u.model, " · ", num(u.prompt_tokens), " in + ", num(u.completion_tokens), " out tokens · ", num(u.latency_ms), " ms", u.cost_usd ? " · " + money(u.cost_usd) : ""] : null,

@@ -1,8 +1,8 @@
 //! Prometheus metrics, derived from session logs.
 //!
 //! Almost everything worth counting is on the log already: envelopes by kind, messages,
-//! model calls, tokens, cost and latency (the usage stored in each envelope), failures,
-//! absences, stops, and work-queue redeliveries. [`Metrics`] folds entries in (each
+//! model calls, tokens, cost and latency (the usage stored in each envelope), tool calls,
+//! failures, absences, stops, and work-queue redeliveries. [`Metrics`] folds entries in (each
 //! once: it remembers how far it has read each session), so a `roundtable run` process
 //! counts its own session from the log's tail and a `roundtable ui` process counts every
 //! session of the store on each scrape. Retries are the exception — a retried call
@@ -10,6 +10,12 @@
 //! observer ([`Metrics::retry_observer`]).
 //!
 //! Rendered in the Prometheus text format (version 0.0.4) at `GET /metrics`.
+//!
+//! A message is a contribution by the tally's rule ([`Kind::is_contribution`], the rule
+//! `trace` and the termination conditions count by): tool calls, their results,
+//! approvals and tool listings are what a peer did, not what it said, and are counted
+//! as envelopes of their kind and, each call once its result is on the log, in
+//! `roundtable_tool_calls_total` by tool and outcome.
 //!
 //! A redelivery is counted for a `work` envelope whose JSON has `"redelivered": true` or
 //! a `deliveries`/`delivery` count above 1 (how work-queue protocols record a task
@@ -23,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use roundtable_core::log::{Entry, LogError, LogStore, SessionLog};
 use roundtable_core::model::layers::RetryObserver;
+use roundtable_core::tool::ToolResultBody;
 use roundtable_core::{Kind, SessionId};
 
 /// Latency histogram bounds, in seconds.
@@ -71,10 +78,19 @@ pub struct Metrics {
 
 const HELP: &[(&str, &str, &str)] = &[
     ("roundtable_envelopes_total", "counter", "Envelopes appended to session logs, by kind."),
-    ("roundtable_messages_total", "counter", "Contributions by peers (messages, proposals, votes, verdicts, ...)."),
+    (
+        "roundtable_messages_total",
+        "counter",
+        "Contributions by peers (messages, proposals, votes, verdicts, ...; not tool calls, results, approvals or listings).",
+    ),
     ("roundtable_model_calls_total", "counter", "Model calls recorded on the log (a retried call counts once)."),
     ("roundtable_tokens_total", "counter", "Model tokens, by direction (input = prompt, output = completion)."),
     ("roundtable_cost_usd_total", "counter", "Model cost in US dollars, from the configured prices."),
+    (
+        "roundtable_tool_calls_total",
+        "counter",
+        "Tool calls with a recorded result, by tool and outcome (ok, error, refused, denied, unknown).",
+    ),
     ("roundtable_model_failures_total", "counter", "Model calls that failed after retries, by error kind."),
     ("roundtable_model_retries_total", "counter", "Model call attempts that failed and were retried (this process)."),
     ("roundtable_redeliveries_total", "counter", "Work items handed out again after a lease expired."),
@@ -119,9 +135,7 @@ impl Metrics {
         };
         let peer = env.from.to_string();
         m.add("roundtable_envelopes_total", vec![("team", team.clone()), ("kind", env.kind.to_string())], 1.0);
-        let contribution =
-            !matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::ToolList);
-        if contribution {
+        if env.kind.is_contribution() {
             m.add("roundtable_messages_total", vec![("team", team.clone()), ("peer", peer.clone())], 1.0);
         }
         if let Some(u) = &env.usage {
@@ -149,6 +163,19 @@ impl Metrics {
                 );
             }
             Kind::Absent => m.add("roundtable_absences_total", vec![("team", team.clone())], 1.0),
+            Kind::ToolResult => {
+                if let Some(b) = json.and_then(|j| serde_json::from_value::<ToolResultBody>(j.clone()).ok()) {
+                    let outcome = serde_json::to_value(b.outcome)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    m.add(
+                        "roundtable_tool_calls_total",
+                        vec![("team", team.clone()), ("peer", peer), ("tool", b.tool), ("outcome", outcome)],
+                        1.0,
+                    );
+                }
+            }
             Kind::Work => {
                 let redelivered = json.is_some_and(|j| {
                     j.get("redelivered").and_then(serde_json::Value::as_bool) == Some(true)
@@ -365,5 +392,124 @@ mod tests {
             assert!(t.lines().any(|l| l == line), "missing {line}\n{t}");
         }
         assert!(t.contains("# TYPE roundtable_model_retries_total counter"));
+    }
+
+    /// A tool that answers at once.
+    struct Deploy(roundtable_core::tool::ToolDef);
+
+    #[async_trait::async_trait]
+    impl roundtable_core::tool::Tool for Deploy {
+        fn def(&self) -> &roundtable_core::tool::ToolDef {
+            &self.0
+        }
+        fn idempotent(&self) -> bool {
+            false
+        }
+        async fn call(
+            &self,
+            args: &serde_json::Value,
+            _: &roundtable_core::tool::ToolContext,
+        ) -> roundtable_core::tool::ToolOutput {
+            roundtable_core::tool::ToolOutput::ok(format!("deployed {}", args["version"]))
+        }
+    }
+
+    /// The value of one rendered sample, 0 when it is absent.
+    fn sample(text: &str, line: &str) -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+    }
+
+    /// The sum of every sample of a metric.
+    fn total(text: &str, name: &str) -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_session_with_tool_calls_counts_messages_as_the_tally_does_and_tool_calls_by_tool_and_outcome() {
+        use roundtable_core::log::{MemLog, SharedMemLog};
+        use roundtable_core::peer::PeerExtras;
+        use roundtable_core::tool::{ToolBox, ToolDef};
+        // ops deploys (approved by lead), calls a tool it was not granted, then finishes.
+        let src = r#"name = "ship"
+topic = "ship v1"
+[models.m]
+provider = "scripted"
+cycle = true
+replies = [""]
+[models.m.per_peer]
+ops = ['!tool deploy {"version": "v1"}', '!tool wipe {}', '!tool finish {"answer": "v1 is out"}']
+lead = ['{"approve": true, "reason": "routine"}']
+[[peers]]
+id = "ops"
+model = "m"
+tools = ["deploy"]
+[[peers]]
+id = "lead"
+model = "m"
+[tools.deploy]
+kind = "command"
+argv = ["true"]
+approve_by = "lead"
+[protocol]
+kind = "conversation"
+start = ["ops"]
+"#;
+        let plan = roundtable_core::team::parse_team("t.toml", src, &roundtable_core::team::NoEnv).unwrap();
+        let log: Arc<dyn SessionLog> = Arc::new(SharedMemLog(Arc::new(MemLog::new(SessionId::from("tools")))));
+        roundtable_core::runner::open_session(log.as_ref(), &plan, "ship v1").await.unwrap();
+        let mut tools = ToolBox::new();
+        let def = ToolDef {
+            name: "deploy".into(),
+            description: "Deploy a version".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {"version": {"type": "string"}}}),
+        };
+        tools.insert("deploy", Arc::new(Deploy(def)));
+        let models = roundtable_core::eval::offline_models(&plan, None);
+        let extras = PeerExtras { tools: Some(Arc::new(tools)), ..Default::default() };
+        let summary =
+            roundtable_core::runner::run_peers_with(log.clone(), &plan, models, None, None, extras).await.unwrap();
+        assert_eq!(summary.final_answer.as_deref(), Some("v1 is out"));
+
+        let entries = log.read_all().await.unwrap();
+        let m = Metrics::new();
+        for e in &entries {
+            m.observe(log.session(), e);
+        }
+        let t = m.render();
+        let of_kind = |k: Kind| entries.iter().filter(|e| e.env.kind == k).count() as f64;
+        // The log has tool envelopes of every sort, none of them a message.
+        assert_eq!(of_kind(Kind::ToolCall), 3.0, "{t}");
+        assert_eq!(of_kind(Kind::ToolResult), 3.0);
+        assert_eq!(of_kind(Kind::Approval), 2.0, "a request and its answer");
+        let team = "team=\"ship\"";
+        assert_eq!(total(&t, "roundtable_messages_total"), summary.messages as f64, "the tally's count\n{t}");
+        let contributions = entries.iter().filter(|e| e.env.kind.is_contribution()).count() as f64;
+        assert_eq!(total(&t, "roundtable_messages_total"), contributions);
+        // Counted the old way (everything but the task, the stop, presence, failures and
+        // listings), the three calls, three results and two approvals would be messages.
+        let everything = entries
+            .iter()
+            .filter(|e| {
+                !matches!(
+                    e.env.kind,
+                    Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Failure | Kind::ToolList
+                )
+            })
+            .count() as f64;
+        assert_eq!(contributions, everything - 8.0, "tool envelopes are not messages");
+        for (line, n) in [
+            (format!("roundtable_tool_calls_total{{{team},peer=\"ops\",tool=\"deploy\",outcome=\"ok\"}}"), 1.0),
+            (format!("roundtable_tool_calls_total{{{team},peer=\"ops\",tool=\"wipe\",outcome=\"refused\"}}"), 1.0),
+            (format!("roundtable_tool_calls_total{{{team},peer=\"ops\",tool=\"finish\",outcome=\"ok\"}}"), 1.0),
+            (format!("roundtable_envelopes_total{{{team},kind=\"tool_call\"}}"), 3.0),
+            (format!("roundtable_envelopes_total{{{team},kind=\"approval\"}}"), 2.0),
+        ] {
+            assert_eq!(sample(&t, &line), n, "{line}\n{t}");
+        }
+        assert_eq!(total(&t, "roundtable_tool_calls_total"), 3.0, "{t}");
+        assert!(t.contains("# TYPE roundtable_tool_calls_total counter"));
     }
 }

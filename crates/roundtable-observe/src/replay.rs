@@ -570,7 +570,9 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
     let mut listed: HashMap<String, Vec<ToolDef>> = HashMap::new();
     for e in entries.iter().skip(1) {
         let env = &e.env;
+        // A listing no process of the team could have recorded is no input.
         if env.kind == Kind::ToolList
+            && roundtable_core::tool::listing_rejected(&plan, env).is_none()
             && let Some(b) = env.body.json.clone().and_then(|j| serde_json::from_value::<ToolListBody>(j).ok())
             && b.error.is_none()
         {

@@ -42,6 +42,10 @@ pub struct Node {
     pub latency_ms: u64,
     /// On the causal path to the stop decision.
     pub led_to_decision: bool,
+    /// Appended after the session's stop (a duty that was under way when the stop landed,
+    /// an approval answered late): on the record, but it decided nothing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub after_stop: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
 }
@@ -202,7 +206,9 @@ impl Trace {
         let mut inter: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
         let by_seq: HashMap<u64, &Entry> = entries.iter().map(|e| (e.seq, e)).collect();
         let mut decisions = Vec::new();
+        let stop_seq = entries.iter().find(|e| e.env.kind == Kind::Stop).map(|e| e.seq);
         for e in entries {
+            let after_stop = stop_seq.is_some_and(|s| e.seq > s);
             let env = &e.env;
             let mut parents = Vec::new();
             let mut unknown = Vec::new();
@@ -256,7 +262,9 @@ impl Trace {
                         | Kind::ToolResult
                         | Kind::ToolList
                 );
-            if derived_decision || matches!(env.kind, Kind::Vote | Kind::Verdict | Kind::Proposal | Kind::Reveal) {
+            if !after_stop
+                && (derived_decision || matches!(env.kind, Kind::Vote | Kind::Verdict | Kind::Proposal | Kind::Reveal))
+            {
                 decisions.push(e.seq);
             }
             nodes.push(Node {
@@ -277,6 +285,7 @@ impl Trace {
                 cost_usd: u.map_or(0.0, |u| u.cost_usd),
                 latency_ms: u.map_or(0, |u| u.latency_ms),
                 led_to_decision: false,
+                after_stop,
                 trace: env.trace.as_deref().map(str::to_owned),
             });
         }
@@ -480,15 +489,21 @@ impl Trace {
                 String::new()
             };
             let at = n.place();
+            let late = if n.after_stop { " (after the stop: decides nothing)" } else { "" };
             if let Some(line) = tool_line(n) {
-                let _ = writeln!(o, "{mark} #{:<4} {at} {line}{cost}", n.seq);
+                let _ = writeln!(o, "{mark} #{:<4} {at} {line}{late}{cost}", n.seq);
                 if n.kind == "tool_result" && !n.parents.is_empty() {
                     let by: Vec<String> = n.parents.iter().map(|&p| self.who(p)).collect();
                     let _ = writeln!(o, "         ⤷ answers {}", by.join(", "));
                 }
                 continue;
             }
-            let kind = if n.kind == "message" { String::new() } else { format!(" ({})", n.kind) };
+            let kind = match (n.kind, n.after_stop) {
+                ("message", false) => String::new(),
+                ("message", true) => " (after the stop: decides nothing)".to_string(),
+                (kind, false) => format!(" ({kind})"),
+                (kind, true) => format!(" ({kind}, after the stop: decides nothing)"),
+            };
             let _ = writeln!(
                 o,
                 "{mark} #{:<4} {at} {} → {}{kind}: \"{}\"{cost}",

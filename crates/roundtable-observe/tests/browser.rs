@@ -532,6 +532,20 @@ async fn the_page_shows_each_tool_call_who_asked_and_how_it_ended() {
     let extras = PeerExtras { tools: Some(Arc::new(tools)), ..PeerExtras::default() };
     let summary = run_peers_with(log.clone(), &plan, offline_models(&plan), None, None, extras).await.unwrap();
     assert_eq!(summary.final_answer.as_deref(), Some("The checks fail: 409 is missing."));
+    // Written after the stop (as a late seat's answer would be): shown, but no decision.
+    let entries = log.read_all().await.unwrap();
+    let call = entries.iter().find(|e| e.env.kind == Kind::ToolCall).unwrap().env.clone();
+    let mut late = roundtable_core::Envelope::new(
+        &session,
+        &PeerId::from("tester"),
+        "late/approval",
+        Kind::Approval,
+        roundtable_core::Recipient::All,
+        roundtable_core::Body::text("LATE: approved after the stop")
+            .with_json(json!({"approve": true, "reason": "late", "timeout": false})),
+    );
+    late.parents = vec![call.id.clone()];
+    let late_seq = log.append(late).await.unwrap().seq;
 
     let mut cdp = Cdp::connect(&browser.ws).await;
     let target = cdp.call("Target.createTarget", json!({ "url": "about:blank" })).await;
@@ -561,6 +575,17 @@ async fn the_page_shows_each_tool_call_who_asked_and_how_it_ended() {
         .eval("[...document.querySelectorAll('[data-role=votes] tbody tr')].map(r => r.children[3].textContent)")
         .await;
     assert!(!kinds.as_array().unwrap().iter().any(|k| k.as_str().unwrap().starts_with("tool")), "{kinds}");
+    // The envelope after the stop is marked so, and is not among the decisions.
+    let late = format!("[data-role=transcript] article.card[data-seq=\"{late_seq}\"]");
+    assert_eq!(cdp.text(&format!("{late} [data-role=late]")).await, "after the stop: decides nothing");
+    assert!(cdp.text(&late).await.contains("LATE: approved after the stop"));
+    assert_eq!(cdp.text(&format!("{} [data-role=late]", card("tool_call"))).await, "", "before the stop: unmarked");
+    let rows = cdp
+        .eval("[...document.querySelectorAll('[data-role=votes] tbody tr')].map(r => r.children[0].textContent)")
+        .await;
+    let rows: Vec<&str> = rows.as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    assert!(!rows.is_empty(), "the finish is a decision");
+    assert!(!rows.contains(&format!("#{late_seq}").as_str()), "{rows:?}");
     cdp.screenshot("roundtable-web-view-tools.png").await;
     cdp.eval("1").await;
     for ev in &cdp.events {

@@ -235,3 +235,80 @@ async fn the_ballots_behind_a_consensus_are_named_and_a_stop_without_parents_sho
     assert_eq!(stop.last_round, vec![5, 6, 7], "round 2's proposal and its two votes");
     assert!(t.to_text().contains("the last round before it: #5 lead (proposal), #"), "{}", t.to_text());
 }
+
+/// An approval answered after the session's stop (a seat answered late, or the
+/// approver's model call outlasted the session): the trace shows it after the stop and
+/// counts it as no decision; the call it answers did not run.
+#[test]
+fn an_approval_answered_after_the_stop_is_shown_after_it_and_is_no_decision() {
+    use roundtable_core::envelope::{Body, Envelope, EnvelopeId, PeerId, Recipient, Usage};
+    use roundtable_core::session::task_envelope;
+    let plan = plan_from(
+        "name = \"late\"\n[models.m]\nprovider = \"scripted\"\nreplies = [\"x\"]\n\
+         [[peers]]\nid = \"ops\"\nmodel = \"m\"\ntools = [\"deploy\"]\n[[peers]]\nid = \"lead\"\nmodel = \"m\"\n\
+         [protocol]\nkind = \"conversation\"\n\
+         [tools.deploy]\nkind = \"command\"\nargv = [\"true\"]\napprove_by = \"lead\"\n",
+    );
+    let s = SessionId::from("late-approval");
+    let env = |from: &str, step: &str, kind: Kind, to: Recipient, text: &str, json: serde_json::Value| {
+        let mut e = Envelope::new(&s, &PeerId::from(from), step, kind, to, Body::text(text).with_json(json));
+        e.parents = Vec::new();
+        e
+    };
+    let call = env(
+        "ops",
+        "conv/ops/1/call/0",
+        Kind::ToolCall,
+        Recipient::Peer("ops".into()),
+        "deploy({})",
+        serde_json::json!({"tool": "deploy", "call_id": "c0", "arguments": "{}", "said": ""}),
+    );
+    let mut request = env(
+        "ops",
+        "conv/ops/1/approve/0",
+        Kind::Approval,
+        Recipient::Peer("lead".into()),
+        "ops asks lead to approve deploy({})",
+        serde_json::json!({"tool": "deploy", "arguments": "{}", "caller": "ops", "call_step": "conv/ops/1/call/0"}),
+    );
+    request.parents = vec![call.id.clone()];
+    let stop_id = EnvelopeId::derive(&s, &PeerId::from("*"), "stop");
+    let mut stop = env(
+        "ops",
+        "stop",
+        Kind::Stop,
+        Recipient::All,
+        "",
+        serde_json::json!({"reason": "quiescent: no unread messages", "accepted": false}),
+    );
+    stop.id = stop_id;
+    let mut answer = env(
+        "lead",
+        "conv/ops/1/approve/0/answer",
+        Kind::Approval,
+        Recipient::Peer("ops".into()),
+        "{\"approve\": true, \"reason\": \"fine\"}",
+        serde_json::json!({"approve": true, "reason": "fine", "timeout": false}),
+    )
+    .with_usage(Usage { model: "m".into(), calls: 1, ..Default::default() });
+    answer.parents = vec![request.id.clone()];
+    // The same answer without usage reads as a derived decision, were it before the stop.
+    let mut timeout = answer.clone();
+    timeout.usage = None;
+    let entries: Vec<Entry> = [task_envelope(&s, &plan, "ship"), call, request, stop, timeout]
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| Entry { seq: i as u64 + 1, env: std::sync::Arc::new(e) })
+        .collect();
+    let t = Trace::build(&s, &entries);
+    let late = t.nodes.iter().find(|n| n.step.ends_with("/answer")).unwrap();
+    assert!(late.after_stop && !late.led_to_decision, "{late:?}");
+    assert!(t.nodes.iter().filter(|n| n.seq <= 4).all(|n| !n.after_stop));
+    assert!(!t.decisions.contains(&late.seq), "an answer after the stop decides nothing: {:?}", t.decisions);
+    let text = t.to_text();
+    let line = text.lines().find(|l| l.contains(&format!("#{}", late.seq)) && l.contains("lead")).unwrap();
+    assert!(line.contains("(approval, after the stop: decides nothing)"), "{text}");
+    let json = serde_json::to_value(&t).unwrap();
+    assert_eq!(json["nodes"][4]["after_stop"], true);
+    assert!(json["nodes"][3].get("after_stop").is_none(), "only what came after is marked");
+}

@@ -43,6 +43,22 @@
 //! own answer (answers, critiques, votes, verdicts), with no answer in it, never a
 //! guess. Roles that need no answer of its own (a summary, a bid, a leader's
 //! objective) are still played.
+//!
+//! # Tools
+//! When the peer is offered tools and the task names one of them (its name as a whole
+//! word; `send`, `broadcast` and `finish` excepted, they are how a conversation
+//! speaks), the model's first answer of a duty in which its own answer is asked is a
+//! call of each tool named, in the order the task names them — unless one of its own
+//! earlier messages in view already reports a tool's answer, which it keeps. Arguments:
+//! the JSON object right after the name (`lookup {"key": "users"}`, or after `with`,
+//! `on` or `:`); else, for a tool whose schema has exactly one property, the text in
+//! double quotes or backticks right after it, as that property; else none (`{}`). Once the results are back, the last
+//! successful one is its answer: the text after the last `Answer:` in the output, else
+//! the output's `answer` when it is a JSON object, else the output's last non-empty
+//! line. The reply says so (``I ran `NAME`: output. Answer: X``; in JSON mode the
+//! answer's JSON, in a conversation a broadcast of that line). A call that failed
+//! leaves the model to answer as it would without tools. No draw decides a call, so
+//! the same request makes the same calls with the same ids.
 
 use std::sync::Arc;
 
@@ -237,6 +253,22 @@ impl ChatModel for Simulated {
     async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ModelError> {
         let msgs: Vec<_> = req.messages().collect();
         let ask = ask_of(req);
+        // The task names a tool it is offered: call it first; its result is the answer.
+        let from_tool = if ask == Ask::Answer { tools::answer(req, &msgs) } else { None };
+        if ask == Ask::Answer
+            && from_tool.is_none()
+            && let Some(calls) = tools::calls_for(req, &msgs)
+        {
+            let arguments: String = calls.iter().map(|c| c.arguments.as_str()).collect();
+            return Ok(ChatResponse {
+                model: self.name.clone(),
+                prompt_tokens: req.estimated_prompt_tokens(),
+                completion_tokens: u64::from(estimate_tokens(&arguments)),
+                finish_reason: Some("tool_calls".into()),
+                text: String::new(),
+                tool_calls: calls,
+            });
+        }
         // The question: the instruction when it holds one (work items), else the first
         // message that is not a peer's (the task), else any message.
         let instruction = req.instruction.as_deref().unwrap_or("");
@@ -256,7 +288,7 @@ impl ChatModel for Simulated {
                 known_answer = false;
                 (q, GENERIC_CORRECT.to_string())
             });
-        if !known_answer && options.is_none() && ask.needs_own_answer() {
+        if from_tool.is_none() && !known_answer && options.is_none() && ask.needs_own_answer() {
             // Outside its task families: say so rather than guess.
             let text = CANNOT_ANSWER.to_string();
             req.emit(&text);
@@ -293,18 +325,22 @@ impl ChatModel for Simulated {
         let swayed = !others.is_empty() && rng.random_bool(self.susceptibility.clamp(0.0, 1.0));
         let independent_correct = rng.random_bool(self.p_correct.clamp(0.0, 1.0));
         let own = if independent_correct { correct.clone() } else { plausible_wrong(&correct, options, &mut rng) };
-        let answer =
-            if swayed && ask == Ask::Answer { plurality(&others).unwrap_or_else(|| own.clone()) } else { own.clone() };
+        let answer = match &from_tool {
+            Some(t) => t.answer.clone(),
+            None if swayed && ask == Ask::Answer => plurality(&others).unwrap_or_else(|| own.clone()),
+            None => own.clone(),
+        };
         let confidence = if answer == correct { rng.random_range(0.6..0.95) } else { rng.random_range(0.3..0.8) };
         let confidence = (confidence * 100.0f64).round() / 100.0;
         let json = |v: serde_json::Value| v.to_string();
         if req.tools.iter().any(|t| t.name == "finish" || t.name == "broadcast") {
-            return Ok(self.converse(req, &msgs, &others, &answer));
+            return Ok(self.converse(req, &msgs, &others, &answer, from_tool.as_ref()));
         }
         let text = match ask {
             Ask::Answer if req.json => {
                 json(serde_json::json!({ "answer": answer, "confidence": confidence }))
             }
+            Ask::Answer if from_tool.is_some() => from_tool.as_ref().map(tools::FromTool::said).unwrap_or_default(),
             Ask::Answer if swayed => {
                 format!("Having read the others' reasoning, I agree with them. Answer: {answer}")
             }
@@ -417,9 +453,13 @@ impl Simulated {
         msgs: &[super::ChatMessage],
         others: &[String],
         answer: &str,
+        from_tool: Option<&tools::FromTool>,
     ) -> ChatResponse {
         let quiet = ChatResponse { model: self.name.clone(), finish_reason: Some("stop".into()), ..Default::default() };
-        if !req.tool_turns.is_empty() {
+        // One action a turn: once it spoke or finished, the turn is over.
+        let acted =
+            req.tool_turns.iter().flat_map(|m| m.tool_calls.iter()).any(|c| tools::SPEAKING.contains(&c.name.as_str()));
+        if acted {
             return quiet;
         }
         let mine = msgs
@@ -436,7 +476,11 @@ impl Simulated {
             }
             Some(prev) if prev == answer => return quiet,
             _ if offered("broadcast") => {
-                ("broadcast", serde_json::json!({ "text": format!("I get {answer}. Answer: {answer}") }))
+                let text = match from_tool {
+                    Some(t) => t.said(),
+                    None => format!("I get {answer}. Answer: {answer}"),
+                };
+                ("broadcast", serde_json::json!({ "text": text }))
             }
             _ => return quiet,
         };
@@ -453,6 +497,164 @@ impl Simulated {
                 arguments,
             }],
         }
+    }
+}
+
+/// The tools a task names (see "Tools" in the module docs).
+mod tools {
+    use super::super::{ChatMessage, ChatRequest, Role};
+    use crate::tool::ToolCall;
+
+    /// The built-ins a conversation speaks with: never called because a task names them.
+    pub(super) const SPEAKING: [&str; 3] = ["send", "broadcast", "finish"];
+
+    /// At most this many calls in one answer.
+    const MAX_CALLS: usize = 4;
+
+    /// An answer that came from a tool.
+    pub(super) struct FromTool {
+        pub(super) tool: String,
+        pub(super) output: String,
+        pub(super) answer: String,
+    }
+
+    impl FromTool {
+        /// What the model says of it: one line ending with the answer.
+        pub(super) fn said(&self) -> String {
+            let output = one_line(&self.output, 300);
+            format!("I ran `{}`: {output}. Answer: {}", self.tool, self.answer)
+        }
+    }
+
+    fn one_line(text: &str, n: usize) -> String {
+        let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let flat = flat.trim_end_matches(['.', ' ']);
+        if flat.chars().count() <= n {
+            flat.to_string()
+        } else {
+            format!("{}…", flat.chars().take(n).collect::<String>())
+        }
+    }
+
+    /// The task: the first message that is not a peer's (nor a tool's result).
+    fn task(msgs: &[ChatMessage]) -> Option<&str> {
+        msgs.iter().find(|m| m.name.is_none() && m.role == Role::User).map(|m| &*m.content)
+    }
+
+    /// Where `name` first stands in `text` as a whole word.
+    fn mention(text: &str, name: &str) -> Option<usize> {
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        let mut from = 0;
+        while let Some(i) = text[from..].find(name) {
+            let at = from + i;
+            let before = text[..at].chars().next_back();
+            let after = text[at + name.len()..].chars().next();
+            if !before.is_some_and(word) && !after.is_some_and(word) {
+                return Some(at);
+            }
+            from = at + name.len();
+        }
+        None
+    }
+
+    /// The arguments of a call of `def`, from what follows its name in the task.
+    fn arguments(def: &crate::tool::ToolDef, rest: &str) -> String {
+        // Past the backtick that closes the name itself, if it was quoted so, and a
+        // joining word.
+        let mut r = rest.strip_prefix('`').unwrap_or(rest).trim_start();
+        for joint in ["with ", "on ", ":"] {
+            if let Some(x) = r.strip_prefix(joint) {
+                r = x.trim_start();
+                break;
+            }
+        }
+        if r.starts_with('{')
+            && let Some(Ok(v @ serde_json::Value::Object(_))) =
+                serde_json::Deserializer::from_str(r).into_iter::<serde_json::Value>().next()
+        {
+            return v.to_string();
+        }
+        let props = def.parameters.get("properties").and_then(|p| p.as_object());
+        if let Some(props) = props
+            && props.len() == 1
+            && let Some(q) = r.chars().next().filter(|c| *c == '"' || *c == '`')
+            && let Some(len) = r[1..].find(q)
+        {
+            let key = props.keys().next().expect("one property");
+            return serde_json::json!({ key: &r[1..1 + len] }).to_string();
+        }
+        "{}".to_string()
+    }
+
+    /// The calls the first answer of a duty makes: one per offered tool the task names.
+    pub(super) fn calls_for(req: &ChatRequest, msgs: &[ChatMessage]) -> Option<Vec<ToolCall>> {
+        if !req.tool_turns.is_empty() {
+            return None;
+        }
+        let task = task(msgs)?;
+        let mut named: Vec<(usize, &crate::tool::ToolDef)> = req
+            .tools
+            .iter()
+            .filter(|t| !SPEAKING.contains(&t.name.as_str()))
+            .filter_map(|t| mention(task, &t.name).map(|at| (at, t)))
+            .collect();
+        named.sort_by_key(|(at, _)| *at);
+        named.truncate(MAX_CALLS);
+        if named.is_empty() {
+            return None;
+        }
+        let calls = named
+            .iter()
+            .enumerate()
+            .map(|(i, (at, def))| ToolCall {
+                id: format!("sim-{}-{}-{i}", req.peer, req.ordinal),
+                name: def.name.clone(),
+                arguments: arguments(def, &task[at + def.name.len()..]),
+            })
+            .collect();
+        Some(calls)
+    }
+
+    /// The answer in a tool's output.
+    fn answer_in(output: &str) -> Option<String> {
+        let lower = output.to_ascii_lowercase();
+        if let Some(pos) = lower.rfind("answer:") {
+            let rest = output[pos + 7..].lines().next().unwrap_or("").trim().trim_end_matches('.').trim();
+            if !rest.is_empty() {
+                return Some(rest.to_string());
+            }
+        }
+        if let Ok(serde_json::Value::Object(o)) = serde_json::from_str::<serde_json::Value>(output.trim())
+            && let Some(a) = o.get("answer")
+        {
+            return Some(a.as_str().map(str::to_owned).unwrap_or_else(|| a.to_string()));
+        }
+        let last = output.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+        Some(one_line(last, 200))
+    }
+
+    /// The answer from the results of this duty's calls, or one of this peer's earlier
+    /// messages that reported one.
+    pub(super) fn answer(req: &ChatRequest, msgs: &[ChatMessage]) -> Option<FromTool> {
+        let called: Vec<&ToolCall> = req.tool_turns.iter().flat_map(|m| m.tool_calls.iter()).collect();
+        let fresh = req.tool_turns.iter().rev().filter(|m| m.role == Role::Tool && !m.tool_error).find_map(|m| {
+            let call = called.iter().find(|c| Some(c.id.as_str()) == m.tool_call_id.as_deref())?;
+            if SPEAKING.contains(&call.name.as_str()) {
+                return None;
+            }
+            let answer = answer_in(&m.content)?;
+            Some(FromTool { tool: call.name.clone(), output: m.content.to_string(), answer })
+        });
+        if fresh.is_some() {
+            return fresh;
+        }
+        // "I ran `NAME`: output. Answer: X", said earlier by this peer.
+        msgs.iter().rev().filter(|m| m.name.as_ref() == Some(&req.peer)).find_map(|m| {
+            let rest = m.content.strip_prefix("I ran `")?;
+            let (tool, rest) = rest.split_once("`: ")?;
+            let (output, answer) = rest.rsplit_once(". Answer: ")?;
+            Some(FromTool { tool: tool.to_string(), output: output.to_string(), answer: answer.trim().to_string() })
+        })
     }
 }
 
@@ -754,5 +956,94 @@ mod tests {
         // Roles that take no answer of its own are still played.
         let summary = ask("s", "s", "Which plan?", &[("x", "Answer: A")], "Summarize the discussion.", false);
         assert!(sure.chat(&summary).await.unwrap().text.starts_with("Summary:"));
+    }
+
+    fn tool(name: &str, props: serde_json::Value) -> crate::tool::ToolDef {
+        crate::tool::ToolDef {
+            name: name.into(),
+            description: String::new(),
+            parameters: serde_json::json!({"type": "object", "properties": props}),
+        }
+    }
+
+    /// A request whose task is `task`, offered `tools`.
+    fn offered(task: &str, tools: Vec<crate::tool::ToolDef>) -> ChatRequest {
+        let mut r = ask("tester", "conv/tester/1", task, &[], "Act on your messages.", false);
+        r.tools = Arc::from(tools);
+        r
+    }
+
+    #[tokio::test]
+    async fn calls_the_tools_a_task_names_and_answers_with_their_result() {
+        let m = Simulated::new("sim", 0.0, 0.0, 3);
+        let checks = tool("run_checks", serde_json::json!({"spec": {"type": "string"}}));
+        let lookup = tool("lookup", serde_json::json!({"key": {"type": "string"}, "depth": {"type": "integer"}}));
+        let task = "Before release, run `run_checks` \"POST /users 201 409\", then lookup {\"key\": \"users\", \"depth\": 2} and report.";
+        let req = offered(task, vec![lookup.clone(), checks.clone()]);
+        let r = m.chat(&req).await.unwrap();
+        let calls: Vec<(&str, serde_json::Value)> =
+            r.tool_calls.iter().map(|c| (c.name.as_str(), serde_json::from_str(&c.arguments).unwrap())).collect();
+        assert_eq!(
+            calls,
+            [
+                ("run_checks", serde_json::json!({"spec": "POST /users 201 409"})),
+                ("lookup", serde_json::json!({"key": "users", "depth": 2})),
+            ],
+            "in the order the task names them"
+        );
+        assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
+        let again = m.chat(&req).await.unwrap();
+        assert_eq!(again.tool_calls, r.tool_calls, "the same request makes the same calls, ids included");
+
+        // The results come back: the last successful one is the answer.
+        let mut after = req.clone();
+        let call = r.tool_calls[0].clone();
+        after.tool_turns = vec![
+            crate::model::ChatMessage::tool_calls(Some("tester".into()), Arc::from(""), r.tool_calls.clone()),
+            crate::model::ChatMessage::tool_result(
+                Arc::from(call.id.as_str()),
+                Arc::from("ok   method POST\n3 passed, 0 failed\n"),
+            ),
+            crate::model::ChatMessage::tool_failure(
+                Arc::from(r.tool_calls[1].id.as_str()),
+                Arc::from("[error] no such key"),
+            ),
+        ];
+        let r = m.chat(&after).await.unwrap();
+        assert!(r.tool_calls.is_empty(), "no second round of calls");
+        assert_eq!(r.text, "I ran `run_checks`: ok method POST 3 passed, 0 failed. Answer: 3 passed, 0 failed");
+        let extracted = crate::protocol::answers::extract(&r.text, None).unwrap();
+        assert_eq!(&*extracted.answer, "3 passed, 0 failed", "the protocols read the tool's answer");
+        // An output that states its answer.
+        after.tool_turns[1] =
+            crate::model::ChatMessage::tool_result(Arc::from(call.id.as_str()), Arc::from("computed\nAnswer: 42\n"));
+        assert!(m.chat(&after).await.unwrap().text.ends_with(". Answer: 42"));
+        // Every call failed: it answers as it would without tools (here it cannot).
+        after.tool_turns[1] = crate::model::ChatMessage::tool_failure(Arc::from(call.id.as_str()), Arc::from("boom"));
+        assert_eq!(m.chat(&after).await.unwrap().text, CANNOT_ANSWER);
+
+        // Not named, named inside another word, or only a built-in named: no call.
+        for task in ["Check the signup endpoint.", "Use rerun_checks_all.", "Please send it and finish."] {
+            let send = tool("send", serde_json::json!({"to": {"type": "string"}, "text": {"type": "string"}}));
+            let r = m.chat(&offered(task, vec![checks.clone(), send])).await.unwrap();
+            assert!(r.tool_calls.is_empty(), "{task}: {:?}", r.tool_calls);
+        }
+        // A vote is not its own answer: no call even when a tool is named.
+        let mut vote = offered(task, vec![checks.clone()]);
+        vote.instruction = Some(Arc::from("Reply with {\"approve\": true|false, \"reason\": \"...\"}"));
+        assert!(m.chat(&vote).await.unwrap().tool_calls.is_empty());
+        // Its own earlier report stands: it does not call again.
+        let mut later = ask(
+            "tester",
+            "conv/tester/2",
+            task,
+            &[("tester", "I ran `run_checks`: 3 passed, 0 failed. Answer: 3 passed, 0 failed")],
+            "Act.",
+            false,
+        );
+        later.tools = Arc::from(vec![checks]);
+        let r = m.chat(&later).await.unwrap();
+        assert!(r.tool_calls.is_empty());
+        assert!(r.text.ends_with("Answer: 3 passed, 0 failed"), "{}", r.text);
     }
 }

@@ -233,7 +233,7 @@ pub(super) async fn call_with_tools(
             None => false,
         };
         let result = if never_ran || me.granted.idempotent(&call.name) {
-            run_call(me, st, duty, call, *k, &mut turn.tally).await?
+            run_call(me, st, view, duty, call, *k, &mut turn.tally).await?
         } else {
             let out = ToolOutput {
                 outcome: Outcome::Unknown,
@@ -281,6 +281,11 @@ pub(super) async fn call_with_tools(
         // Record every call before running any.
         let mut to_run = Vec::new();
         for (i, call) in asked.into_iter().enumerate() {
+            // A stop that lands while the calls are recorded ends the turn: at most one
+            // envelope of this peer follows a stop (as an import checks).
+            if i > 0 && stopped_since(me, &mut checked).await? {
+                return Ok(Called::Stopped);
+            }
             let k = next_k;
             next_k += 1;
             let said = said.take().filter(|t| !t.trim().is_empty()).unwrap_or_default();
@@ -310,12 +315,17 @@ pub(super) async fn call_with_tools(
         }
         let mut finished = false;
         for (k, call) in &to_run {
+            // No tool runs once the session has stopped (a finish, a budget, another
+            // peer's decision landed while the calls before this one ran).
+            if stopped_since(me, &mut checked).await? {
+                return Ok(Called::Stopped);
+            }
             if let Err((BudgetScope::Session, why)) = me.plan.budget.allows_tool(&turn.tally, &me.cfg.me) {
                 let out = ToolOutput::refused(format!("not run: {why}"));
                 record_result(me, st, duty, call, *k, out, 0, &mut turn.tally).await?;
                 return Ok(Called::Refused { scope: BudgetScope::Session, why });
             }
-            let result = run_call(me, st, duty, call, *k, &mut turn.tally).await?;
+            let result = run_call(me, st, view, duty, call, *k, &mut turn.tally).await?;
             finished |= call.name == Builtin::Finish.as_str() && !result.content.starts_with('[');
             turn.turns.push(result);
         }
@@ -335,10 +345,15 @@ fn approve_step(duty: &Duty, k: usize) -> String {
 struct Found {
     /// When the request was recorded (ms since the epoch).
     asked_at: Option<u64>,
-    /// The first answer: the approver's, or the caller's record that the approver's
-    /// answer limit passed. Answers by anyone else are ignored.
+    /// The first answer before the session's stop: the approver's, or the caller's
+    /// record that the approver's answer limit passed. Answers by anyone else are
+    /// ignored, and so is an answer written after the stop: it decides nothing, since
+    /// nothing runs after a stop.
     answer: Option<ApprovalAnswer>,
     stopped: bool,
+    /// Requests addressed to this peer with no answer yet: a peer waiting for its own
+    /// approval answers them, so two peers that wait for each other both go on.
+    asked: Asked,
 }
 
 impl Found {
@@ -357,9 +372,10 @@ impl Found {
                 if env.kind != Kind::Approval {
                     continue;
                 }
+                self.asked.observe(&me.cfg.me, env);
                 if &*env.step == step && env.from == me.cfg.me {
                     self.asked_at.get_or_insert(env.time_ms);
-                } else if &*env.step == answer_step.as_str() && self.answer.is_none() {
+                } else if &*env.step == answer_step.as_str() && self.answer.is_none() && !self.stopped {
                     let Some(a) = env.body.json.clone().and_then(|j| serde_json::from_value::<ApprovalAnswer>(j).ok())
                     else {
                         continue;
@@ -373,16 +389,28 @@ impl Found {
     }
 }
 
-/// Ask `approver` to approve a recorded call and wait on the log for the answer.
-/// `None`: approved; `Some(why)`: denied, and why (what the model is told).
+/// How an approval request ended for the caller.
+enum Approval {
+    Approved,
+    /// Denied by the approver, or for want of an answer in time: why (the model is told).
+    Denied(String),
+    /// The session stopped before an answer: nothing was decided and nothing runs.
+    Stopped(String),
+}
+
+/// Ask `approver` to approve a recorded call and wait on the log for the answer. While
+/// it waits, this peer answers the approval requests addressed to it (its main loop,
+/// which otherwise does, is waiting on this duty): two peers whose calls each need the
+/// other's approval would otherwise wait for each other for ever.
 async fn approval(
     me: &Me,
     st: &SessionState,
+    view: &PeerView,
     duty: &Duty,
     call: &ToolCall,
     k: usize,
     approver: &PeerId,
-) -> Result<Option<String>, LogError> {
+) -> Result<Approval, LogError> {
     let step = approve_step(duty, k);
     let (mut cursor, mut found) = (0, Found::default());
     found.scan(me, &step, approver, &mut cursor).await?;
@@ -406,17 +434,23 @@ async fn approval(
     let mut timed_out = false;
     loop {
         found.scan(me, &step, approver, &mut cursor).await?;
-        if let Some(a) = &found.answer {
-            return Ok(if a.approve {
-                None
-            } else if a.timeout {
-                Some(format!("denied: {}", a.reason))
-            } else {
-                Some(format!("denied by {approver}: {}", a.reason))
-            });
+        match &found.answer {
+            Some(a) if !a.approve && a.timeout => return Ok(Approval::Denied(format!("denied: {}", a.reason))),
+            Some(a) if !a.approve => return Ok(Approval::Denied(format!("denied by {approver}: {}", a.reason))),
+            // Approved, but the session stopped since: nothing runs after a stop.
+            Some(_) if found.stopped => {
+                return Ok(Approval::Stopped(format!("not run: the session stopped after {approver} approved")));
+            }
+            Some(_) => return Ok(Approval::Approved),
+            None if found.stopped => {
+                return Ok(Approval::Stopped(format!("not run: the session stopped before {approver} answered")));
+            }
+            None => {}
         }
-        if found.stopped {
-            return Ok(Some(format!("not run: the session stopped before {approver} answered")));
+        if let Some(request) = found.asked.next() {
+            answer_approval(me, st, view, &request).await?;
+            found.asked.done(&request.step);
+            continue;
         }
         if let (Some(limit), Some(at), false) = (limit, found.asked_at, timed_out)
             && crate::envelope::now_ms() >= at.saturating_add(limit)
@@ -465,6 +499,12 @@ impl Asked {
 
     pub(super) fn next(&self) -> Option<Arc<Envelope>> {
         self.open.first().cloned()
+    }
+
+    /// The request at `step` was answered (its answer may not have been read back yet).
+    fn done(&mut self, step: &str) {
+        self.open.retain(|e| &*e.step != step);
+        self.answered.insert(Arc::from(step));
     }
 }
 
@@ -584,6 +624,7 @@ async fn stopped_since(me: &Me, checked: &mut u64) -> Result<bool, LogError> {
 async fn run_call(
     me: &Me,
     st: &SessionState,
+    view: &PeerView,
     duty: &Duty,
     call: &ToolCall,
     k: usize,
@@ -607,16 +648,20 @@ async fn run_call(
                 Ok(args) => match tool {
                     PeerTool::Builtin(b) => run_builtin(me, st, duty, *b, &args, k).await?,
                     PeerTool::External(t) => {
-                        let denied = match me.granted.approvers.get(&call.name) {
-                            Some(approver) => approval(me, st, duty, call, k, approver).await?,
-                            None => None,
+                        let decided = match me.granted.approvers.get(&call.name) {
+                            Some(approver) => approval(me, st, view, duty, call, k, approver).await?,
+                            None => Approval::Approved,
                         };
-                        match denied {
-                            Some(why) => {
+                        match decided {
+                            Approval::Denied(why) => {
                                 t0 = Instant::now();
                                 ToolOutput { outcome: Outcome::Denied, ..ToolOutput::refused(why) }
                             }
-                            None => {
+                            Approval::Stopped(why) => {
+                                t0 = Instant::now();
+                                ToolOutput::refused(why)
+                            }
+                            Approval::Approved => {
                                 t0 = Instant::now();
                                 let cx = ToolContext { peer: me.cfg.me.clone(), step: Arc::from(call_step(duty, k)) };
                                 t.call(&args, &cx).await

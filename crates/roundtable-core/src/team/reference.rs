@@ -212,6 +212,22 @@ pub fn reference_markdown() -> String {
          verdicts), so a vote or a jury on such a topic ends without an accepted answer instead of a\n\
          confident guess. Summaries, bids and a leader's objective take no answer of its own and are\n\
          still given. For open topics offline, use `scripted` replies.\n\
+         \n\
+         **Tools.** A `simulated` peer with tools granted calls a tool when the task names it: its name\n\
+         as a whole word (`send`, `broadcast` and `finish` excepted: they are how a conversation speaks),\n\
+         in a duty that asks for its own answer (not a vote, a verdict or a critique). The first answer of\n\
+         such a duty calls every tool the task names, in the order it names them (at most 4), unless one\n\
+         of the peer's own earlier messages in view already reports a tool's answer, which it keeps. The\n\
+         arguments are the JSON object right after the name (or after `with`, `on` or `:`); else, for a\n\
+         tool with exactly one parameter, the text in double quotes or backticks right after it; else\n\
+         `{}`. So ``run `run_checks` \"POST /users 201\"`` calls `run_checks` with\n\
+         `{\"spec\": \"POST /users 201\"}`, and `lookup {\"key\": \"users\"}` calls `lookup` with that object.\n\
+         The tool's result then is its answer: the text after the last `Answer:` in the output, else the\n\
+         output's `answer` if the output is a JSON object, else its last non-empty line; the reply is\n\
+         ``I ran `NAME`: OUTPUT. Answer: X`` (in a conversation, broadcast; in JSON mode, the answer's\n\
+         JSON). When every call failed it answers as it would without tools. Whether to call is a\n\
+         rule, not a draw, and call ids come from the peer and the call, so the same request always\n\
+         makes the same calls with the same arguments and ids.\n\
          \n## Which runs repeat exactly\n\n\
          Two runs of a team with `scripted` models (or `simulated` ones) make the same decisions and the same\n\
          answers. Their logs are the same apart from times and ids, prompt tokens included, for the\n\
