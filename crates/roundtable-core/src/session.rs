@@ -836,3 +836,66 @@ impl SessionSummary {
         })
     }
 }
+
+/// Whether `env` stands for a message a reader rejected at its place (garbage, a
+/// forgery, a stop that did not follow): a `failure` at step `rejected/<seq>`.
+pub fn is_rejection(env: &Envelope) -> bool {
+    env.kind == Kind::Failure && env.step.starts_with("rejected/")
+}
+
+/// A session's task: its first entry that is not a rejection, when that is a task. Over
+/// NATS anyone allowed on a session's subjects can publish before its task; what they
+/// publish is read as rejections before it (see `roundtable_nats`), so a session starts
+/// at its task rather than at its first entry.
+pub fn task_entry(entries: &[Entry]) -> Option<&Entry> {
+    entries.iter().find(|e| !is_rejection(&e.env)).filter(|e| e.env.kind == Kind::Task)
+}
+
+/// The task of the session on `log` as it stands (see [`task_entry`]): `None` when the
+/// log holds nothing but rejections, or its first other entry is not a task.
+pub async fn read_task(log: &dyn crate::log::SessionLog) -> Result<Option<Entry>, crate::log::LogError> {
+    const CHUNK: usize = 64;
+    let mut from = 1;
+    loop {
+        let entries = log.read(from, CHUNK).await?;
+        if let Some(e) = entries.iter().find(|e| !is_rejection(&e.env)) {
+            return Ok((e.env.kind == Kind::Task).then(|| e.clone()));
+        }
+        match entries.last() {
+            Some(last) if entries.len() == CHUNK => from = last.seq + 1,
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// The log as a reader of the session takes it: every entry as it is, except a stop
+/// that does not follow from the log before it (or comes after the session's stop),
+/// which is the `failure` it stands for ([`rejected_stop`]). What readers that show a
+/// log (`log`, `trace`, listings, the web view) show, so that they show the session's
+/// outcome as its fold derives it, not as a stop's writer claims it. A log without a
+/// readable task is returned as it is.
+pub fn as_folded(session: &SessionId, entries: &[Entry]) -> Vec<Entry> {
+    let Some(plan) = task_entry(entries).and_then(|t| plan_of(&t.env).ok()) else {
+        return entries.to_vec();
+    };
+    let mut st = SessionState::new(Arc::new(plan), session.clone());
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let read = match (&st.stop, e.env.kind) {
+            (Some(stop), Kind::Stop) => Entry {
+                seq: e.seq,
+                env: Arc::new(rejected_stop(
+                    e,
+                    &format!("a second stop (the session stopped at log position {})", stop.seq),
+                )),
+            },
+            _ => st.rejection_of(e).unwrap_or_else(|| e.clone()),
+        };
+        if st.fold_session(&read) {
+            let facts = Facts { plan: &st.plan, session: &st.session, absent: &st.absent, task: st.task.as_ref() };
+            st.protocol.apply(&read, &facts);
+        }
+        out.push(read);
+    }
+    out
+}

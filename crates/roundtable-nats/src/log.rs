@@ -80,6 +80,22 @@
 //! runs ([`NatsLogStore::with_signers`]). Each process verifies each message once:
 //! the outcome is kept by sequence number and shared by every reader and tail of the
 //! log opened from the same store.
+//!
+//! # A session starts at its task
+//! Anyone allowed on a session's subjects can publish there before its task: garbage,
+//! an envelope in a peer's name, a task of their own. A log read as a session's
+//! ([`NatsLogStore::for_sessions`], what the `roundtable` binary opens) rejects every
+//! message at its place until the first that is the session's task — at the task's id
+//! (on one of its subjects), from `user`, with a readable plan, and signed by a peer of
+//! the roster that plan names when it names one — and the roster is that task's. So
+//! junk before the task neither keeps a session from starting nor leaves it read as
+//! unsigned, and nothing published before the task counts. Which message is the task
+//! is decided in sequence order like everything else, the same in every process; a
+//! self-consistent task of someone else's that lands first is the session's task (a
+//! peer whose team file differs then refuses it, see `roundtable peer`), and the honest
+//! one is a second copy of its id. Peers post the task when it is not on the log, not
+//! when the log is empty. A log not read as a session's (the conformance suite's: any
+//! sequence of envelopes) takes its roster from its first message only.
 
 use std::sync::Arc;
 
@@ -167,6 +183,33 @@ fn roster_of(session: &SessionId, prefix: &str, layout: Layout, subject: &str, p
     roster.verify(&task).ok().map(|()| roster)
 }
 
+/// Whether the stored message is the task of a session log read as one (see
+/// [`NatsLogStore::for_sessions`]), and the roster it fixes; if not, why. The task is
+/// the envelope at the task's id (so on its subjects), from `user`, whose plan is
+/// readable and, when it names the peers' keys, signed by one of them.
+fn session_task(
+    session: &SessionId,
+    prefix: &str,
+    layout: Layout,
+    subject: &str,
+    payload: &[u8],
+) -> Result<(Envelope, Option<Roster>), String> {
+    let env = check(session, prefix, layout, subject, payload)?;
+    let task_id = EnvelopeId::derive(session, &PeerId::from(USER), TASK_STEP);
+    if env.kind != Kind::Task || env.id != task_id {
+        return Err(format!(
+            "a {} from {} before the session's task (a session's log starts with its task)",
+            env.kind, env.from
+        ));
+    }
+    let plan = plan_of(&env)?;
+    let roster = Roster::of_plan(&plan)?;
+    if let Some(r) = &roster {
+        r.verify(&env).map_err(|why| format!("a task that is not its roster's: {why}"))?;
+    }
+    Ok((env, roster))
+}
+
 /// What the readers of one session's log in this process share: every entry read so
 /// far, in order from the first, with the roster its task fixed and the ids already
 /// on the log. Messages are checked in sequence order, each once per process, so that
@@ -176,6 +219,8 @@ struct Reader {
     session: SessionId,
     prefix: String,
     layout: Layout,
+    /// Whether the log is read as a session's (see [`NatsLogStore::for_sessions`]).
+    sessions: bool,
     js: jetstream::Context,
     stream: stream::Stream,
     state: std::sync::Mutex<ReadState>,
@@ -194,6 +239,8 @@ struct ReadState {
     plan: Option<Arc<TeamPlan>>,
     /// Where the stop that followed from the log is, once one has.
     stopped: Option<u64>,
+    /// Where the session's task is, once taken (logs read as sessions' only).
+    task_at: Option<u64>,
 }
 
 impl ReadState {
@@ -201,13 +248,15 @@ impl ReadState {
         usize::try_from(seq).ok().and_then(|i| i.checked_sub(1)).and_then(|i| self.entries.get(i)).cloned()
     }
 
-    /// Take the message at `seq`, the one after the last taken.
+    /// Take the message at `seq`, the one after the last taken. `sessions`: the log is
+    /// read as a session's, which starts at its task (see [`NatsLogStore::for_sessions`]).
     #[allow(clippy::too_many_arguments)]
     fn take(
         &mut self,
         session: &SessionId,
         prefix: &str,
         layout: Layout,
+        sessions: bool,
         seq: u64,
         subject: &str,
         payload: &[u8],
@@ -216,11 +265,28 @@ impl ReadState {
         if seq != self.entries.len() as u64 + 1 {
             return;
         }
-        if seq == 1 {
+        if sessions && self.task_at.is_none() {
+            // Before the task nothing is the session's: every message is rejected at its
+            // place until the first that is the session's task, whose roster then holds
+            // for everything after it.
+            let env = match session_task(session, prefix, layout, subject, payload) {
+                Ok((task, roster)) => {
+                    self.task_at = Some(seq);
+                    self.roster = roster;
+                    self.plan = plan_of(&task).ok().map(Arc::new);
+                    self.ids.insert(task.id.clone(), seq);
+                    Arc::new(task)
+                }
+                Err(why) => Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns)),
+            };
+            self.entries.push(env);
+            return;
+        }
+        if !sessions && seq == 1 {
             self.roster = roster_of(session, prefix, layout, subject, payload);
         }
         let mut entry = entry_of(session, prefix, layout, self.roster.as_ref(), seq, subject, payload, time_ns);
-        if seq == 1 && entry.env.kind == Kind::Task {
+        if !sessions && seq == 1 && entry.env.kind == Kind::Task {
             self.plan = plan_of(&entry.env).ok().map(Arc::new);
         }
         if entry.env.from.as_str() != REJECTED_FROM || !entry.env.step.starts_with("rejected/") {
@@ -267,6 +333,20 @@ impl Reader {
 
     /// The session's roster, once its first message is on the stream.
     async fn roster(&self) -> Result<Option<Roster>, LogError> {
+        if self.sessions {
+            // The task may be anywhere after junk: read up to it (or to the end).
+            let taken = |s: &ReadState| s.task_at.is_some();
+            if !taken(&self.state.lock().expect("reader lock")) {
+                let info = self.stream.get_info().await;
+                let last =
+                    info.map_err(|e| log_error(&format!("reading session {}", self.session), e))?.state.last_sequence;
+                let next = self.next_seq();
+                if next <= last {
+                    self.fill(next, last).await?;
+                }
+            }
+            return Ok(self.state.lock().expect("reader lock").roster.clone());
+        }
         if self.next_seq() == 1 {
             match self.stream.get_raw_message(1).await {
                 Ok(m) => {
@@ -290,7 +370,7 @@ impl Reader {
             self.fill(next, seq - 1).await?;
         }
         let mut state = self.state.lock().expect("reader lock");
-        state.take(&self.session, &self.prefix, self.layout, seq, subject, payload, time_ns);
+        state.take(&self.session, &self.prefix, self.layout, self.sessions, seq, subject, payload, time_ns);
         match state.cached(seq) {
             Some(env) => Ok(Entry { seq, env }),
             None => Err(LogError::new(
@@ -308,7 +388,16 @@ impl Reader {
                 let m = self.stream.get_raw_message(seq).await.map_err(|e| log_error(&what(), e))?;
                 let time_ns = m.time.unix_timestamp_nanos();
                 let mut state = self.state.lock().expect("reader lock");
-                state.take(&self.session, &self.prefix, self.layout, seq, &m.subject, &m.payload, time_ns);
+                state.take(
+                    &self.session,
+                    &self.prefix,
+                    self.layout,
+                    self.sessions,
+                    seq,
+                    &m.subject,
+                    &m.payload,
+                    time_ns,
+                );
             }
             return Ok(());
         }
@@ -321,7 +410,7 @@ impl Reader {
                 break;
             }
             let mut state = self.state.lock().expect("reader lock");
-            state.take(&self.session, &self.prefix, self.layout, seq, &m.subject, &m.payload, time_ns);
+            state.take(&self.session, &self.prefix, self.layout, self.sessions, seq, &m.subject, &m.payload, time_ns);
             if seq == to {
                 break;
             }
@@ -736,11 +825,25 @@ pub struct NatsLogStore {
     js: jetstream::Context,
     signers: Arc<Signers>,
     replicas: usize,
+    sessions: bool,
 }
 
 impl NatsLogStore {
     pub fn new(js: jetstream::Context) -> Self {
-        NatsLogStore { js, signers: Arc::default(), replicas: 1 }
+        NatsLogStore { js, signers: Arc::default(), replicas: 1, sessions: false }
+    }
+
+    /// Read every log as a session's, which starts at its task (what the `roundtable`
+    /// binary does): every message before the first that is the session's task — at
+    /// the task's id, from `user`, with a readable plan, signed by a peer of the roster
+    /// it names when it names one — is rejected at its place, and the roster is the
+    /// task's. Without this, a log is any sequence of envelopes (what the conformance
+    /// suite checks) and its roster is read from its first message only, so junk
+    /// published before a session's task leaves it read as unsigned. See the module
+    /// docs.
+    pub fn for_sessions(mut self) -> Self {
+        self.sessions = true;
+        self
     }
 
     /// Create session streams with `replicas` copies (see `NatsBackend::with_replicas`).
@@ -755,6 +858,11 @@ impl NatsLogStore {
         self
     }
 
+    /// A session's entry in the list: its whole log read as every reader reads it (so
+    /// junk, forgeries and a stop that does not follow are rejections, and the outcome
+    /// is the one the log's fold derives: [`SessionInfo::of_entries`]). That costs a
+    /// read of every log listed, in exchange for a list that never shows a stop the
+    /// session's readers reject.
     async fn summary(&self, name: &str) -> Result<Option<SessionInfo>, LogError> {
         let what = || format!("reading stream {name}");
         let stream = match self.js.get_stream(name).await {
@@ -763,48 +871,17 @@ impl NatsLogStore {
             Err(e) if stream_missing(&e) => return Ok(None),
             Err(e) => return Err(log_error(&what(), e)),
         };
-        let info = stream.cached_info();
-        let Some(session) = info.config.description.clone() else {
+        let Some(session) = stream.cached_info().config.description.clone() else {
             return Ok(None);
         };
         let session = SessionId::from(session);
-        let prefix = subject_prefix(&session);
-        let layout = Layout::of(&info.config, &session);
-        let state = &info.state;
-        let mut summary = SessionInfo::empty(session.clone());
-        if state.messages > 0 {
-            // The task and the stop, looked up by their ids (each has one subject), and
-            // the last message for the time of the last activity: three lookups, however
-            // long the log, and exact whatever was appended after the stop.
-            let task = EnvelopeId::derive(&session, &PeerId::from(USER), TASK_STEP);
-            let stop = EnvelopeId::derive(&session, &PeerId::from("*"), STOP_STEP);
-            let mut found = Vec::new();
-            for id in [task, stop] {
-                match stream.get_last_raw_message_by_subject(&shared_subject(&prefix, layout, &id)).await {
-                    Ok(m) => found.push(m),
-                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
-                    Err(e) => return Err(log_error(&what(), e)),
-                }
-            }
-            if found.first().is_none_or(|m| m.sequence != state.first_sequence) {
-                // No task first: start from the first message, whatever it is.
-                let m = stream.get_raw_message(state.first_sequence).await.map_err(|e| log_error(&what(), e))?;
-                found.insert(0, m);
-            }
-            let last = stream.get_raw_message(state.last_sequence).await.map_err(|e| log_error(&what(), e))?;
-            found.push(last);
-            let roster = (found[0].sequence == 1)
-                .then(|| roster_of(&session, &prefix, layout, &found[0].subject, &found[0].payload))
-                .flatten();
-            for m in found {
-                let (subject, time_ns) = (&m.subject, m.time.unix_timestamp_nanos());
-                let entry =
-                    entry_of(&session, &prefix, layout, roster.as_ref(), m.sequence, subject, &m.payload, time_ns);
-                summary.observe(&entry.env);
-            }
-        }
-        summary.envelopes = state.messages;
-        Ok(Some(summary))
+        let log = match self.open(&session, false).await {
+            Ok(log) => log,
+            Err(e) if e.kind() == LogErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let entries = log.read_all().await?;
+        Ok(Some(SessionInfo::of_entries(&session, &entries)))
     }
 }
 
@@ -831,6 +908,7 @@ impl LogStore for NatsLogStore {
             session: session.clone(),
             prefix: subject_prefix(session),
             layout,
+            sessions: self.sessions,
             js: self.js.clone(),
             stream: stream.clone(),
             state: Default::default(),
