@@ -16,7 +16,7 @@ use roundtable_core::peer::PeerExtras;
 use roundtable_core::session::plan_of;
 use roundtable_core::sitting::{SeatEvent, SitError, Sitting};
 use roundtable_core::team::TeamPlan;
-use roundtable_core::{Kind, PeerId, SessionId};
+use roundtable_core::{PeerId, SessionId};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::{Failure, factory, nats};

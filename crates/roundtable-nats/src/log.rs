@@ -107,7 +107,7 @@ use futures::StreamExt;
 use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog};
 
-use roundtable_core::session::{STOP_STEP, TASK_STEP, USER, plan_of, stop_follows};
+use roundtable_core::session::{TASK_STEP, USER, plan_of, stop_follows};
 use roundtable_core::team::TeamPlan;
 use roundtable_core::trust::{Roster, Signers};
 
@@ -468,14 +468,6 @@ fn id_subject(prefix: &str, layout: Layout, env: &Envelope, k: u32) -> String {
 /// `rt.<session>.log.<author>.<id>`), for tools and tests that publish as a client would.
 pub fn log_subject(env: &Envelope) -> String {
     id_subject(&subject_prefix(&env.session), Layout::ByAuthor, env, 0)
-}
-
-/// The first subject of a shared envelope (the task, a collective decision) with `id`.
-fn shared_subject(prefix: &str, layout: Layout, id: &EnvelopeId) -> String {
-    match layout {
-        Layout::ByAuthor => format!("{prefix}{SHARED}.{}", token(id.as_str())),
-        Layout::ById => format!("{prefix}{}", token(id.as_str())),
-    }
 }
 
 fn check(session: &SessionId, prefix: &str, layout: Layout, subject: &str, payload: &[u8]) -> Result<Envelope, String> {
