@@ -1035,3 +1035,64 @@ fn readers_of_a_server_show_a_stop_that_does_not_follow_as_rejected() {
     assert!(log[2].kind == Kind::Failure && log[2].body.text.contains("does not follow from the log"), "{log:#?}");
     assert_readers_show_the_stop_rejected(&session, &["--nats", &url]);
 }
+
+#[test]
+fn a_work_result_recorded_by_a_member_that_does_not_hold_the_task_is_rejected_and_the_holder_still_records_its_own() {
+    use roundtable_core::EnvelopeId;
+    use roundtable_core::session::SessionSummary;
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let (ka, kb) = (SecretKey::generate(), SecretKey::generate());
+    let text = format!(
+        "name = \"queue\"\ntopic = \"Do t\"\n[models.s]\nprovider = \"scripted\"\nreplies = [\"r\"]\n\
+         [[peers]]\nid = \"a\"\nmodel = \"s\"\npublic_key = \"{}\"\n\
+         [[peers]]\nid = \"b\"\nmodel = \"s\"\npublic_key = \"{}\"\n\
+         [protocol]\nkind = \"work_queue\"\n[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"\n",
+        ka.public().to_hex(),
+        kb.public().to_hex()
+    );
+    let plan = parse_team("queue.toml", &text, &AnyVar).expect("the team parses");
+    let session = SessionId::from("forged-result");
+    let mut signers = roundtable_core::trust::Signers::default();
+    signers.insert(PeerId::from("a"), ka.clone());
+    let backend = rt.block_on(NatsBackend::connect(&url)).expect("connect").for_sessions().with_signers(signers);
+    let log = rt.block_on(backend.logs().open(&session, true)).expect("open");
+    let work = |from: &str, step: &str, text: &str, json: serde_json::Value| {
+        Envelope::new(&session, &PeerId::from(from), step, Kind::Work, Recipient::All, Body::text(text).with_json(json))
+    };
+    // a claims t: from now on the log says a holds it.
+    rt.block_on(async {
+        open_session(log.as_ref(), &plan, "Do t").await.expect("the task lands");
+        let claim = work("a", "claim/t", "a claims t", serde_json::json!({"op": "claim", "item": "t", "task": "t"}));
+        log.append(claim).await.expect("the claim lands");
+    });
+    // b, a member with its own valid key, records t's result first, at the result's
+    // collective id.
+    let result_id = EnvelopeId::derive(&session, &PeerId::from("*"), "work/t/result");
+    let mut forged = work("b", "work/t/result", "FORGED result", serde_json::json!({}));
+    forged.id = result_id.clone();
+    sign(&mut forged, &PeerId::from("b"), &kb);
+    publish(&rt, &url, &forged);
+    // a then records its own: it lands, it is not taken for a copy of b's.
+    let mut honest = work("a", "work/t/result", "a's result", serde_json::json!({}));
+    honest.id = result_id.clone();
+    let appended = rt.block_on(log.append(honest)).expect("a's result lands");
+    assert!(!appended.duplicate, "the rejected result does not hold the id: {appended:?}");
+
+    // Read by another process: the forged result is a rejection at its place, and the
+    // task's result is a's.
+    let log = read_session(&rt, &url, session.as_str());
+    assert_eq!(log.len(), 4, "{log:#?}");
+    assert_eq!(log[2].kind, Kind::Failure, "{log:#?}");
+    assert!(log[2].body.text.contains("a result of task t from b, which a holds"), "{}", log[2].body.text);
+    assert_eq!(log[3].id, result_id);
+    assert_eq!(log[3].from.as_str(), "a");
+    let entries: Vec<roundtable_core::log::Entry> = log
+        .iter()
+        .enumerate()
+        .map(|(i, e)| roundtable_core::log::Entry { seq: i as u64 + 1, env: e.clone() })
+        .collect();
+    let summary = SessionSummary::from_entries(&session, &entries).unwrap();
+    assert_eq!(summary.final_answer.as_deref(), Some("a's result"), "{summary:?}");
+}

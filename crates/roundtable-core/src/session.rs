@@ -272,6 +272,18 @@ impl SessionState {
         Err(format!("the stop does not follow from the log: up to log position {at} it is {want}, the stop says {got}"))
     }
 
+    /// Whether `entry`, a collective envelope, may be recorded by its author at this
+    /// point of the log (see [`Reducer::may_record`]); if not, why.
+    pub fn may_record(&self, entry: &Entry) -> Result<(), String> {
+        self.protocol.may_record(&entry.env, &self.facts())
+    }
+
+    /// Whether the protocol has collective decisions only some peer may record
+    /// (see [`Reducer::may_record`]): work-queue and contract-net results.
+    pub fn checks_collective(plan: &TeamPlan) -> bool {
+        matches!(plan.protocol, crate::team::ProtocolSpec::WorkQueue(_) | crate::team::ProtocolSpec::ContractNet(_))
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.stop.is_some()
     }

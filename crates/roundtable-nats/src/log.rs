@@ -107,7 +107,7 @@ use futures::StreamExt;
 use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog};
 
-use roundtable_core::session::{TASK_STEP, USER, plan_of, stop_follows};
+use roundtable_core::session::{SessionState, TASK_STEP, USER, plan_of, stop_follows};
 use roundtable_core::team::TeamPlan;
 use roundtable_core::trust::{Roster, Signers};
 
@@ -241,6 +241,9 @@ struct ReadState {
     stopped: Option<u64>,
     /// Where the session's task is, once taken (logs read as sessions' only).
     task_at: Option<u64>,
+    /// The session's fold of every entry taken, kept only for protocols with collective
+    /// decisions that only some peer may record ([`SessionState::checks_collective`]).
+    fold: Option<SessionState>,
 }
 
 impl ReadState {
@@ -280,6 +283,7 @@ impl ReadState {
                 Err(why) => Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns)),
             };
             self.entries.push(env);
+            self.start_fold(session);
             return;
         }
         if !sessions && seq == 1 {
@@ -294,7 +298,7 @@ impl ReadState {
                 Some(first) => {
                     Some(format!("a second copy of envelope {} (the first is at log position {first})", entry.env.id))
                 }
-                None => self.stop_rejected(session, &entry),
+                None => self.stop_rejected(session, &entry).or_else(|| self.collective_rejected(session, &entry)),
             };
             match why {
                 Some(why) => entry.env = Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns)),
@@ -306,7 +310,38 @@ impl ReadState {
                 }
             }
         }
-        self.entries.push(entry.env);
+        self.entries.push(entry.env.clone());
+        if !sessions && seq == 1 {
+            self.start_fold(session);
+        } else if let Some(fold) = &mut self.fold {
+            fold.take(entry);
+        }
+    }
+
+    /// Start folding the session once its plan is known, over every entry taken so far,
+    /// when its protocol has collective decisions only some peer may record.
+    fn start_fold(&mut self, session: &SessionId) {
+        let Some(plan) = self.plan.clone().filter(|p| SessionState::checks_collective(p)) else {
+            return;
+        };
+        let mut fold = SessionState::new(plan, session.clone());
+        for (i, env) in self.entries.iter().enumerate() {
+            fold.take(Entry { seq: i as u64 + 1, env: env.clone() });
+        }
+        self.fold = Some(fold);
+    }
+
+    /// Why the collective envelope `entry` may not be recorded by its author at its place,
+    /// if it may not (a task's result by a peer that does not hold it: see
+    /// [`roundtable_core::protocol::Reducer::may_record`]). Rejected here, it does not
+    /// hold its id, so the peer that may record it still can.
+    fn collective_rejected(&self, session: &SessionId, entry: &Entry) -> Option<String> {
+        let fold = self.fold.as_ref()?;
+        let env = &entry.env;
+        if env.kind == Kind::Stop || env.id != EnvelopeId::derive(session, &PeerId::from("*"), &env.step) {
+            return None;
+        }
+        fold.may_record(entry).err()
     }
 
     /// Why the stop `entry` is not the session's, if it is a stop and is not: it does

@@ -413,6 +413,31 @@ impl Reducer for ContractNet {
         let (a, ids) = self.answer();
         Some((a?, ids.into_iter().next()?))
     }
+
+    /// A task's result (`cnet/{t}/a{n}/result`, collective) may be recorded by the peer
+    /// the task's current attempt is awarded to only.
+    fn may_record(&self, env: &crate::envelope::Envelope, _facts: &Facts<'_>) -> Result<(), String> {
+        let step = env.step.as_ref();
+        let Some(i) = step
+            .strip_prefix("cnet/")
+            .and_then(|s| s.strip_suffix("/result"))
+            .and_then(|s| s.split('/').next())
+            .and_then(|t| self.index(t))
+        else {
+            return Ok(());
+        };
+        let task = &self.spec.tasks[i].id;
+        match &self.status[i] {
+            Status::Awarded { to, attempt } if step == self.prefix(i, *attempt) + "/result" => {
+                if *to == env.from {
+                    Ok(())
+                } else {
+                    Err(format!("a result of task {task} from {}; it is awarded to {to}", env.from))
+                }
+            }
+            _ => Err(format!("a result of task {task} at {step}, which no award of the task on the log calls for")),
+        }
+    }
 }
 
 impl ContractNet {

@@ -355,6 +355,24 @@ impl Reducer for WorkQueueProtocol {
         let (a, ids) = self.answer();
         Some((a?, ids.into_iter().next()?))
     }
+
+    /// A task's result (`work/{task}/result`, collective) may be recorded by the peer
+    /// that holds the task only.
+    fn may_record(&self, env: &crate::envelope::Envelope, _facts: &Facts<'_>) -> Result<(), String> {
+        let Some(i) =
+            env.step.strip_prefix("work/").and_then(|s| s.strip_suffix("/result")).and_then(|t| self.index(t))
+        else {
+            return Ok(());
+        };
+        match &self.status[i] {
+            Status::Held { by, .. } if *by == env.from => Ok(()),
+            Status::Held { by, .. } => {
+                Err(format!("a result of task {} from {}, which {by} holds", self.spec.tasks[i].id, env.from))
+            }
+            s if s.resolved() => Err(format!("a second result of task {}", self.spec.tasks[i].id)),
+            _ => Err(format!("a result of task {} from {}, which nobody holds", self.spec.tasks[i].id, env.from)),
+        }
+    }
 }
 
 impl WorkQueueProtocol {
