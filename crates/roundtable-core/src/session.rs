@@ -272,16 +272,34 @@ impl SessionState {
         Err(format!("the stop does not follow from the log: up to log position {at} it is {want}, the stop says {got}"))
     }
 
-    /// Whether `entry`, a collective envelope, may be recorded by its author at this
-    /// point of the log (see [`Reducer::may_record`]); if not, why.
+    /// Whether `entry` may be recorded by its author at this point of the log; if not,
+    /// why. A summary of older rounds (or its failure, at a `summary/{upto}` step) only
+    /// by the summarizer, when that summary is due; a collective envelope as the
+    /// protocol says ([`Reducer::may_record`]). For readers that reject what may not
+    /// be recorded at its place (the NATS log's, see [`SessionState::checks_writers`]).
     pub fn may_record(&self, entry: &Entry) -> Result<(), String> {
-        self.protocol.may_record(&entry.env, &self.facts())
+        let env = &entry.env;
+        if matches!(env.kind, Kind::Summary | Kind::Failure)
+            && let Some(upto) = summary_upto(&env.step)
+        {
+            let due = self.summary_duty(&env.from).is_some_and(|d| d.iter().any(|d| *d.step == *env.step));
+            return due.then_some(()).ok_or_else(|| {
+                format!(
+                    "a summary of the rounds up to {} by {}, which is not a summary due from it",
+                    upto + 1,
+                    env.from
+                )
+            });
+        }
+        self.protocol.may_record(env, &self.facts())
     }
 
-    /// Whether the protocol has collective decisions only some peer may record
-    /// (see [`Reducer::may_record`]): work-queue and contract-net results.
-    pub fn checks_collective(plan: &TeamPlan) -> bool {
+    /// Whether a session under `plan` has envelopes only some peer may record at a given
+    /// point ([`SessionState::may_record`]): summaries of older rounds, and work-queue
+    /// and contract-net results.
+    pub fn checks_writers(plan: &TeamPlan) -> bool {
         matches!(plan.protocol, crate::team::ProtocolSpec::WorkQueue(_) | crate::team::ProtocolSpec::ContractNet(_))
+            || matches!(plan.context, ContextPolicy::Summary { .. })
     }
 
     pub fn is_stopped(&self) -> bool {

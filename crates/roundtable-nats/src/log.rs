@@ -242,7 +242,7 @@ struct ReadState {
     /// Where the session's task is, once taken (logs read as sessions' only).
     task_at: Option<u64>,
     /// The session's fold of every entry taken, kept only for protocols with collective
-    /// decisions that only some peer may record ([`SessionState::checks_collective`]).
+    /// decisions that only some peer may record ([`SessionState::checks_writers`]).
     fold: Option<SessionState>,
 }
 
@@ -321,7 +321,7 @@ impl ReadState {
     /// Start folding the session once its plan is known, over every entry taken so far,
     /// when its protocol has collective decisions only some peer may record.
     fn start_fold(&mut self, session: &SessionId) {
-        let Some(plan) = self.plan.clone().filter(|p| SessionState::checks_collective(p)) else {
+        let Some(plan) = self.plan.clone().filter(|p| SessionState::checks_writers(p)) else {
             return;
         };
         let mut fold = SessionState::new(plan, session.clone());
@@ -331,14 +331,17 @@ impl ReadState {
         self.fold = Some(fold);
     }
 
-    /// Why the collective envelope `entry` may not be recorded by its author at its place,
-    /// if it may not (a task's result by a peer that does not hold it: see
-    /// [`roundtable_core::protocol::Reducer::may_record`]). Rejected here, it does not
+    /// Why `entry` may not be recorded by its author at its place, if it may not: a
+    /// collective envelope such as a task's result by a peer that does not hold it, or a
+    /// summary of older rounds by a peer that is not the summarizer or when none is due
+    /// (see [`SessionState::may_record`]). Rejected here, a collective envelope does not
     /// hold its id, so the peer that may record it still can.
     fn collective_rejected(&self, session: &SessionId, entry: &Entry) -> Option<String> {
         let fold = self.fold.as_ref()?;
         let env = &entry.env;
-        if env.kind == Kind::Stop || env.id != EnvelopeId::derive(session, &PeerId::from("*"), &env.step) {
+        let summary = env.step.starts_with("summary/");
+        let collective = env.id == EnvelopeId::derive(session, &PeerId::from("*"), &env.step);
+        if env.kind == Kind::Stop || !(summary || collective) {
             return None;
         }
         fold.may_record(entry).err()
