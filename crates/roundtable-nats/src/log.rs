@@ -54,6 +54,13 @@
 //! is taken, and rejected at its place like garbage: it does not hold the stop's id, so
 //! the honest stop still lands on the id's next subject.
 //!
+//! A collective decision only some peer may record at its place — a work-queue or
+//! contract-net task's result (its holder's or awardee's), a summary of older rounds
+//! (the summarizer's, when due) — is checked the same way, against the session's fold
+//! that the reader keeps for sessions that have such decisions
+//! ([`roundtable_core::session::SessionState::may_record`]): one that may not be
+//! recorded is rejected at its place and does not hold its id.
+//!
 //! # Squatted subjects and copies
 //! A message published on the subject of an envelope that is not there yet would take
 //! that subject for good. So an envelope may also land on the next subjects of its id,

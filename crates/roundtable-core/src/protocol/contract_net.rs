@@ -7,7 +7,8 @@
 //!   `cnet/{t}/a{n}/announce` (collective), every eligible member's
 //!   `cnet/{t}/a{n}/bid`, then `cnet/{t}/a{n}/award` (collective). The next task is
 //!   announced once the award is on the log; the winner does its task meanwhile and
-//!   records `cnet/{t}/a{n}/result` (collective: one result per award).
+//!   records `cnet/{t}/a{n}/result` (collective: one result per award; only the
+//!   awardee may record it, see `may_record`).
 //! - **Bids.** A bid carries the bidder's `load` — the total `size` of the tasks
 //!   awarded to it so far, read from the log — and its `capability` for the task:
 //!   with `bids = "skills"` (the default) the share of the task's `needs` found in the

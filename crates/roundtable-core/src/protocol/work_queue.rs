@@ -15,7 +15,8 @@
 //! - **Work.** A holder does a task when every dependency is resolved: it calls its
 //!   model with the task's description and its dependencies' results, and records the
 //!   result with the collective step `work/{task}/result` — exactly one result per task
-//!   whoever records it.
+//!   whoever records it. Only the task's holder may record it (`may_record`): a reader
+//!   that rejects what may not be recorded (the NATS log's) rejects anyone else's.
 //! - **Failure notices.** A task whose model call fails is failed (its result step is
 //!   a failure). Its peer then sends each holder of a task that depends on it a direct
 //!   notice (`work/{failed}/notice/{dependent}`), now or when the dependent is claimed
