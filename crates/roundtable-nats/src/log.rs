@@ -93,8 +93,9 @@
 //! an envelope in a peer's name, a task of their own. A log read as a session's
 //! ([`NatsLogStore::for_sessions`], what the `roundtable` binary opens) rejects every
 //! message at its place until the first that is the session's task — at the task's id
-//! (on one of its subjects), from `user`, with a readable plan, and signed by a peer of
-//! the roster that plan names when it names one — and the roster is that task's. So
+//! (on one of its subjects), from `user`, signed by a peer of the roster its plan names
+//! when it names one (a task without a plan, as other kinds of sessions open with,
+//! names none) — and the roster is that task's. So
 //! junk before the task neither keeps a session from starting nor leaves it read as
 //! unsigned, and nothing published before the task counts. Which message is the task
 //! is decided in sequence order like everything else, the same in every process; a
@@ -192,8 +193,9 @@ fn roster_of(session: &SessionId, prefix: &str, layout: Layout, subject: &str, p
 
 /// Whether the stored message is the task of a session log read as one (see
 /// [`NatsLogStore::for_sessions`]), and the roster it fixes; if not, why. The task is
-/// the envelope at the task's id (so on its subjects), from `user`, whose plan is
-/// readable and, when it names the peers' keys, signed by one of them.
+/// the envelope at the task's id (so on its subjects), from `user`, signed by one of
+/// the peers its plan names keys for when it names them (a task without a plan names
+/// no roster).
 fn session_task(
     session: &SessionId,
     prefix: &str,
@@ -209,8 +211,12 @@ fn session_task(
             env.kind, env.from
         ));
     }
-    let plan = plan_of(&env)?;
-    let roster = Roster::of_plan(&plan)?;
+    // A task without a plan (what other kinds of sessions open with, such as
+    // `roundtable worktest`'s) names no roster.
+    let roster = match plan_of(&env) {
+        Ok(plan) => Roster::of_plan(&plan)?,
+        Err(_) => None,
+    };
     if let Some(r) = &roster {
         r.verify(&env).map_err(|why| format!("a task that is not its roster's: {why}"))?;
     }
@@ -872,8 +878,8 @@ impl NatsLogStore {
 
     /// Read every log as a session's, which starts at its task (what the `roundtable`
     /// binary does): every message before the first that is the session's task — at
-    /// the task's id, from `user`, with a readable plan, signed by a peer of the roster
-    /// it names when it names one — is rejected at its place, and the roster is the
+    /// the task's id, from `user`, signed by a peer of the roster its plan names when
+    /// it names one — is rejected at its place, and the roster is the
     /// task's. Without this, a log is any sequence of envelopes (what the conformance
     /// suite checks) and its roster is read from its first message only, so junk
     /// published before a session's task leaves it read as unsigned. See the module
