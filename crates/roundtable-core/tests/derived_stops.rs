@@ -282,3 +282,33 @@ fn readers_see_the_log_as_its_fold_takes_it_a_stop_that_does_not_follow_and_a_se
     assert_eq!(task_entry(&junk_first).map(|t| t.seq), Some(2));
     assert_eq!(task_entry(&all[1..]).map(|t| t.seq), None, "a log whose first entry is a turn has no task");
 }
+
+#[test]
+fn an_export_may_start_with_rejections_before_the_task_but_not_with_anything_else() {
+    use roundtable_core::log::jsonl;
+    let plan = Arc::new(pair(""));
+    let mut f = Fold::new(&plan, "x");
+    turn(&mut f, "a", 0, "a one");
+    // What a reader of a shared server exports for junk published before the task.
+    let rejection = Envelope::new(
+        &f.session,
+        &PeerId::from("nats"),
+        "rejected/1",
+        Kind::Failure,
+        roundtable_core::Recipient::All,
+        Body::text("rejected the message at log position 1: junk"),
+    );
+    let roster = |task: &Envelope| -> Result<std::collections::BTreeSet<PeerId>, String> {
+        let plan = roundtable_core::session::plan_of(task)?;
+        Ok(plan.peers.iter().map(|p| p.id.clone()).chain([PeerId::from("nats")]).collect())
+    };
+    let lines = |first: Envelope| -> Vec<(usize, Envelope)> {
+        std::iter::once(first).chain(f.log.iter().map(|e| (**e).clone())).enumerate().map(|(i, e)| (i + 1, e)).collect()
+    };
+    jsonl::check_session("f.jsonl", &lines(rejection), roster).expect("rejections may come before the task");
+    // A turn before the task is not a session as a log writes it.
+    let early = f.env("b", "turn/9", Kind::Message, Body::text("early"));
+    let err = jsonl::check_session("f.jsonl", &lines(early), roster).unwrap_err();
+    assert_eq!(err.line, 1, "{err}");
+    assert!(err.error.contains("must be the session's task"), "{err}");
+}
