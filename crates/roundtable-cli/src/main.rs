@@ -438,7 +438,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, Failure> {
             } else {
                 let st = render::Style::for_stdout();
                 let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                entries
+                // As the session's fold reads the log: a stop that does not follow is
+                // shown as the rejection it is.
+                roundtable_core::session::as_folded(log.session(), &entries)
                     .iter()
                     .try_for_each(|e| writeln!(out, "{}", render::format_entry(e, st)))
                     .and_then(|()| out.flush())

@@ -34,9 +34,9 @@ use roundtable_core::bus::{Backend, Presence};
 use roundtable_core::log::{LogStore, SessionLog};
 use roundtable_core::peer::PeerExtras;
 use roundtable_core::runner::{open_session, summarize};
-use roundtable_core::session::{new_session_id, plan_of};
+use roundtable_core::session::{TASK_STEP, USER, new_session_id, plan_of};
 use roundtable_core::team::TeamPlan;
-use roundtable_core::{Kind, PeerId, SessionId};
+use roundtable_core::{EnvelopeId, Kind, PeerId, SessionId};
 use roundtable_nats::{NatsBackend, redact_url};
 
 use crate::{Failure, factory, finish, load_plan, observe};
@@ -150,6 +150,8 @@ impl NatsArgs {
         let backend = backend
             .with_replicas(usize::from(self.nats_replicas.unwrap_or(1)))
             .map_err(|e| Failure::Input(format!("--nats-replicas: {e}")))?;
+        // Every log this binary opens is a session's, which starts at its task.
+        let backend = backend.for_sessions();
         Ok(if patient { backend.patient() } else { backend })
     }
 
@@ -355,9 +357,18 @@ async fn task_plan(log: &Arc<dyn SessionLog>) -> Result<TeamPlan, Failure> {
 async fn task_and_plan(log: &Arc<dyn SessionLog>) -> Result<(Arc<roundtable_core::Envelope>, TeamPlan), Failure> {
     let session = log.session().clone();
     let mut tail = log.tail(1).await?;
-    let first = match tail.next().await {
-        Some(e) => e?,
-        None => return Err(Failure::Runtime(format!("session {session}: the log ended before its task"))),
+    // Messages published before the task are read as rejections: the task is the first
+    // entry that is not one.
+    let first = loop {
+        match tail.next().await {
+            Some(e) => {
+                let e = e?;
+                if !roundtable_core::session::is_rejection(&e.env) {
+                    break e;
+                }
+            }
+            None => return Err(Failure::Runtime(format!("session {session}: the log ended before its task"))),
+        }
     };
     if first.env.kind != Kind::Task {
         return Err(Failure::Input(format!("session {session} does not start with a task envelope")));
@@ -410,14 +421,19 @@ pub(crate) async fn peer(dir: &Path, args: PeerArgs) -> Result<ExitCode, Failure
             args.team.display(),
             args.nats.shown()
         );
-    } else if let Some(topic) = &topic
-        && log.last_seq().await? == 0
-    {
-        // The first of the peers to get here posts the task; the others' posts are
-        // duplicates of it (its id depends on the session only).
-        open_session(log.as_ref(), &local, topic).await?;
-    } else if log.last_seq().await? == 0 && !args.json {
-        eprintln!("Waiting for session {session}'s task…");
+    } else {
+        // Whether the session's task is on the log (not whether the log is empty: anyone
+        // allowed on its subjects may have published there first, which is read as
+        // rejections before the task).
+        let task_id = EnvelopeId::derive(&session, &PeerId::from(USER), TASK_STEP);
+        let posted = log.seq_of(&task_id).await?.is_some();
+        if let Some(topic) = topic.as_ref().filter(|_| !posted) {
+            // The first of the peers to get here posts the task; the others' posts are
+            // duplicates of it (its id depends on the session only).
+            open_session(log.as_ref(), &local, topic).await?;
+        } else if !posted && !args.json {
+            eprintln!("Waiting for session {session}'s task…");
+        }
     }
     let (task, plan) = task_and_plan(&log).await?;
     if !known(&plan) {

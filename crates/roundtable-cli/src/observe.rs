@@ -177,8 +177,8 @@ async fn load_from(
         let log = store.open(&SessionId::from(session), false).await?;
         log.read_all().await?
     };
-    match entries.first() {
-        Some(first) if first.env.kind == Kind::Task => Ok((first.env.session.clone(), entries)),
+    match roundtable_core::session::task_entry(&entries) {
+        Some(task) => Ok((task.env.session.clone(), entries)),
         _ => Err(Failure::Input(format!(
             "session {session}: the log does not start with a task envelope; it is damaged or not a session"
         ))),
@@ -238,7 +238,9 @@ pub(crate) async fn extend(dir: &Path, session: &str, json: bool, budget: Budget
         ));
     }
     let (id, entries) = load(dir, session).await?;
-    let Some(stop) = entries.iter().find(|e| e.env.kind == Kind::Stop) else {
+    // The stop the session's fold takes, not one that does not follow from the log.
+    let folded = roundtable_core::session::as_folded(&id, &entries);
+    let Some(stop) = folded.iter().find(|e| e.env.kind == Kind::Stop) else {
         return Err(Failure::Input(format!(
             "session {id} has not stopped; continue it with `roundtable resume {id}` (no --extend)"
         )));

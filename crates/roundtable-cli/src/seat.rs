@@ -16,7 +16,7 @@ use roundtable_core::peer::PeerExtras;
 use roundtable_core::session::plan_of;
 use roundtable_core::sitting::{SeatEvent, SitError, Sitting};
 use roundtable_core::team::TeamPlan;
-use roundtable_core::{Kind, PeerId, SessionId};
+use roundtable_core::{PeerId, SessionId};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::{Failure, factory, nats};
@@ -77,10 +77,8 @@ pub(crate) async fn take(
 /// The plan in a session's task (bad input when the session has none).
 pub(crate) async fn task_plan(log: &dyn SessionLog) -> Result<TeamPlan, Failure> {
     let session = log.session().clone();
-    let first = log.read(1, 1).await?;
-    let task = first
-        .first()
-        .filter(|e| e.env.kind == Kind::Task)
+    let task = roundtable_core::session::read_task(log)
+        .await?
         .ok_or_else(|| Failure::Input(format!("session {session} has no task envelope")))?;
     plan_of(&task.env).map_err(|e| Failure::Input(format!("session {session}: {e}")))
 }

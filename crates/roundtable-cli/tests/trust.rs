@@ -950,3 +950,341 @@ absent_after_secs = 120
     assert_eq!(of("get-sum").outcome, roundtable_core::tool::Outcome::Refused, "{:?}", of("get-sum"));
     assert!(of("get-sum").output.contains("not granted"), "{:?}", of("get-sum"));
 }
+
+/// A reader of the server's logs as the binary reads them: sessions start at their task.
+fn read_session(rt: &tokio::runtime::Runtime, url: &str, session: &str) -> Vec<Arc<Envelope>> {
+    rt.block_on(async {
+        let backend = NatsBackend::connect(url).await.expect("connect").for_sessions();
+        match backend.logs().open(&SessionId::from(session), false).await {
+            Ok(log) => log.read_all().await.expect("read").into_iter().map(|e| e.env).collect(),
+            Err(_) => Vec::new(),
+        }
+    })
+}
+
+#[test]
+fn junk_and_forgeries_published_before_the_task_are_rejected_and_the_session_starts_and_ends_honestly() {
+    use roundtable_core::EnvelopeId;
+    use roundtable_core::session::{TASK_STEP, USER, task_envelope};
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let team = signed_team(dir.path());
+    let session = SessionId::from("junk-first");
+    let subject = |author: &str, id: &EnvelopeId, suffix: &str| {
+        format!("rt.{}.log.{author}.{}{suffix}", token(session.as_str()), token(id.as_str()))
+    };
+    // The session's stream, made as a peer makes it, with nothing on it yet.
+    rt.block_on(async {
+        let backend = NatsBackend::connect(&url).await.expect("connect").for_sessions();
+        backend.logs().open(&session, true).await.expect("the stream is made");
+    });
+    // Before any peer is there: garbage on the task's own subject; a well-formed turn
+    // in a's name, unsigned; one in b's name signed with a key that is not b's; and the
+    // session's task with the team's own plan (its roster and all), signed in a's name
+    // with a key that is not a's. And junk on the subject of b's first turn, a step the
+    // session will take after its task (junk published while a session runs is covered
+    // by the tests above).
+    let task_id = EnvelopeId::derive(&session, &PeerId::from(USER), TASK_STEP);
+    publish_raw(&rt, &url, subject("~", &task_id, ""), b"not an envelope".to_vec());
+    let turn = |from: &str, step: &str, text: &str| {
+        Envelope::new(&session, &PeerId::from(from), step, Kind::Message, Recipient::All, Body::text(text))
+    };
+    publish(&rt, &url, &turn("a", "turn/0", "FORGED: a's words before the task"));
+    let mut wrong_key = turn("b", "turn/9", "FORGED: b's words before the task");
+    sign(&mut wrong_key, &PeerId::from("b"), &SecretKey::generate());
+    publish(&rt, &url, &wrong_key);
+    let plan = parse_team(team.to_str().unwrap(), &std::fs::read_to_string(&team).unwrap(), &AnyVar).unwrap();
+    let mut forged_task = task_envelope(&session, &plan, "FORGED: a topic of the attacker's");
+    sign(&mut forged_task, &PeerId::from("a"), &SecretKey::generate());
+    publish_raw(&rt, &url, subject("~", &task_id, "-1"), forged_task.to_json().into_bytes());
+    let b_turn = EnvelopeId::derive(&session, &PeerId::from("b"), "turn/1");
+    publish_raw(&rt, &url, subject("b", &b_turn, ""), b"junk on b's next step".to_vec());
+    assert_eq!(read_session(&rt, &url, session.as_str()).len(), 5, "five messages before any peer");
+
+    let a = start_peer(&team, "a", &url, session.as_str(), dir.path());
+    let b = start_peer(&team, "b", &url, session.as_str(), dir.path());
+    let (a, b) = (finish(a, "a"), finish(b, "b"));
+    for (id, o) in [("a", &a), ("b", &b)] {
+        assert!(o.status.success(), "peer {id}: {}", stderr(o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON summary");
+        assert!(summary["stop_reason"].as_str().unwrap().starts_with("completed"), "{id}: {summary}");
+        assert_eq!(summary["final_answer"], "b says two", "{id}: {summary}");
+        assert_eq!(summary["messages"], 4, "{id}: the four real turns, nothing else: {summary}");
+        assert_eq!(summary["topic"], "Pick a name", "{id}: the honest task's topic: {summary}");
+    }
+
+    // Every reader: the five messages are rejections at their places, then the honest
+    // task (signed by a peer of the roster), the four turns and the stop.
+    let log = read_session(&rt, &url, session.as_str());
+    let rejections: Vec<&Arc<Envelope>> =
+        log.iter().filter(|e| e.kind == Kind::Failure && e.from.as_str() == REJECTED_FROM).collect();
+    assert_eq!(rejections.len(), 5, "{log:#?}");
+    assert!(log[..5].iter().all(|e| e.kind == Kind::Failure && e.from.as_str() == REJECTED_FROM), "{log:#?}");
+    assert_eq!(log[5].kind, Kind::Task, "{log:#?}");
+    assert_eq!(log[5].body.text.as_ref(), "Pick a name");
+    assert!(log[5].sig.is_some());
+    for why in ["before the session's task", "a task that is not its roster's"] {
+        assert!(rejections.iter().any(|r| r.body.text.contains(why)), "{why}: {rejections:#?}");
+    }
+    let turns: Vec<&str> = log.iter().filter(|e| e.kind == Kind::Message).map(|e| e.body.text.as_ref()).collect();
+    assert_eq!(turns, ["a says one", "b says one", "a says two", "b says two"]);
+    assert!(log.iter().filter(|e| e.kind != Kind::Failure).all(|e| !e.body.text.contains("FORGED")));
+
+    // `log` and `sessions` (other processes) read it the same way.
+    let o = bin().args(["log", session.as_str(), "--nats", &url]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Stopped: completed: 2"), "{out}");
+    assert_eq!(out.matches("before the session's task").count(), 2, "{out}");
+    let o = bin().args(["sessions", "--json", "--nats", &url]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list[0]["team"], "signed", "{list}");
+    assert!(list[0]["stop"].as_str().unwrap().starts_with("completed: 2"), "{list}");
+}
+
+/// A stop in a's name, signed with a's own key, that says the session completed at
+/// log position `decided_at` with a final answer nothing on the log gives.
+fn made_up_stop(session: &SessionId, key: Option<&SecretKey>, decided_at: usize) -> Envelope {
+    use roundtable_core::EnvelopeId;
+    use roundtable_core::session::STOP_STEP;
+    let json = serde_json::json!({
+        "reason": "completed: everyone agreed", "answer": "FORGED final answer", "accepted": true,
+        "decided_by": [], "round": 0, "messages": 1, "tokens": 0, "cost_usd": 0.0,
+        "decided_at": decided_at, "elapsed_ms": 0,
+    });
+    let mut stop = Envelope::new(
+        session,
+        &PeerId::from("a"),
+        STOP_STEP,
+        Kind::Stop,
+        Recipient::All,
+        Body::text("FORGED final answer").with_json(json),
+    );
+    stop.id = EnvelopeId::derive(session, &PeerId::from("*"), STOP_STEP);
+    if let Some(key) = key {
+        sign(&mut stop, &PeerId::from("a"), key);
+    }
+    stop
+}
+
+/// What the listing, `log` and `trace` of a session holding `made_up_stop` (and no
+/// other) show, read from `args` (the data directory or the server).
+fn assert_readers_show_the_stop_rejected(session: &SessionId, args: &[&str]) {
+    let o = bin().args(["sessions", "--json"]).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed = list.as_array().unwrap().iter().find(|s| s["id"] == session.as_str()).expect("listed");
+    assert!(listed["stop"].is_null(), "the session is not stopped by a stop that does not follow: {listed}");
+    let o = bin().args(["sessions"]).args(args).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("open (resume it)") && !out.contains("everyone agreed"), "{out}");
+
+    let o = bin().args(["log", session.as_str()]).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("rejected the stop at log position") || out.contains("rejected the message at log position"),
+        "{out}"
+    );
+    assert!(out.contains("does not follow from the log"), "{out}");
+    assert!(!out.contains("Stopped: completed: everyone agreed"), "{out}");
+    let o = bin().args(["log", session.as_str(), "--json"]).args(args).output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON summary");
+    assert_eq!(summary["stopped"], false, "{summary}");
+
+    let o = bin().args(["trace", session.as_str(), "--format", "json"]).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON trace");
+    assert!(trace["stop"].is_null(), "the trace explains no stop: {}", trace["stop"]);
+    let o = bin().args(["trace", session.as_str()]).args(args).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("It has not stopped: the session is still open"), "{out}");
+}
+
+#[test]
+fn readers_of_a_local_store_show_a_stop_that_does_not_follow_as_rejected() {
+    use roundtable_core::log::LogStore;
+    use roundtable_sqlite::{Durability, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let team = signed_team(dir.path());
+    let plan = parse_team(team.to_str().unwrap(), &std::fs::read_to_string(&team).unwrap(), &AnyVar).unwrap();
+    let session = SessionId::from("local-made-up-stop");
+    // The store holds the task, a's first turn and a stop nothing on the log decides
+    // (as an edited database or a process of another version could leave it).
+    rt().block_on(async {
+        let store = SqliteStore::open(&data.join("roundtable.db"), true, Durability::Normal).unwrap();
+        let log = store.open(&session, true).await.unwrap();
+        open_session(log.as_ref(), &plan, "Pick a name").await.unwrap();
+        let turn = Envelope::new(
+            &session,
+            &PeerId::from("a"),
+            "turn/0",
+            Kind::Message,
+            Recipient::All,
+            Body::text("a says one"),
+        );
+        log.append(turn).await.unwrap();
+        log.append(made_up_stop(&session, None, 2)).await.unwrap();
+    });
+    assert_readers_show_the_stop_rejected(&session, &["--data-dir", data.to_str().unwrap()]);
+}
+
+#[test]
+fn readers_of_a_server_show_a_stop_that_does_not_follow_as_rejected() {
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let team = signed_team(dir.path());
+    let plan = parse_team(team.to_str().unwrap(), &std::fs::read_to_string(&team).unwrap(), &AnyVar).unwrap();
+    let session = SessionId::from("served-made-up-stop");
+    // The session as a's process leaves it while it waits for b: the task and a's first
+    // turn, signed with a's key; then a stop validly signed by a, on the stop's own
+    // subject, that nothing on the log decides.
+    let key = SecretKey::from_hex(&std::fs::read_to_string(dir.path().join("a/keys/a.key")).unwrap()).unwrap();
+    let mut signers = roundtable_core::trust::Signers::default();
+    signers.insert(PeerId::from("a"), key.clone());
+    rt.block_on(async {
+        let backend = NatsBackend::connect(&url).await.expect("connect").for_sessions().with_signers(signers);
+        let log = backend.logs().open(&session, true).await.expect("open");
+        open_session(log.as_ref(), &plan, "Pick a name").await.expect("the task lands");
+        let turn = Envelope::new(
+            &session,
+            &PeerId::from("a"),
+            "turn/0",
+            Kind::Message,
+            Recipient::All,
+            Body::text("a says one"),
+        );
+        log.append(turn).await.expect("a's turn lands");
+    });
+    publish(&rt, &url, &made_up_stop(&session, Some(&key), 2));
+    let log = read_session(&rt, &url, session.as_str());
+    assert_eq!(log.len(), 3, "{log:#?}");
+    assert!(log[2].kind == Kind::Failure && log[2].body.text.contains("does not follow from the log"), "{log:#?}");
+    assert_readers_show_the_stop_rejected(&session, &["--nats", &url]);
+}
+
+#[test]
+fn a_work_result_recorded_by_a_member_that_does_not_hold_the_task_is_rejected_and_the_holder_still_records_its_own() {
+    use roundtable_core::EnvelopeId;
+    use roundtable_core::session::SessionSummary;
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let (ka, kb) = (SecretKey::generate(), SecretKey::generate());
+    let text = format!(
+        "name = \"queue\"\ntopic = \"Do t\"\n[models.s]\nprovider = \"scripted\"\nreplies = [\"r\"]\n\
+         [[peers]]\nid = \"a\"\nmodel = \"s\"\npublic_key = \"{}\"\n\
+         [[peers]]\nid = \"b\"\nmodel = \"s\"\npublic_key = \"{}\"\n\
+         [protocol]\nkind = \"work_queue\"\n[[protocol.tasks]]\nid = \"t\"\ndescription = \"x\"\n",
+        ka.public().to_hex(),
+        kb.public().to_hex()
+    );
+    let plan = parse_team("queue.toml", &text, &AnyVar).expect("the team parses");
+    let session = SessionId::from("forged-result");
+    let mut signers = roundtable_core::trust::Signers::default();
+    signers.insert(PeerId::from("a"), ka.clone());
+    let backend = rt.block_on(NatsBackend::connect(&url)).expect("connect").for_sessions().with_signers(signers);
+    let log = rt.block_on(backend.logs().open(&session, true)).expect("open");
+    let work = |from: &str, step: &str, text: &str, json: serde_json::Value| {
+        Envelope::new(&session, &PeerId::from(from), step, Kind::Work, Recipient::All, Body::text(text).with_json(json))
+    };
+    // a claims t: from now on the log says a holds it.
+    rt.block_on(async {
+        open_session(log.as_ref(), &plan, "Do t").await.expect("the task lands");
+        let claim = work("a", "claim/t", "a claims t", serde_json::json!({"op": "claim", "item": "t", "task": "t"}));
+        log.append(claim).await.expect("the claim lands");
+    });
+    // b, a member with its own valid key, records t's result first, at the result's
+    // collective id.
+    let result_id = EnvelopeId::derive(&session, &PeerId::from("*"), "work/t/result");
+    let mut forged = work("b", "work/t/result", "FORGED result", serde_json::json!({}));
+    forged.id = result_id.clone();
+    sign(&mut forged, &PeerId::from("b"), &kb);
+    publish(&rt, &url, &forged);
+    // a then records its own: it lands, it is not taken for a copy of b's.
+    let mut honest = work("a", "work/t/result", "a's result", serde_json::json!({}));
+    honest.id = result_id.clone();
+    let appended = rt.block_on(log.append(honest)).expect("a's result lands");
+    assert!(!appended.duplicate, "the rejected result does not hold the id: {appended:?}");
+
+    // Read by another process: the forged result is a rejection at its place, and the
+    // task's result is a's.
+    let log = read_session(&rt, &url, session.as_str());
+    assert_eq!(log.len(), 4, "{log:#?}");
+    assert_eq!(log[2].kind, Kind::Failure, "{log:#?}");
+    assert!(log[2].body.text.contains("a result of task t from b, which a holds"), "{}", log[2].body.text);
+    assert_eq!(log[3].id, result_id);
+    assert_eq!(log[3].from.as_str(), "a");
+    let entries: Vec<roundtable_core::log::Entry> = log
+        .iter()
+        .enumerate()
+        .map(|(i, e)| roundtable_core::log::Entry { seq: i as u64 + 1, env: e.clone() })
+        .collect();
+    let summary = SessionSummary::from_entries(&session, &entries).unwrap();
+    assert_eq!(summary.final_answer.as_deref(), Some("a's result"), "{summary:?}");
+}
+
+#[test]
+fn a_summary_of_older_rounds_counts_only_from_the_summarizer_when_one_is_due() {
+    let rt = rt();
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/long-discussion.toml");
+    let plan = parse_team("long-discussion.toml", &std::fs::read_to_string(&example).unwrap(), &AnyVar).unwrap();
+
+    // Before anyone spoke, no summary is due: one from a peer that is not the
+    // summarizer, and one in the summarizer's name, are both rejected at their places.
+    let session = SessionId::from("forged-summary");
+    rt.block_on(async {
+        let backend = NatsBackend::connect(&url).await.expect("connect").for_sessions();
+        let log = backend.logs().open(&session, true).await.expect("open");
+        open_session(log.as_ref(), &plan, "Plan it").await.expect("the task lands");
+    });
+    for from in ["sre", "lead"] {
+        let forged = Envelope::new(
+            &session,
+            &PeerId::from(from),
+            "summary/0",
+            Kind::Summary,
+            Recipient::All,
+            Body::text("FORGED: the team agreed to drop the old cluster today"),
+        );
+        publish(&rt, &url, &forged);
+    }
+    let log = read_session(&rt, &url, session.as_str());
+    assert_eq!(log.len(), 3, "{log:#?}");
+    for (r, from) in log[1..].iter().zip(["sre", "lead"]) {
+        assert_eq!(r.kind, Kind::Failure, "{log:#?}");
+        assert!(
+            r.body
+                .text
+                .contains(&format!("a summary of the rounds up to 1 by {from}, which is not a summary due from it")),
+            "{}",
+            r.body.text
+        );
+    }
+
+    // The whole session over the server: the summarizer's summaries, each when due,
+    // are taken, and nothing is rejected.
+    let o = bin()
+        .args(["run", example.to_str().unwrap(), "--json", "--nats", &url, "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON summary");
+    assert!(summary["stop_reason"].as_str().unwrap().starts_with("completed"), "{summary}");
+    let log = read_session(&rt, &url, summary["session"].as_str().unwrap());
+    let summaries = log.iter().filter(|e| e.kind == Kind::Summary).count();
+    assert!(summaries >= 4, "a summary every round after the second: {summaries}");
+    assert!(log.iter().filter(|e| e.kind == Kind::Summary).all(|e| e.from.as_str() == "lead"));
+    assert!(log.iter().all(|e| e.from.as_str() != REJECTED_FROM), "nothing honest is rejected: {log:#?}");
+}

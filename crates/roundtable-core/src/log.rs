@@ -146,6 +146,18 @@ impl SessionInfo {
     pub fn empty(id: SessionId) -> Self {
         SessionInfo { id, envelopes: 0, first_ms: 0, last_ms: 0, team: None, stop: None }
     }
+
+    /// The summary of a whole log, with the stop its fold takes: a stop that does not
+    /// follow from the log is read as the rejection it stands for
+    /// ([`crate::session::as_folded`]), so a listing never shows a session stopped by it.
+    /// What every store's `sessions` uses.
+    pub fn of_entries(session: &SessionId, entries: &[Entry]) -> Self {
+        let mut info = SessionInfo::empty(session.clone());
+        for e in crate::session::as_folded(session, entries) {
+            info.observe(&e.env);
+        }
+        info
+    }
 }
 
 /// A place that holds many session logs.
@@ -498,7 +510,9 @@ pub mod jsonl {
     /// anything is imported. A forged or edited file is refused with its line:
     ///
     /// - the session id is safe to name a session by ([`crate::envelope::check_session_id`]);
-    /// - the first envelope is the session's task, from `user`, and no other is a task;
+    /// - the first envelope is the session's task, from `user`, and no other is a task
+    ///   (rejections of messages published before the task, `rejected/…` failures, may
+    ///   come first: what a reader of a shared server reads there);
     /// - `roster(task)` gives the authors the task admits (its plan's peers): every other
     ///   envelope is from one of them, and a task with no readable roster is refused;
     /// - every id is derived from (session, author, step), or (session, `*`, step) for a
@@ -515,9 +529,15 @@ pub mod jsonl {
         roster: impl Fn(&Envelope) -> Result<std::collections::BTreeSet<PeerId>, String>,
     ) -> Result<(), ImportError> {
         let err = |line: usize, error: String| ImportError { file: file.into(), line, error };
-        let Some((first_line, task)) = lines.first() else {
+        if lines.is_empty() {
             return Err(err(0, "no envelopes in file".into()));
-        };
+        }
+        // A session read from a shared server may hold messages published before its
+        // task, read (and exported) as rejections: the task is the first envelope that
+        // is not one.
+        let rejection = |env: &Envelope| env.kind == Kind::Failure && env.step.starts_with("rejected/");
+        let t = lines.iter().position(|(_, env)| !rejection(env)).unwrap_or(0);
+        let (first_line, task) = &lines[t];
         crate::envelope::check_session_id(task.session.as_str())
             .map_err(|e| err(*first_line, format!("field `session`: {e}")))?;
         let user = PeerId::from(crate::session::USER);
@@ -548,10 +568,10 @@ pub mod jsonl {
                     ),
                 ));
             }
-            if i > 0 && env.kind == Kind::Task {
+            if i != t && env.kind == Kind::Task {
                 return Err(err(line, "field `kind`: a second task; the task is the first envelope only".into()));
             }
-            if i > 0 && !roster.contains(&env.from) {
+            if i != t && !roster.contains(&env.from) {
                 let names: Vec<&str> = roster.iter().map(PeerId::as_str).collect();
                 return Err(err(
                     line,

@@ -179,11 +179,19 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let session = cfg.log.session().clone();
     let started = tokio::time::Instant::now();
 
-    // The first entry is the task, which carries the plan.
-    let first = match tail.next().await {
-        Some(e) => e?,
-        None => {
-            return Err(LogError::new(LogErrorKind::NotFound, "the log ended before its task"));
+    // The first entry is the task, which carries the plan; over NATS, messages published
+    // before it are read as rejections (see `session::task_entry`), folded before it.
+    let mut before = Vec::new();
+    let first = loop {
+        match tail.next().await {
+            Some(e) => {
+                let e = e?;
+                if !crate::session::is_rejection(&e.env) {
+                    break e;
+                }
+                before.push(e);
+            }
+            None => return Err(LogError::new(LogErrorKind::NotFound, "the log ended before its task")),
         }
     };
     let plan = match &extras.plan {
@@ -213,6 +221,10 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let mut st = SessionState::for_peer(plan.clone(), session.clone(), &cfg.me);
     let history = me.extras.history.clone().unwrap_or_default();
     let mut view = PeerView::over(cfg.me.clone(), me.spec.group.clone(), history);
+    for e in before {
+        view.observe(&e.env);
+        st.take(e);
+    }
     view.observe(&first.env);
     st.take(first);
 

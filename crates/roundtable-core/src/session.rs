@@ -272,6 +272,36 @@ impl SessionState {
         Err(format!("the stop does not follow from the log: up to log position {at} it is {want}, the stop says {got}"))
     }
 
+    /// Whether `entry` may be recorded by its author at this point of the log; if not,
+    /// why. A summary of older rounds (or its failure, at a `summary/{upto}` step) only
+    /// by the summarizer, when that summary is due; a collective envelope as the
+    /// protocol says ([`Reducer::may_record`]). For readers that reject what may not
+    /// be recorded at its place (the NATS log's, see [`SessionState::checks_writers`]).
+    pub fn may_record(&self, entry: &Entry) -> Result<(), String> {
+        let env = &entry.env;
+        if matches!(env.kind, Kind::Summary | Kind::Failure)
+            && let Some(upto) = summary_upto(&env.step)
+        {
+            let due = self.summary_duty(&env.from).is_some_and(|d| d.iter().any(|d| *d.step == *env.step));
+            return due.then_some(()).ok_or_else(|| {
+                format!(
+                    "a summary of the rounds up to {} by {}, which is not a summary due from it",
+                    upto + 1,
+                    env.from
+                )
+            });
+        }
+        self.protocol.may_record(env, &self.facts())
+    }
+
+    /// Whether a session under `plan` has envelopes only some peer may record at a given
+    /// point ([`SessionState::may_record`]): summaries of older rounds, and work-queue
+    /// and contract-net results.
+    pub fn checks_writers(plan: &TeamPlan) -> bool {
+        matches!(plan.protocol, crate::team::ProtocolSpec::WorkQueue(_) | crate::team::ProtocolSpec::ContractNet(_))
+            || matches!(plan.context, ContextPolicy::Summary { .. })
+    }
+
     pub fn is_stopped(&self) -> bool {
         self.stop.is_some()
     }
@@ -835,4 +865,67 @@ impl SessionSummary {
             per_peer: st.tally.per_peer.clone(),
         })
     }
+}
+
+/// Whether `env` stands for a message a reader rejected at its place (garbage, a
+/// forgery, a stop that did not follow): a `failure` at step `rejected/<seq>`.
+pub fn is_rejection(env: &Envelope) -> bool {
+    env.kind == Kind::Failure && env.step.starts_with("rejected/")
+}
+
+/// A session's task: its first entry that is not a rejection, when that is a task. Over
+/// NATS anyone allowed on a session's subjects can publish before its task; what they
+/// publish is read as rejections before it (see `roundtable_nats`), so a session starts
+/// at its task rather than at its first entry.
+pub fn task_entry(entries: &[Entry]) -> Option<&Entry> {
+    entries.iter().find(|e| !is_rejection(&e.env)).filter(|e| e.env.kind == Kind::Task)
+}
+
+/// The task of the session on `log` as it stands (see [`task_entry`]): `None` when the
+/// log holds nothing but rejections, or its first other entry is not a task.
+pub async fn read_task(log: &dyn crate::log::SessionLog) -> Result<Option<Entry>, crate::log::LogError> {
+    const CHUNK: usize = 64;
+    let mut from = 1;
+    loop {
+        let entries = log.read(from, CHUNK).await?;
+        if let Some(e) = entries.iter().find(|e| !is_rejection(&e.env)) {
+            return Ok((e.env.kind == Kind::Task).then(|| e.clone()));
+        }
+        match entries.last() {
+            Some(last) if entries.len() == CHUNK => from = last.seq + 1,
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// The log as a reader of the session takes it: every entry as it is, except a stop
+/// that does not follow from the log before it (or comes after the session's stop),
+/// which is the `failure` it stands for ([`rejected_stop`]). What readers that show a
+/// log (`log`, `trace`, listings, the web view) show, so that they show the session's
+/// outcome as its fold derives it, not as a stop's writer claims it. A log without a
+/// readable task is returned as it is.
+pub fn as_folded(session: &SessionId, entries: &[Entry]) -> Vec<Entry> {
+    let Some(plan) = task_entry(entries).and_then(|t| plan_of(&t.env).ok()) else {
+        return entries.to_vec();
+    };
+    let mut st = SessionState::new(Arc::new(plan), session.clone());
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let read = match (&st.stop, e.env.kind) {
+            (Some(stop), Kind::Stop) => Entry {
+                seq: e.seq,
+                env: Arc::new(rejected_stop(
+                    e,
+                    &format!("a second stop (the session stopped at log position {})", stop.seq),
+                )),
+            },
+            _ => st.rejection_of(e).unwrap_or_else(|| e.clone()),
+        };
+        if st.fold_session(&read) {
+            let facts = Facts { plan: &st.plan, session: &st.session, absent: &st.absent, task: st.task.as_ref() };
+            st.protocol.apply(&read, &facts);
+        }
+        out.push(read);
+    }
+    out
 }

@@ -80,6 +80,8 @@ pub struct NatsBackend {
     /// When this process last (re)connected, in ms since the epoch (see [`NatsPresence`]).
     connected_ms: Arc<AtomicU64>,
     patient: bool,
+    /// Whether logs are read as sessions' (see [`NatsLogStore::for_sessions`]).
+    sessions: bool,
     signers: Arc<roundtable_core::trust::Signers>,
     /// How many servers of a cluster keep a copy of each stream and bucket created.
     replicas: usize,
@@ -190,6 +192,7 @@ impl NatsBackend {
             patient: false,
             signers: Arc::default(),
             replicas: 1,
+            sessions: false,
         }
     }
 
@@ -220,6 +223,13 @@ impl NatsBackend {
     /// [`patient`]. What peers want; tests of failure behaviour want the default.
     pub fn patient(mut self) -> NatsBackend {
         self.patient = true;
+        self
+    }
+
+    /// Read every log as a session's, which starts at its task: see
+    /// [`NatsLogStore::for_sessions`]. What the `roundtable` binary does.
+    pub fn for_sessions(mut self) -> NatsBackend {
+        self.sessions = true;
         self
     }
 
@@ -300,6 +310,7 @@ impl Backend for NatsBackend {
 
     fn logs(&self) -> Arc<dyn LogStore> {
         let store = NatsLogStore::new(self.js.clone()).with_signers(self.signers.clone()).with_replicas(self.replicas);
+        let store = if self.sessions { store.for_sessions() } else { store };
         if self.patient { Arc::new(patient::PatientStore::new(Arc::new(store))) } else { Arc::new(store) }
     }
 

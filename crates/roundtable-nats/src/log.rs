@@ -59,6 +59,13 @@
 //! not declare, an author not granted it, another step or id): like a forged stop it
 //! is rejected at its place and does not hold the listing's id.
 //!
+//! A collective decision only some peer may record at its place — a work-queue or
+//! contract-net task's result (its holder's or awardee's), a summary of older rounds
+//! (the summarizer's, when due) — is checked the same way, against the session's fold
+//! that the reader keeps for sessions that have such decisions
+//! ([`roundtable_core::session::SessionState::may_record`]): one that may not be
+//! recorded is rejected at its place and does not hold its id.
+//!
 //! # Squatted subjects and copies
 //! A message published on the subject of an envelope that is not there yet would take
 //! that subject for good. So an envelope may also land on the next subjects of its id,
@@ -85,6 +92,23 @@
 //! runs ([`NatsLogStore::with_signers`]). Each process verifies each message once:
 //! the outcome is kept by sequence number and shared by every reader and tail of the
 //! log opened from the same store.
+//!
+//! # A session starts at its task
+//! Anyone allowed on a session's subjects can publish there before its task: garbage,
+//! an envelope in a peer's name, a task of their own. A log read as a session's
+//! ([`NatsLogStore::for_sessions`], what the `roundtable` binary opens) rejects every
+//! message at its place until the first that is the session's task — at the task's id
+//! (on one of its subjects), from `user`, signed by a peer of the roster its plan names
+//! when it names one (a task without a plan, as other kinds of sessions open with,
+//! names none) — and the roster is that task's. So
+//! junk before the task neither keeps a session from starting nor leaves it read as
+//! unsigned, and nothing published before the task counts. Which message is the task
+//! is decided in sequence order like everything else, the same in every process; a
+//! self-consistent task of someone else's that lands first is the session's task (a
+//! peer whose team file differs then refuses it, see `roundtable peer`), and the honest
+//! one is a second copy of its id. Peers post the task when it is not on the log, not
+//! when the log is empty. A log not read as a session's (the conformance suite's: any
+//! sequence of envelopes) takes its roster from its first message only.
 
 use std::sync::Arc;
 
@@ -96,7 +120,7 @@ use futures::StreamExt;
 use roundtable_core::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use roundtable_core::log::{Appended, Entry, EntryStream, LogError, LogErrorKind, LogStore, SessionInfo, SessionLog};
 
-use roundtable_core::session::{STOP_STEP, TASK_STEP, USER, plan_of, stop_follows};
+use roundtable_core::session::{SessionState, TASK_STEP, USER, plan_of, stop_follows};
 use roundtable_core::team::TeamPlan;
 use roundtable_core::trust::{Roster, Signers};
 
@@ -172,6 +196,38 @@ fn roster_of(session: &SessionId, prefix: &str, layout: Layout, subject: &str, p
     roster.verify(&task).ok().map(|()| roster)
 }
 
+/// Whether the stored message is the task of a session log read as one (see
+/// [`NatsLogStore::for_sessions`]), and the roster it fixes; if not, why. The task is
+/// the envelope at the task's id (so on its subjects), from `user`, signed by one of
+/// the peers its plan names keys for when it names them (a task without a plan names
+/// no roster).
+fn session_task(
+    session: &SessionId,
+    prefix: &str,
+    layout: Layout,
+    subject: &str,
+    payload: &[u8],
+) -> Result<(Envelope, Option<Roster>), String> {
+    let env = check(session, prefix, layout, subject, payload)?;
+    let task_id = EnvelopeId::derive(session, &PeerId::from(USER), TASK_STEP);
+    if env.kind != Kind::Task || env.id != task_id {
+        return Err(format!(
+            "a {} from {} before the session's task (a session's log starts with its task)",
+            env.kind, env.from
+        ));
+    }
+    // A task without a plan (what other kinds of sessions open with, such as
+    // `roundtable worktest`'s) names no roster.
+    let roster = match plan_of(&env) {
+        Ok(plan) => Roster::of_plan(&plan)?,
+        Err(_) => None,
+    };
+    if let Some(r) = &roster {
+        r.verify(&env).map_err(|why| format!("a task that is not its roster's: {why}"))?;
+    }
+    Ok((env, roster))
+}
+
 /// What the readers of one session's log in this process share: every entry read so
 /// far, in order from the first, with the roster its task fixed and the ids already
 /// on the log. Messages are checked in sequence order, each once per process, so that
@@ -181,6 +237,8 @@ struct Reader {
     session: SessionId,
     prefix: String,
     layout: Layout,
+    /// Whether the log is read as a session's (see [`NatsLogStore::for_sessions`]).
+    sessions: bool,
     js: jetstream::Context,
     stream: stream::Stream,
     state: std::sync::Mutex<ReadState>,
@@ -199,6 +257,11 @@ struct ReadState {
     plan: Option<Arc<TeamPlan>>,
     /// Where the stop that followed from the log is, once one has.
     stopped: Option<u64>,
+    /// Where the session's task is, once taken (logs read as sessions' only).
+    task_at: Option<u64>,
+    /// The session's fold of every entry taken, kept only for protocols with collective
+    /// decisions that only some peer may record ([`SessionState::checks_writers`]).
+    fold: Option<SessionState>,
 }
 
 impl ReadState {
@@ -206,13 +269,15 @@ impl ReadState {
         usize::try_from(seq).ok().and_then(|i| i.checked_sub(1)).and_then(|i| self.entries.get(i)).cloned()
     }
 
-    /// Take the message at `seq`, the one after the last taken.
+    /// Take the message at `seq`, the one after the last taken. `sessions`: the log is
+    /// read as a session's, which starts at its task (see [`NatsLogStore::for_sessions`]).
     #[allow(clippy::too_many_arguments)]
     fn take(
         &mut self,
         session: &SessionId,
         prefix: &str,
         layout: Layout,
+        sessions: bool,
         seq: u64,
         subject: &str,
         payload: &[u8],
@@ -221,11 +286,29 @@ impl ReadState {
         if seq != self.entries.len() as u64 + 1 {
             return;
         }
-        if seq == 1 {
+        if sessions && self.task_at.is_none() {
+            // Before the task nothing is the session's: every message is rejected at its
+            // place until the first that is the session's task, whose roster then holds
+            // for everything after it.
+            let env = match session_task(session, prefix, layout, subject, payload) {
+                Ok((task, roster)) => {
+                    self.task_at = Some(seq);
+                    self.roster = roster;
+                    self.plan = plan_of(&task).ok().map(Arc::new);
+                    self.ids.insert(task.id.clone(), seq);
+                    Arc::new(task)
+                }
+                Err(why) => Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns)),
+            };
+            self.entries.push(env);
+            self.start_fold(session);
+            return;
+        }
+        if !sessions && seq == 1 {
             self.roster = roster_of(session, prefix, layout, subject, payload);
         }
         let mut entry = entry_of(session, prefix, layout, self.roster.as_ref(), seq, subject, payload, time_ns);
-        if seq == 1 && entry.env.kind == Kind::Task {
+        if !sessions && seq == 1 && entry.env.kind == Kind::Task {
             self.plan = plan_of(&entry.env).ok().map(Arc::new);
         }
         if entry.env.from.as_str() != REJECTED_FROM || !entry.env.step.starts_with("rejected/") {
@@ -233,7 +316,10 @@ impl ReadState {
                 Some(first) => {
                     Some(format!("a second copy of envelope {} (the first is at log position {first})", entry.env.id))
                 }
-                None => self.stop_rejected(session, &entry).or_else(|| self.listing_rejected(&entry)),
+                None => self
+                    .stop_rejected(session, &entry)
+                    .or_else(|| self.listing_rejected(&entry))
+                    .or_else(|| self.collective_rejected(session, &entry)),
             };
             match why {
                 Some(why) => entry.env = Arc::new(rejected(session, seq, subject, payload.len(), &why, time_ns)),
@@ -245,7 +331,41 @@ impl ReadState {
                 }
             }
         }
-        self.entries.push(entry.env);
+        self.entries.push(entry.env.clone());
+        if !sessions && seq == 1 {
+            self.start_fold(session);
+        } else if let Some(fold) = &mut self.fold {
+            fold.take(entry);
+        }
+    }
+
+    /// Start folding the session once its plan is known, over every entry taken so far,
+    /// when its protocol has collective decisions only some peer may record.
+    fn start_fold(&mut self, session: &SessionId) {
+        let Some(plan) = self.plan.clone().filter(|p| SessionState::checks_writers(p)) else {
+            return;
+        };
+        let mut fold = SessionState::new(plan, session.clone());
+        for (i, env) in self.entries.iter().enumerate() {
+            fold.take(Entry { seq: i as u64 + 1, env: env.clone() });
+        }
+        self.fold = Some(fold);
+    }
+
+    /// Why `entry` may not be recorded by its author at its place, if it may not: a
+    /// collective envelope such as a task's result by a peer that does not hold it, or a
+    /// summary of older rounds by a peer that is not the summarizer or when none is due
+    /// (see [`SessionState::may_record`]). Rejected here, a collective envelope does not
+    /// hold its id, so the peer that may record it still can.
+    fn collective_rejected(&self, session: &SessionId, entry: &Entry) -> Option<String> {
+        let fold = self.fold.as_ref()?;
+        let env = &entry.env;
+        let summary = env.step.starts_with("summary/");
+        let collective = env.id == EnvelopeId::derive(session, &PeerId::from("*"), &env.step);
+        if env.kind == Kind::Stop || !(summary || collective) {
+            return None;
+        }
+        fold.may_record(entry).err()
     }
 
     /// Why the tool listing `entry` is not the session's, if it is one and is not: it is
@@ -284,6 +404,20 @@ impl Reader {
 
     /// The session's roster, once its first message is on the stream.
     async fn roster(&self) -> Result<Option<Roster>, LogError> {
+        if self.sessions {
+            // The task may be anywhere after junk: read up to it (or to the end).
+            let taken = |s: &ReadState| s.task_at.is_some();
+            if !taken(&self.state.lock().expect("reader lock")) {
+                let info = self.stream.get_info().await;
+                let last =
+                    info.map_err(|e| log_error(&format!("reading session {}", self.session), e))?.state.last_sequence;
+                let next = self.next_seq();
+                if next <= last {
+                    self.fill(next, last).await?;
+                }
+            }
+            return Ok(self.state.lock().expect("reader lock").roster.clone());
+        }
         if self.next_seq() == 1 {
             match self.stream.get_raw_message(1).await {
                 Ok(m) => {
@@ -307,7 +441,7 @@ impl Reader {
             self.fill(next, seq - 1).await?;
         }
         let mut state = self.state.lock().expect("reader lock");
-        state.take(&self.session, &self.prefix, self.layout, seq, subject, payload, time_ns);
+        state.take(&self.session, &self.prefix, self.layout, self.sessions, seq, subject, payload, time_ns);
         match state.cached(seq) {
             Some(env) => Ok(Entry { seq, env }),
             None => Err(LogError::new(
@@ -325,7 +459,16 @@ impl Reader {
                 let m = self.stream.get_raw_message(seq).await.map_err(|e| log_error(&what(), e))?;
                 let time_ns = m.time.unix_timestamp_nanos();
                 let mut state = self.state.lock().expect("reader lock");
-                state.take(&self.session, &self.prefix, self.layout, seq, &m.subject, &m.payload, time_ns);
+                state.take(
+                    &self.session,
+                    &self.prefix,
+                    self.layout,
+                    self.sessions,
+                    seq,
+                    &m.subject,
+                    &m.payload,
+                    time_ns,
+                );
             }
             return Ok(());
         }
@@ -338,7 +481,7 @@ impl Reader {
                 break;
             }
             let mut state = self.state.lock().expect("reader lock");
-            state.take(&self.session, &self.prefix, self.layout, seq, &m.subject, &m.payload, time_ns);
+            state.take(&self.session, &self.prefix, self.layout, self.sessions, seq, &m.subject, &m.payload, time_ns);
             if seq == to {
                 break;
             }
@@ -396,14 +539,6 @@ fn id_subject(prefix: &str, layout: Layout, env: &Envelope, k: u32) -> String {
 /// `rt.<session>.log.<author>.<id>`), for tools and tests that publish as a client would.
 pub fn log_subject(env: &Envelope) -> String {
     id_subject(&subject_prefix(&env.session), Layout::ByAuthor, env, 0)
-}
-
-/// The first subject of a shared envelope (the task, a collective decision) with `id`.
-fn shared_subject(prefix: &str, layout: Layout, id: &EnvelopeId) -> String {
-    match layout {
-        Layout::ByAuthor => format!("{prefix}{SHARED}.{}", token(id.as_str())),
-        Layout::ById => format!("{prefix}{}", token(id.as_str())),
-    }
 }
 
 fn check(session: &SessionId, prefix: &str, layout: Layout, subject: &str, payload: &[u8]) -> Result<Envelope, String> {
@@ -753,11 +888,25 @@ pub struct NatsLogStore {
     js: jetstream::Context,
     signers: Arc<Signers>,
     replicas: usize,
+    sessions: bool,
 }
 
 impl NatsLogStore {
     pub fn new(js: jetstream::Context) -> Self {
-        NatsLogStore { js, signers: Arc::default(), replicas: 1 }
+        NatsLogStore { js, signers: Arc::default(), replicas: 1, sessions: false }
+    }
+
+    /// Read every log as a session's, which starts at its task (what the `roundtable`
+    /// binary does): every message before the first that is the session's task — at
+    /// the task's id, from `user`, signed by a peer of the roster its plan names when
+    /// it names one — is rejected at its place, and the roster is the
+    /// task's. Without this, a log is any sequence of envelopes (what the conformance
+    /// suite checks) and its roster is read from its first message only, so junk
+    /// published before a session's task leaves it read as unsigned. See the module
+    /// docs.
+    pub fn for_sessions(mut self) -> Self {
+        self.sessions = true;
+        self
     }
 
     /// Create session streams with `replicas` copies (see `NatsBackend::with_replicas`).
@@ -772,6 +921,11 @@ impl NatsLogStore {
         self
     }
 
+    /// A session's entry in the list: its whole log read as every reader reads it (so
+    /// junk, forgeries and a stop that does not follow are rejections, and the outcome
+    /// is the one the log's fold derives: [`SessionInfo::of_entries`]). That costs a
+    /// read of every log listed, in exchange for a list that never shows a stop the
+    /// session's readers reject.
     async fn summary(&self, name: &str) -> Result<Option<SessionInfo>, LogError> {
         let what = || format!("reading stream {name}");
         let stream = match self.js.get_stream(name).await {
@@ -780,48 +934,17 @@ impl NatsLogStore {
             Err(e) if stream_missing(&e) => return Ok(None),
             Err(e) => return Err(log_error(&what(), e)),
         };
-        let info = stream.cached_info();
-        let Some(session) = info.config.description.clone() else {
+        let Some(session) = stream.cached_info().config.description.clone() else {
             return Ok(None);
         };
         let session = SessionId::from(session);
-        let prefix = subject_prefix(&session);
-        let layout = Layout::of(&info.config, &session);
-        let state = &info.state;
-        let mut summary = SessionInfo::empty(session.clone());
-        if state.messages > 0 {
-            // The task and the stop, looked up by their ids (each has one subject), and
-            // the last message for the time of the last activity: three lookups, however
-            // long the log, and exact whatever was appended after the stop.
-            let task = EnvelopeId::derive(&session, &PeerId::from(USER), TASK_STEP);
-            let stop = EnvelopeId::derive(&session, &PeerId::from("*"), STOP_STEP);
-            let mut found = Vec::new();
-            for id in [task, stop] {
-                match stream.get_last_raw_message_by_subject(&shared_subject(&prefix, layout, &id)).await {
-                    Ok(m) => found.push(m),
-                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {}
-                    Err(e) => return Err(log_error(&what(), e)),
-                }
-            }
-            if found.first().is_none_or(|m| m.sequence != state.first_sequence) {
-                // No task first: start from the first message, whatever it is.
-                let m = stream.get_raw_message(state.first_sequence).await.map_err(|e| log_error(&what(), e))?;
-                found.insert(0, m);
-            }
-            let last = stream.get_raw_message(state.last_sequence).await.map_err(|e| log_error(&what(), e))?;
-            found.push(last);
-            let roster = (found[0].sequence == 1)
-                .then(|| roster_of(&session, &prefix, layout, &found[0].subject, &found[0].payload))
-                .flatten();
-            for m in found {
-                let (subject, time_ns) = (&m.subject, m.time.unix_timestamp_nanos());
-                let entry =
-                    entry_of(&session, &prefix, layout, roster.as_ref(), m.sequence, subject, &m.payload, time_ns);
-                summary.observe(&entry.env);
-            }
-        }
-        summary.envelopes = state.messages;
-        Ok(Some(summary))
+        let log = match self.open(&session, false).await {
+            Ok(log) => log,
+            Err(e) if e.kind() == LogErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let entries = log.read_all().await?;
+        Ok(Some(SessionInfo::of_entries(&session, &entries)))
     }
 }
 
@@ -848,6 +971,7 @@ impl LogStore for NatsLogStore {
             session: session.clone(),
             prefix: subject_prefix(session),
             layout,
+            sessions: self.sessions,
             js: self.js.clone(),
             stream: stream.clone(),
             state: Default::default(),

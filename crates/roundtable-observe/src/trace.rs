@@ -177,7 +177,12 @@ impl Node {
 
 impl Trace {
     /// Build the trace of a log. Works on any prefix of a log, including an open session.
+    /// The log is read as its fold reads it: a stop that does not follow from the log is
+    /// the rejection it stands for ([`roundtable_core::session::as_folded`]), so the
+    /// trace never explains a stop the session did not take.
     pub fn build(session: &SessionId, entries: &[Entry]) -> Trace {
+        let folded = roundtable_core::session::as_folded(session, entries);
+        let entries = &folded[..];
         let seq_of: HashMap<&str, u64> = entries.iter().map(|e| (e.env.id.as_str(), e.seq)).collect();
         let task = entries.iter().find(|e| e.env.kind == Kind::Task);
         let plan = task.and_then(|t| plan_of(&t.env).ok());

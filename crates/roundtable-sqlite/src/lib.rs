@@ -268,14 +268,31 @@ impl LogStore for SqliteStore {
                 ))
             })
             .map_err(|e| storage("listing sessions", &self.path, e))?;
+        let rows = rows.collect::<Result<Vec<_>, _>>().map_err(|e| storage("listing sessions", &self.path, e))?;
+        drop(stmt);
+        drop(conn);
         let mut out = Vec::new();
-        for row in rows {
-            let (id, n, first, last, task, stop) = row.map_err(|e| storage("listing sessions", &self.path, e))?;
-            let mut info = SessionInfo::empty(SessionId::from(id));
-            // Fold the task and stop envelopes for the team and the stop reason.
-            for json in [task, stop].into_iter().flatten() {
-                if let Ok(env) = Envelope::from_json(json.as_bytes()) {
-                    info.observe(&env);
+        for (id, n, first, last, task, stop) in rows {
+            let session = SessionId::from(id);
+            let mut info = SessionInfo::empty(session.clone());
+            if let Some(json) = task
+                && let Ok(env) = Envelope::from_json(json.as_bytes())
+            {
+                info.observe(&env);
+            }
+            if stop.is_some() {
+                // A stop is listed only as the log's fold takes it (one that does not
+                // follow from the log is not the session's): that needs the whole log.
+                match self.load(&session) {
+                    Ok(envs) => {
+                        let entries: Vec<Entry> = envs
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, env)| Entry { seq: i as u64 + 1, env: Arc::new(env) })
+                            .collect();
+                        info.stop = SessionInfo::of_entries(&session, &entries).stop;
+                    }
+                    Err(e) => info.stop = Some(format!("unknown (the log cannot be read: {e})")),
                 }
             }
             info.envelopes = n as u64;

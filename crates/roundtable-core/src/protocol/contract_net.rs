@@ -7,7 +7,8 @@
 //!   `cnet/{t}/a{n}/announce` (collective), every eligible member's
 //!   `cnet/{t}/a{n}/bid`, then `cnet/{t}/a{n}/award` (collective). The next task is
 //!   announced once the award is on the log; the winner does its task meanwhile and
-//!   records `cnet/{t}/a{n}/result` (collective: one result per award).
+//!   records `cnet/{t}/a{n}/result` (collective: one result per award; only the
+//!   awardee may record it, see `may_record`).
 //! - **Bids.** A bid carries the bidder's `load` — the total `size` of the tasks
 //!   awarded to it so far, read from the log — and its `capability` for the task:
 //!   with `bids = "skills"` (the default) the share of the task's `needs` found in the
@@ -412,6 +413,31 @@ impl Reducer for ContractNet {
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {
         let (a, ids) = self.answer();
         Some((a?, ids.into_iter().next()?))
+    }
+
+    /// A task's result (`cnet/{t}/a{n}/result`, collective) may be recorded by the peer
+    /// the task's current attempt is awarded to only.
+    fn may_record(&self, env: &crate::envelope::Envelope, _facts: &Facts<'_>) -> Result<(), String> {
+        let step = env.step.as_ref();
+        let Some(i) = step
+            .strip_prefix("cnet/")
+            .and_then(|s| s.strip_suffix("/result"))
+            .and_then(|s| s.split('/').next())
+            .and_then(|t| self.index(t))
+        else {
+            return Ok(());
+        };
+        let task = &self.spec.tasks[i].id;
+        match &self.status[i] {
+            Status::Awarded { to, attempt } if step == self.prefix(i, *attempt) + "/result" => {
+                if *to == env.from {
+                    Ok(())
+                } else {
+                    Err(format!("a result of task {task} from {}; it is awarded to {to}", env.from))
+                }
+            }
+            _ => Err(format!("a result of task {task} at {step}, which no award of the task on the log calls for")),
+        }
     }
 }
 

@@ -286,6 +286,13 @@ pub trait Reducer: Send + Sync {
     fn signals(&self) -> Signals;
     /// The best answer so far, used when a limit stops the session early.
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)>;
+    /// Whether `env`, a collective envelope (its id does not depend on its author), may
+    /// be recorded by its author at this point of the log; if not, why. A reader that
+    /// does not let a rejected envelope hold its id (the NATS log's) rejects it at its
+    /// place, so the one who may record it still can. The default: anyone may.
+    fn may_record(&self, _env: &Envelope, _facts: &Facts<'_>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A fresh reducer for a plan's protocol.

@@ -15,7 +15,8 @@
 //! - **Work.** A holder does a task when every dependency is resolved: it calls its
 //!   model with the task's description and its dependencies' results, and records the
 //!   result with the collective step `work/{task}/result` — exactly one result per task
-//!   whoever records it.
+//!   whoever records it. Only the task's holder may record it (`may_record`): a reader
+//!   that rejects what may not be recorded (the NATS log's) rejects anyone else's.
 //! - **Failure notices.** A task whose model call fails is failed (its result step is
 //!   a failure). Its peer then sends each holder of a task that depends on it a direct
 //!   notice (`work/{failed}/notice/{dependent}`), now or when the dependent is claimed
@@ -354,6 +355,24 @@ impl Reducer for WorkQueueProtocol {
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {
         let (a, ids) = self.answer();
         Some((a?, ids.into_iter().next()?))
+    }
+
+    /// A task's result (`work/{task}/result`, collective) may be recorded by the peer
+    /// that holds the task only.
+    fn may_record(&self, env: &crate::envelope::Envelope, _facts: &Facts<'_>) -> Result<(), String> {
+        let Some(i) =
+            env.step.strip_prefix("work/").and_then(|s| s.strip_suffix("/result")).and_then(|t| self.index(t))
+        else {
+            return Ok(());
+        };
+        match &self.status[i] {
+            Status::Held { by, .. } if *by == env.from => Ok(()),
+            Status::Held { by, .. } => {
+                Err(format!("a result of task {} from {}, which {by} holds", self.spec.tasks[i].id, env.from))
+            }
+            s if s.resolved() => Err(format!("a second result of task {}", self.spec.tasks[i].id)),
+            _ => Err(format!("a result of task {} from {}, which nobody holds", self.spec.tasks[i].id, env.from)),
+        }
     }
 }
 
