@@ -27,7 +27,7 @@ use crate::envelope::{Body, Envelope, Kind, PeerId, Recipient};
 use crate::log::LogError;
 use crate::model::ChatMessage;
 use crate::protocol::{Duty, View};
-use crate::session::SessionState;
+use crate::session::Snapshot;
 use crate::team::{PeerSpec, TeamPlan};
 use crate::termination::{BudgetScope, Tally};
 use crate::tool::{
@@ -171,7 +171,7 @@ fn result_step(duty: &Duty, k: usize) -> String {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn call_with_tools(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     duty: &Duty,
     instruction: &Option<Arc<str>>,
@@ -377,7 +377,7 @@ impl Found {
 /// `None`: approved; `Some(why)`: denied, and why (what the model is told).
 async fn approval(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     duty: &Duty,
     call: &ToolCall,
     k: usize,
@@ -486,7 +486,7 @@ fn approval_instruction(req: &ApprovalRequest) -> String {
 /// yes/no form. Returns the answer's sequence number.
 pub(super) async fn answer_approval(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     request: &Envelope,
 ) -> Result<u64, LogError> {
@@ -583,7 +583,7 @@ async fn stopped_since(me: &Me, checked: &mut u64) -> Result<bool, LogError> {
 /// Run one recorded call (or refuse it) and record its result.
 async fn run_call(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     duty: &Duty,
     call: &ToolCall,
     k: usize,
@@ -635,7 +635,7 @@ async fn run_call(
 #[allow(clippy::too_many_arguments)]
 async fn record_result(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     duty: &Duty,
     call: &ToolCall,
     k: usize,
@@ -710,7 +710,7 @@ fn str_arg<'a>(args: &'a serde_json::Value, key: &str) -> Result<&'a str, ToolOu
 /// The runtime's own tools: they act on the session (the log, the board, the queue).
 async fn run_builtin(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     duty: &Duty,
     b: Builtin,
     args: &serde_json::Value,
