@@ -462,7 +462,14 @@ impl SessionState {
         if matches!(self.plan.context, ContextPolicy::Summary { .. }) && self.summary_duty(&env.from).is_some() {
             return Due::Everyone;
         }
-        self.protocol.due(entry, &self.facts())
+        match self.protocol.due(entry, &self.facts()) {
+            // An absent peer's duty is to come back, in the current round.
+            Due::Peers(mut peers) if !self.absent.is_empty() => {
+                peers.extend(self.absent.iter().cloned());
+                Due::Peers(peers)
+            }
+            due => due,
+        }
     }
 
     /// The duty of recording that `peer` is absent.
