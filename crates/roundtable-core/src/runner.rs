@@ -54,8 +54,11 @@ pub async fn run_peers_with(
     let mut tasks = tokio::task::JoinSet::new();
     let shared = extras.plan.clone().unwrap_or_else(|| Arc::new(plan.clone()));
     let history = extras.history.clone().unwrap_or_default();
-    // One fold of the log for every peer of this process.
-    let fold = extras.fold.clone().unwrap_or_else(|| SharedFold::new(log.clone(), shared.clone(), history.clone()));
+    // One fold of the log for every peer of this process (when the protocol suits it).
+    let fold = extras
+        .fold
+        .clone()
+        .or_else(|| SharedFold::suits(plan).then(|| SharedFold::new(log.clone(), shared.clone(), history.clone())));
     for p in &plan.peers {
         let Some(model) = models.get(&p.id) else {
             continue;
@@ -63,7 +66,7 @@ pub async fn run_peers_with(
         let mut mine = extras.clone();
         mine.plan = Some(shared.clone());
         mine.history = Some(history.clone());
-        mine.fold = Some(fold.clone());
+        mine.fold = fold.clone();
         mine.secret = extras.secret.as_ref().map(|s| peer_secret(s, &p.id));
         let cfg = PeerConfig {
             me: p.id.clone(),

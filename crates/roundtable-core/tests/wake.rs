@@ -95,7 +95,12 @@ async fn run_as(plan: &TeamPlan, folds: Folds) -> (Vec<Arc<Envelope>>, SessionSu
     };
     let run = async {
         match folds {
-            Folds::Shared => run_peers_with(log.clone(), plan, models, None, None, extras).await,
+            Folds::Shared => {
+                // Given explicitly: the runner gives a conversation's peers none.
+                let fold = SharedFold::new(log.clone(), Arc::new(plan.clone()), History::new());
+                let extras = PeerExtras { fold: Some(fold), ..extras };
+                run_peers_with(log.clone(), plan, models, None, None, extras).await
+            }
             Folds::Own => run_own(log.clone(), plan, models, extras).await,
         }
     };

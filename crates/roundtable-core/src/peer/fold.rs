@@ -81,6 +81,17 @@ impl SharedFold {
         Arc::new(SharedFold { log, plan, history, inner: Arc::new(Mutex::new(inner)), tail: Mutex::new(None) })
     }
 
+    /// Whether the peers of a team with this plan should share a fold. Not in a
+    /// conversation: a turn reads the mail its peer had folded when it took the turn
+    /// up, so how mail is batched into turns depends on when each peer folds; a peer
+    /// folding the log itself takes up a turn on exactly the entries it has just read,
+    /// as it did when the session was recorded, which is what lets a replay batch the
+    /// same way. (Its peers act on their mail, not on a turn that comes round, so they
+    /// gain little from being woken selectively.)
+    pub fn suits(plan: &TeamPlan) -> bool {
+        !matches!(plan.protocol, crate::team::ProtocolSpec::Conversation(_))
+    }
+
     pub fn plan(&self) -> &Arc<TeamPlan> {
         &self.plan
     }
