@@ -5,6 +5,9 @@
 //! append the answer, append a decision, commit or reveal a vote, measure similarity,
 //! write the blackboard, claim work. Then it waits until its own envelope comes back
 //! through the log before it looks for the next duty, so a duty is never done twice.
+//! The peers of one process may share that fold instead ([`fold::SharedFold`], given
+//! through [`PeerExtras::fold`]): the log is folded once for all of them, and an entry
+//! wakes only the peers whose duty it may have changed.
 //! Nothing that matters lives only in the peer's memory: a peer that restarts reads the
 //! log again and reaches the same state.
 //!
