@@ -5,6 +5,9 @@
 //! append the answer, append a decision, commit or reveal a vote, measure similarity,
 //! write the blackboard, claim work. Then it waits until its own envelope comes back
 //! through the log before it looks for the next duty, so a duty is never done twice.
+//! The peers of one process may share that fold instead ([`fold::SharedFold`], given
+//! through [`PeerExtras::fold`]): the log is folded once for all of them, and an entry
+//! wakes only the peers whose duty it may have changed.
 //! Nothing that matters lives only in the peer's memory: a peer that restarts reads the
 //! log again and reaches the same state.
 //!
@@ -32,7 +35,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 mod acting;
+pub mod fold;
 use acting::{Granted, InTurn, Ledger, call_with_tools};
+use fold::{Seat, SharedFold};
 
 use futures::{FutureExt, StreamExt};
 use tracing::Instrument;
@@ -40,12 +45,12 @@ use tracing::Instrument;
 use crate::blackboard::{Blackboard, BoardErrorKind};
 use crate::bus::{MemParts, Presence};
 use crate::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, Usage, now_ms};
-use crate::log::{LogError, LogErrorKind, SessionLog};
+use crate::log::{Entry, LogError, LogErrorKind, SessionLog};
 use crate::model::{
     ChatMessage, ChatModel, ChatRequest, Embedder, History, ModelError, Price, Role, Transcript, estimate_tokens,
 };
 use crate::protocol::{Action, BoardMark, Duty, QueueItem, View, seal};
-use crate::session::{SessionState, plan_of, summary_upto};
+use crate::session::{SessionState, Snapshot, plan_of, summary_upto};
 use crate::similarity::{Pairwise, cosine};
 use crate::team::{ContextPolicy, ModelSpec, PeerSpec, TeamPlan};
 use crate::termination::BudgetScope;
@@ -113,6 +118,12 @@ pub struct PeerExtras {
     /// [`crate::tool::ToolBox`]). A peer granted a tool the box lacks has its calls to
     /// it refused, on the record.
     pub tools: Option<Arc<crate::tool::ToolBox>>,
+    /// The fold of this session's log shared by the peers of this process (see
+    /// [`SharedFold`]): a runner starting many peers in one process gives them one, so
+    /// that an entry is folded once and wakes only the peers it concerns. Without one
+    /// (a peer run alone) the peer folds the log itself. Ignored when it is not of this
+    /// log's session.
+    pub fold: Option<Arc<SharedFold>>,
 }
 
 /// Everything a peer needs to run.
@@ -175,28 +186,21 @@ pub async fn run_peer(cfg: PeerConfig) -> Result<PeerExit, LogError> {
 /// [`run_peer`] with a blackboard, a work queue, an embedder or a secret (see
 /// [`PeerExtras`]).
 pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerExit, LogError> {
-    let mut tail = cfg.log.tail(1).await?;
     let session = cfg.log.session().clone();
     let started = tokio::time::Instant::now();
+    let fold = extras.fold.clone().filter(|f| f.is_of(cfg.log.as_ref()));
 
     // The first entry is the task, which carries the plan; over NATS, messages published
     // before it are read as rejections (see `session::task_entry`), folded before it.
-    let mut before = Vec::new();
-    let first = loop {
-        match tail.next().await {
-            Some(e) => {
-                let e = e?;
-                if !crate::session::is_rejection(&e.env) {
-                    break e;
-                }
-                before.push(e);
-            }
-            None => return Err(LogError::new(LogErrorKind::NotFound, "the log ended before its task")),
-        }
+    let mut source = match &fold {
+        Some(f) => Source::Shared(f.join(&cfg.me)),
+        None => Source::Own { tail: cfg.log.tail(1).await?, st: None, before: Vec::new() },
     };
-    let plan = match &extras.plan {
-        Some(p) => p.clone(),
-        None => Arc::new(plan_of(&first.env).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))?),
+    let first = source.first().await?;
+    let plan = match (&fold, &extras.plan) {
+        (Some(f), _) => f.plan().clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => Arc::new(plan_of(&first.env).map_err(|e| LogError::new(LogErrorKind::Corrupt, e))?),
     };
     let spec = plan
         .peer(&cfg.me)
@@ -218,15 +222,19 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     };
     let me = Me { granted: Granted::of(&me.spec, &plan, me.extras.tools.as_deref()), ..me };
 
-    let mut st = SessionState::for_peer(plan.clone(), session.clone(), &cfg.me);
-    let history = me.extras.history.clone().unwrap_or_default();
-    let mut view = PeerView::over(cfg.me.clone(), me.spec.group.clone(), history);
-    for e in before {
-        view.observe(&e.env);
-        st.take(e);
-    }
-    view.observe(&first.env);
-    st.take(first);
+    let history = match &fold {
+        Some(f) => f.history().clone(),
+        None => me.extras.history.clone().unwrap_or_default(),
+    };
+    let mut obs = Observers {
+        view: PeerView::over(cfg.me.clone(), me.spec.group.clone(), history),
+        ledger: Ledger::default(),
+        asked: acting::Asked::default(),
+        tools_seen: 0,
+        approvals_seen: 0,
+        summaries_seen: 0,
+    };
+    source.start(plan.clone(), &cfg.me, first, &mut obs);
 
     let hb = Duration::from_millis(plan.presence.heartbeat_ms.max(10));
     let stalls = Arc::new(Stalls::new(Duration::from_millis(plan.presence.absent_after_ms) * 4));
@@ -253,91 +261,270 @@ pub async fn run_peer_with(cfg: PeerConfig, extras: PeerExtras) -> Result<PeerEx
     let uses_clock = plan.termination.timeout_ms().is_some() || plan.budget.max_wall_ms.is_some();
     let mut wait_for_seq = 0u64;
     let mut stalled: Option<(EnvelopeId, u64)> = None;
-    let mut ledger = Ledger::default();
-    // Approval requests addressed to this peer, not answered yet.
-    let mut asked = acting::Asked::default();
     // Duties human peers wait on, to record them absent when one waits too long.
     let mut overdue = crate::human::Overdue::applies(&plan).then(crate::human::Overdue::default);
 
     loop {
-        // Take everything that is ready, then act once.
-        tokio::select! {
+        // Take everything that is ready (or, sharing a fold, wait to be woken), then
+        // act once.
+        let woke = tokio::select! {
             biased;
-            next = tail.next() => {
-                let Some(e) = next else { return Err(LogError::new(LogErrorKind::Unavailable, "the log's tail ended")) };
-                let e = e?;
-                view.observe(&e.env);
-                ledger.observe(&cfg.me, &e.env);
-                asked.observe(&cfg.me, &e.env);
-                st.take(e);
-                while let Some(Some(more)) = tail.next().now_or_never() {
-                    let more = more?;
-                    view.observe(&more.env);
-                    ledger.observe(&cfg.me, &more.env);
-                    asked.observe(&cfg.me, &more.env);
-                    st.take(more);
-                }
+            r = source.next(&cfg.me, &mut obs) => Woke::Log(r),
+            due = tick.tick() => Woke::Tick(due),
+        };
+        let due = match woke {
+            Woke::Log(r) => {
+                r?;
+                None
             }
-            due = tick.tick() => {
-                // A late tick means this peer was not running (a stall, or a duty that
-                // took long): let the heartbeat task note a stall before judging others.
-                let on_time = due.elapsed() <= hb;
-                if on_time && st.last_seq >= wait_for_seq && !st.is_stopped()
-                    && let Some(duty) = absence_duty(&st, &cfg, started, &stalls, &plan).await {
-                        wait_for_seq = post(&me, &st, &duty, body_of(&duty)).await?;
-                        continue;
-                    }
-                if st.last_seq >= wait_for_seq
-                    && let Some(duty) = overdue.as_mut().and_then(|o| o.check(&st, &cfg.me, now_ms()))
-                {
-                    wait_for_seq = post(&me, &st, &duty, body_of(&duty)).await?;
-                    continue;
-                }
+            Woke::Tick(due) => Some(due),
+        };
+        if let Some(due) = due {
+            // A late tick means this peer was not running (a stall, or a duty that
+            // took long): let the heartbeat task note a stall before judging others.
+            let on_time = due.elapsed() <= hb;
+            let (last_seq, stopped) = source.with(|st| (st.last_seq, st.is_stopped()));
+            if on_time
+                && last_seq >= wait_for_seq
+                && !stopped
+                && let Some(presence) = &cfg.presence
+                && let Ok(seen) = presence.last_seen().await
+                && let Some((duty, snap)) = absence_duty(&source, &cfg, started, &stalls, &plan, &seen)
+            {
+                wait_for_seq = post(&me, &snap, &duty, body_of(&duty)).await?;
+                source.wait_for(wait_for_seq);
+                continue;
             }
-        }
-        if st.is_stopped() {
-            return Ok(PeerExit::Stopped);
-        }
-        if st.last_seq < wait_for_seq {
-            continue;
-        }
-        // A peer waits on this one's answer before its tool runs: answer first.
-        if let Some(request) = asked.next() {
-            wait_for_seq = acting::answer_approval(&me, &st, &view, &request).await?;
-            continue;
+            if last_seq >= wait_for_seq
+                && let Some(o) = overdue.as_mut()
+                && let Some((duty, snap)) =
+                    source.with(|st| o.check(st, &cfg.me, now_ms()).map(|d| (d, st.snapshot(&cfg.me))))
+            {
+                wait_for_seq = post(&me, &snap, &duty, body_of(&duty)).await?;
+                source.wait_for(wait_for_seq);
+                continue;
+            }
         }
         // The clock matters only to a timeout or a wall-time budget; reading it for
         // every folded entry of every peer is measurable in large teams.
         let now = if uses_clock { now_ms() } else { 0 };
-        let Some(duty) = st.duties(&cfg.me, now).into_iter().next() else {
-            continue;
+        let next = source.read(&cfg.me, &mut obs, |st, obs| {
+            if st.is_stopped() {
+                return Next::Stopped;
+            }
+            if st.last_seq < wait_for_seq {
+                return Next::Wait;
+            }
+            // A peer waits on this one's answer before its tool runs: answer first.
+            if let Some(request) = obs.asked.next() {
+                return Next::Approve(request, st.snapshot(&cfg.me));
+            }
+            match st.duties(&cfg.me, now).into_iter().next() {
+                Some(duty) => Next::Duty(duty, st.snapshot(&cfg.me)),
+                None => Next::Wait,
+            }
+        });
+        let (duty, snap) = match next {
+            Next::Stopped => return Ok(PeerExit::Stopped),
+            Next::Wait => continue,
+            Next::Approve(request, snap) => {
+                wait_for_seq = acting::answer_approval(&me, &snap, &obs.view, &request).await?;
+                source.wait_for(wait_for_seq);
+                continue;
+            }
+            Next::Duty(duty, snap) => {
+                // A duty whose envelope is already on the log, yet still a duty once
+                // that envelope was folded in, would be retried forever: wait for
+                // something new. (The id is derived only when there is something to
+                // compare it with.)
+                if let Some((id, seq)) = &stalled
+                    && *seq == snap.last_seq
+                    && *id == duty.envelope_id(&session, &cfg.me)
+                {
+                    continue;
+                }
+                (duty, snap)
+            }
         };
-        // A duty whose envelope is already on the log, yet still a duty once that
-        // envelope was folded in, would be retried forever: wait for something new.
-        // (The id is derived only when there is something to compare it with.)
-        if let Some((id, seq)) = &stalled
-            && *seq == st.last_seq
-            && *id == duty.envelope_id(&session, &cfg.me)
-        {
-            continue;
-        }
-        if let Some(seq) = perform(&me, &st, &view, &duty, &ledger).await? {
+        if let Some(seq) = perform(&me, &snap, &obs.view, &duty, &obs.ledger).await? {
             wait_for_seq = seq;
+            source.wait_for(seq);
         }
         let duplicate = me.duplicate.lock().expect("duplicate lock").take();
         if let Some(id) = duplicate
-            && wait_for_seq <= st.last_seq
+            && wait_for_seq <= snap.last_seq
             && id == duty.envelope_id(&session, &cfg.me)
         {
             tracing::warn!(peer = %cfg.me, step = %duty.step, "duty already on the log; waiting for new entries");
-            stalled = Some((id, st.last_seq));
+            stalled = Some((id, snap.last_seq));
+        }
+    }
+}
+
+/// What woke a peer.
+enum Woke {
+    Log(Result<(), LogError>),
+    Tick(tokio::time::Instant),
+}
+
+/// What a peer does next, read from the state.
+enum Next {
+    Stopped,
+    /// Nothing to do until the log moves (or this peer's own append lands).
+    Wait,
+    /// Answer this approval request.
+    Approve(Arc<Envelope>, Snapshot),
+    /// Do this duty, with the state it was read from.
+    Duty(Duty, Snapshot),
+}
+
+/// What a peer observes of the log besides the session state: its view of the history,
+/// its own tool calls, and approvals asked of it. A peer that folds the log itself
+/// feeds them every entry; one that shares a fold catches them up when it wakes (the
+/// counts say how far in the fold's lists).
+struct Observers {
+    view: PeerView,
+    ledger: Ledger,
+    asked: acting::Asked,
+    tools_seen: usize,
+    approvals_seen: usize,
+    summaries_seen: usize,
+}
+
+impl Observers {
+    fn observe(&mut self, me: &PeerId, env: &Arc<Envelope>) {
+        self.view.observe(env);
+        self.ledger.observe(me, env);
+        self.asked.observe(me, env);
+    }
+
+    /// Catch up with what the shared fold holds.
+    fn catch_up(&mut self, me: &PeerId, inner: &fold::Inner) {
+        for env in inner.summaries.get(self.summaries_seen..).unwrap_or_default() {
+            self.view.observe(env);
+        }
+        self.summaries_seen = inner.summaries.len();
+        self.view.catch_up();
+        if let Some(mine) = inner.tools.get(me) {
+            for env in mine.get(self.tools_seen..).unwrap_or_default() {
+                self.ledger.observe(me, env);
+            }
+            self.tools_seen = mine.len();
+        }
+        for env in inner.approvals.get(self.approvals_seen..).unwrap_or_default() {
+            self.asked.observe(me, env);
+        }
+        self.approvals_seen = inner.approvals.len();
+    }
+}
+
+/// Where a peer's session state comes from: its own fold of the log, or a fold shared
+/// with the other peers of its process.
+enum Source {
+    /// Folding the log itself; `before`: the rejections read before the task.
+    Own {
+        tail: crate::log::EntryStream,
+        st: Option<SessionState>,
+        before: Vec<Entry>,
+    },
+    Shared(Seat),
+}
+
+impl Source {
+    /// The log's first entry, the task.
+    async fn first(&mut self) -> Result<Entry, LogError> {
+        match self {
+            Source::Own { tail, before, .. } => loop {
+                match tail.next().await {
+                    Some(e) => {
+                        let e = e?;
+                        if !crate::session::is_rejection(&e.env) {
+                            return Ok(e);
+                        }
+                        before.push(e);
+                    }
+                    None => return Err(LogError::new(LogErrorKind::NotFound, "the log ended before its task")),
+                }
+            },
+            Source::Shared(seat) => loop {
+                if let Some(task) = seat.with(|st| st.task.clone()) {
+                    return Ok(Entry { seq: 1, env: task });
+                }
+                seat.woken().await?;
+            },
+        }
+    }
+
+    /// Start folding with the first entry, after the rejections read before it (a shared
+    /// fold has them already).
+    fn start(&mut self, plan: Arc<TeamPlan>, me: &PeerId, first: Entry, obs: &mut Observers) {
+        match self {
+            Source::Own { st, before, .. } => {
+                let mut mine = SessionState::for_peer(plan, first.env.session.clone(), me);
+                for e in before.drain(..) {
+                    obs.view.observe(&e.env);
+                    mine.take(e);
+                }
+                obs.view.observe(&first.env);
+                mine.take(first);
+                *st = Some(mine);
+            }
+            Source::Shared(_) => obs.view.observe(&first.env),
+        }
+    }
+
+    /// Wait for the log to move: fold what is ready, or be woken by the shared fold.
+    async fn next(&mut self, me: &PeerId, obs: &mut Observers) -> Result<(), LogError> {
+        match self {
+            Source::Own { tail, st, .. } => {
+                let st = st.as_mut().expect("started");
+                let Some(e) = tail.next().await else {
+                    return Err(LogError::new(LogErrorKind::Unavailable, "the log's tail ended"));
+                };
+                let e = e?;
+                obs.observe(me, &e.env);
+                st.take(e);
+                while let Some(Some(more)) = tail.next().now_or_never() {
+                    let more = more?;
+                    obs.observe(me, &more.env);
+                    st.take(more);
+                }
+                Ok(())
+            }
+            Source::Shared(seat) => seat.woken().await,
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&SessionState) -> R) -> R {
+        match self {
+            Source::Own { st, .. } => f(st.as_ref().expect("started")),
+            Source::Shared(seat) => seat.with(f),
+        }
+    }
+
+    /// Read the state with the observers caught up with it.
+    fn read<R>(&self, me: &PeerId, obs: &mut Observers, f: impl FnOnce(&SessionState, &Observers) -> R) -> R {
+        match self {
+            Source::Own { st, .. } => f(st.as_ref().expect("started"), obs),
+            Source::Shared(seat) => {
+                let g = seat.lock();
+                obs.catch_up(me, &g);
+                f(&g.st, obs)
+            }
+        }
+    }
+
+    /// This peer appended at `seq`: wake it when the state has folded that far.
+    fn wait_for(&self, seq: u64) {
+        if let Source::Shared(seat) = self {
+            seat.wait_for(seq);
         }
     }
 }
 
 /// Wall time since the task, for a wall-time budget; the clock is read only when the
 /// plan has one (a clock read per call is measurable on some hosts).
-fn elapsed_ms(me: &Me, st: &SessionState) -> u64 {
+fn elapsed_ms(me: &Me, st: &Snapshot) -> u64 {
     if me.plan.budget.max_wall_ms.is_some() { st.elapsed_ms(now_ms()) } else { 0 }
 }
 
@@ -360,7 +547,7 @@ fn body_of(duty: &Duty) -> Body {
 /// Carry out one duty; the sequence number of what it appended, if anything.
 async fn perform(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     duty: &Duty,
     ledger: &Ledger,
@@ -469,7 +656,7 @@ enum Called {
 
 async fn call_model(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     duty: &Duty,
     instruction: &Option<Arc<str>>,
@@ -587,7 +774,7 @@ async fn call_model(
 
 /// Record why a duty's model call gave no answer: a stop (session budget) or a
 /// failure of the step (peer budget, model error).
-async fn not_answered(me: &Me, st: &SessionState, duty: &Duty, called: Called) -> Result<u64, LogError> {
+async fn not_answered(me: &Me, st: &Snapshot, duty: &Duty, called: Called) -> Result<u64, LogError> {
     match called {
         Called::Answer { .. } | Called::Finished | Called::Stopped => {
             unreachable!("answers are handled by the caller")
@@ -613,7 +800,7 @@ async fn not_answered(me: &Me, st: &SessionState, duty: &Duty, called: Called) -
 }
 
 /// The envelope a duty produces, with its id, round, parents and clock.
-fn envelope(me: &Me, st: &SessionState, duty: &Duty, kind: Kind, body: Body) -> Envelope {
+fn envelope(me: &Me, st: &Snapshot, duty: &Duty, kind: Kind, body: Body) -> Envelope {
     let id = duty.envelope_id(&st.session, &me.cfg.me);
     let mut env = Envelope::with_id(id, &st.session, &me.cfg.me, duty.step.clone(), kind, duty.to.clone(), body)
         .with_round(duty.round)
@@ -623,14 +810,7 @@ fn envelope(me: &Me, st: &SessionState, duty: &Duty, kind: Kind, body: Body) -> 
 }
 
 /// A failure recorded for a duty's step: it consumes the step, so the protocol moves on.
-fn failure(
-    me: &Me,
-    st: &SessionState,
-    duty: &Duty,
-    text: &str,
-    json: serde_json::Value,
-    usage: Option<Usage>,
-) -> Envelope {
+fn failure(me: &Me, st: &Snapshot, duty: &Duty, text: &str, json: serde_json::Value, usage: Option<Usage>) -> Envelope {
     let mut env = envelope(me, st, duty, Kind::Failure, Body::text(text).with_json(json));
     env.to = Recipient::All;
     env.usage = usage;
@@ -652,12 +832,12 @@ async fn append_traced(me: &Me, mut env: Envelope, turn: tracing::Span) -> Resul
     append(me, env).instrument(turn).await
 }
 
-async fn post(me: &Me, st: &SessionState, duty: &Duty, body: Body) -> Result<u64, LogError> {
+async fn post(me: &Me, st: &Snapshot, duty: &Duty, body: Body) -> Result<u64, LogError> {
     append(me, envelope(me, st, duty, duty.kind, body)).await
 }
 
 /// Measure pairwise similarity with the embedder and record it as a verdict.
-async fn measure(me: &Me, st: &SessionState, duty: &Duty, texts: &[crate::protocol::Shown]) -> Result<u64, LogError> {
+async fn measure(me: &Me, st: &Snapshot, duty: &Duty, texts: &[crate::protocol::Shown]) -> Result<u64, LogError> {
     let Some(embedder) = me.extras.embedder.clone() else {
         let why = "no embedder is configured for this peer; similarity falls back to lexical";
         return append(me, failure(me, st, duty, why, serde_json::json!({"error": "no_embedder"}), None)).await;
@@ -717,7 +897,7 @@ fn board_value(bytes: &[u8]) -> Option<BoardValue> {
 
 async fn board_write(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     duty: &Duty,
     instruction: &Option<Arc<str>>,
@@ -820,7 +1000,7 @@ async fn board_write(
 
 /// Push the items the log says are open, claim one, and record the claim. Nothing is
 /// appended when the queue hands out nothing (or an item the log no longer offers).
-async fn claim(me: &Me, st: &SessionState, duty: &Duty, items: &[QueueItem]) -> Result<Option<u64>, LogError> {
+async fn claim(me: &Me, st: &Snapshot, duty: &Duty, items: &[QueueItem]) -> Result<Option<u64>, LogError> {
     let queue = me.queue();
     for item in items {
         if let Err(e) = queue.push(&item.id, serde_json::json!({ "task": item.task })).await {
@@ -900,39 +1080,40 @@ impl Stalls {
 /// A peer that has not beaten within the absence timeout, counting only the time this
 /// peer was running ([`Stalls`]), if any (and it is not this peer and not already
 /// recorded absent).
-async fn absence_duty(
-    st: &SessionState,
+fn absence_duty(
+    source: &Source,
     cfg: &PeerConfig,
     started: tokio::time::Instant,
     stalls: &Stalls,
     plan: &TeamPlan,
-) -> Option<Duty> {
-    let presence = cfg.presence.as_ref()?;
-    let seen = presence.last_seen().await.ok()?;
+    seen: &std::collections::HashMap<PeerId, Duration>,
+) -> Option<(Duty, Snapshot)> {
     let limit = Duration::from_millis(plan.presence.absent_after_ms);
-    for p in &plan.peers {
-        // A human seat may be empty for as long as the team waits for a person; its
-        // time limit is `answer_within_secs` (see [`crate::human::Overdue`]).
-        if p.id == cfg.me || st.absent.contains(&p.id) || p.is_human() {
-            continue;
+    source.with(|st| {
+        for p in &plan.peers {
+            // A human seat may be empty for as long as the team waits for a person; its
+            // time limit is `answer_within_secs` (see [`crate::human::Overdue`]).
+            if p.id == cfg.me || st.absent.contains(&p.id) || p.is_human() {
+                continue;
+            }
+            let silent = match seen.get(&p.id) {
+                Some(since) => *since,
+                // Never heard from: give it the timeout from when this peer started.
+                None => started.elapsed(),
+            };
+            let gone = stalls.running(silent) > limit;
+            if gone {
+                return Some((st.absent_duty(&p.id), st.snapshot(&cfg.me)));
+            }
         }
-        let silent = match seen.get(&p.id) {
-            Some(since) => *since,
-            // Never heard from: give it the timeout from when this peer started.
-            None => started.elapsed(),
-        };
-        let gone = stalls.running(silent) > limit;
-        if gone {
-            return Some(st.absent_duty(&p.id));
-        }
-    }
-    None
+        None
+    })
 }
 
 /// The span of one turn (GenAI `invoke_agent`): a child of the session's span named in
 /// the task envelope, linked to the spans of the envelopes the turn answers, so one trace
 /// spans peers in different processes.
-async fn turn_span(cfg: &PeerConfig, st: &SessionState, duty: &Duty) -> tracing::Span {
+async fn turn_span(cfg: &PeerConfig, st: &Snapshot, duty: &Duty) -> tracing::Span {
     let span = tracing::info_span!(
         "turn",
         otel.name = %format!("invoke_agent {}", cfg.me),
@@ -1020,6 +1201,11 @@ pub fn parse_json_answer(text: &str) -> Option<serde_json::Value> {
     (end > start).then(|| serde_json::from_str(&t[start..=end]).ok()).flatten().filter(serde_json::Value::is_object)
 }
 
+/// Whether envelopes of this kind belong in a model's context (the history).
+fn in_context(kind: Kind) -> bool {
+    matches!(kind, Kind::Task | Kind::Message | Kind::Proposal | Kind::Vote | Kind::Reveal | Kind::Verdict)
+}
+
 /// What one peer can see of the log, as chat messages.
 ///
 /// The transcript holds every envelope in the peer's context (visibility honoured: a
@@ -1059,9 +1245,7 @@ impl PeerView {
             }
             return;
         }
-        let in_context =
-            matches!(env.kind, Kind::Task | Kind::Message | Kind::Proposal | Kind::Vote | Kind::Reveal | Kind::Verdict);
-        if !in_context {
+        if !in_context(env.kind) {
             return;
         }
         let visible = env.visible_to(&self.me, self.group.as_deref());
@@ -1072,6 +1256,16 @@ impl PeerView {
         // the same for every peer; only the visible ones enter this transcript. A copy
         // (of a few runs, never of the messages) only when a model call holds it.
         Arc::make_mut(&mut self.transcript).fold(env, visible);
+    }
+
+    /// Account for every in-context envelope appended to the shared history since this
+    /// view's last (see [`Transcript::catch_up`]); summaries are observed apart.
+    fn catch_up(&mut self) {
+        let (me, group) = (&self.me, self.group.as_deref());
+        let behind = self.transcript.cursor() < self.transcript.history_len();
+        if behind {
+            Arc::make_mut(&mut self.transcript).catch_up(|env| env.visible_to(me, group));
+        }
     }
 
     /// The index of the first message after the task with a round above `round`

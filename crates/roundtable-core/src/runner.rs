@@ -13,6 +13,7 @@ use crate::bus::Presence;
 use crate::envelope::{PeerId, SessionId};
 use crate::log::{LogError, LogErrorKind, SessionLog};
 use crate::model::ChatModel;
+use crate::peer::fold::SharedFold;
 use crate::peer::{EventSink, PeerConfig, PeerExtras, run_peer_with};
 use crate::session::{SessionSummary, task_envelope};
 use crate::team::TeamPlan;
@@ -53,6 +54,11 @@ pub async fn run_peers_with(
     let mut tasks = tokio::task::JoinSet::new();
     let shared = extras.plan.clone().unwrap_or_else(|| Arc::new(plan.clone()));
     let history = extras.history.clone().unwrap_or_default();
+    // One fold of the log for every peer of this process (when the protocol suits it).
+    let fold = extras
+        .fold
+        .clone()
+        .or_else(|| SharedFold::suits(plan).then(|| SharedFold::new(log.clone(), shared.clone(), history.clone())));
     for p in &plan.peers {
         let Some(model) = models.get(&p.id) else {
             continue;
@@ -60,6 +66,7 @@ pub async fn run_peers_with(
         let mut mine = extras.clone();
         mine.plan = Some(shared.clone());
         mine.history = Some(history.clone());
+        mine.fold = fold.clone();
         mine.secret = extras.secret.as_ref().map(|s| peer_secret(s, &p.id));
         let cfg = PeerConfig {
             me: p.id.clone(),

@@ -40,7 +40,7 @@ use serde::Serialize;
 
 use crate::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId, Recipient, SessionId};
 use crate::log::Entry;
-use crate::protocol::{Action, Duty, Facts, Reducer, View, reducer_for};
+use crate::protocol::{Action, Due, Duty, Facts, Reducer, View, reducer_for};
 use crate::team::{ContextPolicy, TeamPlan};
 use crate::termination::Tally;
 
@@ -454,27 +454,51 @@ impl SessionState {
     /// (the last position folded) and with which clock reading, so every reader can
     /// derive it again (see the module docs).
     pub fn stop_duty(&self, decision: StopDecision) -> Duty {
-        let StopDecision { reason, answer, decided_by, accepted, elapsed_ms } = decision;
-        let json = serde_json::json!({
-            "reason": reason,
-            "answer": answer.as_deref(),
-            "accepted": accepted,
-            "decided_by": decided_by.iter().map(EnvelopeId::as_str).collect::<Vec<_>>(),
-            "round": self.round(),
-            "messages": self.tally.messages,
-            "tokens": self.tally.tokens(),
-            "cost_usd": self.tally.cost_usd,
-            "decided_at": self.last_seq,
-            "elapsed_ms": elapsed_ms,
-        });
-        Duty {
-            step: Arc::from(STOP_STEP),
-            kind: Kind::Stop,
-            to: Recipient::All,
+        stop_duty_at(decision, self.round(), &self.tally, self.last_seq)
+    }
+
+    /// What `me` reads of this state while it carries out a duty read from it (see
+    /// [`Snapshot`]).
+    pub fn snapshot(&self, me: &PeerId) -> Snapshot {
+        Snapshot {
+            session: self.session.clone(),
+            task: self.task.clone(),
+            tally: self.tally.for_peer(me),
+            last_seq: self.last_seq,
+            lamport: self.lamport,
             round: self.round(),
-            parents: decided_by,
-            action: Action::Post { body: Body::text(answer.as_deref().unwrap_or("")).with_json(json) },
-            collective: true,
+            summaries: self.summaries,
+            my_summaries: self.summaries_by.get(me).copied().unwrap_or(0),
+            best: self.best_answer(),
+        }
+    }
+
+    /// Which peers' duties may have changed with `entry`, the entry folded last (see
+    /// [`Reducer::due`]): everyone when the entry concerns the session as a whole (the
+    /// task, a stop, an absence or a return, a summary, an approval) or when the session
+    /// should stop now (any peer records the stop); otherwise what the protocol says.
+    /// `now_ms` is the clock, read only when the plan has a timeout or a wall-time budget.
+    pub fn due(&self, entry: &Entry, now_ms: u64) -> Due {
+        if self.stop.is_some() || self.task.is_none() {
+            return Due::Everyone;
+        }
+        let env = &entry.env;
+        let session_wide =
+            matches!(env.kind, Kind::Task | Kind::Stop | Kind::Absent | Kind::Join | Kind::Summary | Kind::Approval)
+                || (env.kind == Kind::Failure && (summary_upto(&env.step).is_some() || env.usage.is_some()));
+        if session_wide || self.stop_decision(now_ms).is_some() {
+            return Due::Everyone;
+        }
+        if matches!(self.plan.context, ContextPolicy::Summary { .. }) && self.summary_duty(&env.from).is_some() {
+            return Due::Everyone;
+        }
+        match self.protocol.due(entry, &self.facts()) {
+            // An absent peer's duty is to come back, in the current round.
+            Due::Peers(mut peers) if !self.absent.is_empty() => {
+                peers.extend(self.absent.iter().cloned());
+                Due::Peers(peers)
+            }
+            due => due,
         }
     }
 
@@ -564,6 +588,77 @@ impl StopDecision {
     /// A stop that leaves the leading candidate (if any) not accepted.
     pub fn not_accepted(reason: String, answer: Option<Arc<str>>, decided_by: Vec<EnvelopeId>) -> Self {
         StopDecision { reason, answer, decided_by, accepted: false, elapsed_ms: 0 }
+    }
+}
+
+/// The stop duty for `decision`, read from a state at `round` with totals `tally` that
+/// has folded the log up to `last_seq`.
+fn stop_duty_at(decision: StopDecision, round: u32, tally: &Tally, last_seq: u64) -> Duty {
+    let StopDecision { reason, answer, decided_by, accepted, elapsed_ms } = decision;
+    let json = serde_json::json!({
+        "reason": reason,
+        "answer": answer.as_deref(),
+        "accepted": accepted,
+        "decided_by": decided_by.iter().map(EnvelopeId::as_str).collect::<Vec<_>>(),
+        "round": round,
+        "messages": tally.messages,
+        "tokens": tally.tokens(),
+        "cost_usd": tally.cost_usd,
+        "decided_at": last_seq,
+        "elapsed_ms": elapsed_ms,
+    });
+    Duty {
+        step: Arc::from(STOP_STEP),
+        kind: Kind::Stop,
+        to: Recipient::All,
+        round,
+        parents: decided_by,
+        action: Action::Post { body: Body::text(answer.as_deref().unwrap_or("")).with_json(json) },
+        collective: true,
+    }
+}
+
+/// What a peer reads of the session state while it carries out a duty: the state as it
+/// was when the duty was read from it, so that a state shared by the peers of a process
+/// folds on meanwhile. Its tally keeps the peer's own per-peer totals only.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub session: SessionId,
+    pub task: Option<Arc<Envelope>>,
+    pub tally: Tally,
+    pub last_seq: u64,
+    pub lamport: u64,
+    round: u32,
+    summaries: u32,
+    my_summaries: u32,
+    best: Option<Arc<str>>,
+}
+
+impl Snapshot {
+    /// Milliseconds since the task was posted.
+    pub fn elapsed_ms(&self, now_ms: u64) -> u64 {
+        self.task.as_ref().map_or(0, |t| now_ms.saturating_sub(t.time_ms))
+    }
+
+    /// [`SessionState::call_ordinal`] for the peer this snapshot was taken for.
+    pub fn call_ordinal(&self, me: &PeerId, step: &str) -> u32 {
+        if summary_upto(step).is_some() {
+            self.summaries
+        } else {
+            let ordinal = self.tally.per_peer.get(me).map_or(0, |p| (p.messages_from_calls + p.failures) as u32);
+            ordinal.saturating_sub(self.my_summaries)
+        }
+    }
+
+    /// [`SessionState::budget_stop`], as the state was when the snapshot was taken.
+    pub fn budget_stop(&self, why: String) -> Duty {
+        let decided_by = self.tally.last_call.iter().cloned().collect();
+        stop_duty_at(
+            StopDecision::not_accepted(why, self.best.clone(), decided_by),
+            self.round,
+            &self.tally,
+            self.last_seq,
+        )
     }
 }
 

@@ -62,6 +62,24 @@ impl Tally {
         self.prompt_tokens + self.completion_tokens
     }
 
+    /// A copy that keeps `me`'s per-peer totals only (see [`Tally::only`]).
+    pub fn for_peer(&self, me: &PeerId) -> Tally {
+        Tally {
+            messages: self.messages,
+            calls: self.calls,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cost_usd: self.cost_usd,
+            failures: self.failures,
+            tool_calls: self.tool_calls,
+            tool_ms: self.tool_ms,
+            per_peer: self.per_peer.get(me).map(|p| (me.clone(), p.clone())).into_iter().collect(),
+            mention: self.mention.clone(),
+            last_call: self.last_call.clone(),
+            only: Some(me.clone()),
+        }
+    }
+
     /// Fold one envelope in. `mention` is the termination text to look for, if any.
     pub fn observe(&mut self, seq: u64, env: &Envelope, mention: Option<&str>) {
         let counts_as_message = env.kind.is_contribution();

@@ -690,6 +690,7 @@ pub async fn replay(entries: &[Entry], opts: ReplayOptions) -> Result<ReplayRepo
         plan: None,
         history: Some(history.clone()),
         tools: Some(recorded_tools.clone()),
+        fold: None,
     };
     let mut peers = tokio::task::JoinSet::new();
     let mut configs = HashMap::new();

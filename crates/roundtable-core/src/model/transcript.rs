@@ -24,6 +24,10 @@ struct Item {
     env: Arc<Envelope>,
     /// Estimated tokens of every item up to and including this one.
     upto: u64,
+    /// Where the run of broadcast items (to everyone) that ends with this one begins:
+    /// one past this item when it is not a broadcast. A transcript catching up over
+    /// broadcasts only sees them all without looking at each one.
+    since: usize,
 }
 
 /// The in-context envelopes of one session, in log order, appended once and shared by
@@ -81,7 +85,12 @@ impl History {
         }
         let before = if at == 0 { 0 } else { self.upto(at - 1) };
         let upto = before + u64::from(envelope_tokens(env));
-        self.items.push(Item { env: env.clone(), upto });
+        let since = match env.to {
+            Recipient::All if at == 0 => 0,
+            Recipient::All => self.get(at - 1).map_or(at, |it| it.since),
+            _ => at + 1,
+        };
+        self.items.push(Item { env: env.clone(), upto, since });
         true
     }
 }
@@ -141,16 +150,52 @@ impl Transcript {
             let placed = self.history.place(self.cursor, env);
             debug_assert!(placed, "a private history takes the next envelope");
         }
+        self.account(1, visible);
+    }
+
+    /// The next `n` history items are accounted for; they are added when `visible`.
+    fn account(&mut self, n: usize, visible: bool) {
         let at = self.cursor;
-        self.cursor += 1;
-        if !visible {
+        self.cursor += n;
+        if !visible || n == 0 {
             return;
         }
         match self.runs.last_mut() {
-            Some(r) if r.at + r.len == at => r.len += 1,
-            _ => self.runs.push(Run { start: self.len, at, len: 1 }),
+            Some(r) if r.at + r.len == at => r.len += n,
+            _ => self.runs.push(Run { start: self.len, at, len: n }),
         }
-        self.len += 1;
+        self.len += n;
+    }
+
+    /// Account for every history item appended after this transcript's last, adding
+    /// those `visible` says its peer sees: how a peer that does not fold every entry
+    /// itself catches up with a history others append to. Broadcasts are visible to
+    /// everyone, so a stretch of them is added at once, without a look at each.
+    pub fn catch_up(&mut self, visible: impl Fn(&Envelope) -> bool) {
+        let end = self.history.len();
+        if self.cursor >= end {
+            return;
+        }
+        let broadcasts = self.history.get(end - 1).is_some_and(|it| it.since <= self.cursor);
+        if broadcasts {
+            self.account(end - self.cursor, true);
+            return;
+        }
+        while self.cursor < end {
+            let Some(it) = self.history.get(self.cursor) else { break };
+            let seen = visible(&it.env);
+            self.account(1, seen);
+        }
+    }
+
+    /// Items in the history this transcript is over.
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
+    /// History items accounted for so far.
+    pub fn cursor(&self) -> usize {
+        self.cursor
     }
 
     /// Add an envelope that this transcript's peer sees.

@@ -27,7 +27,7 @@ use crate::envelope::{Body, Envelope, Kind, PeerId, Recipient};
 use crate::log::LogError;
 use crate::model::ChatMessage;
 use crate::protocol::{Duty, View};
-use crate::session::SessionState;
+use crate::session::Snapshot;
 use crate::team::{PeerSpec, TeamPlan};
 use crate::termination::{BudgetScope, Tally};
 use crate::tool::{
@@ -171,7 +171,7 @@ fn result_step(duty: &Duty, k: usize) -> String {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn call_with_tools(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     duty: &Duty,
     instruction: &Option<Arc<str>>,
@@ -404,7 +404,7 @@ enum Approval {
 /// other's approval would otherwise wait for each other for ever.
 async fn approval(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     duty: &Duty,
     call: &ToolCall,
@@ -526,7 +526,7 @@ fn approval_instruction(req: &ApprovalRequest) -> String {
 /// yes/no form. Returns the answer's sequence number.
 pub(super) async fn answer_approval(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     request: &Envelope,
 ) -> Result<u64, LogError> {
@@ -623,7 +623,7 @@ async fn stopped_since(me: &Me, checked: &mut u64) -> Result<bool, LogError> {
 /// Run one recorded call (or refuse it) and record its result.
 async fn run_call(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     view: &PeerView,
     duty: &Duty,
     call: &ToolCall,
@@ -680,7 +680,7 @@ async fn run_call(
 #[allow(clippy::too_many_arguments)]
 async fn record_result(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     duty: &Duty,
     call: &ToolCall,
     k: usize,
@@ -755,7 +755,7 @@ fn str_arg<'a>(args: &'a serde_json::Value, key: &str) -> Result<&'a str, ToolOu
 /// The runtime's own tools: they act on the session (the log, the board, the queue).
 async fn run_builtin(
     me: &Me,
-    st: &SessionState,
+    st: &Snapshot,
     duty: &Duty,
     b: Builtin,
     args: &serde_json::Value,

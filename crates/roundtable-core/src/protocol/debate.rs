@@ -24,7 +24,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::answers::{Outcome, Rule, tally_keyed};
 use super::rounds::{ANSWER_FIRST, ANSWER_JSON, ANSWER_UPDATE, Rounds, team_order};
-use super::{Duty, Facts, Finish, Reducer};
+use super::{Due, Duty, Facts, Finish, Reducer};
 use crate::envelope::{EnvelopeId, PeerId};
 use crate::log::Entry;
 use crate::team::{DebateSpec, VoteRule};
@@ -43,6 +43,8 @@ pub struct Debate {
     /// The tally when the last round closed: what termination conditions read, so a
     /// signal never fires on a round half answered.
     closed: Option<Outcome>,
+    /// The entry folded last closed a round: every member has a new duty.
+    just_closed: bool,
 }
 
 impl Debate {
@@ -53,6 +55,7 @@ impl Debate {
             orders: Vec::new(),
             outcome: OnceLock::new(),
             closed: None,
+            just_closed: false,
         }
     }
 
@@ -97,6 +100,12 @@ impl Reducer for Debate {
         if closed {
             self.closed = Some(self.outcome().clone());
         }
+        self.just_closed = closed;
+    }
+
+    /// A member's duty changes when a round opens (an answer ends only its author's).
+    fn due(&self, _entry: &Entry, _facts: &Facts<'_>) -> Due {
+        if self.just_closed { Due::Everyone } else { Due::nobody() }
     }
 
     fn duties(&self, me: &PeerId, _facts: &Facts<'_>) -> Vec<Duty> {

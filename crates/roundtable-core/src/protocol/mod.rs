@@ -267,6 +267,31 @@ pub struct Finish {
     pub decided_by: Vec<EnvelopeId>,
 }
 
+/// The peers whose duties may have changed with the entry folded last (see
+/// [`Reducer::due`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Any peer's.
+    Everyone,
+    /// These peers' only (none: nobody's).
+    Peers(Vec<PeerId>),
+}
+
+impl Due {
+    /// Nobody's duty changed.
+    pub fn nobody() -> Self {
+        Due::Peers(Vec::new())
+    }
+
+    /// Whether `p` may have a new duty.
+    pub fn includes(&self, p: &PeerId) -> bool {
+        match self {
+            Due::Everyone => true,
+            Due::Peers(ps) => ps.contains(p),
+        }
+    }
+}
+
 /// One peer's view of a protocol: state folded from the log, and duties read from it.
 pub trait Reducer: Send + Sync {
     /// Fold one entry in. Called for every entry, in log order, after the session
@@ -292,6 +317,16 @@ pub trait Reducer: Send + Sync {
     /// place, so the one who may record it still can. The default: anyone may.
     fn may_record(&self, _env: &Envelope, _facts: &Facts<'_>) -> Result<(), String> {
         Ok(())
+    }
+    /// After `entry` was folded in: the peers whose [`Reducer::duties`] may now differ
+    /// from what they were before it, among those that now have a duty. Peers of one
+    /// process that share a fold are woken by it, so a peer left out whose duty did
+    /// change would wait for the periodic re-check. The default, everyone, is always
+    /// right; a protocol that can tell cheaply names the peers (a ring: the holder of
+    /// the turn).
+    fn due(&self, entry: &Entry, facts: &Facts<'_>) -> Due {
+        let _ = (entry, facts);
+        Due::Everyone
     }
 }
 

@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use super::{Action, Duty, Facts, Finish, Reducer, View};
+use super::{Action, Due, Duty, Facts, Finish, Reducer, View};
 use crate::envelope::{EnvelopeId, Kind, PeerId, Recipient};
 use crate::log::Entry;
 use crate::team::RoundRobinSpec;
@@ -184,5 +184,13 @@ impl Reducer for RoundRobin {
 
     fn best_answer(&self) -> Option<(Arc<str>, EnvelopeId)> {
         self.final_answer.as_ref().or(self.last.as_ref()).map(|e| (e.body.text.clone(), e.id.clone()))
+    }
+
+    /// Only the holder of the turn has a duty (the summarizer once the rounds are done).
+    fn due(&self, _entry: &Entry, _facts: &Facts<'_>) -> Due {
+        if !self.rounds_done() {
+            return Due::Peers(vec![self.holder(self.turn).clone()]);
+        }
+        Due::Peers(self.spec.summarizer.iter().cloned().collect())
     }
 }
