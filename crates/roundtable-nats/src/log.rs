@@ -953,8 +953,7 @@ impl LogStore for NatsLogStore {
     async fn open(&self, session: &SessionId, create: bool) -> Result<Arc<dyn SessionLog>, LogError> {
         let what = || format!("opening session {session}");
         let stream = if create {
-            self.js
-                .get_or_create_stream(stream_config(session, self.replicas))
+            crate::get_or_create_stream(&self.js, stream_config(session, self.replicas))
                 .await
                 .map_err(|e| log_error(&what(), e))?
         } else {

@@ -125,8 +125,9 @@ impl NatsWorkQueue {
         let tok = token(session.as_str());
         let subject = format!("rtq.{tok}.tasks");
         let what = format!("opening the work queue of session {session}");
-        let stream = js
-            .get_or_create_stream(stream::Config {
+        let stream = crate::get_or_create_stream(
+            js,
+            stream::Config {
                 name: format!("RTQ_{tok}"),
                 description: Some(format!("work queue of session {session}")),
                 subjects: vec![subject.clone()],
@@ -134,9 +135,10 @@ impl NatsWorkQueue {
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| queue_error(&what, e))?;
+            },
+        )
+        .await
+        .map_err(|e| queue_error(&what, e))?;
         let consumer = stream
             .get_or_create_consumer(
                 CONSUMER,

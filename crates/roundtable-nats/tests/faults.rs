@@ -286,3 +286,37 @@ async fn subjects_name_the_author_and_a_stream_of_the_old_layout_keeps_its_own()
     assert_eq!(all.iter().map(|e| e.env.id.clone()).collect::<Vec<_>>(), [before.id.clone(), after.id.clone()]);
     assert_eq!(log.seq_of(&before.id).await.unwrap(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_opening_one_sessions_streams_at_once_on_a_cluster_all_get_them() {
+    // Each process of a session opens its log, board, queue and presence at start; in a
+    // cluster creating a replicated stream can time out or be refused while another
+    // process's creation of the same stream is under way.
+    let cluster = roundtable_nats::testing::NatsCluster::start(3);
+    cluster.wait_for_jetstream(3).await;
+    for round in 0..2 {
+        let session = SessionId::from(format!("opening-{round}"));
+        let mut opens = Vec::new();
+        for _ in 0..8 {
+            let (urls, session) = (cluster.urls(), session.clone());
+            opens.push(tokio::spawn(async move {
+                let backend = NatsBackend::connect(&urls).await?.with_replicas(3)?;
+                let board = backend.blackboard(&session).await.map_err(|e| e.to_string())?;
+                let queue = backend
+                    .work_queue(&session, roundtable_core::workqueue::QueueConfig::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                backend.presence(&session).await?;
+                backend.logs().open(&session, true).await.map_err(|e| e.to_string())?;
+                drop((board, queue));
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            }));
+        }
+        for (i, open) in opens.into_iter().enumerate() {
+            within("opening a session's parts", open)
+                .await
+                .expect("the task ran")
+                .unwrap_or_else(|e| panic!("round {round}, process {i}: {e}"));
+        }
+    }
+}
