@@ -29,7 +29,7 @@
 use std::sync::Arc;
 
 use super::rounds::{ANSWER_FIRST, ANSWER_UPDATE, Answered, Rounds};
-use super::{Action, Duty, Facts, Finish, Reducer, Shown, is_round_step};
+use super::{Action, Due, Duty, Facts, Finish, Reducer, Shown, is_round_step};
 use crate::envelope::{EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::similarity::{Pairwise, lexical};
@@ -45,6 +45,9 @@ pub struct Emergent {
     measured: Option<Measured>,
     converged: bool,
     done: bool,
+    /// Whether the last entry folded in opened a round, started or ended a
+    /// measurement, or ended the protocol (see [`Reducer::due`]).
+    moved: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -63,6 +66,7 @@ impl Emergent {
             measured: None,
             converged: false,
             done: false,
+            moved: false,
         }
     }
 
@@ -108,10 +112,9 @@ impl Emergent {
         let k = m.pairwise.medoid(m.peers.len())?;
         self.rounds.latest[m.peers[k]].as_ref()
     }
-}
 
-impl Reducer for Emergent {
-    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+    /// Fold one entry in (see [`Reducer::apply`]).
+    fn fold(&mut self, entry: &Entry, facts: &Facts<'_>) {
         if self.done {
             return;
         }
@@ -147,6 +150,22 @@ impl Reducer for Emergent {
         } else if self.rounds.all_absent(facts) {
             self.done = true;
         }
+    }
+}
+
+impl Reducer for Emergent {
+    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+        let before = (self.rounds.round, self.measuring, self.done);
+        self.fold(entry, facts);
+        self.moved = before != (self.rounds.round, self.measuring, self.done);
+    }
+
+    /// A member's duty depends on the round, on whether a measurement is asked for (and
+    /// of whom: an absence, which wakes everyone anyway) and on its own answer, which
+    /// its author is woken for: other answers change no one else's duty until the round
+    /// closes.
+    fn due(&self, _entry: &Entry, _facts: &Facts<'_>) -> Due {
+        if self.moved { Due::Everyone } else { Due::nobody() }
     }
 
     fn duties(&self, me: &PeerId, facts: &Facts<'_>) -> Vec<Duty> {
