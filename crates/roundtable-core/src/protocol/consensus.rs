@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Duty, Facts, Finish, Reducer, View, is_round_step, rejection};
+use super::{Due, Duty, Facts, Finish, Reducer, View, is_round_step, rejection};
 use crate::envelope::{Envelope, EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::team::ConsensusSpec;
@@ -129,6 +129,8 @@ pub struct Consensus {
     adopted: bool,
     why: String,
     pending: Vec<(String, PeerId, EnvelopeId)>,
+    /// Whether the last entry folded in moved the protocol (see [`Reducer::due`]).
+    moved: bool,
 }
 
 impl Consensus {
@@ -144,6 +146,7 @@ impl Consensus {
             adopted: false,
             why: String::new(),
             pending: Vec::new(),
+            moved: false,
         }
     }
 
@@ -202,10 +205,14 @@ impl Consensus {
             self.end_round(format!("no consensus after {n_rounds}: last round {summary}"));
         }
     }
-}
 
-impl Reducer for Consensus {
-    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+    /// What every member's duty follows (see [`Reducer::due`]).
+    fn stage(&self) -> (u32, Phase, Option<EnvelopeId>, usize) {
+        (self.round, self.phase, self.proposal.as_ref().map(|p| p.1.clone()), self.pending.len())
+    }
+
+    /// Fold one entry in (see [`Reducer::apply`]).
+    fn fold(&mut self, entry: &Entry, facts: &Facts<'_>) {
         let env = &entry.env;
         let step = env.step.as_ref();
         let r = self.round;
@@ -233,6 +240,22 @@ impl Reducer for Consensus {
             self.pending.retain(|(s, ..)| s != step);
         }
         self.check(facts);
+    }
+}
+
+impl Reducer for Consensus {
+    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+        let before = self.stage();
+        self.fold(entry, facts);
+        self.moved = before != self.stage();
+    }
+
+    /// The proposer's duty and every voter's follow the round, the phase and the
+    /// proposal; a voter's own vote ends only its author's, who is woken for it; a
+    /// rejection to record is everyone's. So an entry that moves none of these (another
+    /// voter's vote) changes no one else's duty.
+    fn due(&self, _entry: &Entry, _facts: &Facts<'_>) -> Due {
+        if self.moved { Due::Everyone } else { Due::nobody() }
     }
 
     fn duties(&self, me: &PeerId, _facts: &Facts<'_>) -> Vec<Duty> {
