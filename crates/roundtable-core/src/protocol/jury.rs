@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use super::answers::{Ballot, Outcome, Rule, extract, tally};
 use super::rounds::{ANSWER_FIRST, ANSWER_JSON, team_order};
-use super::{Action, Duty, Facts, Finish, Reducer, Shown, View, rejection, seal};
+use super::{Action, Due, Duty, Facts, Finish, Reducer, Shown, View, rejection, seal};
 use crate::envelope::{Body, Envelope, EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::peer::parse_json_answer;
@@ -80,6 +80,8 @@ pub struct Jury {
     previous: Vec<(PeerId, Arc<str>)>,
     outcome: Option<Outcome>,
     decided: bool,
+    /// Whether the last entry folded in moved the protocol (see [`Reducer::due`]).
+    moved: bool,
 }
 
 impl Jury {
@@ -94,6 +96,7 @@ impl Jury {
             previous: Vec::new(),
             outcome: None,
             decided: false,
+            moved: false,
         }
     }
 
@@ -181,10 +184,14 @@ impl Jury {
             }
         }
     }
-}
 
-impl Reducer for Jury {
-    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+    /// What every juror's duty follows (see [`Reducer::due`]).
+    fn stage(&self) -> (u32, Phase, usize) {
+        (self.round, self.phase, self.pending.len())
+    }
+
+    /// Fold one entry in (see [`Reducer::apply`]).
+    fn fold(&mut self, entry: &Entry, facts: &Facts<'_>) {
         let env = &entry.env;
         let r = self.round;
         let step = env.step.as_ref();
@@ -213,6 +220,21 @@ impl Reducer for Jury {
             self.pending.retain(|(rr, p, ..)| step != Self::reject_step(*rr, p));
         }
         self.advance(facts);
+    }
+}
+
+impl Reducer for Jury {
+    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+        let before = self.stage();
+        self.fold(entry, facts);
+        self.moved = before != self.stage();
+    }
+
+    /// A juror's duty follows the round and the phase (and its own commit or reveal,
+    /// which its author is woken for); a rejection to record is everyone's. So another
+    /// juror's commit or reveal that closes no phase changes no one else's duty.
+    fn due(&self, _entry: &Entry, _facts: &Facts<'_>) -> Due {
+        if self.moved { Due::Everyone } else { Due::nobody() }
     }
 
     fn duties(&self, me: &PeerId, facts: &Facts<'_>) -> Vec<Duty> {
