@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::consensus::{read_approval, record_vote};
-use super::{Duty, Facts, Finish, Reducer, View, is_round_step, rejection};
+use super::{Due, Duty, Facts, Finish, Reducer, View, is_round_step, rejection};
 use crate::envelope::{EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::team::AdversarialSpec;
@@ -60,6 +60,8 @@ pub struct Adversarial {
     agreed: bool,
     why: String,
     pending: Vec<(String, PeerId, EnvelopeId)>,
+    /// Whether the last entry folded in moved the protocol (see [`Reducer::due`]).
+    moved: bool,
 }
 
 impl Adversarial {
@@ -75,6 +77,7 @@ impl Adversarial {
             agreed: false,
             why: String::new(),
             pending: Vec::new(),
+            moved: false,
         }
     }
 
@@ -149,10 +152,21 @@ impl Adversarial {
             self.next_round(format!("no consensus after {n_rounds}: {why}"));
         }
     }
-}
 
-impl Reducer for Adversarial {
-    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+    /// What every member's duty follows (see [`Reducer::due`]).
+    fn stage(&self) -> (u32, Phase, Option<EnvelopeId>, Option<EnvelopeId>, usize, bool) {
+        (
+            self.round,
+            self.phase,
+            self.proposal.as_ref().map(|p| p.1.clone()),
+            self.objection.clone(),
+            self.pending.len(),
+            self.ruling.is_some(),
+        )
+    }
+
+    /// Fold one entry in (see [`Reducer::apply`]).
+    fn fold(&mut self, entry: &Entry, facts: &Facts<'_>) {
         let env = &entry.env;
         let step = env.step.as_ref();
         let r = self.round;
@@ -216,6 +230,21 @@ impl Reducer for Adversarial {
             self.pending.retain(|(s, ..)| s != step);
         }
         self.check(facts);
+    }
+}
+
+impl Reducer for Adversarial {
+    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+        let before = self.stage();
+        self.fold(entry, facts);
+        self.moved = before != self.stage();
+    }
+
+    /// Every duty follows the round, the phase, the proposal, the objection and the
+    /// ruling (a voter's own vote ends only its own, and its author is woken for it); a
+    /// rejection to record is everyone's.
+    fn due(&self, _entry: &Entry, _facts: &Facts<'_>) -> Due {
+        if self.moved { Due::Everyone } else { Due::nobody() }
     }
 
     fn duties(&self, me: &PeerId, facts: &Facts<'_>) -> Vec<Duty> {

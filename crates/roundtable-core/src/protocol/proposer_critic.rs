@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Duty, Facts, Finish, Reducer, View, is_round_step};
+use super::{Due, Duty, Facts, Finish, Reducer, View, is_round_step};
 use crate::envelope::{Envelope, EnvelopeId, Kind, PeerId};
 use crate::log::Entry;
 use crate::team::ProposerCriticSpec;
@@ -50,6 +50,8 @@ pub struct ProposerCritic {
     satisfied: bool,
     why_final: String,
     final_answer: Option<(Arc<str>, EnvelopeId)>,
+    /// Whether the last entry folded in moved the protocol (see [`Reducer::due`]).
+    moved: bool,
 }
 
 /// Whether a critic's verdict says satisfied: the JSON field, else the phrase.
@@ -75,6 +77,7 @@ impl ProposerCritic {
             satisfied: false,
             why_final: String::new(),
             final_answer: None,
+            moved: false,
         }
     }
 
@@ -113,10 +116,14 @@ impl ProposerCritic {
             self.next_round_or_final(format!("{n_rounds} without satisfying the critics"));
         }
     }
-}
 
-impl Reducer for ProposerCritic {
-    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+    /// What every member's duty follows (see [`Reducer::due`]).
+    fn stage(&self) -> (u32, Phase, Option<EnvelopeId>) {
+        (self.round, self.phase, self.latest.as_ref().map(|l| l.1.clone()))
+    }
+
+    /// Fold one entry in (see [`Reducer::apply`]).
+    fn fold(&mut self, entry: &Entry, facts: &Facts<'_>) {
         let env = &entry.env;
         let step = env.step.as_ref();
         let r = self.round;
@@ -150,6 +157,21 @@ impl Reducer for ProposerCritic {
             self.phase = Phase::Done;
         }
         self.check_critiques(facts);
+    }
+}
+
+impl Reducer for ProposerCritic {
+    fn apply(&mut self, entry: &Entry, facts: &Facts<'_>) {
+        let before = self.stage();
+        self.fold(entry, facts);
+        self.moved = before != self.stage();
+    }
+
+    /// The proposer's duty and each critic's follow the round, the phase and the latest
+    /// proposal (a critic's own verdict ends only its own, and its author is woken for
+    /// it); so another critic's verdict that closes no round changes no one else's duty.
+    fn due(&self, _entry: &Entry, _facts: &Facts<'_>) -> Due {
+        if self.moved { Due::Everyone } else { Due::nobody() }
     }
 
     fn duties(&self, me: &PeerId, facts: &Facts<'_>) -> Vec<Duty> {
