@@ -375,37 +375,39 @@ pub(crate) async fn open_bucket(
         ..Default::default()
     };
     get_or_create_stream(js, config).await.map_err(|e| format!("creating bucket {bucket}: {e}"))?;
-    let start = std::time::Instant::now();
-    loop {
-        match js.get_key_value(bucket).await {
-            Ok(kv) => return Ok(kv),
-            Err(e) if is_unavailable(&e) && start.elapsed() < CREATE_PATIENCE => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(format!("opening bucket {bucket}: {e}")),
-        }
-    }
+    patiently(bucket, || js.get_key_value(bucket)).await.map_err(|e| format!("opening bucket {bucket}: {e}"))
 }
 
 /// How long opening a stream keeps trying through timeouts and races (see
 /// [`get_or_create_stream`]).
 const CREATE_PATIENCE: Duration = Duration::from_secs(30);
 
-/// The stream `config` names, created when it does not exist. Several processes of one
-/// session open its streams at the same moment, and in a cluster a creation may time out
-/// while the stream's replicas are placed, or be refused ("subjects overlap", "name
-/// already in use") because another process's creation of the same stream is under
-/// way: those are asked again, backing off, for up to 30 s, after which the last error
-/// stands. Any other refusal is final at once.
+/// The stream `config` names, created when it does not exist (see [`patiently`]).
 pub(crate) async fn get_or_create_stream(
     js: &jetstream::Context,
     config: jetstream::stream::Config,
 ) -> Result<jetstream::stream::Stream, jetstream::context::CreateStreamError> {
+    patiently(&config.name, || js.get_or_create_stream(config.clone())).await
+}
+
+/// Run `call`, a step of opening a session's streams, buckets or consumers, asking again
+/// while it fails for a reason that passes. Several processes of one session open its
+/// parts at the same moment, and in a cluster a creation may time out while replicas
+/// are placed, or be refused ("subjects overlap", "name already in use") because
+/// another process's creation of the same thing is under way: those are asked again,
+/// backing off, for up to 30 s, after which the last error stands. Any other refusal is
+/// final at once.
+pub(crate) async fn patiently<T, E, F, Fut>(what: &str, mut call: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     let start = std::time::Instant::now();
     let mut attempt = 0u32;
     loop {
-        match js.get_or_create_stream(config.clone()).await {
-            Ok(stream) => return Ok(stream),
+        match call().await {
+            Ok(v) => return Ok(v),
             Err(e) => {
                 let text = e.to_string().to_ascii_lowercase();
                 let racing = ["overlap", "already in use", "already exists"].iter().any(|n| text.contains(n));
@@ -413,7 +415,7 @@ pub(crate) async fn get_or_create_stream(
                     return Err(e);
                 }
                 attempt += 1;
-                tracing::debug!(stream = %config.name, attempt, error = %e, "creating a stream: asking again");
+                tracing::debug!(what, attempt, error = %e, "opening: asking again");
                 tokio::time::sleep(Duration::from_millis(50u64 << attempt.min(4))).await;
             }
         }

@@ -139,20 +139,17 @@ impl NatsWorkQueue {
         )
         .await
         .map_err(|e| queue_error(&what, e))?;
-        let consumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                consumer::pull::Config {
-                    durable_name: Some(CONSUMER.into()),
-                    description: Some(format!("{MAX_DELIVER_TAG}{}", config.max_deliver)),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: config.lease,
-                    // Dead letters are handled by the queue (see the module docs).
-                    max_deliver: -1,
-                    max_ack_pending: 100_000,
-                    ..Default::default()
-                },
-            )
+        let consumer_config = consumer::pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            description: Some(format!("{MAX_DELIVER_TAG}{}", config.max_deliver)),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: config.lease,
+            // Dead letters are handled by the queue (see the module docs).
+            max_deliver: -1,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        };
+        let consumer = crate::patiently(CONSUMER, || stream.get_or_create_consumer(CONSUMER, consumer_config.clone()))
             .await
             .map_err(|e| queue_error(&what, e))?;
         // The first opener's settings hold for everyone: the lease is the consumer's

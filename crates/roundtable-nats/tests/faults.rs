@@ -313,8 +313,11 @@ async fn processes_opening_one_sessions_streams_at_once_on_a_cluster_all_get_the
             }));
         }
         for (i, open) in opens.into_iter().enumerate() {
-            within("opening a session's parts", open)
+            // Up to 90 s: a busy machine places replicas slowly, and each part is asked
+            // again for up to 30 s.
+            tokio::time::timeout(Duration::from_secs(90), open)
                 .await
+                .unwrap_or_else(|_| panic!("round {round}, process {i}: not open within 90 s"))
                 .expect("the task ran")
                 .unwrap_or_else(|e| panic!("round {round}, process {i}: {e}"));
         }
