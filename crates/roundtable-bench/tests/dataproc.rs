@@ -81,6 +81,8 @@ fn bad_input_exits_2_and_names_the_flag_and_its_range() {
         (vec!["run", "--speed", "1"], "unknown flag"),
         (vec!["run", "--kill-at", "2"], "--kill-at 2: valid: 0 to 1"),
         (vec!["run", "--restart-server-at", "2"], "--restart-server-at 2: valid: 0 to 1"),
+        (vec!["run", "--restart-server-at", "NaN"], "--restart-server-at NaN: valid: 0 to 1"),
+        (vec!["run", "--server-down-ms", "-1"], "--server-down-ms \"-1\": not a number"),
         (vec!["run", "--server-down-ms", "70000"], "--server-down-ms 70000: valid: 0 to 60000"),
         (
             vec!["run", "--restart-server-at", "0.5", "--nats", "nats://127.0.0.1:1"],
